@@ -1,0 +1,81 @@
+"""The domain model: job states, the one table of allowed transitions, reasons.
+
+Everything here is pure data; the store persists it and the loops move it along.
+"""
+
+from __future__ import annotations
+
+import enum
+import secrets
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class JobState(enum.StrEnum):
+    QUEUED = "queued"  # stored, waiting for the dispatcher
+    SUBMITTED = "submitted"  # the provider accepted it
+    SENDING = "sending"  # the provider says it is dialling / transmitting
+    RETRYING = "retrying"  # a transient error; the dispatcher or provider tries again
+    DELIVERED = "delivered"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def is_final(self) -> bool:
+        return self in FINAL_STATES
+
+
+FINAL_STATES = frozenset({JobState.DELIVERED, JobState.FAILED, JobState.CANCELLED})
+
+_S = JobState
+# The whole state machine. A change not listed here is a bug and is refused by the store.
+TRANSITIONS: dict[JobState, frozenset[JobState]] = {
+    _S.QUEUED: frozenset({_S.SUBMITTED, _S.SENDING, _S.RETRYING, _S.DELIVERED, _S.FAILED,
+                          _S.CANCELLED}),
+    _S.RETRYING: frozenset({_S.QUEUED, _S.SUBMITTED, _S.SENDING, _S.RETRYING, _S.DELIVERED,
+                            _S.FAILED, _S.CANCELLED}),
+    _S.SUBMITTED: frozenset({_S.SENDING, _S.RETRYING, _S.DELIVERED, _S.FAILED, _S.CANCELLED}),
+    _S.SENDING: frozenset({_S.SUBMITTED, _S.RETRYING, _S.DELIVERED, _S.FAILED, _S.CANCELLED}),
+    _S.DELIVERED: frozenset(),
+    _S.FAILED: frozenset(),
+    _S.CANCELLED: frozenset(),
+}
+
+# States in which the job has been handed to the provider and is tracked by polling.
+TRACKED_STATES = frozenset({JobState.SUBMITTED, JobState.SENDING})
+
+
+def can_transition(old: JobState, new: JobState) -> bool:
+    return new in TRANSITIONS[old]
+
+
+@dataclass(frozen=True)
+class Reason:
+    """Why a job is where it is, for people (``text`` by language) and machines (``code``).
+
+    ``detail`` is the provider's raw wording, kept for the log and the job history; it is
+    never the only thing a person reads.
+    """
+
+    code: str
+    text: dict[str, str] = field(default_factory=dict)
+    detail: str = ""
+
+    def for_language(self, language: str) -> str:
+        return self.text.get(language) or self.text.get("en") or self.code
+
+    def to_json(self) -> dict[str, Any]:
+        return {"code": self.code, "text": dict(self.text), "detail": self.detail}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any] | None) -> Reason | None:
+        if not data:
+            return None
+        return cls(code=str(data["code"]), text=dict(data.get("text") or {}),
+                   detail=str(data.get("detail") or ""))
+
+
+def new_job_id() -> str:
+    """A short, unguessable, URL- and filename-safe job id (also our provider reference)."""
+    alphabet = "0123456789abcdefghjkmnpqrstvwxyz"  # Crockford base32, lower case
+    return "".join(secrets.choice(alphabet) for _ in range(12))

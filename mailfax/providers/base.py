@@ -1,0 +1,211 @@
+"""The one small interface every fax provider adapter implements.
+
+An adapter turns mailfax's requests into the provider's wire protocol and the provider's
+answers into the normalised :class:`~mailfax.model.JobState` and :class:`~mailfax.model.Reason`.
+All of a provider's quirks (field names, result codes, limits) stay inside its module.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Protocol
+
+from aiohttp import web
+
+from mailfax.model import JobState, Reason
+
+
+@dataclass(frozen=True)
+class FaxDocument:
+    """A fax-ready document: a PDF (already validated, page-counted)."""
+
+    filename: str
+    data: bytes
+    pages: int
+    content_type: str = "application/pdf"
+
+
+@dataclass(frozen=True)
+class SendRequest:
+    job_id: str  # our id; sent to the provider as the reference for duplicate protection
+    number: str  # E.164, e.g. "+4930123456"
+    documents: Sequence[FaxDocument]
+    pages: int
+    subject: str = ""
+    sender: str = ""  # the envelope sender, for providers that want a status address
+    station_id: str | None = None
+    header: str | None = None
+    cover_text: str | None = None
+    send_at: datetime | None = None  # UTC; None = now
+    status_push_url: str | None = None  # where the provider may push status, token included
+    attempt: int = 1  # > 1 means an earlier attempt may have reached the provider
+
+
+@dataclass(frozen=True)
+class SendReceipt:
+    """The provider accepted the job."""
+
+    job_id: str
+    provider_job_id: str
+    pages: int | None = None
+    duplicate: bool = False  # the provider already had this job (an earlier lost answer)
+
+
+class ProviderError(Exception):
+    """A provider refused or failed a call. ``transient`` decides retry or fail."""
+
+    def __init__(self, reason: Reason, *, transient: bool, retry_after: float | None = None):
+        super().__init__(reason.code)
+        self.reason = reason
+        self.transient = transient
+        self.retry_after = retry_after
+
+    def __str__(self) -> str:
+        kind = "transient" if self.transient else "permanent"
+        return f"{kind} provider error {self.reason.code}: {self.reason.for_language('en')}"
+
+
+SendResult = SendReceipt | ProviderError
+
+
+@dataclass(frozen=True)
+class ProviderRef:
+    """A job as a provider knows it."""
+
+    job_id: str
+    provider_job_id: str
+
+
+@dataclass(frozen=True)
+class StatusReport:
+    """What the provider says of one job, normalised."""
+
+    state: JobState
+    pages: int | None = None
+    duration_seconds: float | None = None
+    remote_id: str | None = None
+    reason: Reason | None = None
+    finished_at: datetime | None = None
+    detail: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class InboundFax:
+    fax_id: str
+    called_number: str
+    received_at: datetime  # UTC
+    originator: str
+    remote_id: str
+    pages: int
+    image: bytes  # TIFF as the provider delivered it
+
+
+@dataclass
+class ProviderContext:
+    """What the application lends an adapter."""
+
+    account: str
+    data_dir: Path
+    # Base URL (no trailing slash) under which mailfax's web endpoint receives pushes for this
+    # account, e.g. "http://127.0.0.1:8025/push/main"; None when no web endpoint is configured.
+    push_base_url: str | None = None
+    # Secret for per-job push tokens: hmac(secret_key, job_id), see push_token().
+    secret_key: bytes = b""
+    # Ask the status tracker to poll these jobs (our job ids) now, e.g. after a push.
+    wake_tracker: Callable[[Sequence[str]], Awaitable[None]] | None = None
+    # Store reports at once (our job id -> report); returns after they are durable.
+    report_status: Callable[[dict[str, StatusReport]], Awaitable[None]] | None = None
+
+    def push_token(self, job_id: str) -> str:
+        """An unguessable per-job token for push URLs (verify with hmac.compare_digest)."""
+        digest = hmac.new(self.secret_key, job_id.encode(), hashlib.sha256).hexdigest()
+        return digest[:24]
+
+
+class Provider(Protocol):
+    """The async interface the dispatcher, tracker and inbound poller use."""
+
+    account: str
+    provider_name: str
+    supports_inbound: bool
+
+    async def send_many(self, requests: Sequence[SendRequest]) -> list[SendResult]:
+        """Send jobs that share documents (one mail, several recipients).
+
+        Returns one result per request, in order. Adapters without a bulk call send each.
+        """
+        ...
+
+    async def status(self, refs: Sequence[ProviderRef]) -> dict[str, StatusReport]:
+        """Status of in-flight jobs, keyed by our job id; jobs with no news may be left out."""
+        ...
+
+    async def cancel(self, ref: ProviderRef) -> bool:
+        """Cancel a job. True if cancelled, False if it was too late."""
+        ...
+
+    async def acknowledge(self, refs: Sequence[ProviderRef]) -> None:
+        """The final status of these jobs was handed off; the provider may forget them."""
+        ...
+
+    async def fetch_inbound(self) -> InboundFax | None:
+        """The next received fax, or None when the inbox is empty."""
+        ...
+
+    async def delete_inbound(self, fax_id: str) -> None:
+        """Delete a received fax at the provider (only after it was handed off)."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+class BaseProvider:
+    """Defaults for the optional parts of :class:`Provider`."""
+
+    account: str
+    provider_name: str = "base"
+    supports_inbound: bool = False
+
+    def __init__(self, context: ProviderContext):
+        self.context = context
+        self.account = context.account
+
+    async def send(self, request: SendRequest) -> SendReceipt:
+        raise NotImplementedError
+
+    async def send_many(self, requests: Sequence[SendRequest]) -> list[SendResult]:
+        results: list[SendResult] = []
+        for request in requests:
+            try:
+                results.append(await self.send(request))
+            except ProviderError as error:
+                results.append(error)
+        return results
+
+    async def status(self, refs: Sequence[ProviderRef]) -> dict[str, StatusReport]:
+        raise NotImplementedError
+
+    async def cancel(self, ref: ProviderRef) -> bool:
+        return False
+
+    async def acknowledge(self, refs: Sequence[ProviderRef]) -> None:
+        return None
+
+    async def fetch_inbound(self) -> InboundFax | None:
+        return None
+
+    async def delete_inbound(self, fax_id: str) -> None:
+        return None
+
+    async def handle_push(self, request: web.Request, subpath: str) -> web.StreamResponse:
+        """A provider's status push to ``{push_base_url}/{subpath}``; 404 unless overridden."""
+        raise web.HTTPNotFound()
+
+    async def close(self) -> None:
+        return None

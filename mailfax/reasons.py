@@ -1,0 +1,62 @@
+"""Reasons a person can read, in English and German, for outcomes every provider shares.
+
+Providers map their own codes onto these where one fits and build their own
+:class:`~mailfax.model.Reason` (with both languages) where none does.
+"""
+
+from __future__ import annotations
+
+from mailfax.model import Reason
+
+_CATALOGUE: dict[str, tuple[str, str]] = {
+    "delivered": ("The fax was delivered.", "Das Fax wurde zugestellt."),
+    "busy": ("The line was busy every time we called.",
+             "Die Gegenstelle war bei jedem Anruf besetzt."),
+    "no_answer": ("The fax number rang but nobody answered.",
+                  "Die Faxnummer hat geklingelt, aber niemand hat abgenommen."),
+    "not_a_fax": ("A person, answering machine or modem answered instead of a fax machine.",
+                  "Statt eines Faxgeräts hat ein Mensch, ein Anrufbeantworter oder ein Modem "
+                  "abgenommen."),
+    "no_service": ("The number is not in service.", "Die Rufnummer ist nicht in Betrieb."),
+    "invalid_number": ("The fax number is wrong or incomplete.",
+                       "Die Faxnummer ist falsch oder unvollständig."),
+    "transmission_failed": ("The connection was made but the pages could not be transmitted "
+                            "(paper jam, bad line).",
+                            "Die Verbindung kam zustande, aber die Seiten konnten nicht "
+                            "übertragen werden (Papierstau, schlechte Leitung)."),
+    "call_failed": ("The call could not be connected.",
+                    "Der Anruf konnte nicht aufgebaut werden."),
+    "blacklisted": ("The number is on a do-not-fax list and was not called.",
+                    "Die Nummer steht auf einer Sperrliste und wurde nicht angerufen."),
+    "number_not_allowed": ("This destination may not be dialled from this account.",
+                           "Dieses Ziel darf von diesem Konto nicht angewählt werden."),
+    "document_rejected": ("The provider could not process the document.",
+                          "Der Anbieter konnte das Dokument nicht verarbeiten."),
+    "provider_auth": ("The fax service refused our account credentials; the administrator "
+                      "has to fix the configuration.",
+                      "Der Faxdienst hat die Zugangsdaten abgelehnt; die Konfiguration muss "
+                      "vom Administrator korrigiert werden."),
+    "provider_account": ("The fax account cannot send right now (credit, contract or lock); "
+                         "the administrator has to look at it.",
+                         "Das Faxkonto kann gerade nicht senden (Guthaben, Vertrag oder "
+                         "Sperre); der Administrator muss es prüfen."),
+    "provider_unavailable": ("The fax service could not be reached; we will try again.",
+                             "Der Faxdienst war nicht erreichbar; wir versuchen es erneut."),
+    "provider_error": ("The fax service reported an internal error.",
+                       "Der Faxdienst hat einen internen Fehler gemeldet."),
+    "too_many_attempts": ("We gave up after too many failed attempts.",
+                          "Wir haben nach zu vielen Fehlversuchen aufgegeben."),
+    "cancelled": ("The fax was cancelled.", "Das Fax wurde storniert."),
+    "unknown": ("The fax service reported a failure it did not explain.",
+                "Der Faxdienst hat einen Fehler ohne Begründung gemeldet."),
+}
+
+
+def reason(code: str, detail: str = "") -> Reason:
+    """The catalogue reason for ``code``, with the provider's raw wording as ``detail``."""
+    english, german = _CATALOGUE.get(code, _CATALOGUE["unknown"])
+    return Reason(code=code, text={"en": english, "de": german}, detail=detail)
+
+
+def custom(code: str, english: str, german: str, detail: str = "") -> Reason:
+    return Reason(code=code, text={"en": english, "de": german}, detail=detail)
