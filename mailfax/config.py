@@ -78,7 +78,8 @@ def _listen(value: Any) -> Any:
         host, port = _host_port(value, 25)
         if not host or not 0 <= port < 65536:
             raise ValueError(f"not a host:port address: {value!r}")
-        ipaddress.ip_address(host) if host[0].isdigit() or ":" in host else None
+        if ":" in host:
+            ipaddress.IPv6Address(host)
         return ListenAddress(value)
     return value
 
@@ -158,6 +159,13 @@ class OutboxSettings(Strict):
     retry_max_seconds: float = Field(default=1800.0, gt=0)
 
 
+class WebSettings(Strict):
+    """The HTTP endpoint for provider status pushes (and health)."""
+
+    listen: Listen | None = None  # e.g. "127.0.0.1:8025"; None: no HTTP endpoint
+    public_url: str | None = None  # how providers reach it, e.g. "https://fax.example.com"
+
+
 class AccountSettings(BaseModel):
     """``[accounts.NAME]``: ``provider`` picks the adapter, the other keys are its settings."""
 
@@ -187,6 +195,8 @@ class Settings(Strict):
     notify: NotifySettings = NotifySettings()
     relay: RelaySettings | None = None
     outbox: OutboxSettings = OutboxSettings()
+    web: WebSettings = WebSettings()
+    templates_dir: Path | None = None  # empty: the templates/ folder shipped with mailfax
     accounts: dict[str, AccountSettings] = Field(
         default_factory=lambda: {"emulator": AccountSettings(provider="emulator")}
     )

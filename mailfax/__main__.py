@@ -1,0 +1,3 @@
+from mailfax.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,207 @@
+"""Wiring and lifecycle: the store, the provider accounts, and the loops that meet at the store.
+
+intake → store → dispatcher → providers; tracker → store → notifier → outbox sender.
+Each loop is supervised: if it crashes it is logged and restarted, and the others carry on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+import socket
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+
+from aiohttp import web
+
+from mailfax.config import ListenAddress, Settings
+from mailfax.dispatch import Dispatcher
+from mailfax.intake.service import Intake
+from mailfax.intake.smtp import start_listeners
+from mailfax.notify import TEMPLATES_DIR, Notifier, Renderer
+from mailfax.outbox import MaildirSink, MailSink, OutboxSender, RelaySink
+from mailfax.providers import provider_module
+from mailfax.providers.base import Provider, ProviderContext, StatusReport
+from mailfax.store import open_store
+from mailfax.store.base import Store
+from mailfax.tracking import Tracker
+from mailfax.web import build_web_app, start_web
+
+log = logging.getLogger("mailfax")
+
+RESTART_DELAY = 2.0
+
+
+def load_secret_key(data_dir: Path) -> bytes:
+    """The installation's secret for push tokens, made on first start (mode 0600)."""
+    path = data_dir / "secret.key"
+    try:
+        return bytes.fromhex(path.read_text().strip())
+    except FileNotFoundError:
+        key = secrets.token_bytes(32)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(key.hex())
+        return key
+
+
+def make_providers(settings: Settings, context_for: Callable[[str], ProviderContext]
+                   ) -> dict[str, Provider]:
+    providers: dict[str, Provider] = {}
+    for name, account in settings.accounts.items():
+        module = provider_module(account.provider)
+        providers[name] = module.create(context_for(name), account.provider_settings())
+    return providers
+
+
+class Application:
+    def __init__(self, settings: Settings, instance: str | None = None):
+        self.settings = settings
+        self.instance = instance or f"{socket.gethostname()}:{os.getpid()}"
+        self.store: Store = open_store(settings.store_url)
+        self.providers: dict[str, Provider] = {}
+        self.smtp_servers: list[asyncio.Server] = []
+        self.web_runner: web.AppRunner | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        settings = self.settings
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        await self.store.open()
+        released = await self.store.release_leases(None if self._single_instance() else
+                                                   self.instance)
+        if released:
+            log.info("resuming %d jobs that were being sent when mailfax stopped", released)
+        secret_key = load_secret_key(settings.data_dir)
+        self.providers = make_providers(settings, lambda name: self._context(name, secret_key))
+
+        self.outbox = OutboxSender(self.store, self._sink(),
+                                   retry_initial=settings.outbox.retry_initial_seconds,
+                                   retry_max=settings.outbox.retry_max_seconds)
+        renderer = Renderer(settings.templates_dir or TEMPLATES_DIR)
+        self.notifier = Notifier(self.store, settings.notify, renderer,
+                                 on_queued=self.outbox.wake)
+        self.tracker = Tracker(self.store, self.providers, settings.dispatch.status_poll_seconds,
+                               on_change=self.notifier.wake)
+        self.dispatcher = Dispatcher(self.store, self.providers, settings.dispatch,
+                                     owner=self.instance, push_url=self._push_url,
+                                     on_submitted=self._after_dispatch)
+        self.intake = Intake(settings, self.store, on_stored=self._after_intake)
+
+        for name, loop in [("dispatcher", self.dispatcher.run), ("tracker", self.tracker.run),
+                           ("notifier", self.notifier.run), ("outbox", self.outbox.run)]:
+            self._tasks.append(asyncio.create_task(supervise(name, loop), name=name))
+        if settings.web.listen:
+            address = ListenAddress(settings.web.listen)
+            self.web_runner = await start_web(build_web_app(self.providers), address.host,
+                                              address.port)
+        self.smtp_servers = await start_listeners(self.intake, settings.smtp)
+        self._log_startup()
+
+    def _single_instance(self) -> bool:
+        return self.settings.store_url.startswith("sqlite:")
+
+    def _after_intake(self) -> None:
+        self.dispatcher.wake()
+        self.notifier.wake()
+
+    def _after_dispatch(self) -> None:
+        self.tracker.wake()
+        self.notifier.wake()
+
+    def _context(self, account: str, secret_key: bytes) -> ProviderContext:
+        return ProviderContext(
+            account=account, data_dir=self.settings.data_dir, push_base_url=self._push_base(
+                account), secret_key=secret_key, wake_tracker=self._wake_tracker,
+            report_status=self._report_status)
+
+    def _push_base(self, account: str) -> str | None:
+        web_settings = self.settings.web
+        if not web_settings.listen:
+            return None
+        base = web_settings.public_url or f"http://{web_settings.listen}"
+        return f"{base.rstrip('/')}/push/{account}"
+
+    def _push_url(self, account: str, job_id: str) -> str | None:
+        return None  # providers build their own push URLs from push_base_url and push_token
+
+    async def _wake_tracker(self, job_ids: Sequence[str]) -> None:
+        self.tracker.wake()
+
+    async def _report_status(self, reports: dict[str, StatusReport]) -> None:
+        await self.tracker.apply_reports(reports)
+
+    def _sink(self) -> MailSink:
+        if self.settings.relay is not None:
+            return RelaySink(self.settings.relay, self.settings.smtp.hostname)
+        return MaildirSink(self.settings.maildir_path)
+
+    def _log_startup(self) -> None:
+        settings = self.settings
+        listening = ", ".join(_bound(server) for server in self.smtp_servers)
+        log.info("mailfax %s listening for mail on %s", self.instance, listening)
+        log.info("fax domains: %s; default country %s", ", ".join(settings.fax_domains),
+                 settings.numbers.default_country)
+        log.info("data in %s (store %s)", settings.data_dir.resolve(),
+                 _redact_url(settings.store_url))
+        for name, provider in self.providers.items():
+            suffix = " (the bundled emulator: no fax is really sent)" if (
+                provider.provider_name == "emulator") else ""
+            log.info("account %s: provider %s%s", name, provider.provider_name, suffix)
+        if settings.relay is None:
+            log.info("outgoing mail written to the Maildir %s (no relay configured)",
+                     settings.maildir_path.resolve())
+        else:
+            log.info("outgoing mail via %s", self.outbox.sink.describe())
+
+    async def stop(self) -> None:
+        for server in self.smtp_servers:
+            server.close()
+        for server in self.smtp_servers:
+            await server.wait_closed()
+        if self.web_runner is not None:
+            await self.web_runner.cleanup()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for provider in self.providers.values():
+            await provider.close()
+        await self.store.close()
+
+
+async def supervise(name: str, loop: Callable[[], Awaitable[None]]) -> None:
+    while True:
+        try:
+            await loop()
+            return
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("%s crashed; restarting in %.0f s", name, RESTART_DELAY)
+            await asyncio.sleep(RESTART_DELAY)
+
+
+def _bound(server: asyncio.Server) -> str:
+    names = []
+    for sock in server.sockets:
+        host, port = sock.getsockname()[:2]
+        names.append(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+    return ", ".join(names)
+
+
+def _redact_url(url: str) -> str:
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        return f"{scheme}://***@{rest.rsplit('@', 1)[1]}"
+    return url
+
+
+async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
+    app = Application(settings)
+    await app.start()
+    try:
+        await (stop.wait() if stop else asyncio.Event().wait())
+    finally:
+        await app.stop()

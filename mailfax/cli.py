@@ -1,0 +1,327 @@
+"""The ``mailfax`` command."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from mailfax import __version__
+from mailfax.config import ConfigError, ListenAddress, Settings, load_settings
+from mailfax.model import FINAL_STATES, JobState
+from mailfax.notify import format_duration
+from mailfax.providers.base import ProviderContext, ProviderRef
+from mailfax.store import open_store
+from mailfax.store.base import Store, Transition
+
+log = logging.getLogger("mailfax")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    for noisy in ("zeep", "httpx", "httpcore", "aiosmtpd", "mail.log"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        result: int = args.handler(args)
+        return result
+    except ConfigError as error:
+        print(f"mailfax: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mailfax", description="E-mail to fax bridge.")
+    parser.add_argument("--version", action="version", version=f"mailfax {__version__}")
+    parser.add_argument("-c", "--config", type=Path,
+                        help="config file (TOML); default: $MAILFAX_CONFIG, else built-in "
+                             "defaults")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run the bridge")
+    serve.set_defaults(handler=cmd_serve)
+
+    jobs = commands.add_parser("jobs", help="list jobs and their states")
+    jobs.add_argument("--json", action="store_true", help="one JSON array of job objects")
+    jobs.add_argument("--state", choices=[s.value for s in JobState])
+    jobs.add_argument("--limit", type=int, default=1000)
+    jobs.set_defaults(handler=cmd_jobs)
+
+    show = commands.add_parser("show", help="the history of one job")
+    show.add_argument("job")
+    show.add_argument("--json", action="store_true")
+    show.set_defaults(handler=cmd_show)
+
+    cancel = commands.add_parser("cancel", help="cancel a job that has not been sent")
+    cancel.add_argument("job")
+    cancel.set_defaults(handler=cmd_cancel)
+
+    send = commands.add_parser("send", help="queue a fax without a mail")
+    send.add_argument("--to", action="append", required=True, metavar="NUMBER")
+    send.add_argument("--from", dest="sender", default="",
+                      help="mail address for status mails (default: none)")
+    send.add_argument("--subject", default="")
+    send.add_argument("files", nargs="+", type=Path, metavar="FILE")
+    send.set_defaults(handler=cmd_send)
+
+    check = commands.add_parser("check-config", help="validate a config file")
+    check.add_argument("file", nargs="?", type=Path)
+    check.set_defaults(handler=cmd_check_config)
+
+    emulate = commands.add_parser("emulate", help="run a provider emulator (for tests)")
+    emulate.add_argument("provider", help="fax.de, faxnummer.de or retarus")
+    emulate.add_argument("--listen", default="127.0.0.1:0")
+    emulate.add_argument("--option", action="append", default=[], metavar="KEY=VALUE")
+    emulate.set_defaults(handler=cmd_emulate)
+    return parser
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    return load_settings(args.config)
+
+
+# -- serve ------------------------------------------------------------------------------------
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from mailfax.app import serve
+
+    settings = _settings(args)
+    if args.config is None and not _config_from_env():
+        log.info("no config file: running on embedded defaults")
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await serve(settings, stop)
+
+    asyncio.run(run())
+    return 0
+
+
+def _config_from_env() -> bool:
+    import os
+
+    return bool(os.environ.get("MAILFAX_CONFIG"))
+
+
+# -- store commands ---------------------------------------------------------------------------
+
+async def _with_store(settings: Settings, action: object) -> int:
+    store = open_store(settings.store_url)
+    await store.open()
+    try:
+        result: int = await action(store)  # type: ignore[operator]
+        return result
+    finally:
+        await store.close()
+
+
+def _run_with_store(args: argparse.Namespace, action: object) -> int:
+    settings = _settings(args)
+    if settings.store_url.startswith("sqlite:///") and not Path(
+            settings.store_url.removeprefix("sqlite:///")).exists():
+        print(f"mailfax: no database at {settings.store_url} (run mailfax serve first, "
+              f"in the same folder or with the same config)", file=sys.stderr)
+        return 1
+    return asyncio.run(_with_store(settings, action))
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    async def action(store: Store) -> int:
+        jobs = await store.list_jobs(limit=args.limit,
+                                     state=JobState(args.state) if args.state else None)
+        if args.json:
+            json.dump([job.as_json() for job in jobs], sys.stdout, indent=1)
+            print()
+            return 0
+        print(f"{'JOB':<13} {'STATE':<10} {'NUMBER':<17} {'PAGES':>5} {'UPDATED':<20} SENDER")
+        for job in jobs:
+            print(f"{job.id:<13} {job.state.value:<10} {job.number:<17} {job.pages:>5} "
+                  f"{job.updated:%Y-%m-%d %H:%M:%S}  {job.sender or '-'}")
+        return 0
+
+    return _run_with_store(args, action)
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    async def action(store: Store) -> int:
+        job = await store.get_job(args.job)
+        if job is None:
+            print(f"mailfax: no job {args.job}", file=sys.stderr)
+            return 1
+        events = await store.job_events(job.id)
+        if args.json:
+            data = job.as_json()
+            data["events"] = [{"at": e.at.isoformat(), "state": e.state.value,
+                               "reason": e.reason.for_language("en") if e.reason else None,
+                               "detail": e.detail} for e in events]
+            print(json.dumps(data, indent=1))
+            return 0
+        print(f"job {job.id}: {job.state.value}, fax to {job.number}, {job.pages} pages")
+        print(f"  from <{job.sender}>, account {job.account}, "
+              f"provider job {job.provider_job_id or '-'}, attempts {job.attempts}")
+        if job.duration_seconds is not None:
+            print(f"  duration {format_duration(job.duration_seconds)}")
+        if job.reason:
+            print(f"  reason: {job.reason.for_language('en')}")
+        for event in events:
+            line = f"  {event.at:%Y-%m-%d %H:%M:%S} {event.state.value:<10}"
+            if event.reason:
+                line += f" {event.reason.for_language('en')}"
+            if event.detail:
+                line += f" ({event.detail})"
+            print(line)
+        return 0
+
+    return _run_with_store(args, action)
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+
+    async def action(store: Store) -> int:
+        job = await store.get_job(args.job)
+        if job is None:
+            print(f"mailfax: no job {args.job}", file=sys.stderr)
+            return 1
+        if job.state in FINAL_STATES:
+            print(f"mailfax: job {job.id} is already {job.state.value}", file=sys.stderr)
+            return 1
+        from mailfax import reasons
+
+        cancelled = Transition(state=JobState.CANCELLED, reason=reasons.reason("cancelled"),
+                               detail="cancelled with mailfax cancel")
+        if job.provider_job_id is None:
+            await store.request_cancel(job.id)  # in case the dispatcher holds it right now
+            if await store.record(job.id, cancelled,
+                                  expected=(JobState.QUEUED, JobState.RETRYING)):
+                print(f"job {job.id} cancelled")
+                return 0
+            job = await store.get_job(job.id) or job
+        if job.provider_job_id is None:
+            print(f"job {job.id} is being sent right now; it will be cancelled at the provider")
+            return 0
+        return await _cancel_at_provider(settings, store, job.id, job.account,
+                                         job.provider_job_id, cancelled)
+
+    return _run_with_store(args, action)
+
+
+async def _cancel_at_provider(settings: Settings, store: Store, job_id: str, account: str,
+                              provider_job_id: str, cancelled: Transition) -> int:
+    from mailfax.app import load_secret_key
+    from mailfax.providers import provider_module
+
+    account_settings = settings.accounts.get(account)
+    if account_settings is None:
+        print(f"mailfax: account {account} is no longer configured", file=sys.stderr)
+        return 1
+    context = ProviderContext(account=account, data_dir=settings.data_dir,
+                              secret_key=load_secret_key(settings.data_dir))
+    provider = provider_module(account_settings.provider).create(
+        context, account_settings.provider_settings())
+    try:
+        ok = await provider.cancel(ProviderRef(job_id, provider_job_id))
+    finally:
+        await provider.close()
+    if not ok:
+        print(f"mailfax: job {job_id} was already sent and cannot be cancelled",
+              file=sys.stderr)
+        return 1
+    await store.record(job_id, cancelled, expected=(JobState.SUBMITTED, JobState.SENDING,
+                                                    JobState.RETRYING))
+    print(f"job {job_id} cancelled at {account}")
+    return 0
+
+
+def cmd_send(args: argparse.Namespace) -> int:
+    from mailfax.documents import DocumentError, image_to_pdf, is_pdf, prepare_pdf
+    from mailfax.intake.service import Intake
+    from mailfax.numbers import InvalidNumber, parse_fax_local_part
+
+    settings = _settings(args)
+    try:
+        addresses = [parse_fax_local_part(number, settings.numbers.default_country)
+                     for number in args.to]
+    except InvalidNumber as error:
+        print(f"mailfax: {error.sentence}", file=sys.stderr)
+        return 1
+    documents = []
+    for path in args.files:
+        try:
+            data = path.read_bytes()
+        except OSError as error:
+            print(f"mailfax: {path}: {error.strerror}", file=sys.stderr)
+            return 1
+        try:
+            convert = prepare_pdf if is_pdf(path.name, "") else image_to_pdf
+            documents.append(convert(path.name, data))
+        except DocumentError as error:
+            print(f"mailfax: {error}", file=sys.stderr)
+            return 1
+
+    async def action(store: Store) -> int:
+        intake = Intake(settings, store)
+        accepted = await intake.store_documents(args.sender, addresses, documents,
+                                                args.subject or args.files[0].name, "cli")
+        for job_id in accepted.job_ids:
+            print(job_id)
+        return 0
+
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    return asyncio.run(_with_store(settings, action))
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    path = args.file or args.config
+    settings = load_settings(path)
+    where = str(path) if path else "built-in defaults"
+    print(f"{where}: OK ({len(settings.accounts)} account(s), fax domains "
+          f"{', '.join(settings.fax_domains)}, store {settings.store_url.split('://')[0]})")
+    return 0
+
+
+def cmd_emulate(args: argparse.Namespace) -> int:
+    from mailfax.emulators import emulator_module
+
+    address = ListenAddress(args.listen)
+    options = dict(option.split("=", 1) for option in args.option if "=" in option)
+    module = emulator_module(args.provider)
+
+    async def run() -> None:
+        emulator = await module.start(address.host, address.port, options)
+        print(f"{args.provider} emulator listening on {emulator.url}", flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            await stop.wait()
+        finally:
+            await emulator.close()
+
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(run())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,189 @@
+"""The dispatcher: hands stored jobs to their provider as soon as they are stored.
+
+Event-driven: the intake wakes it after each commit; a timer wakes it for retries that come
+due, and a slow idle tick picks up jobs queued by another process (``mailfax send``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections import defaultdict
+from collections.abc import Callable, Mapping, Sequence
+from datetime import UTC, datetime, timedelta
+
+from mailfax import reasons
+from mailfax.config import DispatchSettings
+from mailfax.model import JobState
+from mailfax.providers.base import (
+    FaxDocument,
+    Provider,
+    ProviderError,
+    SendReceipt,
+    SendRequest,
+)
+from mailfax.store.base import Job, Store, Transition
+
+log = logging.getLogger(__name__)
+
+IDLE_TICK_SECONDS = 5.0
+LEASE_SECONDS = 300.0
+WAITING = (JobState.QUEUED, JobState.RETRYING)
+
+
+def retry_delay(attempt: int, initial: float, maximum: float,
+                rand: Callable[[], float] = random.random) -> float:
+    """Exponential backoff with jitter: between half and all of initial × 2^(attempt-1)."""
+    ceiling = min(maximum, initial * (2 ** max(0, attempt - 1)))
+    return ceiling * (0.5 + rand() / 2)
+
+
+def outcome_of_error(error: ProviderError, attempt: int, settings: DispatchSettings,
+                     now: datetime) -> Transition:
+    """What a failed send means for the job: a retry later, or the end."""
+    if error.transient and attempt < settings.max_attempts:
+        delay = error.retry_after or retry_delay(
+            attempt, settings.retry_initial_seconds, settings.retry_max_seconds)
+        return Transition(
+            state=JobState.RETRYING, reason=error.reason,
+            detail=f"attempt {attempt} failed: {error.reason.detail or error.reason.code}",
+            next_attempt_at=now + timedelta(seconds=delay),
+        )
+    detail = error.reason.detail or error.reason.code
+    if error.transient:
+        detail = f"gave up after {attempt} attempts: {detail}"
+    return Transition(state=JobState.FAILED, reason=error.reason, detail=detail)
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        store: Store,
+        providers: Mapping[str, Provider],
+        settings: DispatchSettings,
+        owner: str,
+        push_url: Callable[[str, str], str | None] = lambda account, job_id: None,
+        on_submitted: Callable[[], None] = lambda: None,
+    ):
+        self.store = store
+        self.providers = providers
+        self.settings = settings
+        self.owner = owner
+        self.push_url = push_url
+        self.on_submitted = on_submitted
+        self._wake = asyncio.Event()
+        self._slots = asyncio.Semaphore(settings.concurrency)
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def run(self) -> None:
+        try:
+            while True:
+                self._wake.clear()
+                claimed = await self._claim_and_start()
+                if claimed:
+                    continue
+                await self._sleep_until_due()
+        finally:
+            for task in self._tasks:
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _claim_and_start(self) -> int:
+        free = self.settings.concurrency - len(self._tasks)
+        if free <= 0:
+            return 0
+        jobs = await self.store.claim_due_jobs(self.owner, free, LEASE_SECONDS)
+        for group in _group_by_mail(jobs):
+            task = asyncio.create_task(self._send_group(group))
+            self._tasks.add(task)
+            task.add_done_callback(self._task_done)
+        return len(jobs)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("dispatch task failed", exc_info=task.exception())
+        self._wake.set()  # a slot is free
+
+    async def _sleep_until_due(self) -> None:
+        due = await self.store.next_due_time()
+        timeout = IDLE_TICK_SECONDS
+        if due is not None:
+            timeout = min(timeout, max(0.0, (due - datetime.now(UTC)).total_seconds()))
+        if len(self._tasks) >= self.settings.concurrency:
+            timeout = IDLE_TICK_SECONDS  # woken by a finishing task
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), timeout=max(timeout, 0.01))
+
+    async def _send_group(self, jobs: Sequence[Job]) -> None:
+        """Send the jobs of one mail for one account, sharing the documents."""
+        to_send = [job for job in jobs if not await self._cancelled_before_send(job)]
+        if not to_send:
+            return
+        first = to_send[0]
+        provider = self.providers.get(first.account)
+        if provider is None:
+            for job in to_send:
+                await self.store.record(job.id, Transition(
+                    state=JobState.FAILED, reason=reasons.reason("provider_account"),
+                    detail=f"no such account {first.account!r}"), expected=WAITING)
+            return
+        documents = await self.store.load_documents(first.mail_id)
+        mail = await self.store.get_mail(first.mail_id)
+        requests = [self._request(job, documents, mail.subject if mail else "") for job in to_send]
+        try:
+            results = await provider.send_many(requests)
+        except ProviderError as error:
+            results = [error] * len(requests)
+        except Exception as error:  # a bug or an unexpected answer: retry, never lose the job
+            log.exception("provider %s failed unexpectedly", first.account)
+            results = [ProviderError(reasons.reason("provider_error", type(error).__name__),
+                                     transient=True)] * len(requests)
+        now = datetime.now(UTC)
+        for job, result in zip(to_send, results, strict=True):
+            await self._record_result(job, result, now)
+        self.on_submitted()
+
+    async def _cancelled_before_send(self, job: Job) -> bool:
+        if not job.cancel_requested:
+            return False
+        await self.store.record(job.id, Transition(
+            state=JobState.CANCELLED, reason=reasons.reason("cancelled"),
+            detail="cancelled before it was sent"), expected=WAITING)
+        return True
+
+    def _request(self, job: Job, documents: Sequence[FaxDocument], subject: str) -> SendRequest:
+        return SendRequest(
+            job_id=job.id, number=job.number, documents=documents, pages=job.pages,
+            subject=subject, sender=job.sender, attempt=job.attempts,
+            station_id=job.options.get("station_id"), header=job.options.get("header"),
+            cover_text=job.options.get("cover_text"),
+            status_push_url=self.push_url(job.account, job.id),
+        )
+
+    async def _record_result(self, job: Job, result: SendReceipt | ProviderError,
+                             now: datetime) -> None:
+        if isinstance(result, SendReceipt):
+            detail = f"accepted by {job.account} as {result.provider_job_id}"
+            if result.duplicate:
+                detail += " (the provider already had it from an earlier attempt)"
+            log.info("job %s submitted to %s as %s", job.id, job.account, result.provider_job_id)
+            transition = Transition(state=JobState.SUBMITTED, detail=detail,
+                                    provider_job_id=result.provider_job_id,
+                                    pages=result.pages, notify=False)
+        else:
+            transition = outcome_of_error(result, job.attempts, self.settings, now)
+            log.warning("job %s: %s", job.id, result)
+        await self.store.record(job.id, transition, expected=WAITING)
+
+
+def _group_by_mail(jobs: Sequence[Job]) -> list[list[Job]]:
+    groups: dict[tuple[str, str], list[Job]] = defaultdict(list)
+    for job in jobs:
+        groups[(job.mail_id, job.account)].append(job)
+    return list(groups.values())

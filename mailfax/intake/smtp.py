@@ -1,0 +1,99 @@
+"""The SMTP and LMTP edge: translates between SMTP and :class:`~mailfax.intake.service.Intake`.
+
+The aiosmtpd protocol machine runs on mailfax's own event loop (no Controller thread).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from aiosmtpd.lmtp import LMTP
+from aiosmtpd.smtp import SMTP, Envelope, Session
+
+from mailfax.config import SmtpSettings
+from mailfax.intake.assemble import Refusal
+from mailfax.intake.service import Intake
+
+log = logging.getLogger(__name__)
+
+
+class FaxHandler:
+    """aiosmtpd handler hooks."""
+
+    def __init__(self, intake: Intake, max_recipients: int):
+        self.intake = intake
+        self.max_recipients = max_recipients
+
+    async def handle_MAIL(self, server: SMTP, session: Session, envelope: Envelope,
+                          address: str, mail_options: list[str]) -> str:
+        try:
+            self.intake.check_sender(address, _client_ip(session))
+        except Refusal as refusal:
+            log.info("refused sender <%s> from %s: %s", address, session.peer, refusal.sentence)
+            return refusal.reply()
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 2.1.0 OK"
+
+    async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope,
+                          address: str, rcpt_options: list[str]) -> str:
+        if len(envelope.rcpt_tos) >= self.max_recipients:
+            return f"452 4.5.3 Too many recipients (at most {self.max_recipients} per mail)"
+        try:
+            fax = self.intake.check_recipient(address)
+        except Refusal as refusal:
+            log.info("refused recipient <%s>: %s", address, refusal.sentence)
+            return refusal.reply()
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(rcpt_options)
+        return f"250 2.1.5 OK, fax to {fax.number}"
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        raw = envelope.original_content or envelope.content or b""
+        if isinstance(raw, str):
+            raw = raw.encode("utf-8", "surrogateescape")
+        try:
+            accepted = await self.intake.accept_mail(
+                envelope.mail_from or "", list(envelope.rcpt_tos), raw,
+                _client_ip(session) or "")
+        except Refusal as refusal:
+            log.info("refused mail from <%s>: %s", envelope.mail_from, refusal.sentence)
+            return refusal.reply()
+        except Exception:
+            log.exception("could not store mail from <%s>", envelope.mail_from)
+            return "451 4.3.0 Temporary failure storing the fax job; please try again later"
+        return f"250 2.0.0 queued as {' '.join(accepted.job_ids)}"
+
+
+def _client_ip(session: Session) -> str | None:
+    peer = session.peer
+    if isinstance(peer, tuple) and peer:
+        return str(peer[0])
+    return None
+
+
+async def start_listeners(intake: Intake, settings: SmtpSettings) -> list[asyncio.Server]:
+    """Start the SMTP (and LMTP) listeners on the running loop."""
+    handler = FaxHandler(intake, settings.max_recipients)
+    loop = asyncio.get_running_loop()
+    servers = []
+    options: dict[str, Any] = {
+        "data_size_limit": settings.max_message_size,
+        "enable_SMTPUTF8": True,
+        "decode_data": False,
+        "hostname": settings.hostname,
+        "ident": "mailfax",
+        "timeout": settings.data_timeout,
+    }
+    for listen, protocol in [*((a, SMTP) for a in settings.listen),
+                             *((a, LMTP) for a in settings.lmtp_listen)]:
+        from mailfax.config import ListenAddress
+
+        address = ListenAddress(listen)
+        server = await loop.create_server(
+            lambda protocol=protocol: protocol(handler, loop=loop, **options),
+            host=address.host, port=address.port)
+        servers.append(server)
+    return servers

@@ -1,0 +1,167 @@
+"""The notifier: turns job events into status mails, rendered from ``templates/``.
+
+Each event is handled exactly once: its mail (or the decision not to send one) is written to
+the outbox in the same transaction that marks the event done.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.headerregistry import Address
+from email.message import EmailMessage
+from email.utils import format_datetime, make_msgid
+from pathlib import Path
+from typing import Any
+
+import jinja2
+
+from mailfax.config import NotifySettings
+from mailfax.model import JobState
+from mailfax.numbers import format_international
+from mailfax.policy import split_address, status_mail_allowed
+from mailfax.store.base import Event, Job, Mail, OutgoingMail, Store
+
+log = logging.getLogger(__name__)
+
+TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "templates"
+
+# Which notification an event is, if any (submitted/sending are never mailed).
+EVENT_KINDS: dict[JobState, str] = {
+    JobState.QUEUED: "accepted",
+    JobState.RETRYING: "retrying",
+    JobState.DELIVERED: "delivered",
+    JobState.FAILED: "failed",
+    JobState.CANCELLED: "cancelled",
+}
+
+
+def format_duration(seconds: float | None) -> str:
+    if seconds is None:
+        return ""
+    total = round(seconds)
+    return f"{total // 60}:{total % 60:02d}"
+
+
+@dataclass(frozen=True)
+class StatusMail:
+    subject: str
+    text: str
+    html: str
+
+
+class Renderer:
+    """Renders status mails from ``<templates>/<language>/status.{subject,txt,html}``."""
+
+    def __init__(self, templates_dir: Path = TEMPLATES_DIR):
+        loader = jinja2.FileSystemLoader(str(templates_dir))
+        self.text_env = jinja2.Environment(loader=loader, autoescape=False,
+                                           undefined=jinja2.StrictUndefined,
+                                           keep_trailing_newline=True)
+        self.html_env = jinja2.Environment(loader=loader, autoescape=True,
+                                           undefined=jinja2.StrictUndefined)
+
+    def render(self, kind: str, job: Job, mail: Mail, event: Event,
+               language: str) -> StatusMail:
+        context: dict[str, Any] = {
+            "kind": kind,
+            "job": job,
+            "number": format_international(job.number),
+            "pages": job.pages,
+            "duration": format_duration(job.duration_seconds),
+            "reason": event.reason.for_language(language) if event.reason else "",
+            "reason_code": event.reason.code if event.reason else "",
+            "detail": event.detail,
+            "original_subject": mail.subject,
+            "received_at": mail.received_at,
+            "at": event.at,
+            "next_attempt_at": job.next_attempt_at,
+        }
+        subject = self.text_env.get_template(f"{language}/status.subject").render(context)
+        return StatusMail(
+            subject=" ".join(subject.split()),
+            text=self.text_env.get_template(f"{language}/status.txt").render(context),
+            html=self.html_env.get_template(f"{language}/status.html").render(context),
+        )
+
+
+def compose(status: StatusMail, job: Job, mail: Mail, settings: NotifySettings) -> EmailMessage:
+    """A reply to the original mail: threaded, marked as automatic (RFC 3834)."""
+    message = EmailMessage()
+    _, from_domain = split_address(settings.from_address)
+    message["From"] = Address(settings.from_name, addr_spec=settings.from_address)
+    message["To"] = mail.envelope_from
+    message["Subject"] = status.subject
+    message["Date"] = format_datetime(datetime.now(UTC), usegmt=True)
+    message["Message-ID"] = make_msgid(idstring=f"{job.id}", domain=from_domain or "mailfax")
+    if mail.message_id:
+        message["In-Reply-To"] = mail.message_id
+        message["References"] = " ".join([*mail.references, mail.message_id][-20:])
+    message["Auto-Submitted"] = "auto-replied"
+    message["X-Mailfax-Job"] = job.id
+    message["X-Mailfax-State"] = job.state.value
+    message.set_content(status.text)
+    message.add_alternative(status.html, subtype="html")
+    return message
+
+
+class Notifier:
+    def __init__(self, store: Store, settings: NotifySettings, renderer: Renderer,
+                 on_queued: Callable[[], None] = lambda: None, poll_seconds: float = 5.0):
+        self.store = store
+        self.settings = settings
+        self.renderer = renderer
+        self.on_queued = on_queued
+        self.poll_seconds = poll_seconds
+        self._wake = asyncio.Event()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def run(self) -> None:
+        while True:
+            self._wake.clear()
+            handled = await self.handle_pending()
+            if handled:
+                continue
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=self.poll_seconds)
+
+    async def handle_pending(self, limit: int = 100) -> int:
+        events = await self.store.pending_notifications(limit)
+        queued = False
+        for event in events:
+            outgoing = await self._mail_for(event)
+            await self.store.complete_notification(event.id, outgoing)
+            queued = queued or outgoing is not None
+        if queued:
+            self.on_queued()
+        return len(events)
+
+    async def _mail_for(self, event: Event) -> OutgoingMail | None:
+        kind = EVENT_KINDS.get(event.state)
+        if kind is None or kind not in self.settings.events:
+            return None
+        job = await self.store.get_job(event.job_id)
+        mail = await self.store.get_mail(job.mail_id) if job else None
+        if job is None or mail is None:
+            return None
+        if not status_mail_allowed(mail.envelope_from, mail.auto_submitted, mail.precedence):
+            log.info("job %s: no status mail to <%s> (automatic or bounce)", job.id,
+                     mail.envelope_from)
+            return None
+        language = mail.language or self.settings.language
+        try:
+            status = self.renderer.render(kind, job, mail, event, language)
+        except jinja2.TemplateError:
+            log.exception("status mail template for %s/%s failed", language, kind)
+            status = self.renderer.render(kind, job, mail, event, "en")
+        message = compose(status, job, mail, self.settings)
+        # The envelope sender of a status mail is empty, as for any automatic reply that
+        # must not itself cause bounces to loop back (RFC 3834, 5321 §4.5.5).
+        return OutgoingMail(envelope_from="", recipients=[mail.envelope_from],
+                            message=message.as_bytes(), job_id=job.id, kind=kind)

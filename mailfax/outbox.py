@@ -1,0 +1,150 @@
+"""The outbox sender: delivers queued mails to the relay (aiosmtplib) or into a Maildir.
+
+A mail leaves the outbox table only once the relay accepted it or the Maildir file is synced
+to disk; until then it is retried with backoff, across relay outages and restarts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import mailbox
+import os
+from abc import ABC, abstractmethod
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import aiosmtplib
+
+from mailfax.config import RelaySettings
+from mailfax.dispatch import retry_delay
+from mailfax.store.base import OutboxItem, Store
+
+log = logging.getLogger(__name__)
+
+
+class PermanentRefusal(Exception):
+    """The relay refused the mail for good (5xx); retrying will not help."""
+
+
+class MailSink(ABC):
+    @abstractmethod
+    async def deliver(self, item: OutboxItem) -> None:
+        """Hand one mail off; raise on failure (PermanentRefusal when it is final)."""
+
+    def describe(self) -> str:
+        return type(self).__name__
+
+
+class MaildirSink(MailSink):
+    def __init__(self, path: Path):
+        self.path = path
+
+    def describe(self) -> str:
+        return f"Maildir {self.path}"
+
+    async def deliver(self, item: OutboxItem) -> None:
+        await asyncio.to_thread(self._write, item.message)
+
+    def _write(self, message: bytes) -> None:
+        box = mailbox.Maildir(self.path, create=True)
+        key = box.add(message)
+        target = self.path / "new" / key
+        # mailbox does not fsync; a mail counts as handed off only once it is on disk.
+        with open(target, "rb") as handle:
+            os.fsync(handle.fileno())
+        directory = os.open(self.path / "new", os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+
+
+class RelaySink(MailSink):
+    def __init__(self, settings: RelaySettings, local_hostname: str):
+        self.settings = settings
+        self.local_hostname = local_hostname
+
+    def describe(self) -> str:
+        return f"SMTP relay {self.settings.host}:{self.settings.port} (TLS: {self.settings.tls})"
+
+    async def deliver(self, item: OutboxItem) -> None:
+        settings = self.settings
+        try:
+            await aiosmtplib.send(
+                item.message,
+                sender=item.envelope_from,
+                recipients=item.recipients,
+                hostname=settings.host,
+                port=settings.port,
+                local_hostname=self.local_hostname,
+                use_tls=settings.tls == "implicit",
+                start_tls=True if settings.tls == "starttls" else False,
+                username=settings.username,
+                password=settings.password.get_secret_value() if settings.password else None,
+                timeout=settings.timeout,
+            )
+        except aiosmtplib.SMTPRecipientsRefused as error:
+            codes = [r.code for r in error.recipients]
+            if codes and all(500 <= code < 600 for code in codes):
+                raise PermanentRefusal(str(error)) from None
+            raise
+        except aiosmtplib.SMTPResponseException as error:
+            if 500 <= error.code < 600 and error.code != 530:
+                raise PermanentRefusal(f"{error.code} {error.message}") from None
+            raise
+
+
+class OutboxSender:
+    def __init__(self, store: Store, sink: MailSink, *, retry_initial: float = 10.0,
+                 retry_max: float = 1800.0, poll_seconds: float = 30.0):
+        self.store = store
+        self.sink = sink
+        self.retry_initial = retry_initial
+        self.retry_max = retry_max
+        self.poll_seconds = poll_seconds
+        self._wake = asyncio.Event()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def run(self) -> None:
+        while True:
+            self._wake.clear()
+            sent = await self.send_due()
+            if sent:
+                continue
+            due = await self.store.outbox_next_due()
+            timeout = self.poll_seconds
+            if due is not None:
+                timeout = min(timeout, max(0.05, (due - datetime.now(UTC)).total_seconds()))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=timeout)
+
+    async def send_due(self, limit: int = 50) -> int:
+        """Deliver what is due; returns how many were handed off."""
+        items = await self.store.due_outbox(limit)
+        delivered = 0
+        for item in items:
+            if await self._deliver(item):
+                delivered += 1
+        return delivered
+
+    async def _deliver(self, item: OutboxItem) -> bool:
+        try:
+            await self.sink.deliver(item)
+        except PermanentRefusal as error:
+            log.error("outbox mail %d refused for good by %s: %s", item.id,
+                      self.sink.describe(), error)
+            await self.store.outbox_give_up(item.id, str(error))
+            return False
+        except Exception as error:
+            delay = retry_delay(item.attempts + 1, self.retry_initial, self.retry_max)
+            log.warning("outbox mail %d not delivered (%s: %s); retry in %.0f s", item.id,
+                        type(error).__name__, error, delay)
+            await self.store.outbox_retry(item.id, datetime.now(UTC) + timedelta(seconds=delay),
+                                          f"{type(error).__name__}: {error}")
+            return False
+        await self.store.outbox_sent(item.id)
+        return True

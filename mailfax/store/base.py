@@ -1,0 +1,214 @@
+"""The store interface. It speaks in intentions (add a mail's jobs, claim due jobs, record a
+transition, hand out pending notifications), not in rows, so each backend can do each its own
+best way. Every method returns only after its change is durable.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Protocol
+
+from mailfax.model import JobState, Reason
+from mailfax.providers.base import FaxDocument
+
+
+@dataclass(frozen=True)
+class NewMail:
+    """The mail a set of jobs came from: what the status mails need to thread to it."""
+
+    mail_id: str
+    envelope_from: str
+    message_id: str | None
+    subject: str
+    references: list[str]
+    from_header: str
+    client_address: str
+    auto_submitted: str | None = None
+    precedence: str | None = None
+    language: str = "en"
+
+
+@dataclass(frozen=True)
+class NewJob:
+    job_id: str
+    number: str
+    account: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Job:
+    id: str
+    mail_id: str
+    account: str
+    number: str
+    state: JobState
+    pages: int
+    sender: str
+    created: datetime
+    updated: datetime
+    attempts: int
+    next_attempt_at: datetime | None
+    provider_job_id: str | None
+    reason: Reason | None
+    duration_seconds: float | None
+    remote_id: str | None
+    options: dict[str, Any]
+    cancel_requested: bool
+    acknowledged: bool
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "state": self.state.value,
+            "number": self.number,
+            "pages": self.pages,
+            "sender": self.sender,
+            "account": self.account,
+            "created": self.created.isoformat(),
+            "updated": self.updated.isoformat(),
+            "attempts": self.attempts,
+            "provider_job_id": self.provider_job_id,
+            "duration_seconds": self.duration_seconds,
+            "remote_id": self.remote_id,
+            "reason": self.reason.for_language("en") if self.reason else None,
+            "reason_code": self.reason.code if self.reason else None,
+        }
+
+
+@dataclass(frozen=True)
+class Mail:
+    id: str
+    envelope_from: str
+    message_id: str | None
+    subject: str
+    references: list[str]
+    from_header: str
+    client_address: str
+    auto_submitted: str | None
+    precedence: str | None
+    language: str
+    received_at: datetime
+
+
+@dataclass(frozen=True)
+class Event:
+    id: int
+    job_id: str
+    at: datetime
+    state: JobState
+    reason: Reason | None
+    detail: str
+
+
+@dataclass(frozen=True)
+class OutgoingMail:
+    envelope_from: str
+    recipients: list[str]
+    message: bytes
+    job_id: str | None = None
+    kind: str = "status"
+
+
+@dataclass(frozen=True)
+class OutboxItem:
+    id: int
+    envelope_from: str
+    recipients: list[str]
+    message: bytes
+    attempts: int
+    job_id: str | None
+
+
+@dataclass(frozen=True)
+class Transition:
+    """A state change to record; fields left None keep their value."""
+
+    state: JobState
+    reason: Reason | None = None
+    detail: str = ""
+    provider_job_id: str | None = None
+    pages: int | None = None
+    duration_seconds: float | None = None
+    remote_id: str | None = None
+    next_attempt_at: datetime | None = None
+    notify: bool = True
+
+
+class IllegalTransition(Exception):
+    pass
+
+
+class Store(Protocol):
+    async def open(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def add_mail_jobs(
+        self, mail: NewMail, jobs: Sequence[NewJob], documents: Sequence[FaxDocument]
+    ) -> None:
+        """Store a mail's jobs and documents; durable when it returns (before the 250)."""
+        ...
+
+    async def claim_due_jobs(self, owner: str, limit: int, lease_seconds: float) -> list[Job]:
+        """Lease up to ``limit`` jobs that wait for the dispatcher and are due now."""
+        ...
+
+    async def release_leases(self, owner: str | None = None) -> int: ...
+
+    async def next_due_time(self) -> datetime | None: ...
+
+    async def load_documents(self, mail_id: str) -> list[FaxDocument]: ...
+
+    async def record(self, job_id: str, transition: Transition,
+                     expected: Sequence[JobState] | None = None) -> bool:
+        """Move a job to a new state (checked against the state table) and log the event.
+
+        With ``expected``, only when the job is in one of those states; returns whether it moved.
+        Clears the job's lease.
+        """
+        ...
+
+    async def tracked_jobs(self, account: str) -> list[Job]:
+        """Jobs handed to the provider whose outcome is not known yet."""
+        ...
+
+    async def get_job(self, job_id: str) -> Job | None: ...
+
+    async def get_mail(self, mail_id: str) -> Mail | None: ...
+
+    async def list_jobs(self, limit: int = 1000, state: JobState | None = None) -> list[Job]: ...
+
+    async def job_events(self, job_id: str) -> list[Event]: ...
+
+    async def request_cancel(self, job_id: str) -> Job | None: ...
+
+    async def pending_notifications(self, limit: int) -> list[Event]: ...
+
+    async def complete_notification(self, event_id: int, mail: OutgoingMail | None) -> None:
+        """Queue the status mail for an event (or none) and mark the event done, atomically."""
+        ...
+
+    async def enqueue_mail(self, mail: OutgoingMail) -> int: ...
+
+    async def due_outbox(self, limit: int) -> list[OutboxItem]: ...
+
+    async def outbox_sent(self, item_id: int) -> None: ...
+
+    async def outbox_retry(self, item_id: int, next_attempt_at: datetime, error: str) -> None: ...
+
+    async def outbox_give_up(self, item_id: int, error: str) -> None: ...
+
+    async def clear_cancel_request(self, job_id: str) -> None: ...
+
+    async def outbox_next_due(self) -> datetime | None: ...
+
+    async def outbox_depth(self) -> int: ...
+
+    async def unacknowledged_final_jobs(self, account: str, limit: int) -> list[Job]:
+        """Final jobs whose status mails are all handed off but the provider was not told."""
+        ...
+
+    async def mark_acknowledged(self, job_ids: Sequence[str]) -> None: ...

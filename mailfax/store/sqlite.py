@@ -1,0 +1,597 @@
+"""The embedded store: one SQLite database in WAL mode with ``synchronous=FULL``.
+
+All access goes through one worker thread that owns the connection. Operations queue up while
+a transaction commits, and the next transaction takes all of them at once: a *group commit*,
+so many SMTP sessions share one fsync without any of them getting its 250 before its job is on
+disk. Each operation runs in its own savepoint, so one failing operation never takes the
+others of its batch down with it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+from mailfax.model import TRACKED_STATES, JobState, Reason, can_transition
+from mailfax.providers.base import FaxDocument
+from mailfax.store.base import (
+    Event,
+    IllegalTransition,
+    Job,
+    Mail,
+    NewJob,
+    NewMail,
+    OutboxItem,
+    OutgoingMail,
+    Transition,
+)
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+Operation = Callable[[sqlite3.Connection], Any]
+
+SCHEMA_VERSION = 1
+MIGRATIONS: dict[int, str] = {
+    1: """
+    CREATE TABLE mails (
+        id TEXT PRIMARY KEY,
+        received_at REAL NOT NULL,
+        envelope_from TEXT NOT NULL,
+        message_id TEXT,
+        subject TEXT NOT NULL,
+        refs TEXT NOT NULL,
+        from_header TEXT NOT NULL,
+        client_address TEXT NOT NULL,
+        auto_submitted TEXT,
+        precedence TEXT,
+        language TEXT NOT NULL
+    );
+    CREATE TABLE blobs (sha256 TEXT PRIMARY KEY, data BLOB NOT NULL);
+    CREATE TABLE documents (
+        mail_id TEXT NOT NULL REFERENCES mails(id),
+        position INTEGER NOT NULL,
+        filename TEXT NOT NULL,
+        content_type TEXT NOT NULL,
+        pages INTEGER NOT NULL,
+        blob TEXT NOT NULL REFERENCES blobs(sha256),
+        PRIMARY KEY (mail_id, position)
+    );
+    CREATE TABLE jobs (
+        id TEXT PRIMARY KEY,
+        mail_id TEXT NOT NULL REFERENCES mails(id),
+        account TEXT NOT NULL,
+        number TEXT NOT NULL,
+        state TEXT NOT NULL,
+        pages INTEGER NOT NULL,
+        sender TEXT NOT NULL,
+        created REAL NOT NULL,
+        updated REAL NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at REAL,
+        provider_job_id TEXT,
+        reason TEXT,
+        duration REAL,
+        remote_id TEXT,
+        options TEXT NOT NULL DEFAULT '{}',
+        cancel_requested INTEGER NOT NULL DEFAULT 0,
+        acknowledged INTEGER NOT NULL DEFAULT 0,
+        lease_owner TEXT,
+        lease_until REAL
+    );
+    CREATE INDEX jobs_due ON jobs (state, next_attempt_at) WHERE provider_job_id IS NULL;
+    CREATE INDEX jobs_tracked ON jobs (account, state) WHERE provider_job_id IS NOT NULL;
+    CREATE INDEX jobs_created ON jobs (created);
+    CREATE TABLE events (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        job_id TEXT NOT NULL REFERENCES jobs(id),
+        at REAL NOT NULL,
+        state TEXT NOT NULL,
+        reason TEXT,
+        detail TEXT NOT NULL DEFAULT '',
+        notify INTEGER NOT NULL
+    );
+    CREATE INDEX events_job ON events (job_id);
+    CREATE INDEX events_pending ON events (id) WHERE notify = 1;
+    CREATE TABLE outbox (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        created REAL NOT NULL,
+        job_id TEXT,
+        kind TEXT NOT NULL,
+        envelope_from TEXT NOT NULL,
+        recipients TEXT NOT NULL,
+        message BLOB NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at REAL NOT NULL,
+        state TEXT NOT NULL DEFAULT 'pending',
+        last_error TEXT
+    );
+    CREATE INDEX outbox_due ON outbox (next_attempt_at) WHERE state = 'pending';
+    """,
+}
+
+DISPATCHABLE = (JobState.QUEUED.value, JobState.RETRYING.value)
+
+
+def _ts(value: float | None) -> datetime | None:
+    return None if value is None else datetime.fromtimestamp(value, UTC)
+
+
+def _epoch(value: datetime | None) -> float | None:
+    return None if value is None else value.timestamp()
+
+
+def _job(row: sqlite3.Row) -> Job:
+    return Job(
+        id=row["id"],
+        mail_id=row["mail_id"],
+        account=row["account"],
+        number=row["number"],
+        state=JobState(row["state"]),
+        pages=row["pages"],
+        sender=row["sender"],
+        created=datetime.fromtimestamp(row["created"], UTC),
+        updated=datetime.fromtimestamp(row["updated"], UTC),
+        attempts=row["attempts"],
+        next_attempt_at=_ts(row["next_attempt_at"]),
+        provider_job_id=row["provider_job_id"],
+        reason=Reason.from_json(json.loads(row["reason"])) if row["reason"] else None,
+        duration_seconds=row["duration"],
+        remote_id=row["remote_id"],
+        options=json.loads(row["options"]),
+        cancel_requested=bool(row["cancel_requested"]),
+        acknowledged=bool(row["acknowledged"]),
+    )
+
+
+def _event(row: sqlite3.Row) -> Event:
+    return Event(
+        id=row["id"],
+        job_id=row["job_id"],
+        at=datetime.fromtimestamp(row["at"], UTC),
+        state=JobState(row["state"]),
+        reason=Reason.from_json(json.loads(row["reason"])) if row["reason"] else None,
+        detail=row["detail"],
+    )
+
+
+class SqliteStore:
+    """The :class:`~mailfax.store.base.Store` on SQLite (single instance)."""
+
+    def __init__(self, path: Path, *, max_batch: int = 512):
+        self.path = path
+        self.max_batch = max_batch
+        self._queue: queue.SimpleQueue[tuple[Operation, asyncio.Future[Any]] | None] = (
+            queue.SimpleQueue()
+        )
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.commits = 0  # how many transactions were committed (for tests and benchmarks)
+
+    # -- the worker thread -------------------------------------------------------------------
+
+    async def open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._loop = asyncio.get_running_loop()
+        ready: asyncio.Future[None] = self._loop.create_future()
+        self._thread = threading.Thread(
+            target=self._run, args=(ready,), name="mailfax-sqlite", daemon=True
+        )
+        self._thread.start()
+        await ready
+        await self._call(self._migrate)
+
+    async def close(self) -> None:
+        if self._thread is not None:
+            self._queue.put(None)
+            await asyncio.to_thread(self._thread.join)
+            self._thread = None
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        conn.row_factory = sqlite3.Row
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("PRAGMA foreign_keys=ON")
+        conn.execute("PRAGMA busy_timeout=10000")
+        return conn
+
+    def _run(self, ready: asyncio.Future[None]) -> None:
+        assert self._loop is not None
+        loop = self._loop
+        try:
+            conn = self._connect()
+        except Exception as error:
+            loop.call_soon_threadsafe(ready.set_exception, error)
+            return
+        loop.call_soon_threadsafe(ready.set_result, None)
+        while True:
+            item = self._queue.get()
+            if item is None:
+                break
+            batch = [item]
+            while len(batch) < self.max_batch:
+                try:
+                    more = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    self._queue.put(None)
+                    break
+                batch.append(more)
+            self._run_batch(conn, batch)
+        conn.close()
+
+    def _run_batch(
+        self, conn: sqlite3.Connection, batch: list[tuple[Operation, asyncio.Future[Any]]]
+    ) -> None:
+        assert self._loop is not None
+        outcomes: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for operation, future in batch:
+                conn.execute("SAVEPOINT op")
+                try:
+                    result = operation(conn)
+                except Exception as error:
+                    conn.execute("ROLLBACK TO op")
+                    outcomes.append((future, None, error))
+                else:
+                    outcomes.append((future, result, None))
+                conn.execute("RELEASE op")
+            conn.execute("COMMIT")
+            self.commits += 1
+        except Exception as error:  # the commit itself failed: nothing of the batch is stored
+            log.exception("store transaction failed")
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            outcomes = [(future, None, error) for _, future in batch]
+        for future, result, failure in outcomes:
+            self._loop.call_soon_threadsafe(_settle, future, result, failure)
+
+    async def _call(self, operation: Callable[[sqlite3.Connection], T]) -> T:
+        if self._loop is None or self._thread is None:
+            raise RuntimeError("store is not open")
+        future: asyncio.Future[T] = self._loop.create_future()
+        self._queue.put((operation, future))
+        return await future
+
+    # -- schema ------------------------------------------------------------------------------
+
+    @staticmethod
+    def _migrate(conn: sqlite3.Connection) -> None:
+        conn.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
+        row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        version = int(row[0]) if row else 0
+        if version > SCHEMA_VERSION:
+            raise RuntimeError(
+                f"database schema version {version} is newer than this mailfax "
+                f"({SCHEMA_VERSION}); upgrade mailfax"
+            )
+        for step in range(version + 1, SCHEMA_VERSION + 1):
+            for statement in MIGRATIONS[step].split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+        conn.execute(
+            "INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?)",
+            (str(SCHEMA_VERSION),),
+        )
+
+    # -- intake ------------------------------------------------------------------------------
+
+    async def add_mail_jobs(
+        self, mail: NewMail, jobs: Sequence[NewJob], documents: Sequence[FaxDocument]
+    ) -> None:
+        pages = sum(document.pages for document in documents)
+        now = time.time()
+
+        def operation(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "INSERT INTO mails VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                (mail.mail_id, now, mail.envelope_from, mail.message_id, mail.subject,
+                 json.dumps(mail.references), mail.from_header, mail.client_address,
+                 mail.auto_submitted, mail.precedence, mail.language),
+            )
+            for position, document in enumerate(documents):
+                digest = hashlib.sha256(document.data).hexdigest()
+                conn.execute("INSERT OR IGNORE INTO blobs VALUES (?, ?)", (digest, document.data))
+                conn.execute(
+                    "INSERT INTO documents VALUES (?,?,?,?,?,?)",
+                    (mail.mail_id, position, document.filename, document.content_type,
+                     document.pages, digest),
+                )
+            for job in jobs:
+                conn.execute(
+                    "INSERT INTO jobs (id, mail_id, account, number, state, pages, sender,"
+                    " created, updated, next_attempt_at, options) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                    (job.job_id, mail.mail_id, job.account, job.number, JobState.QUEUED.value,
+                     pages, mail.envelope_from, now, now, now, json.dumps(job.options)),
+                )
+                conn.execute(
+                    "INSERT INTO events (job_id, at, state, detail, notify) VALUES (?,?,?,?,1)",
+                    (job.job_id, now, JobState.QUEUED.value, "accepted"),
+                )
+
+        await self._call(operation)
+
+    async def get_mail(self, mail_id: str) -> Mail | None:
+        def operation(conn: sqlite3.Connection) -> Mail | None:
+            row = conn.execute("SELECT * FROM mails WHERE id = ?", (mail_id,)).fetchone()
+            if row is None:
+                return None
+            return Mail(
+                id=row["id"], envelope_from=row["envelope_from"], message_id=row["message_id"],
+                subject=row["subject"], references=json.loads(row["refs"]),
+                from_header=row["from_header"], client_address=row["client_address"],
+                auto_submitted=row["auto_submitted"], precedence=row["precedence"],
+                language=row["language"], received_at=datetime.fromtimestamp(
+                    row["received_at"], UTC),
+            )
+
+        return await self._call(operation)
+
+    async def load_documents(self, mail_id: str) -> list[FaxDocument]:
+        def operation(conn: sqlite3.Connection) -> list[FaxDocument]:
+            rows = conn.execute(
+                "SELECT d.filename, d.content_type, d.pages, b.data FROM documents d"
+                " JOIN blobs b ON b.sha256 = d.blob WHERE d.mail_id = ? ORDER BY d.position",
+                (mail_id,),
+            ).fetchall()
+            return [FaxDocument(filename=r["filename"], data=r["data"], pages=r["pages"],
+                                content_type=r["content_type"]) for r in rows]
+
+        return await self._call(operation)
+
+    # -- dispatcher --------------------------------------------------------------------------
+
+    async def claim_due_jobs(self, owner: str, limit: int, lease_seconds: float) -> list[Job]:
+        def operation(conn: sqlite3.Connection) -> list[Job]:
+            now = time.time()
+            rows = conn.execute(
+                "SELECT * FROM jobs WHERE state IN (?, ?) AND provider_job_id IS NULL"
+                " AND next_attempt_at <= ? AND (lease_until IS NULL OR lease_until < ?)"
+                " ORDER BY next_attempt_at LIMIT ?",
+                (*DISPATCHABLE, now, now, limit),
+            ).fetchall()
+            claimed = []
+            for row in rows:
+                conn.execute(
+                    "UPDATE jobs SET lease_owner = ?, lease_until = ?, attempts = attempts + 1"
+                    " WHERE id = ?",
+                    (owner, now + lease_seconds, row["id"]),
+                )
+                claimed.append(row["id"])
+            return [_job(r) for r in conn.execute(
+                f"SELECT * FROM jobs WHERE id IN ({','.join('?' * len(claimed))})", claimed
+            ).fetchall()] if claimed else []
+
+        return await self._call(operation)
+
+    async def release_leases(self, owner: str | None = None) -> int:
+        def operation(conn: sqlite3.Connection) -> int:
+            if owner is None:
+                cursor = conn.execute(
+                    "UPDATE jobs SET lease_owner = NULL, lease_until = NULL"
+                    " WHERE lease_owner IS NOT NULL")
+            else:
+                cursor = conn.execute(
+                    "UPDATE jobs SET lease_owner = NULL, lease_until = NULL WHERE lease_owner = ?",
+                    (owner,))
+            return cursor.rowcount
+
+        return await self._call(operation)
+
+    async def next_due_time(self) -> datetime | None:
+        def operation(conn: sqlite3.Connection) -> datetime | None:
+            row = conn.execute(
+                "SELECT MIN(COALESCE(MAX(next_attempt_at, lease_until), next_attempt_at))"
+                " FROM jobs WHERE state IN (?, ?) AND provider_job_id IS NULL",
+                DISPATCHABLE,
+            ).fetchone()
+            return _ts(row[0])
+
+        return await self._call(operation)
+
+    async def record(self, job_id: str, transition: Transition,
+                     expected: Sequence[JobState] | None = None) -> bool:
+        def operation(conn: sqlite3.Connection) -> bool:
+            row = conn.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None:
+                raise KeyError(job_id)
+            current = JobState(row["state"])
+            if expected is not None and current not in expected:
+                return False
+            if current != transition.state and not can_transition(current, transition.state):
+                raise IllegalTransition(f"job {job_id}: {current} -> {transition.state}")
+            now = time.time()
+            reason = json.dumps(transition.reason.to_json()) if transition.reason else None
+            conn.execute(
+                "UPDATE jobs SET state = ?, updated = ?, lease_owner = NULL, lease_until = NULL,"
+                " reason = COALESCE(?, reason),"
+                " provider_job_id = COALESCE(?, provider_job_id), pages = COALESCE(?, pages),"
+                " duration = COALESCE(?, duration), remote_id = COALESCE(?, remote_id),"
+                " next_attempt_at = COALESCE(?, next_attempt_at) WHERE id = ?",
+                (transition.state.value, now, reason, transition.provider_job_id,
+                 transition.pages, transition.duration_seconds, transition.remote_id,
+                 _epoch(transition.next_attempt_at), job_id),
+            )
+            if current != transition.state:
+                conn.execute(
+                    "INSERT INTO events (job_id, at, state, reason, detail, notify)"
+                    " VALUES (?,?,?,?,?,?)",
+                    (job_id, now, transition.state.value, reason, transition.detail,
+                     int(transition.notify)),
+                )
+            return True
+
+        return await self._call(operation)
+
+    # -- tracker -----------------------------------------------------------------------------
+
+    async def tracked_jobs(self, account: str) -> list[Job]:
+        states = [s.value for s in (*TRACKED_STATES, JobState.RETRYING)]
+
+        def operation(conn: sqlite3.Connection) -> list[Job]:
+            rows = conn.execute(
+                f"SELECT * FROM jobs WHERE account = ? AND provider_job_id IS NOT NULL"
+                f" AND state IN ({','.join('?' * len(states))})",
+                (account, *states),
+            ).fetchall()
+            return [_job(r) for r in rows]
+
+        return await self._call(operation)
+
+    async def unacknowledged_final_jobs(self, account: str, limit: int) -> list[Job]:
+        def operation(conn: sqlite3.Connection) -> list[Job]:
+            rows = conn.execute(
+                "SELECT * FROM jobs j WHERE account = ? AND acknowledged = 0"
+                " AND provider_job_id IS NOT NULL AND state IN ('delivered','failed','cancelled')"
+                " AND NOT EXISTS (SELECT 1 FROM events e WHERE e.job_id = j.id AND e.notify = 1)"
+                " AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.job_id = j.id"
+                "                 AND o.state = 'pending') LIMIT ?",
+                (account, limit),
+            ).fetchall()
+            return [_job(r) for r in rows]
+
+        return await self._call(operation)
+
+    async def mark_acknowledged(self, job_ids: Sequence[str]) -> None:
+        def operation(conn: sqlite3.Connection) -> None:
+            conn.executemany("UPDATE jobs SET acknowledged = 1 WHERE id = ?",
+                             [(job_id,) for job_id in job_ids])
+
+        await self._call(operation)
+
+    # -- queries -----------------------------------------------------------------------------
+
+    async def get_job(self, job_id: str) -> Job | None:
+        def operation(conn: sqlite3.Connection) -> Job | None:
+            row = conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            return _job(row) if row else None
+
+        return await self._call(operation)
+
+    async def list_jobs(self, limit: int = 1000, state: JobState | None = None) -> list[Job]:
+        def operation(conn: sqlite3.Connection) -> list[Job]:
+            if state is None:
+                rows = conn.execute(
+                    "SELECT * FROM jobs ORDER BY created DESC, id LIMIT ?", (limit,)).fetchall()
+            else:
+                rows = conn.execute(
+                    "SELECT * FROM jobs WHERE state = ? ORDER BY created DESC, id LIMIT ?",
+                    (state.value, limit)).fetchall()
+            return [_job(r) for r in rows]
+
+        return await self._call(operation)
+
+    async def job_events(self, job_id: str) -> list[Event]:
+        def operation(conn: sqlite3.Connection) -> list[Event]:
+            rows = conn.execute(
+                "SELECT * FROM events WHERE job_id = ? ORDER BY id", (job_id,)).fetchall()
+            return [_event(r) for r in rows]
+
+        return await self._call(operation)
+
+    async def request_cancel(self, job_id: str) -> Job | None:
+        def operation(conn: sqlite3.Connection) -> Job | None:
+            conn.execute("UPDATE jobs SET cancel_requested = 1 WHERE id = ?", (job_id,))
+            row = conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            return _job(row) if row else None
+
+        return await self._call(operation)
+
+    # -- notifications and outbox -----------------------------------------------------------
+
+    async def pending_notifications(self, limit: int) -> list[Event]:
+        def operation(conn: sqlite3.Connection) -> list[Event]:
+            rows = conn.execute(
+                "SELECT * FROM events WHERE notify = 1 ORDER BY id LIMIT ?", (limit,)).fetchall()
+            return [_event(r) for r in rows]
+
+        return await self._call(operation)
+
+    @staticmethod
+    def _insert_outbox(conn: sqlite3.Connection, mail: OutgoingMail) -> int:
+        now = time.time()
+        cursor = conn.execute(
+            "INSERT INTO outbox (created, job_id, kind, envelope_from, recipients, message,"
+            " next_attempt_at) VALUES (?,?,?,?,?,?,?)",
+            (now, mail.job_id, mail.kind, mail.envelope_from, json.dumps(mail.recipients),
+             mail.message, now),
+        )
+        return int(cursor.lastrowid or 0)
+
+    async def complete_notification(self, event_id: int, mail: OutgoingMail | None) -> None:
+        def operation(conn: sqlite3.Connection) -> None:
+            if mail is not None:
+                self._insert_outbox(conn, mail)
+            conn.execute("UPDATE events SET notify = 0 WHERE id = ?", (event_id,))
+
+        await self._call(operation)
+
+    async def enqueue_mail(self, mail: OutgoingMail) -> int:
+        return await self._call(lambda conn: self._insert_outbox(conn, mail))
+
+    async def due_outbox(self, limit: int) -> list[OutboxItem]:
+        def operation(conn: sqlite3.Connection) -> list[OutboxItem]:
+            rows = conn.execute(
+                "SELECT * FROM outbox WHERE state = 'pending' AND next_attempt_at <= ?"
+                " ORDER BY id LIMIT ?", (time.time(), limit)).fetchall()
+            return [OutboxItem(id=r["id"], envelope_from=r["envelope_from"],
+                               recipients=json.loads(r["recipients"]), message=r["message"],
+                               attempts=r["attempts"], job_id=r["job_id"]) for r in rows]
+
+        return await self._call(operation)
+
+    async def outbox_sent(self, item_id: int) -> None:
+        await self._call(lambda conn: conn.execute(
+            "UPDATE outbox SET state = 'sent', attempts = attempts + 1, last_error = NULL"
+            " WHERE id = ?", (item_id,)))
+
+    async def outbox_retry(self, item_id: int, next_attempt_at: datetime, error: str) -> None:
+        await self._call(lambda conn: conn.execute(
+            "UPDATE outbox SET attempts = attempts + 1, next_attempt_at = ?, last_error = ?"
+            " WHERE id = ?", (next_attempt_at.timestamp(), error[:1000], item_id)))
+
+    async def outbox_give_up(self, item_id: int, error: str) -> None:
+        await self._call(lambda conn: conn.execute(
+            "UPDATE outbox SET state = 'failed', attempts = attempts + 1, last_error = ?"
+            " WHERE id = ?", (error[:1000], item_id)))
+
+    async def clear_cancel_request(self, job_id: str) -> None:
+        await self._call(lambda conn: conn.execute(
+            "UPDATE jobs SET cancel_requested = 0 WHERE id = ?", (job_id,)))
+
+    async def outbox_next_due(self) -> datetime | None:
+        def operation(conn: sqlite3.Connection) -> datetime | None:
+            row = conn.execute(
+                "SELECT MIN(next_attempt_at) FROM outbox WHERE state = 'pending'").fetchone()
+            return _ts(row[0])
+
+        return await self._call(operation)
+
+    async def outbox_depth(self) -> int:
+        def operation(conn: sqlite3.Connection) -> int:
+            return int(conn.execute(
+                "SELECT COUNT(*) FROM outbox WHERE state = 'pending'").fetchone()[0])
+
+        return await self._call(operation)
+
+
+def _settle(future: asyncio.Future[Any], result: Any, failure: BaseException | None) -> None:
+    if future.cancelled():
+        return
+    if failure is not None:
+        future.set_exception(failure)
+    else:
+        future.set_result(result)
+

@@ -1,0 +1,135 @@
+"""The status tracker: polls providers for jobs in flight and records what changed.
+
+Polling is the fallback; pushes from providers (``report_status``/``wake``) arrive sooner.
+Right after a submission it polls quickly (1 s, 2 s, 4 s, ...) up to the configured interval.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Mapping, Sequence
+
+from mailfax import reasons
+from mailfax.model import TRACKED_STATES, JobState
+from mailfax.providers.base import Provider, ProviderError, ProviderRef, StatusReport
+from mailfax.store.base import Job, Store, Transition
+
+log = logging.getLogger(__name__)
+
+IN_FLIGHT = (*TRACKED_STATES, JobState.RETRYING)
+FIRST_FAST_POLL = 1.0
+
+
+def transition_for(job: Job, report: StatusReport) -> Transition | None:
+    """The change a provider report means for a job, or None when nothing is new."""
+    if report.state == job.state:
+        return None
+    detail = report.reason.detail if report.reason and report.reason.detail else ""
+    if report.state == JobState.DELIVERED and report.remote_id:
+        detail = f"remote station {report.remote_id}"
+    return Transition(
+        state=report.state, reason=report.reason, detail=detail, pages=report.pages,
+        duration_seconds=report.duration_seconds, remote_id=report.remote_id,
+        notify=report.state not in TRACKED_STATES,
+    )
+
+
+class Tracker:
+    def __init__(self, store: Store, providers: Mapping[str, Provider], interval: float,
+                 on_change: Callable[[], None] = lambda: None):
+        self.on_change = on_change
+        self.store = store
+        self.providers = providers
+        self.interval = interval
+        self._wake = asyncio.Event()
+        self._fast_delay: float | None = None
+
+    def wake(self) -> None:
+        """Something was submitted: poll soon and keep polling fast for a while."""
+        self._fast_delay = FIRST_FAST_POLL
+        self._wake.set()
+
+    async def run(self) -> None:
+        while True:
+            self._wake.clear()
+            await self.poll_all()
+            delay = self.interval
+            if self._fast_delay is not None:
+                delay = self._fast_delay
+                self._fast_delay = self._fast_delay * 2
+                if self._fast_delay >= self.interval:
+                    self._fast_delay = None
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=delay)
+
+    async def poll_all(self) -> None:
+        await asyncio.gather(*(self._poll_safely(account, provider)
+                               for account, provider in self.providers.items()))
+
+    async def _poll_safely(self, account: str, provider: Provider) -> None:
+        try:
+            await self.poll_account(account, provider)
+        except Exception:
+            log.exception("status poll of account %s failed", account)
+
+    async def poll_account(self, account: str, provider: Provider) -> None:
+        jobs = await self.store.tracked_jobs(account)
+        for job in jobs:
+            if job.cancel_requested:
+                await self._cancel(job, provider)
+        if jobs:
+            try:
+                reports = await provider.status(
+                    [ProviderRef(job.id, job.provider_job_id or "") for job in jobs])
+            except ProviderError as error:
+                log.warning("status of %d jobs at %s: %s", len(jobs), account, error)
+                reports = {}
+            await self.apply(reports, jobs)
+        await self._acknowledge(account, provider)
+
+    async def apply_reports(self, reports: Mapping[str, StatusReport]) -> None:
+        """Record pushed reports (our job id → report); returns once they are stored."""
+        jobs = [job for job_id in reports if (job := await self.store.get_job(job_id))]
+        await self.apply(reports, jobs)
+
+    async def apply(self, reports: Mapping[str, StatusReport], jobs: Sequence[Job]) -> None:
+        for job in jobs:
+            report = reports.get(job.id)
+            if report is None:
+                continue
+            transition = transition_for(job, report)
+            if transition is None:
+                continue
+            moved = await self.store.record(job.id, transition, expected=IN_FLIGHT)
+            if moved:
+                log.info("job %s: %s -> %s", job.id, job.state, transition.state)
+                if transition.notify:
+                    self.on_change()
+
+    async def _cancel(self, job: Job, provider: Provider) -> None:
+        try:
+            cancelled = await provider.cancel(ProviderRef(job.id, job.provider_job_id or ""))
+        except ProviderError as error:
+            log.warning("cancel of job %s failed: %s", job.id, error)
+            return
+        if not cancelled:
+            log.warning("job %s could not be cancelled: it was already sent", job.id)
+            await self.store.clear_cancel_request(job.id)
+            return
+        await self.store.record(job.id, Transition(
+            state=JobState.CANCELLED, reason=reasons.reason("cancelled"),
+            detail="cancelled at the provider"), expected=IN_FLIGHT)
+
+    async def _acknowledge(self, account: str, provider: Provider) -> None:
+        jobs = await self.store.unacknowledged_final_jobs(account, limit=1000)
+        if not jobs:
+            return
+        try:
+            await provider.acknowledge(
+                [ProviderRef(job.id, job.provider_job_id or "") for job in jobs])
+        except ProviderError as error:
+            log.warning("acknowledging %d jobs at %s failed: %s", len(jobs), account, error)
+            return
+        await self.store.mark_acknowledged([job.id for job in jobs])

@@ -1,0 +1,115 @@
+"""Shared fixtures: the corpus, settings in a temp folder, and the whole service on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import mailbox
+import time
+from collections.abc import AsyncIterator, Callable
+from email.message import EmailMessage
+from email.utils import make_msgid
+from pathlib import Path
+from typing import Any
+
+import aiosmtplib
+import pytest
+
+from mailfax.app import Application
+from mailfax.config import Settings
+
+CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus"
+if not CORPUS.exists():  # a checkout elsewhere: ../shared beside the repository
+    CORPUS = Path(__file__).resolve().parents[1].parent / "shared" / "corpus"
+
+
+@pytest.fixture(scope="session")
+def corpus() -> Path:
+    if not CORPUS.exists():
+        pytest.skip(f"corpus not found at {CORPUS}")
+    return CORPUS
+
+
+@pytest.fixture(scope="session")
+def expected(corpus: Path) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads((corpus / "expected.json").read_text())
+    return data
+
+
+def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
+    raw: dict[str, Any] = {
+        "data_dir": str(tmp_path / "data"),
+        "smtp": {"listen": ["127.0.0.1:0"]},
+        "dispatch": {"status_poll_seconds": 0.5, "retry_initial_seconds": 0.2,
+                     "retry_max_seconds": 1.0},
+        "accounts": {"emulator": {"provider": "emulator", "delay_seconds": 0.3,
+                                  "seconds_per_page": 20}},
+        "notify": {"from_address": "fax@mailfax.test"},
+    }
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(raw.get(key), dict):
+            raw[key] = {**raw[key], **value}
+        else:
+            raw[key] = value
+    return Settings.model_validate(raw)
+
+
+class Service:
+    """The whole of mailfax running in this process, with helpers to talk to it."""
+
+    def __init__(self, app: Application):
+        self.app = app
+
+    @property
+    def port(self) -> int:
+        port: int = self.app.smtp_servers[0].sockets[0].getsockname()[1]
+        return port
+
+    @property
+    def maildir(self) -> Path:
+        return self.app.settings.maildir_path
+
+    async def send(self, message: EmailMessage | bytes, sender: str, recipients: list[str]
+                   ) -> tuple[dict[str, Any], str]:
+        return await aiosmtplib.send(message, sender=sender, recipients=recipients,
+                                     hostname="127.0.0.1", port=self.port, timeout=30)
+
+    def outbox_messages(self) -> list[mailbox.MaildirMessage]:
+        if not self.maildir.exists():
+            return []
+        return list(mailbox.Maildir(self.maildir, create=False))
+
+    async def wait_for_mail(self, predicate: Callable[[mailbox.MaildirMessage], bool],
+                            timeout: float = 20.0) -> mailbox.MaildirMessage:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for message in self.outbox_messages():
+                if predicate(message):
+                    return message
+            await asyncio.sleep(0.1)
+        raise AssertionError(f"no matching mail in {self.maildir} within {timeout} s")
+
+
+@pytest.fixture
+async def service(tmp_path: Path) -> AsyncIterator[Service]:
+    app = Application(make_settings(tmp_path))
+    await app.start()
+    try:
+        yield Service(app)
+    finally:
+        await app.stop()
+
+
+def fax_mail(attachments: list[tuple[str, bytes, str]], *, sender: str = "alice@example.org",
+             to: str = "030123456@fax.local", subject: str = "Letter",
+             body: str = "Please fax this.") -> EmailMessage:
+    message = EmailMessage()
+    message["From"] = sender
+    message["To"] = to
+    message["Subject"] = subject
+    message["Message-ID"] = make_msgid(domain="example.org")
+    message.set_content(body)
+    for filename, data, content_type in attachments:
+        maintype, subtype = content_type.split("/")
+        message.add_attachment(data, maintype=maintype, subtype=subtype, filename=filename)
+    return message
