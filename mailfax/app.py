@@ -18,6 +18,8 @@ from aiohttp import web
 
 from mailfax.config import ListenAddress, Settings
 from mailfax.dispatch import Dispatcher
+from mailfax.inbound.mailer import InboundMailer
+from mailfax.inbound.poller import InboundPoller
 from mailfax.intake.service import Intake
 from mailfax.intake.smtp import start_listeners
 from mailfax.notify import TEMPLATES_DIR, Notifier, Renderer
@@ -45,6 +47,13 @@ def load_secret_key(data_dir: Path) -> bytes:
         with os.fdopen(fd, "w") as handle:
             handle.write(key.hex())
         return key
+
+
+def inbound_mailer(settings: Settings) -> InboundMailer:
+    inbound = settings.inbound
+    return InboundMailer(settings.templates_dir or TEMPLATES_DIR, inbound.from_address,
+                         inbound.from_name, inbound.language, inbound.timezone,
+                         settings.numbers.default_country, inbound.attach_tiff)
 
 
 def make_providers(settings: Settings, context_for: Callable[[str], ProviderContext]
@@ -90,8 +99,16 @@ class Application:
                                      on_submitted=self._after_dispatch)
         self.intake = Intake(settings, self.store, on_stored=self._after_intake)
 
-        for name, loop in [("dispatcher", self.dispatcher.run), ("tracker", self.tracker.run),
-                           ("notifier", self.notifier.run), ("outbox", self.outbox.run)]:
+        loops = [("dispatcher", self.dispatcher.run), ("tracker", self.tracker.run),
+                 ("notifier", self.notifier.run), ("outbox", self.outbox.run)]
+        self.inbound_pollers = {
+            name: InboundPoller(name, provider, self.store, settings.inbound,
+                                inbound_mailer(settings), settings.numbers.default_country,
+                                wake_outbox=self.outbox.wake)
+            for name, provider in self.providers.items() if provider.supports_inbound}
+        loops += [(f"inbound {name}", poller.run)
+                  for name, poller in self.inbound_pollers.items()]
+        for name, loop in loops:
             self._tasks.append(asyncio.create_task(supervise(name, loop), name=name))
         if settings.web.listen:
             address = ListenAddress(settings.web.listen)
@@ -155,6 +172,9 @@ class Application:
                      settings.maildir_path.resolve())
         else:
             log.info("outgoing mail via %s", self.outbox.sink.describe())
+        for name in self.inbound_pollers:
+            log.info("polling account %s for received faxes every %.0f s", name,
+                     settings.inbound.poll_seconds)
 
     async def stop(self) -> None:
         for server in self.smtp_servers:

@@ -80,6 +80,15 @@ def build_parser() -> argparse.ArgumentParser:
     send.add_argument("files", nargs="+", type=Path, metavar="FILE")
     send.set_defaults(handler=cmd_send)
 
+    inbox = commands.add_parser("inbox", help="received faxes and their delivery state")
+    inbox.add_argument("--json", action="store_true")
+    inbox.add_argument("--limit", type=int, default=100)
+    inbox.set_defaults(handler=cmd_inbox)
+
+    redeliver = commands.add_parser("redeliver", help="mail a received fax again")
+    redeliver.add_argument("fax_id", metavar="FAXID")
+    redeliver.set_defaults(handler=cmd_redeliver)
+
     check = commands.add_parser("check-config", help="validate a config file")
     check.add_argument("file", nargs="?", type=Path)
     check.set_defaults(handler=cmd_check_config)
@@ -288,6 +297,49 @@ def cmd_send(args: argparse.Namespace) -> int:
 
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     return asyncio.run(_with_store(settings, action))
+
+
+def cmd_inbox(args: argparse.Namespace) -> int:
+    async def action(store: Store) -> int:
+        faxes = await store.list_inbound(limit=args.limit)
+        if args.json:
+            json.dump([{"account": f.account, "fax_id": f.fax_id, "called": f.called_number,
+                        "originator": f.originator, "remote_id": f.remote_id,
+                        "pages": f.pages, "received": f.received_at.isoformat(),
+                        "state": f.state, "deliveries": f.deliveries} for f in faxes],
+                      sys.stdout, indent=1)
+            print()
+            return 0
+        print(f"{'FAX':<14} {'ACCOUNT':<10} {'RECEIVED':<17} {'FROM':<18} {'TO':<16} "
+              f"{'PAGES':>5} STATE")
+        for fax in faxes:
+            print(f"{fax.fax_id:<14} {fax.account:<10} {fax.received_at:%Y-%m-%d %H:%M} "
+                  f"{fax.originator[:18]:<18} {fax.called_number[:16]:<16} {fax.pages:>5} "
+                  f"{fax.state}")
+        return 0
+
+    return _run_with_store(args, action)
+
+
+def cmd_redeliver(args: argparse.Namespace) -> int:
+    from mailfax.app import inbound_mailer
+    from mailfax.inbound.poller import queue_fax_mail
+
+    settings = _settings(args)
+
+    async def action(store: Store) -> int:
+        found = await store.find_inbound(args.fax_id)
+        if not found:
+            print(f"mailfax: no received fax {args.fax_id}", file=sys.stderr)
+            return 1
+        mailer = inbound_mailer(settings)
+        for record in found:
+            await queue_fax_mail(store, record, settings.inbound, mailer,
+                                 settings.numbers.default_country)
+            print(f"fax {record.fax_id} ({record.account}) queued for delivery again")
+        return 0
+
+    return _run_with_store(args, action)
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:

@@ -166,6 +166,33 @@ class WebSettings(Strict):
     public_url: str | None = None  # how providers reach it, e.g. "https://fax.example.com"
 
 
+class InboundSettings(Strict):
+    """Received faxes: where they go and how they are mailed."""
+
+    poll_seconds: float = Field(default=60.0, gt=0)
+    # Called number (any spelling; normalised to E.164) -> mail addresses.
+    routes: dict[str, list[str]] = Field(default_factory=dict)
+    # Addresses for faxes to numbers without a route; empty: the postmaster gets them.
+    default_route: list[str] = Field(default_factory=list)
+    # Gets faxes that no route and no default route claims: never nowhere.
+    postmaster: str = "postmaster@localhost"
+    from_address: str = "fax@localhost"
+    from_name: str = "Fax"
+    language: Literal["en", "de"] = "en"
+    timezone: str = "Europe/Berlin"  # time shown in the mail
+    attach_tiff: bool = False  # also attach the original TIFF
+    # Seconds to wait for the relay to take a fax's mail before the poller moves on.
+    handoff_timeout: float = Field(default=30.0, gt=0)
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, value: str) -> str:
+        from zoneinfo import ZoneInfo
+
+        ZoneInfo(value)
+        return value
+
+
 class AccountSettings(BaseModel):
     """``[accounts.NAME]``: ``provider`` picks the adapter, the other keys are its settings."""
 
@@ -196,6 +223,7 @@ class Settings(Strict):
     relay: RelaySettings | None = None
     outbox: OutboxSettings = OutboxSettings()
     web: WebSettings = WebSettings()
+    inbound: InboundSettings = InboundSettings()
     templates_dir: Path | None = None  # empty: the templates/ folder shipped with mailfax
     accounts: dict[str, AccountSettings] = Field(
         default_factory=lambda: {"emulator": AccountSettings(provider="emulator")}

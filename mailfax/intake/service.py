@@ -26,6 +26,7 @@ class Accepted:
     mail_id: str
     job_ids: list[str]
     pages: int
+    job_for_number: dict[str, str]  # E.164 number -> job id
 
 
 class Intake:
@@ -89,4 +90,5 @@ class Intake:
         for job in jobs:
             log.info("job %s queued: %s, %d pages, from <%s>", job.job_id, job.number, pages,
                      mail.envelope_from)
-        return Accepted(mail_id=mail.mail_id, job_ids=[job.job_id for job in jobs], pages=pages)
+        return Accepted(mail_id=mail.mail_id, job_ids=[job.job_id for job in jobs], pages=pages,
+                        job_for_number={job.number: job.job_id for job in jobs})

@@ -12,7 +12,7 @@ from typing import Any
 from aiosmtpd.lmtp import LMTP
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
-from mailfax.config import SmtpSettings
+from mailfax.config import ListenAddress, SmtpSettings
 from mailfax.intake.assemble import Refusal
 from mailfax.intake.service import Intake
 
@@ -54,17 +54,33 @@ class FaxHandler:
         raw = envelope.original_content or envelope.content or b""
         if isinstance(raw, str):
             raw = raw.encode("utf-8", "surrogateescape")
+        recipients = list(envelope.rcpt_tos)
+        per_recipient = isinstance(server, LMTP)
         try:
             accepted = await self.intake.accept_mail(
-                envelope.mail_from or "", list(envelope.rcpt_tos), raw,
-                _client_ip(session) or "")
+                envelope.mail_from or "", recipients, raw, _client_ip(session) or "")
         except Refusal as refusal:
             log.info("refused mail from <%s>: %s", envelope.mail_from, refusal.sentence)
-            return refusal.reply()
+            return _for_each(recipients, refusal.reply(), per_recipient)
         except Exception:
             log.exception("could not store mail from <%s>", envelope.mail_from)
-            return "451 4.3.0 Temporary failure storing the fax job; please try again later"
-        return f"250 2.0.0 queued as {' '.join(accepted.job_ids)}"
+            reply = "451 4.3.0 Temporary failure storing the fax job; please try again later"
+            return _for_each(recipients, reply, per_recipient)
+        if not per_recipient:
+            return f"250 2.0.0 queued as {' '.join(accepted.job_ids)}"
+        # LMTP (RFC 2033): one reply per accepted recipient, in RCPT order.
+        replies = []
+        for address in recipients:
+            number = self.intake.check_recipient(address).number
+            replies.append(f"250 2.0.0 <{address}> queued as {accepted.job_for_number[number]}")
+        return "\r\n".join(replies)
+
+
+def _for_each(recipients: list[str], reply: str, per_recipient: bool) -> str:
+    """SMTP answers DATA once; LMTP once per recipient (RFC 2033 §4.2)."""
+    if not per_recipient:
+        return reply
+    return "\r\n".join([reply] * max(1, len(recipients)))
 
 
 def _client_ip(session: Session) -> str | None:
@@ -89,8 +105,6 @@ async def start_listeners(intake: Intake, settings: SmtpSettings) -> list[asynci
     }
     for listen, protocol in [*((a, SMTP) for a in settings.listen),
                              *((a, LMTP) for a in settings.lmtp_listen)]:
-        from mailfax.config import ListenAddress
-
         address = ListenAddress(listen)
         server = await loop.create_server(
             lambda protocol=protocol: protocol(handler, loop=loop, **options),

@@ -11,7 +11,7 @@ from datetime import datetime
 from typing import Any, Protocol
 
 from mailfax.model import JobState, Reason
-from mailfax.providers.base import FaxDocument
+from mailfax.providers.base import FaxDocument, InboundFax
 
 
 @dataclass(frozen=True)
@@ -110,6 +110,23 @@ class OutgoingMail:
     message: bytes
     job_id: str | None = None
     kind: str = "status"
+    inbound: tuple[str, str] | None = None  # (account, fax id) of a received fax it carries
+
+
+@dataclass(frozen=True)
+class InboundRecord:
+    """A received fax as stored (the image is loaded separately)."""
+
+    account: str
+    fax_id: str
+    fetched_at: datetime
+    called_number: str
+    received_at: datetime
+    originator: str
+    remote_id: str
+    pages: int
+    state: str  # received → queued (mail in the outbox) → deleted (at the provider)
+    deliveries: int
 
 
 @dataclass(frozen=True)
@@ -212,3 +229,24 @@ class Store(Protocol):
         ...
 
     async def mark_acknowledged(self, job_ids: Sequence[str]) -> None: ...
+
+    # -- received faxes --
+
+    async def add_inbound_fax(self, account: str, fax: InboundFax) -> InboundRecord:
+        """Store a fetched fax (idempotent per account and fax id); returns what is stored."""
+        ...
+
+    async def inbound_image(self, account: str, fax_id: str) -> bytes: ...
+
+    async def queue_inbound_mails(self, account: str, fax_id: str,
+                                  mails: Sequence[OutgoingMail]) -> None:
+        """Put a fax's mails into the outbox and mark it queued, atomically."""
+        ...
+
+    async def inbound_handed_off(self, account: str, fax_id: str) -> bool: ...
+
+    async def mark_inbound_deleted(self, account: str, fax_id: str) -> None: ...
+
+    async def list_inbound(self, limit: int = 1000) -> list[InboundRecord]: ...
+
+    async def find_inbound(self, fax_id: str) -> list[InboundRecord]: ...

@@ -23,9 +23,10 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from mailfax.model import TRACKED_STATES, JobState, Reason, can_transition
-from mailfax.providers.base import FaxDocument
+from mailfax.providers.base import FaxDocument, InboundFax
 from mailfax.store.base import (
     Event,
+    InboundRecord,
     IllegalTransition,
     Job,
     Mail,
@@ -116,6 +117,23 @@ MIGRATIONS: dict[int, str] = {
         last_error TEXT
     );
     CREATE INDEX outbox_due ON outbox (next_attempt_at) WHERE state = 'pending';
+    CREATE TABLE inbound_faxes (
+        account TEXT NOT NULL,
+        fax_id TEXT NOT NULL,
+        fetched_at REAL NOT NULL,
+        called_number TEXT NOT NULL,
+        received_at REAL NOT NULL,
+        originator TEXT NOT NULL,
+        remote_id TEXT NOT NULL,
+        pages INTEGER NOT NULL,
+        image BLOB NOT NULL,
+        state TEXT NOT NULL DEFAULT 'received',
+        deliveries INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (account, fax_id)
+    );
+    CREATE INDEX inbound_pending ON inbound_faxes (account, state) WHERE state != 'deleted';
+    ALTER TABLE outbox ADD COLUMN inbound_account TEXT;
+    ALTER TABLE outbox ADD COLUMN inbound_fax_id TEXT;
     """,
 }
 
@@ -164,7 +182,102 @@ def _event(row: sqlite3.Row) -> Event:
     )
 
 
-class SqliteStore:
+_INBOUND_COLUMNS = ("account, fax_id, fetched_at, called_number, received_at, originator,"
+                    " remote_id, pages, state, deliveries")
+
+
+def _inbound(row: sqlite3.Row) -> InboundRecord:
+    return InboundRecord(
+        account=row["account"], fax_id=row["fax_id"],
+        fetched_at=datetime.fromtimestamp(row["fetched_at"], UTC),
+        called_number=row["called_number"],
+        received_at=datetime.fromtimestamp(row["received_at"], UTC),
+        originator=row["originator"], remote_id=row["remote_id"], pages=row["pages"],
+        state=row["state"], deliveries=row["deliveries"],
+    )
+
+
+class _InboundMixin:
+    """Received faxes: stored before anything else happens, deleted at the provider last."""
+
+    _call: Callable[..., Any]
+
+    async def add_inbound_fax(self, account: str, fax: InboundFax) -> InboundRecord:
+        def operation(conn: sqlite3.Connection) -> InboundRecord:
+            conn.execute(
+                "INSERT OR IGNORE INTO inbound_faxes (account, fax_id, fetched_at, called_number,"
+                " received_at, originator, remote_id, pages, image) VALUES (?,?,?,?,?,?,?,?,?)",
+                (account, fax.fax_id, time.time(), fax.called_number,
+                 fax.received_at.timestamp(), fax.originator, fax.remote_id, fax.pages,
+                 fax.image))
+            row = conn.execute(
+                f"SELECT {_INBOUND_COLUMNS} FROM inbound_faxes WHERE account = ? AND fax_id = ?",
+                (account, fax.fax_id)).fetchone()
+            return _inbound(row)
+
+        result: InboundRecord = await self._call(operation)
+        return result
+
+    async def inbound_image(self, account: str, fax_id: str) -> bytes:
+        def operation(conn: sqlite3.Connection) -> bytes:
+            row = conn.execute("SELECT image FROM inbound_faxes WHERE account = ? AND fax_id = ?",
+                               (account, fax_id)).fetchone()
+            if row is None:
+                raise KeyError(fax_id)
+            return bytes(row[0])
+
+        result: bytes = await self._call(operation)
+        return result
+
+    async def queue_inbound_mails(self, account: str, fax_id: str,
+                                  mails: Sequence[OutgoingMail]) -> None:
+        def operation(conn: sqlite3.Connection) -> None:
+            for mail in mails:
+                SqliteStore._insert_outbox(conn, mail)
+            conn.execute(
+                "UPDATE inbound_faxes SET state = 'queued', deliveries = deliveries + 1"
+                " WHERE account = ? AND fax_id = ?", (account, fax_id))
+
+        await self._call(operation)
+
+    async def inbound_handed_off(self, account: str, fax_id: str) -> bool:
+        """Whether every mail of this fax left the outbox (relay took it / Maildir synced)."""
+        def operation(conn: sqlite3.Connection) -> bool:
+            row = conn.execute(
+                "SELECT COUNT(*), SUM(state = 'sent') FROM outbox"
+                " WHERE inbound_account = ? AND inbound_fax_id = ?", (account, fax_id)).fetchone()
+            return bool(row[0]) and row[0] == row[1]
+
+        result: bool = await self._call(operation)
+        return result
+
+    async def mark_inbound_deleted(self, account: str, fax_id: str) -> None:
+        await self._call(lambda conn: conn.execute(
+            "UPDATE inbound_faxes SET state = 'deleted' WHERE account = ? AND fax_id = ?",
+            (account, fax_id)))
+
+    async def list_inbound(self, limit: int = 1000) -> list[InboundRecord]:
+        def operation(conn: sqlite3.Connection) -> list[InboundRecord]:
+            rows = conn.execute(
+                f"SELECT {_INBOUND_COLUMNS} FROM inbound_faxes ORDER BY received_at DESC"
+                " LIMIT ?", (limit,)).fetchall()
+            return [_inbound(row) for row in rows]
+
+        result: list[InboundRecord] = await self._call(operation)
+        return result
+
+    async def find_inbound(self, fax_id: str) -> list[InboundRecord]:
+        def operation(conn: sqlite3.Connection) -> list[InboundRecord]:
+            rows = conn.execute(
+                f"SELECT {_INBOUND_COLUMNS} FROM inbound_faxes WHERE fax_id = ?",
+                (fax_id,)).fetchall()
+            return [_inbound(row) for row in rows]
+
+        result: list[InboundRecord] = await self._call(operation)
+        return result
+
+
+class SqliteStore(_InboundMixin):
     """The :class:`~mailfax.store.base.Store` on SQLite (single instance)."""
 
     def __init__(self, path: Path, *, max_batch: int = 512):
@@ -524,9 +637,9 @@ class SqliteStore:
         now = time.time()
         cursor = conn.execute(
             "INSERT INTO outbox (created, job_id, kind, envelope_from, recipients, message,"
-            " next_attempt_at) VALUES (?,?,?,?,?,?,?)",
+            " next_attempt_at, inbound_account, inbound_fax_id) VALUES (?,?,?,?,?,?,?,?,?)",
             (now, mail.job_id, mail.kind, mail.envelope_from, json.dumps(mail.recipients),
-             mail.message, now),
+             mail.message, now, *(mail.inbound or (None, None))),
         )
         return int(cursor.lastrowid or 0)
 

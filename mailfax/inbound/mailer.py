@@ -1,0 +1,150 @@
+"""A received fax → the mail its owners get: subject and body from templates, the PDF attached,
+a small preview of page 1 inline in the HTML part.
+
+Everything that came from the fax network (originator, remote station id) is untrusted: it is
+cleaned of control characters and length-limited here, goes into headers only through the
+email package's encoder, and into templates only as values (HTML autoescaped).
+"""
+
+from __future__ import annotations
+
+import io
+import re
+from dataclasses import dataclass
+from datetime import datetime
+from email.headerregistry import Address
+from email.message import EmailMessage
+from email.utils import format_datetime, make_msgid
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+import jinja2
+from PIL import Image
+
+from mailfax.inbound.convert import NotConvertible, tiff_to_pdf
+from mailfax.inbound.routing import normalise_number
+from mailfax.numbers import format_international
+from mailfax.store.base import InboundRecord
+
+CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u200b-\u200f\u202a-\u202e\u2066-\u2069]")
+PREVIEW_WIDTH = 480
+MAX_PREVIEW_PIXELS = 40_000_000
+
+
+def clean(value: str, limit: int = 64) -> str:
+    """Untrusted text from the fax network, made safe to show: no control or bidi characters."""
+    return " ".join(CONTROL.sub(" ", value).split())[:limit]
+
+
+def display_number(number: str, default_country: str) -> str:
+    cleaned = clean(number, 32)
+    e164 = normalise_number(cleaned, default_country)
+    if e164.startswith("+") and len(e164) > 4:
+        try:
+            return format_international(e164)
+        except ValueError:
+            return e164
+    return cleaned
+
+
+@dataclass(frozen=True)
+class FaxFiles:
+    """What gets attached: the PDF, or the raw TIFF when it cannot be converted."""
+
+    pdf: bytes | None
+    pages: int
+    note: str  # why there is no PDF, empty when there is one
+    preview_png: bytes | None
+
+
+def prepare_files(image: bytes) -> FaxFiles:
+    """Convert the TIFF (CPU-bound: run in a thread)."""
+    try:
+        converted = tiff_to_pdf(image)
+    except NotConvertible as error:
+        return FaxFiles(pdf=None, pages=0, note=str(error), preview_png=None)
+    return FaxFiles(pdf=converted.pdf, pages=converted.pages, note="",
+                    preview_png=_preview(image))
+
+
+def _preview(image: bytes) -> bytes | None:
+    try:
+        with Image.open(io.BytesIO(image)) as picture:
+            if picture.width * picture.height > MAX_PREVIEW_PIXELS:
+                return None
+            dpi = picture.info.get("dpi") or (204, 196)
+            xdpi, ydpi = float(dpi[0] or 204), float(dpi[1] or 196)
+            height = round(picture.height * xdpi / ydpi)  # square pixels for the eye
+            page = picture.convert("L").resize((picture.width, max(1, height)))
+            page.thumbnail((PREVIEW_WIDTH, PREVIEW_WIDTH * 2))
+            out = io.BytesIO()
+            page.save(out, format="PNG", optimize=True)
+            return out.getvalue()
+    except Exception:  # a preview is a nicety; the fax itself is attached regardless
+        return None
+
+
+class InboundMailer:
+    def __init__(self, templates_dir: Path, from_address: str, from_name: str,
+                 language: str, timezone: str, default_country: str, attach_tiff: bool):
+        loader = jinja2.FileSystemLoader(str(templates_dir))
+        self.text_env = jinja2.Environment(loader=loader, autoescape=False,
+                                           undefined=jinja2.StrictUndefined)
+        self.html_env = jinja2.Environment(loader=loader, autoescape=True,
+                                           undefined=jinja2.StrictUndefined)
+        self.from_address = from_address
+        self.from_name = from_name
+        self.language = language
+        self.zone = ZoneInfo(timezone)
+        self.default_country = default_country
+        self.attach_tiff = attach_tiff
+
+    def compose(self, record: InboundRecord, files: FaxFiles, image: bytes,
+                recipients: list[str]) -> EmailMessage:
+        local_time = record.received_at.astimezone(self.zone)
+        originator = display_number(record.originator, self.default_country) if (
+            record.originator.strip()) else ""
+        context = {
+            "originator": originator,
+            "remote_id": clean(record.remote_id, 20),
+            "called": display_number(record.called_number, self.default_country),
+            "pages": files.pages or record.pages,
+            "received": local_time,
+            "received_text": local_time.strftime("%Y-%m-%d %H:%M %Z"),
+            "fax_id": clean(record.fax_id, 64),
+            "note": files.note,
+            "has_preview": files.preview_png is not None,
+            "preview_cid": "page1",
+        }
+        subject = self.text_env.get_template(f"{self.language}/inbound.subject").render(context)
+        message = EmailMessage()
+        message["From"] = Address(self.from_name, addr_spec=self.from_address)
+        message["To"] = ", ".join(recipients)
+        message["Subject"] = " ".join(subject.split())
+        message["Date"] = format_datetime(record.received_at)
+        message["Message-ID"] = make_msgid(idstring="fax", domain=self.from_address.rpartition(
+            "@")[2] or "mailfax")
+        message["Auto-Submitted"] = "auto-generated"
+        message["X-Mailfax-Fax-Id"] = context["fax_id"]
+        message.set_content(self.text_env.get_template(
+            f"{self.language}/inbound.txt").render(context))
+        message.add_alternative(self.html_env.get_template(
+            f"{self.language}/inbound.html").render(context), subtype="html")
+        if files.preview_png is not None:
+            html_part = message.get_payload()[1]
+            assert isinstance(html_part, EmailMessage)
+            html_part.add_related(files.preview_png, maintype="image", subtype="png",
+                                  cid="<page1>", filename="page1.png")
+        name = self.file_stem(record, local_time)
+        if files.pdf is not None:
+            message.add_attachment(files.pdf, maintype="application", subtype="pdf",
+                                   filename=f"{name}.pdf")
+        if files.pdf is None or self.attach_tiff:
+            message.add_attachment(image, maintype="image", subtype="tiff",
+                                   filename=f"{name}.tif")
+        return message
+
+    def file_stem(self, record: InboundRecord, local_time: datetime) -> str:
+        digits = "".join(ch for ch in record.originator if ch.isdigit())[:20]
+        stem = f"fax-{local_time:%Y-%m-%d-%H%M}"
+        return f"{stem}-from-{digits}" if digits else stem

@@ -1,0 +1,107 @@
+"""The inbound poller: fetch received faxes, store them, mail them, and only then delete them
+at the provider.
+
+FAX.de hands out the oldest fax again and again until it is deleted, so faxes go through one
+at a time: fetch → store (durable) → queue the mail → wait until the relay took it → delete →
+fetch the next. A relay outage stops the round with the fax still stored and still at the
+provider; the next round finds it again, sees its mail queued, and waits once more. A crash
+between the relay's acceptance and the delete gives at most one duplicate mail, never a loss.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+
+from mailfax.config import InboundSettings
+from mailfax.inbound.mailer import InboundMailer, prepare_files
+from mailfax.inbound.routing import recipients_for
+from mailfax.providers.base import InboundFax, Provider, ProviderError
+from mailfax.store.base import InboundRecord, OutgoingMail, Store
+
+log = logging.getLogger(__name__)
+
+MAX_FAXES_PER_ROUND = 500
+
+
+async def queue_fax_mail(store: Store, record: InboundRecord, settings: InboundSettings,
+                         mailer: InboundMailer, default_country: str) -> None:
+    """Convert a stored fax, route it, and put its mail into the outbox."""
+    image = await store.inbound_image(record.account, record.fax_id)
+    files = await asyncio.to_thread(prepare_files, image)
+    if files.note:
+        log.warning("fax %s could not be converted (%s): delivered as TIFF", record.fax_id,
+                    files.note)
+    recipients = recipients_for(record.called_number, settings.routes, settings.default_route,
+                                settings.postmaster, default_country)
+    message = mailer.compose(record, files, image, recipients)
+    await store.queue_inbound_mails(record.account, record.fax_id, [OutgoingMail(
+        envelope_from=settings.from_address, recipients=recipients,
+        message=message.as_bytes(), kind="inbound", inbound=(record.account, record.fax_id))])
+
+
+class InboundPoller:
+    def __init__(self, account: str, provider: Provider, store: Store,
+                 settings: InboundSettings, mailer: InboundMailer, default_country: str,
+                 wake_outbox: Callable[[], None] = lambda: None):
+        self.account = account
+        self.provider = provider
+        self.store = store
+        self.settings = settings
+        self.mailer = mailer
+        self.default_country = default_country
+        self.wake_outbox = wake_outbox
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await self.poll_once()
+            except ProviderError as error:
+                log.warning("inbound poll of %s: %s", self.account, error)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.sleep(self.settings.poll_seconds)
+
+    async def poll_once(self) -> int:
+        """Fetch until the provider's inbox is empty; returns how many faxes were deleted."""
+        done = 0
+        for _ in range(MAX_FAXES_PER_ROUND):
+            fax = await self.provider.fetch_inbound()
+            if fax is None:
+                break
+            if not await self.handle(fax):
+                break  # its mail is not handed off yet: the provider would return it again
+            done += 1
+        return done
+
+    async def handle(self, fax: InboundFax) -> bool:
+        """Store, mail and delete one fax; False if its mail is still waiting for the relay."""
+        record = await self.store.add_inbound_fax(self.account, fax)
+        if record.state == "received":
+            await self.queue_mail(record)
+            self.wake_outbox()
+        if not await self._wait_for_handoff(record):
+            log.warning("fax %s from %s: mail not handed off yet; kept at %s", fax.fax_id,
+                        record.originator or "unknown", self.account)
+            return False
+        await self.provider.delete_inbound(fax.fax_id)
+        await self.store.mark_inbound_deleted(self.account, fax.fax_id)
+        log.info("fax %s mailed and deleted at %s", fax.fax_id, self.account)
+        return True
+
+    async def queue_mail(self, record: InboundRecord) -> None:
+        await queue_fax_mail(self.store, record, self.settings, self.mailer,
+                             self.default_country)
+
+    async def _wait_for_handoff(self, record: InboundRecord) -> bool:
+        deadline = time.monotonic() + self.settings.handoff_timeout
+        delay = 0.05
+        while True:
+            if await self.store.inbound_handed_off(record.account, record.fax_id):
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 1.0)
