@@ -138,7 +138,8 @@ NotifyEvent = Literal["accepted", "retrying", "delivered", "failed", "cancelled"
 
 
 class NotifySettings(Strict):
-    events: list[NotifyEvent] = Field(default_factory=lambda: ["delivered", "failed", "cancelled"])
+    events: list[NotifyEvent] = Field(
+        default_factory=lambda: list[NotifyEvent](["delivered", "failed", "cancelled"]))
     from_address: str = "mailfax@localhost"
     from_name: str = "mailfax"
     language: Literal["en", "de"] = "en"

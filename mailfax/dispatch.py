@@ -36,8 +36,8 @@ WAITING = (JobState.QUEUED, JobState.RETRYING)
 def retry_delay(attempt: int, initial: float, maximum: float,
                 rand: Callable[[], float] = random.random) -> float:
     """Exponential backoff with jitter: between half and all of initial × 2^(attempt-1)."""
-    ceiling = min(maximum, initial * (2 ** max(0, attempt - 1)))
-    return ceiling * (0.5 + rand() / 2)
+    ceiling = min(maximum, initial * 2.0 ** max(0, attempt - 1))
+    return float(ceiling * (0.5 + rand() / 2))
 
 
 def outcome_of_error(error: ProviderError, attempt: int, settings: DispatchSettings,

@@ -80,7 +80,7 @@ class RelaySink(MailSink):
                 port=settings.port,
                 local_hostname=self.local_hostname,
                 use_tls=settings.tls == "implicit",
-                start_tls=True if settings.tls == "starttls" else False,
+                start_tls=settings.tls == "starttls",
                 username=settings.username,
                 password=settings.password.get_secret_value() if settings.password else None,
                 timeout=settings.timeout,

@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 
 from mailfax.app import inbound_mailer
-from mailfax.config import InboundSettings
 from mailfax.inbound.poller import InboundPoller
 from mailfax.inbound.routing import recipients_for
 from mailfax.outbox import MaildirSink, MailSink, OutboxSender

@@ -33,7 +33,8 @@ MAX_PREVIEW_PIXELS = 40_000_000
 
 def clean(value: str, limit: int = 64) -> str:
     """Untrusted text from the fax network, made safe to show: no control or bidi characters."""
-    return " ".join(CONTROL.sub(" ", value).split())[:limit]
+    cleaned: str = " ".join(CONTROL.sub(" ", value).split())
+    return cleaned[:limit]
 
 
 def display_number(number: str, default_country: str) -> str:
@@ -131,7 +132,7 @@ class InboundMailer:
         message.add_alternative(self.html_env.get_template(
             f"{self.language}/inbound.html").render(context), subtype="html")
         if files.preview_png is not None:
-            html_part = message.get_payload()[1]
+            html_part = message.get_body(("html",))
             assert isinstance(html_part, EmailMessage)
             html_part.add_related(files.preview_png, maintype="image", subtype="png",
                                   cid="<page1>", filename="page1.png")

@@ -8,7 +8,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from mailfax.documents import DocumentError, image_to_pdf, is_pdf, prepare_pdf
-from mailfax.intake.mime import Attachment, MailFormatError, ParsedMail, parse_mail, select_documents
+from mailfax.intake.mime import (
+    Attachment,
+    MailFormatError,
+    ParsedMail,
+    parse_mail,
+    select_documents,
+)
 from mailfax.providers.base import FaxDocument
 
 EXPECTED = "Attach the document to fax as a PDF file or an image (JPEG, PNG, GIF, TIFF)."

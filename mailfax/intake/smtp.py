@@ -6,6 +6,7 @@ The aiosmtpd protocol machine runs on mailfax's own event loop (no Controller th
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from typing import Any
 
@@ -103,11 +104,14 @@ async def start_listeners(intake: Intake, settings: SmtpSettings) -> list[asynci
         "ident": "mailfax",
         "timeout": settings.data_timeout,
     }
-    for listen, protocol in [*((a, SMTP) for a in settings.listen),
-                             *((a, LMTP) for a in settings.lmtp_listen)]:
+    listeners: list[tuple[str, type[SMTP]]] = [
+        *((listen, SMTP) for listen in settings.listen),
+        *((listen, LMTP) for listen in settings.lmtp_listen),
+    ]
+    for listen, protocol in listeners:
         address = ListenAddress(listen)
         server = await loop.create_server(
-            lambda protocol=protocol: protocol(handler, loop=loop, **options),
+            functools.partial(protocol, handler, loop=loop, **options),
             host=address.host, port=address.port)
         servers.append(server)
     return servers

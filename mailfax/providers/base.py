@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime

@@ -26,8 +26,8 @@ from mailfax.model import TRACKED_STATES, JobState, Reason, can_transition
 from mailfax.providers.base import FaxDocument, InboundFax
 from mailfax.store.base import (
     Event,
-    InboundRecord,
     IllegalTransition,
+    InboundRecord,
     Job,
     Mail,
     NewJob,
