@@ -24,6 +24,7 @@ from pydantic import (
     model_validator,
 )
 
+from mailfax.dialing import DialPolicySettings
 from mailfax.providers import provider_module
 
 CONFIG_ENV = "MAILFAX_CONFIG"
@@ -219,6 +220,7 @@ class Settings(Strict):
     store: StoreSettings = StoreSettings()
     senders: SenderPolicySettings = SenderPolicySettings()
     numbers: NumberSettings = NumberSettings()
+    dial: DialPolicySettings = DialPolicySettings()
     dispatch: DispatchSettings = DispatchSettings()
     notify: NotifySettings = NotifySettings()
     relay: RelaySettings | None = None

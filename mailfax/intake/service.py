@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from mailfax.config import Settings
+from mailfax.dialing import check_destination
 from mailfax.intake.assemble import FaxContent, Refusal, assemble
 from mailfax.model import new_job_id
 from mailfax.numbers import FaxAddress, InvalidNumber, parse_fax_local_part
@@ -47,9 +48,13 @@ class Intake:
             raise Refusal(550, "5.7.1", f"Relaying denied: <{address}> is not a fax address "
                           f"here; write to <number>@{self.settings.fax_domains[0]}.")
         try:
-            return parse_fax_local_part(local, self.settings.numbers.default_country)
+            fax = parse_fax_local_part(local, self.settings.numbers.default_country)
         except InvalidNumber as error:
             raise Refusal(550, "5.1.1", error.sentence) from None
+        verdict = check_destination(fax.number, self.settings.dial)
+        if not verdict.allowed:
+            raise Refusal(550, "5.7.1", verdict.sentence)
+        return fax
 
     async def accept_mail(self, envelope_from: str, recipients: Sequence[str], raw: bytes,
                           client: str) -> Accepted:
