@@ -1,0 +1,122 @@
+"""Searchable received faxes: an invisible text layer from OCRmyPDF and Tesseract.
+
+Optional and never in the way: when OCR is not installed, fails or overruns its time, the fax
+is mailed as it was, with a note saying so (Debian: ``ocrmypdf tesseract-ocr-deu
+tesseract-ocr-eng``). OCRmyPDF runs as a subprocess in its own process group, so a timeout
+kills it and every Tesseract it started.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+OCRMYPDF = "ocrmypdf"
+
+
+@dataclass(frozen=True)
+class OcrResult:
+    pdf: bytes  # with the text layer, or the original when OCR did not work
+    text: str  # the recognised text, pages separated by form feeds; "" without OCR
+    note: str = ""  # for the mail when OCR did not work; "" when it did
+    problem: str = ""  # the same as a code: "", "not_installed", "timeout", "failed"
+
+    @property
+    def searchable(self) -> bool:
+        return not self.problem
+
+
+def ocr_available(languages: str = "deu+eng") -> bool:
+    """Whether OCRmyPDF and Tesseract with all ``languages`` are installed.
+
+    Blocking (runs ``tesseract --list-langs`` once, then cached): call it at startup.
+    """
+    return _installed_languages() >= set(languages.split("+"))
+
+
+@functools.cache
+def _installed_languages() -> frozenset[str]:
+    if shutil.which(OCRMYPDF) is None or shutil.which("tesseract") is None:
+        return frozenset()
+    try:
+        listing = subprocess.run(["tesseract", "--list-langs"], capture_output=True, text=True,
+                                 timeout=20, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return frozenset()
+    return frozenset(line.strip() for line in listing.splitlines()[1:] if line.strip())
+
+
+async def add_text_layer(pdf: bytes, *, languages: str = "deu+eng",
+                         timeout_per_page: float = 20, pages: int) -> OcrResult:
+    """``pdf`` with an invisible text layer; the original and a note when that fails.
+
+    The whole run may take ``timeout_per_page`` seconds per page; Tesseract gets the same
+    per page. Never raises for OCR problems.
+    """
+    if shutil.which(OCRMYPDF) is None:
+        return _unchanged(pdf, "not_installed")
+    work = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix="mailfax-ocr-"))
+    try:
+        source, target, sidecar = work / "fax.pdf", work / "searchable.pdf", work / "text.txt"
+        await asyncio.to_thread(source.write_bytes, pdf)
+        command = [OCRMYPDF, "--quiet", "--language", languages, "--output-type", "pdf",
+                   "--optimize", "0", "--skip-text", "--tesseract-timeout",
+                   str(timeout_per_page), "--sidecar", str(sidecar), str(source), str(target)]
+        outcome = await _run(command, time_limit=timeout_per_page * max(pages, 1))
+        if outcome:
+            return _unchanged(pdf, outcome)
+        return OcrResult(pdf=await asyncio.to_thread(target.read_bytes),
+                         text=await asyncio.to_thread(sidecar.read_text, "utf-8", "replace"))
+    finally:
+        await asyncio.to_thread(shutil.rmtree, work, True)
+
+
+async def _run(command: list[str], *, time_limit: float) -> str:
+    """Run OCRmyPDF; "" on success, else the problem code. Kills its group on timeout."""
+    process = await asyncio.create_subprocess_exec(
+        *command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        start_new_session=True)
+    try:
+        _, stderr = await asyncio.wait_for(process.communicate(), time_limit)
+    except TimeoutError:
+        log.warning("OCR gave up after %.1f s", time_limit)
+        return "timeout"
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # Tesseract children included
+            os.killpg(process.pid, signal.SIGKILL)
+        await process.wait()
+    if process.returncode != 0:
+        last_line = stderr.decode("utf-8", "replace").strip().splitlines()[-1:] or [""]
+        log.warning("OCR failed (exit %s): %s", process.returncode, last_line[0])
+        return "failed"
+    return ""
+
+
+_NOTES = {
+    "not_installed": "Text recognition is not installed on this server; the fax is attached "
+                     "as an image only.",
+    "timeout": "Text recognition took too long and was stopped; the fax is attached as an "
+               "image only.",
+    "failed": "Text recognition failed; the fax is attached as an image only.",
+}
+
+
+def _unchanged(pdf: bytes, problem: str) -> OcrResult:
+    return OcrResult(pdf=pdf, text="", note=_NOTES[problem], problem=problem)
+
+
+def first_lines(text: str, count: int = 5) -> list[str]:
+    """The first non-blank lines of page 1, for the mail body ("what is this fax about")."""
+    page_one = text.split("\f", 1)[0]
+    return [line.strip() for line in page_one.splitlines() if line.strip()][:count]
