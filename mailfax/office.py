@@ -172,11 +172,12 @@ def convert_office(filename: str, data: bytes) -> FaxDocument:
         raise DocumentError(f"{filename}: {NOT_ENABLED}", "5.6.1")
     if extension == ".txt":
         data = (_decode_text(data) or "").encode("utf-8")
-    slot = _take_slot(filename)
+    slots = _free_slots  # configure() may swap the queue meanwhile; the slot goes back here
+    slot = _take_slot(slots, filename)
     try:
         pdf = _convert(binary, _profile(slot), extension, office_format, data, filename)
     finally:
-        _free_slots.put(slot)
+        slots.put(slot)
     pages = _page_count(pdf, filename)
     return FaxDocument(filename=f"{PurePath(filename).stem or 'document'}.pdf", data=pdf,
                        pages=pages)
@@ -201,9 +202,9 @@ def _format_of(filename: str, data: bytes) -> tuple[str, _Format]:
     raise DocumentError(f"{filename} is not an office document that can be faxed")
 
 
-def _take_slot(filename: str) -> int:
+def _take_slot(slots: queue.LifoQueue[int], filename: str) -> int:
     try:
-        return _free_slots.get(timeout=_limits.timeout)
+        return slots.get(timeout=_limits.timeout)
     except queue.Empty:
         raise DocumentError(f"{filename}: the server is busy converting other documents; "
                             "please send it again later", "4.3.2") from None
