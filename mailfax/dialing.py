@@ -78,6 +78,7 @@ class DialPolicySettings(BaseModel):
 class DialVerdict:
     allowed: bool
     sentence: str = ""
+    status: str = "5.7.1"  # 5.1.1 when the number itself is bad, 5.7.1 when it is forbidden
 
 
 def check_destination(e164: str, policy: DialPolicySettings,
@@ -96,7 +97,7 @@ def check_destination(e164: str, policy: DialPolicySettings,
                                   f"countries: {', '.join(policy.allowed_countries)}.")
     if not policy.allow_unrecognised and not phonenumbers.is_valid_number(number):
         return DialVerdict(False, f"{e164} is not a valid number in the numbering plan of "
-                                  f"{region}; check it.")
+                                  f"{region}; check it.", status="5.1.1")
     number_type = phonenumbers.number_type(number)
     for name in policy.refused_types:
         if number_type == TYPE_NAMES[name]:

@@ -53,7 +53,7 @@ class Intake:
             raise Refusal(550, "5.1.1", error.sentence) from None
         verdict = check_destination(fax.number, self.settings.dial)
         if not verdict.allowed:
-            raise Refusal(550, "5.7.1", verdict.sentence)
+            raise Refusal(550, verdict.status, verdict.sentence)
         return fax
 
     async def accept_mail(self, envelope_from: str, recipients: Sequence[str], raw: bytes,
