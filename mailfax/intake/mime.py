@@ -1,0 +1,289 @@
+"""A raw mail → its parts, as mail clients really write them.
+
+Pure: no I/O. Handles RFC 2231 file names, PDFs sent as ``application/octet-stream``, forwarded
+mails (``message/rfc822``), Outlook's ``winmail.dat`` (TNEF) and signatures. Hostile structure is
+capped (part count, nesting depth) so one mail cannot eat the process.
+"""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import html
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from email.message import EmailMessage, Message
+from email.utils import getaddresses, parsedate_to_datetime
+
+MAX_PARTS = 500
+MAX_DEPTH = 12
+MAX_TNEF_BYTES = 50 * 1024 * 1024
+
+PDF_TYPES = {"application/pdf", "application/x-pdf", "application/acrobat"}
+IMAGE_TYPES = {"image/jpeg", "image/pjpeg", "image/png", "image/gif", "image/tiff",
+               "image/bmp", "image/webp"}
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".tif", ".tiff", ".bmp", ".webp")
+GENERIC_TYPES = {"application/octet-stream", "application/octetstream", "application/binary",
+                 "application/x-download", "application/force-download"}
+TNEF_TYPES = {"application/ms-tnef", "application/vnd.ms-tnef"}
+NOT_DOCUMENTS = {"application/pkcs7-signature", "application/x-pkcs7-signature",
+                 "application/pgp-signature", "application/pgp-keys", "text/vcard",
+                 "text/x-vcard", "text/calendar"}
+
+
+class MailFormatError(ValueError):
+    """The mail cannot be read at all; the message is a sentence for the SMTP reply."""
+
+
+@dataclass(frozen=True)
+class Attachment:
+    filename: str
+    content_type: str
+    data: bytes
+    inline: bool = False
+    content_id: str = ""
+    in_forwarded: bool = False  # inside a forwarded message/rfc822
+
+
+@dataclass
+class ParsedMail:
+    attachments: list[Attachment] = field(default_factory=list)
+    subject: str = ""
+    message_id: str | None = None
+    references: list[str] = field(default_factory=list)
+    from_address: str = ""
+    from_header: str = ""
+    date: datetime | None = None
+    auto_submitted: str = ""
+    precedence: str = ""
+    text: str = ""  # the body a person wrote (text/plain, or the HTML part as text)
+    skipped: list[str] = field(default_factory=list)  # sentences: parts that are not faxed
+    html_cids: set[str] = field(default_factory=set)  # cid: references in HTML bodies
+
+
+def parse_mail(raw: bytes) -> ParsedMail:
+    try:
+        message = email.message_from_bytes(raw, policy=email.policy.default)
+    except Exception as error:  # the parser is lenient; this is a real failure
+        raise MailFormatError(f"The mail cannot be parsed ({type(error).__name__}).") from None
+    assert isinstance(message, EmailMessage)
+    mail = ParsedMail(
+        subject=_header(message, "Subject"),
+        message_id=_message_id(_header(message, "Message-ID")),
+        references=_references(message),
+        from_header=_header(message, "From"),
+        date=_date(_header(message, "Date")),
+        auto_submitted=_header(message, "Auto-Submitted").lower(),
+        precedence=_header(message, "Precedence").lower(),
+    )
+    addresses = getaddresses([mail.from_header]) if mail.from_header else []
+    mail.from_address = addresses[0][1] if addresses else ""
+    walker = _Walker(mail)
+    walker.walk(message, depth=0, forwarded=False)
+    mail.text = walker.body_text()
+    return mail
+
+
+def select_documents(mail: ParsedMail) -> list[Attachment]:
+    """The parts to fax, in mail order; note in ``mail.skipped`` what was left out and why."""
+    chosen = []
+    for attachment in mail.attachments:
+        if is_pdf_part(attachment) or is_image_part(attachment):
+            if (attachment.inline and attachment.content_id
+                    and attachment.content_id in mail.html_cids and is_image_part(attachment)):
+                continue  # a logo or picture shown in the HTML body, not a document
+            chosen.append(attachment)
+        elif attachment.content_type not in NOT_DOCUMENTS and attachment.filename:
+            mail.skipped.append(f"{attachment.filename} ({attachment.content_type}) is not a "
+                                f"PDF or an image and was not faxed.")
+    return chosen
+
+
+def is_pdf_part(attachment: Attachment) -> bool:
+    if attachment.content_type in PDF_TYPES:
+        return True
+    return attachment.filename.lower().endswith(".pdf") and (
+        attachment.content_type in GENERIC_TYPES or attachment.data[:5] == b"%PDF-")
+
+
+def is_image_part(attachment: Attachment) -> bool:
+    if attachment.content_type in IMAGE_TYPES:
+        return True
+    return attachment.filename.lower().endswith(IMAGE_SUFFIXES) and (
+        attachment.content_type in GENERIC_TYPES or attachment.content_type.startswith("image/"))
+
+
+class _Walker:
+    def __init__(self, mail: ParsedMail):
+        self.mail = mail
+        self.parts = 0
+        self.plain: list[str] = []
+        self.html: list[str] = []
+
+    def walk(self, part: Message, depth: int, forwarded: bool) -> None:
+        self.parts += 1
+        if self.parts > MAX_PARTS:
+            raise MailFormatError(f"The mail has more than {MAX_PARTS} MIME parts; "
+                                  f"send fewer attachments per mail.")
+        if depth > MAX_DEPTH:
+            raise MailFormatError(f"The mail's MIME parts are nested more than {MAX_DEPTH} "
+                                  f"levels deep.")
+        content_type = part.get_content_type()
+        if content_type == "message/rfc822" or (part.is_multipart()
+                                                and content_type.startswith("message/")):
+            for inner in _payload_list(part):
+                self.walk(inner, depth + 1, forwarded=True)
+            return
+        if part.is_multipart():
+            for inner in _payload_list(part):
+                self.walk(inner, depth + 1, forwarded)
+            return
+        self.leaf(part, forwarded)
+
+    def leaf(self, part: Message, forwarded: bool) -> None:
+        content_type = part.get_content_type()
+        filename = _filename(part)
+        disposition = (part.get_content_disposition() or "").lower()
+        if content_type in ("text/plain", "text/html") and disposition != "attachment" \
+                and not filename:
+            self.body(part, content_type, forwarded)
+            return
+        data = _decoded(part)
+        if content_type in TNEF_TYPES or filename.lower() == "winmail.dat":
+            self.tnef(filename or "winmail.dat", data, forwarded)
+            return
+        self.mail.attachments.append(Attachment(
+            filename=filename or _fallback_name(content_type, len(self.mail.attachments) + 1),
+            content_type=content_type, data=data, inline=disposition != "attachment",
+            content_id=str(part.get("Content-ID", "") or "").strip().strip("<>")[:250],
+            in_forwarded=forwarded,
+        ))
+
+    def body(self, part: Message, content_type: str, forwarded: bool) -> None:
+        text = _text_of(part)
+        if content_type == "text/html":
+            self.mail.html_cids.update(re.findall(r"cid:([^\"'\s>)]+)", text, re.IGNORECASE))
+            if not forwarded:
+                self.html.append(text)
+        elif not forwarded:
+            self.plain.append(text)
+
+    def tnef(self, filename: str, data: bytes, forwarded: bool) -> None:
+        from tnefparse import TNEF  # imported here: only Outlook mails need it
+
+        if len(data) > MAX_TNEF_BYTES:
+            self.mail.skipped.append(f"{filename} is too large to unpack.")
+            return
+        try:
+            tnef = TNEF(data)
+        except Exception:  # tnefparse raises plain exceptions on damaged data
+            self.mail.skipped.append(f"{filename} (Outlook rich text) could not be unpacked.")
+            return
+        for inner in tnef.attachments[:MAX_PARTS]:
+            name = inner.long_filename() or inner.name or "attachment"
+            self.mail.attachments.append(Attachment(
+                filename=str(name), content_type=_type_from_name(str(name)),
+                data=bytes(inner.data), in_forwarded=forwarded))
+
+    def body_text(self) -> str:
+        if self.plain:
+            return "\n\n".join(self.plain).strip()
+        return "\n\n".join(html_to_text(body) for body in self.html).strip()
+
+
+def html_to_text(markup: str) -> str:
+    """Just enough HTML → text for a cover page: blocks become lines, tags and scripts go."""
+    text = re.sub(r"(?is)<(script|style|head)\b.*?</\1\s*>", "", markup)
+    text = re.sub(r"(?i)<br\s*/?>", "\n", text)
+    text = re.sub(r"(?i)</(p|div|li|tr|h[1-6]|blockquote)\s*>", "\n", text)
+    text = re.sub(r"(?s)<[^>]*>", "", text)
+    text = html.unescape(text)
+    lines = [" ".join(line.split()) for line in text.splitlines()]
+    return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
+
+
+def _payload_list(part: Message) -> Iterator[Message]:
+    payload = part.get_payload()
+    if isinstance(payload, list):
+        yield from (item for item in payload if isinstance(item, Message))
+    elif isinstance(payload, Message):
+        yield payload
+
+
+def _decoded(part: Message) -> bytes:
+    payload = part.get_payload(decode=True)
+    if isinstance(payload, bytes):
+        return payload
+    return b""
+
+
+def _text_of(part: Message) -> str:
+    data = _decoded(part)
+    charset = part.get_content_charset() or "utf-8"
+    try:
+        return data.decode(charset, errors="replace")
+    except LookupError:  # an unknown charset name
+        return data.decode("utf-8", errors="replace")
+
+
+def _filename(part: Message) -> str:
+    try:
+        name = part.get_filename() or ""
+    except Exception:  # malformed RFC 2231 parameters
+        return ""
+    name = str(name).replace("\\", "/").rsplit("/", 1)[-1]
+    return "".join(char for char in name if char.isprintable()).strip()[:200]
+
+
+def _fallback_name(content_type: str, index: int) -> str:
+    suffix = {"application/pdf": ".pdf", "image/jpeg": ".jpg", "image/png": ".png",
+              "image/gif": ".gif", "image/tiff": ".tif"}.get(content_type, "")
+    return f"attachment-{index}{suffix}"
+
+
+def _type_from_name(name: str) -> str:
+    lowered = name.lower()
+    if lowered.endswith(".pdf"):
+        return "application/pdf"
+    for suffix, kind in ((".jpg", "jpeg"), (".jpeg", "jpeg"), (".png", "png"), (".gif", "gif"),
+                         (".tif", "tiff"), (".tiff", "tiff"), (".bmp", "bmp")):
+        if lowered.endswith(suffix):
+            return f"image/{kind}"
+    if lowered.endswith((".htm", ".html")):
+        return "text/html"
+    return "application/octet-stream"
+
+
+def _header(message: Message, name: str) -> str:
+    try:
+        value = message.get(name)
+    except Exception:  # a header the policy cannot parse
+        return ""
+    if value is None:
+        return ""
+    return " ".join(str(value).split())
+
+
+def _message_id(value: str) -> str | None:
+    value = value.strip()
+    if not value:
+        return None
+    found = re.search(r"<([^<>\s]+)>", value)
+    inner = found.group(1) if found else value.split()[0].strip("<>")
+    return f"<{inner[:250]}>" if inner else None
+
+
+def _references(message: Message) -> list[str]:
+    references = re.findall(r"<([^<>\s]+)>", _header(message, "References"))
+    return [f"<{reference[:250]}>" for reference in references[-20:]]
+
+
+def _date(value: str) -> datetime | None:
+    if not value:
+        return None
+    try:
+        return parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
