@@ -30,6 +30,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    for chatty in ("pikepdf", "zeep", "httpx", "httpcore", "aiohttp.access"):
+        logging.getLogger(chatty).setLevel(logging.WARNING)
     for noisy in ("zeep", "httpx", "httpcore", "aiosmtpd", "mail.log"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if args.command is None:

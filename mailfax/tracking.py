@@ -30,7 +30,8 @@ def transition_for(job: Job, report: StatusReport) -> Transition | None:
     if report.state == JobState.DELIVERED and report.remote_id:
         detail = f"remote station {report.remote_id}"
     return Transition(
-        state=report.state, reason=report.reason, detail=detail, pages=report.pages,
+        # A failed call reports 0 pages sent; the job keeps the page count of its documents.
+        state=report.state, reason=report.reason, detail=detail, pages=report.pages or None,
         duration_seconds=report.duration_seconds, remote_id=report.remote_id,
         notify=report.state not in TRACKED_STATES,
     )

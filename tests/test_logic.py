@@ -73,6 +73,14 @@ def test_delivered_report_carries_its_figures_and_is_mailed() -> None:
     assert (transition.pages, transition.duration_seconds, transition.notify) == (2, 41, True)
 
 
+def test_failed_report_with_no_pages_sent_keeps_the_jobs_page_count() -> None:
+    report = StatusReport(JobState.FAILED, pages=0, reason=reasons.reason("no_answer"))
+    transition = transition_for(_job(JobState.SENDING), report)
+    assert transition is not None
+    assert transition.pages is None  # the store keeps the pages of the documents
+    assert transition.notify
+
+
 def test_sending_report_is_recorded_but_not_mailed() -> None:
     transition = transition_for(_job(JobState.SUBMITTED), StatusReport(JobState.SENDING))
     assert transition is not None and not transition.notify
