@@ -124,8 +124,8 @@ class Application:
         self.dispatcher.wake()
         self.notifier.wake()
 
-    def _after_dispatch(self) -> None:
-        self.tracker.wake()
+    def _after_dispatch(self, job_ids: Sequence[str]) -> None:
+        self.tracker.wake(job_ids)
         self.notifier.wake()
 
     def _context(self, account: str, secret_key: bytes) -> ProviderContext:
@@ -145,7 +145,7 @@ class Application:
         return None  # providers build their own push URLs from push_base_url and push_token
 
     async def _wake_tracker(self, job_ids: Sequence[str]) -> None:
-        self.tracker.wake()
+        self.tracker.wake(job_ids)
 
     async def _report_status(self, reports: dict[str, StatusReport]) -> None:
         await self.tracker.apply_reports(reports)

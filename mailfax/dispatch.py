@@ -65,7 +65,7 @@ class Dispatcher:
         settings: DispatchSettings,
         owner: str,
         push_url: Callable[[str, str], str | None] = lambda account, job_id: None,
-        on_submitted: Callable[[], None] = lambda: None,
+        on_submitted: Callable[[Sequence[str]], None] = lambda job_ids: None,
     ):
         self.store = store
         self.providers = providers
@@ -147,7 +147,8 @@ class Dispatcher:
         now = datetime.now(UTC)
         for job, result in zip(to_send, results, strict=True):
             await self._record_result(job, result, now)
-        self.on_submitted()
+        self.on_submitted([job.id for job, result in zip(to_send, results, strict=True)
+                           if isinstance(result, SendReceipt)])
 
     async def _cancelled_before_send(self, job: Job) -> bool:
         if not job.cancel_requested:

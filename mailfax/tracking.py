@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable, Mapping, Sequence
 
 from mailfax import reasons
@@ -38,6 +39,13 @@ def transition_for(job: Job, report: StatusReport) -> Transition | None:
 
 
 class Tracker:
+    """Polls every in-flight job at the regular interval, and a job just submitted more often.
+
+    A fresh job is asked about after 1 s, 2 s, 4 s, ... until that reaches the interval; only
+    those jobs are asked in between, so a thousand faxes in flight do not make every fast poll
+    a poll of all of them.
+    """
+
     def __init__(self, store: Store, providers: Mapping[str, Provider], interval: float,
                  on_change: Callable[[], None] = lambda: None):
         self.on_change = on_change
@@ -45,27 +53,34 @@ class Tracker:
         self.providers = providers
         self.interval = interval
         self._wake = asyncio.Event()
-        self._fast_delay: float | None = None
+        self._fresh: dict[str, tuple[float, float]] = {}  # job id -> (due at, current delay)
+        self._full_poll_due = 0.0
 
-    def wake(self) -> None:
-        """Something was submitted: poll soon and keep polling fast for a while."""
-        self._fast_delay = FIRST_FAST_POLL
+    def wake(self, job_ids: Sequence[str] = ()) -> None:
+        """Jobs were submitted (or something else changed): look soon."""
+        due = time.monotonic() + FIRST_FAST_POLL
+        for job_id in job_ids:
+            self._fresh[job_id] = (due, FIRST_FAST_POLL)
+        if not job_ids:
+            self._full_poll_due = 0.0
         self._wake.set()
 
     async def run(self) -> None:
         while True:
             self._wake.clear()
-            await self.poll_all()
-            delay = self.interval
-            if self._fast_delay is not None:
-                delay = self._fast_delay
-                self._fast_delay = self._fast_delay * 2
-                if self._fast_delay >= self.interval:
-                    self._fast_delay = None
+            now = time.monotonic()
+            if now >= self._full_poll_due:
+                self._full_poll_due = now + self.interval
+                await self.poll_all()
+            else:
+                await self._poll_fresh(now)
+            next_due = min([self._full_poll_due, *(due for due, _ in self._fresh.values())])
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=delay)
+                await asyncio.wait_for(self._wake.wait(),
+                                       timeout=max(next_due - time.monotonic(), 0.01))
 
     async def poll_all(self) -> None:
+        self._fresh.clear()  # everything in flight is asked now
         await asyncio.gather(*(self._poll_safely(account, provider)
                                for account, provider in self.providers.items()))
 
@@ -77,18 +92,41 @@ class Tracker:
 
     async def poll_account(self, account: str, provider: Provider) -> None:
         jobs = await self.store.tracked_jobs(account)
+        await self._poll_jobs(account, provider, jobs)
+        await self._acknowledge(account, provider)
+
+    async def _poll_fresh(self, now: float) -> None:
+        due_ids = [job_id for job_id, (due, _) in self._fresh.items() if due <= now]
+        jobs: dict[str, list[Job]] = {}
+        for job_id in due_ids:
+            _, delay = self._fresh.pop(job_id)
+            job = await self.store.get_job(job_id)
+            if job is None or job.state not in TRACKED_STATES:
+                continue
+            jobs.setdefault(job.account, []).append(job)
+            if delay * 2 < self.interval:
+                self._fresh[job_id] = (now + delay * 2, delay * 2)
+        for account, account_jobs in jobs.items():
+            provider = self.providers.get(account)
+            if provider is not None:
+                try:
+                    await self._poll_jobs(account, provider, account_jobs)
+                except Exception:
+                    log.exception("status poll of account %s failed", account)
+
+    async def _poll_jobs(self, account: str, provider: Provider, jobs: Sequence[Job]) -> None:
         for job in jobs:
             if job.cancel_requested:
                 await self._cancel(job, provider)
-        if jobs:
-            try:
-                reports = await provider.status(
-                    [ProviderRef(job.id, job.provider_job_id or "") for job in jobs])
-            except ProviderError as error:
-                log.warning("status of %d jobs at %s: %s", len(jobs), account, error)
-                reports = {}
-            await self.apply(reports, jobs)
-        await self._acknowledge(account, provider)
+        if not jobs:
+            return
+        try:
+            reports = await provider.status(
+                [ProviderRef(job.id, job.provider_job_id or "") for job in jobs])
+        except ProviderError as error:
+            log.warning("status of %d jobs at %s: %s", len(jobs), account, error)
+            return
+        await self.apply(reports, jobs)
 
     async def apply_reports(self, reports: Mapping[str, StatusReport]) -> None:
         """Record pushed reports (our job id → report); returns once they are stored."""

@@ -11,10 +11,12 @@ instead of being faxed twice.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
+import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -111,6 +113,8 @@ class Ledger:
     def __init__(self, path: Path):
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
+        self._lock = threading.Lock()  # one connection, used from the default executor's threads
+        self._conn = self._open()
         with self._connect() as conn:
             conn.execute(
                 "CREATE TABLE IF NOT EXISTS transmissions (provider_job_id TEXT PRIMARY KEY,"
@@ -119,12 +123,22 @@ class Ledger:
                 " cancelled INTEGER NOT NULL DEFAULT 0)"
             )
 
-    def _connect(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(self.path, timeout=30)
+    def _open(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, timeout=30, check_same_thread=False)
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=FULL")
         conn.row_factory = sqlite3.Row
         return conn
+
+    @contextlib.contextmanager
+    def _connect(self) -> Iterator[sqlite3.Connection]:
+        """The ledger's connection inside one transaction (committed, or rolled back)."""
+        with self._lock, self._conn:
+            yield self._conn
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
 
     def submit(self, reference: str, number: str, pages: int) -> tuple[str, bool]:
         """Record a transmission; returns (provider job id, was it a duplicate)."""
@@ -211,6 +225,9 @@ class EmulatorProvider(BaseProvider):
             return False
         await asyncio.to_thread(self.ledger.cancel, ref.provider_job_id)
         return True
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self.ledger.close)
 
 
 def create(context: ProviderContext, settings: Settings) -> EmulatorProvider:
