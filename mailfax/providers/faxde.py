@@ -1,0 +1,353 @@
+"""FAX.de over SOAP: SendJob, JobStatus, CancelJob, RequestReceived, DeleteReceived.
+
+Our job id travels as the recipient's reference (``+4930123456[k8x40c88txje]``), comes back as
+REFID in the StatusFile and as $CID in status pushes, and lets FAX.de refuse a resend after a
+lost answer with -77 instead of faxing twice.
+"""
+
+from __future__ import annotations
+
+import base64
+import hmac
+import logging
+import re
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from aiohttp import web
+from pydantic import BaseModel, ConfigDict, Field
+from zeep import xsd
+
+from mailfax import reasons
+from mailfax.config import Secret
+from mailfax.documents import merge_pdfs
+from mailfax.model import JobState
+from mailfax.providers import faxde_codes as codes
+from mailfax.providers.base import (
+    BaseProvider,
+    FaxDocument,
+    InboundFax,
+    ProviderContext,
+    ProviderError,
+    ProviderRef,
+    SendReceipt,
+    SendRequest,
+    SendResult,
+    StatusReport,
+)
+from mailfax.providers.faxde_soap import SoapClient, SoapError
+from mailfax.text import to_ascii
+
+log = logging.getLogger(__name__)
+
+LIVE_WSDL = "https://ccs.fax.de/xmlws.exe?wsdl/IntfXMLWS"
+MAX_FILES = 3
+MAX_STATURL = 128
+FAX_JOB = 0
+UNKNOWN_JOB_PREFIX = "dup:"  # a -77 answer without a job id: the job exists, its id is unknown
+
+
+class Settings(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    account: str = Field(description="FAX.de customer id")
+    password: Secret
+    wsdl_url: str = Field(default=LIVE_WSDL, description="where the WSDL is loaded from")
+    endpoint_url: str | None = Field(default=None,
+                                     description="SOAP endpoint; default: the WSDL's address")
+    timeout_seconds: float = Field(default=60.0, gt=0)
+    bulk: bool = Field(default=False, description="several recipients as one job with a "
+                       "RecipientFile (needs FAX.de's activation)")
+    station_id: str | None = Field(default=None, max_length=20)
+    fax_header: str | None = Field(default=None, max_length=30)
+    caller_id: str | None = Field(default=None, pattern=r"^\+?[0-9]{3,20}$")
+    fax_retry: int | None = Field(default=None, ge=0, le=10)
+    status_push: bool = Field(default=True, description="ask FAX.de to call STATURL when a "
+                              "job finishes (needs [web])")
+    inbound: bool = Field(default=True, description="fetch received faxes of this account")
+
+
+class FaxDeProvider(BaseProvider):
+    provider_name = "fax.de"
+
+    def __init__(self, context: ProviderContext, settings: Settings):
+        super().__init__(context)
+        self.settings = settings
+        self.supports_inbound = settings.inbound
+        self.soap = SoapClient(
+            settings.wsdl_url, context.data_dir / "faxde" / f"{context.account}.wsdl",
+            settings.endpoint_url, settings.timeout_seconds)
+
+    # -- sending -----------------------------------------------------------------------------
+
+    async def send_many(self, requests: Sequence[SendRequest]) -> list[SendResult]:
+        if self.settings.bulk and len(requests) > 1:
+            return await self._send_bulk(requests)
+        return await super().send_many(requests)
+
+    async def send(self, request: SendRequest) -> SendReceipt:
+        recipient = f"{request.number}[{request.job_id}]"
+        answer = await self._send_job(request, recipient=recipient, recipient_file=b"")
+        return self._receipt(request.job_id, answer)
+
+    async def _send_bulk(self, requests: Sequence[SendRequest]) -> list[SendResult]:
+        lines = [f"{request.number},{request.job_id}" for request in requests]
+        recipient_file = ("\r\n".join(lines) + "\r\n").encode("ascii")
+        try:
+            answer = await self._send_job(requests[0], recipient="",
+                                          recipient_file=recipient_file)
+        except ProviderError as error:
+            return [error] * len(requests)
+        if answer.get("RecipientsCount") not in (None, len(requests)):
+            log.warning("FAX.de accepted %s of %d recipients of job %s; the StatusFile will say "
+                        "which", answer.get("RecipientsCount"), len(requests), answer.get("JobId"))
+        return [self._receipt(request.job_id, answer) for request in requests]
+
+    async def _send_job(self, request: SendRequest, *, recipient: str,
+                        recipient_file: bytes) -> dict[str, Any]:
+        files = fax_files(request.documents)
+        parameters: dict[str, Any] = {
+            "Account": self.settings.account,
+            "Password": self.settings.password.get_secret_value(),
+            "JobType": FAX_JOB, "Recipient": recipient, "RecipientFile": recipient_file,
+            "SendText": request.cover_text or "",
+            "SendDateTime": request.send_at.astimezone(UTC) if request.send_at else xsd.SkipValue,
+            "Options": self._options(request),
+        }
+        for index in range(MAX_FILES):
+            document = files[index] if index < len(files) else None
+            parameters[f"SendFilename{index + 1}"] = document.filename if document else ""
+            parameters[f"SendFile{index + 1}"] = document.data if document else b""
+        answer = await self._call("SendJob", parameters)
+        result = int(answer["return"])
+        code = codes.code_for("SendJob", result)
+        if code.kind in ("ok", "duplicate"):
+            if code.kind == "duplicate":
+                log.info("FAX.de already has job %s (-77): a resend after a lost answer",
+                         request.job_id)
+            answer["duplicate"] = code.kind == "duplicate"
+            return answer
+        reason = codes.reason_for_code("SendJob", result)
+        if code.reason == "provider_auth":
+            log.error("FAX.de refused account %s (SendJob %d: %s); check the credentials",
+                      self.settings.account, result, code.text)
+        raise ProviderError(reason, transient=code.kind == "transient")
+
+    def _receipt(self, job_id: str, answer: dict[str, Any]) -> SendReceipt:
+        provider_job_id = str(answer.get("JobId") or "")
+        if not provider_job_id or provider_job_id == "0":
+            provider_job_id = UNKNOWN_JOB_PREFIX + job_id
+        pages = answer.get("PageCount")
+        return SendReceipt(job_id=job_id, provider_job_id=provider_job_id,
+                           pages=int(pages) if pages else None,
+                           duplicate=bool(answer.get("duplicate")))
+
+    def _options(self, request: SendRequest) -> str:
+        settings = self.settings
+        options = {
+            "STATIONID": option_text(request.station_id or settings.station_id, 20),
+            "FAXHEADER": option_text(request.header or settings.fax_header, 30),
+            "CALLERID": settings.caller_id or "",
+            "FAXRETRY": "" if settings.fax_retry is None else str(settings.fax_retry),
+            "STATURL": self._status_url(request.job_id),
+        }
+        return ";".join(f"{key}={value}" for key, value in options.items() if value)
+
+    def _status_url(self, job_id: str) -> str:
+        base = self.context.push_base_url
+        if not self.settings.status_push or not base:
+            return ""
+        url = f"{base}/{job_id}/{self.context.push_token(job_id)}?cid=$CID&jid=$JID"
+        if len(url) > MAX_STATURL:
+            log.warning("STATURL would be %d characters (FAX.de takes %d); shorten "
+                        "web.public_url. Status is polled instead.", len(url), MAX_STATURL)
+            return ""
+        return url
+
+    # -- status ------------------------------------------------------------------------------
+
+    async def status(self, refs: Sequence[ProviderRef]) -> dict[str, StatusReport]:
+        by_job: dict[str, list[ProviderRef]] = {}
+        for ref in refs:
+            if not ref.provider_job_id.startswith(UNKNOWN_JOB_PREFIX):
+                by_job.setdefault(ref.provider_job_id, []).append(ref)
+        reports: dict[str, StatusReport] = {}
+        for provider_job_id, job_refs in by_job.items():
+            reports.update(await self._job_status(provider_job_id, job_refs))
+        return reports
+
+    async def _job_status(self, provider_job_id: str,
+                          refs: Sequence[ProviderRef]) -> dict[str, StatusReport]:
+        answer = await self._call("JobStatus", {
+            "Account": self.settings.account,
+            "Password": self.settings.password.get_secret_value(),
+            "JobId": int(provider_job_id)})
+        result = int(answer["return"])
+        if result == codes.IN_PROGRESS:
+            return {ref.job_id: StatusReport(state=JobState.SENDING) for ref in refs}
+        if result == 5:  # FAX.de does not know the job (any more)
+            reason = codes.reason_for_code("JobStatus", result)
+            return {ref.job_id: StatusReport(state=JobState.FAILED, reason=reason)
+                    for ref in refs}
+        if result != 0:
+            code = codes.code_for("JobStatus", result)
+            raise ProviderError(codes.reason_for_code("JobStatus", result),
+                                transient=code.kind == "transient")
+        return reports_from_status(answer, refs)
+
+    # -- cancel ------------------------------------------------------------------------------
+
+    async def cancel(self, ref: ProviderRef) -> bool:
+        if ref.provider_job_id.startswith(UNKNOWN_JOB_PREFIX):
+            return False
+        answer = await self._call("CancelJob", {
+            "Account": self.settings.account,
+            "Password": self.settings.password.get_secret_value(),
+            "JobId": int(ref.provider_job_id)})
+        result = int(answer["return"])
+        if result == 0:
+            return True
+        code = codes.code_for("CancelJob", result)
+        if code.kind == "ok":  # 1: already finished, -2: unknown job
+            return False
+        raise ProviderError(codes.reason_for_code("CancelJob", result),
+                            transient=code.kind == "transient")
+
+    # -- inbound -----------------------------------------------------------------------------
+
+    async def fetch_inbound(self) -> InboundFax | None:
+        answer = await self._call("RequestReceived", {
+            "Account": self.settings.account,
+            "Password": self.settings.password.get_secret_value()})
+        result = int(answer["return"])
+        if result == codes.INBOX_EMPTY:
+            return None
+        if result != 0:
+            code = codes.code_for("RequestReceived", result)
+            raise ProviderError(codes.reason_for_code("RequestReceived", result),
+                                transient=code.kind == "transient")
+        received = answer.get("ReceiveDate")
+        return InboundFax(
+            fax_id=str(answer.get("FaxId")),
+            called_number=str(answer.get("CalledNumber") or ""),
+            received_at=_utc(received) if isinstance(received, datetime) else datetime.now(UTC),
+            originator=str(answer.get("Originator") or ""),
+            remote_id=str(answer.get("RemoteId") or ""),
+            pages=int(answer.get("Pages") or 0),
+            image=_bytes(answer.get("FaxImage")),
+        )
+
+    async def delete_inbound(self, fax_id: str) -> None:
+        answer = await self._call("DeleteReceived", {
+            "Account": self.settings.account,
+            "Password": self.settings.password.get_secret_value(),
+            "FaxId": int(fax_id)})
+        result = int(answer["return"])
+        if result == codes.UNKNOWN_FAX:
+            log.info("FAX.de fax %s was already deleted", fax_id)
+            return
+        if result != 0:
+            code = codes.code_for("DeleteReceived", result)
+            raise ProviderError(codes.reason_for_code("DeleteReceived", result),
+                                transient=code.kind == "transient")
+
+    # -- push --------------------------------------------------------------------------------
+
+    async def handle_push(self, request: web.Request, subpath: str) -> web.StreamResponse:
+        """STATURL: ``{push_base_url}/{job id}/{token}?cid=…&jid=…``.
+
+        The pushed values are not trusted: a valid token only makes the tracker ask FAX.de
+        (JobStatus) about the job at once.
+        """
+        job_id, _, token = subpath.partition("/")
+        if not job_id or not hmac.compare_digest(token, self.context.push_token(job_id)):
+            raise web.HTTPNotFound()
+        job_ids = [job_id]
+        cid = request.query.get("cid", "")
+        if cid and cid != job_id and re.fullmatch(r"[0-9a-z]{12}", cid):
+            job_ids.append(cid)  # another recipient of the same bulk job
+        if self.context.wake_tracker is not None:
+            await self.context.wake_tracker(job_ids)
+        return web.Response(text="OK\n")
+
+    async def close(self) -> None:
+        await self.soap.close()
+
+    async def _call(self, operation: str, parameters: dict[str, Any]) -> dict[str, Any]:
+        try:
+            return await self.soap.call(operation, **parameters)
+        except SoapError as error:
+            raise ProviderError(reasons.reason("provider_unavailable", detail=str(error)),
+                                transient=True) from None
+
+
+def reports_from_status(answer: dict[str, Any],
+                        refs: Sequence[ProviderRef]) -> dict[str, StatusReport]:
+    """A finished JobStatus → one report per job: from the StatusFile rows (matched by REFID),
+    or for a single-recipient job from SendResult when there is no usable row."""
+    rows = codes.parse_status_file(_bytes(answer.get("StatusFile")))
+    by_reference = {row.reference: row for row in rows if row.reference}
+    reports: dict[str, StatusReport] = {}
+    for ref in refs:
+        row = by_reference.get(ref.job_id)
+        if row is None and len(refs) == 1 and len(rows) == 1:
+            row = rows[0]
+        if row is not None:
+            state, reason = codes.outcome_of_send_result(row.result)
+            reports[ref.job_id] = StatusReport(
+                state=state, reason=reason, pages=row.pages, remote_id=row.remote_id or None,
+                duration_seconds=row.duration_seconds, finished_at=row.sent_at)
+        elif len(refs) == 1 and str(answer.get("SendResult") or "").lower() != "multi":
+            state, reason = codes.outcome_of_send_result(str(answer.get("SendResult") or ""))
+            sent = answer.get("SendDateTime")
+            reports[ref.job_id] = StatusReport(
+                state=state, reason=reason, remote_id=str(answer.get("RemoteId") or "") or None,
+                finished_at=_utc(sent) if isinstance(sent, datetime) else None)
+    return reports
+
+
+def fax_files(documents: Sequence[FaxDocument]) -> list[FaxDocument]:
+    """At most three files with ``.pdf`` names: documents after the second are merged into
+    the third."""
+    named = [FaxDocument(pdf_filename(document.filename, index), document.data, document.pages)
+             for index, document in enumerate(documents, start=1)]
+    if len(named) <= MAX_FILES:
+        return named
+    rest = merge_pdfs(named[MAX_FILES - 1:], named[MAX_FILES - 1].filename)
+    return [*named[:MAX_FILES - 1], rest]
+
+
+def pdf_filename(filename: str, index: int) -> str:
+    """FAX.de tells the file type by the extension; keep the name readable, ASCII, ``.pdf``."""
+    ascii_name = to_ascii(filename)
+    stem = re.sub(r"[^A-Za-z0-9._ -]+", "_", ascii_name).strip(" ._")
+    stem = re.sub(r"\.pdf$", "", stem, flags=re.IGNORECASE)[:80] or f"document{index}"
+    return f"{stem}.pdf"
+
+
+def option_text(value: str | None, limit: int) -> str:
+    """An Options value: printable ASCII, no ``;`` (the separator), at most ``limit`` chars."""
+    if not value:
+        return ""
+    ascii_text = to_ascii(value)
+    cleaned = "".join(char for char in ascii_text if char.isprintable() and char not in ";=")
+    return cleaned.strip()[:limit]
+
+
+def _bytes(value: Any) -> bytes:
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, str) and value:
+        try:
+            return base64.b64decode(value, validate=False)
+        except ValueError:
+            return b""
+    return b""
+
+
+def _utc(value: datetime) -> datetime:
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def create(context: ProviderContext, settings: Settings) -> FaxDeProvider:
+    return FaxDeProvider(context, settings)

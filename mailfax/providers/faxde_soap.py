@@ -1,0 +1,153 @@
+"""The SOAP layer for FAX.de: load a WSDL, call an operation by name, read its out-parameters.
+
+Nothing here knows the namespace, SOAPAction, style or binding name: they come from whatever
+WSDL is loaded (the live one when it can be fetched, else the last good copy in the data dir,
+else the reconstruction shipped in ``wsdl/IntfXMLWS.wsdl``). Operations are called by their
+documented names with the documented parameters; results are read by the documented names of
+the out-parameters, and the function result from the part ``return`` (or ``Result``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import httpx
+import zeep
+from lxml import etree
+from zeep.exceptions import Error as ZeepError
+from zeep.helpers import serialize_object
+from zeep.proxy import AsyncServiceProxy
+from zeep.transports import AsyncTransport
+
+log = logging.getLogger(__name__)
+
+BUNDLED_WSDL = Path(__file__).with_name("wsdl") / "IntfXMLWS.wsdl"
+OPERATIONS = ("SendJob", "JobStatus", "CancelJob", "RequestReceived", "DeleteReceived")
+RESULT_NAMES = ("return", "result", "Result", "Return")
+
+
+class SoapError(Exception):
+    """The call did not produce a readable answer (transport, fault, or unknown shape)."""
+
+
+def zeep_settings() -> zeep.Settings:
+    """No DTDs, no entities, no external references, no huge trees: a hostile WSDL or answer
+    cannot read local files or exhaust memory. Out-parameters are read by name, in any order
+    (a Delphi server need not keep the order of the WSDL's parts)."""
+    return zeep.Settings(strict=False, xml_huge_tree=False, forbid_dtd=True,
+                         forbid_entities=True, forbid_external=True, force_https=False,
+                         xsd_ignore_sequence_order=True)
+
+
+def check_wsdl(data: bytes) -> None:
+    """Raise ValueError unless ``data`` is a safe WSDL that has the five FAX.de operations."""
+    parser = etree.XMLParser(resolve_entities=False, no_network=True, load_dtd=False,
+                             huge_tree=False)
+    try:
+        root = etree.fromstring(data, parser)
+    except etree.XMLSyntaxError as error:
+        raise ValueError(f"not XML: {error}") from None
+    if root.getroottree().docinfo.doctype:
+        raise ValueError("has a DOCTYPE")
+    names = {element.get("name") for element in root.iter("{*}operation")}
+    missing = [name for name in OPERATIONS if name not in names]
+    if missing:
+        raise ValueError(f"lacks operations {', '.join(missing)}")
+
+
+class SoapClient:
+    """One account's zeep client, created on first use."""
+
+    def __init__(self, wsdl_url: str, cache_path: Path, endpoint_url: str | None,
+                 timeout: float):
+        self.wsdl_url = wsdl_url
+        self.cache_path = cache_path
+        self.endpoint_url = endpoint_url
+        self.timeout = timeout
+        self.http = httpx.AsyncClient(timeout=httpx.Timeout(timeout, connect=10.0),
+                                      limits=httpx.Limits(max_connections=10),
+                                      transport=httpx.AsyncHTTPTransport(retries=2))
+        self._service: Any = None
+        self._lock = asyncio.Lock()
+        self.wsdl_source = ""
+
+    async def call(self, operation: str, **parameters: Any) -> dict[str, Any]:
+        service = await self._get_service()
+        try:
+            answer = await getattr(service, operation)(**parameters)
+        except httpx.HTTPError as error:
+            raise SoapError(f"{operation}: {type(error).__name__}: {error}") from None
+        except ZeepError as error:
+            raise SoapError(f"{operation}: {type(error).__name__}: {error}") from None
+        return outputs(answer)
+
+    async def close(self) -> None:
+        await self.http.aclose()
+
+    async def _get_service(self) -> Any:
+        async with self._lock:
+            if self._service is None:
+                path = await self._wsdl_path()
+                self._service = await asyncio.to_thread(self._build_service, path)
+            return self._service
+
+    def _build_service(self, path: Path) -> Any:
+        wsdl_http = httpx.Client(timeout=self.timeout)
+        transport = AsyncTransport(client=self.http, wsdl_client=wsdl_http)
+        client = zeep.AsyncClient(str(path), transport=transport, settings=zeep_settings())
+        service = next(iter(client.wsdl.services.values()))
+        port = next(iter(service.ports.values()))
+        address = self.endpoint_url or port.binding_options["address"]
+        return AsyncServiceProxy(client, port.binding, address=address)
+
+    async def _wsdl_path(self) -> Path:
+        """The live WSDL when it can be fetched (and cached), else the cache, else bundled."""
+        try:
+            response = await self.http.get(self.wsdl_url, timeout=min(self.timeout, 20.0))
+            response.raise_for_status()
+            check_wsdl(response.content)
+        except (httpx.HTTPError, ValueError) as error:
+            if self.cache_path.exists():
+                log.warning("FAX.de WSDL %s unavailable (%s); using the cached copy %s",
+                            self.wsdl_url, error, self.cache_path)
+                self.wsdl_source = f"cached copy {self.cache_path}"
+                return self.cache_path
+            log.warning("FAX.de WSDL %s unavailable (%s); using mailfax's reconstruction",
+                        self.wsdl_url, error)
+            self.wsdl_source = "bundled reconstruction"
+            return BUNDLED_WSDL
+        self.cache_path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = self.cache_path.with_suffix(".tmp")
+        temporary.write_bytes(response.content)
+        os.replace(temporary, self.cache_path)
+        self.wsdl_source = self.wsdl_url
+        return self.cache_path
+
+
+def outputs(answer: Any) -> dict[str, Any]:
+    """zeep's answer (a scalar, or an object of out-parameters) → {name: value} with the
+    function result under ``return``."""
+    data = serialize_object(answer)
+    if not isinstance(data, Mapping):
+        return {"return": data}
+    flat = dict(data)
+    if len(flat) == 1:  # document/literal: a wrapper with the parameters inside
+        (inner,) = flat.values()
+        if isinstance(inner, Mapping):
+            flat = dict(inner)
+    for name in RESULT_NAMES:
+        if name in flat:
+            flat["return"] = flat[name]
+            break
+    else:
+        result_keys = [key for key in flat if key.endswith("Result") and key != "SendResult"]
+        if result_keys:
+            flat["return"] = flat[result_keys[0]]
+    if "return" not in flat:
+        raise SoapError(f"answer without a result code (parts: {', '.join(flat)})")
+    return flat

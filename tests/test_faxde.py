@@ -1,0 +1,388 @@
+"""FAX.de: the real zeep client against the SOAP emulator over HTTP, for all five operations,
+every documented result code, both WSDL styles, the lost answer and the STATURL push."""
+
+from __future__ import annotations
+
+import asyncio
+import email
+import email.policy
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from mailfax.app import Application
+from mailfax.emulators import faxde as emulator
+from mailfax.model import JobState
+from mailfax.providers import faxde
+from mailfax.providers import faxde_codes as codes
+from mailfax.providers.base import (
+    FaxDocument,
+    ProviderContext,
+    ProviderError,
+    ProviderRef,
+    SendReceipt,
+    SendRequest,
+)
+from mailfax.providers.faxde_soap import BUNDLED_WSDL, check_wsdl
+from tests.conftest import Service, fax_mail, make_settings
+
+LITERAL_WSDL = Path(__file__).parent / "data" / "faxde-document-literal.wsdl"
+PASSWORD = "s3cr3t-pässwort"
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[emulator.Emulator]:
+    server = await emulator.start("127.0.0.1", 0, {
+        "password": PASSWORD, "delay": "0.4",
+        "fail": "+4930999:Busy,+4930998:No Answer,+4930997:Voice,+4930996:No Service,"
+                "+4930995:Send-Fail,+4930994:Call failed,+4930993:Black-List"})
+    yield server
+    await server.close()
+
+
+def make_provider(server: emulator.Emulator, tmp_path: Path, **overrides: Any
+                  ) -> faxde.FaxDeProvider:
+    settings = faxde.Settings.model_validate({
+        "account": "123456", "password": PASSWORD, "wsdl_url": server.wsdl_url, **overrides})
+    context = ProviderContext(account="main", data_dir=tmp_path, secret_key=b"k" * 32)
+    return faxde.create(context, settings)
+
+
+@pytest.fixture
+async def provider(fake: emulator.Emulator, tmp_path: Path) -> AsyncIterator[faxde.FaxDeProvider]:
+    client = make_provider(fake, tmp_path)
+    yield client
+    await client.close()
+
+
+def request(corpus: Path, job_id: str = "k8x40c88txje", number: str = "+4930123456",
+            **extra: Any) -> SendRequest:
+    pdf = (corpus / "pdf" / "two-different-pages.pdf").read_bytes()
+    return SendRequest(job_id=job_id, number=number, pages=2,
+                       documents=[FaxDocument("Angebot Müller.pdf", pdf, 2)], **extra)
+
+
+async def until_final(provider: faxde.FaxDeProvider, refs: list[ProviderRef]
+                      ) -> dict[str, Any]:
+    for _ in range(40):
+        reports = await provider.status(refs)
+        if reports and all(report.state.is_final for report in reports.values()):
+            return reports
+        await asyncio.sleep(0.1)
+    raise AssertionError("the job did not finish")
+
+
+async def test_send_progress_and_delivery(provider: faxde.FaxDeProvider,
+                                          fake: emulator.Emulator, corpus: Path) -> None:
+    sent = request(corpus, station_id="Müller GmbH; Büro", header="Angebot")
+    receipt = await provider.send(sent)
+    assert receipt.pages == 2 and not receipt.duplicate
+    job = fake.state.jobs[int(receipt.provider_job_id)]
+    assert job.files == [("Angebot Mueller.pdf", sent.documents[0].data)]  # byte-identical
+    assert [(r.number, r.reference) for r in job.recipients] == [("+4930123456", "k8x40c88txje")]
+    assert job.options["STATIONID"] == "Mueller GmbH Buero"
+    assert job.options["FAXHEADER"] == "Angebot"
+    ref = ProviderRef(sent.job_id, receipt.provider_job_id)
+    assert (await provider.status([ref]))[sent.job_id].state == JobState.SENDING
+    report = (await until_final(provider, [ref]))[sent.job_id]
+    assert report.state == JobState.DELIVERED
+    assert (report.pages, report.remote_id) == (2, "EMULATED FAX")
+    assert provider.soap.wsdl_source == fake.wsdl_url
+
+
+@pytest.mark.parametrize(("number", "reason"), [
+    ("+4930999123", "busy"), ("+4930998123", "no_answer"), ("+4930997123", "not_a_fax"),
+    ("+4930996123", "no_service"), ("+4930995123", "transmission_failed"),
+    ("+4930994123", "call_failed"), ("+4930993123", "blacklisted")])
+async def test_every_send_result_becomes_a_failure_with_a_reason(
+        provider: faxde.FaxDeProvider, corpus: Path, number: str, reason: str) -> None:
+    receipt = await provider.send(request(corpus, number=number))
+    ref = ProviderRef("k8x40c88txje", receipt.provider_job_id)
+    report = (await until_final(provider, [ref]))["k8x40c88txje"]
+    assert report.state == JobState.FAILED
+    assert report.reason is not None and report.reason.code == reason
+    assert report.reason.text["de"] and report.reason.text["en"]
+
+
+@pytest.mark.parametrize("result", sorted(codes.SEND_JOB))
+async def test_every_sendjob_result_code(provider: faxde.FaxDeProvider,
+                                         fake: emulator.Emulator, corpus: Path,
+                                         result: int) -> None:
+    fake.state.force("SendJob", result)
+    code = codes.SEND_JOB[result]
+    if code.kind in ("ok", "duplicate"):
+        receipt = await provider.send(request(corpus))
+        assert receipt.duplicate == (code.kind == "duplicate")
+        return
+    with pytest.raises(ProviderError) as raised:
+        await provider.send(request(corpus))
+    assert raised.value.transient == (code.kind == "transient")
+    assert raised.value.reason.code == code.reason
+    assert f"SendJob {result}" in (raised.value.reason.detail or "")
+
+
+@pytest.mark.parametrize("result", [1, 2, 3, 4])
+async def test_account_errors_of_the_other_operations(provider: faxde.FaxDeProvider,
+                                                      fake: emulator.Emulator,
+                                                      result: int) -> None:
+    for operation, call in [("JobStatus", provider.status([ProviderRef("j", "7001")])),
+                            ("RequestReceived", provider.fetch_inbound()),
+                            ("DeleteReceived", provider.delete_inbound("90001"))]:
+        fake.state.force(operation, result)
+        with pytest.raises(ProviderError) as raised:
+            await call
+        assert not raised.value.transient, operation
+        assert raised.value.reason.code in ("provider_auth", "provider_account")
+
+
+async def test_unknown_job_is_a_failure_and_an_undocumented_code_is_transient(
+        provider: faxde.FaxDeProvider, fake: emulator.Emulator) -> None:
+    reports = await provider.status([ProviderRef("j1", "999999")])  # 5: not found
+    assert reports["j1"].state == JobState.FAILED
+    fake.state.force("JobStatus", 42)
+    with pytest.raises(ProviderError) as raised:
+        await provider.status([ProviderRef("j1", "7001")])
+    assert raised.value.transient
+
+
+async def test_cancel_before_and_after_sending(provider: faxde.FaxDeProvider,
+                                               fake: emulator.Emulator, corpus: Path) -> None:
+    receipt = await provider.send(request(corpus))
+    assert await provider.cancel(ProviderRef("k8x40c88txje", receipt.provider_job_id))
+    assert fake.state.jobs[int(receipt.provider_job_id)].cancelled
+    late = await provider.send(request(corpus, job_id="m2m2m2m2m2m2"))
+    await asyncio.sleep(0.5)
+    assert not await provider.cancel(ProviderRef("m2m2m2m2m2m2", late.provider_job_id))
+    assert not await provider.cancel(ProviderRef("x", "424242"))  # -2: unknown job
+    fake.state.force("CancelJob", -1)
+    with pytest.raises(ProviderError) as raised:
+        await provider.cancel(ProviderRef("x", "7001"))
+    assert raised.value.reason.code == "provider_auth"
+
+
+async def test_bulk_job_with_recipient_file_and_status_file(
+        fake: emulator.Emulator, tmp_path: Path, corpus: Path) -> None:
+    provider = make_provider(fake, tmp_path, bulk=True)
+    try:
+        requests = [request(corpus, job_id=job_id, number=number) for job_id, number in
+                    [("aaaaaaaaaaaa", "+4930111111"), ("bbbbbbbbbbbb", "+4930999222"),
+                     ("cccccccccccc", "+4940333333")]]
+        results = await provider.send_many(requests)
+        assert all(isinstance(result, SendReceipt) for result in results)
+        receipts = [result for result in results if isinstance(result, SendReceipt)]
+        assert len({receipt.provider_job_id for receipt in receipts}) == 1
+        assert len(fake.state.jobs) == 1
+        (job,) = fake.state.jobs.values()
+        assert [(r.number, r.reference) for r in job.recipients] == [
+            ("+4930111111", "aaaaaaaaaaaa"), ("+4930999222", "bbbbbbbbbbbb"),
+            ("+4940333333", "cccccccccccc")]
+        refs = [ProviderRef(r.job_id, r.provider_job_id) for r in receipts]
+        reports = await until_final(provider, refs)
+        assert reports["aaaaaaaaaaaa"].state == JobState.DELIVERED
+        assert reports["cccccccccccc"].state == JobState.DELIVERED
+        failed = reports["bbbbbbbbbbbb"]
+        assert failed.state == JobState.FAILED and failed.reason is not None
+        assert failed.reason.code == "busy"
+    finally:
+        await provider.close()
+
+
+def test_status_file_is_parsed_per_recipient() -> None:
+    data = (b'"RECIPIENT","JOBTYPE","RESULT","REMOTEID","PAGES","SENDDATETIME","DURATION",'
+            b'"REFID"\r\n"+4940123456789","FAX","OK","John Doe","2","2017-06-01 15:53:06",'
+            b'"19",""\r\n"+4930999","FAX","No Answer","","0","2017-06-01 15:54:00","0","r2"\r\n')
+    rows = codes.parse_status_file(data)
+    assert [(row.recipient, row.result, row.pages, row.reference) for row in rows] == [
+        ("+4940123456789", "OK", 2, ""), ("+4930999", "No Answer", 0, "r2")]
+    assert rows[0].remote_id == "John Doe" and rows[0].duration_seconds == 19
+    assert rows[0].sent_at is not None and rows[0].sent_at.year == 2017
+
+
+async def test_more_than_three_documents_are_merged_into_three_files(
+        provider: faxde.FaxDeProvider, fake: emulator.Emulator, corpus: Path) -> None:
+    names = ["crazyones.pdf", "git.pdf", "two-different-pages.pdf", "VIA_Nytt_1402.pdf"]
+    documents = [FaxDocument(name, (corpus / "pdf" / name).read_bytes(), pages)
+                 for name, pages in zip(names, [1, 1, 2, 2], strict=True)]
+    receipt = await provider.send(SendRequest(job_id="k8x40c88txje", number="+4930123456",
+                                              documents=documents, pages=6))
+    assert receipt.pages == 6
+    job = fake.state.jobs[int(receipt.provider_job_id)]
+    assert [name for name, _ in job.files] == names[:3]
+    assert job.files[0][1] == documents[0].data
+
+
+async def test_a_lost_answer_ends_in_exactly_one_fax(provider: faxde.FaxDeProvider,
+                                                     fake: emulator.Emulator,
+                                                     corpus: Path) -> None:
+    fake.state.drop_after_commit = 1
+    with pytest.raises(ProviderError) as raised:
+        await provider.send(request(corpus))
+    assert raised.value.transient
+    assert len(fake.state.jobs) == 1  # FAX.de has it, we did not hear
+    receipt = await provider.send(request(corpus, attempt=2))
+    assert receipt.duplicate
+    assert len(fake.state.jobs) == 1
+    (job_id,) = fake.state.jobs
+    assert receipt.provider_job_id == str(job_id)
+    report = (await until_final(provider, [ProviderRef("k8x40c88txje",
+                                                       receipt.provider_job_id)]))
+    assert report["k8x40c88txje"].state == JobState.DELIVERED
+
+
+async def test_inbound_fax_is_fetched_until_deleted(provider: faxde.FaxDeProvider,
+                                                    fake: emulator.Emulator,
+                                                    corpus: Path) -> None:
+    assert await provider.fetch_inbound() is None  # 5: empty inbox
+    image = (corpus / "fax-tiff" / "fax2d.tif").read_bytes()
+    fax_id = fake.state.add_inbound(image, called_number="+49301234567",
+                                    originator="+4940555123", remote_id="MUSTER GMBH")
+    fax = await provider.fetch_inbound()
+    assert fax is not None
+    assert (fax.fax_id, fax.called_number, fax.originator, fax.remote_id, fax.image) == (
+        str(fax_id), "+49301234567", "+4940555123", "MUSTER GMBH", image)
+    again = await provider.fetch_inbound()
+    assert again is not None and again.fax_id == fax.fax_id  # not deleted yet: same fax
+    await provider.delete_inbound(fax.fax_id)
+    assert await provider.fetch_inbound() is None
+    await provider.delete_inbound(fax.fax_id)  # 5: already deleted is fine
+    assert fake.state.deleted == [fax_id]
+
+
+async def test_any_wsdl_works_document_literal_with_another_namespace(
+        tmp_path: Path, corpus: Path) -> None:
+    server = await emulator.start("127.0.0.1", 0, {"password": PASSWORD, "delay": "0.2",
+                                                   "wsdl": str(LITERAL_WSDL)})
+    provider = make_provider(server, tmp_path)
+    try:
+        receipt = await provider.send(request(corpus))
+        report = await until_final(provider, [ProviderRef("k8x40c88txje",
+                                                          receipt.provider_job_id)])
+        assert report["k8x40c88txje"].state == JobState.DELIVERED
+        server.state.add_inbound(b"II*\x00fax")
+        fax = await provider.fetch_inbound()
+        assert fax is not None and fax.image == b"II*\x00fax"
+        await provider.delete_inbound(fax.fax_id)
+        late = await provider.send(request(corpus, job_id="m2m2m2m2m2m2"))
+        assert await provider.cancel(ProviderRef("m2m2m2m2m2m2", late.provider_job_id))
+        body = server.state.calls[0]
+        assert body[0] == "SendJob"
+    finally:
+        await provider.close()
+        await server.close()
+
+
+async def test_wsdl_falls_back_to_the_cached_copy_then_the_bundled_one(
+        fake: emulator.Emulator, tmp_path: Path, corpus: Path) -> None:
+    first = make_provider(fake, tmp_path)
+    await first.send(request(corpus))
+    await first.close()
+    cached = tmp_path / "faxde" / "main.wsdl"
+    assert cached.exists()
+    unreachable = "http://127.0.0.1:9/xmlws.exe?wsdl/IntfXMLWS"
+    second = make_provider(fake, tmp_path, wsdl_url=unreachable)
+    await second.send(request(corpus, job_id="m2m2m2m2m2m2"))
+    assert second.soap.wsdl_source.startswith("cached copy")
+    await second.close()
+    cached.unlink()
+    third = make_provider(fake, tmp_path, wsdl_url=unreachable,
+                          endpoint_url=fake.soap_url)
+    await third.send(request(corpus, job_id="n3n3n3n3n3n3"))
+    assert third.soap.wsdl_source == "bundled reconstruction"
+    await third.close()
+
+
+def test_a_wsdl_with_entities_or_without_the_operations_is_refused() -> None:
+    hostile = (b'<?xml version="1.0"?><!DOCTYPE d [<!ENTITY x SYSTEM "file:///etc/passwd">]>'
+               b"<definitions>&x;</definitions>")
+    with pytest.raises(ValueError, match=r"DOCTYPE|not XML"):
+        check_wsdl(hostile)
+    with pytest.raises(ValueError, match="lacks operations"):
+        check_wsdl(b"<definitions xmlns='http://schemas.xmlsoap.org/wsdl/'/>")
+    check_wsdl(BUNDLED_WSDL.read_bytes())
+    check_wsdl(LITERAL_WSDL.read_bytes())
+
+
+async def test_the_password_never_reaches_logs_or_errors(
+        fake: emulator.Emulator, tmp_path: Path, corpus: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    fake.state.password = "another"
+    provider = make_provider(fake, tmp_path)
+    with pytest.raises(ProviderError) as raised:
+        await provider.send(request(corpus))
+    await provider.close()
+    assert raised.value.reason.code == "provider_auth" and not raised.value.transient
+    assert "check the credentials" in caplog.text  # loud
+    for text in (caplog.text, str(raised.value), repr(raised.value.reason),
+                 repr(provider.settings), str(provider.settings.model_dump())):
+        assert PASSWORD not in text
+
+
+async def test_statusurl_push_checks_the_token_and_wakes_the_tracker(
+        fake: emulator.Emulator, tmp_path: Path) -> None:
+    woken: list[list[str]] = []
+
+    async def wake(job_ids: Any) -> None:
+        woken.append(list(job_ids))
+
+    context = ProviderContext(account="main", data_dir=tmp_path, secret_key=b"k" * 32,
+                              push_base_url="http://127.0.0.1:1/push/main", wake_tracker=wake)
+    settings = faxde.Settings(account="123456", password=PASSWORD, wsdl_url=fake.wsdl_url)
+    provider = faxde.create(context, settings)
+    url = provider._status_url("k8x40c88txje")
+    assert len(url) <= 128 and "$CID" in url and "$JID" in url
+    from aiohttp.test_utils import make_mocked_request
+
+    token = context.push_token("k8x40c88txje")
+    good = make_mocked_request("GET", f"/push/main/k8x40c88txje/{token}?cid=k8x40c88txje&jid=1")
+    response = await provider.handle_push(good, f"k8x40c88txje/{token}")
+    assert response.status == 200 and woken == [["k8x40c88txje"]]
+    bad = make_mocked_request("GET", "/push/main/k8x40c88txje/forged")
+    with pytest.raises(aiohttp.web.HTTPNotFound):
+        await provider.handle_push(bad, "k8x40c88txje/forged")
+    assert len(woken) == 1
+    await provider.close()
+
+
+async def test_mail_to_fax_through_fax_de_end_to_end_with_the_push(
+        tmp_path: Path, corpus: Path) -> None:
+    server = await emulator.start("127.0.0.1", 0, {"password": PASSWORD, "delay": "1.5"})
+    web_port = _free_port()
+    settings = make_settings(
+        tmp_path, accounts={"main": {"provider": "fax.de", "account": "123456",
+                                     "password": PASSWORD, "wsdl_url": server.wsdl_url}},
+        default_account="main", web={"listen": f"127.0.0.1:{web_port}"},
+        dispatch={"status_poll_seconds": 600})
+    app = Application(settings)
+    await app.start()
+    service = Service(app)
+    try:
+        pdf = (corpus / "pdf" / "crazyones.pdf").read_bytes()
+        mail = fax_mail([("letter.pdf", pdf, "application/pdf")], to="030123456@fax.local")
+        _, reply = await service.send(mail, "alice@example.org", ["030123456@fax.local"])
+        job_id = reply.split()[-1]
+        status = await service.wait_for_mail(lambda m: m["X-Mailfax-State"] == "delivered",
+                                             timeout=20)
+        parsed = email.message_from_bytes(bytes(status), policy=email.policy.default)
+        assert parsed["X-Mailfax-Job"] == job_id
+        (job,) = server.state.jobs.values()
+        assert job.files == [("letter.pdf", pdf)]
+        assert job.recipients[0].reference == job_id
+        assert server.state.pushes and job_id in server.state.pushes[0]
+        assert server.state.push_statuses == [200]  # token accepted, JobStatus asked
+    finally:
+        await app.stop()
+        await server.close()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
