@@ -48,6 +48,21 @@ def test_each_page_has_its_true_size(corpus: Path, expected: dict[str, Any], nam
             assert height == pytest.approx(want["page_pt"][1], abs=1)
 
 
+@pytest.mark.parametrize("name", FAXES)
+def test_media_box_is_pixels_over_dpi_in_each_direction(corpus: Path, name: str) -> None:
+    from mailfax.inbound.convert import page_resolution
+
+    with Image.open(corpus / "fax-tiff" / name) as image:
+        wanted = [(frame.width / page_resolution(frame)[0] * 72,
+                   frame.height / page_resolution(frame)[1] * 72)
+                  for frame in ImageSequence.Iterator(image)]
+    boxes = _media_boxes(tiff_to_pdf((corpus / "fax-tiff" / name).read_bytes()).pdf)
+    assert len(boxes) == len(wanted)
+    for (width, height), (want_w, want_h) in zip(boxes, wanted, strict=True):
+        assert width == pytest.approx(want_w, rel=0.01)
+        assert height == pytest.approx(want_h, rel=0.01)
+
+
 @pytest.mark.parametrize("name", ["seq-1c-1b-fax3-lsb-71f6a21a.tiff", "fax4.tiff"])
 def test_a_page_without_resolution_gets_the_documented_default(corpus: Path, name: str) -> None:
     with Image.open(corpus / "fax-tiff" / name) as image:

@@ -6,12 +6,14 @@ from __future__ import annotations
 import asyncio
 import email
 import email.policy
+import io
 import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pikepdf
 import pytest
 
 from mailfax.app import Application
@@ -386,3 +388,50 @@ def _free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+async def test_received_faxes_go_from_fax_de_to_the_mailbox_and_are_then_deleted(
+        tmp_path: Path, corpus: Path) -> None:
+    server = await emulator.start("127.0.0.1", 0, {"password": PASSWORD})
+    images = {name: (corpus / "fax-tiff" / name).read_bytes()
+              for name in ("fax2d.tif", "g4-multi.tiff")}
+    sales = server.state.add_inbound(images["fax2d.tif"], called_number="030 1234567",
+                                     originator="+4940555123", remote_id="MUSTER GMBH")
+    other = server.state.add_inbound(images["g4-multi.tiff"], called_number="+4989999",
+                                     pages=3)
+    settings = make_settings(
+        tmp_path, accounts={"main": {"provider": "fax.de", "account": "123456",
+                                     "password": PASSWORD, "wsdl_url": server.wsdl_url}},
+        default_account="main",
+        inbound={"poll_seconds": 0.2, "routes": {"+49301234567": ["sales@example.org"]},
+                 "postmaster": "pm@example.org", "from_address": "fax@example.org"})
+    app = Application(settings)
+    await app.start()
+    service = Service(app)
+    try:
+        first = await service.wait_for_mail(lambda m: "sales@example.org" in str(m["To"]))
+        second = await service.wait_for_mail(lambda m: "pm@example.org" in str(m["To"]))
+        for _ in range(50):
+            records = await app.store.list_inbound()
+            if server.state.deleted == [sales, other] and all(
+                    record.state == "deleted" for record in records):
+                break
+            await asyncio.sleep(0.1)
+        assert server.state.deleted == [sales, other]  # deleted only after the mail
+        assert server.state.inbox == []
+        for message, pages in ((first, 1), (second, 3)):
+            parsed = email.message_from_bytes(bytes(message), policy=email.policy.default)
+            pdfs = [part for part in parsed.iter_attachments()
+                    if part.get_content_type() == "application/pdf"]
+            assert len(pdfs) == 1
+            data = pdfs[0].get_payload(decode=True)
+            assert isinstance(data, bytes)
+            with pikepdf.open(io.BytesIO(data)) as pdf:
+                assert len(pdf.pages) == pages
+        first_parsed = email.message_from_bytes(bytes(first), policy=email.policy.default)
+        assert "+49 40 555123" in str(first_parsed["Subject"])
+        records = await app.store.list_inbound()
+        assert {record.state for record in records} == {"deleted"}
+    finally:
+        await app.stop()
+        await server.close()
