@@ -1,0 +1,419 @@
+"""Retarus Faxolution for Applications (Fax4A) REST API v1 over HTTP.
+
+Retarus runs each region as two clustered data centres: a job is sent through the region's
+high-availability (HA) URL, lands in one of them, and can only be polled or deleted there.
+So sends go to ``send_url`` and every report operation goes to each of ``data_centres``,
+where "not found" is normal. Status comes by bulk polling (≤1000 ids a request) and, when
+mailfax's web endpoint is configured, by Retarus' HTTP status push to
+``{push_base_url}/job/{job_id}``, authenticated with HTTP Basic and a per-job secret.
+
+A send whose answer was lost is resent with the same ``reference.customerDefinedId`` (our job
+id): it is first looked for among the reports, and Retarus' 409 "duplicate job" resolves to the
+job already there, so a fax is never sent twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hmac
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+
+import httpx
+from aiohttp import web
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from mailfax import reasons
+from mailfax.config import Secret
+from mailfax.providers import retarus_codes as codes
+from mailfax.providers.base import (
+    BaseProvider,
+    FaxDocument,
+    ProviderContext,
+    ProviderError,
+    ProviderRef,
+    SendReceipt,
+    SendRequest,
+    SendResult,
+    StatusReport,
+)
+
+log = logging.getLogger(__name__)
+
+HA_DE = "https://faxws-ha.de.retarus.com/rest/v1"
+DATA_CENTRES_DE = {"DE1": "https://faxws.de1.retarus.com/rest/v1",
+                   "DE2": "https://faxws.de2.retarus.com/rest/v1"}
+PUSH_USER = "mailfax"
+# A duplicate whose Retarus id could not be learnt yet: polled by reference until found.
+BY_REFERENCE = "ref:"
+
+
+class Settings(BaseModel):
+    """``[accounts.NAME]`` with ``provider = "retarus"``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    customer_number: str = Field(pattern=r"^[A-Za-z0-9]+$", description="e.g. 99999TE")
+    username: str = Field(min_length=1)
+    password: Secret  # "env:NAME" or "file:PATH" keep it out of the config file
+    send_url: str = Field(default=HA_DE, description="the region's HA URL, for sending")
+    data_centres: dict[str, str] = Field(
+        default_factory=lambda: dict(DATA_CENTRES_DE), min_length=1,
+        description="name -> data-centre URL, for polling and deleting reports")
+    paper_format: Literal["A4", "LETTER"] = "A4"
+    resolution: Literal["HIGH", "LOW"] = "HIGH"
+    station_id: str | None = Field(default=None, max_length=20,
+                                   description="CSID when the job names none")
+    blacklist_check: bool = Field(default=False, description="honour Robinson/ECOFAX lists")
+    express: bool = False
+    status_push: bool = Field(default=True, description="ask for pushes (needs [web])")
+    delete_reports: bool = Field(default=True, description="delete reports once handled")
+    timeout_seconds: float = Field(default=60.0, gt=0)
+    connect_timeout_seconds: float = Field(default=10.0, gt=0)
+    connect_retries: int = Field(default=2, ge=0)
+    max_connections: int = Field(default=10, ge=1)
+    send_concurrency: int = Field(default=4, ge=1)
+
+    @field_validator("data_centres", mode="before")
+    @classmethod
+    def _named(cls, value: Any) -> Any:
+        if isinstance(value, list | tuple):  # a plain list of URLs: name them DC1, DC2, ...
+            return {f"DC{number}": url for number, url in enumerate(value, 1)}
+        return value
+
+    @field_validator("send_url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        return _http_url(value)
+
+    @field_validator("data_centres")
+    @classmethod
+    def _urls(cls, value: dict[str, str]) -> dict[str, str]:
+        return {name: _http_url(url) for name, url in value.items()}
+
+
+def _http_url(value: str) -> str:
+    if not value.startswith(("https://", "http://")):
+        raise ValueError(f"not an http(s) URL: {value!r}")
+    return value.rstrip("/")
+
+
+def send_body(request: SendRequest, documents: Sequence[tuple[str, str]], settings: Settings,
+              push: Mapping[str, str] | None) -> dict[str, Any]:
+    """The ``FaxJobRequest`` for one job; ``documents`` are (name, base64 data)."""
+    transport: dict[str, Any] = {"isExpress": settings.express,
+                                 "isBlacklistEnabled": settings.blacklist_check}
+    csid = request.station_id or settings.station_id
+    if csid:
+        transport["csid"] = csid[:20]
+    rendering: dict[str, Any] = {"paperFormat": settings.paper_format,
+                                 "resolution": settings.resolution}
+    if request.header:
+        rendering["header"] = request.header
+    body: dict[str, Any] = {
+        "reference": {"customerDefinedId": request.job_id},
+        "recipients": [{"number": request.number}],
+        "documents": [{"name": name, "data": data} for name, data in documents],
+        "transportOptions": transport,
+        "renderingOptions": rendering,
+    }
+    if push:
+        body["statusReportOptions"] = {"httpStatusPush": dict(push)}
+    if request.send_at is not None:
+        body["meta"] = {"customerReference": request.job_id,
+                        "jobValid": {"start": request.send_at.isoformat()}}
+    return body
+
+
+class RetarusProvider(BaseProvider):
+    provider_name = "retarus"
+
+    def __init__(self, context: ProviderContext, settings: Settings,
+                 transport: httpx.AsyncBaseTransport | None = None):
+        super().__init__(context)
+        self.settings = settings
+        limits = httpx.Limits(max_connections=settings.max_connections,
+                              max_keepalive_connections=settings.max_connections)
+        self.client = httpx.AsyncClient(
+            auth=httpx.BasicAuth(settings.username, settings.password.get_secret_value()),
+            timeout=httpx.Timeout(settings.timeout_seconds,
+                                  connect=settings.connect_timeout_seconds),
+            transport=transport or httpx.AsyncHTTPTransport(
+                retries=settings.connect_retries, limits=limits),
+            headers={"Accept": "application/json", "User-Agent": "mailfax"},
+        )
+        self._send_slots = asyncio.Semaphore(settings.send_concurrency)
+        # Retarus job id -> the data centre that knows it, so later calls ask only that one.
+        self._home: dict[str, str] = {}
+        # our job id -> Retarus job id, for duplicates first known by reference only
+        self._resolved: dict[str, str] = {}
+
+    def __repr__(self) -> str:
+        return f"<RetarusProvider {self.account} customer {self.settings.customer_number}>"
+
+    # --- HTTP -----------------------------------------------------------------------------
+
+    def _reports_url(self, data_centre: str) -> str:
+        base = self.settings.data_centres[data_centre]
+        return f"{base}/{self.settings.customer_number}/fax/reports"
+
+    async def _call(self, method: str, url: str, operation: str,
+                    json: Any = None) -> httpx.Response:
+        try:
+            return await self.client.request(method, url, json=json)
+        except httpx.HTTPError as error:  # connect errors were already retried by the transport
+            raise ProviderError(reasons.reason(
+                "provider_unavailable", f"Retarus {operation}: {type(error).__name__}"),
+                transient=True) from None
+
+    @staticmethod
+    def _json(response: httpx.Response, operation: str) -> Any:
+        try:
+            return response.json()
+        except ValueError:
+            raise ProviderError(reasons.reason(
+                "provider_error", f"Retarus {operation}: unreadable answer"),
+                transient=True) from None
+
+    @staticmethod
+    def _error(response: httpx.Response, operation: str) -> ProviderError:
+        return codes.http_error(response.status_code, response.text,
+                                response.headers.get("Retry-After"), operation)
+
+    # --- sending --------------------------------------------------------------------------
+
+    async def send_many(self, requests: Sequence[SendRequest]) -> list[SendResult]:
+        encoded: dict[int, str] = {}  # the jobs of one mail share their documents
+
+        async def one(request: SendRequest) -> SendResult:
+            async with self._send_slots:
+                try:
+                    return await self._send(request, encoded)
+                except ProviderError as error:
+                    return error
+
+        return list(await asyncio.gather(*(one(request) for request in requests)))
+
+    async def send(self, request: SendRequest) -> SendReceipt:
+        return await self._send(request, {})
+
+    async def _send(self, request: SendRequest, encoded: dict[int, str]) -> SendReceipt:
+        if request.attempt > 1:  # an earlier answer may have been lost: is the job there?
+            found = await self._find_by_reference([request.job_id])
+            if request.job_id in found:
+                return self._duplicate(request, found[request.job_id])
+        names = codes.document_names([document.filename for document in request.documents])
+        documents = [(name, _base64(document, encoded))
+                     for name, document in zip(names, request.documents, strict=True)]
+        body = send_body(request, documents, self.settings, self._push_options(request.job_id))
+        url = f"{self.settings.send_url}/{self.settings.customer_number}/fax"
+        response = await self._call("POST", url, "send", body)
+        if response.status_code in (200, 201):
+            answer = self._json(response, "send")
+            job_id = answer.get("jobId") if isinstance(answer, dict) else None
+            if not isinstance(job_id, str) or not job_id:
+                raise ProviderError(reasons.reason(
+                    "provider_error", "Retarus send: answer without a jobId"), transient=True)
+            return SendReceipt(job_id=request.job_id, provider_job_id=job_id,
+                               pages=request.pages)
+        if response.status_code == 409:  # CONFLICT "Duplicate job": the earlier send arrived
+            return await self._resolve_duplicate(request, response)
+        raise self._error(response, "send")
+
+    def _push_options(self, job_id: str) -> dict[str, str] | None:
+        base = self.context.push_base_url
+        if not (self.settings.status_push and base):
+            return None
+        return {"targetUrl": f"{base}/job/{job_id}", "authMethod": "HTTP_BASIC",
+                "principal": PUSH_USER, "credentials": self.context.push_token(job_id)}
+
+    async def _resolve_duplicate(self, request: SendRequest,
+                                 response: httpx.Response) -> SendReceipt:
+        try:
+            answer = response.json()
+        except ValueError:
+            answer = None
+        if isinstance(answer, dict) and isinstance(answer.get("jobId"), str):
+            return SendReceipt(job_id=request.job_id, provider_job_id=answer["jobId"],
+                               pages=request.pages, duplicate=True)
+        found = await self._find_by_reference([request.job_id])
+        if request.job_id in found:
+            return self._duplicate(request, found[request.job_id])
+        # Still running (only finished jobs are listed): poll it by reference until it is.
+        log.info("job %s: Retarus already has it; its id follows with its report",
+                 request.job_id)
+        return SendReceipt(job_id=request.job_id, provider_job_id=BY_REFERENCE + request.job_id,
+                           pages=request.pages, duplicate=True)
+
+    def _duplicate(self, request: SendRequest, found: tuple[str, dict[str, Any]]) -> SendReceipt:
+        data_centre, report = found
+        self._home[report["jobId"]] = data_centre
+        return SendReceipt(job_id=request.job_id, provider_job_id=report["jobId"],
+                           pages=request.pages, duplicate=True)
+
+    async def _find_by_reference(self, job_ids: Sequence[str]
+                                 ) -> dict[str, tuple[str, dict[str, Any]]]:
+        """Our job id -> (data centre, report) among each data centre's listed reports."""
+        wanted = set(job_ids)
+        lists = await asyncio.gather(*(self._list(dc) for dc in self.settings.data_centres),
+                                     return_exceptions=True)
+        found: dict[str, tuple[str, dict[str, Any]]] = {}
+        for data_centre, listed in zip(self.settings.data_centres, lists, strict=True):
+            if isinstance(listed, BaseException):
+                log.warning("Retarus %s: listing reports failed: %s", data_centre, listed)
+                continue
+            for report in listed:
+                reference = codes.customer_defined_id(report)
+                if reference in wanted:
+                    found[reference] = (data_centre, report)
+        return found
+
+    async def _list(self, data_centre: str) -> list[dict[str, Any]]:
+        response = await self._call("GET", self._reports_url(data_centre), "list reports")
+        if response.status_code == 404:
+            return []
+        if response.status_code != 200:
+            raise self._error(response, f"list reports at {data_centre}")
+        return codes.reports_in(self._json(response, "list reports"))
+
+    # --- status ---------------------------------------------------------------------------
+
+    async def status(self, refs: Sequence[ProviderRef]) -> dict[str, StatusReport]:
+        ours: dict[str, str] = {}  # Retarus job id -> our job id
+        by_reference: list[str] = []
+        for ref in refs:
+            provider_job_id = self._resolved.get(ref.job_id, ref.provider_job_id)
+            if provider_job_id.startswith(BY_REFERENCE) or not provider_job_id:
+                by_reference.append(ref.job_id)
+            else:
+                ours[provider_job_id] = ref.job_id
+        found = await self._bulk("GET", list(ours))
+        if by_reference:
+            for job_id, (data_centre, report) in (
+                    await self._find_by_reference(by_reference)).items():
+                self._resolved[job_id] = report["jobId"]
+                ours[report["jobId"]] = job_id
+                found.append((data_centre, report))
+        best: dict[str, dict[str, Any]] = {}
+        for data_centre, report in found:
+            owner = ours.get(report["jobId"])
+            if owner is None or not codes.has_status(report):
+                continue
+            reference = codes.customer_defined_id(report)
+            if reference not in (None, owner):
+                log.warning("Retarus job %s belongs to %s, not %s", report["jobId"], reference,
+                            owner)
+                continue
+            self._home[report["jobId"]] = data_centre
+            if owner not in best or not codes.is_final(best[owner]):
+                best[owner] = report
+        return {job_id: codes.status_report(report) for job_id, report in best.items()}
+
+    async def _bulk(self, action: Literal["GET", "DELETE"], provider_job_ids: Sequence[str]
+                    ) -> list[tuple[str, dict[str, Any]]]:
+        """Bulk GET or DELETE by Retarus job id, asking a job's home data centre when known
+        and every data centre otherwise; (data centre, item) for each item answered."""
+        plan: dict[str, list[str]] = {dc: [] for dc in self.settings.data_centres}
+        for provider_job_id in provider_job_ids:
+            home = self._home.get(provider_job_id)
+            for data_centre in [home] if home in plan else plan:
+                plan[data_centre].append(provider_job_id)
+        calls = [(dc, chunk) for dc, ids in plan.items() for chunk in codes.chunked(ids)]
+        answers = await asyncio.gather(*(self._bulk_call(action, dc, chunk)
+                                         for dc, chunk in calls), return_exceptions=True)
+        items: list[tuple[str, dict[str, Any]]] = []
+        errors: list[ProviderError] = []
+        for (data_centre, chunk), answer in zip(calls, answers, strict=True):
+            if isinstance(answer, ProviderError):
+                errors.append(answer)
+                for provider_job_id in chunk:  # ask everywhere next time
+                    self._home.pop(provider_job_id, None)
+                continue
+            if isinstance(answer, BaseException):
+                raise answer
+            items += [(data_centre, item) for item in answer]
+        if errors and (action == "DELETE" or len(errors) == len(calls)):
+            raise errors[0]  # a partial answer still tells the jobs it found
+        for error in errors:
+            log.warning("Retarus %s: %s", action, error)
+        return items
+
+    async def _bulk_call(self, action: str, data_centre: str, ids: Sequence[str]
+                         ) -> list[dict[str, Any]]:
+        operation = f"{action} reports at {data_centre}"
+        response = await self._call("POST", self._reports_url(data_centre), operation,
+                                    {"action": action, "jobIds": list(ids)})
+        if response.status_code == 404:  # none of them is known here
+            return []
+        if response.status_code not in (200, 201):
+            raise self._error(response, operation)
+        return codes.reports_in(self._json(response, operation))
+
+    async def acknowledge(self, refs: Sequence[ProviderRef]) -> None:
+        ids = []
+        for ref in refs:
+            provider_job_id = self._resolved.pop(ref.job_id, ref.provider_job_id)
+            if provider_job_id and not provider_job_id.startswith(BY_REFERENCE):
+                ids.append(provider_job_id)
+        if self.settings.delete_reports and ids:
+            await self._bulk("DELETE", ids)
+        for provider_job_id in ids:
+            self._home.pop(provider_job_id, None)
+
+    # --- status push ----------------------------------------------------------------------
+
+    async def handle_push(self, request: web.Request, subpath: str) -> web.StreamResponse:
+        kind, _, job_id = subpath.strip("/").partition("/")
+        if kind != "job" or not job_id or "/" in job_id:
+            raise web.HTTPNotFound()
+        if request.method != "POST":
+            raise web.HTTPMethodNotAllowed(request.method, ["POST"])
+        if not self._push_authorised(request.headers.get("Authorization", ""), job_id):
+            return web.Response(status=401, text="unauthorised\n",
+                                headers={"WWW-Authenticate": 'Basic realm="mailfax"'})
+        body = await request.read()
+        try:
+            items = codes.parse_push(body, request.content_type)
+        except codes.PushFormatError as error:
+            log.warning("Retarus push for job %s refused: %s", job_id, error)
+            return web.Response(status=400, text="unreadable status push\n")
+        mine = [item for item in items if codes.customer_defined_id(item) in (None, job_id)]
+        if len(mine) != 1:
+            return web.Response(status=400, text="not a report of this job\n")
+        report = codes.status_report(mine[0])
+        if report.state.is_final and self.context.report_status is not None:
+            await self.context.report_status({job_id: report})  # durable before our 2xx
+        elif self.context.wake_tracker is not None:
+            await self.context.wake_tracker([job_id])
+        return web.Response(text="OK\n")
+
+    def _push_authorised(self, header: str, job_id: str) -> bool:
+        scheme, _, encoded = header.partition(" ")
+        if scheme.lower() != "basic":
+            return False
+        try:
+            user, _, password = base64.b64decode(encoded, validate=True).decode().partition(":")
+        except (binascii.Error, UnicodeDecodeError):
+            return False
+        user_ok = hmac.compare_digest(user.encode(), PUSH_USER.encode())
+        token_ok = hmac.compare_digest(password.encode(),
+                                       self.context.push_token(job_id).encode())
+        return user_ok and token_ok
+
+    async def close(self) -> None:
+        await self.client.aclose()
+
+
+
+def _base64(document: FaxDocument, cache: dict[int, str]) -> str:
+    key = id(document)
+    if key not in cache:
+        cache[key] = base64.b64encode(document.data).decode("ascii")
+    return cache[key]
+
+
+def create(context: ProviderContext, settings: Settings,
+           transport: httpx.AsyncBaseTransport | None = None) -> RetarusProvider:
+    return RetarusProvider(context, settings, transport)
