@@ -163,7 +163,7 @@ async def test_sanitised_names_are_accepted_by_the_emulator(
         FaxDocument("Übersicht: Q1 & Q2 — endgültig!.pdf", PDF, 1),
         FaxDocument("Übersicht: Q1 & Q2 — endgültig?.pdf", PDF, 1)]))
     names = [name for name, _ in emulator.state.jobs[receipt.provider_job_id].documents]
-    assert names == ["Uebersicht__Q1___Q2___endgue.pdf", "Uebersicht__Q1___Q2___endg-2.pdf"]
+    assert names == ["Uebersicht__Q1___Q2_-_endgue.pdf", "Uebersicht__Q1___Q2_-_endg-2.pdf"]
 
 
 # --- status ----------------------------------------------------------------------------------

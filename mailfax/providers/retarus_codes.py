@@ -23,6 +23,7 @@ from xml.parsers import expat
 from mailfax import reasons
 from mailfax.model import JobState, Reason
 from mailfax.providers.base import ProviderError, StatusReport
+from mailfax.text import SPELLED_OUT
 
 MAX_IDS_PER_REQUEST = 1000  # bulk POST /reports: "The maximum number of jobs per POST"
 MAX_NAME_LENGTH = 32  # documents[].name: at most 32 of [a-zA-Z0-9-_.]
@@ -196,14 +197,12 @@ def retry_after(value: str | None) -> float | None:
 
 # --- document names ----------------------------------------------------------------------
 
-_GERMAN = str.maketrans({"ä": "ae", "ö": "oe", "ü": "ue", "Ä": "Ae", "Ö": "Oe", "Ü": "Ue",
-                         "ß": "ss", "ẞ": "SS"})
 _NOT_ALLOWED = re.compile(r"[^A-Za-z0-9._-]")
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,32}$")
 
 
 def _plain(text: str) -> str:
-    text = unicodedata.normalize("NFKD", text.translate(_GERMAN))
+    text = unicodedata.normalize("NFKD", text.translate(SPELLED_OUT))
     text = "".join(char for char in text if not unicodedata.combining(char))
     return _NOT_ALLOWED.sub("_", text)
 
