@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import sqlite3
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -11,19 +13,77 @@ import pytest
 
 from mailfax import reasons
 from mailfax.model import JobState
-from mailfax.providers.base import FaxDocument
+from mailfax.providers.base import FaxDocument, InboundFax
+from mailfax.store import migrate, open_store
 from mailfax.store.base import IllegalTransition, NewJob, NewMail, OutgoingMail, Store, Transition
 from mailfax.store.sqlite import SqliteStore
+from tests import pg
+
+BACKENDS = ["sqlite", "postgresql"]
 
 
-@pytest.fixture(params=["sqlite"])
-async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
-    backend: Store = SqliteStore(tmp_path / "store.sqlite3")
-    await backend.open()
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[pg.PostgresServer]:
+    """One PostgreSQL server for the session (each test gets a database of its own)."""
     try:
-        yield backend
+        server = pg.start_postgres()
+    except pg.PostgresUnavailable as error:
+        if pg.required():
+            pytest.fail(f"MAILFAX_REQUIRE_POSTGRES is set but: {error}")
+        pytest.skip(str(error))
+    try:
+        yield server
     finally:
-        await backend.close()
+        server.stop()
+
+
+@dataclass
+class Backend:
+    """A fresh, empty database of one backend; ``make()`` gives another store object on it."""
+
+    name: str
+    url: str
+    set_schema_version: Callable[[int], None]
+
+    def make(self) -> Store:
+        return open_store(self.url)
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
+    if request.param == "sqlite":
+        path = tmp_path / "store.sqlite3"
+
+        def sqlite_version(version: int) -> None:
+            with sqlite3.connect(path) as conn:
+                conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'",
+                             (str(version),))
+
+        yield Backend("sqlite", f"sqlite:///{path}", sqlite_version)
+        return
+    server: pg.PostgresServer = request.getfixturevalue("postgres_server")
+    url = server.create_database()
+
+    def postgres_version(version: int) -> None:
+        import psycopg
+
+        with psycopg.connect(url) as conn:
+            conn.execute("INSERT INTO schema_migrations (version) VALUES (%s)", (version,))
+
+    try:
+        yield Backend("postgresql", url, postgres_version)
+    finally:
+        server.drop_database(url)
+
+
+@pytest.fixture
+async def store(backend: Backend) -> AsyncIterator[Store]:
+    opened = backend.make()
+    await opened.open()
+    try:
+        yield opened
+    finally:
+        await opened.close()
 
 
 def new_mail(mail_id: str = "m1", sender: str = "alice@example.org") -> NewMail:
@@ -119,8 +179,8 @@ async def test_tracked_jobs_are_the_ones_at_the_provider(store: Store) -> None:
 async def test_notification_and_outbox_are_handed_over_atomically(store: Store) -> None:
     await add(store)
     [event] = await store.pending_notifications(10)
-    await store.complete_notification(event.id, OutgoingMail("", ["alice@example.org"], b"m",
-                                                             job_id="j1"))
+    await store.complete_notification(event.id, [OutgoingMail("", ["alice@example.org"], b"m",
+                                                              job_id="j1")])
     assert await store.pending_notifications(10) == []
     [item] = await store.due_outbox(10)
     assert (item.recipients, item.message, item.job_id) == (["alice@example.org"], b"m", "j1")
@@ -138,7 +198,7 @@ async def test_final_jobs_are_acknowledged_only_after_their_mail_left(store: Sto
     await store.record("j1", Transition(JobState.DELIVERED))
     assert await store.unacknowledged_final_jobs("acct", 10) == []  # events not yet mailed
     for event in await store.pending_notifications(10):
-        await store.complete_notification(event.id, OutgoingMail("", ["a@b"], b"m", "j1"))
+        await store.complete_notification(event.id, [OutgoingMail("", ["a@b"], b"m", "j1")])
     assert await store.unacknowledged_final_jobs("acct", 10) == []  # mail still in the outbox
     for item in await store.due_outbox(10):
         await store.outbox_sent(item.id)
@@ -147,40 +207,214 @@ async def test_final_jobs_are_acknowledged_only_after_their_mail_left(store: Sto
     assert await store.unacknowledged_final_jobs("acct", 10) == []
 
 
-async def test_concurrent_writes_share_commits(tmp_path: Path) -> None:
-    store = SqliteStore(tmp_path / "group.sqlite3")
-    await store.open()
-    try:
+async def test_concurrent_writes_all_land(store: Store) -> None:
+    if isinstance(store, SqliteStore):
         before = store.commits
-        await asyncio.gather(*(add(store, f"m{i}", (f"j{i}",)) for i in range(100)))
-        assert len(await store.list_jobs()) == 100
+    await asyncio.gather(*(add(store, f"m{i}", (f"j{i}",)) for i in range(100)))
+    assert len(await store.list_jobs()) == 100
+    if isinstance(store, SqliteStore):
         assert store.commits - before < 100  # group commit: fewer transactions than mails
-    finally:
-        await store.close()
 
 
-async def test_a_failing_operation_does_not_undo_its_batch_neighbours(tmp_path: Path) -> None:
-    store = SqliteStore(tmp_path / "s.sqlite3")
-    await store.open()
-    try:
-        results = await asyncio.gather(add(store, "m1", ("j1",)), add(store, "m1", ("j2",)),
-                                       add(store, "m3", ("j3",)), return_exceptions=True)
-        assert isinstance(results[1], Exception)  # duplicate mail id
-        assert sorted(job.id for job in await store.list_jobs()) == ["j1", "j3"]
-    finally:
-        await store.close()
+async def test_a_failing_operation_does_not_undo_its_neighbours(store: Store) -> None:
+    results = await asyncio.gather(add(store, "m1", ("j1",)), add(store, "m1", ("j2",)),
+                                   add(store, "m3", ("j3",)), return_exceptions=True)
+    assert isinstance(results[1], Exception)  # duplicate mail id
+    assert sorted(job.id for job in await store.list_jobs()) == ["j1", "j3"]
+    assert await store.get_job("j2") is None  # nothing of the failed one was kept
 
 
-async def test_data_survives_reopening(tmp_path: Path) -> None:
-    path = tmp_path / "s.sqlite3"
-    first = SqliteStore(path)
+async def test_data_survives_reopening(backend: Backend) -> None:
+    first = backend.make()
     await first.open()
     await add(first)
     await first.close()
-    second = SqliteStore(path)
+    second = backend.make()
     await second.open()
     try:
         job = await second.get_job("j1")
         assert job is not None and job.state == JobState.QUEUED
     finally:
         await second.close()
+
+
+async def test_values_round_trip_exactly(store: Store) -> None:
+    binary = [FaxDocument("x.pdf", bytes(range(256)) * 3, 4), FaxDocument("y.pdf", b"\0", 1)]
+    options = {"station_id": "Kanzlei Müller", "cover": {"lines": ["a", "b"]}, "n": 1.5}
+    await store.add_mail_jobs(new_mail("m1"), [NewJob("j1", "+4930123456", "acct", options)],
+                              binary)
+    await store.add_mail_jobs(new_mail("m2"), [NewJob("j2", "+4930123456", "acct")],
+                              binary)  # the same documents again: stored once, loaded twice
+    assert await store.load_documents("m1") == binary
+    assert await store.load_documents("m2") == binary
+    job = await store.get_job("j1")
+    assert job is not None and job.options == options and job.pages == 5
+    for moment in (job.created, job.updated, job.next_attempt_at):
+        assert moment is not None and moment.utcoffset() == timedelta(0)
+        assert abs((moment - datetime.now(UTC)).total_seconds()) < 60
+    assert not job.cancel_requested and not job.acknowledged
+    mail = await store.get_mail("m1")
+    assert mail is not None and mail.received_at.utcoffset() == timedelta(0)
+    assert await store.get_job("nope") is None and await store.get_mail("nope") is None
+
+
+async def test_a_transition_with_a_reason_logs_an_event(store: Store) -> None:
+    await add(store)
+    reason = reasons.reason("busy")
+    assert await store.record("j1", Transition(JobState.RETRYING, reason=reason,
+                                               detail="line busy", notify=False))
+    assert await store.record("j1", Transition(JobState.RETRYING))  # same state: no new event
+    events = await store.job_events("j1")
+    assert [(e.state, e.detail) for e in events] == [(JobState.QUEUED, "accepted"),
+                                                     (JobState.RETRYING, "line busy")]
+    assert events[1].reason == reason and events[1].at.utcoffset() == timedelta(0)
+    assert [e.job_id for e in await store.pending_notifications(10)] == ["j1"]  # not notify
+    with pytest.raises(KeyError):
+        await store.record("nope", Transition(JobState.FAILED))
+
+
+async def test_a_transition_clears_the_lease(store: Store) -> None:
+    await add(store)
+    [job] = await store.claim_due_jobs("one", 10, lease_seconds=60)
+    await store.record("j1", Transition(JobState.RETRYING, next_attempt_at=job.created))
+    assert [job.id for job in await store.claim_due_jobs("two", 10, lease_seconds=60)] == ["j1"]
+
+
+async def test_cancel_requests_and_job_lists(store: Store) -> None:
+    await add(store, jobs=("j1", "j2"))
+    await store.record("j2", Transition(JobState.FAILED))
+    job = await store.request_cancel("j1")
+    assert job is not None and job.cancel_requested
+    assert await store.request_cancel("nope") is None
+    await store.clear_cancel_request("j1")
+    job = await store.get_job("j1")
+    assert job is not None and not job.cancel_requested
+    assert {job.id for job in await store.list_jobs()} == {"j1", "j2"}
+    assert [job.id for job in await store.list_jobs(state=JobState.FAILED)] == ["j2"]
+    assert len(await store.list_jobs(limit=1)) == 1
+
+
+async def test_usage_counts_jobs_and_pages_by_sender(store: Store) -> None:
+    since = datetime.now(UTC) - timedelta(minutes=1)
+    await add(store, "m1", ("j1", "j2"))
+    await store.add_mail_jobs(new_mail("m2", "Bob@Other.example"),
+                              [NewJob("j3", "+4930123456", "acct")], DOCS)
+    assert await store.usage_since(since) == (3, 9)
+    assert await store.usage_since(since, ["alice@example.org"]) == (2, 6)
+    assert await store.usage_since(since, ["bob@other.example"]) == (1, 3)
+    assert await store.usage_since(since, ["@other.example", "alice@example.org"]) == (3, 9)
+    assert await store.usage_since(since, []) == (0, 0)
+    assert await store.usage_since(datetime.now(UTC) + timedelta(minutes=1)) == (0, 0)
+
+
+async def test_outbox_failures_and_next_due(store: Store) -> None:
+    assert await store.outbox_next_due() is None
+    first = await store.enqueue_mail(OutgoingMail("", ["a@b"], b"one", kind="bounce"))
+    second = await store.enqueue_mail(OutgoingMail("", ["c@d"], b"two"))
+    assert first < second
+    due = await store.outbox_next_due()
+    assert due is not None and due <= datetime.now(UTC)
+    await store.outbox_give_up(first, "x" * 5000)
+    assert [item.id for item in await store.due_outbox(10)] == [second]
+    later = datetime.now(UTC) + timedelta(hours=2)
+    await store.outbox_retry(second, later, "try later")
+    due = await store.outbox_next_due()
+    assert due is not None and abs((due - later).total_seconds()) < 1
+    assert await store.outbox_depth() == 1
+
+
+async def test_inbound_faxes_are_stored_once_and_handed_off(store: Store) -> None:
+    received = datetime(2024, 5, 1, 12, 30, tzinfo=UTC)
+    fax = InboundFax("F1", "+4930999", received, "+4940111", "REMOTE", 2, b"II*\0" + bytes(300))
+    record = await store.add_inbound_fax("acct", fax)
+    again = await store.add_inbound_fax("acct", fax)
+    assert record == again
+    assert (record.state, record.deliveries, record.pages, record.received_at) == (
+        "received", 0, 2, received)
+    assert await store.inbound_image("acct", "F1") == fax.image
+    with pytest.raises(KeyError):
+        await store.inbound_image("acct", "nope")
+    assert not await store.inbound_handed_off("acct", "F1")  # no mail yet
+    await store.queue_inbound_mails("acct", "F1", [
+        OutgoingMail("", ["x@y"], b"fax", kind="inbound", inbound=("acct", "F1")),
+        OutgoingMail("", ["z@y"], b"fax", kind="inbound", inbound=("acct", "F1"))])
+    [stored] = await store.find_inbound("F1")
+    assert (stored.state, stored.deliveries) == ("queued", 1)
+    items = await store.due_outbox(10)
+    await store.outbox_sent(items[0].id)
+    assert not await store.inbound_handed_off("acct", "F1")
+    await store.outbox_sent(items[1].id)
+    assert await store.inbound_handed_off("acct", "F1")
+    await store.mark_inbound_deleted("acct", "F1")
+    assert [(r.fax_id, r.state) for r in await store.list_inbound()] == [("F1", "deleted")]
+    assert await store.find_inbound("nope") == []
+
+
+async def test_two_instances_claiming_concurrently_get_disjoint_jobs(backend: Backend) -> None:
+    first, second = backend.make(), backend.make()
+    await first.open()
+    await second.open()
+    try:
+        ids = [f"j{i}" for i in range(60)]
+        for start in range(0, 60, 10):
+            await add(first, f"m{start}", tuple(ids[start:start + 10]))
+        claimed: dict[str, list[str]] = {"one": [], "two": []}
+
+        async def worker(store: Store, owner: str) -> None:
+            while jobs := await store.claim_due_jobs(owner, 3, lease_seconds=60):
+                claimed[owner] += [job.id for job in jobs]
+
+        await asyncio.gather(*(worker(store, owner)
+                               for _ in range(4)
+                               for store, owner in ((first, "one"), (second, "two"))))
+        assert not set(claimed["one"]) & set(claimed["two"])
+        assert sorted(claimed["one"] + claimed["two"]) == sorted(ids)  # each exactly once
+        assert all(job.attempts == 1 for job in await first.list_jobs())
+    finally:
+        await first.close()
+        await second.close()
+
+
+async def test_migrate_applies_each_version_once(backend: Backend) -> None:
+    applied = await migrate(backend.url)
+    assert applied and applied == sorted(applied) and applied[0] == 1
+    assert await migrate(backend.url) == []
+    store = backend.make()
+    await store.open()  # nothing left to do
+    await add(store)
+    await store.close()
+    assert await migrate(backend.url) == []
+
+
+async def test_a_newer_schema_is_refused(backend: Backend) -> None:
+    applied = await migrate(backend.url)
+    backend.set_schema_version(applied[-1] + 1)
+    with pytest.raises(RuntimeError, match="newer than this mailfax"):
+        await migrate(backend.url)
+    store = backend.make()
+    with pytest.raises(RuntimeError, match="newer than this mailfax"):
+        await store.open()
+    await store.close()
+
+
+async def test_postgres_wakes_waiters_when_another_instance_adds_jobs(backend: Backend) -> None:
+    if backend.name != "postgresql":
+        pytest.skip("LISTEN/NOTIFY is PostgreSQL's")
+    from mailfax.store.postgres import PostgresStore
+
+    waiter, adder = PostgresStore(backend.url), PostgresStore(backend.url)
+    await waiter.open()
+    await adder.open()
+    try:
+        started = asyncio.get_running_loop().time()
+        await waiter.wait_for_work(0.2)  # nothing happens: the whole timeout
+        assert asyncio.get_running_loop().time() - started >= 0.19
+        waiting = asyncio.create_task(waiter.wait_for_work(30))
+        await asyncio.sleep(0.05)
+        started = asyncio.get_running_loop().time()
+        await add(adder)
+        await asyncio.wait_for(waiting, 5)
+        assert asyncio.get_running_loop().time() - started < 5
+    finally:
+        await waiter.close()
+        await adder.close()

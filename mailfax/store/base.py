@@ -198,14 +198,22 @@ class Store(Protocol):
 
     async def list_jobs(self, limit: int = 1000, state: JobState | None = None) -> list[Job]: ...
 
+    async def usage_since(self, since: datetime, senders: Sequence[str] | None = None
+                          ) -> tuple[int, int]:
+        """(jobs, pages) created since ``since`` by these envelope senders (``"@domain"`` for a
+        whole domain; None: everyone); for quotas."""
+        ...
+
     async def job_events(self, job_id: str) -> list[Event]: ...
 
     async def request_cancel(self, job_id: str) -> Job | None: ...
 
     async def pending_notifications(self, limit: int) -> list[Event]: ...
 
-    async def complete_notification(self, event_id: int, mail: OutgoingMail | None) -> None:
-        """Queue the status mail for an event (or none) and mark the event done, atomically."""
+    async def complete_notification(self, event_id: int,
+                                    mails: Sequence[OutgoingMail] = ()) -> None:
+        """Queue the mails for an event (a status mail, a bounce, both or none) and mark the
+        event done, atomically."""
         ...
 
     async def enqueue_mail(self, mail: OutgoingMail) -> int: ...

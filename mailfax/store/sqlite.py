@@ -606,6 +606,22 @@ class SqliteStore(_InboundMixin):
 
         return await self._call(operation)
 
+    async def usage_since(self, since: datetime, senders: Sequence[str] | None = None
+                          ) -> tuple[int, int]:
+        def operation(conn: sqlite3.Connection) -> tuple[int, int]:
+            query = "SELECT COUNT(*), COALESCE(SUM(pages), 0) FROM jobs WHERE created >= ?"
+            parameters: list[Any] = [since.timestamp()]
+            if senders is not None:  # "a@b.c" exactly, "@b.c" the whole domain
+                tests = ["lower(sender) LIKE ?" if sender.startswith("@") else "lower(sender) = ?"
+                         for sender in senders]
+                query += f" AND ({' OR '.join(tests) or '0'})"
+                parameters += [f"%{sender.lower()}" if sender.startswith("@") else sender.lower()
+                               for sender in senders]
+            row = conn.execute(query, parameters).fetchone()
+            return int(row[0]), int(row[1])
+
+        return await self._call(operation)
+
     async def job_events(self, job_id: str) -> list[Event]:
         def operation(conn: sqlite3.Connection) -> list[Event]:
             rows = conn.execute(
@@ -643,9 +659,10 @@ class SqliteStore(_InboundMixin):
         )
         return int(cursor.lastrowid or 0)
 
-    async def complete_notification(self, event_id: int, mail: OutgoingMail | None) -> None:
+    async def complete_notification(self, event_id: int,
+                                    mails: Sequence[OutgoingMail] = ()) -> None:
         def operation(conn: sqlite3.Connection) -> None:
-            if mail is not None:
+            for mail in mails:
                 self._insert_outbox(conn, mail)
             conn.execute("UPDATE events SET notify = 0 WHERE id = ?", (event_id,))
 

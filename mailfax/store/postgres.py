@@ -1,0 +1,803 @@
+"""The shared store: PostgreSQL, for one or several mailfax instances on one database.
+
+Every method is one transaction on a connection from a pool, committed before it returns.
+"Now" is the database server's clock (``now()``), so instances on different hosts agree on
+when a job is due and when a lease runs out. Instances share the dispatcher's work through
+leases: :meth:`PostgresStore.claim_due_jobs` takes due jobs with ``FOR UPDATE SKIP LOCKED``
+and stamps them with the owner and an expiry, so no two instances ever claim the same job and
+a crashed instance's jobs come back when its leases expire. After adding jobs the store sends
+``NOTIFY mailfax_jobs``; :meth:`PostgresStore.wait_for_work` wakes up on it.
+
+The schema is versioned in ``schema_migrations``; :func:`migrate` applies the missing versions
+in order, each in its own transaction, under an advisory lock so instances starting together
+do not race, and refuses a database whose schema is newer than this mailfax.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+from collections.abc import AsyncIterator, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import psycopg
+from psycopg.rows import DictRow, dict_row
+from psycopg.types.json import Jsonb
+from psycopg_pool import AsyncConnectionPool
+
+from mailfax.model import TRACKED_STATES, JobState, Reason, can_transition
+from mailfax.providers.base import FaxDocument, InboundFax
+from mailfax.store.base import (
+    Event,
+    IllegalTransition,
+    InboundRecord,
+    Job,
+    Mail,
+    NewJob,
+    NewMail,
+    OutboxItem,
+    OutgoingMail,
+    Transition,
+)
+
+log = logging.getLogger(__name__)
+
+NOTIFY_CHANNEL = "mailfax_jobs"
+MIGRATION_LOCK = 0x6D61696C666178  # pg_advisory_xact_lock key: "mailfax" in ASCII
+
+MIGRATIONS: dict[int, str] = {
+    1: """
+    CREATE TABLE mails (
+        id              text PRIMARY KEY,
+        received_at     timestamptz NOT NULL,
+        envelope_from   text NOT NULL,
+        message_id      text,
+        subject         text NOT NULL,
+        refs            jsonb NOT NULL,
+        from_header     text NOT NULL,
+        client_address  text NOT NULL,
+        auto_submitted  text,
+        precedence      text,
+        language        text NOT NULL
+    );
+
+    CREATE TABLE blobs (
+        sha256  text PRIMARY KEY,
+        data    bytea NOT NULL
+    );
+
+    CREATE TABLE documents (
+        mail_id       text NOT NULL REFERENCES mails (id),
+        position      integer NOT NULL,
+        filename      text NOT NULL,
+        content_type  text NOT NULL,
+        pages         integer NOT NULL,
+        blob          text NOT NULL REFERENCES blobs (sha256),
+        PRIMARY KEY (mail_id, position)
+    );
+
+    CREATE TABLE jobs (
+        id                text PRIMARY KEY,
+        mail_id           text NOT NULL REFERENCES mails (id),
+        account           text NOT NULL,
+        number            text NOT NULL,
+        state             text NOT NULL,
+        pages             integer NOT NULL,
+        sender            text NOT NULL,
+        created           timestamptz NOT NULL,
+        updated           timestamptz NOT NULL,
+        attempts          integer NOT NULL DEFAULT 0,
+        next_attempt_at   timestamptz,
+        provider_job_id   text,
+        reason            jsonb,
+        duration          double precision,
+        remote_id         text,
+        options           jsonb NOT NULL DEFAULT '{}',
+        cancel_requested  boolean NOT NULL DEFAULT false,
+        acknowledged      boolean NOT NULL DEFAULT false,
+        lease_owner       text,
+        lease_until       timestamptz
+    );
+    CREATE INDEX jobs_due ON jobs (next_attempt_at)
+        WHERE provider_job_id IS NULL AND state IN ('queued', 'retrying');
+    CREATE INDEX jobs_tracked ON jobs (account, state) WHERE provider_job_id IS NOT NULL;
+    CREATE INDEX jobs_created ON jobs (created);
+    CREATE INDEX jobs_mail ON jobs (mail_id);
+    CREATE INDEX jobs_sender ON jobs (lower(sender), created);
+    CREATE INDEX jobs_lease_owner ON jobs (lease_owner) WHERE lease_owner IS NOT NULL;
+
+    CREATE TABLE events (
+        id      bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        job_id  text NOT NULL REFERENCES jobs (id),
+        at      timestamptz NOT NULL,
+        state   text NOT NULL,
+        reason  jsonb,
+        detail  text NOT NULL DEFAULT '',
+        notify  boolean NOT NULL
+    );
+    CREATE INDEX events_job ON events (job_id);
+    CREATE INDEX events_pending ON events (id) WHERE notify;
+
+    CREATE TABLE outbox (
+        id               bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        created          timestamptz NOT NULL,
+        job_id           text,
+        kind             text NOT NULL,
+        envelope_from    text NOT NULL,
+        recipients       jsonb NOT NULL,
+        message          bytea NOT NULL,
+        attempts         integer NOT NULL DEFAULT 0,
+        next_attempt_at  timestamptz NOT NULL,
+        state            text NOT NULL DEFAULT 'pending',
+        last_error       text,
+        inbound_account  text,
+        inbound_fax_id   text
+    );
+    CREATE INDEX outbox_due ON outbox (next_attempt_at) WHERE state = 'pending';
+    CREATE INDEX outbox_job ON outbox (job_id) WHERE job_id IS NOT NULL;
+    CREATE INDEX outbox_inbound ON outbox (inbound_account, inbound_fax_id)
+        WHERE inbound_fax_id IS NOT NULL;
+
+    CREATE TABLE inbound_faxes (
+        account        text NOT NULL,
+        fax_id         text NOT NULL,
+        fetched_at     timestamptz NOT NULL,
+        called_number  text NOT NULL,
+        received_at    timestamptz NOT NULL,
+        originator     text NOT NULL,
+        remote_id      text NOT NULL,
+        pages          integer NOT NULL,
+        image          bytea NOT NULL,
+        state          text NOT NULL DEFAULT 'received',
+        deliveries     integer NOT NULL DEFAULT 0,
+        PRIMARY KEY (account, fax_id)
+    );
+    CREATE INDEX inbound_pending ON inbound_faxes (account, state) WHERE state <> 'deleted';
+    CREATE INDEX inbound_fax_id ON inbound_faxes (fax_id);
+    """,
+}
+SCHEMA_VERSION = max(MIGRATIONS)
+
+DISPATCHABLE = [JobState.QUEUED.value, JobState.RETRYING.value]
+FINAL = [JobState.DELIVERED.value, JobState.FAILED.value, JobState.CANCELLED.value]
+
+
+class SchemaTooNewError(RuntimeError):
+    """The database was migrated by a newer mailfax than this one."""
+
+
+# -- schema migrations ---------------------------------------------------------------------
+
+
+async def migrate(url: str) -> list[int]:
+    """Bring the database at ``url`` to :data:`SCHEMA_VERSION`; the versions applied."""
+    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+        return await _migrate(conn)
+
+
+async def _migrate(conn: psycopg.AsyncConnection[Any]) -> list[int]:
+    applied: list[int] = []
+    while True:
+        async with conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
+            await conn.execute(
+                """
+                CREATE TABLE IF NOT EXISTS schema_migrations (
+                    version     integer PRIMARY KEY,
+                    applied_at  timestamptz NOT NULL DEFAULT now()
+                )
+                """
+            )
+            cursor = await conn.execute("SELECT max(version) FROM schema_migrations")
+            row = await cursor.fetchone()
+            current = int(row[0]) if row and row[0] is not None else 0
+            if current > SCHEMA_VERSION:
+                raise SchemaTooNewError(
+                    f"database schema version {current} is newer than this mailfax "
+                    f"({SCHEMA_VERSION}); upgrade mailfax"
+                )
+            if current == SCHEMA_VERSION:
+                return applied
+            step = current + 1
+            await conn.execute(MIGRATIONS[step])
+            await conn.execute("INSERT INTO schema_migrations (version) VALUES (%s)", (step,))
+        log.info("applied store schema version %d", step)
+        applied.append(step)
+
+
+# -- rows to objects -----------------------------------------------------------------------
+
+
+def _utc(value: datetime | None) -> datetime | None:
+    return None if value is None else value.astimezone(UTC)
+
+
+def _at(value: datetime) -> datetime:
+    return value.astimezone(UTC)
+
+
+def _reason(value: dict[str, Any] | None) -> Reason | None:
+    return Reason.from_json(value) if value else None
+
+
+def _reason_json(reason: Reason | None) -> Jsonb | None:
+    return Jsonb(reason.to_json()) if reason else None
+
+
+def _job(row: DictRow) -> Job:
+    return Job(
+        id=row["id"],
+        mail_id=row["mail_id"],
+        account=row["account"],
+        number=row["number"],
+        state=JobState(row["state"]),
+        pages=row["pages"],
+        sender=row["sender"],
+        created=_at(row["created"]),
+        updated=_at(row["updated"]),
+        attempts=row["attempts"],
+        next_attempt_at=_utc(row["next_attempt_at"]),
+        provider_job_id=row["provider_job_id"],
+        reason=_reason(row["reason"]),
+        duration_seconds=row["duration"],
+        remote_id=row["remote_id"],
+        options=row["options"],
+        cancel_requested=row["cancel_requested"],
+        acknowledged=row["acknowledged"],
+    )
+
+
+def _event(row: DictRow) -> Event:
+    return Event(
+        id=row["id"],
+        job_id=row["job_id"],
+        at=_at(row["at"]),
+        state=JobState(row["state"]),
+        reason=_reason(row["reason"]),
+        detail=row["detail"],
+    )
+
+
+_INBOUND_COLUMNS = """account, fax_id, fetched_at, called_number, received_at, originator,
+    remote_id, pages, state, deliveries"""
+
+
+def _inbound(row: DictRow) -> InboundRecord:
+    return InboundRecord(
+        account=row["account"], fax_id=row["fax_id"], fetched_at=_at(row["fetched_at"]),
+        called_number=row["called_number"], received_at=_at(row["received_at"]),
+        originator=row["originator"], remote_id=row["remote_id"], pages=row["pages"],
+        state=row["state"], deliveries=row["deliveries"],
+    )
+
+
+class PostgresStore:
+    """The :class:`~mailfax.store.base.Store` on PostgreSQL (any number of instances)."""
+
+    def __init__(self, url: str, *, min_connections: int = 1, max_connections: int = 10,
+                 listen: bool = True):
+        self.url = url
+        self.min_connections = min_connections
+        self.max_connections = max_connections
+        self.listen = listen
+        self._pool: AsyncConnectionPool | None = None
+        self._work = asyncio.Event()
+        self._listening = asyncio.Event()
+        self._listener: asyncio.Task[None] | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        await migrate(self.url)
+        pool = AsyncConnectionPool(self.url, min_size=self.min_connections,
+                                   max_size=self.max_connections, open=False,
+                                   name="mailfax-store")
+        await pool.open(wait=True, timeout=30)
+        self._pool = pool
+        if self.listen:
+            self._listener = asyncio.create_task(self._listen(), name="mailfax-store-listen")
+            # Do not miss a NOTIFY sent right after open(): wait until LISTEN took effect.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._listening.wait(), timeout=10)
+
+    async def close(self) -> None:
+        if self._listener is not None:
+            self._listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._listener
+            self._listener = None
+        if self._pool is not None:
+            await self._pool.close()
+            self._pool = None
+
+    @contextlib.asynccontextmanager
+    async def _cursor(self) -> AsyncIterator[psycopg.AsyncCursor[DictRow]]:
+        """A cursor in a transaction of its own, committed when the block ends without error."""
+        if self._pool is None:
+            raise RuntimeError("store is not open")
+        async with self._pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
+            yield cur
+
+    # -- work notification ---------------------------------------------------------------------
+
+    async def _listen(self) -> None:
+        """LISTEN on a connection of its own; reconnect when it drops."""
+        while True:
+            try:
+                async with await psycopg.AsyncConnection.connect(
+                        self.url, autocommit=True) as conn:
+                    await conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
+                    self._listening.set()
+                    async for _ in conn.notifies():
+                        self._work.set()
+            except psycopg.Error as error:
+                log.warning("store notification listener: %s; reconnecting", error)
+                self._work.set()  # something may have been missed: let the caller look
+                await asyncio.sleep(1.0)
+
+    async def wait_for_work(self, timeout: float) -> None:  # noqa: ASYNC109 (a wait, not a limit)
+        """Return after ``timeout`` seconds, or earlier when an instance added or freed jobs.
+
+        A wake-up only says "look again"; a NOTIFY that came while nobody waited is kept for
+        the next call, so none is lost between a claim and the wait that follows it.
+        """
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._work.wait(), timeout)
+        self._work.clear()
+
+    # -- intake ------------------------------------------------------------------------------
+
+    async def add_mail_jobs(
+        self, mail: NewMail, jobs: Sequence[NewJob], documents: Sequence[FaxDocument]
+    ) -> None:
+        pages = sum(document.pages for document in documents)
+        async with self._cursor() as cur:
+            await cur.execute(
+                """
+                INSERT INTO mails (id, received_at, envelope_from, message_id, subject, refs,
+                                   from_header, client_address, auto_submitted, precedence,
+                                   language)
+                VALUES (%s, now(), %s, %s, %s, %s, %s, %s, %s, %s, %s)
+                """,
+                (mail.mail_id, mail.envelope_from, mail.message_id, mail.subject,
+                 Jsonb(mail.references), mail.from_header, mail.client_address,
+                 mail.auto_submitted, mail.precedence, mail.language),
+            )
+            digests = [hashlib.sha256(d.data).hexdigest() for d in documents]
+            await cur.executemany(  # pipelined: one round trip for all rows
+                "INSERT INTO blobs (sha256, data) VALUES (%s, %s) ON CONFLICT DO NOTHING",
+                list(dict(zip(digests, (d.data for d in documents), strict=True)).items()),
+            )
+            await cur.executemany(
+                """
+                INSERT INTO documents (mail_id, position, filename, content_type, pages, blob)
+                VALUES (%s, %s, %s, %s, %s, %s)
+                """,
+                [(mail.mail_id, position, d.filename, d.content_type, d.pages, digest)
+                 for position, (d, digest) in enumerate(zip(documents, digests, strict=True))],
+            )
+            await cur.executemany(
+                """
+                INSERT INTO jobs (id, mail_id, account, number, state, pages, sender,
+                                  created, updated, next_attempt_at, options)
+                VALUES (%s, %s, %s, %s, %s, %s, %s, now(), now(), now(), %s)
+                """,
+                [(job.job_id, mail.mail_id, job.account, job.number, JobState.QUEUED.value,
+                  pages, mail.envelope_from, Jsonb(job.options)) for job in jobs],
+            )
+            await cur.executemany(
+                """
+                INSERT INTO events (job_id, at, state, detail, notify)
+                VALUES (%s, now(), %s, 'accepted', true)
+                """,
+                [(job.job_id, JobState.QUEUED.value) for job in jobs],
+            )
+            if jobs:
+                await cur.execute(f"NOTIFY {NOTIFY_CHANNEL}")  # delivered at commit
+
+    async def get_mail(self, mail_id: str) -> Mail | None:
+        async with self._cursor() as cur:
+            await cur.execute("SELECT * FROM mails WHERE id = %s", (mail_id,))
+            row = await cur.fetchone()
+        if row is None:
+            return None
+        return Mail(
+            id=row["id"], envelope_from=row["envelope_from"], message_id=row["message_id"],
+            subject=row["subject"], references=row["refs"], from_header=row["from_header"],
+            client_address=row["client_address"], auto_submitted=row["auto_submitted"],
+            precedence=row["precedence"], language=row["language"],
+            received_at=_at(row["received_at"]),
+        )
+
+    async def load_documents(self, mail_id: str) -> list[FaxDocument]:
+        async with self._cursor() as cur:
+            await cur.execute(
+                """
+                SELECT d.filename, d.content_type, d.pages, b.data
+                FROM documents d JOIN blobs b ON b.sha256 = d.blob
+                WHERE d.mail_id = %s
+                ORDER BY d.position
+                """,
+                (mail_id,),
+            )
+            rows = await cur.fetchall()
+        return [FaxDocument(filename=r["filename"], data=bytes(r["data"]), pages=r["pages"],
+                            content_type=r["content_type"]) for r in rows]
+
+    # -- dispatcher --------------------------------------------------------------------------
+
+    async def claim_due_jobs(self, owner: str, limit: int, lease_seconds: float) -> list[Job]:
+        async with self._cursor() as cur:
+            await cur.execute(
+                """
+                WITH due AS (
+                    SELECT id FROM jobs
+                    WHERE state = ANY(%(dispatchable)s) AND provider_job_id IS NULL
+                      AND next_attempt_at <= now()
+                      AND (lease_until IS NULL OR lease_until < now())
+                    ORDER BY next_attempt_at
+                    LIMIT %(limit)s
+                    FOR UPDATE SKIP LOCKED
+                )
+                UPDATE jobs
+                SET lease_owner = %(owner)s,
+                    lease_until = now() + make_interval(secs => %(lease)s),
+                    attempts = attempts + 1
+                FROM due
+                WHERE jobs.id = due.id
+                RETURNING jobs.*
+                """,
+                {"dispatchable": DISPATCHABLE, "limit": limit, "owner": owner,
+                 "lease": float(lease_seconds)},
+            )
+            rows = await cur.fetchall()
+        jobs = [_job(row) for row in rows]
+        jobs.sort(key=lambda job: (job.next_attempt_at or job.created, job.id))
+        return jobs
+
+    async def release_leases(self, owner: str | None = None) -> int:
+        async with self._cursor() as cur:
+            await cur.execute(
+                """
+                UPDATE jobs SET lease_owner = NULL, lease_until = NULL
+                WHERE lease_owner IS NOT NULL
+                  AND (%(owner)s::text IS NULL OR lease_owner = %(owner)s::text)
+                """,
+                {"owner": owner},
+            )
+            released = cur.rowcount
+            if released:
+                await cur.execute(f"NOTIFY {NOTIFY_CHANNEL}")
+        return released
+
+    async def next_due_time(self) -> datetime | None:
+        async with self._cursor() as cur:
+            await cur.execute(
+                """
+                SELECT min(greatest(next_attempt_at, lease_until)) AS due
+                FROM jobs
+                WHERE state = ANY(%s) AND provider_job_id IS NULL
+                  AND next_attempt_at IS NOT NULL
+                """,
+                (DISPATCHABLE,),
+            )
+            row = await cur.fetchone()
+        return _utc(row["due"]) if row else None
+
+    async def record(self, job_id: str, transition: Transition,
+                     expected: Sequence[JobState] | None = None) -> bool:
+        async with self._cursor() as cur:
+            await cur.execute("SELECT state FROM jobs WHERE id = %s FOR UPDATE", (job_id,))
+            row = await cur.fetchone()
+            if row is None:
+                raise KeyError(job_id)
+            current = JobState(row["state"])
+            if expected is not None and current not in expected:
+                return False
+            if current != transition.state and not can_transition(current, transition.state):
+                raise IllegalTransition(f"job {job_id}: {current} -> {transition.state}")
+            reason = _reason_json(transition.reason)
+            await cur.execute(
+                """
+                UPDATE jobs
+                SET state = %(state)s, updated = now(),
+                    lease_owner = NULL, lease_until = NULL,
+                    reason = COALESCE(%(reason)s::jsonb, reason),
+                    provider_job_id = COALESCE(%(provider_job_id)s::text, provider_job_id),
+                    pages = COALESCE(%(pages)s::integer, pages),
+                    duration = COALESCE(%(duration)s::double precision, duration),
+                    remote_id = COALESCE(%(remote_id)s::text, remote_id),
+                    next_attempt_at = COALESCE(%(next_attempt_at)s::timestamptz, next_attempt_at)
+                WHERE id = %(id)s
+                """,
+                {"state": transition.state.value, "reason": reason,
+                 "provider_job_id": transition.provider_job_id, "pages": transition.pages,
+                 "duration": transition.duration_seconds, "remote_id": transition.remote_id,
+                 "next_attempt_at": transition.next_attempt_at, "id": job_id},
+            )
+            if current != transition.state:
+                await cur.execute(
+                    """
+                    INSERT INTO events (job_id, at, state, reason, detail, notify)
+                    VALUES (%s, now(), %s, %s, %s, %s)
+                    """,
+                    (job_id, transition.state.value, reason, transition.detail,
+                     transition.notify),
+                )
+        return True
+
+    # -- tracker -----------------------------------------------------------------------------
+
+    async def tracked_jobs(self, account: str) -> list[Job]:
+        states = [s.value for s in (*TRACKED_STATES, JobState.RETRYING)]
+        async with self._cursor() as cur:
+            await cur.execute(
+                """
+                SELECT * FROM jobs
+                WHERE account = %s AND provider_job_id IS NOT NULL AND state = ANY(%s)
+                """,
+                (account, states),
+            )
+            return [_job(row) for row in await cur.fetchall()]
+
+    async def unacknowledged_final_jobs(self, account: str, limit: int) -> list[Job]:
+        async with self._cursor() as cur:
+            await cur.execute(
+                """
+                SELECT * FROM jobs j
+                WHERE account = %s AND NOT acknowledged
+                  AND provider_job_id IS NOT NULL AND state = ANY(%s)
+                  AND NOT EXISTS (SELECT 1 FROM events e WHERE e.job_id = j.id AND e.notify)
+                  AND NOT EXISTS (SELECT 1 FROM outbox o
+                                  WHERE o.job_id = j.id AND o.state = 'pending')
+                LIMIT %s
+                """,
+                (account, FINAL, limit),
+            )
+            return [_job(row) for row in await cur.fetchall()]
+
+    async def mark_acknowledged(self, job_ids: Sequence[str]) -> None:
+        async with self._cursor() as cur:
+            await cur.execute("UPDATE jobs SET acknowledged = true WHERE id = ANY(%s)",
+                              (list(job_ids),))
+
+    # -- queries -----------------------------------------------------------------------------
+
+    async def get_job(self, job_id: str) -> Job | None:
+        async with self._cursor() as cur:
+            await cur.execute("SELECT * FROM jobs WHERE id = %s", (job_id,))
+            row = await cur.fetchone()
+        return _job(row) if row else None
+
+    async def list_jobs(self, limit: int = 1000, state: JobState | None = None) -> list[Job]:
+        async with self._cursor() as cur:
+            await cur.execute(
+                """
+                SELECT * FROM jobs
+                WHERE %(state)s::text IS NULL OR state = %(state)s::text
+                ORDER BY created DESC, id
+                LIMIT %(limit)s
+                """,
+                {"state": state.value if state else None, "limit": limit},
+            )
+            return [_job(row) for row in await cur.fetchall()]
+
+    async def usage_since(self, since: datetime, senders: Sequence[str] | None = None
+                          ) -> tuple[int, int]:
+        """(jobs, pages) created since ``since`` by these envelope senders (``"@domain"`` for a
+        whole domain; None: everyone); for quotas."""
+        addresses = [s.lower() for s in senders or () if not s.startswith("@")]
+        domains = [s.lower() for s in senders or () if s.startswith("@")]
+        async with self._cursor() as cur:
+            await cur.execute(
+                """
+                SELECT count(*) AS jobs, COALESCE(sum(pages), 0) AS pages
+                FROM jobs
+                WHERE created >= %(since)s
+                  AND (%(everyone)s
+                       OR lower(sender) = ANY(%(addresses)s::text[])
+                       OR EXISTS (SELECT 1 FROM unnest(%(domains)s::text[]) AS d (domain)
+                                  WHERE right(lower(sender), length(d.domain)) = d.domain))
+                """,
+                {"since": since, "everyone": senders is None, "addresses": addresses,
+                 "domains": domains},
+            )
+            row = await cur.fetchone()
+        return (int(row["jobs"]), int(row["pages"])) if row else (0, 0)
+
+    async def job_events(self, job_id: str) -> list[Event]:
+        async with self._cursor() as cur:
+            await cur.execute("SELECT * FROM events WHERE job_id = %s ORDER BY id", (job_id,))
+            return [_event(row) for row in await cur.fetchall()]
+
+    async def request_cancel(self, job_id: str) -> Job | None:
+        async with self._cursor() as cur:
+            await cur.execute(
+                "UPDATE jobs SET cancel_requested = true WHERE id = %s RETURNING *", (job_id,))
+            row = await cur.fetchone()
+        return _job(row) if row else None
+
+    async def clear_cancel_request(self, job_id: str) -> None:
+        async with self._cursor() as cur:
+            await cur.execute("UPDATE jobs SET cancel_requested = false WHERE id = %s",
+                              (job_id,))
+
+    # -- notifications and outbox -----------------------------------------------------------
+
+    async def pending_notifications(self, limit: int) -> list[Event]:
+        async with self._cursor() as cur:
+            await cur.execute("SELECT * FROM events WHERE notify ORDER BY id LIMIT %s", (limit,))
+            return [_event(row) for row in await cur.fetchall()]
+
+    @staticmethod
+    async def _insert_outbox(cur: psycopg.AsyncCursor[DictRow], mail: OutgoingMail) -> int:
+        account, fax_id = mail.inbound or (None, None)
+        await cur.execute(
+            """
+            INSERT INTO outbox (created, job_id, kind, envelope_from, recipients, message,
+                                next_attempt_at, inbound_account, inbound_fax_id)
+            VALUES (now(), %s, %s, %s, %s, %s, now(), %s, %s)
+            RETURNING id
+            """,
+            (mail.job_id, mail.kind, mail.envelope_from, Jsonb(mail.recipients), mail.message,
+             account, fax_id),
+        )
+        row = await cur.fetchone()
+        assert row is not None
+        return int(row["id"])
+
+    async def complete_notification(self, event_id: int,
+                                    mails: Sequence[OutgoingMail] = ()) -> None:
+        async with self._cursor() as cur:
+            for mail in mails:
+                await self._insert_outbox(cur, mail)
+            await cur.execute("UPDATE events SET notify = false WHERE id = %s", (event_id,))
+
+    async def enqueue_mail(self, mail: OutgoingMail) -> int:
+        async with self._cursor() as cur:
+            return await self._insert_outbox(cur, mail)
+
+    async def due_outbox(self, limit: int) -> list[OutboxItem]:
+        async with self._cursor() as cur:
+            await cur.execute(
+                """
+                SELECT * FROM outbox
+                WHERE state = 'pending' AND next_attempt_at <= now()
+                ORDER BY id
+                LIMIT %s
+                """,
+                (limit,),
+            )
+            rows = await cur.fetchall()
+        return [OutboxItem(id=r["id"], envelope_from=r["envelope_from"],
+                           recipients=r["recipients"], message=bytes(r["message"]),
+                           attempts=r["attempts"], job_id=r["job_id"]) for r in rows]
+
+    async def outbox_sent(self, item_id: int) -> None:
+        async with self._cursor() as cur:
+            await cur.execute(
+                """
+                UPDATE outbox SET state = 'sent', attempts = attempts + 1, last_error = NULL
+                WHERE id = %s
+                """,
+                (item_id,),
+            )
+
+    async def outbox_retry(self, item_id: int, next_attempt_at: datetime, error: str) -> None:
+        async with self._cursor() as cur:
+            await cur.execute(
+                """
+                UPDATE outbox SET attempts = attempts + 1, next_attempt_at = %s, last_error = %s
+                WHERE id = %s
+                """,
+                (next_attempt_at, error[:1000], item_id),
+            )
+
+    async def outbox_give_up(self, item_id: int, error: str) -> None:
+        async with self._cursor() as cur:
+            await cur.execute(
+                """
+                UPDATE outbox SET state = 'failed', attempts = attempts + 1, last_error = %s
+                WHERE id = %s
+                """,
+                (error[:1000], item_id),
+            )
+
+    async def outbox_next_due(self) -> datetime | None:
+        async with self._cursor() as cur:
+            await cur.execute(
+                "SELECT min(next_attempt_at) AS due FROM outbox WHERE state = 'pending'")
+            row = await cur.fetchone()
+        return _utc(row["due"]) if row else None
+
+    async def outbox_depth(self) -> int:
+        async with self._cursor() as cur:
+            await cur.execute("SELECT count(*) AS n FROM outbox WHERE state = 'pending'")
+            row = await cur.fetchone()
+        return int(row["n"]) if row else 0
+
+    # -- received faxes ----------------------------------------------------------------------
+
+    async def add_inbound_fax(self, account: str, fax: InboundFax) -> InboundRecord:
+        async with self._cursor() as cur:
+            await cur.execute(
+                """
+                INSERT INTO inbound_faxes (account, fax_id, fetched_at, called_number,
+                                           received_at, originator, remote_id, pages, image)
+                VALUES (%s, %s, now(), %s, %s, %s, %s, %s, %s)
+                ON CONFLICT (account, fax_id) DO NOTHING
+                """,
+                (account, fax.fax_id, fax.called_number, fax.received_at, fax.originator,
+                 fax.remote_id, fax.pages, fax.image),
+            )
+            await cur.execute(
+                f"SELECT {_INBOUND_COLUMNS} FROM inbound_faxes"
+                " WHERE account = %s AND fax_id = %s",
+                (account, fax.fax_id),
+            )
+            row = await cur.fetchone()
+        assert row is not None
+        return _inbound(row)
+
+    async def inbound_image(self, account: str, fax_id: str) -> bytes:
+        async with self._cursor() as cur:
+            await cur.execute(
+                "SELECT image FROM inbound_faxes WHERE account = %s AND fax_id = %s",
+                (account, fax_id),
+            )
+            row = await cur.fetchone()
+        if row is None:
+            raise KeyError(fax_id)
+        return bytes(row["image"])
+
+    async def queue_inbound_mails(self, account: str, fax_id: str,
+                                  mails: Sequence[OutgoingMail]) -> None:
+        async with self._cursor() as cur:
+            for mail in mails:
+                await self._insert_outbox(cur, mail)
+            await cur.execute(
+                """
+                UPDATE inbound_faxes SET state = 'queued', deliveries = deliveries + 1
+                WHERE account = %s AND fax_id = %s
+                """,
+                (account, fax_id),
+            )
+
+    async def inbound_handed_off(self, account: str, fax_id: str) -> bool:
+        """Whether every mail of this fax left the outbox (relay took it / Maildir synced)."""
+        async with self._cursor() as cur:
+            await cur.execute(
+                """
+                SELECT count(*) AS total, count(*) FILTER (WHERE state = 'sent') AS sent
+                FROM outbox
+                WHERE inbound_account = %s AND inbound_fax_id = %s
+                """,
+                (account, fax_id),
+            )
+            row = await cur.fetchone()
+        return row is not None and row["total"] > 0 and row["total"] == row["sent"]
+
+    async def mark_inbound_deleted(self, account: str, fax_id: str) -> None:
+        async with self._cursor() as cur:
+            await cur.execute(
+                "UPDATE inbound_faxes SET state = 'deleted' WHERE account = %s AND fax_id = %s",
+                (account, fax_id),
+            )
+
+    async def list_inbound(self, limit: int = 1000) -> list[InboundRecord]:
+        async with self._cursor() as cur:
+            await cur.execute(
+                f"SELECT {_INBOUND_COLUMNS} FROM inbound_faxes"
+                " ORDER BY received_at DESC LIMIT %s",
+                (limit,),
+            )
+            return [_inbound(row) for row in await cur.fetchall()]
+
+    async def find_inbound(self, fax_id: str) -> list[InboundRecord]:
+        async with self._cursor() as cur:
+            await cur.execute(
+                f"SELECT {_INBOUND_COLUMNS} FROM inbound_faxes WHERE fax_id = %s", (fax_id,))
+            return [_inbound(row) for row in await cur.fetchall()]
