@@ -51,6 +51,11 @@ def prepare_pdf(filename: str, data: bytes) -> FaxDocument:
                             f"export the document as PDF and send it again.")
     try:
         with pikepdf.open(io.BytesIO(data)) as pdf:
+            if pdf.get_warnings() and b"%%EOF" not in data[-2048:]:
+                # qpdf rebuilt the file from a fragment: what it shows is not the whole
+                # document (a truncated download or attachment).
+                raise DocumentError(f"{filename} is incomplete (the file is cut off); save or "
+                                    f"export it again and resend.")
             pages = len(pdf.pages)
             _check_pages(filename, pages)
             if pdf.is_encrypted:

@@ -73,3 +73,58 @@ def status_mail_allowed(envelope_from: str, auto_submitted: str | None,
     if auto_submitted and auto_submitted.strip().lower().split(";")[0].strip() != "no":
         return False
     return not (precedence and precedence.strip().lower() in AUTOMATIC_PRECEDENCE)
+
+
+def address_allowed(address: str, allowed: Sequence[str]) -> bool:
+    """Is ``address`` one of ``allowed`` (``"a@b.c"``, or ``"@b.c"`` for the whole domain)?"""
+    address = address.strip().lower()
+    _, domain = split_address(address)
+    return any(address == entry or (entry.startswith("@") and domain == entry[1:])
+               for entry in allowed)
+
+
+def quota_refusal(what: str, limit: int | None, used: int, adding: int,
+                  period: str) -> str | None:
+    """A sentence when ``used + adding`` would go over ``limit``, else None."""
+    if limit is None or used + adding <= limit:
+        return None
+    return (f"Quota reached: {what} may send at most {limit} {period}; {used} already used, "
+            f"this mail needs {adding}. Try again later.")
+
+
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
+
+
+def exposure_problem(listen_hosts: Sequence[str], senders: SenderPolicySettings,
+                     has_users: bool, has_tls: bool) -> str | None:
+    """Why listening on these hosts with this sender policy would be unsafe, or None.
+
+    Beyond loopback someone must be able to send (users with AUTH, or an MTA's network), no
+    network may be "anyone" without sender rules, and AUTH needs TLS.
+    """
+    exposed = [host for host in listen_hosts if host not in LOOPBACK_HOSTS
+               and not _is_loopback(host)]
+    if not exposed:
+        return None
+    where = ", ".join(exposed)
+    anyone = [net for net in senders.trusted_networks
+              if ipaddress.ip_network(net, strict=False).prefixlen == 0]
+    if anyone and not (senders.allowed_addresses or senders.allowed_domains):
+        return (f"listening on {where} with senders.trusted_networks {', '.join(anyone)} lets "
+                f"anyone send faxes at your cost; list the networks of your MTA instead, or "
+                f"add senders.allowed_addresses/allowed_domains and [users.*]")
+    only_loopback = all(_is_loopback(net.split("/")[0]) for net in senders.trusted_networks)
+    if only_loopback and not has_users:
+        return (f"listening on {where}, but only loopback may send: add [users.*] for SMTP "
+                f"AUTH, or your MTA's network to senders.trusted_networks")
+    if has_users and not has_tls:
+        return (f"listening on {where} with [users.*] but without TLS: passwords would cross "
+                f"the network in clear; set smtp.tls_cert and smtp.tls_key")
+    return None
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host in LOOPBACK_HOSTS

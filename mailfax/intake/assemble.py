@@ -15,9 +15,13 @@ from mailfax.intake.mime import (
     parse_mail,
     select_documents,
 )
+from mailfax.office import convert_office, is_office
 from mailfax.providers.base import FaxDocument
 
-EXPECTED = "Attach the document to fax as a PDF file or an image (JPEG, PNG, GIF, TIFF)."
+EXPECTED = ("Attach the document to fax as a PDF file, an image (JPEG, PNG, GIF, TIFF) or an "
+            "office document (Word, OpenDocument, RTF, Excel, text).")
+OFFICE_MARKERS = (b".doc", b".odt", b".rtf", b".xls", b".ods", b".txt", b"ms-tnef",
+                  b"msword", b"officedocument", b"opendocument", b"winmail.dat")
 
 
 class Refusal(Exception):
@@ -30,8 +34,9 @@ class Refusal(Exception):
         self.sentence = sentence
 
     def reply(self) -> str:
-        text = " ".join(self.sentence.split())  # one line, no CR/LF from any input
-        return f"{self.code} {self.status} {text}"
+        # One line of printable text, whatever the input held (CR, LF, NUL, ...).
+        printable = "".join(char if char.isprintable() else " " for char in self.sentence)
+        return f"{self.code} {self.status} {' '.join(printable.split())}"
 
 
 @dataclass(frozen=True)
@@ -44,22 +49,42 @@ class FaxContent:
         return sum(document.pages for document in self.documents)
 
 
-def assemble(raw: bytes) -> FaxContent:
+def assemble(raw: bytes, *, allow_empty: bool = False) -> FaxContent:
+    """The mail's documents as fax-ready PDFs, in mail order.
+
+    Blocking; office documents take seconds (LibreOffice). ``allow_empty``: a mail without
+    documents is returned as such (its text may still become a cover page); otherwise it is
+    refused.
+    """
     try:
         mail = parse_mail(raw)
     except MailFormatError as error:
         raise Refusal(554, "5.6.0", str(error)) from None
     documents = [_convert(attachment) for attachment in select_documents(mail)]
-    if not documents:
-        raise Refusal(554, "5.6.0", " ".join(["This mail has no document to fax.", EXPECTED,
-                                                *mail.skipped]))
-    return FaxContent(mail=mail, documents=documents)
+    content = FaxContent(mail=mail, documents=documents)
+    if not documents and not allow_empty:
+        raise nothing_to_fax(content)
+    return content
+
+
+def nothing_to_fax(content: FaxContent) -> Refusal:
+    return Refusal(554, "5.6.0", " ".join(["This mail has no document to fax.", EXPECTED,
+                                            *content.mail.skipped]))
+
+
+def may_need_office(raw: bytes) -> bool:
+    """A quick look at the raw mail: could it hold an office document (or a winmail.dat that
+    may)? Such mails are assembled in a worker thread, since LibreOffice takes seconds."""
+    lowered = raw.lower()
+    return any(marker in lowered for marker in OFFICE_MARKERS)
 
 
 def _convert(attachment: Attachment) -> FaxDocument:
     try:
         if is_pdf(attachment.filename, attachment.content_type):
             return prepare_pdf(attachment.filename, attachment.data)
+        if is_office(attachment.filename, attachment.content_type):
+            return convert_office(attachment.filename, attachment.data)
         return image_to_pdf(attachment.filename, attachment.data)
     except DocumentError as error:
         sentence = str(error)

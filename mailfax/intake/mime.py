@@ -92,15 +92,22 @@ def select_documents(mail: ParsedMail) -> list[Attachment]:
     """The parts to fax, in mail order; note in ``mail.skipped`` what was left out and why."""
     chosen = []
     for attachment in mail.attachments:
-        if is_pdf_part(attachment) or is_image_part(attachment):
+        if is_pdf_part(attachment) or is_image_part(attachment) or is_office_part(attachment):
             if (attachment.inline and attachment.content_id
                     and attachment.content_id in mail.html_cids and is_image_part(attachment)):
                 continue  # a logo or picture shown in the HTML body, not a document
             chosen.append(attachment)
         elif attachment.content_type not in NOT_DOCUMENTS and attachment.filename:
             mail.skipped.append(f"{attachment.filename} ({attachment.content_type}) is not a "
-                                f"PDF or an image and was not faxed.")
+                                f"document mailfax can fax and was left out.")
     return chosen
+
+
+def is_office_part(attachment: Attachment) -> bool:
+    """An office document by name or type; never the mail's own text (inline, no name)."""
+    from mailfax.office import is_office
+
+    return bool(attachment.filename) and is_office(attachment.filename, attachment.content_type)
 
 
 def is_pdf_part(attachment: Attachment) -> bool:
@@ -262,7 +269,9 @@ def _header(message: Message, name: str) -> str:
     value = message.get(name)
     if value is None:
         return ""
-    return " ".join(_decode_words(str(value)).split())
+    decoded = _decode_words(str(value))
+    # Control characters (NUL, ESC, …) never travel on into our own mails' headers.
+    return " ".join("".join(char if char.isprintable() else " " for char in decoded).split())
 
 
 def _decode_words(value: str) -> str:

@@ -10,13 +10,28 @@ import logging
 import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 
 from mailfax.config import Settings
+from mailfax.cover import CoverInfo, CoverUnavailable, cover_text, render_cover
 from mailfax.dialing import check_destination
-from mailfax.intake.assemble import FaxContent, Refusal, assemble
+from mailfax.intake.assemble import (
+    FaxContent,
+    Refusal,
+    assemble,
+    may_need_office,
+    nothing_to_fax,
+)
 from mailfax.model import new_job_id
-from mailfax.numbers import FaxAddress, InvalidNumber, parse_fax_local_part
-from mailfax.policy import check_sender, is_fax_domain, split_address
+from mailfax.notify import TEMPLATES_DIR
+from mailfax.numbers import FaxAddress, InvalidNumber, format_international, parse_fax_local_part
+from mailfax.policy import (
+    address_allowed,
+    check_sender,
+    is_fax_domain,
+    quota_refusal,
+    split_address,
+)
 from mailfax.providers.base import FaxDocument
 from mailfax.store.base import NewJob, NewMail, Store
 
@@ -44,10 +59,60 @@ class Intake:
         # Pure for a given configuration, and asked twice per recipient (RCPT, then DATA).
         self.check_recipient = functools.lru_cache(maxsize=4096)(self._check_recipient)
 
-    def check_sender(self, envelope_from: str, client_ip: str | None) -> None:
+    def check_sender(self, envelope_from: str, client_ip: str | None,
+                     user: str | None = None) -> None:
+        """A logged-in user may send only with its own addresses; anyone else only from a
+        trusted network (and, if listed, an allowed address or domain)."""
+        if user is not None:
+            settings = self.settings.users.get(user)
+            if settings is None or not address_allowed(envelope_from, settings.addresses):
+                raise Refusal(550, "5.7.1", f"Not allowed: user {user} may not send as "
+                              f"<{envelope_from}>.")
+            return
         verdict = check_sender(envelope_from, client_ip, self.settings.senders)
         if not verdict.allowed:
-            raise Refusal(550, "5.7.1", f"Not allowed: {verdict.reason}.")
+            hint = " Log in (SMTP AUTH) first." if self.settings.users else ""
+            raise Refusal(550, "5.7.1", f"Not allowed: {verdict.reason}.{hint}")
+
+    def check_user_destination(self, fax: FaxAddress, user: str | None) -> None:
+        settings = self.settings.users.get(user) if user else None
+        if settings and settings.allowed_prefixes and not fax.number.startswith(
+                tuple(settings.allowed_prefixes)):
+            raise Refusal(550, "5.7.1", f"User {user} may not send faxes to {fax.number} "
+                          f"(allowed: {', '.join(settings.allowed_prefixes)}).")
+
+    async def check_rate(self, envelope_from: str, user: str | None, pending: int) -> None:
+        """Faxes per hour, for the user and for everyone; ``pending`` are the recipients of
+        this mail accepted so far."""
+        since = datetime.now(UTC) - timedelta(hours=1)
+        settings = self.settings.users.get(user) if user else None
+        if settings and settings.faxes_per_hour is not None:
+            jobs, _ = await self.store.usage_since(since, settings.addresses)
+            self._refuse_over(quota_refusal(f"user {user}", settings.faxes_per_hour, jobs,
+                                            pending + 1, "faxes per hour"))
+        limit = self.settings.quotas.faxes_per_hour
+        if limit is not None:
+            jobs, _ = await self.store.usage_since(since)
+            self._refuse_over(quota_refusal("this service", limit, jobs, pending + 1,
+                                            "faxes per hour"))
+
+    async def check_pages(self, user: str | None, pages: int) -> None:
+        since = datetime.now(UTC) - timedelta(days=1)
+        settings = self.settings.users.get(user) if user else None
+        if settings and settings.pages_per_day is not None:
+            _, used = await self.store.usage_since(since, settings.addresses)
+            self._refuse_over(quota_refusal(f"user {user}", settings.pages_per_day, used, pages,
+                                            "pages per day"))
+        limit = self.settings.quotas.pages_per_day
+        if limit is not None:
+            _, used = await self.store.usage_since(since)
+            self._refuse_over(quota_refusal("this service", limit, used, pages,
+                                            "pages per day"))
+
+    @staticmethod
+    def _refuse_over(sentence: str | None) -> None:
+        if sentence is not None:
+            raise Refusal(452, "4.7.1", sentence)
 
     def _check_recipient(self, address: str) -> FaxAddress:
         local, domain = split_address(address)
@@ -64,17 +129,70 @@ class Intake:
         return fax
 
     async def accept_mail(self, envelope_from: str, recipients: Sequence[str], raw: bytes,
-                          client: str) -> Accepted:
+                          client: str, user: str | None = None) -> Accepted:
         """Turn a mail into one job per fax number; durable when this returns."""
         addresses = [self.check_recipient(address) for address in recipients]
-        if len(raw) <= INLINE_ASSEMBLY_BYTES:
-            content = assemble(raw)  # a thread hand-off would cost more than the work
+        if len(raw) <= INLINE_ASSEMBLY_BYTES and not may_need_office(raw):
+            content = assemble(raw, allow_empty=True)  # a thread hand-off would cost more
         else:
-            content = await asyncio.to_thread(assemble, raw)
-        return await self.store_jobs(envelope_from, addresses, content, client)
+            content = await asyncio.to_thread(assemble, raw, allow_empty=True)
+        content = self._with_cover(content, addresses, envelope_from)
+        if not content.documents:
+            raise nothing_to_fax(content)
+        if user is not None:
+            self._check_from_header(content.mail.from_address, user)
+        numbers = {address.number for address in addresses}
+        await self.check_pages(user, content.pages * len(numbers))
+        account = self._account_for(user)
+        return await self.store_jobs(envelope_from, addresses, content, client, account)
+
+    def _with_cover(self, content: FaxContent, addresses: Sequence[FaxAddress],
+                    envelope_from: str) -> FaxContent:
+        """Put the mail's text in front as a cover page, if this mail asks for one.
+
+        ``+cover`` on any recipient turns it on, ``+nocover`` on all turns it off; otherwise
+        ``documents.cover`` decides. One cover serves all recipients of the mail (it lists
+        their numbers), as the documents are shared.
+        """
+        tags = {address.tag for address in addresses}
+        setting = self.settings.documents.cover
+        text = cover_text(content.mail.text)
+        if "cover" in tags:
+            wanted = bool(text) or not content.documents
+        elif tags == {"nocover"}:
+            wanted = False
+        else:
+            wanted = setting == "always" or (setting == "when-text" and bool(text))
+        if not wanted or not text:
+            return content
+        numbers = ", ".join(format_international(number) for number in
+                            dict.fromkeys(address.number for address in addresses))
+        info = CoverInfo(sender=content.mail.from_header or envelope_from, number=numbers,
+                         subject=content.mail.subject, date=content.mail.date or
+                         datetime.now(UTC), text=text,
+                         document_pages=sum(document.pages for document in content.documents))
+        try:
+            cover = render_cover(info, self.settings.notify.language,
+                                 self.settings.templates_dir or TEMPLATES_DIR)
+        except CoverUnavailable as error:
+            raise Refusal(451, "4.3.0", f"The cover page cannot be made here ({error}).") \
+                from None
+        return FaxContent(mail=content.mail, documents=[cover, *content.documents])
+
+    def _check_from_header(self, from_address: str, user: str) -> None:
+        settings = self.settings.users[user]
+        if not address_allowed(from_address, settings.addresses):
+            raise Refusal(550, "5.7.1", f"Not allowed: user {user} may not send mail "
+                          f"From: <{from_address}>.")
+
+    def _account_for(self, user: str | None) -> str:
+        settings = self.settings.users.get(user) if user else None
+        return settings.account if settings and settings.account else \
+            self.settings.default_account
 
     async def store_jobs(self, envelope_from: str, addresses: Sequence[FaxAddress],
-                         content: FaxContent, client: str) -> Accepted:
+                         content: FaxContent, client: str,
+                         account: str | None = None) -> Accepted:
         mail = content.mail
         new_mail = NewMail(
             mail_id=secrets.token_hex(8), envelope_from=envelope_from,
@@ -83,7 +201,7 @@ class Intake:
             auto_submitted=mail.auto_submitted, precedence=mail.precedence,
             language=self.settings.notify.language,
         )
-        return await self._store(new_mail, addresses, content.documents)
+        return await self._store(new_mail, addresses, content.documents, account)
 
     async def store_documents(self, envelope_from: str, addresses: Sequence[FaxAddress],
                               documents: Sequence[FaxDocument], subject: str,
@@ -95,10 +213,10 @@ class Intake:
         return await self._store(new_mail, addresses, documents)
 
     async def _store(self, mail: NewMail, addresses: Sequence[FaxAddress],
-                     documents: Sequence[FaxDocument]) -> Accepted:
+                     documents: Sequence[FaxDocument], account: str | None = None) -> Accepted:
         numbers = list(dict.fromkeys(address.number for address in addresses))  # dedupe, keep order
         jobs = [NewJob(job_id=new_job_id(), number=number,
-                       account=self.settings.default_account) for number in numbers]
+                       account=account or self.settings.default_account) for number in numbers]
         await self.store.add_mail_jobs(mail, jobs, documents)
         self.on_stored()
         pages = sum(document.pages for document in documents)

@@ -8,12 +8,16 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import secrets
+import ssl
+from collections.abc import Mapping
 from typing import Any
 
 from aiosmtpd.lmtp import LMTP
-from aiosmtpd.smtp import SMTP, Envelope, Session
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
-from mailfax.config import ListenAddress, SmtpSettings
+from mailfax.auth import LoginThrottle, hash_password, verify_password
+from mailfax.config import ListenAddress, SmtpSettings, UserSettings
 from mailfax.intake.assemble import Refusal
 from mailfax.intake.service import Intake
 
@@ -30,7 +34,7 @@ class FaxHandler:
     async def handle_MAIL(self, server: SMTP, session: Session, envelope: Envelope,
                           address: str, mail_options: list[str]) -> str:
         try:
-            self.intake.check_sender(address, _client_ip(session))
+            self.intake.check_sender(address, _client_ip(session), _user(session))
         except Refusal as refusal:
             log.info("refused sender <%s> from %s: %s", address, session.peer, refusal.sentence)
             return refusal.reply()
@@ -44,6 +48,9 @@ class FaxHandler:
             return f"452 4.5.3 Too many recipients (at most {self.max_recipients} per mail)"
         try:
             fax = self.intake.check_recipient(address)
+            self.intake.check_user_destination(fax, _user(session))
+            await self.intake.check_rate(envelope.mail_from or "", _user(session),
+                                         len(envelope.rcpt_tos))
         except Refusal as refusal:
             log.info("refused recipient <%s>: %s", address, refusal.sentence)
             return refusal.reply()
@@ -59,7 +66,8 @@ class FaxHandler:
         per_recipient = isinstance(server, LMTP)
         try:
             accepted = await self.intake.accept_mail(
-                envelope.mail_from or "", recipients, raw, _client_ip(session) or "")
+                envelope.mail_from or "", recipients, raw, _client_ip(session) or "",
+                _user(session))
         except Refusal as refusal:
             log.info("refused mail from <%s>: %s", envelope.mail_from, refusal.sentence)
             return _for_each(recipients, refusal.reply(), per_recipient)
@@ -84,6 +92,14 @@ def _for_each(recipients: list[str], reply: str, per_recipient: bool) -> str:
     return "\r\n".join([reply] * max(1, len(recipients)))
 
 
+def _user(session: Session) -> str | None:
+    """The SMTP AUTH login of this session, if any."""
+    data = session.auth_data
+    if not session.authenticated or not isinstance(data, LoginPassword):
+        return None
+    return data.login.decode("utf-8", "replace")
+
+
 def _client_ip(session: Session) -> str | None:
     peer = session.peer
     if isinstance(peer, tuple) and peer:
@@ -91,11 +107,88 @@ def _client_ip(session: Session) -> str | None:
     return None
 
 
-async def start_listeners(intake: Intake, settings: SmtpSettings) -> list[asyncio.Server]:
-    """Start the SMTP (and LMTP) listeners on the running loop."""
+class StrictPaths:
+    """What mailfax changes in aiosmtpd's protocol (mixed into SMTP and LMTP).
+
+    - Paths with comments are malformed: RFC 5321 has none, and aiosmtpd's parser would drop
+      ``(089)`` from ``(089)30123456@fax.local`` and fax a different number.
+    - Control characters (NUL, …) in a path are malformed too.
+    - ``timeout`` is an idle timeout: any data from the client restarts it, so a slow upload
+      is not cut off, while a client that stops sending still is.
+    """
+
+    _timeout_handle: asyncio.TimerHandle | None
+
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        path = arg.split(">", 1)[0] if arg.lstrip().startswith("<") else arg.split(" ", 1)[0]
+        if "(" in path or ")" in path or any(ord(char) < 32 or ord(char) == 127
+                                              for char in path):
+            return None, None
+        result: tuple[str | None, str | None] = super()._getaddr(arg)  # type: ignore[misc]
+        return result
+
+    def data_received(self, data: bytes) -> None:
+        if self._timeout_handle is not None:
+            self._reset_timeout()  # type: ignore[attr-defined]
+        super().data_received(data)  # type: ignore[misc]
+
+
+class FaxSMTP(StrictPaths, SMTP):
+    pass
+
+
+class FaxLMTP(StrictPaths, LMTP):
+    pass
+
+
+class Authenticator:
+    """SMTP AUTH against ``[users.*]``, with failed logins throttled per client address."""
+
+    def __init__(self, users: Mapping[str, UserSettings], throttle: LoginThrottle):
+        self.users = users
+        self.throttle = throttle
+        self._dummy_hash = hash_password(secrets.token_hex(8))
+
+    def __call__(self, server: SMTP, session: Session, envelope: Envelope, mechanism: str,
+                 auth_data: Any) -> AuthResult:
+        client = _client_ip(session) or "?"
+        if self.throttle.blocked(client):
+            log.warning("login refused for %s: too many failed logins", client)
+            return AuthResult(success=False, handled=False,
+                              message="454 4.7.0 Too many failed logins; try again later")
+        if not isinstance(auth_data, LoginPassword):
+            return AuthResult(success=False, handled=False)
+        login = auth_data.login.decode("utf-8", "replace")
+        password = auth_data.password.decode("utf-8", "replace")
+        user = self.users.get(login)
+        # A check for an unknown user costs the same, so timing does not tell who exists.
+        valid = verify_password(password, user.password_hash if user else self._dummy_hash)
+        if user is None or not valid:
+            self.throttle.failed(client)
+            log.warning("failed SMTP login as %r from %s", login[:64], client)
+            return AuthResult(success=False, handled=False)
+        self.throttle.succeeded(client)
+        log.info("SMTP login as %s from %s", login, client)
+        return AuthResult(success=True, auth_data=auth_data)
+
+
+def tls_context(settings: SmtpSettings) -> ssl.SSLContext | None:
+    """Server TLS (1.2 and newer) from the configured certificate and key."""
+    if settings.tls_cert is None or settings.tls_key is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(str(settings.tls_cert), str(settings.tls_key))
+    return context
+
+
+async def start_listeners(intake: Intake, settings: SmtpSettings,
+                          users: Mapping[str, UserSettings] | None = None
+                          ) -> list[asyncio.Server]:
+    """Start the SMTP (and LMTP, and implicit-TLS SMTP) listeners on the running loop."""
     handler = FaxHandler(intake, settings.max_recipients)
     loop = asyncio.get_running_loop()
-    servers = []
+    context = tls_context(settings)
     options: dict[str, Any] = {
         "data_size_limit": settings.max_message_size,
         "enable_SMTPUTF8": True,
@@ -104,14 +197,22 @@ async def start_listeners(intake: Intake, settings: SmtpSettings) -> list[asynci
         "ident": "mailfax",
         "timeout": settings.data_timeout,
     }
-    listeners: list[tuple[str, type[SMTP]]] = [
-        *((listen, SMTP) for listen in settings.listen),
-        *((listen, LMTP) for listen in settings.lmtp_listen),
+    authenticator = Authenticator(users or {}, LoginThrottle(
+        settings.max_login_failures, settings.login_failure_window))
+    submission = {**options, "authenticator": authenticator, "auth_require_tls": True,
+                  "tls_context": context}
+    # Implicit TLS: the connection is encrypted from the first byte, so AUTH may go at once.
+    implicit = {**options, "authenticator": authenticator, "auth_require_tls": False}
+    listeners: list[tuple[str, type[SMTP], dict[str, Any], ssl.SSLContext | None]] = [
+        *((listen, FaxSMTP, submission, None) for listen in settings.listen),
+        *((listen, FaxLMTP, options, None) for listen in settings.lmtp_listen),
+        *((listen, FaxSMTP, implicit, context) for listen in settings.implicit_tls_listen),
     ]
-    for listen, protocol in listeners:
+    servers = []
+    for listen, protocol, protocol_options, server_tls in listeners:
         address = ListenAddress(listen)
         server = await loop.create_server(
-            functools.partial(protocol, handler, loop=loop, **options),
-            host=address.host, port=address.port)
+            functools.partial(protocol, handler, loop=loop, **protocol_options),
+            host=address.host, port=address.port, ssl=server_tls)
         servers.append(server)
     return servers
