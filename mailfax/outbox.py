@@ -71,20 +71,17 @@ class RelaySink(MailSink):
 
     async def deliver(self, item: OutboxItem) -> None:
         settings = self.settings
+        # Not aiosmtplib.send(): it refuses the null sender <> that status mails and bounces
+        # must use.
+        client = aiosmtplib.SMTP(
+            hostname=settings.host, port=settings.port, local_hostname=self.local_hostname,
+            use_tls=settings.tls == "implicit", start_tls=settings.tls == "starttls",
+            username=settings.username,
+            password=settings.password.get_secret_value() if settings.password else None,
+            timeout=settings.timeout)
         try:
-            await aiosmtplib.send(
-                item.message,
-                sender=item.envelope_from,
-                recipients=item.recipients,
-                hostname=settings.host,
-                port=settings.port,
-                local_hostname=self.local_hostname,
-                use_tls=settings.tls == "implicit",
-                start_tls=settings.tls == "starttls",
-                username=settings.username,
-                password=settings.password.get_secret_value() if settings.password else None,
-                timeout=settings.timeout,
-            )
+            async with client:
+                await client.sendmail(item.envelope_from, item.recipients, item.message)
         except aiosmtplib.SMTPRecipientsRefused as error:
             codes = [r.code for r in error.recipients]
             if codes and all(500 <= code < 600 for code in codes):
