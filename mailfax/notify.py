@@ -9,6 +9,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sys
+import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -21,6 +24,7 @@ from typing import Any
 import jinja2
 
 from mailfax.config import NotifySettings
+from mailfax.dsn import build_dsn, dsn_status_for
 from mailfax.model import JobState
 from mailfax.numbers import format_international
 from mailfax.policy import split_address, status_mail_allowed
@@ -28,7 +32,16 @@ from mailfax.store.base import Event, Job, Mail, OutgoingMail, Store
 
 log = logging.getLogger(__name__)
 
-TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "templates"
+def _templates_dir() -> Path:
+    """The repository's templates/ (a checkout or editable install), else the copy that
+    ``pip install .`` puts under ``<prefix>/share/mailfax/templates``."""
+    beside = Path(__file__).resolve().parent.parent / "templates"
+    if beside.is_dir():
+        return beside
+    return Path(sys.prefix) / "share" / "mailfax" / "templates"
+
+
+TEMPLATES_DIR = _templates_dir()
 
 # Which notification an event is, if any (submitted/sending are never mailed).
 EVENT_KINDS: dict[JobState, str] = {
@@ -109,15 +122,42 @@ def compose(status: StatusMail, job: Job, mail: Mail, settings: NotifySettings) 
     return message
 
 
+class SenderRate:
+    """At most ``limit`` events per key in a sliding window (in memory, per instance)."""
+
+    def __init__(self, limit: int, window: float):
+        self.limit = limit
+        self.window = window
+        self._times: dict[str, deque[float]] = {}
+
+    def allow(self, key: str, now: float | None = None) -> bool:
+        moment = time.monotonic() if now is None else now
+        times = self._times.setdefault(key, deque())
+        while times and moment - times[0] > self.window:
+            times.popleft()
+        if len(times) >= self.limit:
+            return False
+        times.append(moment)
+        if len(self._times) > 10_000:
+            for stale in [key for key, value in self._times.items() if not value][:5000]:
+                del self._times[stale]
+        return True
+
+
 class Notifier:
     def __init__(self, store: Store, settings: NotifySettings, renderer: Renderer,
-                 on_queued: Callable[[], None] = lambda: None, poll_seconds: float = 5.0):
+                 on_queued: Callable[[], None] = lambda: None, poll_seconds: float = 5.0,
+                 mails_per_hour: int = 60, fax_domain: str = "fax.local",
+                 hostname: str = "mailfax.localhost"):
+        self.fax_domain = fax_domain
+        self.hostname = hostname
         self.store = store
         self.settings = settings
         self.renderer = renderer
         self.on_queued = on_queued
         self.poll_seconds = poll_seconds
         self._wake = asyncio.Event()
+        self.flood = SenderRate(mails_per_hour, 3600.0)
 
     def wake(self) -> None:
         self._wake.set()
@@ -135,25 +175,58 @@ class Notifier:
         events = await self.store.pending_notifications(limit)
         queued = False
         for event in events:
-            outgoing = await self._mail_for(event)
+            outgoing = await self._mails_for(event)
             await self.store.complete_notification(event.id, outgoing)
-            queued = queued or outgoing is not None
+            queued = queued or bool(outgoing)
         if queued:
             self.on_queued()
         return len(events)
 
-    async def _mail_for(self, event: Event) -> OutgoingMail | None:
+    async def _mails_for(self, event: Event) -> list[OutgoingMail]:
         kind = EVENT_KINDS.get(event.state)
         if kind is None or kind not in self.settings.events:
-            return None
+            return []
         job = await self.store.get_job(event.job_id)
         mail = await self.store.get_mail(job.mail_id) if job else None
         if job is None or mail is None:
-            return None
+            return []
         if not status_mail_allowed(mail.envelope_from, mail.auto_submitted, mail.precedence):
             log.info("job %s: no status mail to <%s> (automatic or bounce)", job.id,
                      mail.envelope_from)
-            return None
+            return []
+        if not self.flood.allow(mail.envelope_from.lower()):
+            log.warning("job %s: no status mail to <%s>: more than %d in an hour", job.id,
+                        mail.envelope_from, self.flood.limit)
+            return []
+        status = self._status_mail(kind, job, mail, event)
+        if kind != "failed" or self.settings.failure_format == "mail":
+            return [status]
+        bounce = self._bounce(job, mail, event)
+        return [bounce] if self.settings.failure_format == "dsn" else [status, bounce]
+
+    def _bounce(self, job: Job, mail: Mail, event: Event) -> OutgoingMail:
+        """The failure as an RFC 3464 delivery status notification, from ``<>``."""
+        language = mail.language or self.settings.language
+        reason = event.reason
+        human = (f"Your fax to {format_international(job.number)} could not be delivered.\n\n"
+                 f"{reason.for_language(language) if reason else ''}\n")
+        headers = "".join(f"{name}: {value}\r\n" for name, value in (
+            ("From", mail.from_header or mail.envelope_from), ("Subject", mail.subject),
+            ("Message-ID", mail.message_id or ""),
+            ("Date", format_datetime(mail.received_at))) if value)
+        report = build_dsn(
+            reporting_mta=self.hostname, original_envelope_from=mail.envelope_from,
+            fax_address=f"{job.number}@{self.fax_domain}",
+            status=dsn_status_for(reason.code if reason else "unknown", final=True),
+            diagnostic=(f"{reason.code}: {reason.for_language('en')} {reason.detail or ''}"
+                        if reason else "failed"),
+            human_text=human, original_headers=headers, arrival_date=mail.received_at,
+            from_address=f"Mail Delivery System <{self.settings.from_address}>",
+            message_id=mail.message_id)
+        return OutgoingMail(envelope_from="", recipients=[mail.envelope_from],
+                            message=report.as_bytes(), job_id=job.id, kind="dsn")
+
+    def _status_mail(self, kind: str, job: Job, mail: Mail, event: Event) -> OutgoingMail:
         language = mail.language or self.settings.language
         try:
             status = self.renderer.render(kind, job, mail, event, language)

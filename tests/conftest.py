@@ -45,6 +45,7 @@ def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
         "accounts": {"emulator": {"provider": "emulator", "delay_seconds": 0.3,
                                   "seconds_per_page": 20}},
         "notify": {"from_address": "fax@mailfax.test"},
+        "inbound": {"ocr": "off"},  # OCR takes seconds a page; tests that want it turn it on
     }
     for key, value in overrides.items():
         if isinstance(value, dict) and isinstance(raw.get(key), dict):

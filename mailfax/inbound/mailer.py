@@ -56,6 +56,8 @@ class FaxFiles:
     pages: int
     note: str  # why there is no PDF, empty when there is one
     preview_png: bytes | None
+    text_lines: tuple[str, ...] = ()  # the first lines of page 1, when OCR read them
+    ocr_note: str = ""  # why the PDF has no text layer, when OCR was tried and failed
 
 
 def prepare_files(image: bytes) -> FaxFiles:
@@ -114,6 +116,8 @@ class InboundMailer:
             "received_text": local_time.strftime("%Y-%m-%d %H:%M %Z"),
             "fax_id": clean(record.fax_id, 64),
             "note": files.note,
+            "text_lines": [clean(line, 120) for line in files.text_lines],
+            "ocr_note": files.ocr_note,
             "has_preview": files.preview_png is not None,
             "preview_cid": "page1",
         }

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
 
 from mailfax.config import InboundSettings
-from mailfax.inbound.mailer import InboundMailer, prepare_files
+from mailfax.inbound import ocr
+from mailfax.inbound.mailer import FaxFiles, InboundMailer, prepare_files
 from mailfax.inbound.routing import recipients_for
 from mailfax.providers.base import InboundFax, Provider, ProviderError
 from mailfax.store.base import InboundRecord, OutgoingMail, Store
@@ -35,12 +37,31 @@ async def queue_fax_mail(store: Store, record: InboundRecord, settings: InboundS
     if files.note:
         log.warning("fax %s could not be converted (%s): delivered as TIFF", record.fax_id,
                     files.note)
+    elif files.pdf is not None and ocr_wanted(settings.ocr):
+        files = await with_text_layer(files, settings)
     recipients = recipients_for(record.called_number, settings.routes, settings.default_route,
                                 settings.postmaster, default_country)
     message = mailer.compose(record, files, image, recipients)
     await store.queue_inbound_mails(record.account, record.fax_id, [OutgoingMail(
         envelope_from=settings.from_address, recipients=recipients,
         message=message.as_bytes(), kind="inbound", inbound=(record.account, record.fax_id))])
+
+
+def ocr_wanted(setting: str) -> bool:
+    """``on``, or ``auto`` with OCRmyPDF and Tesseract (German and English) installed."""
+    return setting == "on" or (setting == "auto" and ocr.ocr_available())
+
+
+async def with_text_layer(files: FaxFiles, settings: InboundSettings) -> FaxFiles:
+    """The fax PDF with an invisible text layer; unchanged, with a note, when OCR fails."""
+    assert files.pdf is not None
+    result = await ocr.add_text_layer(files.pdf, languages=settings.ocr_languages,
+                                      timeout_per_page=settings.ocr_seconds_per_page,
+                                      pages=max(files.pages, 1))
+    if result.problem:
+        log.warning("OCR of a received fax: %s", result.problem)
+    return dataclasses.replace(files, pdf=result.pdf, ocr_note=result.note,
+                               text_lines=tuple(ocr.first_lines(result.text)))
 
 
 class InboundPoller:
