@@ -1,0 +1,248 @@
+"""Keep the deployment files in deploy/ honest, without Docker or systemd.
+
+The compose config must pass mailfax's own validation (and its refusal to listen beyond
+loopback unsafely), the systemd unit must carry the hardening and point ExecStart at the
+config in its ConfigurationDirectory, the Dockerfile must run as a non-root user with a
+health check, and compose.yaml must hold mailfax, PostgreSQL and the FAX.de emulator.
+"""
+
+from __future__ import annotations
+
+import configparser
+import shlex
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import pytest
+
+from mailfax.config import ListenAddress, load_settings
+from mailfax.policy import exposure_problem
+
+DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
+UNIT = DEPLOY / "systemd" / "mailfax.service"
+DOCKERFILE = DEPLOY / "Dockerfile"
+COMPOSE = DEPLOY / "compose.yaml"
+COMPOSE_CONFIG = DEPLOY / "compose.mailfax.toml"
+
+
+# -- compose.mailfax.toml ---------------------------------------------------------------------
+
+@pytest.fixture
+def compose_settings(monkeypatch: pytest.MonkeyPatch) -> Any:
+    monkeypatch.setenv("FAXDE_PASSWORD", "secret")
+    monkeypatch.delenv("MAILFAX_CONFIG", raising=False)
+    return load_settings(COMPOSE_CONFIG)
+
+
+def test_compose_config_validates(compose_settings: Any) -> None:
+    settings = compose_settings
+    assert settings.default_account == "faxde"
+    assert set(settings.accounts) == {"faxde"}
+    account = settings.accounts["faxde"]
+    assert account.provider == "fax.de"
+    faxde = account.provider_settings()
+    assert faxde.account == "123456"
+    assert faxde.password.get_secret_value() == "secret"
+    assert faxde.wsdl_url == "http://faxde-emulator:8080/xmlws.exe?wsdl/IntfXMLWS"
+    assert faxde.endpoint_url.startswith("http://faxde-emulator:8080/")
+    assert settings.store.url.startswith("postgresql://")
+    assert "@postgres:" in settings.store.url
+    assert str(settings.data_dir) == "/var/lib/mailfax"
+
+
+def test_compose_config_keeps_no_secret(compose_settings: Any) -> None:
+    text = COMPOSE_CONFIG.read_text(encoding="utf-8")
+    assert 'password = "env:FAXDE_PASSWORD"' in text
+    user_info = compose_settings.store.url.split("://", 1)[1].split("@", 1)[0]
+    assert ":" not in user_info  # the database password comes from PGPASSWORD
+
+
+def test_compose_config_needs_the_password(monkeypatch: pytest.MonkeyPatch) -> None:
+    from mailfax.config import ConfigError
+
+    monkeypatch.delenv("FAXDE_PASSWORD", raising=False)
+    with pytest.raises(ConfigError, match="FAXDE_PASSWORD"):
+        load_settings(COMPOSE_CONFIG)
+
+
+def test_compose_config_may_listen_in_a_container(compose_settings: Any) -> None:
+    """mailfax would refuse to start on 0.0.0.0 if nobody (or everybody) could send."""
+    smtp = compose_settings.smtp
+    hosts = [ListenAddress(listen).host
+             for listen in (*smtp.listen, *smtp.lmtp_listen, *smtp.implicit_tls_listen)]
+    assert "0.0.0.0" in hosts
+    assert exposure_problem(hosts, compose_settings.senders, bool(compose_settings.users),
+                            smtp.tls_cert is not None) is None
+    assert "172.16.0.0/12" in compose_settings.senders.trusted_networks
+    assert compose_settings.web.listen is not None
+    assert ListenAddress(compose_settings.web.listen).port == 8025
+
+
+# -- systemd unit ------------------------------------------------------------------------------
+
+def read_unit() -> configparser.ConfigParser:
+    parser = configparser.ConfigParser(strict=False, interpolation=None,
+                                       empty_lines_in_values=False)
+    parser.optionxform = str  # type: ignore[assignment,method-assign]  # keys are case-sensitive
+    parser.read_string(UNIT.read_text(encoding="utf-8"), source=str(UNIT))
+    return parser
+
+
+def test_unit_parses_with_the_usual_sections() -> None:
+    unit = read_unit()
+    assert {"Unit", "Service", "Install"} <= set(unit.sections())
+    assert unit["Install"]["WantedBy"] == "multi-user.target"
+
+
+def test_unit_is_hardened() -> None:
+    service = read_unit()["Service"]
+    expected = {
+        "ProtectSystem": "strict",
+        "ProtectHome": "yes",
+        "PrivateTmp": "yes",
+        "NoNewPrivileges": "yes",
+        "CapabilityBoundingSet": "",
+        "RestrictAddressFamilies": "AF_INET AF_INET6 AF_UNIX",
+        "StateDirectory": "mailfax",
+        "ConfigurationDirectory": "mailfax",
+        "Restart": "on-failure",
+    }
+    for key, value in expected.items():
+        assert key in service, key
+        assert service[key] == value, key
+    # strict=False keeps the last of repeated keys; the allow-list must be there too.
+    text = UNIT.read_text(encoding="utf-8")
+    assert "\nSystemCallFilter=@system-service\n" in text
+    assert service.get("User") == "mailfax" or service.get("DynamicUser") == "yes"
+    assert service.get("User", "root") != "root"
+
+
+def test_unit_runs_in_its_state_dir_with_the_config_of_its_config_dir() -> None:
+    service = read_unit()["Service"]
+    assert service["WorkingDirectory"] == f"/var/lib/{service['StateDirectory']}"
+    argv = shlex.split(service["ExecStart"])
+    assert argv[0] == "/usr/local/bin/mailfax"
+    assert argv[-1] == "serve"
+    config = PurePosixPath(argv[argv.index("-c") + 1])
+    assert config.parent == PurePosixPath("/etc") / service["ConfigurationDirectory"]
+    assert config.suffix == ".toml"
+    assert "EnvironmentFile" in service or "Environment" in service
+
+
+def test_unit_command_line_is_mailfax_s() -> None:
+    """The flags in ExecStart are the ones mailfax's parser knows."""
+    from mailfax.cli import build_parser
+
+    argv = shlex.split(read_unit()["Service"]["ExecStart"])
+    args = build_parser().parse_args(argv[1:])
+    assert args.command == "serve"
+    assert str(args.config) == "/etc/mailfax/mailfax.toml"
+
+
+# -- Dockerfile ----------------------------------------------------------------------------------
+
+def dockerfile_instructions() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) with continuation lines joined and comments dropped."""
+    logical: list[str] = []
+    pending = ""
+    for line in DOCKERFILE.read_text(encoding="utf-8").splitlines():
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#"):
+            continue
+        if stripped.endswith("\\"):
+            pending += stripped[:-1] + " "
+            continue
+        logical.append(pending + stripped)
+        pending = ""
+    result = []
+    for entry in logical:
+        instruction, _, arguments = entry.partition(" ")
+        result.append((instruction.upper(), arguments.strip()))
+    return result
+
+
+def test_dockerfile_runs_as_a_non_root_user_with_a_health_check() -> None:
+    instructions = dockerfile_instructions()
+    kinds = [kind for kind, _ in instructions]
+    assert kinds.count("FROM") == 1
+    users = [args for kind, args in instructions if kind == "USER"]
+    assert users, "no USER"
+    assert users[-1].split(":")[0] not in ("root", "0")
+    health = [args for kind, args in instructions if kind == "HEALTHCHECK"]
+    assert len(health) == 1
+    assert "urllib" in health[0]
+    env = " ".join(args for kind, args in instructions if kind == "ENV")
+    assert "/healthz" in health[0] + env  # the URL, or MAILFAX_HEALTH_URL pointing at it
+    assert ("ENTRYPOINT", '["mailfax"]') in instructions
+    assert ("CMD", '["serve"]') in instructions
+    assert any(kind == "VOLUME" and "/var/lib/mailfax" in args for kind, args in instructions)
+    assert any(kind == "RUN" and "pip install --no-cache-dir ." in args
+               for kind, args in instructions)
+    base = next(args for kind, args in instructions if kind == "ARG"
+                and args.startswith("PYTHON_IMAGE="))
+    assert base == "PYTHON_IMAGE=python:3.11-slim"
+
+
+def test_dockerfile_exposes_the_ports_of_the_compose_config(compose_settings: Any) -> None:
+    exposed = {int(port) for kind, args in dockerfile_instructions() if kind == "EXPOSE"
+               for port in args.split()}
+    assert ListenAddress(compose_settings.smtp.listen[0]).port in exposed
+    assert ListenAddress(compose_settings.web.listen).port in exposed
+
+
+def test_dockerfile_copies_what_the_package_needs() -> None:
+    root = DEPLOY.parent
+    for kind, args in dockerfile_instructions():
+        if kind == "COPY" and "--from" not in args:
+            for source in args.split()[:-1]:
+                assert (root / source).exists(), source
+
+
+# -- compose.yaml ----------------------------------------------------------------------------------
+
+def load_compose() -> dict[str, Any]:
+    yaml = pytest.importorskip("yaml")
+    data: dict[str, Any] = yaml.safe_load(COMPOSE.read_text(encoding="utf-8"))
+    return data
+
+
+def test_compose_has_two_mailfax_postgres_and_the_emulator() -> None:
+    services = load_compose()["services"]
+    postgres = [s for s in services.values() if str(s.get("image", "")).startswith("postgres")]
+    assert len(postgres) == 1
+    assert "healthcheck" in postgres[0]
+    assert postgres[0].get("volumes")
+    serving = {name: s for name, s in services.items() if s.get("command", [])[-1:] == ["serve"]}
+    replicas = sum(s.get("deploy", {}).get("replicas", 1) for s in serving.values())
+    assert replicas >= 2
+    emulators = [s for s in services.values()
+                 if s.get("command", [])[:2] == ["emulate", "fax.de"]]
+    assert len(emulators) == 1
+    assert emulators[0]["command"][-2:] == ["--listen", "0.0.0.0:8080"]
+    assert "faxde-emulator" in services
+    images = {s.get("image") for s in serving.values()} | {emulators[0].get("image")}
+    assert len(images) == 1  # the emulator runs from the mailfax image
+
+
+def test_compose_instances_differ_and_publish_on_loopback_only() -> None:
+    services = load_compose()["services"]
+    serving = [s for s in services.values() if s.get("command", [])[-1:] == ["serve"]]
+    assert len({s.get("hostname") for s in serving}) == len(serving)
+    published = [port for s in services.values() for port in s.get("ports", [])]
+    assert published
+    assert all(str(port).startswith("127.0.0.1:") for port in published)
+    host_ports = [str(port).split(":")[1] for port in published]
+    assert len(host_ports) == len(set(host_ports))
+
+
+def test_compose_mounts_the_checked_config() -> None:
+    services = load_compose()["services"]
+    for service in services.values():
+        if service.get("command", [])[-1:] != ["serve"]:
+            continue
+        mounts = {volume.split(":")[1]: volume.split(":")[0] for volume in service["volumes"]}
+        assert mounts["/etc/mailfax/mailfax.toml"] == "./compose.mailfax.toml"
+        assert (COMPOSE.parent / mounts["/etc/mailfax/mailfax.toml"]).is_file()
+        assert service["environment"]["FAXDE_PASSWORD"] == "secret"
+        assert "PGPASSWORD" in service["environment"]
+        assert "/var/lib/mailfax" in mounts
