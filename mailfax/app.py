@@ -7,6 +7,7 @@ Each loop is supervised: if it crashes it is logged and restarted, and the other
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import secrets
@@ -16,14 +17,18 @@ from pathlib import Path
 
 from aiohttp import web
 
-from mailfax.config import ListenAddress, Settings
+from mailfax import office
+from mailfax.config import ConfigError, ListenAddress, Settings
 from mailfax.dispatch import Dispatcher
+from mailfax.imap.delivery import ImapDeliverySink
+from mailfax.imap.intake import ImapIntake
 from mailfax.inbound.mailer import InboundMailer
 from mailfax.inbound.poller import InboundPoller
 from mailfax.intake.service import Intake
 from mailfax.intake.smtp import start_listeners
 from mailfax.notify import TEMPLATES_DIR, Notifier, Renderer
 from mailfax.outbox import MaildirSink, MailSink, OutboxSender, RelaySink
+from mailfax.policy import exposure_problem
 from mailfax.providers import provider_module
 from mailfax.providers.base import Provider, ProviderContext, StatusReport
 from mailfax.store import open_store
@@ -77,7 +82,20 @@ class Application:
 
     async def start(self) -> None:
         settings = self.settings
+        smtp = settings.smtp
+        problem = exposure_problem(
+            [ListenAddress(listen).host for listen in
+             (*smtp.listen, *smtp.lmtp_listen, *smtp.implicit_tls_listen)],
+            settings.senders, bool(settings.users), smtp.tls_cert is not None)
+        if problem:
+            raise ConfigError(f"refusing to start: {problem}")
         settings.data_dir.mkdir(parents=True, exist_ok=True)
+        documents = settings.documents
+        office.configure(office.OfficeLimits(
+            soffice="soffice" if documents.office else "",  # "": refused as not enabled
+            timeout=documents.office_timeout_seconds,
+            max_concurrent=documents.office_max_concurrent,
+            profile_root=settings.data_dir / "office"))
         await self.store.open()
         released = await self.store.release_leases(None if self._single_instance() else
                                                    self.instance)
@@ -91,7 +109,10 @@ class Application:
                                    retry_max=settings.outbox.retry_max_seconds)
         renderer = Renderer(settings.templates_dir or TEMPLATES_DIR)
         self.notifier = Notifier(self.store, settings.notify, renderer,
-                                 on_queued=self.outbox.wake)
+                                 on_queued=self.outbox.wake,
+                                 mails_per_hour=settings.quotas.status_mails_per_hour,
+                                 fax_domain=settings.fax_domains[0],
+                                 hostname=settings.smtp.hostname)
         self.tracker = Tracker(self.store, self.providers, settings.dispatch.status_poll_seconds,
                                on_change=self.notifier.wake)
         self.dispatcher = Dispatcher(self.store, self.providers, settings.dispatch,
@@ -108,13 +129,20 @@ class Application:
             for name, provider in self.providers.items() if provider.supports_inbound}
         loops += [(f"inbound {name}", poller.run)
                   for name, poller in self.inbound_pollers.items()]
+        # -- IMAP intake (mailfax/imap): fax mails from a watched mailbox --
+        self.imap_intake: ImapIntake | None = None
+        if settings.imap_intake is not None:
+            self.imap_intake = ImapIntake(settings, self.intake, self.store,
+                                          wake_outbox=self.outbox.wake)
+            loops.append(("imap intake", self.imap_intake.run))
+        # -- end IMAP intake --
         for name, loop in loops:
             self._tasks.append(asyncio.create_task(supervise(name, loop), name=name))
         if settings.web.listen:
             address = ListenAddress(settings.web.listen)
             self.web_runner = await start_web(build_web_app(self.providers), address.host,
                                               address.port)
-        self.smtp_servers = await start_listeners(self.intake, settings.smtp)
+        self.smtp_servers = await start_listeners(self.intake, settings.smtp, settings.users)
         self._log_startup()
 
     def _single_instance(self) -> bool:
@@ -151,9 +179,17 @@ class Application:
         await self.tracker.apply_reports(reports)
 
     def _sink(self) -> MailSink:
+        sink: MailSink
         if self.settings.relay is not None:
-            return RelaySink(self.settings.relay, self.settings.smtp.hostname)
-        return MaildirSink(self.settings.maildir_path)
+            sink = RelaySink(self.settings.relay, self.settings.smtp.hostname)
+        else:
+            sink = MaildirSink(self.settings.maildir_path)
+        # -- IMAP delivery (mailfax/imap): received faxes APPENDed instead of mailed --
+        if self.settings.imap_delivery is not None:
+            sink = ImapDeliverySink(self.settings.imap_delivery, sink, self.store,
+                                    self.settings.numbers.default_country)
+        # -- end IMAP delivery --
+        return sink
 
     def _log_startup(self) -> None:
         settings = self.settings
@@ -167,11 +203,15 @@ class Application:
             suffix = " (the bundled emulator: no fax is really sent)" if (
                 provider.provider_name == "emulator") else ""
             log.info("account %s: provider %s%s", name, provider.provider_name, suffix)
-        if settings.relay is None:
+        if settings.imap_delivery is not None:
+            log.info("outgoing mail via %s", self.outbox.sink.describe())
+        elif settings.relay is None:
             log.info("outgoing mail written to the Maildir %s (no relay configured)",
                      settings.maildir_path.resolve())
         else:
             log.info("outgoing mail via %s", self.outbox.sink.describe())
+        if self.imap_intake is not None:
+            log.info("IMAP intake from %s", self.imap_intake.describe())
         for name in self.inbound_pollers:
             log.info("polling account %s for received faxes every %.0f s", name,
                      settings.inbound.poll_seconds)
@@ -180,7 +220,10 @@ class Application:
         for server in self.smtp_servers:
             server.close()
         for server in self.smtp_servers:
-            await server.wait_closed()
+            # Newer Pythons wait here for every open session; a client that never leaves
+            # (a half-closed TLS connection, a staller) must not keep mailfax from stopping.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(server.wait_closed(), timeout=5)
         if self.web_runner is not None:
             await self.web_runner.cleanup()
         for task in self._tasks:

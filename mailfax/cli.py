@@ -95,6 +95,13 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("file", nargs="?", type=Path)
     check.set_defaults(handler=cmd_check_config)
 
+    migrate = commands.add_parser("migrate", help="create or upgrade the store's schema")
+    migrate.set_defaults(handler=cmd_migrate)
+
+    passwd = commands.add_parser("passwd", help="make a password hash for [users.NAME]")
+    passwd.add_argument("user")
+    passwd.set_defaults(handler=cmd_passwd)
+
     emulate = commands.add_parser("emulate", help="run a provider emulator (for tests)")
     emulate.add_argument("provider", help="fax.de, faxnummer.de or retarus")
     emulate.add_argument("--listen", default="127.0.0.1:0")
@@ -342,6 +349,47 @@ def cmd_redeliver(args: argparse.Namespace) -> int:
         return 0
 
     return _run_with_store(args, action)
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from mailfax.store import migrate
+
+    settings = _settings(args)
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    where = settings.store_url.split("@")[-1]  # no credentials in the output
+    try:
+        applied = asyncio.run(migrate(settings.store_url))
+    except RuntimeError as error:
+        print(f"mailfax: {error}", file=sys.stderr)
+        return 1
+    if applied:
+        print(f"{where}: applied schema versions {', '.join(map(str, applied))}")
+    else:
+        print(f"{where}: schema is up to date")
+    return 0
+
+
+def cmd_passwd(args: argparse.Namespace) -> int:
+    """Ask for a password (twice on a terminal, one line on stdin otherwise) and print the
+    ``[users.NAME]`` lines to paste into the config. The password itself is never stored."""
+    import getpass
+
+    from mailfax.auth import hash_password
+
+    if sys.stdin.isatty():
+        password = getpass.getpass(f"password for {args.user}: ")
+        if getpass.getpass("again: ") != password:
+            print("mailfax: the passwords differ", file=sys.stderr)
+            return 1
+    else:
+        password = sys.stdin.readline().rstrip("\r\n")
+    if len(password) < 10:
+        print("mailfax: use at least 10 characters", file=sys.stderr)
+        return 1
+    print(f"[users.{args.user}]")
+    print(f'password_hash = "{hash_password(password)}"')
+    print(f'addresses = ["{args.user}@example.org"]  # the sender addresses this user may use')
+    return 0
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:

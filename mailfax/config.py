@@ -8,7 +8,9 @@ provider emulator, and outgoing mail written to a Maildir.
 from __future__ import annotations
 
 import ipaddress
+import logging
 import os
+import re
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -28,6 +30,7 @@ from mailfax.dialing import DialPolicySettings
 from mailfax.providers import provider_module
 
 CONFIG_ENV = "MAILFAX_CONFIG"
+log = logging.getLogger(__name__)
 
 
 def _resolve_secret(value: Any) -> Any:
@@ -91,10 +94,85 @@ Listen = Annotated[str, BeforeValidator(_listen)]
 class SmtpSettings(Strict):
     listen: list[Listen] = Field(default_factory=lambda: ["127.0.0.1:2525"])
     lmtp_listen: list[Listen] = Field(default_factory=list)
+    # Listeners that speak TLS from the first byte (port 465 style); need tls_cert/tls_key.
+    implicit_tls_listen: list[Listen] = Field(default_factory=list)
     hostname: str = "mailfax.localhost"
     max_message_size: int = Field(default=32 * 1024 * 1024, ge=1024)
     max_recipients: int = Field(default=50, ge=1)
     data_timeout: float = Field(default=300.0, gt=0)
+    # Certificate chain and key (PEM). With them, SMTP listeners offer STARTTLS; AUTH is only
+    # offered over TLS.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    # Failed logins per client address before it is refused for login_failure_window seconds.
+    max_login_failures: int = Field(default=5, ge=1)
+    login_failure_window: float = Field(default=300.0, gt=0)
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> SmtpSettings:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together")
+        if self.implicit_tls_listen and self.tls_cert is None:
+            raise ValueError("implicit_tls_listen needs tls_cert and tls_key")
+        return self
+
+
+class UserSettings(Strict):
+    """``[users.NAME]``: someone who may send faxes after SMTP AUTH (over TLS)."""
+
+    # "scrypt$…" as printed by `mailfax passwd NAME`; never the password itself.
+    password_hash: str
+    # Sender addresses this user may use (MAIL FROM and From:); "@example.org" allows a domain.
+    addresses: list[str] = Field(min_length=1)
+    account: str | None = None  # provider account for this user's faxes; default_account if unset
+    # If set, only numbers starting with one of these E.164 prefixes, e.g. ["+49"].
+    allowed_prefixes: list[str] = Field(default_factory=list)
+    faxes_per_hour: int | None = Field(default=None, ge=0)
+    pages_per_day: int | None = Field(default=None, ge=0)
+
+    @field_validator("password_hash")
+    @classmethod
+    def _hash(cls, value: str) -> str:
+        from mailfax.auth import is_password_hash
+
+        if not is_password_hash(value):
+            raise ValueError("is not a password hash; create one with `mailfax passwd NAME`")
+        return value
+
+    @field_validator("addresses")
+    @classmethod
+    def _lower(cls, values: list[str]) -> list[str]:
+        return [value.strip().lower() for value in values]
+
+    @field_validator("allowed_prefixes")
+    @classmethod
+    def _prefixes(cls, values: list[str]) -> list[str]:
+        for value in values:
+            if not value.startswith("+") or not value[1:].isdigit():
+                raise ValueError(f"{value!r} is not an E.164 prefix such as +49")
+        return values
+
+
+class DocumentSettings(Strict):
+    """What a mail's parts become."""
+
+    # The mail's text as a cover page: "never", "when-text" (when the mail has text), "always".
+    # Per mail: write to 030123456+cover@… or 030123456+nocover@….
+    cover: Literal["never", "when-text", "always"] = "never"
+    # Office documents (.doc(x), .odt, .rtf, .xls(x), .ods, .txt) through headless LibreOffice;
+    # without LibreOffice installed they are refused with a sentence saying so.
+    office: bool = True
+    office_timeout_seconds: float = Field(default=60.0, gt=0)
+    office_max_concurrent: int = Field(default=2, ge=1)
+
+
+class QuotaSettings(Strict):
+    """Limits for everyone together (per user: in [users.NAME])."""
+
+    faxes_per_hour: int | None = Field(default=None, ge=0)
+    pages_per_day: int | None = Field(default=None, ge=0)
+    # Status mails to one sender address per hour; more are not sent (the jobs still run).
+    status_mails_per_hour: int = Field(default=60, ge=1)
 
 
 class StoreSettings(Strict):
@@ -144,6 +222,9 @@ class NotifySettings(Strict):
     from_address: str = "mailfax@localhost"
     from_name: str = "mailfax"
     language: Literal["en", "de"] = "en"
+    # A failed fax as the status mail ("mail"), as an RFC 3464 bounce that mail clients show
+    # as undeliverable ("dsn"), or both.
+    failure_format: Literal["mail", "dsn", "both"] = "mail"
 
 
 class RelaySettings(Strict):
@@ -185,6 +266,11 @@ class InboundSettings(Strict):
     attach_tiff: bool = False  # also attach the original TIFF
     # Seconds to wait for the relay to take a fax's mail before the poller moves on.
     handoff_timeout: float = Field(default=30.0, gt=0)
+    # An invisible text layer (OCRmyPDF + Tesseract) so the PDF is searchable: "auto" when
+    # installed with these languages, "on", or "off". A fax whose OCR fails is mailed anyway.
+    ocr: Literal["auto", "on", "off"] = "auto"
+    ocr_languages: str = Field(default="deu+eng", pattern=r"^[a-z_]+(\+[a-z_]+)*$")
+    ocr_seconds_per_page: float = Field(default=20.0, gt=0)
 
     @field_validator("timezone")
     @classmethod
@@ -195,6 +281,69 @@ class InboundSettings(Strict):
         return value
 
 
+class ImapServerSettings(Strict):
+    """An IMAP account mailfax logs in to (mailfax/imap)."""
+
+    host: str
+    port: int = Field(default=143, gt=0, lt=65536)
+    tls: Literal["none", "implicit"] = "none"  # implicit: IMAPS, usually port 993
+    username: str
+    password: Secret
+    timeout: float = Field(default=30.0, gt=0)
+
+
+NumberSource = Literal["subject", "to"]
+
+
+class ImapIntakeSettings(ImapServerSettings):
+    """``[imap_intake]``: fax mails read from a watched mailbox instead of SMTP/LMTP."""
+
+    mailbox: str = "INBOX"
+    processed_folder: str = "Processed"  # "": leave the mail, flag it $MailfaxQueued
+    rejected_folder: str = "Rejected"  # "": leave the mail, flag it $MailfaxRejected
+    # Where the fax number is taken from: "subject" (subject_patterns) and "to" (To/Cc
+    # addresses: <number>@<fax domain>, or a plus-address like fax+4930123456@example.org).
+    number_from: list[NumberSource] = Field(
+        default_factory=lambda: list[NumberSource](["to", "subject"]), min_length=1)
+    # Regular expressions for the subject; group 1 holds one number or several (, or ;).
+    subject_patterns: list[str] = Field(default_factory=lambda: [
+        r"(?i)\bfax\b\s*(?:to|an|nach)?\s*:?\s*(\+?[0-9][0-9 ()/.,;-]*[0-9])",
+        r"^\s*(\+?[0-9][0-9 ()/.-]{3,}[0-9])\s*$",
+    ])
+    plus_separator: str = Field(default="+", min_length=1, max_length=1)
+    # The mailbox's own addresses for plus-addressing; empty: any address with a number detail.
+    plus_addresses: list[str] = Field(default_factory=list)
+    idle: bool = True  # IMAP IDLE when the server has it; else poll every poll_seconds
+    idle_seconds: float = Field(default=600.0, gt=0, le=1740)  # re-issue IDLE (RFC: < 29 min)
+    poll_seconds: float = Field(default=60.0, gt=0)
+    reconnect_initial_seconds: float = Field(default=1.0, gt=0)
+    reconnect_max_seconds: float = Field(default=300.0, gt=0)
+    # The mailbox is not a trust boundary: senders.allowed_addresses/allowed_domains apply.
+    # With both empty, intake refuses to start unless this is set.
+    allow_any_sender: bool = False
+    # A sender that may not send faxes gets no reply by default (no backscatter to forgeries).
+    reply_to_refused_senders: bool = False
+
+    @field_validator("subject_patterns")
+    @classmethod
+    def _patterns(cls, values: list[str]) -> list[str]:
+        import re
+
+        for value in values:
+            if re.compile(value).groups < 1:
+                raise ValueError(f"{value!r} has no group for the number")
+        return values
+
+
+class ImapDeliverySettings(ImapServerSettings):
+    """``[imap_delivery]``: received faxes APPENDed into a mailbox folder instead of mailed."""
+
+    folder: str = "INBOX"  # e.g. a shared "Public/Faxes"
+    # Called number (any spelling) -> folder; numbers without an entry go to ``folder``.
+    folders: dict[str, str] = Field(default_factory=dict)
+    create_folders: bool = True
+
+
 class AccountSettings(BaseModel):
     """``[accounts.NAME]``: ``provider`` picks the adapter, the other keys are its settings."""
 
@@ -203,7 +352,12 @@ class AccountSettings(BaseModel):
 
     @model_validator(mode="after")
     def _provider_settings(self) -> AccountSettings:
-        self.provider_settings()  # validates, raises with the bad field named
+        validated = self.provider_settings()  # validates, raises with the bad field named
+        extra = self.__pydantic_extra__ or {}
+        for key in list(extra):
+            value = getattr(validated, key, None)
+            if isinstance(value, SecretStr):
+                extra[key] = value  # kept as a secret, so no repr or dump shows it
         return self
 
     def provider_settings(self) -> BaseModel:
@@ -231,6 +385,11 @@ class Settings(Strict):
     accounts: dict[str, AccountSettings] = Field(
         default_factory=lambda: {"emulator": AccountSettings(provider="emulator")}
     )
+    imap_intake: ImapIntakeSettings | None = None  # watch a mailbox for fax mails
+    imap_delivery: ImapDeliverySettings | None = None  # APPEND received faxes via IMAP
+    users: dict[str, UserSettings] = Field(default_factory=dict)
+    quotas: QuotaSettings = QuotaSettings()
+    documents: DocumentSettings = DocumentSettings()
 
     @field_validator("fax_domains")
     @classmethod
@@ -244,6 +403,10 @@ class Settings(Strict):
                 f"default_account {self.default_account!r} is not one of the accounts "
                 f"({', '.join(sorted(self.accounts)) or 'none'})"
             )
+        for name, user in self.users.items():
+            if user.account is not None and user.account not in self.accounts:
+                raise ValueError(f"users.{name}.account {user.account!r} is not one of the "
+                                 f"accounts ({', '.join(sorted(self.accounts))})")
         return self
 
     @property
@@ -266,7 +429,9 @@ def load_settings(path: Path | None = None) -> Settings:
     if path is None:
         return Settings()
     try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+        raw = tomllib.loads(text)
+        warn_if_exposed(path, text)
     except OSError as error:
         raise ConfigError(f"{path}: cannot read: {error.strerror}") from error
     except tomllib.TOMLDecodeError as error:
@@ -278,6 +443,18 @@ def load_settings(path: Path | None = None) -> Settings:
     if not settings.data_dir.is_absolute():
         settings = settings.model_copy(update={"data_dir": path.parent / settings.data_dir})
     return settings
+
+
+LITERAL_SECRET = re.compile(r'^\s*(password|product_code|password_hash)\s*=\s*"(?!env:|file:)',
+                            re.MULTILINE)
+
+
+def warn_if_exposed(path: Path, text: str) -> None:
+    """A config that holds secrets itself should be readable by its owner only."""
+    mode = path.stat().st_mode & 0o777
+    if mode & 0o077 and LITERAL_SECRET.search(text):
+        log.warning("%s holds passwords and is readable by others (mode %03o): chmod 600 it, "
+                    "or give secrets as \"env:NAME\" or \"file:/path\"", path, mode)
 
 
 def describe_validation_error(error: ValidationError) -> str:
