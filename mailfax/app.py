@@ -26,6 +26,7 @@ from mailfax.inbound.mailer import InboundMailer
 from mailfax.inbound.poller import InboundPoller
 from mailfax.intake.service import Intake
 from mailfax.intake.smtp import start_listeners
+from mailfax.metrics import InstrumentedProvider, Metrics
 from mailfax.notify import TEMPLATES_DIR, Notifier, Renderer
 from mailfax.outbox import MaildirSink, MailSink, OutboxSender, RelaySink
 from mailfax.policy import exposure_problem
@@ -75,6 +76,7 @@ class Application:
         self.settings = settings
         self.instance = instance or f"{socket.gethostname()}:{os.getpid()}"
         self.store: Store = open_store(settings.store_url)
+        self.metrics = Metrics()
         self.providers: dict[str, Provider] = {}
         self.smtp_servers: list[asyncio.Server] = []
         self.web_runner: web.AppRunner | None = None
@@ -102,7 +104,10 @@ class Application:
         if released:
             log.info("resuming %d jobs that were being sent when mailfax stopped", released)
         secret_key = load_secret_key(settings.data_dir)
-        self.providers = make_providers(settings, lambda name: self._context(name, secret_key))
+        self.providers = {
+            name: InstrumentedProvider(provider, self.metrics)
+            for name, provider in make_providers(
+                settings, lambda name: self._context(name, secret_key)).items()}
 
         self.outbox = OutboxSender(self.store, self._sink(),
                                    retry_initial=settings.outbox.retry_initial_seconds,
@@ -118,7 +123,8 @@ class Application:
         self.dispatcher = Dispatcher(self.store, self.providers, settings.dispatch,
                                      owner=self.instance, push_url=self._push_url,
                                      on_submitted=self._after_dispatch)
-        self.intake = Intake(settings, self.store, on_stored=self._after_intake)
+        self.intake = Intake(settings, self.store, on_stored=self._after_intake,
+                             metrics=self.metrics)
 
         loops = [("dispatcher", self.dispatcher.run), ("tracker", self.tracker.run),
                  ("notifier", self.notifier.run), ("outbox", self.outbox.run)]
@@ -140,8 +146,9 @@ class Application:
             self._tasks.append(asyncio.create_task(supervise(name, loop), name=name))
         if settings.web.listen:
             address = ListenAddress(settings.web.listen)
-            self.web_runner = await start_web(build_web_app(self.providers), address.host,
-                                              address.port)
+            self.web_runner = await start_web(
+                build_web_app(self.providers, self.store, self.metrics), address.host,
+                address.port)
         self.smtp_servers = await start_listeners(self.intake, settings.smtp, settings.users)
         self._log_startup()
 

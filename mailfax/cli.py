@@ -7,12 +7,13 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from mailfax import __version__
+from mailfax import __version__, logs
 from mailfax.config import ConfigError, ListenAddress, Settings, load_settings
 from mailfax.model import FINAL_STATES, JobState
 from mailfax.notify import format_duration
@@ -26,14 +27,7 @@ log = logging.getLogger("mailfax")
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    for chatty in ("pikepdf", "zeep", "httpx", "httpcore", "aiohttp.access"):
-        logging.getLogger(chatty).setLevel(logging.WARNING)
-    for noisy in ("zeep", "httpx", "httpcore", "aiosmtpd", "mail.log"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    logs.configure(args.verbose, args.log_json or os.environ.get("MAILFAX_LOG") == "json")
     if args.command is None:
         parser.print_help()
         return 2
@@ -54,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="config file (TOML); default: $MAILFAX_CONFIG, else built-in "
                              "defaults")
     parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument("--log-json", action="store_true",
+                        help="log JSON lines (also: MAILFAX_LOG=json)")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     serve = commands.add_parser("serve", help="run the bridge")

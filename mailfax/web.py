@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Mapping
 
 from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
 
+from mailfax.metrics import Metrics
 from mailfax.providers.base import Provider
+from mailfax.store.base import Store
 
 log = logging.getLogger(__name__)
 
 
-def build_web_app(providers: Mapping[str, Provider]) -> web.Application:
+def build_web_app(providers: Mapping[str, Provider], store: Store | None = None,
+                  metrics: Metrics | None = None) -> web.Application:
     async def push(request: web.Request) -> web.StreamResponse:
         provider = providers.get(request.match_info["account"])
         if provider is None:
@@ -24,11 +29,31 @@ def build_web_app(providers: Mapping[str, Provider]) -> web.Application:
         return response
 
     async def healthz(request: web.Request) -> web.Response:
+        """The process answers."""
         return web.Response(text="ok\n")
+
+    async def readyz(request: web.Request) -> web.Response:
+        """The store answers, so mail can be taken (503 otherwise)."""
+        if store is None:
+            return web.Response(text="ready\n")
+        try:
+            await asyncio.wait_for(store.outbox_depth(), timeout=5)
+        except Exception as error:  # any failure means: not ready
+            log.warning("not ready: store: %s", type(error).__name__)
+            return web.Response(status=503, text="store unavailable\n")
+        return web.Response(text="ready\n")
+
+    async def prometheus(request: web.Request) -> web.Response:
+        if metrics is None or store is None:
+            raise web.HTTPNotFound()
+        body = await metrics.render(store)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     app = web.Application(client_max_size=8 * 1024 * 1024)
     app.router.add_route("*", "/push/{account}/{tail:.*}", push)
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", prometheus)
     return app
 
 

@@ -22,6 +22,7 @@ from mailfax.intake.assemble import (
     may_need_office,
     nothing_to_fax,
 )
+from mailfax.metrics import Metrics
 from mailfax.model import new_job_id
 from mailfax.notify import TEMPLATES_DIR
 from mailfax.numbers import FaxAddress, InvalidNumber, format_international, parse_fax_local_part
@@ -52,7 +53,9 @@ class Accepted:
 
 class Intake:
     def __init__(self, settings: Settings, store: Store,
-                 on_stored: Callable[[], None] = lambda: None):
+                 on_stored: Callable[[], None] = lambda: None,
+                 metrics: Metrics | None = None):
+        self.metrics = metrics
         self.settings = settings
         self.store = store
         self.on_stored = on_stored
@@ -108,6 +111,10 @@ class Intake:
             _, used = await self.store.usage_since(since)
             self._refuse_over(quota_refusal("this service", limit, used, pages,
                                             "pages per day"))
+
+    def count_refusal(self, refusal: Refusal) -> None:
+        if self.metrics is not None:
+            self.metrics.mails_refused.labels(refusal.status).inc()
 
     @staticmethod
     def _refuse_over(sentence: str | None) -> None:
@@ -219,6 +226,8 @@ class Intake:
                        account=account or self.settings.default_account) for number in numbers]
         await self.store.add_mail_jobs(mail, jobs, documents)
         self.on_stored()
+        if self.metrics is not None:
+            self.metrics.mails_accepted.inc()
         pages = sum(document.pages for document in documents)
         for job in jobs:
             log.info("job %s queued: %s, %d pages, from <%s>", job.job_id, job.number, pages,

@@ -36,6 +36,7 @@ class FaxHandler:
         try:
             self.intake.check_sender(address, _client_ip(session), _user(session))
         except Refusal as refusal:
+            self.intake.count_refusal(refusal)
             log.info("refused sender <%s> from %s: %s", address, session.peer, refusal.sentence)
             return refusal.reply()
         envelope.mail_from = address
@@ -52,6 +53,7 @@ class FaxHandler:
             await self.intake.check_rate(envelope.mail_from or "", _user(session),
                                          len(envelope.rcpt_tos))
         except Refusal as refusal:
+            self.intake.count_refusal(refusal)
             log.info("refused recipient <%s>: %s", address, refusal.sentence)
             return refusal.reply()
         envelope.rcpt_tos.append(address)
@@ -69,6 +71,7 @@ class FaxHandler:
                 envelope.mail_from or "", recipients, raw, _client_ip(session) or "",
                 _user(session))
         except Refusal as refusal:
+            self.intake.count_refusal(refusal)
             log.info("refused mail from <%s>: %s", envelope.mail_from, refusal.sentence)
             return _for_each(recipients, refusal.reply(), per_recipient)
         except Exception:

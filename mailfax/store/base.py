@@ -232,6 +232,10 @@ class Store(Protocol):
 
     async def outbox_depth(self) -> int: ...
 
+    async def counts(self) -> dict[str, dict[str, int]]:
+        """{"jobs": {state: n}, "inbound": {state: n}}, for metrics."""
+        ...
+
     async def unacknowledged_final_jobs(self, account: str, limit: int) -> list[Job]:
         """Final jobs whose status mails are all handed off but the provider was not told."""
         ...

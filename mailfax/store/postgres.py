@@ -719,6 +719,14 @@ class PostgresStore:
             row = await cur.fetchone()
         return int(row["n"]) if row else 0
 
+    async def counts(self) -> dict[str, dict[str, int]]:
+        result: dict[str, dict[str, int]] = {}
+        async with self._cursor() as cur:
+            for name, table in (("jobs", "jobs"), ("inbound", "inbound_faxes")):
+                await cur.execute(f"SELECT state, count(*) AS n FROM {table} GROUP BY state")
+                result[name] = {str(row["state"]): int(row["n"]) for row in await cur.fetchall()}
+        return result
+
     # -- received faxes ----------------------------------------------------------------------
 
     async def add_inbound_fax(self, account: str, fax: InboundFax) -> InboundRecord:

@@ -716,6 +716,15 @@ class SqliteStore(_InboundMixin):
 
         return await self._call(operation)
 
+    async def counts(self) -> dict[str, dict[str, int]]:
+        def operation(conn: sqlite3.Connection) -> dict[str, dict[str, int]]:
+            jobs = dict(conn.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state"))
+            inbound = dict(conn.execute(
+                "SELECT state, COUNT(*) FROM inbound_faxes GROUP BY state"))
+            return {"jobs": jobs, "inbound": inbound}
+
+        return await self._call(operation)
+
 
 def _settle(future: asyncio.Future[Any], result: Any, failure: BaseException | None) -> None:
     if future.cancelled():

@@ -1,0 +1,108 @@
+"""Prometheus metrics: what mailfax counts, and one registry per application.
+
+Counters and histograms are updated where things happen; gauges that the store knows (jobs by
+state, outbox depth, received faxes waiting) are read from it when ``/metrics`` is scraped, so
+several instances report the same truth.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from mailfax.providers.base import (
+    InboundFax,
+    Provider,
+    ProviderRef,
+    SendRequest,
+    SendResult,
+    StatusReport,
+)
+from mailfax.store.base import Store
+
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.mails_accepted = Counter(
+            "mailfax_mails_accepted", "Mails accepted as fax jobs", registry=self.registry)
+        self.mails_refused = Counter(
+            "mailfax_mails_refused", "Mails or recipients refused, by SMTP status",
+            ["status"], registry=self.registry)
+        self.provider_seconds = Histogram(
+            "mailfax_provider_call_seconds", "Provider calls, by provider and operation",
+            ["provider", "operation", "outcome"], buckets=LATENCY_BUCKETS,
+            registry=self.registry)
+        self.jobs = Gauge("mailfax_jobs", "Jobs by state", ["state"], registry=self.registry)
+        self.outbox_depth = Gauge("mailfax_outbox_depth", "Mails waiting in the outbox",
+                                  registry=self.registry)
+        self.inbound_pending = Gauge(
+            "mailfax_inbound_pending", "Received faxes not yet deleted at the provider",
+            registry=self.registry)
+
+    @asynccontextmanager
+    async def provider_call(self, provider: str, operation: str) -> AsyncIterator[None]:
+        started = time.perf_counter()
+        outcome = "error"
+        try:
+            yield
+            outcome = "ok"
+        finally:
+            self.provider_seconds.labels(provider, operation, outcome).observe(
+                time.perf_counter() - started)
+
+    async def render(self, store: Store) -> bytes:
+        counts = await store.counts()
+        for state, number in counts["jobs"].items():
+            self.jobs.labels(state).set(number)
+        self.outbox_depth.set(await store.outbox_depth())
+        self.inbound_pending.set(sum(number for state, number in counts["inbound"].items()
+                                     if state != "deleted"))
+        return bytes(generate_latest(self.registry))
+
+
+class InstrumentedProvider:
+    """A provider whose calls are timed into ``mailfax_provider_call_seconds``."""
+
+    def __init__(self, inner: Provider, metrics: Metrics):
+        self.inner = inner
+        self.metrics = metrics
+        self.account = inner.account
+        self.provider_name = inner.provider_name
+        self.supports_inbound = inner.supports_inbound
+
+    def __getattr__(self, name: str) -> Any:  # handle_push and other extras
+        return getattr(self.inner, name)
+
+    async def send_many(self, requests: Sequence[SendRequest]) -> list[SendResult]:
+        async with self.metrics.provider_call(self.provider_name, "send"):
+            return await self.inner.send_many(requests)
+
+    async def status(self, refs: Sequence[ProviderRef]) -> dict[str, StatusReport]:
+        async with self.metrics.provider_call(self.provider_name, "status"):
+            return await self.inner.status(refs)
+
+    async def cancel(self, ref: ProviderRef) -> bool:
+        async with self.metrics.provider_call(self.provider_name, "cancel"):
+            return await self.inner.cancel(ref)
+
+    async def acknowledge(self, refs: Sequence[ProviderRef]) -> None:
+        async with self.metrics.provider_call(self.provider_name, "acknowledge"):
+            await self.inner.acknowledge(refs)
+
+    async def fetch_inbound(self) -> InboundFax | None:
+        async with self.metrics.provider_call(self.provider_name, "fetch_inbound"):
+            return await self.inner.fetch_inbound()
+
+    async def delete_inbound(self, fax_id: str) -> None:
+        async with self.metrics.provider_call(self.provider_name, "delete_inbound"):
+            await self.inner.delete_inbound(fax_id)
+
+    async def close(self) -> None:
+        await self.inner.close()
