@@ -2,6 +2,12 @@
 
 intake → store → dispatcher → providers; tracker → store → notifier → outbox sender.
 Each loop is supervised: if it crashes it is logged and restarted, and the others carry on.
+
+Several instances on one PostgreSQL store share the dispatcher's, the notifier's and the
+outbox's work through leases in the store. The status tracker and each inbound poller run on
+one instance at a time: their loop runs only while this instance holds the store's singleton
+lock for it (:meth:`PostgresStore.singleton`), and another instance takes over within seconds
+when that instance dies. On SQLite (one instance) they simply run.
 """
 
 from __future__ import annotations
@@ -13,7 +19,9 @@ import os
 import secrets
 import socket
 from collections.abc import Awaitable, Callable, Sequence
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
+from typing import Protocol, cast
 
 from aiohttp import web
 
@@ -111,13 +119,14 @@ class Application:
 
         self.outbox = OutboxSender(self.store, self._sink(),
                                    retry_initial=settings.outbox.retry_initial_seconds,
-                                   retry_max=settings.outbox.retry_max_seconds)
+                                   retry_max=settings.outbox.retry_max_seconds,
+                                   owner=self.instance)
         renderer = Renderer(settings.templates_dir or TEMPLATES_DIR)
         self.notifier = Notifier(self.store, settings.notify, renderer,
                                  on_queued=self.outbox.wake,
                                  mails_per_hour=settings.quotas.status_mails_per_hour,
                                  fax_domain=settings.fax_domains[0],
-                                 hostname=settings.smtp.hostname)
+                                 hostname=settings.smtp.hostname, owner=self.instance)
         self.tracker = Tracker(self.store, self.providers, settings.dispatch.status_poll_seconds,
                                on_change=self.notifier.wake)
         self.dispatcher = Dispatcher(self.store, self.providers, settings.dispatch,
@@ -126,14 +135,16 @@ class Application:
         self.intake = Intake(settings, self.store, on_stored=self._after_intake,
                              metrics=self.metrics)
 
-        loops = [("dispatcher", self.dispatcher.run), ("tracker", self.tracker.run),
-                 ("notifier", self.notifier.run), ("outbox", self.outbox.run)]
+        loops: list[tuple[str, Callable[[], Awaitable[None]]]] = [
+            ("dispatcher", self.dispatcher.run),
+            ("tracker", self._singleton("tracker", self.tracker.run)),
+            ("notifier", self.notifier.run), ("outbox", self.outbox.run)]
         self.inbound_pollers = {
             name: InboundPoller(name, provider, self.store, settings.inbound,
                                 inbound_mailer(settings), settings.numbers.default_country,
                                 wake_outbox=self.outbox.wake)
             for name, provider in self.providers.items() if provider.supports_inbound}
-        loops += [(f"inbound {name}", poller.run)
+        loops += [(f"inbound {name}", self._singleton(f"inbound {name}", poller.run))
                   for name, poller in self.inbound_pollers.items()]
         # -- IMAP intake (mailfax/imap): fax mails from a watched mailbox --
         self.imap_intake: ImapIntake | None = None
@@ -154,6 +165,14 @@ class Application:
 
     def _single_instance(self) -> bool:
         return self.settings.store_url.startswith("sqlite:")
+
+    def _singleton(self, name: str, loop: Callable[[], Awaitable[None]]
+                   ) -> Callable[[], Awaitable[None]]:
+        """``loop`` run on one instance at a time, if the store can arrange that."""
+        if not callable(getattr(self.store, "singleton", None)):
+            return loop
+        store = cast(SingletonStore, self.store)
+        return lambda: run_as_singleton(store, name, loop)
 
     def _after_intake(self) -> None:
         self.dispatcher.wake()
@@ -239,6 +258,34 @@ class Application:
         for provider in self.providers.values():
             await provider.close()
         await self.store.close()
+
+
+class SingletonStore(Protocol):
+    def singleton(self, name: str) -> AbstractAsyncContextManager[asyncio.Event]: ...
+
+
+async def run_as_singleton(store: SingletonStore, name: str,
+                           loop: Callable[[], Awaitable[None]]) -> None:
+    """Run ``loop`` whenever this instance holds ``name``'s lock; stop it when the lock is
+    lost, and wait for it again."""
+    while True:
+        async with store.singleton(name) as lost:
+            work = asyncio.create_task(_await(loop), name=name)
+            watch = asyncio.create_task(lost.wait(), name=f"{name} lock")
+            try:
+                await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for task in (work, watch):
+                    task.cancel()
+                await asyncio.gather(work, watch, return_exceptions=True)
+            if work.done() and not work.cancelled():
+                work.result()  # its return ends the loop; its exception goes to supervise()
+                return
+        log.warning("%s stopped here: its lock was lost; waiting to take it again", name)
+
+
+async def _await(loop: Callable[[], Awaitable[None]]) -> None:
+    await loop()
 
 
 async def supervise(name: str, loop: Callable[[], Awaitable[None]]) -> None:

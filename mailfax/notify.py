@@ -1,7 +1,9 @@
 """The notifier: turns job events into status mails, rendered from ``templates/``.
 
 Each event is handled exactly once: its mail (or the decision not to send one) is written to
-the outbox in the same transaction that marks the event done.
+the outbox in the same transaction that marks the event done. With several instances on one
+store, events are leased to the instance that renders them (``claim_notifications``), and the
+store adds an event's mails only if the event was not done yet.
 """
 
 from __future__ import annotations
@@ -31,6 +33,9 @@ from mailfax.policy import split_address, status_mail_allowed
 from mailfax.store.base import Event, Job, Mail, OutgoingMail, Store
 
 log = logging.getLogger(__name__)
+
+NOTIFY_LEASE_SECONDS = 30.0
+
 
 def _templates_dir() -> Path:
     """The repository's templates/ (a checkout or editable install), else the copy that
@@ -148,7 +153,8 @@ class Notifier:
     def __init__(self, store: Store, settings: NotifySettings, renderer: Renderer,
                  on_queued: Callable[[], None] = lambda: None, poll_seconds: float = 5.0,
                  mails_per_hour: int = 60, fax_domain: str = "fax.local",
-                 hostname: str = "mailfax.localhost"):
+                 hostname: str = "mailfax.localhost", owner: str = "mailfax"):
+        self.owner = owner
         self.fax_domain = fax_domain
         self.hostname = hostname
         self.store = store
@@ -172,9 +178,12 @@ class Notifier:
                 await asyncio.wait_for(self._wake.wait(), timeout=self.poll_seconds)
 
     async def handle_pending(self, limit: int = 100) -> int:
-        events = await self.store.pending_notifications(limit)
+        events = await self.store.claim_notifications(self.owner, limit, NOTIFY_LEASE_SECONDS)
+        deadline = time.monotonic() + NOTIFY_LEASE_SECONDS / 2
         queued = False
         for event in events:
+            if time.monotonic() > deadline:
+                break  # the rest stay leased to us and come back with the next claim
             outgoing = await self._mails_for(event)
             await self.store.complete_notification(event.id, outgoing)
             queued = queued or bool(outgoing)

@@ -1,16 +1,22 @@
 """The outbox sender: delivers queued mails to the relay (aiosmtplib) or into a Maildir.
 
 A mail leaves the outbox table only once the relay accepted it or the Maildir file is synced
-to disk; until then it is retried with backoff, across relay outages and restarts.
+to disk; until then it is retried with backoff, across relay outages and restarts. With several
+instances on one store, each mail is leased to the instance that delivers it
+(``claim_outbox``). An instance that dies after the hand-off but before recording it leaves
+the mail to be delivered again; into a Maildir that is harmless, as the file name is made from
+the outbox item (id and content), so the second delivery replaces the first file.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
-import mailbox
 import os
+import secrets
+import time
 from abc import ABC, abstractmethod
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -22,6 +28,8 @@ from mailfax.dispatch import retry_delay
 from mailfax.store.base import OutboxItem, Store
 
 log = logging.getLogger(__name__)
+
+OUTBOX_LEASE_SECONDS = 30.0
 
 
 class PermanentRefusal(Exception):
@@ -45,15 +53,25 @@ class MaildirSink(MailSink):
         return f"Maildir {self.path}"
 
     async def deliver(self, item: OutboxItem) -> None:
-        await asyncio.to_thread(self._write, item.message)
+        await asyncio.to_thread(self._write, item)
 
-    def _write(self, message: bytes) -> None:
-        box = mailbox.Maildir(self.path, create=True)
-        key = box.add(message)
-        target = self.path / "new" / key
-        # mailbox does not fsync; a mail counts as handed off only once it is on disk.
-        with open(target, "rb") as handle:
+    @staticmethod
+    def file_name(item: OutboxItem) -> str:
+        """The same name for every delivery of one outbox item, by any instance."""
+        return f"mailfax-{item.id}-{hashlib.sha256(item.message).hexdigest()[:24]}"
+
+    def _write(self, item: OutboxItem) -> None:
+        for folder in ("tmp", "new", "cur"):
+            (self.path / folder).mkdir(parents=True, exist_ok=True)
+        name = self.file_name(item)
+        target = self.path / "new" / name
+        temporary = self.path / "tmp" / f"{name}.{os.getpid()}.{secrets.token_hex(4)}"
+        with open(temporary, "wb") as handle:
+            handle.write(item.message)
+            handle.flush()
+            # A mail counts as handed off only once it is on disk.
             os.fsync(handle.fileno())
+        os.replace(temporary, target)  # a second delivery of the same item replaces the first
         directory = os.open(self.path / "new", os.O_RDONLY)
         try:
             os.fsync(directory)
@@ -95,7 +113,9 @@ class RelaySink(MailSink):
 
 class OutboxSender:
     def __init__(self, store: Store, sink: MailSink, *, retry_initial: float = 10.0,
-                 retry_max: float = 1800.0, poll_seconds: float = 30.0):
+                 retry_max: float = 1800.0, poll_seconds: float = 30.0,
+                 owner: str = "mailfax"):
+        self.owner = owner
         self.store = store
         self.sink = sink
         self.retry_initial = retry_initial
@@ -121,9 +141,12 @@ class OutboxSender:
 
     async def send_due(self, limit: int = 50) -> int:
         """Deliver what is due; returns how many were handed off."""
-        items = await self.store.due_outbox(limit)
+        items = await self.store.claim_outbox(self.owner, limit, OUTBOX_LEASE_SECONDS)
+        deadline = time.monotonic() + OUTBOX_LEASE_SECONDS / 2
         delivered = 0
         for item in items:
+            if time.monotonic() > deadline:
+                break  # the rest stay leased to us and come back with the next claim
             if await self._deliver(item):
                 delivered += 1
         return delivered

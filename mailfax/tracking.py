@@ -2,6 +2,8 @@
 
 Polling is the fallback; pushes from providers (``report_status``/``wake``) arrive sooner.
 Right after a submission it polls quickly (1 s, 2 s, 4 s, ...) up to the configured interval.
+With several instances on PostgreSQL the tracker runs on one of them at a time (see
+``mailfax.app``); jobs another instance submitted are found by its regular full poll.
 """
 
 from __future__ import annotations
@@ -55,9 +57,12 @@ class Tracker:
         self._wake = asyncio.Event()
         self._fresh: dict[str, tuple[float, float]] = {}  # job id -> (due at, current delay)
         self._full_poll_due = 0.0
+        self._running = False
 
     def wake(self, job_ids: Sequence[str] = ()) -> None:
         """Jobs were submitted (or something else changed): look soon."""
+        if not self._running:
+            return  # another instance tracks (its full polls find these jobs)
         due = time.monotonic() + FIRST_FAST_POLL
         for job_id in job_ids:
             self._fresh[job_id] = (due, FIRST_FAST_POLL)
@@ -66,6 +71,15 @@ class Tracker:
         self._wake.set()
 
     async def run(self) -> None:
+        self._running = True
+        self._full_poll_due = 0.0  # a new turn (also after taking over): everything at once
+        try:
+            await self._run()
+        finally:
+            self._running = False
+            self._fresh.clear()
+
+    async def _run(self) -> None:
         while True:
             self._wake.clear()
             now = time.monotonic()

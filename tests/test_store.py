@@ -418,3 +418,123 @@ async def test_postgres_wakes_waiters_when_another_instance_adds_jobs(backend: B
     finally:
         await waiter.close()
         await adder.close()
+
+
+async def test_account_limits_count_the_live_leases_of_every_instance(backend: Backend) -> None:
+    from mailfax.store.base import OTHER_ACCOUNTS
+
+    first, second = backend.make(), backend.make()
+    await first.open()
+    await second.open()
+    try:
+        await first.add_mail_jobs(new_mail("m1"), [NewJob(f"a{i}", "+4930123456", "acct")
+                                                   for i in range(10)], DOCS)
+        await first.add_mail_jobs(new_mail("m2"), [NewJob(f"b{i}", "+4930123456", "other")
+                                                   for i in range(3)], DOCS)
+        limits = {"acct": 4}
+        one = await first.claim_due_jobs("one", 10, 60, account_limits=limits)
+        assert len(one) == 4 and {job.account for job in one} == {"acct"}
+        assert await second.claim_due_jobs("two", 10, 60, account_limits=limits) == []
+        await first.record(one[0].id, Transition(JobState.SUBMITTED, provider_job_id="P"))
+        two = await second.claim_due_jobs("two", 10, 60, account_limits=limits)
+        assert len(two) == 1  # the slot that one's recorded job freed
+        # Not named: only with OTHER_ACCOUNTS, and then at most that many.
+        others = await second.claim_due_jobs("two", 10, 60,
+                                             account_limits={"acct": 4, OTHER_ACCOUNTS: 2})
+        assert [job.account for job in others] == ["other", "other"]
+
+        async def claimer(store: Store, owner: str) -> list[str]:
+            got: list[str] = []
+            for _ in range(5):
+                got += [job.id for job in await store.claim_due_jobs(
+                    owner, 10, 60, account_limits={"acct": 6})]
+            return got
+
+        more = await asyncio.gather(claimer(first, "one"), claimer(second, "two"))
+        assert sum(map(len, more)) == 2  # 4 live leases of 6 allowed, whoever claims
+    finally:
+        await first.close()
+        await second.close()
+
+
+async def test_leases_are_renewed_only_by_their_holder(store: Store) -> None:
+    await add(store, jobs=("j1", "j2"))
+    assert len(await store.claim_due_jobs("one", 10, lease_seconds=0.3)) == 2
+    assert await store.renew_leases("two", ["j1", "j2"], 60) == 0
+    assert await store.renew_leases("one", ["j1"], 60) == 1
+    await asyncio.sleep(0.4)
+    # j2's lease ran out; j1's was renewed and is still held.
+    assert [job.id for job in await store.claim_due_jobs("two", 10, 60)] == ["j2"]
+    await store.record("j1", Transition(JobState.SUBMITTED, provider_job_id="P"))
+    assert await store.renew_leases("one", ["j1"], 60) == 0  # recorded: nothing to renew
+
+
+async def test_a_notification_is_claimed_and_mailed_once(backend: Backend) -> None:
+    first, second = backend.make(), backend.make()
+    await first.open()
+    await second.open()
+    try:
+        await add(first, jobs=("j1", "j2"))
+        claimed = await first.claim_notifications("one", 10, lease_seconds=60)
+        assert [event.job_id for event in claimed] == ["j1", "j2"]
+        again = await first.claim_notifications("one", 10, lease_seconds=60)
+        assert [event.id for event in again] == [event.id for event in claimed]
+        other = await second.claim_notifications("two", 10, lease_seconds=60)
+        if backend.name == "postgresql":
+            assert other == []  # leased to "one"
+        # Both complete the same event (a lease that ran out): its mail is queued once.
+        mail = OutgoingMail("", ["a@b"], b"status", job_id="j1")
+        await first.complete_notification(claimed[0].id, [mail])
+        await second.complete_notification(claimed[0].id, [mail])
+        assert [item.job_id for item in await first.due_outbox(10)] == ["j1"]
+    finally:
+        await first.close()
+        await second.close()
+
+
+async def test_outbox_mails_are_leased_to_one_instance(backend: Backend) -> None:
+    first, second = backend.make(), backend.make()
+    await first.open()
+    await second.open()
+    try:
+        ids = [await first.enqueue_mail(OutgoingMail("", ["a@b"], f"m{i}".encode()))
+               for i in range(3)]
+        assert [item.id for item in await first.claim_outbox("one", 2, 0.3)] == ids[:2]
+        if backend.name == "postgresql":
+            assert [item.id for item in await second.claim_outbox("two", 10, 60)] == ids[2:]
+            await first.outbox_sent(ids[0])
+            await asyncio.sleep(0.4)  # one's lease on ids[1] runs out
+            assert [item.id for item in await second.claim_outbox("two", 10, 60)] == [ids[1],
+                                                                                       ids[2]]
+        else:  # one instance per SQLite database: nothing to share
+            assert len(await second.claim_outbox("two", 10, 60)) == 3
+    finally:
+        await first.close()
+        await second.close()
+
+
+async def test_postgres_singleton_moves_when_its_holder_goes(backend: Backend) -> None:
+    if backend.name != "postgresql":
+        pytest.skip("advisory locks are PostgreSQL's")
+    from mailfax.store import postgres
+
+    one, two = postgres.PostgresStore(backend.url), postgres.PostgresStore(backend.url)
+    await one.open()
+    await two.open()
+    original = postgres.SINGLETON_RETRY_SECONDS
+    postgres.SINGLETON_RETRY_SECONDS = 0.1
+    try:
+        async with one.singleton("tracker") as lost:
+            waiting = asyncio.create_task(_enter(two, "tracker"))
+            await asyncio.sleep(0.5)
+            assert not waiting.done() and not lost.is_set()
+        await asyncio.wait_for(waiting, 5)  # one left: two takes it
+    finally:
+        postgres.SINGLETON_RETRY_SECONDS = original
+        await one.close()
+        await two.close()
+
+
+async def _enter(store: Store, name: str) -> None:
+    async with store.singleton(name):  # type: ignore[attr-defined]
+        pass

@@ -52,6 +52,8 @@ class Settings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     delay_seconds: float = Field(default=2.0, ge=0, description="from submission to the result")
     seconds_per_page: float = Field(default=20.0, ge=0, description="reported transmission time")
+    send_latency_seconds: float = Field(default=0.0, ge=0,
+                                        description="how long each send call takes to answer")
     fail: list[FailRule] = Field(
         default_factory=lambda: [
             FailRule(prefix="+4930999", result="busy"),
@@ -201,6 +203,8 @@ class EmulatorProvider(BaseProvider):
         if outcome_for(request.number, self.settings.fail) == "provider_unavailable":
             raise ProviderError(reasons.reason("provider_unavailable", "emulator rule"),
                                 transient=True)
+        if self.settings.send_latency_seconds:
+            await asyncio.sleep(self.settings.send_latency_seconds)
         provider_job_id, duplicate = await asyncio.to_thread(
             self.ledger.submit, request.job_id, request.number, request.pages)
         return SendReceipt(job_id=request.job_id, provider_job_id=provider_job_id,

@@ -5,7 +5,7 @@ best way. Every method returns only after its change is durable.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
@@ -154,6 +154,9 @@ class Transition:
     notify: bool = True
 
 
+OTHER_ACCOUNTS = "*"  # in claim_due_jobs' account_limits: every account not named
+
+
 class IllegalTransition(Exception):
     pass
 
@@ -169,8 +172,22 @@ class Store(Protocol):
         """Store a mail's jobs and documents; durable when it returns (before the 250)."""
         ...
 
-    async def claim_due_jobs(self, owner: str, limit: int, lease_seconds: float) -> list[Job]:
-        """Lease up to ``limit`` jobs that wait for the dispatcher and are due now."""
+    async def claim_due_jobs(self, owner: str, limit: int, lease_seconds: float,
+                             account_limits: Mapping[str, int] | None = None) -> list[Job]:
+        """Lease up to ``limit`` jobs that wait for the dispatcher and are due now.
+
+        With ``account_limits`` ({account: most sends at once}), only jobs of those accounts
+        are claimed, each account up to its limit minus the live leases it already has — the
+        leases of every instance on this store, so the limit holds across all of them. The
+        key :data:`OTHER_ACCOUNTS` stands for every account not named (no lease count: at most
+        that many of them in this claim).
+        """
+        ...
+
+    async def renew_leases(self, owner: str, job_ids: Sequence[str],
+                           lease_seconds: float) -> int:
+        """Extend the leases that ``owner`` holds on these jobs (still waiting to be sent) to
+        ``lease_seconds`` from now; returns how many it still held."""
         ...
 
     async def release_leases(self, owner: str | None = None) -> int: ...
@@ -208,17 +225,33 @@ class Store(Protocol):
 
     async def request_cancel(self, job_id: str) -> Job | None: ...
 
-    async def pending_notifications(self, limit: int) -> list[Event]: ...
+    async def pending_notifications(self, limit: int) -> list[Event]:
+        """Events still to be notified (a plain look; see :meth:`claim_notifications`)."""
+        ...
+
+    async def claim_notifications(self, owner: str, limit: int,
+                                  lease_seconds: float) -> list[Event]:
+        """Pending events for ``owner`` to notify: leased to it, so another instance does not
+        take them until the lease runs out (events it already holds are handed out again)."""
+        ...
 
     async def complete_notification(self, event_id: int,
                                     mails: Sequence[OutgoingMail] = ()) -> None:
         """Queue the mails for an event (a status mail, a bounce, both or none) and mark the
-        event done, atomically."""
+        event done, atomically — only if it is not done yet (then the mails are dropped), so
+        an event is never mailed twice even if two instances handled it."""
         ...
 
     async def enqueue_mail(self, mail: OutgoingMail) -> int: ...
 
-    async def due_outbox(self, limit: int) -> list[OutboxItem]: ...
+    async def due_outbox(self, limit: int) -> list[OutboxItem]:
+        """Mails due for delivery (a plain look; see :meth:`claim_outbox`)."""
+        ...
+
+    async def claim_outbox(self, owner: str, limit: int, lease_seconds: float
+                           ) -> list[OutboxItem]:
+        """Due mails for ``owner`` to deliver, leased to it like :meth:`claim_notifications`."""
+        ...
 
     async def outbox_sent(self, item_id: int) -> None: ...
 

@@ -19,7 +19,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -31,6 +31,7 @@ from psycopg_pool import AsyncConnectionPool
 from mailfax.model import TRACKED_STATES, JobState, Reason, can_transition
 from mailfax.providers.base import FaxDocument, InboundFax
 from mailfax.store.base import (
+    OTHER_ACCOUNTS,
     Event,
     IllegalTransition,
     InboundRecord,
@@ -47,6 +48,9 @@ log = logging.getLogger(__name__)
 
 NOTIFY_CHANNEL = "mailfax_jobs"
 MIGRATION_LOCK = 0x6D61696C666178  # pg_advisory_xact_lock key: "mailfax" in ASCII
+CLAIM_LOCK = 0x6D61696C66617863  # pg_advisory_xact_lock key: claims with account limits
+SINGLETON_RETRY_SECONDS = 2.0
+SINGLETON_CHECK_SECONDS = 1.0
 
 MIGRATIONS: dict[int, str] = {
     1: """
@@ -158,6 +162,15 @@ MIGRATIONS: dict[int, str] = {
     CREATE INDEX inbound_pending ON inbound_faxes (account, state) WHERE state <> 'deleted';
     CREATE INDEX inbound_fax_id ON inbound_faxes (fax_id);
     """,
+    # Several instances: events and outbox mails are leased to the instance that handles them,
+    # and the dispatcher claims by account.
+    2: """
+    ALTER TABLE events ADD COLUMN claim_owner text, ADD COLUMN claim_until timestamptz;
+    ALTER TABLE outbox ADD COLUMN claim_owner text, ADD COLUMN claim_until timestamptz;
+    CREATE INDEX jobs_due_account ON jobs (account, next_attempt_at)
+        WHERE provider_job_id IS NULL AND state IN ('queued', 'retrying');
+    CREATE INDEX jobs_live_leases ON jobs (account) WHERE lease_owner IS NOT NULL;
+    """,
 }
 SCHEMA_VERSION = max(MIGRATIONS)
 
@@ -248,6 +261,12 @@ def _job(row: DictRow) -> Job:
         cancel_requested=row["cancel_requested"],
         acknowledged=row["acknowledged"],
     )
+
+
+def _sorted_jobs(rows: Sequence[DictRow]) -> list[Job]:
+    jobs = [_job(row) for row in rows]
+    jobs.sort(key=lambda job: (job.next_attempt_at or job.created, job.id))
+    return jobs
 
 
 def _event(row: DictRow) -> Event:
@@ -348,6 +367,75 @@ class PostgresStore:
             await asyncio.wait_for(self._work.wait(), timeout)
         self._work.clear()
 
+    # -- singletons --------------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def singleton(self, name: str) -> AsyncIterator[asyncio.Event]:
+        """Wait until this instance is the one that runs ``name``; hold it for the block.
+
+        The turn is a session-level ``pg_try_advisory_lock`` on a connection of its own, tried
+        every few seconds. If this instance dies, its connection closes and the server frees
+        the lock, so another instance's next try takes it. The event yielded is set when the
+        connection is lost (the lock may be someone else's by then): stop the work at once.
+        """
+        key = int.from_bytes(hashlib.sha256(f"mailfax singleton {name}".encode()).digest()[:8],
+                             "big", signed=True)
+        conn = await self._acquire_singleton(name, key)
+        lost = asyncio.Event()
+        watcher = asyncio.create_task(self._watch_singleton(name, conn, lost),
+                                      name=f"mailfax-singleton-{name}")
+        try:
+            yield lost
+        finally:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
+            with contextlib.suppress(psycopg.Error, OSError):
+                await conn.close()  # frees the lock
+
+    async def _acquire_singleton(self, name: str, key: int) -> psycopg.AsyncConnection[Any]:
+        conn: psycopg.AsyncConnection[Any] | None = None
+        waiting_logged = False
+        try:
+            while True:
+                try:
+                    if conn is None or conn.closed:
+                        conn = await psycopg.AsyncConnection.connect(
+                            self.url, autocommit=True, keepalives=1, keepalives_idle=5,
+                            keepalives_interval=2, keepalives_count=3)
+                    cursor = await conn.execute("SELECT pg_try_advisory_lock(%s)", (key,))
+                    row = await cursor.fetchone()
+                    if row is not None and row[0]:
+                        log.info("this instance now runs %s", name)
+                        return conn
+                    if not waiting_logged:
+                        log.info("%s runs on another instance; taking over if it stops", name)
+                        waiting_logged = True
+                except (psycopg.Error, OSError) as error:
+                    log.warning("singleton %s: %s; retrying", name, error)
+                    if conn is not None:
+                        with contextlib.suppress(psycopg.Error, OSError):
+                            await conn.close()
+                    conn = None
+                await asyncio.sleep(SINGLETON_RETRY_SECONDS)
+        except BaseException:
+            if conn is not None:
+                with contextlib.suppress(psycopg.Error, OSError):
+                    await conn.close()
+            raise
+
+    @staticmethod
+    async def _watch_singleton(name: str, conn: psycopg.AsyncConnection[Any],
+                               lost: asyncio.Event) -> None:
+        while True:
+            await asyncio.sleep(SINGLETON_CHECK_SECONDS)
+            try:
+                await asyncio.wait_for(conn.execute("SELECT 1"), SINGLETON_CHECK_SECONDS * 5)
+            except (psycopg.Error, OSError, TimeoutError) as error:
+                log.warning("lost the database connection that holds %s: %s", name, error)
+                lost.set()
+                return
+
     # -- intake ------------------------------------------------------------------------------
 
     async def add_mail_jobs(
@@ -429,7 +517,10 @@ class PostgresStore:
 
     # -- dispatcher --------------------------------------------------------------------------
 
-    async def claim_due_jobs(self, owner: str, limit: int, lease_seconds: float) -> list[Job]:
+    async def claim_due_jobs(self, owner: str, limit: int, lease_seconds: float,
+                             account_limits: Mapping[str, int] | None = None) -> list[Job]:
+        if account_limits is not None:
+            return await self._claim_by_account(owner, limit, lease_seconds, account_limits)
         async with self._cursor() as cur:
             await cur.execute(
                 """
@@ -454,9 +545,97 @@ class PostgresStore:
                  "lease": float(lease_seconds)},
             )
             rows = await cur.fetchall()
-        jobs = [_job(row) for row in rows]
-        jobs.sort(key=lambda job: (job.next_attempt_at or job.created, job.id))
-        return jobs
+        return _sorted_jobs(rows)
+
+    async def _claim_by_account(self, owner: str, limit: int, lease_seconds: float,
+                                account_limits: Mapping[str, int]) -> list[Job]:
+        """Claims with a per-account limit over all instances.
+
+        Claims that count leases are serialised by a transaction-level advisory lock: the
+        claiming statement runs after the lock is taken, so under READ COMMITTED it sees every
+        lease that earlier claims committed, and two instances can never both fill the same
+        free slots. The lock is held for two statements; record() and renew_leases() do not
+        take it. The claimed rows are still re-checked by the UPDATE (a job that moved on or
+        was leased meanwhile is skipped).
+        """
+        named = [account for account in account_limits if account != OTHER_ACCOUNTS]
+        async with self._cursor() as cur:
+            await cur.execute("SELECT pg_advisory_xact_lock(%s)", (CLAIM_LOCK,))
+            await cur.execute(
+                """
+                WITH live AS (
+                    SELECT account, count(*) AS n FROM jobs
+                    WHERE lease_owner IS NOT NULL AND lease_until >= now()
+                      AND state = ANY(%(dispatchable)s)
+                    GROUP BY account
+                ),
+                room AS (
+                    SELECT a.account, a.position,
+                           greatest(a.cap - COALESCE(live.n, 0), 0) AS room
+                    FROM unnest(%(accounts)s::text[], %(caps)s::integer[])
+                         WITH ORDINALITY AS a (account, cap, position)
+                    LEFT JOIN live USING (account)
+                ),
+                named AS (
+                    SELECT pick.id, pick.next_attempt_at, room.position
+                    FROM room CROSS JOIN LATERAL (
+                        SELECT id, next_attempt_at FROM jobs
+                        WHERE jobs.account = room.account
+                          AND state = ANY(%(dispatchable)s) AND provider_job_id IS NULL
+                          AND next_attempt_at <= now()
+                          AND (lease_until IS NULL OR lease_until < now())
+                        ORDER BY next_attempt_at
+                        LIMIT room.room
+                    ) AS pick
+                    WHERE room.room > 0
+                ),
+                others AS (
+                    SELECT id, next_attempt_at, 0 AS position FROM jobs
+                    WHERE %(others)s > 0 AND account <> ALL(%(accounts)s::text[])
+                      AND state = ANY(%(dispatchable)s) AND provider_job_id IS NULL
+                      AND next_attempt_at <= now()
+                      AND (lease_until IS NULL OR lease_until < now())
+                    ORDER BY next_attempt_at
+                    LIMIT %(others)s
+                ),
+                chosen AS (
+                    SELECT id FROM (SELECT * FROM named UNION ALL SELECT * FROM others) c
+                    ORDER BY next_attempt_at, position
+                    LIMIT %(limit)s
+                )
+                UPDATE jobs
+                SET lease_owner = %(owner)s,
+                    lease_until = now() + make_interval(secs => %(lease)s),
+                    attempts = attempts + 1
+                FROM chosen
+                WHERE jobs.id = chosen.id
+                  AND jobs.state = ANY(%(dispatchable)s) AND jobs.provider_job_id IS NULL
+                  AND (jobs.lease_until IS NULL OR jobs.lease_until < now())
+                RETURNING jobs.*
+                """,
+                {"dispatchable": DISPATCHABLE, "limit": limit, "owner": owner,
+                 "lease": float(lease_seconds), "accounts": named,
+                 "caps": [account_limits[account] for account in named],
+                 "others": account_limits.get(OTHER_ACCOUNTS, 0)},
+            )
+            rows = await cur.fetchall()
+        return _sorted_jobs(rows)
+
+    async def renew_leases(self, owner: str, job_ids: Sequence[str],
+                           lease_seconds: float) -> int:
+        if not job_ids:
+            return 0
+        async with self._cursor() as cur:
+            await cur.execute(
+                """
+                UPDATE jobs SET lease_until = now() + make_interval(secs => %(lease)s)
+                WHERE id = ANY(%(ids)s) AND lease_owner = %(owner)s
+                  AND state = ANY(%(dispatchable)s)
+                """,
+                {"lease": float(lease_seconds), "ids": list(job_ids), "owner": owner,
+                 "dispatchable": DISPATCHABLE},
+            )
+            return cur.rowcount
 
     async def release_leases(self, owner: str | None = None) -> int:
         async with self._cursor() as cur:
@@ -649,12 +828,47 @@ class PostgresStore:
         assert row is not None
         return int(row["id"])
 
+    async def claim_notifications(self, owner: str, limit: int,
+                                  lease_seconds: float) -> list[Event]:
+        async with self._cursor() as cur:
+            await cur.execute(
+                """
+                WITH due AS (
+                    SELECT id FROM events
+                    WHERE notify AND (claim_until IS NULL OR claim_until < now()
+                                      OR claim_owner = %(owner)s)
+                    ORDER BY id
+                    LIMIT %(limit)s
+                    FOR UPDATE SKIP LOCKED
+                )
+                UPDATE events
+                SET claim_owner = %(owner)s,
+                    claim_until = now() + make_interval(secs => %(lease)s)
+                FROM due
+                WHERE events.id = due.id
+                RETURNING events.*
+                """,
+                {"owner": owner, "limit": limit, "lease": float(lease_seconds)},
+            )
+            rows = await cur.fetchall()
+        return sorted((_event(row) for row in rows), key=lambda event: event.id)
+
     async def complete_notification(self, event_id: int,
                                     mails: Sequence[OutgoingMail] = ()) -> None:
         async with self._cursor() as cur:
+            # First, and under the row's lock: a second instance that handled the same event
+            # (its lease ran out meanwhile) finds it done and adds nothing.
+            await cur.execute(
+                """
+                UPDATE events SET notify = false, claim_owner = NULL, claim_until = NULL
+                WHERE id = %s AND notify
+                """,
+                (event_id,),
+            )
+            if cur.rowcount == 0:
+                return
             for mail in mails:
                 await self._insert_outbox(cur, mail)
-            await cur.execute("UPDATE events SET notify = false WHERE id = %s", (event_id,))
 
     async def enqueue_mail(self, mail: OutgoingMail) -> int:
         async with self._cursor() as cur:
@@ -676,11 +890,40 @@ class PostgresStore:
                            recipients=r["recipients"], message=bytes(r["message"]),
                            attempts=r["attempts"], job_id=r["job_id"]) for r in rows]
 
+    async def claim_outbox(self, owner: str, limit: int, lease_seconds: float
+                           ) -> list[OutboxItem]:
+        async with self._cursor() as cur:
+            await cur.execute(
+                """
+                WITH due AS (
+                    SELECT id FROM outbox
+                    WHERE state = 'pending' AND next_attempt_at <= now()
+                      AND (claim_until IS NULL OR claim_until < now()
+                           OR claim_owner = %(owner)s)
+                    ORDER BY id
+                    LIMIT %(limit)s
+                    FOR UPDATE SKIP LOCKED
+                )
+                UPDATE outbox
+                SET claim_owner = %(owner)s,
+                    claim_until = now() + make_interval(secs => %(lease)s)
+                FROM due
+                WHERE outbox.id = due.id
+                RETURNING outbox.*
+                """,
+                {"owner": owner, "limit": limit, "lease": float(lease_seconds)},
+            )
+            rows = sorted(await cur.fetchall(), key=lambda row: int(row["id"]))
+        return [OutboxItem(id=r["id"], envelope_from=r["envelope_from"],
+                           recipients=r["recipients"], message=bytes(r["message"]),
+                           attempts=r["attempts"], job_id=r["job_id"]) for r in rows]
+
     async def outbox_sent(self, item_id: int) -> None:
         async with self._cursor() as cur:
             await cur.execute(
                 """
-                UPDATE outbox SET state = 'sent', attempts = attempts + 1, last_error = NULL
+                UPDATE outbox SET state = 'sent', attempts = attempts + 1, last_error = NULL,
+                                  claim_owner = NULL, claim_until = NULL
                 WHERE id = %s
                 """,
                 (item_id,),
@@ -690,7 +933,8 @@ class PostgresStore:
         async with self._cursor() as cur:
             await cur.execute(
                 """
-                UPDATE outbox SET attempts = attempts + 1, next_attempt_at = %s, last_error = %s
+                UPDATE outbox SET attempts = attempts + 1, next_attempt_at = %s, last_error = %s,
+                                  claim_owner = NULL, claim_until = NULL
                 WHERE id = %s
                 """,
                 (next_attempt_at, error[:1000], item_id),
@@ -700,7 +944,8 @@ class PostgresStore:
         async with self._cursor() as cur:
             await cur.execute(
                 """
-                UPDATE outbox SET state = 'failed', attempts = attempts + 1, last_error = %s
+                UPDATE outbox SET state = 'failed', attempts = attempts + 1, last_error = %s,
+                                  claim_owner = NULL, claim_until = NULL
                 WHERE id = %s
                 """,
                 (error[:1000], item_id),

@@ -17,7 +17,7 @@ import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 from mailfax.model import TRACKED_STATES, JobState, Reason, can_transition
 from mailfax.providers.base import FaxDocument, InboundFax
 from mailfax.store.base import (
+    OTHER_ACCOUNTS,
     Event,
     IllegalTransition,
     InboundRecord,
@@ -466,26 +467,54 @@ class SqliteStore(_InboundMixin):
 
     # -- dispatcher --------------------------------------------------------------------------
 
-    async def claim_due_jobs(self, owner: str, limit: int, lease_seconds: float) -> list[Job]:
+    async def claim_due_jobs(self, owner: str, limit: int, lease_seconds: float,
+                             account_limits: Mapping[str, int] | None = None) -> list[Job]:
         def operation(conn: sqlite3.Connection) -> list[Job]:
             now = time.time()
-            rows = conn.execute(
-                "SELECT * FROM jobs WHERE state IN (?, ?) AND provider_job_id IS NULL"
-                " AND next_attempt_at <= ? AND (lease_until IS NULL OR lease_until < ?)"
-                " ORDER BY next_attempt_at LIMIT ?",
-                (*DISPATCHABLE, now, now, limit),
-            ).fetchall()
-            claimed = []
-            for row in rows:
-                conn.execute(
-                    "UPDATE jobs SET lease_owner = ?, lease_until = ?, attempts = attempts + 1"
-                    " WHERE id = ?",
-                    (owner, now + lease_seconds, row["id"]),
-                )
-                claimed.append(row["id"])
+            due = ("SELECT id FROM jobs WHERE state IN (?, ?) AND provider_job_id IS NULL"
+                   " AND next_attempt_at <= ? AND (lease_until IS NULL OR lease_until < ?)")
+            claimed: list[str] = []
+            if account_limits is None:
+                claimed = [row[0] for row in conn.execute(
+                    due + " ORDER BY next_attempt_at LIMIT ?",
+                    (*DISPATCHABLE, now, now, limit))]
+            else:
+                live = dict(conn.execute(
+                    "SELECT account, COUNT(*) FROM jobs WHERE lease_owner IS NOT NULL"
+                    " AND lease_until >= ? AND state IN (?, ?) GROUP BY account",
+                    (now, *DISPATCHABLE)).fetchall())
+                named = [account for account in account_limits if account != OTHER_ACCOUNTS]
+                for account in named:
+                    room = min(account_limits[account] - live.get(account, 0),
+                               limit - len(claimed))
+                    if room > 0:
+                        claimed += [row[0] for row in conn.execute(
+                            due + " AND account = ? ORDER BY next_attempt_at LIMIT ?",
+                            (*DISPATCHABLE, now, now, account, room))]
+                room = min(account_limits.get(OTHER_ACCOUNTS, 0), limit - len(claimed))
+                if room > 0:
+                    claimed += [row[0] for row in conn.execute(
+                        due + f" AND account NOT IN ({','.join('?' * len(named))})"
+                        " ORDER BY next_attempt_at LIMIT ?",
+                        (*DISPATCHABLE, now, now, *named, room))]
+            conn.executemany(
+                "UPDATE jobs SET lease_owner = ?, lease_until = ?, attempts = attempts + 1"
+                " WHERE id = ?", [(owner, now + lease_seconds, job_id) for job_id in claimed])
             return [_job(r) for r in conn.execute(
-                f"SELECT * FROM jobs WHERE id IN ({','.join('?' * len(claimed))})", claimed
+                f"SELECT * FROM jobs WHERE id IN ({','.join('?' * len(claimed))})"
+                " ORDER BY next_attempt_at, id", claimed
             ).fetchall()] if claimed else []
+
+        return await self._call(operation)
+
+    async def renew_leases(self, owner: str, job_ids: Sequence[str],
+                           lease_seconds: float) -> int:
+        def operation(conn: sqlite3.Connection) -> int:
+            until = time.time() + lease_seconds
+            return sum(conn.execute(
+                "UPDATE jobs SET lease_until = ? WHERE id = ? AND lease_owner = ?"
+                " AND state IN (?, ?)", (until, job_id, owner, *DISPATCHABLE)).rowcount
+                for job_id in job_ids)
 
         return await self._call(operation)
 
@@ -659,12 +688,20 @@ class SqliteStore(_InboundMixin):
         )
         return int(cursor.lastrowid or 0)
 
+    async def claim_notifications(self, owner: str, limit: int,
+                                  lease_seconds: float) -> list[Event]:
+        # One instance per SQLite database: nobody else could take them.
+        return await self.pending_notifications(limit)
+
     async def complete_notification(self, event_id: int,
                                     mails: Sequence[OutgoingMail] = ()) -> None:
         def operation(conn: sqlite3.Connection) -> None:
+            done = conn.execute("UPDATE events SET notify = 0 WHERE id = ? AND notify = 1",
+                                (event_id,)).rowcount
+            if not done:
+                return  # already handled: its mails are in the outbox once
             for mail in mails:
                 self._insert_outbox(conn, mail)
-            conn.execute("UPDATE events SET notify = 0 WHERE id = ?", (event_id,))
 
         await self._call(operation)
 
@@ -681,6 +718,10 @@ class SqliteStore(_InboundMixin):
                                attempts=r["attempts"], job_id=r["job_id"]) for r in rows]
 
         return await self._call(operation)
+
+    async def claim_outbox(self, owner: str, limit: int, lease_seconds: float
+                           ) -> list[OutboxItem]:
+        return await self.due_outbox(limit)  # one instance per SQLite database
 
     async def outbox_sent(self, item_id: int) -> None:
         await self._call(lambda conn: conn.execute(
