@@ -200,8 +200,8 @@ class Dispatcher:
                     state=JobState.FAILED, reason=reasons.reason("provider_account"),
                     detail=f"no such account {first.account!r}"), expected=WAITING)
             return
-        documents = await self.store.load_documents(first.mail_id)
-        mail = await self.store.get_mail(first.mail_id)
+        documents, mail = await asyncio.gather(self.store.load_documents(first.mail_id),
+                                               self.store.get_mail(first.mail_id))
         requests = [self._request(job, documents, mail.subject if mail else "") for job in to_send]
         try:
             results = await provider.send_many(requests)
