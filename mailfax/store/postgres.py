@@ -668,45 +668,60 @@ class PostgresStore:
 
     async def record(self, job_id: str, transition: Transition,
                      expected: Sequence[JobState] | None = None) -> bool:
+        """One statement: lock the row, check the state, update, add the event.
+
+        The states the job may be in are computed here from the transition table (and
+        ``expected``), so the common case is one round trip; only a refusal reads the state
+        again to say why.
+        """
+        allowed = [state.value for state in JobState
+                   if (state == transition.state or can_transition(state, transition.state))
+                   and (expected is None or state in expected)]
+        reason = _reason_json(transition.reason)
         async with self._cursor() as cur:
-            await cur.execute("SELECT state FROM jobs WHERE id = %s FOR UPDATE", (job_id,))
-            row = await cur.fetchone()
-            if row is None:
-                raise KeyError(job_id)
-            current = JobState(row["state"])
-            if expected is not None and current not in expected:
-                return False
-            if current != transition.state and not can_transition(current, transition.state):
-                raise IllegalTransition(f"job {job_id}: {current} -> {transition.state}")
-            reason = _reason_json(transition.reason)
             await cur.execute(
                 """
-                UPDATE jobs
-                SET state = %(state)s, updated = now(),
-                    lease_owner = NULL, lease_until = NULL,
-                    reason = COALESCE(%(reason)s::jsonb, reason),
-                    provider_job_id = COALESCE(%(provider_job_id)s::text, provider_job_id),
-                    pages = COALESCE(%(pages)s::integer, pages),
-                    duration = COALESCE(%(duration)s::double precision, duration),
-                    remote_id = COALESCE(%(remote_id)s::text, remote_id),
-                    next_attempt_at = COALESCE(%(next_attempt_at)s::timestamptz, next_attempt_at)
-                WHERE id = %(id)s
+                WITH old AS (SELECT state FROM jobs WHERE id = %(id)s FOR UPDATE),
+                changed AS (
+                    UPDATE jobs
+                    SET state = %(state)s, updated = now(),
+                        lease_owner = NULL, lease_until = NULL,
+                        reason = COALESCE(%(reason)s::jsonb, reason),
+                        provider_job_id = COALESCE(%(provider_job_id)s::text, provider_job_id),
+                        pages = COALESCE(%(pages)s::integer, pages),
+                        duration = COALESCE(%(duration)s::double precision, duration),
+                        remote_id = COALESCE(%(remote_id)s::text, remote_id),
+                        next_attempt_at = COALESCE(%(next_attempt_at)s::timestamptz,
+                                                   next_attempt_at)
+                    WHERE id = %(id)s AND (SELECT state FROM old) = ANY(%(allowed)s)
+                    RETURNING id
+                ),
+                event AS (
+                    INSERT INTO events (job_id, at, state, reason, detail, notify)
+                    SELECT %(id)s, now(), %(state)s, %(reason)s::jsonb, %(detail)s,
+                           %(notify)s
+                    FROM changed WHERE (SELECT state FROM old) <> %(state)s
+                    RETURNING 1
+                )
+                SELECT (SELECT state FROM old) AS old_state,
+                       (SELECT count(*) FROM changed) AS changed
                 """,
                 {"state": transition.state.value, "reason": reason,
                  "provider_job_id": transition.provider_job_id, "pages": transition.pages,
                  "duration": transition.duration_seconds, "remote_id": transition.remote_id,
-                 "next_attempt_at": transition.next_attempt_at, "id": job_id},
+                 "next_attempt_at": transition.next_attempt_at, "id": job_id,
+                 "allowed": allowed, "detail": transition.detail,
+                 "notify": transition.notify},
             )
-            if current != transition.state:
-                await cur.execute(
-                    """
-                    INSERT INTO events (job_id, at, state, reason, detail, notify)
-                    VALUES (%s, now(), %s, %s, %s, %s)
-                    """,
-                    (job_id, transition.state.value, reason, transition.detail,
-                     transition.notify),
-                )
-        return True
+            row = await cur.fetchone()
+        if row is None or row["old_state"] is None:
+            raise KeyError(job_id)
+        if row["changed"]:
+            return True
+        current = JobState(row["old_state"])
+        if expected is not None and current not in expected:
+            return False
+        raise IllegalTransition(f"job {job_id}: {current} -> {transition.state}")
 
     # -- tracker -----------------------------------------------------------------------------
 
