@@ -313,7 +313,7 @@ class PostgresStore:
         await migrate(self.url)
         pool = AsyncConnectionPool(self.url, min_size=self.min_connections,
                                    max_size=self.max_connections, open=False,
-                                   name="mailfax-store")
+                                   name="mailfax-store", kwargs={"autocommit": True})
         await pool.open(wait=True, timeout=30)
         self._pool = pool
         if self.listen:
@@ -333,12 +333,21 @@ class PostgresStore:
             self._pool = None
 
     @contextlib.asynccontextmanager
-    async def _cursor(self) -> AsyncIterator[psycopg.AsyncCursor[DictRow]]:
-        """A cursor in a transaction of its own, committed when the block ends without error."""
+    async def _cursor(self, atomic: bool = True) -> AsyncIterator[psycopg.AsyncCursor[DictRow]]:
+        """A cursor in a transaction of its own, committed when the block ends without error.
+
+        ``atomic=False`` is for one statement on its own (atomic by itself): it saves the
+        BEGIN and COMMIT round trips.
+        """
         if self._pool is None:
             raise RuntimeError("store is not open")
-        async with self._pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
-            yield cur
+        async with self._pool.connection() as conn:
+            if not atomic:
+                async with conn.cursor(row_factory=dict_row) as cur:
+                    yield cur
+                return
+            async with conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
+                yield cur
 
     # -- work notification ---------------------------------------------------------------------
 
@@ -487,7 +496,7 @@ class PostgresStore:
                 await cur.execute(f"NOTIFY {NOTIFY_CHANNEL}")  # delivered at commit
 
     async def get_mail(self, mail_id: str) -> Mail | None:
-        async with self._cursor() as cur:
+        async with self._cursor(atomic=False) as cur:
             await cur.execute("SELECT * FROM mails WHERE id = %s", (mail_id,))
             row = await cur.fetchone()
         if row is None:
@@ -501,7 +510,7 @@ class PostgresStore:
         )
 
     async def load_documents(self, mail_id: str) -> list[FaxDocument]:
-        async with self._cursor() as cur:
+        async with self._cursor(atomic=False) as cur:
             await cur.execute(
                 """
                 SELECT d.filename, d.content_type, d.pages, b.data
@@ -653,7 +662,7 @@ class PostgresStore:
         return released
 
     async def next_due_time(self) -> datetime | None:
-        async with self._cursor() as cur:
+        async with self._cursor(atomic=False) as cur:
             await cur.execute(
                 """
                 SELECT min(greatest(next_attempt_at, lease_until)) AS due
@@ -678,7 +687,7 @@ class PostgresStore:
                    if (state == transition.state or can_transition(state, transition.state))
                    and (expected is None or state in expected)]
         reason = _reason_json(transition.reason)
-        async with self._cursor() as cur:
+        async with self._cursor(atomic=False) as cur:
             await cur.execute(
                 """
                 WITH old AS (SELECT state FROM jobs WHERE id = %(id)s FOR UPDATE),
@@ -761,7 +770,7 @@ class PostgresStore:
     # -- queries -----------------------------------------------------------------------------
 
     async def get_job(self, job_id: str) -> Job | None:
-        async with self._cursor() as cur:
+        async with self._cursor(atomic=False) as cur:
             await cur.execute("SELECT * FROM jobs WHERE id = %s", (job_id,))
             row = await cur.fetchone()
         return _job(row) if row else None
@@ -803,7 +812,7 @@ class PostgresStore:
         return (int(row["jobs"]), int(row["pages"])) if row else (0, 0)
 
     async def job_events(self, job_id: str) -> list[Event]:
-        async with self._cursor() as cur:
+        async with self._cursor(atomic=False) as cur:
             await cur.execute("SELECT * FROM events WHERE job_id = %s ORDER BY id", (job_id,))
             return [_event(row) for row in await cur.fetchall()]
 
@@ -974,7 +983,7 @@ class PostgresStore:
         return _utc(row["due"]) if row else None
 
     async def outbox_depth(self) -> int:
-        async with self._cursor() as cur:
+        async with self._cursor(atomic=False) as cur:
             await cur.execute("SELECT count(*) AS n FROM outbox WHERE state = 'pending'")
             row = await cur.fetchone()
         return int(row["n"]) if row else 0
