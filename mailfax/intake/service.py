@@ -230,7 +230,7 @@ class Intake:
             self.metrics.mails_accepted.inc()
         pages = sum(document.pages for document in documents)
         for job in jobs:
-            log.info("job %s queued: %s, %d pages, from <%s>", job.job_id, job.number, pages,
+            log.info("job %s queued: %s, %d page(s), from <%s>", job.job_id, job.number, pages,
                      mail.envelope_from)
         return Accepted(mail_id=mail.mail_id, job_ids=[job.job_id for job in jobs], pages=pages,
                         job_for_number={job.number: job.job_id for job in jobs})
