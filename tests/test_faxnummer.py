@@ -33,6 +33,7 @@ from mailfax.providers.base import (
     StatusReport,
 )
 from mailfax.providers.faxnummer import FaxnummerProvider, ResponseFormatError, parse_response
+from mailfax.providers.http import parse_retry_after
 from tests.conftest import Service, fax_mail, make_settings
 
 LOGIN = "acc12345"
@@ -428,9 +429,9 @@ async def test_500_without_retry_after_is_transient(
 
 
 def test_retry_after_as_an_http_date() -> None:
-    assert faxnummer.parse_retry_after("Wed, 21 Oct 2015 07:28:30 GMT",
+    assert parse_retry_after("Wed, 21 Oct 2015 07:28:30 GMT",
                                        now=1445412480.0) == 30.0
-    assert faxnummer.parse_retry_after("soon") is None
+    assert parse_retry_after("soon") is None
 
 
 @pytest.mark.parametrize("fault", [{"drop": "1"}, {"slow": "1.2"}, {"malformed": "1"}],

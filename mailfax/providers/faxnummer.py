@@ -25,13 +25,11 @@ import asyncio
 import json
 import logging
 import re
-import time
 import urllib.parse
 import xml.etree.ElementTree as ElementTree
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from email.utils import parsedate_to_datetime
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -54,6 +52,7 @@ from mailfax.providers.base import (
     SendResult,
     StatusReport,
 )
+from mailfax.providers.http import parse_retry_after
 from mailfax.text import to_ascii
 
 log = logging.getLogger(__name__)
@@ -62,7 +61,6 @@ DEFAULT_URL = "https://wr.ispsuite.portunity.de/webrequests/product-voip/index.p
 PROVIDER_TIMEZONE = ZoneInfo("Europe/Berlin")
 SENDER_MAX = 20  # sSender: "maximal 20 Zeichen, nur druckbare ASCII-Zeichen und Leerzeichen"
 NAME_MAX = 60  # of sFaxFileName before our reference; the docs name no limit
-RETRY_AFTER_MAX = 3600.0
 
 
 class Settings(BaseModel):
@@ -322,21 +320,6 @@ def http_error(status: int, retry_after: str | None, command: str) -> ProviderEr
                              retry_after=parse_retry_after(retry_after))
     code = "provider_auth" if status in (401, 403) else "provider_error"
     return ProviderError(reasons.reason(code, detail), transient=False)
-
-
-def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
-    """Seconds from a ``Retry-After`` header (delta seconds or an HTTP date)."""
-    if not value or not value.strip():
-        return None
-    value = value.strip()
-    if value.isdigit():
-        seconds = float(value)
-    else:
-        try:
-            seconds = parsedate_to_datetime(value).timestamp() - (now or time.time())
-        except (TypeError, ValueError):
-            return None
-    return min(max(seconds, 0.0), RETRY_AFTER_MAX)
 
 
 # -- what we send (pure) ----------------------------------------------------------------------

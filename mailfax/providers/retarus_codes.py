@@ -15,14 +15,14 @@ import unicodedata
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from email.utils import parsedate_to_datetime
+from datetime import datetime
 from typing import Any, TypeVar
 from xml.parsers import expat
 
 from mailfax import reasons
 from mailfax.model import JobState, Reason
 from mailfax.providers.base import ProviderError, StatusReport
+from mailfax.providers.http import parse_retry_after
 from mailfax.text import SPELLED_OUT
 
 MAX_IDS_PER_REQUEST = 1000  # bulk POST /reports: "The maximum number of jobs per POST"
@@ -179,20 +179,6 @@ def _number(value: Any) -> float | None:
         return float(value) if value is not None and value != "" else None
     except (TypeError, ValueError):
         return None
-
-
-def retry_after(value: str | None) -> float | None:
-    """Seconds from a Retry-After header (delta-seconds or an HTTP date), None if absent."""
-    if not value:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, (when - datetime.now(UTC)).total_seconds())
 
 
 # --- document names ----------------------------------------------------------------------
@@ -367,7 +353,7 @@ def http_error(status: int, body: str, retry_after_header: str | None,
     """An error answer as a normalised, typed error (sendjobrequest / report pages)."""
     excerpt = " ".join(body.split())[:200]
     detail = f"Retarus {operation}: HTTP {status}" + (f" {excerpt}" if excerpt else "")
-    wait = retry_after(retry_after_header)
+    wait = parse_retry_after(retry_after_header)
     if status in (401, 403):  # AUTHENTICATION_FAILURE (the API also uses 403 for IP allowlists)
         return ProviderError(reasons.reason("provider_auth", detail), transient=False)
     if status == 404:  # an unknown customer number (a wrong URL looks the same)
