@@ -32,7 +32,7 @@ import pikepdf
 from aiohttp import web
 from lxml import etree
 
-from mailfax.providers.faxde_soap import BUNDLED_WSDL
+from mailfax.providers.faxde_soap import BUNDLED_WSDL, parse_untrusted
 
 SOAP_ENV = "http://schemas.xmlsoap.org/soap/envelope/"
 XSI = "http://www.w3.org/2001/XMLSchema-instance"
@@ -364,7 +364,7 @@ class Emulator:
 
 def wsdl_style(data: bytes) -> tuple[str, str]:
     """(``rpc`` or ``document``, the namespace answers use) as the WSDL declares them."""
-    root = etree.fromstring(data, etree.XMLParser(resolve_entities=False, no_network=True))
+    root = parse_untrusted(data)
     binding = root.find(".//{http://schemas.xmlsoap.org/wsdl/soap/}binding")
     style = binding.get("style", "document") if binding is not None else "document"
     if style == "rpc":
@@ -380,7 +380,7 @@ def output_order(data: bytes) -> dict[str, list[str]]:
     """Each operation's out-parameters in the order the WSDL lists them (message parts for
     rpc, the response element's sequence for document style)."""
     wsdl = "{http://schemas.xmlsoap.org/wsdl/}"
-    root = etree.fromstring(data, etree.XMLParser(resolve_entities=False, no_network=True))
+    root = parse_untrusted(data)
     messages = {message.get("name"): message for message in root.iter(f"{wsdl}message")}
     elements = {element.get("name"): element
                 for element in root.iter("{http://www.w3.org/2001/XMLSchema}element")
@@ -408,12 +408,7 @@ def output_order(data: bytes) -> dict[str, list[str]]:
 
 def parse_request(body: bytes) -> tuple[str, dict[str, Any]]:
     """A SOAP request in any style → (operation, {parameter: text})."""
-    parser = etree.XMLParser(resolve_entities=False, no_network=True, load_dtd=False,
-                             huge_tree=True)
-    try:
-        root = etree.fromstring(body, parser)
-    except etree.XMLSyntaxError as error:
-        raise ValueError(f"not XML: {error}") from None
+    root = parse_untrusted(body, huge=True)
     found = root.find(f"{{{SOAP_ENV}}}Body")
     if found is None or len(found) == 0:
         raise ValueError("no SOAP body")

@@ -36,7 +36,7 @@ from zoneinfo import ZoneInfo
 import httpx
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 
-from mailfax import reasons
+from mailfax import reasons, xmlsafe
 from mailfax.config import Secret
 from mailfax.documents import merge_pdfs
 from mailfax.model import JobState
@@ -153,8 +153,10 @@ def _flatten(value: Any, prefix: str) -> Iterator[tuple[str, str]]:
 
 
 def _xml_pairs(text: str) -> list[tuple[str, str]]:
-    if "<!DOCTYPE" in text.upper() or "<!ENTITY" in text.upper():
-        raise ResponseFormatError("XML with a DTD is refused")
+    try:
+        xmlsafe.refuse_dtd(text)
+    except xmlsafe.UnsafeXML as error:
+        raise ResponseFormatError(str(error)) from None
     try:
         root = ElementTree.fromstring(text)
     except ElementTree.ParseError as error:

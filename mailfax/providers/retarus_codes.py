@@ -17,9 +17,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypeVar
-from xml.parsers import expat
 
-from mailfax import reasons
+from mailfax import reasons, xmlsafe
 from mailfax.model import JobState, Reason
 from mailfax.providers.base import ProviderError, StatusReport
 from mailfax.providers.http import parse_retry_after
@@ -252,22 +251,10 @@ def parse_push(body: bytes, content_type: str) -> list[JsonDict]:
 
 
 def refuse_dtd(body: bytes) -> None:
-    """Refuse any DOCTYPE or entity declaration, as defusedxml does (no entity expansion
-    bombs, no external entities); expat itself reads the encoding, so no byte trick hides
-    one."""
-
-    def refuse(*_: Any) -> None:
-        raise PushFormatError("XML with a DOCTYPE or entity declaration")
-
-    parser = expat.ParserCreate()
-    parser.StartDoctypeDeclHandler = refuse
-    parser.EntityDeclHandler = refuse
-    parser.UnparsedEntityDeclHandler = refuse
-    parser.ExternalEntityRefHandler = refuse  # type: ignore[assignment]
     try:
-        parser.Parse(body, True)
-    except expat.ExpatError as error:
-        raise PushFormatError(f"malformed XML: {error}") from None
+        xmlsafe.refuse_dtd(body)
+    except xmlsafe.UnsafeXML as error:
+        raise PushFormatError(str(error)) from None
 
 
 def _xml_report(body: bytes) -> JsonDict:
