@@ -10,9 +10,8 @@ import base64
 import hashlib
 import hmac
 import secrets
-import time
-from collections import deque
-from dataclasses import dataclass, field
+
+from mailfax.ratelimit import SlidingWindow
 
 SCRYPT_N = 2**14  # about 16 MiB and a few tens of milliseconds per check
 SCRYPT_R = 8
@@ -54,31 +53,18 @@ def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
-@dataclass
-class LoginThrottle:
+class LoginThrottle(SlidingWindow):
     """At most ``max_failures`` failed logins per client address within ``window`` seconds;
     after that the address is refused without checking the password until the window clears."""
 
-    max_failures: int = 5
-    window: float = 300.0
-    _failures: dict[str, deque[float]] = field(default_factory=dict)
+    def __init__(self, max_failures: int = 5, window: float = 300.0):
+        super().__init__(max_failures, window)
 
     def blocked(self, client: str, now: float | None = None) -> bool:
-        recent = self._recent(client, now)
-        return len(recent) >= self.max_failures
+        return self.full(client, now)
 
     def failed(self, client: str, now: float | None = None) -> None:
-        self._recent(client, now).append(time.monotonic() if now is None else now)
-        if len(self._failures) > 10_000:  # forget the oldest clients, bounded memory
-            for stale in list(self._failures)[:1000]:
-                del self._failures[stale]
+        self.add(client, now)
 
     def succeeded(self, client: str) -> None:
-        self._failures.pop(client, None)
-
-    def _recent(self, client: str, now: float | None) -> deque[float]:
-        moment = time.monotonic() if now is None else now
-        times = self._failures.setdefault(client, deque())
-        while times and moment - times[0] > self.window:
-            times.popleft()
-        return times
+        self.forget(client)

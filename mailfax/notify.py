@@ -13,7 +13,6 @@ import contextlib
 import logging
 import sys
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -30,6 +29,7 @@ from mailfax.dsn import build_dsn, dsn_status_for
 from mailfax.model import JobState
 from mailfax.numbers import format_international
 from mailfax.policy import split_address, status_mail_allowed
+from mailfax.ratelimit import SlidingWindow
 from mailfax.store.base import Event, Job, Mail, OutgoingMail, Store
 
 log = logging.getLogger(__name__)
@@ -127,28 +127,6 @@ def compose(status: StatusMail, job: Job, mail: Mail, settings: NotifySettings) 
     return message
 
 
-class SenderRate:
-    """At most ``limit`` events per key in a sliding window (in memory, per instance)."""
-
-    def __init__(self, limit: int, window: float):
-        self.limit = limit
-        self.window = window
-        self._times: dict[str, deque[float]] = {}
-
-    def allow(self, key: str, now: float | None = None) -> bool:
-        moment = time.monotonic() if now is None else now
-        times = self._times.setdefault(key, deque())
-        while times and moment - times[0] > self.window:
-            times.popleft()
-        if len(times) >= self.limit:
-            return False
-        times.append(moment)
-        if len(self._times) > 10_000:
-            for stale in [key for key, value in self._times.items() if not value][:5000]:
-                del self._times[stale]
-        return True
-
-
 class Notifier:
     def __init__(self, store: Store, settings: NotifySettings, renderer: Renderer,
                  on_queued: Callable[[], None] = lambda: None, poll_seconds: float = 5.0,
@@ -163,7 +141,7 @@ class Notifier:
         self.on_queued = on_queued
         self.poll_seconds = poll_seconds
         self._wake = asyncio.Event()
-        self.flood = SenderRate(mails_per_hour, 3600.0)
+        self.flood = SlidingWindow(mails_per_hour, 3600.0)
 
     def wake(self) -> None:
         self._wake.set()

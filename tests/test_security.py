@@ -22,8 +22,8 @@ from cryptography.x509.oid import NameOID
 from mailfax.app import Application
 from mailfax.auth import LoginThrottle, hash_password, is_password_hash, verify_password
 from mailfax.config import ConfigError, SenderPolicySettings, load_settings
-from mailfax.notify import SenderRate
 from mailfax.policy import exposure_problem
+from mailfax.ratelimit import SlidingWindow
 from tests.conftest import fax_mail, make_settings
 
 PASSWORD = "correct horse battery staple"
@@ -237,7 +237,7 @@ def test_login_throttle_forgets_after_the_window() -> None:
 
 
 def test_status_mails_per_sender_are_limited() -> None:
-    rate = SenderRate(limit=2, window=3600)
+    rate = SlidingWindow(limit=2, window=3600)
     assert rate.allow("a@x", now=0) and rate.allow("a@x", now=1)
     assert not rate.allow("a@x", now=2)
     assert rate.allow("b@x", now=2)
