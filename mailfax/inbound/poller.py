@@ -37,19 +37,26 @@ async def queue_fax_mail(store: Store, record: InboundRecord, settings: InboundS
     if files.note:
         log.warning("fax %s could not be converted (%s): delivered as TIFF", record.fax_id,
                     files.note)
-    elif files.pdf is not None and ocr_wanted(settings.ocr):
+    elif files.pdf is not None and await ocr_wanted(settings):
         files = await with_text_layer(files, settings)
     recipients = recipients_for(record.called_number, settings.routes, settings.default_route,
                                 settings.postmaster, default_country)
-    message = mailer.compose(record, files, image, recipients)
+
+    def render() -> bytes:  # base64 of a multi-page PDF and a preview: off the event loop
+        return mailer.compose(record, files, image, recipients).as_bytes()
+
+    message = await asyncio.to_thread(render)
     await store.queue_inbound_mails(record.account, record.fax_id, [OutgoingMail(
         envelope_from=settings.from_address, recipients=recipients,
-        message=message.as_bytes(), kind="inbound", inbound=(record.account, record.fax_id))])
+        message=message, kind="inbound", inbound=(record.account, record.fax_id))])
 
 
-def ocr_wanted(setting: str) -> bool:
-    """``on``, or ``auto`` with OCRmyPDF and Tesseract (German and English) installed."""
-    return setting == "on" or (setting == "auto" and ocr.ocr_available())
+async def ocr_wanted(settings: InboundSettings) -> bool:
+    """``on``, or ``auto`` with OCRmyPDF and Tesseract with ``ocr_languages`` installed (found
+    out once, by running ``tesseract --list-langs`` in a thread)."""
+    if settings.ocr != "auto":
+        return settings.ocr == "on"
+    return await asyncio.to_thread(ocr.ocr_available, settings.ocr_languages)
 
 
 async def with_text_layer(files: FaxFiles, settings: InboundSettings) -> FaxFiles:

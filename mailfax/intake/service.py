@@ -143,7 +143,7 @@ class Intake:
             content = assemble(raw, allow_empty=True)  # a thread hand-off would cost more
         else:
             content = await asyncio.to_thread(assemble, raw, allow_empty=True)
-        content = self._with_cover(content, addresses, envelope_from)
+        content = await self._with_cover(content, addresses, envelope_from)
         if not content.documents:
             raise nothing_to_fax(content)
         if user is not None:
@@ -153,24 +153,20 @@ class Intake:
         account = self._account_for(user)
         return await self.store_jobs(envelope_from, addresses, content, client, account)
 
-    def _with_cover(self, content: FaxContent, addresses: Sequence[FaxAddress],
-                    envelope_from: str) -> FaxContent:
+    async def _with_cover(self, content: FaxContent, addresses: Sequence[FaxAddress],
+                          envelope_from: str) -> FaxContent:
         """Put the mail's text in front as a cover page, if this mail asks for one.
 
         ``+cover`` on any recipient turns it on, ``+nocover`` on all turns it off; otherwise
-        ``documents.cover`` decides. One cover serves all recipients of the mail (it lists
-        their numbers), as the documents are shared.
+        ``documents.cover`` decides. Without text there is no cover. One cover serves all
+        recipients of the mail (it lists their numbers), as the documents are shared.
         """
         tags = {address.tag for address in addresses}
-        setting = self.settings.documents.cover
+        if tags == {"nocover"} or ("cover" not in tags
+                                   and self.settings.documents.cover == "never"):
+            return content
         text = cover_text(content.mail.text)
-        if "cover" in tags:
-            wanted = bool(text) or not content.documents
-        elif tags == {"nocover"}:
-            wanted = False
-        else:
-            wanted = setting == "always" or (setting == "when-text" and bool(text))
-        if not wanted or not text:
+        if not text:
             return content
         numbers = ", ".join(format_international(number) for number in
                             dict.fromkeys(address.number for address in addresses))
@@ -179,8 +175,8 @@ class Intake:
                          datetime.now(UTC), text=text,
                          document_pages=sum(document.pages for document in content.documents))
         try:
-            cover = render_cover(info, self.settings.notify.language,
-                                 self.settings.templates_dir or TEMPLATES_DIR)
+            cover = await asyncio.to_thread(render_cover, info, self.settings.notify.language,
+                                            self.settings.templates_dir or TEMPLATES_DIR)
         except CoverUnavailable as error:
             raise Refusal(451, "4.3.0", f"The cover page cannot be made here ({error}).") \
                 from None

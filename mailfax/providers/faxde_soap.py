@@ -119,7 +119,7 @@ class SoapClient:
             response.raise_for_status()
             check_wsdl(response.content)
         except (httpx.HTTPError, ValueError) as error:
-            if self.cache_path.exists():
+            if await asyncio.to_thread(self.cache_path.exists):
                 log.warning("FAX.de WSDL %s unavailable (%s); using the cached copy %s",
                             self.wsdl_url, error, self.cache_path)
                 self.wsdl_source = f"cached copy {self.cache_path}"
@@ -128,12 +128,15 @@ class SoapClient:
                         self.wsdl_url, error)
             self.wsdl_source = "bundled reconstruction"
             return BUNDLED_WSDL
-        self.cache_path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = self.cache_path.with_suffix(".tmp")
-        temporary.write_bytes(response.content)
-        os.replace(temporary, self.cache_path)
+        await asyncio.to_thread(self._cache, response.content)
         self.wsdl_source = self.wsdl_url
         return self.cache_path
+
+    def _cache(self, wsdl: bytes) -> None:
+        self.cache_path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = self.cache_path.with_suffix(".tmp")
+        temporary.write_bytes(wsdl)
+        os.replace(temporary, self.cache_path)
 
 
 def outputs(answer: Any) -> dict[str, Any]:
