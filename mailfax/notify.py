@@ -9,7 +9,6 @@ store adds an event's mails only if the event was not done yet.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import sys
 import time
@@ -31,6 +30,7 @@ from mailfax.numbers import format_international
 from mailfax.policy import split_address, status_mail_allowed
 from mailfax.ratelimit import SlidingWindow
 from mailfax.store.base import Event, Job, Mail, OutgoingMail, Store
+from mailfax.waiting import wait_for_event
 
 log = logging.getLogger(__name__)
 
@@ -152,8 +152,7 @@ class Notifier:
             handled = await self.handle_pending()
             if handled:
                 continue
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=self.poll_seconds)
+            await wait_for_event(self._wake, self.poll_seconds)
 
     async def handle_pending(self, limit: int = 100) -> int:
         events = await self.store.claim_notifications(self.owner, limit, NOTIFY_LEASE_SECONDS)

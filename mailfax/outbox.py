@@ -11,7 +11,6 @@ the outbox item (id and content), so the second delivery replaces the first file
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import logging
 import os
@@ -26,6 +25,7 @@ import aiosmtplib
 from mailfax.config import RelaySettings
 from mailfax.dispatch import retry_delay
 from mailfax.store.base import OutboxItem, Store
+from mailfax.waiting import wait_for_event
 
 log = logging.getLogger(__name__)
 
@@ -136,8 +136,7 @@ class OutboxSender:
             timeout = self.poll_seconds
             if due is not None:
                 timeout = min(timeout, max(0.05, (due - datetime.now(UTC)).total_seconds()))
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=timeout)
+            await wait_for_event(self._wake, timeout)
 
     async def send_due(self, limit: int = 50) -> int:
         """Deliver what is due; returns how many were handed off."""

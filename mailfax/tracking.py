@@ -9,7 +9,6 @@ With several instances on PostgreSQL the tracker runs on one of them at a time (
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -18,6 +17,7 @@ from mailfax import reasons
 from mailfax.model import TRACKED_STATES, JobState
 from mailfax.providers.base import Provider, ProviderError, ProviderRef, StatusReport
 from mailfax.store.base import Job, Store, Transition
+from mailfax.waiting import wait_for_event
 
 log = logging.getLogger(__name__)
 
@@ -89,9 +89,7 @@ class Tracker:
             else:
                 await self._poll_fresh(now)
             next_due = min([self._full_poll_due, *(due for due, _ in self._fresh.values())])
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(),
-                                       timeout=max(next_due - time.monotonic(), 0.01))
+            await wait_for_event(self._wake, max(next_due - time.monotonic(), 0.01))
 
     async def poll_all(self) -> None:
         self._fresh.clear()  # everything in flight is asked now

@@ -12,6 +12,7 @@ from mailfax.intake.mime import (
     Attachment,
     MailFormatError,
     ParsedMail,
+    is_office_part,
     parse_mail,
     select_documents,
 )
@@ -20,8 +21,6 @@ from mailfax.providers.base import FaxDocument
 
 EXPECTED = ("Attach the document to fax as a PDF file, an image (JPEG, PNG, GIF, TIFF) or an "
             "office document (Word, OpenDocument, RTF, Excel, text).")
-OFFICE_MARKERS = (b".doc", b".odt", b".rtf", b".xls", b".ods", b".txt", b"ms-tnef",
-                  b"msword", b"officedocument", b"opendocument", b"winmail.dat")
 
 
 class Refusal(Exception):
@@ -56,27 +55,35 @@ def assemble(raw: bytes, *, allow_empty: bool = False) -> FaxContent:
     documents is returned as such (its text may still become a cover page); otherwise it is
     refused.
     """
-    try:
-        mail = parse_mail(raw)
-    except MailFormatError as error:
-        raise Refusal(554, "5.6.0", str(error)) from None
-    documents = [_convert(attachment) for attachment in select_documents(mail)]
-    content = FaxContent(mail=mail, documents=documents)
-    if not documents and not allow_empty:
+    content = convert_documents(read_mail(raw))
+    if not content.documents and not allow_empty:
         raise nothing_to_fax(content)
     return content
+
+
+def read_mail(raw: bytes) -> ParsedMail:
+    try:
+        return parse_mail(raw)
+    except MailFormatError as error:
+        raise Refusal(554, "5.6.0", str(error)) from None
+
+
+def convert_documents(mail: ParsedMail) -> FaxContent:
+    """The parsed mail's documents as PDFs (possibly none). Blocking, seconds for office
+    documents: see :func:`needs_worker`."""
+    return FaxContent(mail=mail, documents=[_convert(attachment)
+                                            for attachment in select_documents(mail)])
+
+
+def needs_worker(mail: ParsedMail) -> bool:
+    """Whether converting this mail's documents takes long enough (LibreOffice) that it must
+    run in a worker thread rather than on the event loop."""
+    return any(is_office_part(attachment) for attachment in mail.attachments)
 
 
 def nothing_to_fax(content: FaxContent) -> Refusal:
     return Refusal(554, "5.6.0", " ".join(["This mail has no document to fax.", EXPECTED,
                                             *content.mail.skipped]))
-
-
-def may_need_office(raw: bytes) -> bool:
-    """A quick look at the raw mail: could it hold an office document (or a winmail.dat that
-    may)? Such mails are assembled in a worker thread, since LibreOffice takes seconds."""
-    lowered = raw.lower()
-    return any(marker in lowered for marker in OFFICE_MARKERS)
 
 
 def _convert(attachment: Attachment) -> FaxDocument:

@@ -19,8 +19,10 @@ from mailfax.intake.assemble import (
     FaxContent,
     Refusal,
     assemble,
-    may_need_office,
+    convert_documents,
+    needs_worker,
     nothing_to_fax,
+    read_mail,
 )
 from mailfax.metrics import Metrics
 from mailfax.model import new_job_id
@@ -139,10 +141,12 @@ class Intake:
                           client: str, user: str | None = None) -> Accepted:
         """Turn a mail into one job per fax number; durable when this returns."""
         addresses = [self.check_recipient(address) for address in recipients]
-        if len(raw) <= INLINE_ASSEMBLY_BYTES and not may_need_office(raw):
-            content = assemble(raw, allow_empty=True)  # a thread hand-off would cost more
-        else:
+        if len(raw) > INLINE_ASSEMBLY_BYTES:
             content = await asyncio.to_thread(assemble, raw, allow_empty=True)
+        else:  # parsing a small mail costs less than a thread hand-off; LibreOffice does not
+            mail = read_mail(raw)
+            content = (await asyncio.to_thread(convert_documents, mail) if needs_worker(mail)
+                       else convert_documents(mail))
         content = await self._with_cover(content, addresses, envelope_from)
         if not content.documents:
             raise nothing_to_fax(content)

@@ -43,6 +43,7 @@ from mailfax.store.base import (
     OutgoingMail,
     Transition,
 )
+from mailfax.waiting import wait_for_event
 
 log = logging.getLogger(__name__)
 
@@ -319,8 +320,7 @@ class PostgresStore:
         if self.listen:
             self._listener = asyncio.create_task(self._listen(), name="mailfax-store-listen")
             # Do not miss a NOTIFY sent right after open(): wait until LISTEN took effect.
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._listening.wait(), timeout=10)
+            await wait_for_event(self._listening, 10)
 
     async def close(self) -> None:
         if self._listener is not None:
@@ -372,8 +372,7 @@ class PostgresStore:
         A wake-up only says "look again"; a NOTIFY that came while nobody waited is kept for
         the next call, so none is lost between a claim and the wait that follows it.
         """
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._work.wait(), timeout)
+        await wait_for_event(self._work, timeout)
         self._work.clear()
 
     # -- singletons --------------------------------------------------------------------------
