@@ -130,7 +130,7 @@ class Application:
         self.tracker = Tracker(self.store, self.providers, settings.dispatch.status_poll_seconds,
                                on_change=self.notifier.wake)
         self.dispatcher = Dispatcher(self.store, self.providers, settings.dispatch,
-                                     owner=self.instance, push_url=self._push_url,
+                                     owner=self.instance,
                                      on_submitted=self._after_dispatch)
         self.intake = Intake(settings, self.store, on_stored=self._after_intake,
                              metrics=self.metrics)
@@ -194,9 +194,6 @@ class Application:
             return None
         base = web_settings.public_url or f"http://{web_settings.listen}"
         return f"{base.rstrip('/')}/push/{account}"
-
-    def _push_url(self, account: str, job_id: str) -> str | None:
-        return None  # providers build their own push URLs from push_base_url and push_token
 
     async def _wake_tracker(self, job_ids: Sequence[str]) -> None:
         self.tracker.wake(job_ids)

@@ -267,7 +267,8 @@ async def _cancel_at_provider(settings: Settings, store: Store, job_id: str, acc
 
 
 def cmd_send(args: argparse.Namespace) -> int:
-    from mailfax.documents import DocumentError, image_to_pdf, is_pdf, prepare_pdf
+    from mailfax.documents import DocumentError
+    from mailfax.intake.assemble import convert_file
     from mailfax.intake.service import Intake
     from mailfax.numbers import InvalidNumber, parse_fax_local_part
 
@@ -286,8 +287,7 @@ def cmd_send(args: argparse.Namespace) -> int:
             print(f"mailfax: {path}: {error.strerror}", file=sys.stderr)
             return 1
         try:
-            convert = prepare_pdf if is_pdf(path.name, "") else image_to_pdf
-            documents.append(convert(path.name, data))
+            documents.append(convert_file(path.name, "", data))
         except DocumentError as error:
             print(f"mailfax: {error}", file=sys.stderr)
             return 1

@@ -76,14 +76,12 @@ class Dispatcher:
         providers: Mapping[str, Provider],
         settings: DispatchSettings,
         owner: str,
-        push_url: Callable[[str, str], str | None] = lambda account, job_id: None,
         on_submitted: Callable[[Sequence[str]], None] = lambda job_ids: None,
     ):
         self.store = store
         self.providers = providers
         self.settings = settings
         self.owner = owner
-        self.push_url = push_url
         self.on_submitted = on_submitted
         self._wake = asyncio.Event()
         self._tasks: dict[asyncio.Task[None], list[Job]] = {}  # sends in flight and their jobs
@@ -231,7 +229,6 @@ class Dispatcher:
             subject=subject, sender=job.sender, attempt=job.attempts,
             station_id=job.options.get("station_id"), header=job.options.get("header"),
             cover_text=job.options.get("cover_text"),
-            status_push_url=self.push_url(job.account, job.id),
         )
 
     async def _record_result(self, job: Job, result: SendReceipt | ProviderError,

@@ -35,11 +35,6 @@ def is_pdf(filename: str, content_type: str) -> bool:
     return content_type.lower() in PDF_TYPES or filename.lower().endswith(".pdf")
 
 
-def is_image(filename: str, content_type: str) -> bool:
-    return content_type.lower().startswith("image/") or filename.lower().endswith(
-        (".jpg", ".jpeg", ".png", ".gif", ".tif", ".tiff", ".bmp", ".webp"))
-
-
 def prepare_pdf(filename: str, data: bytes) -> FaxDocument:
     """Check that a PDF opens without a password and count its pages.
 
@@ -103,7 +98,7 @@ def image_to_pdf(filename: str, data: bytes) -> FaxDocument:
     single_pages = [FaxDocument(filename, _page_pdf(page, resolution), 1)
                     for page, resolution in zip(pages, resolutions, strict=True)]
     pdf_bytes = merge_pdfs(single_pages, filename).data
-    return FaxDocument(filename=_pdf_name(filename), data=pdf_bytes, pages=len(pages))
+    return FaxDocument(filename=filename, data=pdf_bytes, pages=len(pages))
 
 
 def merge_pdfs(documents: Sequence[FaxDocument], filename: str) -> FaxDocument:
@@ -181,7 +176,3 @@ def _page_pdf(page: Image.Image, resolution: tuple[float, float]) -> bytes:
     out = io.BytesIO()
     page.save(out, format="PDF", dpi=resolution)
     return out.getvalue()
-
-
-def _pdf_name(filename: str) -> str:
-    return filename  # the original name is what the sender knows the document by

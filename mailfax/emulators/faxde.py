@@ -108,10 +108,6 @@ class EmulatorState:
         self.inbox.append(InboxFax(fax_id, called_number, originator, remote_id, pages, image))
         return fax_id
 
-    def faxes_to(self, number: str) -> list[EmulatedJob]:
-        return [job for job in self.jobs.values()
-                if any(recipient.number == number for recipient in job.recipients)]
-
 
 class Emulator:
     def __init__(self, state: EmulatorState, wsdl_text: str):

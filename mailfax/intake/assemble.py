@@ -86,13 +86,18 @@ def nothing_to_fax(content: FaxContent) -> Refusal:
                                             *content.mail.skipped]))
 
 
+def convert_file(filename: str, content_type: str, data: bytes) -> FaxDocument:
+    """One PDF, image or office document as fax pages; DocumentError names the file."""
+    if is_pdf(filename, content_type):
+        return prepare_pdf(filename, data)
+    if is_office(filename, content_type):
+        return convert_office(filename, data)
+    return image_to_pdf(filename, data)
+
+
 def _convert(attachment: Attachment) -> FaxDocument:
     try:
-        if is_pdf(attachment.filename, attachment.content_type):
-            return prepare_pdf(attachment.filename, attachment.data)
-        if is_office(attachment.filename, attachment.content_type):
-            return convert_office(attachment.filename, attachment.data)
-        return image_to_pdf(attachment.filename, attachment.data)
+        return convert_file(attachment.filename, attachment.content_type, attachment.data)
     except DocumentError as error:
         sentence = str(error)
         if attachment.in_forwarded:

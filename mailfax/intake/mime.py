@@ -17,11 +17,12 @@ from email.header import decode_header, make_header
 from email.message import Message
 from email.utils import getaddresses, parsedate_to_datetime
 
+from mailfax.documents import PDF_TYPES
+
 MAX_PARTS = 500
 MAX_DEPTH = 12
 MAX_TNEF_BYTES = 50 * 1024 * 1024
 
-PDF_TYPES = {"application/pdf", "application/x-pdf", "application/acrobat"}
 IMAGE_TYPES = {"image/jpeg", "image/pjpeg", "image/png", "image/gif", "image/tiff",
                "image/bmp", "image/webp"}
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".tif", ".tiff", ".bmp", ".webp")

@@ -42,7 +42,6 @@ class SendRequest:
     header: str | None = None
     cover_text: str | None = None
     send_at: datetime | None = None  # UTC; None = now
-    status_push_url: str | None = None  # where the provider may push status, token included
     attempt: int = 1  # > 1 means an earlier attempt may have reached the provider
 
 
