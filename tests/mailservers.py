@@ -32,6 +32,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.ports import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY_POSTFIX = ROOT / "deploy" / "postfix"
 DEPLOY_DOVECOT = ROOT / "deploy" / "dovecot"
@@ -58,13 +60,6 @@ def require(*programs: str) -> dict[str, str]:
             pytest.skip(f"{program} not installed (Debian package {package}; .ci/run installs it)")
         found[program] = path
     return found
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def wait_for_port(port: int, timeout: float = START_TIMEOUT, what: str = "server") -> None:

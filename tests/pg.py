@@ -17,13 +17,14 @@ import os
 import pwd
 import shlex
 import shutil
-import socket
 import subprocess
 import tempfile
 from pathlib import Path
 
 import psycopg
 from psycopg import sql
+
+from tests.ports import free_port
 
 SUPERUSER = "mailfax"
 BIN_GLOB = "/usr/lib/postgresql/*/bin"
@@ -56,13 +57,6 @@ def find_bin_dir() -> Path | None:
         if all((folder / tool).is_file() for tool in TOOLS):
             return folder
     return None
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 class PostgresServer:

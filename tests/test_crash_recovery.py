@@ -6,7 +6,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -17,17 +16,11 @@ import aiosmtplib
 import pytest
 
 from tests.conftest import fax_mail
+from tests.ports import free_port
 
 pytestmark = pytest.mark.slow
 
 BURST = 200
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def write_config(folder: Path, port: int) -> Path:

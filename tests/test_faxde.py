@@ -31,6 +31,7 @@ from mailfax.providers.base import (
 )
 from mailfax.providers.faxde_soap import BUNDLED_WSDL, check_wsdl
 from tests.conftest import Service, fax_mail, make_settings
+from tests.ports import free_port
 
 LITERAL_WSDL = Path(__file__).parent / "data" / "faxde-document-literal.wsdl"
 PASSWORD = "s3cr3t-pässwort"
@@ -353,7 +354,7 @@ async def test_statusurl_push_checks_the_token_and_wakes_the_tracker(
 async def test_mail_to_fax_through_fax_de_end_to_end_with_the_push(
         tmp_path: Path, corpus: Path) -> None:
     server = await emulator.start("127.0.0.1", 0, {"password": PASSWORD, "delay": "1.5"})
-    web_port = _free_port()
+    web_port = free_port()
     settings = make_settings(
         tmp_path, accounts={"main": {"provider": "fax.de", "account": "123456",
                                      "password": PASSWORD, "wsdl_url": server.wsdl_url}},
@@ -379,15 +380,6 @@ async def test_mail_to_fax_through_fax_de_end_to_end_with_the_push(
     finally:
         await app.stop()
         await server.close()
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 async def test_received_faxes_go_from_fax_de_to_the_mailbox_and_are_then_deleted(
