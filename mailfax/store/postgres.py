@@ -853,28 +853,36 @@ class PostgresStore:
 
     async def claim_notifications(self, owner: str, limit: int,
                                   lease_seconds: float) -> list[Event]:
+        rows = await self._claim_rows("events", "notify", owner, limit, lease_seconds)
+        return [_event(row) for row in rows]
+
+    async def _claim_rows(self, table: str, ready: str, owner: str, limit: int,
+                          lease_seconds: float) -> list[DictRow]:
+        """Lease up to ``limit`` rows of ``table`` (events or outbox) that are ``ready`` and
+        not leased to another instance, oldest first (``table`` and ``ready`` are ours, never
+        input)."""
         async with self._cursor() as cur:
             await cur.execute(
-                """
+                f"""
                 WITH due AS (
-                    SELECT id FROM events
-                    WHERE notify AND (claim_until IS NULL OR claim_until < now()
-                                      OR claim_owner = %(owner)s)
+                    SELECT id FROM {table}
+                    WHERE {ready} AND (claim_until IS NULL OR claim_until < now()
+                                       OR claim_owner = %(owner)s)
                     ORDER BY id
                     LIMIT %(limit)s
                     FOR UPDATE SKIP LOCKED
                 )
-                UPDATE events
+                UPDATE {table}
                 SET claim_owner = %(owner)s,
                     claim_until = now() + make_interval(secs => %(lease)s)
                 FROM due
-                WHERE events.id = due.id
-                RETURNING events.*
+                WHERE {table}.id = due.id
+                RETURNING {table}.*
                 """,
                 {"owner": owner, "limit": limit, "lease": float(lease_seconds)},
             )
             rows = await cur.fetchall()
-        return sorted((_event(row) for row in rows), key=lambda event: event.id)
+        return sorted(rows, key=lambda row: int(row["id"]))
 
     async def complete_notification(self, event_id: int,
                                     mails: Sequence[OutgoingMail] = ()) -> None:
@@ -909,37 +917,14 @@ class PostgresStore:
                 (limit,),
             )
             rows = await cur.fetchall()
-        return [OutboxItem(id=r["id"], envelope_from=r["envelope_from"],
-                           recipients=r["recipients"], message=bytes(r["message"]),
-                           attempts=r["attempts"], job_id=r["job_id"]) for r in rows]
+        return [_outbox_item(row) for row in rows]
 
     async def claim_outbox(self, owner: str, limit: int, lease_seconds: float
                            ) -> list[OutboxItem]:
-        async with self._cursor() as cur:
-            await cur.execute(
-                """
-                WITH due AS (
-                    SELECT id FROM outbox
-                    WHERE state = 'pending' AND next_attempt_at <= now()
-                      AND (claim_until IS NULL OR claim_until < now()
-                           OR claim_owner = %(owner)s)
-                    ORDER BY id
-                    LIMIT %(limit)s
-                    FOR UPDATE SKIP LOCKED
-                )
-                UPDATE outbox
-                SET claim_owner = %(owner)s,
-                    claim_until = now() + make_interval(secs => %(lease)s)
-                FROM due
-                WHERE outbox.id = due.id
-                RETURNING outbox.*
-                """,
-                {"owner": owner, "limit": limit, "lease": float(lease_seconds)},
-            )
-            rows = sorted(await cur.fetchall(), key=lambda row: int(row["id"]))
-        return [OutboxItem(id=r["id"], envelope_from=r["envelope_from"],
-                           recipients=r["recipients"], message=bytes(r["message"]),
-                           attempts=r["attempts"], job_id=r["job_id"]) for r in rows]
+        rows = await self._claim_rows(
+            "outbox", "state = 'pending' AND next_attempt_at <= now()", owner, limit,
+            lease_seconds)
+        return [_outbox_item(row) for row in rows]
 
     async def outbox_sent(self, item_id: int) -> None:
         async with self._cursor() as cur:
@@ -1077,3 +1062,9 @@ class PostgresStore:
             await cur.execute(
                 f"SELECT {_INBOUND_COLUMNS} FROM inbound_faxes WHERE fax_id = %s", (fax_id,))
             return [_inbound(row) for row in await cur.fetchall()]
+
+
+def _outbox_item(row: DictRow) -> OutboxItem:
+    return OutboxItem(id=row["id"], envelope_from=row["envelope_from"],
+                      recipients=row["recipients"], message=bytes(row["message"]),
+                      attempts=row["attempts"], job_id=row["job_id"])
