@@ -108,16 +108,16 @@ class Tracker:
         await self._acknowledge(account, provider)
 
     async def _poll_fresh(self, now: float) -> None:
-        due_ids = [job_id for job_id, (due, _) in self._fresh.items() if due <= now]
+        delays = {job_id: self._fresh.pop(job_id)[1]
+                  for job_id, (due, _) in list(self._fresh.items()) if due <= now}
         jobs: dict[str, list[Job]] = {}
-        for job_id in due_ids:
-            _, delay = self._fresh.pop(job_id)
-            job = await self.store.get_job(job_id)
-            if job is None or job.state not in TRACKED_STATES:
+        for job in await self.store.get_jobs(list(delays)) if delays else []:
+            if job.state not in TRACKED_STATES:
                 continue
             jobs.setdefault(job.account, []).append(job)
+            delay = delays[job.id]
             if delay * 2 < self.interval:
-                self._fresh[job_id] = (now + delay * 2, delay * 2)
+                self._fresh[job.id] = (now + delay * 2, delay * 2)
         for account, account_jobs in jobs.items():
             provider = self.providers.get(account)
             if provider is not None:
@@ -142,8 +142,7 @@ class Tracker:
 
     async def apply_reports(self, reports: Mapping[str, StatusReport]) -> None:
         """Record pushed reports (our job id → report); returns once they are stored."""
-        jobs = [job for job_id in reports if (job := await self.store.get_job(job_id))]
-        await self.apply(reports, jobs)
+        await self.apply(reports, await self.store.get_jobs(list(reports)))
 
     async def apply(self, reports: Mapping[str, StatusReport], jobs: Sequence[Job]) -> None:
         for job in jobs:

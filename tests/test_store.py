@@ -100,6 +100,17 @@ async def add(store: Store, mail_id: str = "m1", jobs: tuple[str, ...] = ("j1",)
                               [NewJob(job_id, "+4930123456", "acct") for job_id in jobs], DOCS)
 
 
+async def test_jobs_are_fetched_by_id_in_one_call_and_unknown_ids_left_out(
+        store: Store) -> None:
+    await add(store, jobs=("j1", "j2", "j3"))
+    jobs = await store.get_jobs(["j3", "nope", "j1"])
+    assert sorted(job.id for job in jobs) == ["j1", "j3"]
+    assert await store.get_jobs([]) == []
+    many = [f"x{index}" for index in range(1200)]  # more than one SQLite statement's worth
+    await add(store, mail_id="m2", jobs=tuple(many))
+    assert len(await store.get_jobs(many)) == 1200
+
+
 async def test_added_jobs_are_queued_with_pages_documents_and_an_accepted_event(
         store: Store) -> None:
     await add(store, jobs=("j1", "j2"))

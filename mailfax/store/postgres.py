@@ -774,6 +774,11 @@ class PostgresStore:
             row = await cur.fetchone()
         return _job(row) if row else None
 
+    async def get_jobs(self, job_ids: Sequence[str]) -> list[Job]:
+        async with self._cursor(atomic=False) as cur:
+            await cur.execute("SELECT * FROM jobs WHERE id = ANY(%s)", (list(job_ids),))
+            return [_job(row) for row in await cur.fetchall()]
+
     async def list_jobs(self, limit: int = 1000, state: JobState | None = None) -> list[Job]:
         async with self._cursor() as cur:
             await cur.execute(

@@ -622,6 +622,18 @@ class SqliteStore(_InboundMixin):
 
         return await self._call(operation)
 
+    async def get_jobs(self, job_ids: Sequence[str]) -> list[Job]:
+        def operation(conn: sqlite3.Connection) -> list[Job]:
+            found: list[Job] = []
+            for start in range(0, len(job_ids), 500):  # SQLite's limit on parameters
+                chunk = list(job_ids[start:start + 500])
+                marks = ",".join("?" * len(chunk))
+                rows = conn.execute(f"SELECT * FROM jobs WHERE id IN ({marks})", chunk).fetchall()
+                found += [_job(row) for row in rows]
+            return found
+
+        return await self._call(operation)
+
     async def list_jobs(self, limit: int = 1000, state: JobState | None = None) -> list[Job]:
         def operation(conn: sqlite3.Connection) -> list[Job]:
             if state is None:
