@@ -33,10 +33,6 @@ CASE_SECONDS = 10.0  # no single case may take longer
 RUN_SECONDS = 60.0  # all of them together, and the normal mail after them
 INJECTED_HEADERS = (b"bcc", b"x-injected")
 
-# Cases that show a bug in mailfax: name -> the exact failing behaviour (for its owner).
-# Cases that show a bug not fixed yet, with what goes wrong (strict: a fix makes them fail).
-KNOWN_BUGS: dict[str, str] = {}
-
 ON_THE_SERVICE_LOOP = pytest.mark.asyncio(loop_scope="module")
 
 
@@ -340,12 +336,7 @@ RUNNERS = {"mail": run_mail, "script": run_script, "stall": run_stall, "trickle"
 
 
 def _params() -> list[Any]:
-    params = []
-    for case in CASES:
-        marks = [pytest.mark.xfail(strict=True, reason=KNOWN_BUGS[case["name"]])] \
-            if case["name"] in KNOWN_BUGS else []
-        params.append(pytest.param(case, id=case["name"], marks=marks))
-    return params
+    return [pytest.param(case, id=case["name"]) for case in CASES]
 
 
 def test_the_folder_has_enough_cases_and_files() -> None:
