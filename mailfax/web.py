@@ -63,3 +63,10 @@ async def start_web(app: web.Application, host: str, port: int) -> web.AppRunner
     site = web.TCPSite(runner, host, port)
     await site.start()
     return runner
+
+
+def runner_url(runner: web.AppRunner) -> str:
+    """``http://host:port`` of a started runner, with the port the system gave (port 0)."""
+    host, port = runner.addresses[0][:2]
+    shown = f"[{host}]" if ":" in host else host
+    return f"http://{shown}:{port}"

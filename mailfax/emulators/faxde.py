@@ -33,6 +33,7 @@ from aiohttp import web
 from lxml import etree
 
 from mailfax.providers.faxde_soap import BUNDLED_WSDL, parse_untrusted
+from mailfax.web import runner_url, start_web
 
 SOAP_ENV = "http://schemas.xmlsoap.org/soap/envelope/"
 XSI = "http://www.w3.org/2001/XMLSchema-instance"
@@ -133,13 +134,8 @@ class Emulator:
         app.router.add_get("/xmlws.exe", self.wsdl)
         app.router.add_get("/xmlws.exe/wsdl/IntfXMLWS", self.wsdl)
         app.router.add_post("/xmlws.exe/soap/IntfXMLWS", self.soap)
-        self.runner = web.AppRunner(app, access_log=None)
-        await self.runner.setup()
-        site = web.TCPSite(self.runner, host, port)
-        await site.start()
-        bound_host, bound_port = self.runner.addresses[0][:2]
-        shown = f"[{bound_host}]" if ":" in bound_host else bound_host
-        self.url = f"http://{shown}:{bound_port}"
+        self.runner = await start_web(app, host, port)
+        self.url = runner_url(self.runner)
 
     async def close(self) -> None:
         for timer in self._timers:

@@ -46,6 +46,8 @@ from zoneinfo import ZoneInfo
 import pikepdf
 from aiohttp import web
 
+from mailfax.web import runner_url, start_web
+
 PATH = "/webrequests/product-voip/index.php"
 FORMATS = ("kv", "colon", "urlencoded", "json", "xml")
 PROVIDER_TIMEZONE = ZoneInfo("Europe/Berlin")
@@ -342,9 +344,5 @@ async def start(host: str, port: int, options: dict[str, str]) -> FaxnummerEmula
     handle = _handler(state)
     app.router.add_post(PATH, handle)
     app.router.add_post(PATH.removesuffix("index.php"), handle)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, host, port).start()
-    bound_host, bound_port = runner.addresses[0][:2]
-    shown = f"[{bound_host}]" if ":" in bound_host else bound_host
-    return FaxnummerEmulator(runner, f"http://{shown}:{bound_port}{PATH}", state)
+    runner = await start_web(app, host, port)
+    return FaxnummerEmulator(runner, f"{runner_url(runner)}{PATH}", state)

@@ -42,6 +42,7 @@ import aiohttp
 from aiohttp import web
 
 from mailfax.providers.retarus_codes import MAX_IDS_PER_REQUEST, NAME_PATTERN, push_xml
+from mailfax.web import runner_url, start_web
 
 REASONS = {"OK": "OK", "BUSY": "Destination busy", "RING_TO": "Ring timeout",
            "NOFAX": "No fax device", "WRONG_NO": "Wrong number", "REM_DIS": "Remote hung up"}
@@ -443,12 +444,8 @@ class RetarusEmulator:
         return status
 
     async def start(self, host: str, port: int) -> None:
-        self._runner = web.AppRunner(self.app(), access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port)
-        await site.start()
-        bound_host, bound_port = self._runner.addresses[0][:2]
-        self.url = f"http://{bound_host}:{bound_port}"
+        self._runner = await start_web(self.app(), host, port)
+        self.url = runner_url(self._runner)
 
     async def close(self) -> None:
         for task in list(self._tasks):
