@@ -18,7 +18,6 @@ import asyncio
 import logging
 import random
 import time
-from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 
@@ -32,7 +31,15 @@ from mailfax.providers.base import (
     SendReceipt,
     SendRequest,
 )
-from mailfax.store.base import OTHER_ACCOUNTS, Job, Store, Transition
+from mailfax.store.base import (
+    OTHER_ACCOUNTS,
+    IllegalTransition,
+    Job,
+    Outcome,
+    Store,
+    Transition,
+    Work,
+)
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +77,14 @@ def outcome_of_error(error: ProviderError, attempt: int, settings: DispatchSetti
 
 
 class Dispatcher:
+    """Claims due jobs and sends them, up to ``dispatch.concurrency`` per account at once.
+
+    One loop does all the store work: each pass records the outcomes of the sends that
+    ended since the last pass and claims work for the slots they freed, in one store call
+    (:meth:`Store.claim_work`). Sends that end while a pass runs wait for the next one, so
+    under load one call serves many slots. The sends themselves only talk to providers.
+    """
+
     def __init__(
         self,
         store: Store,
@@ -85,6 +100,7 @@ class Dispatcher:
         self.on_submitted = on_submitted
         self._wake = asyncio.Event()
         self._tasks: dict[asyncio.Task[None], list[Job]] = {}  # sends in flight and their jobs
+        self._finished: list[Outcome] = []  # outcomes of ended sends, not recorded yet
         self._next_sweep = 0.0
 
     def wake(self) -> None:
@@ -100,8 +116,8 @@ class Dispatcher:
         try:
             while True:
                 self._wake.clear()
-                claimed = await self._claim_and_start()
-                if claimed:
+                claimed = await self._record_and_claim()
+                if claimed or self._finished:
                     continue
                 await self._sleep_until_due(blocked=self.in_flight < self._capacity())
         finally:
@@ -109,41 +125,79 @@ class Dispatcher:
             for task in self._tasks:
                 task.cancel()
             await asyncio.gather(renewer, *self._tasks, return_exceptions=True)
+            await self._record_one_by_one()
 
     def _capacity(self) -> int:
         return self.settings.concurrency * max(1, len(self.providers))
 
-    async def _claim_and_start(self) -> int:
+    async def _record_and_claim(self) -> int:
+        """Record the ended sends' outcomes and claim work for the free slots: one store
+        call. Returns how many jobs it claimed."""
+        finished, self._finished = self._finished, []
         free = self._capacity() - self.in_flight
-        if free <= 0:
+        if free <= 0 and not finished:
             return 0
-        limits: dict[str, int] = dict.fromkeys(self.providers, self.settings.concurrency)
+        limits = dict.fromkeys(self.providers, self.settings.concurrency)
         now = time.monotonic()
-        if now >= self._next_sweep:
+        if free > 0 and now >= self._next_sweep:
             # Now and then also jobs of accounts that are not configured (any more), so they
             # fail with a reason instead of waiting for ever; not on every claim, as finding
             # them means looking past all the others.
             self._next_sweep = now + IDLE_TICK_SECONDS
             limits[OTHER_ACCOUNTS] = free
-        jobs = await self.store.claim_due_jobs(self.owner, free, LEASE_SECONDS,
-                                               account_limits=limits)
-        for group in _group_by_mail(jobs):
-            task = asyncio.create_task(self._send_group(group))
-            self._tasks[task] = group
+        try:
+            work = await self.store.claim_work(self.owner, max(0, free), LEASE_SECONDS, limits,
+                                               finished=finished)
+        except Exception:
+            log.exception("recording %d send results and claiming failed", len(finished))
+            self._finished[:0] = finished
+            await self._record_one_by_one()
+            return 0
+        self._submitted(finished)
+        for unit in work:
+            task = asyncio.create_task(self._send(unit))
+            self._tasks[task] = unit.jobs
             task.add_done_callback(self._task_done)
-        return len(jobs)
+        return sum(len(unit.jobs) for unit in work)
+
+    async def _record_one_by_one(self) -> None:
+        """The fallback when the combined call fails: each outcome on its own, so one bad
+        outcome does not hold up the others. What cannot be recorded now is kept and tried
+        again (its lease is kept renewed meanwhile)."""
+        finished, self._finished = self._finished, []
+        for index, outcome in enumerate(finished):
+            try:
+                await self.store.record(outcome.job_id, outcome.transition, outcome.expected)
+            except (KeyError, IllegalTransition) as error:  # a bug: retrying will not help
+                log.error("result of job %s not recorded: %s", outcome.job_id, error)
+            except Exception:
+                log.exception("recording the result of job %s failed; trying again later",
+                              outcome.job_id)
+                self._finished[:0] = finished[index:]
+                await asyncio.sleep(BLOCKED_POLL_SECONDS)
+                return
+            else:
+                self._submitted([outcome])
+
+    def _submitted(self, recorded: Sequence[Outcome]) -> None:
+        job_ids = [outcome.job_id for outcome in recorded
+                   if outcome.transition.state == JobState.SUBMITTED]
+        if job_ids:
+            self.on_submitted(job_ids)
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
         self._tasks.pop(task, None)
         if not task.cancelled() and task.exception() is not None:
             log.error("dispatch task failed", exc_info=task.exception())
-        self._wake.set()  # a slot is free
+        self._wake.set()  # its slots are free, and its outcomes wait to be recorded
 
     async def _renew_leases(self) -> None:
-        """Keep the leases of the jobs being sent (a slow provider must not lose them)."""
+        """Keep the leases of the jobs being sent, or whose outcome waits to be recorded
+        (a slow provider, or a slow store, must not lose them)."""
         while True:
             await asyncio.sleep(RENEW_SECONDS)
             job_ids = [job.id for jobs in self._tasks.values() for job in jobs]
+            job_ids += [outcome.job_id for outcome in self._finished]
             if not job_ids:
                 continue
             try:
@@ -160,16 +214,16 @@ class Dispatcher:
         """Wait for a wake-up, the next job to come due, or the idle tick.
 
         ``blocked``: the last claim had room but got nothing, so jobs that are due now wait
-        for a free slot of their account rather than for us.
+        for a free slot of their account rather than for us. With every slot busy there is
+        nothing to look up: an ending send wakes us.
         """
-        due = await self.store.next_due_time()
         timeout = IDLE_TICK_SECONDS
-        if due is not None:
-            timeout = min(timeout, max(0.0, (due - datetime.now(UTC)).total_seconds()))
-            if blocked and timeout <= 0:
-                timeout = BLOCKED_POLL_SECONDS
-        if self.in_flight >= self._capacity():
-            timeout = IDLE_TICK_SECONDS  # woken by a finishing task
+        if self.in_flight < self._capacity():
+            due = await self.store.next_due_time()
+            if due is not None:
+                timeout = min(timeout, max(0.0, (due - datetime.now(UTC)).total_seconds()))
+                if blocked and timeout <= 0:
+                    timeout = BLOCKED_POLL_SECONDS
         timeout = max(timeout, 0.01)
         waits: list[asyncio.Task[None]] = [asyncio.create_task(self._wait_local())]
         wait_for_work = getattr(self.store, "wait_for_work", None)
@@ -185,43 +239,37 @@ class Dispatcher:
     async def _wait_local(self) -> None:
         await self._wake.wait()
 
-    async def _send_group(self, jobs: Sequence[Job]) -> None:
-        """Send the jobs of one mail for one account, sharing the documents."""
-        to_send = [job for job in jobs if not await self._cancelled_before_send(job)]
-        if not to_send:
-            return
-        first = to_send[0]
-        provider = self.providers.get(first.account)
-        if provider is None:
-            for job in to_send:
-                await self.store.record(job.id, Transition(
-                    state=JobState.FAILED, reason=reasons.reason("provider_account"),
-                    detail=f"no such account {first.account!r}"), expected=WAITING)
-            return
-        documents, mail = await asyncio.gather(self.store.load_documents(first.mail_id),
-                                               self.store.get_mail(first.mail_id))
-        requests = [self._request(job, documents, mail.subject if mail else "") for job in to_send]
-        try:
-            results = await provider.send_many(requests)
-        except ProviderError as error:
-            results = [error] * len(requests)
-        except Exception as error:  # a bug or an unexpected answer: retry, never lose the job
-            log.exception("provider %s failed unexpectedly", first.account)
-            results = [ProviderError(reasons.reason("provider_error", type(error).__name__),
-                                     transient=True)] * len(requests)
-        now = datetime.now(UTC)
-        for job, result in zip(to_send, results, strict=True):
-            await self._record_result(job, result, now)
-        self.on_submitted([job.id for job, result in zip(to_send, results, strict=True)
-                           if isinstance(result, SendReceipt)])
-
-    async def _cancelled_before_send(self, job: Job) -> bool:
-        if not job.cancel_requested:
-            return False
-        await self.store.record(job.id, Transition(
+    async def _send(self, work: Work) -> None:
+        """Send the jobs of one mail for one account, sharing the documents; their outcomes
+        are left for the loop to record."""
+        outcomes = [Outcome(job.id, Transition(
             state=JobState.CANCELLED, reason=reasons.reason("cancelled"),
             detail="cancelled before it was sent"), expected=WAITING)
-        return True
+            for job in work.jobs if job.cancel_requested]
+        to_send = [job for job in work.jobs if not job.cancel_requested]
+        if to_send:
+            results = await self._results(to_send, work)
+            now = datetime.now(UTC)
+            outcomes += [Outcome(job.id, self._transition(job, result, now), WAITING)
+                         for job, result in zip(to_send, results, strict=True)]
+        self._finished += outcomes
+
+    async def _results(self, jobs: Sequence[Job], work: Work
+                       ) -> Sequence[SendReceipt | ProviderError]:
+        account = jobs[0].account
+        provider = self.providers.get(account)
+        if provider is None:
+            missing = reasons.reason("provider_account", f"no such account {account!r}")
+            return [ProviderError(missing, transient=False)] * len(jobs)
+        requests = [self._request(job, work.documents, work.subject) for job in jobs]
+        try:
+            return await provider.send_many(requests)
+        except ProviderError as error:
+            return [error] * len(requests)
+        except Exception as error:  # a bug or an unexpected answer: retry, never lose the job
+            log.exception("provider %s failed unexpectedly", account)
+            return [ProviderError(reasons.reason("provider_error", type(error).__name__),
+                                  transient=True)] * len(requests)
 
     def _request(self, job: Job, documents: Sequence[FaxDocument], subject: str) -> SendRequest:
         return SendRequest(
@@ -231,24 +279,15 @@ class Dispatcher:
             cover_text=job.options.get("cover_text"),
         )
 
-    async def _record_result(self, job: Job, result: SendReceipt | ProviderError,
-                             now: datetime) -> None:
+    def _transition(self, job: Job, result: SendReceipt | ProviderError,
+                    now: datetime) -> Transition:
         if isinstance(result, SendReceipt):
             detail = f"accepted by {job.account} as {result.provider_job_id}"
             if result.duplicate:
                 detail += " (the provider already had it from an earlier attempt)"
             log.info("job %s submitted to %s as %s", job.id, job.account, result.provider_job_id)
-            transition = Transition(state=JobState.SUBMITTED, detail=detail,
-                                    provider_job_id=result.provider_job_id,
-                                    pages=result.pages, notify=False)
-        else:
-            transition = outcome_of_error(result, job.attempts, self.settings, now)
-            log.warning("job %s: %s", job.id, result)
-        await self.store.record(job.id, transition, expected=WAITING)
-
-
-def _group_by_mail(jobs: Sequence[Job]) -> list[list[Job]]:
-    groups: dict[tuple[str, str], list[Job]] = defaultdict(list)
-    for job in jobs:
-        groups[(job.mail_id, job.account)].append(job)
-    return list(groups.values())
+            return Transition(state=JobState.SUBMITTED, detail=detail,
+                              provider_job_id=result.provider_job_id,
+                              pages=result.pages, notify=False)
+        log.warning("job %s: %s", job.id, result)
+        return outcome_of_error(result, job.attempts, self.settings, now)

@@ -157,6 +157,35 @@ class Transition:
 OTHER_ACCOUNTS = "*"  # in claim_due_jobs' account_limits: every account not named
 
 
+@dataclass(frozen=True)
+class Outcome:
+    """A finished send's result, for :meth:`Store.claim_work` to record."""
+
+    job_id: str
+    transition: Transition
+    expected: Sequence[JobState] | None = None
+
+
+@dataclass(frozen=True)
+class Work:
+    """Claimed jobs of one mail for one account, with what sending them needs."""
+
+    jobs: list[Job]
+    subject: str
+    documents: list[FaxDocument]
+
+
+def group_work(jobs: Sequence[Job], subjects: Mapping[str, str],
+               documents: Mapping[str, list[FaxDocument]]) -> list[Work]:
+    """The claimed ``jobs`` as units of work: one per mail and account, in claim order."""
+    groups: dict[tuple[str, str], list[Job]] = {}
+    for job in jobs:
+        groups.setdefault((job.mail_id, job.account), []).append(job)
+    return [Work(jobs=group, subject=subjects.get(mail_id, ""),
+                 documents=documents.get(mail_id, []))
+            for (mail_id, _), group in groups.items()]
+
+
 class IllegalTransition(Exception):
     pass
 
@@ -181,6 +210,21 @@ class Store(Protocol):
         leases of every instance on this store, so the limit holds across all of them. The
         key :data:`OTHER_ACCOUNTS` stands for every account not named (no lease count: at most
         that many of them in this claim).
+        """
+        ...
+
+    async def claim_work(self, owner: str, limit: int, lease_seconds: float,
+                         account_limits: Mapping[str, int],
+                         finished: Sequence[Outcome] = ()) -> list[Work]:
+        """Record ``finished``, then claim as :meth:`claim_due_jobs` does and load what the
+        claimed jobs need to be sent: their mail's subject and documents.
+
+        One transaction, because this is what a dispatcher does whenever sends end: the slots
+        the finished sends free are claimable in the same step, so a freed slot costs one
+        round trip, not three. An outcome whose job is no longer in its ``expected`` states
+        is skipped (as :meth:`record` returning False); one the state table refuses, or of a
+        job that does not exist, is skipped and logged as an error (a bug) — the others and
+        the claim still count, as the claimed jobs must then be sent.
         """
         ...
 

@@ -40,8 +40,11 @@ from mailfax.store.base import (
     NewJob,
     NewMail,
     OutboxItem,
+    Outcome,
     OutgoingMail,
     Transition,
+    Work,
+    group_work,
 )
 from mailfax.waiting import wait_for_event
 
@@ -294,6 +297,143 @@ def _inbound(row: DictRow) -> InboundRecord:
     )
 
 
+async def _claim_limited(cur: psycopg.AsyncCursor[DictRow], owner: str, limit: int,
+                         lease_seconds: float, account_limits: Mapping[str, int]) -> None:
+    """Claims with a per-account limit over all instances (the claimed rows are the
+    cursor's result).
+
+    The caller holds the claim lock (``pg_advisory_xact_lock(CLAIM_LOCK)``) in this
+    transaction: claims that count leases are serialised by it, and as this statement starts
+    after the lock was taken, under READ COMMITTED it sees every lease that earlier claims
+    committed, so two instances can never both fill the same free slots. record() and
+    renew_leases() do not take the lock. The picked rows are locked with SKIP LOCKED (a
+    row another transaction is changing is passed over; one that changed since the snapshot
+    is checked again), so the UPDATE can find them by ``ctid``: a TID scan, whatever the
+    planner believes of the table (right after a burst of new jobs it has no statistics yet,
+    and an index plan over the due jobs cost milliseconds per claim).
+    """
+    named = [account for account in account_limits if account != OTHER_ACCOUNTS]
+    limit = max(0, limit)
+    await cur.execute(
+        """
+        WITH room AS (
+            SELECT a.account, a.position, greatest(a.cap - (
+                       SELECT count(*) FROM jobs
+                       WHERE jobs.account = a.account AND lease_owner IS NOT NULL
+                         AND lease_until >= now() AND state = ANY(%(dispatchable)s)
+                   ), 0) AS room
+            FROM unnest(%(accounts)s::text[], %(caps)s::integer[])
+                 WITH ORDINALITY AS a (account, cap, position)
+        ),
+        named AS (
+            SELECT pick.ctid, pick.next_attempt_at, room.position
+            FROM room CROSS JOIN LATERAL (
+                SELECT ctid, next_attempt_at FROM jobs
+                WHERE jobs.account = room.account
+                  AND state = ANY(%(dispatchable)s) AND provider_job_id IS NULL
+                  AND next_attempt_at <= now()
+                  AND (lease_until IS NULL OR lease_until < now())
+                ORDER BY next_attempt_at
+                LIMIT room.room
+                FOR UPDATE SKIP LOCKED
+            ) AS pick
+            WHERE room.room > 0
+        ),
+        others AS (
+            SELECT ctid, next_attempt_at, 0 AS position FROM jobs
+            WHERE %(others)s > 0 AND account <> ALL(%(accounts)s::text[])
+              AND state = ANY(%(dispatchable)s) AND provider_job_id IS NULL
+              AND next_attempt_at <= now()
+              AND (lease_until IS NULL OR lease_until < now())
+            ORDER BY next_attempt_at
+            LIMIT %(others)s
+            FOR UPDATE SKIP LOCKED
+        ),
+        chosen AS (
+            SELECT ctid FROM (SELECT * FROM named UNION ALL SELECT * FROM others) c
+            ORDER BY next_attempt_at, position
+            LIMIT %(limit)s
+        )
+        UPDATE jobs
+        SET lease_owner = %(owner)s,
+            lease_until = now() + make_interval(secs => %(lease)s),
+            attempts = attempts + 1
+        WHERE ctid = ANY(ARRAY(SELECT ctid FROM chosen))
+        RETURNING jobs.*
+        """,
+        {"dispatchable": DISPATCHABLE, "limit": limit, "owner": owner,
+         "lease": float(lease_seconds), "accounts": named,
+         "caps": [account_limits[account] for account in named],
+         "others": account_limits.get(OTHER_ACCOUNTS, 0)},
+    )
+
+
+RECORD_SQL = """
+    WITH old AS (SELECT state FROM jobs WHERE id = %(id)s FOR UPDATE),
+    changed AS (
+        UPDATE jobs
+        SET state = %(state)s, updated = now(),
+            lease_owner = NULL, lease_until = NULL,
+            reason = COALESCE(%(reason)s::jsonb, reason),
+            provider_job_id = COALESCE(%(provider_job_id)s::text, provider_job_id),
+            pages = COALESCE(%(pages)s::integer, pages),
+            duration = COALESCE(%(duration)s::double precision, duration),
+            remote_id = COALESCE(%(remote_id)s::text, remote_id),
+            next_attempt_at = COALESCE(%(next_attempt_at)s::timestamptz,
+                                       next_attempt_at)
+        WHERE id = %(id)s AND (SELECT state FROM old) = ANY(%(allowed)s)
+        RETURNING id
+    ),
+    event AS (
+        INSERT INTO events (job_id, at, state, reason, detail, notify)
+        SELECT %(id)s, now(), %(state)s, %(reason)s::jsonb, %(detail)s,
+               %(notify)s
+        FROM changed WHERE (SELECT state FROM old) <> %(state)s
+        RETURNING 1
+    )
+    SELECT (SELECT state FROM old) AS old_state,
+           (SELECT count(*) FROM changed) AS changed
+    """
+
+
+def _record_parameters(job_id: str, transition: Transition,
+                       expected: Sequence[JobState] | None) -> dict[str, Any]:
+    """RECORD_SQL's parameters. The states the job may be in are computed here from the
+    transition table (and ``expected``), so the statement locks the row, checks the state,
+    updates it and adds the event in one round trip."""
+    allowed = [state.value for state in JobState
+               if (state == transition.state or can_transition(state, transition.state))
+               and (expected is None or state in expected)]
+    reason = _reason_json(transition.reason)
+    return {"state": transition.state.value, "reason": reason,
+            "provider_job_id": transition.provider_job_id, "pages": transition.pages,
+            "duration": transition.duration_seconds, "remote_id": transition.remote_id,
+            "next_attempt_at": transition.next_attempt_at, "id": job_id,
+            "allowed": allowed, "detail": transition.detail, "notify": transition.notify}
+
+
+def _record_verdict(row: DictRow | None, job_id: str, transition: Transition,
+                    expected: Sequence[JobState] | None) -> bool:
+    """Whether RECORD_SQL moved the job; why not, when that is an error."""
+    if row is None or row["old_state"] is None:
+        raise KeyError(job_id)
+    if row["changed"]:
+        return True
+    current = JobState(row["old_state"])
+    if expected is not None and current not in expected:
+        return False
+    raise IllegalTransition(f"job {job_id}: {current} -> {transition.state}")
+
+
+def _check_recorded(row: DictRow | None, outcome: Outcome) -> None:
+    """A refused outcome of :meth:`PostgresStore.claim_work` is logged, not raised: the
+    others and the claim are committed with it, and the claimed jobs must be sent."""
+    try:
+        _record_verdict(row, outcome.job_id, outcome.transition, outcome.expected)
+    except (KeyError, IllegalTransition) as error:
+        log.error("result of job %s not recorded: %s", outcome.job_id, error)
+
+
 class PostgresStore:
     """The :class:`~mailfax.store.base.Store` on PostgreSQL (any number of instances)."""
 
@@ -509,19 +649,36 @@ class PostgresStore:
         )
 
     async def load_documents(self, mail_id: str) -> list[FaxDocument]:
+        _, documents = await self._mails_and_documents([mail_id])
+        return documents.get(mail_id, [])
+
+    async def _mails_and_documents(self, mail_ids: Sequence[str]
+                                   ) -> tuple[dict[str, str], dict[str, list[FaxDocument]]]:
+        """The subjects and the documents (each mail's in order) of these mails: one query."""
+        subjects: dict[str, str] = {}
+        documents: dict[str, list[FaxDocument]] = {}
+        if not mail_ids:
+            return subjects, documents
         async with self._cursor(atomic=False) as cur:
             await cur.execute(
                 """
-                SELECT d.filename, d.content_type, d.pages, b.data
-                FROM documents d JOIN blobs b ON b.sha256 = d.blob
-                WHERE d.mail_id = %s
-                ORDER BY d.position
+                SELECT m.id, m.subject, d.filename, d.content_type, d.pages, b.data
+                FROM mails m
+                LEFT JOIN documents d ON d.mail_id = m.id
+                LEFT JOIN blobs b ON b.sha256 = d.blob
+                WHERE m.id = ANY(%s)
+                ORDER BY m.id, d.position
                 """,
-                (mail_id,),
+                (list(mail_ids),),
             )
             rows = await cur.fetchall()
-        return [FaxDocument(filename=r["filename"], data=bytes(r["data"]), pages=r["pages"],
-                            content_type=r["content_type"]) for r in rows]
+        for r in rows:
+            subjects[r["id"]] = r["subject"]
+            if r["filename"] is not None:
+                documents.setdefault(r["id"], []).append(FaxDocument(
+                    filename=r["filename"], data=bytes(r["data"]), pages=r["pages"],
+                    content_type=r["content_type"]))
+        return subjects, documents
 
     # -- dispatcher --------------------------------------------------------------------------
 
@@ -557,77 +714,38 @@ class PostgresStore:
 
     async def _claim_by_account(self, owner: str, limit: int, lease_seconds: float,
                                 account_limits: Mapping[str, int]) -> list[Job]:
-        """Claims with a per-account limit over all instances.
-
-        Claims that count leases are serialised by a transaction-level advisory lock: the
-        claiming statement runs after the lock is taken, so under READ COMMITTED it sees every
-        lease that earlier claims committed, and two instances can never both fill the same
-        free slots. The lock is held for two statements; record() and renew_leases() do not
-        take it. The claimed rows are still re-checked by the UPDATE (a job that moved on or
-        was leased meanwhile is skipped).
-        """
-        named = [account for account in account_limits if account != OTHER_ACCOUNTS]
         async with self._cursor() as cur:
             await cur.execute("SELECT pg_advisory_xact_lock(%s)", (CLAIM_LOCK,))
-            await cur.execute(
-                """
-                WITH live AS (
-                    SELECT account, count(*) AS n FROM jobs
-                    WHERE lease_owner IS NOT NULL AND lease_until >= now()
-                      AND state = ANY(%(dispatchable)s)
-                    GROUP BY account
-                ),
-                room AS (
-                    SELECT a.account, a.position,
-                           greatest(a.cap - COALESCE(live.n, 0), 0) AS room
-                    FROM unnest(%(accounts)s::text[], %(caps)s::integer[])
-                         WITH ORDINALITY AS a (account, cap, position)
-                    LEFT JOIN live USING (account)
-                ),
-                named AS (
-                    SELECT pick.id, pick.next_attempt_at, room.position
-                    FROM room CROSS JOIN LATERAL (
-                        SELECT id, next_attempt_at FROM jobs
-                        WHERE jobs.account = room.account
-                          AND state = ANY(%(dispatchable)s) AND provider_job_id IS NULL
-                          AND next_attempt_at <= now()
-                          AND (lease_until IS NULL OR lease_until < now())
-                        ORDER BY next_attempt_at
-                        LIMIT room.room
-                    ) AS pick
-                    WHERE room.room > 0
-                ),
-                others AS (
-                    SELECT id, next_attempt_at, 0 AS position FROM jobs
-                    WHERE %(others)s > 0 AND account <> ALL(%(accounts)s::text[])
-                      AND state = ANY(%(dispatchable)s) AND provider_job_id IS NULL
-                      AND next_attempt_at <= now()
-                      AND (lease_until IS NULL OR lease_until < now())
-                    ORDER BY next_attempt_at
-                    LIMIT %(others)s
-                ),
-                chosen AS (
-                    SELECT id FROM (SELECT * FROM named UNION ALL SELECT * FROM others) c
-                    ORDER BY next_attempt_at, position
-                    LIMIT %(limit)s
-                )
-                UPDATE jobs
-                SET lease_owner = %(owner)s,
-                    lease_until = now() + make_interval(secs => %(lease)s),
-                    attempts = attempts + 1
-                FROM chosen
-                WHERE jobs.id = chosen.id
-                  AND jobs.state = ANY(%(dispatchable)s) AND jobs.provider_job_id IS NULL
-                  AND (jobs.lease_until IS NULL OR jobs.lease_until < now())
-                RETURNING jobs.*
-                """,
-                {"dispatchable": DISPATCHABLE, "limit": limit, "owner": owner,
-                 "lease": float(lease_seconds), "accounts": named,
-                 "caps": [account_limits[account] for account in named],
-                 "others": account_limits.get(OTHER_ACCOUNTS, 0)},
-            )
-            rows = await cur.fetchall()
-        return _sorted_jobs(rows)
+            await _claim_limited(cur, owner, limit, lease_seconds, account_limits)
+            return _sorted_jobs(await cur.fetchall())
+
+    async def claim_work(self, owner: str, limit: int, lease_seconds: float,
+                         account_limits: Mapping[str, int],
+                         finished: Sequence[Outcome] = ()) -> list[Work]:
+        """One pipelined transaction (one round trip): the claim lock, the outcomes, the
+        claim. The lock is held only while the server runs them. It is taken before the
+        outcomes are recorded: recording locks the finished jobs' rows, and a claim holding
+        the lock may wait for one of them (a lease that ran out), so taking it last could
+        deadlock. The documents are read after the commit, not under the lock."""
+        if self._pool is None:
+            raise RuntimeError("store is not open")
+        async with self._pool.connection() as conn:
+            async with conn.pipeline(), conn.transaction():
+                await conn.execute("SELECT pg_advisory_xact_lock(%s)", (CLAIM_LOCK,))
+                recorded = []
+                for outcome in finished:
+                    cursor = conn.cursor(row_factory=dict_row)
+                    await cursor.execute(RECORD_SQL, _record_parameters(
+                        outcome.job_id, outcome.transition, outcome.expected))
+                    recorded.append(cursor)
+                claim = conn.cursor(row_factory=dict_row)
+                await _claim_limited(claim, owner, limit, lease_seconds, account_limits)
+            jobs = _sorted_jobs(await claim.fetchall())
+            for cursor, outcome in zip(recorded, finished, strict=True):
+                _check_recorded(await cursor.fetchone(), outcome)
+        subjects, documents = await self._mails_and_documents(
+            list(dict.fromkeys(job.mail_id for job in jobs)))
+        return group_work(jobs, subjects, documents)
 
     async def renew_leases(self, owner: str, job_ids: Sequence[str],
                            lease_seconds: float) -> int:
@@ -676,60 +794,9 @@ class PostgresStore:
 
     async def record(self, job_id: str, transition: Transition,
                      expected: Sequence[JobState] | None = None) -> bool:
-        """One statement: lock the row, check the state, update, add the event.
-
-        The states the job may be in are computed here from the transition table (and
-        ``expected``), so the common case is one round trip; only a refusal reads the state
-        again to say why.
-        """
-        allowed = [state.value for state in JobState
-                   if (state == transition.state or can_transition(state, transition.state))
-                   and (expected is None or state in expected)]
-        reason = _reason_json(transition.reason)
         async with self._cursor(atomic=False) as cur:
-            await cur.execute(
-                """
-                WITH old AS (SELECT state FROM jobs WHERE id = %(id)s FOR UPDATE),
-                changed AS (
-                    UPDATE jobs
-                    SET state = %(state)s, updated = now(),
-                        lease_owner = NULL, lease_until = NULL,
-                        reason = COALESCE(%(reason)s::jsonb, reason),
-                        provider_job_id = COALESCE(%(provider_job_id)s::text, provider_job_id),
-                        pages = COALESCE(%(pages)s::integer, pages),
-                        duration = COALESCE(%(duration)s::double precision, duration),
-                        remote_id = COALESCE(%(remote_id)s::text, remote_id),
-                        next_attempt_at = COALESCE(%(next_attempt_at)s::timestamptz,
-                                                   next_attempt_at)
-                    WHERE id = %(id)s AND (SELECT state FROM old) = ANY(%(allowed)s)
-                    RETURNING id
-                ),
-                event AS (
-                    INSERT INTO events (job_id, at, state, reason, detail, notify)
-                    SELECT %(id)s, now(), %(state)s, %(reason)s::jsonb, %(detail)s,
-                           %(notify)s
-                    FROM changed WHERE (SELECT state FROM old) <> %(state)s
-                    RETURNING 1
-                )
-                SELECT (SELECT state FROM old) AS old_state,
-                       (SELECT count(*) FROM changed) AS changed
-                """,
-                {"state": transition.state.value, "reason": reason,
-                 "provider_job_id": transition.provider_job_id, "pages": transition.pages,
-                 "duration": transition.duration_seconds, "remote_id": transition.remote_id,
-                 "next_attempt_at": transition.next_attempt_at, "id": job_id,
-                 "allowed": allowed, "detail": transition.detail,
-                 "notify": transition.notify},
-            )
-            row = await cur.fetchone()
-        if row is None or row["old_state"] is None:
-            raise KeyError(job_id)
-        if row["changed"]:
-            return True
-        current = JobState(row["old_state"])
-        if expected is not None and current not in expected:
-            return False
-        raise IllegalTransition(f"job {job_id}: {current} -> {transition.state}")
+            await cur.execute(RECORD_SQL, _record_parameters(job_id, transition, expected))
+            return _record_verdict(await cur.fetchone(), job_id, transition, expected)
 
     # -- tracker -----------------------------------------------------------------------------
 

@@ -34,8 +34,11 @@ from mailfax.store.base import (
     NewJob,
     NewMail,
     OutboxItem,
+    Outcome,
     OutgoingMail,
     Transition,
+    Work,
+    group_work,
 )
 
 log = logging.getLogger(__name__)
@@ -196,6 +199,92 @@ def _inbound(row: sqlite3.Row) -> InboundRecord:
         originator=row["originator"], remote_id=row["remote_id"], pages=row["pages"],
         state=row["state"], deliveries=row["deliveries"],
     )
+
+
+def _documents(conn: sqlite3.Connection, mail_ids: Sequence[str]
+               ) -> dict[str, list[FaxDocument]]:
+    """The documents of these mails, each mail's in order."""
+    found: dict[str, list[FaxDocument]] = {}
+    if not mail_ids:
+        return found
+    rows = conn.execute(
+        "SELECT d.mail_id, d.filename, d.content_type, d.pages, b.data FROM documents d"
+        f" JOIN blobs b ON b.sha256 = d.blob WHERE d.mail_id IN ({','.join('?' * len(mail_ids))})"
+        " ORDER BY d.mail_id, d.position", list(mail_ids)).fetchall()
+    for r in rows:
+        found.setdefault(r["mail_id"], []).append(FaxDocument(
+            filename=r["filename"], data=r["data"], pages=r["pages"],
+            content_type=r["content_type"]))
+    return found
+
+
+def _claim(conn: sqlite3.Connection, owner: str, limit: int, lease_seconds: float,
+           account_limits: Mapping[str, int] | None) -> list[Job]:
+    if limit <= 0:  # (SQLite reads a negative LIMIT as no limit)
+        return []
+    now = time.time()
+    due = ("SELECT id FROM jobs WHERE state IN (?, ?) AND provider_job_id IS NULL"
+           " AND next_attempt_at <= ? AND (lease_until IS NULL OR lease_until < ?)")
+    claimed: list[str] = []
+    if account_limits is None:
+        claimed = [row[0] for row in conn.execute(
+            due + " ORDER BY next_attempt_at LIMIT ?", (*DISPATCHABLE, now, now, limit))]
+    else:
+        live = dict(conn.execute(
+            "SELECT account, COUNT(*) FROM jobs WHERE lease_owner IS NOT NULL"
+            " AND lease_until >= ? AND state IN (?, ?) GROUP BY account",
+            (now, *DISPATCHABLE)).fetchall())
+        named = [account for account in account_limits if account != OTHER_ACCOUNTS]
+        for account in named:
+            room = min(account_limits[account] - live.get(account, 0), limit - len(claimed))
+            if room > 0:
+                claimed += [row[0] for row in conn.execute(
+                    due + " AND account = ? ORDER BY next_attempt_at LIMIT ?",
+                    (*DISPATCHABLE, now, now, account, room))]
+        room = min(account_limits.get(OTHER_ACCOUNTS, 0), limit - len(claimed))
+        if room > 0:
+            claimed += [row[0] for row in conn.execute(
+                due + f" AND account NOT IN ({','.join('?' * len(named))})"
+                " ORDER BY next_attempt_at LIMIT ?", (*DISPATCHABLE, now, now, *named, room))]
+    if not claimed:
+        return []
+    conn.executemany(
+        "UPDATE jobs SET lease_owner = ?, lease_until = ?, attempts = attempts + 1 WHERE id = ?",
+        [(owner, now + lease_seconds, job_id) for job_id in claimed])
+    return [_job(r) for r in conn.execute(
+        f"SELECT * FROM jobs WHERE id IN ({','.join('?' * len(claimed))})"
+        " ORDER BY next_attempt_at, id", claimed).fetchall()]
+
+
+def _record(conn: sqlite3.Connection, job_id: str, transition: Transition,
+            expected: Sequence[JobState] | None) -> bool:
+    row = conn.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
+    if row is None:
+        raise KeyError(job_id)
+    current = JobState(row["state"])
+    if expected is not None and current not in expected:
+        return False
+    if current != transition.state and not can_transition(current, transition.state):
+        raise IllegalTransition(f"job {job_id}: {current} -> {transition.state}")
+    now = time.time()
+    reason = json.dumps(transition.reason.to_json()) if transition.reason else None
+    conn.execute(
+        "UPDATE jobs SET state = ?, updated = ?, lease_owner = NULL, lease_until = NULL,"
+        " reason = COALESCE(?, reason),"
+        " provider_job_id = COALESCE(?, provider_job_id), pages = COALESCE(?, pages),"
+        " duration = COALESCE(?, duration), remote_id = COALESCE(?, remote_id),"
+        " next_attempt_at = COALESCE(?, next_attempt_at) WHERE id = ?",
+        (transition.state.value, now, reason, transition.provider_job_id,
+         transition.pages, transition.duration_seconds, transition.remote_id,
+         _epoch(transition.next_attempt_at), job_id),
+    )
+    if current != transition.state:
+        conn.execute(
+            "INSERT INTO events (job_id, at, state, reason, detail, notify) VALUES (?,?,?,?,?,?)",
+            (job_id, now, transition.state.value, reason, transition.detail,
+             int(transition.notify)),
+        )
+    return True
 
 
 class _InboundMixin:
@@ -454,56 +543,30 @@ class SqliteStore(_InboundMixin):
         return await self._call(operation)
 
     async def load_documents(self, mail_id: str) -> list[FaxDocument]:
-        def operation(conn: sqlite3.Connection) -> list[FaxDocument]:
-            rows = conn.execute(
-                "SELECT d.filename, d.content_type, d.pages, b.data FROM documents d"
-                " JOIN blobs b ON b.sha256 = d.blob WHERE d.mail_id = ? ORDER BY d.position",
-                (mail_id,),
-            ).fetchall()
-            return [FaxDocument(filename=r["filename"], data=r["data"], pages=r["pages"],
-                                content_type=r["content_type"]) for r in rows]
-
-        return await self._call(operation)
+        return await self._call(lambda conn: _documents(conn, [mail_id]).get(mail_id, []))
 
     # -- dispatcher --------------------------------------------------------------------------
 
     async def claim_due_jobs(self, owner: str, limit: int, lease_seconds: float,
                              account_limits: Mapping[str, int] | None = None) -> list[Job]:
-        def operation(conn: sqlite3.Connection) -> list[Job]:
-            now = time.time()
-            due = ("SELECT id FROM jobs WHERE state IN (?, ?) AND provider_job_id IS NULL"
-                   " AND next_attempt_at <= ? AND (lease_until IS NULL OR lease_until < ?)")
-            claimed: list[str] = []
-            if account_limits is None:
-                claimed = [row[0] for row in conn.execute(
-                    due + " ORDER BY next_attempt_at LIMIT ?",
-                    (*DISPATCHABLE, now, now, limit))]
-            else:
-                live = dict(conn.execute(
-                    "SELECT account, COUNT(*) FROM jobs WHERE lease_owner IS NOT NULL"
-                    " AND lease_until >= ? AND state IN (?, ?) GROUP BY account",
-                    (now, *DISPATCHABLE)).fetchall())
-                named = [account for account in account_limits if account != OTHER_ACCOUNTS]
-                for account in named:
-                    room = min(account_limits[account] - live.get(account, 0),
-                               limit - len(claimed))
-                    if room > 0:
-                        claimed += [row[0] for row in conn.execute(
-                            due + " AND account = ? ORDER BY next_attempt_at LIMIT ?",
-                            (*DISPATCHABLE, now, now, account, room))]
-                room = min(account_limits.get(OTHER_ACCOUNTS, 0), limit - len(claimed))
-                if room > 0:
-                    claimed += [row[0] for row in conn.execute(
-                        due + f" AND account NOT IN ({','.join('?' * len(named))})"
-                        " ORDER BY next_attempt_at LIMIT ?",
-                        (*DISPATCHABLE, now, now, *named, room))]
-            conn.executemany(
-                "UPDATE jobs SET lease_owner = ?, lease_until = ?, attempts = attempts + 1"
-                " WHERE id = ?", [(owner, now + lease_seconds, job_id) for job_id in claimed])
-            return [_job(r) for r in conn.execute(
-                f"SELECT * FROM jobs WHERE id IN ({','.join('?' * len(claimed))})"
-                " ORDER BY next_attempt_at, id", claimed
-            ).fetchall()] if claimed else []
+        return await self._call(
+            lambda conn: _claim(conn, owner, limit, lease_seconds, account_limits))
+
+    async def claim_work(self, owner: str, limit: int, lease_seconds: float,
+                         account_limits: Mapping[str, int],
+                         finished: Sequence[Outcome] = ()) -> list[Work]:
+        def operation(conn: sqlite3.Connection) -> list[Work]:
+            for outcome in finished:
+                try:
+                    _record(conn, outcome.job_id, outcome.transition, outcome.expected)
+                except (KeyError, IllegalTransition) as error:  # as PostgresStore does
+                    log.error("result of job %s not recorded: %s", outcome.job_id, error)
+            jobs = _claim(conn, owner, limit, lease_seconds, account_limits)
+            mail_ids = list(dict.fromkeys(job.mail_id for job in jobs))
+            subjects = dict(conn.execute(
+                f"SELECT id, subject FROM mails WHERE id IN ({','.join('?' * len(mail_ids))})",
+                mail_ids).fetchall()) if mail_ids else {}
+            return group_work(jobs, subjects, _documents(conn, mail_ids))
 
         return await self._call(operation)
 
@@ -545,37 +608,7 @@ class SqliteStore(_InboundMixin):
 
     async def record(self, job_id: str, transition: Transition,
                      expected: Sequence[JobState] | None = None) -> bool:
-        def operation(conn: sqlite3.Connection) -> bool:
-            row = conn.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
-            if row is None:
-                raise KeyError(job_id)
-            current = JobState(row["state"])
-            if expected is not None and current not in expected:
-                return False
-            if current != transition.state and not can_transition(current, transition.state):
-                raise IllegalTransition(f"job {job_id}: {current} -> {transition.state}")
-            now = time.time()
-            reason = json.dumps(transition.reason.to_json()) if transition.reason else None
-            conn.execute(
-                "UPDATE jobs SET state = ?, updated = ?, lease_owner = NULL, lease_until = NULL,"
-                " reason = COALESCE(?, reason),"
-                " provider_job_id = COALESCE(?, provider_job_id), pages = COALESCE(?, pages),"
-                " duration = COALESCE(?, duration), remote_id = COALESCE(?, remote_id),"
-                " next_attempt_at = COALESCE(?, next_attempt_at) WHERE id = ?",
-                (transition.state.value, now, reason, transition.provider_job_id,
-                 transition.pages, transition.duration_seconds, transition.remote_id,
-                 _epoch(transition.next_attempt_at), job_id),
-            )
-            if current != transition.state:
-                conn.execute(
-                    "INSERT INTO events (job_id, at, state, reason, detail, notify)"
-                    " VALUES (?,?,?,?,?,?)",
-                    (job_id, now, transition.state.value, reason, transition.detail,
-                     int(transition.notify)),
-                )
-            return True
-
-        return await self._call(operation)
+        return await self._call(lambda conn: _record(conn, job_id, transition, expected))
 
     # -- tracker -----------------------------------------------------------------------------
 
