@@ -116,8 +116,8 @@ class Dispatcher:
         try:
             while True:
                 self._wake.clear()
-                claimed = await self._record_and_claim()
-                if claimed or self._finished:
+                filled_all = await self._record_and_claim()
+                if filled_all or self._finished:
                     continue
                 await self._sleep_until_due(blocked=self.in_flight < self._capacity())
         finally:
@@ -130,13 +130,15 @@ class Dispatcher:
     def _capacity(self) -> int:
         return self.settings.concurrency * max(1, len(self.providers))
 
-    async def _record_and_claim(self) -> int:
+    async def _record_and_claim(self) -> bool:
         """Record the ended sends' outcomes and claim work for the free slots: one store
-        call. Returns how many jobs it claimed."""
+        call. Returns whether it filled every free slot (so more may be waiting); when it
+        did not, the store had no more due jobs, or the account limit is taken up by other
+        instances, and asking again before something changes would be a wasted call."""
         finished, self._finished = self._finished, []
         free = self._capacity() - self.in_flight
         if free <= 0 and not finished:
-            return 0
+            return False
         limits = dict.fromkeys(self.providers, self.settings.concurrency)
         now = time.monotonic()
         if free > 0 and now >= self._next_sweep:
@@ -152,13 +154,13 @@ class Dispatcher:
             log.exception("recording %d send results and claiming failed", len(finished))
             self._finished[:0] = finished
             await self._record_one_by_one()
-            return 0
+            return False
         self._submitted(finished)
         for unit in work:
             task = asyncio.create_task(self._send(unit))
             self._tasks[task] = unit.jobs
             task.add_done_callback(self._task_done)
-        return sum(len(unit.jobs) for unit in work)
+        return free > 0 and sum(len(unit.jobs) for unit in work) >= free
 
     async def _record_one_by_one(self) -> None:
         """The fallback when the combined call fails: each outcome on its own, so one bad

@@ -549,3 +549,131 @@ async def test_postgres_singleton_moves_when_its_holder_goes(backend: Backend) -
 async def _enter(store: Store, name: str) -> None:
     async with store.singleton(name):  # type: ignore[attr-defined]
         pass
+
+
+async def test_claim_work_records_outcomes_then_fills_the_slots_they_freed(
+        backend: Backend) -> None:
+    from mailfax.store.base import Outcome
+
+    first, second = backend.make(), backend.make()
+    await first.open()
+    await second.open()
+    try:
+        await add(first, "m1", ("a1", "a2"))
+        await first.add_mail_jobs(
+            NewMail(mail_id="m2", envelope_from="bob@example.org", message_id=None,
+                    subject="Rechnung März", references=[], from_header="",
+                    client_address="::1"),
+            [NewJob("b1", "+4930123456", "acct")], [FaxDocument("c.pdf", b"%PDF-c", 3)])
+        limits = {"acct": 2}
+        work = await first.claim_work("one", 5, 60, limits)
+        assert [[job.id for job in unit.jobs] for unit in work] == [["a1", "a2"]]
+        assert work[0].subject == "Hi" and work[0].documents == DOCS  # in their order
+        assert await second.claim_work("two", 5, 60, limits) == []  # the limit is taken
+
+        sent = Outcome("a1", Transition(JobState.SUBMITTED, provider_job_id="P1",
+                                        notify=False), expected=[JobState.QUEUED])
+        more = await second.claim_work("two", 5, 60, limits, finished=[sent])
+        assert [[job.id for job in unit.jobs] for unit in more] == [["b1"]]
+        assert more[0].subject == "Rechnung März"
+        assert more[0].documents == [FaxDocument("c.pdf", b"%PDF-c", 3)]
+        recorded = await first.get_job("a1")
+        assert recorded is not None and recorded.state == JobState.SUBMITTED
+        assert recorded.provider_job_id == "P1"
+        assert [event.state for event in await first.job_events("a1")][-1] == JobState.SUBMITTED
+        assert await first.claim_work("one", 5, 60, limits) == []  # a2 and b1 hold both
+    finally:
+        await first.close()
+        await second.close()
+
+
+async def test_claim_work_skips_refused_outcomes_and_still_claims(
+        store: Store, caplog: pytest.LogCaptureFixture) -> None:
+    from mailfax.store.base import Outcome
+
+    await add(store, "m1", ("a1", "a2", "a3"))
+    await store.record("a3", Transition(JobState.CANCELLED))
+    claimed = await store.claim_work("one", 2, 60, {"acct": 2})
+    assert [job.id for unit in claimed for job in unit.jobs] == ["a1", "a2"]
+    outcomes = [
+        Outcome("nope", Transition(JobState.SUBMITTED, provider_job_id="X")),  # no such job
+        Outcome("a3", Transition(JobState.SUBMITTED, provider_job_id="Y")),  # cancelled: final
+        Outcome("a2", Transition(JobState.FAILED), expected=[JobState.RETRYING]),  # moved on
+        Outcome("a1", Transition(JobState.SUBMITTED, provider_job_id="Z")),
+    ]
+    await store.add_mail_jobs(new_mail("m2"), [NewJob("c1", "+4930123456", "acct")], DOCS)
+    more = await store.claim_work("one", 1, 60, {"acct": 2}, finished=outcomes)
+    assert [job.id for unit in more for job in unit.jobs] == ["c1"]
+    states = {job.id: job.state for job in await store.get_jobs(["a1", "a2", "a3"])}
+    assert states == {"a1": JobState.SUBMITTED, "a2": JobState.QUEUED,
+                      "a3": JobState.CANCELLED}
+    refused = [record.getMessage() for record in caplog.records if record.levelname == "ERROR"]
+    assert len(refused) == 2
+    assert "nope" in refused[0] and "a3" in refused[1]
+
+
+async def test_concurrent_claim_work_never_exceeds_the_account_limit(backend: Backend) -> None:
+    """Three instances, each with three loops that claim, "send" and hand back the outcome
+    with their next claim. The jobs a loop holds are always leased, so at no moment may all
+    loops together hold more than the limit."""
+    from mailfax.store.base import Outcome
+
+    stores = [backend.make() for _ in range(3)]
+    for opened in stores:
+        await opened.open()
+    try:
+        for start in range(0, 120, 20):
+            await add(stores[0], f"m{start}", tuple(f"j{i:03d}" for i in range(start, start + 20)))
+        held: set[str] = set()
+        most = 0
+        sent: list[str] = []
+
+        async def loop(store: Store, owner: str) -> None:
+            nonlocal most
+            finished: list[Outcome] = []
+            while True:
+                work = await store.claim_work(owner, 3, 60, {"acct": 5}, finished=finished)
+                ids = [job.id for unit in work for job in unit.jobs]
+                held.update(ids)
+                most = max(most, len(held))
+                if not ids and not finished:
+                    if not any(job.state == JobState.QUEUED for job in await store.list_jobs()):
+                        return
+                    await asyncio.sleep(0.005)
+                await asyncio.sleep(0.001)  # the send
+                held.difference_update(ids)  # handed back with the next claim
+                sent.extend(ids)
+                finished = [Outcome(job_id, Transition(JobState.SUBMITTED, notify=False,
+                                                       provider_job_id=f"P{job_id}"))
+                            for job_id in ids]
+
+        await asyncio.gather(*(loop(store, f"instance{index}.{lane}")
+                               for index, store in enumerate(stores) for lane in range(3)))
+        assert sorted(sent) == [f"j{i:03d}" for i in range(120)]  # each exactly once
+        assert most <= 5
+        assert all(job.state == JobState.SUBMITTED for job in await stores[0].list_jobs())
+    finally:
+        for opened in stores:
+            await opened.close()
+
+
+async def test_postgres_pipeline_statements_share_one_transaction(backend: Backend) -> None:
+    """PostgresStore.claim_work counts on psycopg not syncing inside a pipeline block in
+    autocommit mode: the claim lock, the outcomes and the claim are then one transaction."""
+    if backend.name != "postgresql":
+        pytest.skip("psycopg's pipeline")
+    import psycopg
+
+    async with await psycopg.AsyncConnection.connect(backend.url, autocommit=True) as conn:
+        async with conn.pipeline():
+            await conn.execute("SELECT pg_advisory_xact_lock(7)")
+            locks = conn.cursor()
+            await locks.execute("SELECT count(*) FROM pg_locks"
+                                " WHERE locktype = 'advisory' AND pid = pg_backend_pid()")
+            times = conn.cursor()
+            await times.execute("SELECT statement_timestamp() - now() > interval '0'")
+        assert await locks.fetchone() == (1,)  # the lock of the first statement is still held
+        assert await times.fetchone() == (True,)  # and now() is the first statement's
+        after = await conn.execute("SELECT count(*) FROM pg_locks"
+                                   " WHERE locktype = 'advisory' AND pid = pg_backend_pid()")
+        assert await after.fetchone() == (0,)  # committed at the Sync

@@ -746,20 +746,32 @@ class PostgresStore:
     async def claim_work(self, owner: str, limit: int, lease_seconds: float,
                          account_limits: Mapping[str, int],
                          finished: Sequence[Outcome] = ()) -> list[Work]:
-        """One pipelined transaction, so one round trip: the claim lock, the outcomes, the
-        claim, the claimed jobs' mails and documents. The lock is held only while the server
-        runs them. It is taken before the outcomes are recorded: recording locks the finished
-        jobs' rows, and a claim holding the lock may wait for one of them (a lease that ran
-        out), so taking it last could deadlock.
+        """One pipeline, so one round trip: the claim lock, the outcomes, the claim, the
+        claimed jobs' mails and documents.
 
-        Reading the documents under the lock costs other instances' claims the time to read
-        them; a fax's documents are small beside the round trip saved on every claim."""
+        The statements are one transaction without BEGIN and COMMIT: in pipeline mode
+        PostgreSQL runs everything up to the pipeline's Sync as one implicit transaction
+        (committed at the Sync, rolled back whole if a statement fails), and psycopg sends
+        the Sync when the block ends (``test_store`` checks that it does not sync earlier).
+        psycopg's ``transaction()`` inside a pipeline syncs at its start and end: two more
+        round trips, which cost a third of the dispatcher's CPU in bench/dispatch.py.
+
+        The lock is held only while the server runs the statements. It is taken before the
+        outcomes are recorded: recording locks the finished jobs' rows, and a claim holding
+        the lock may wait for one of them (a lease that ran out), so taking it last could
+        deadlock. Reading the documents under the lock costs other instances' claims the
+        time to read them; a fax's documents are small beside the round trip saved.
+
+        The outcomes are recorded in job id order, the order renew_leases() locks its rows
+        in: the two run side by side on the same jobs, and in any other order they deadlock
+        (seen in bench/dispatch.py)."""
         if self._pool is None:
             raise RuntimeError("store is not open")
         async with self._pool.connection() as conn:
-            async with conn.pipeline(), conn.transaction():
+            async with conn.pipeline():  # one implicit transaction: see above
                 await conn.execute(LOCK_FOR_CLAIM, (CLAIM_LOCK,))
                 recorded = []
+                finished = sorted(finished, key=lambda outcome: outcome.job_id)
                 for outcome in finished:
                     cursor = conn.cursor(row_factory=dict_row)
                     await cursor.execute(RECORD_SQL, _record_parameters(
@@ -783,9 +795,15 @@ class PostgresStore:
         async with self._cursor() as cur:
             await cur.execute(
                 """
+                WITH mine AS (
+                    SELECT id FROM jobs
+                    WHERE id = ANY(%(ids)s) AND lease_owner = %(owner)s
+                      AND state IN ('queued', 'retrying')
+                    ORDER BY id
+                    FOR UPDATE
+                )
                 UPDATE jobs SET lease_until = now() + make_interval(secs => %(lease)s)
-                WHERE id = ANY(%(ids)s) AND lease_owner = %(owner)s
-                  AND state IN ('queued', 'retrying')
+                FROM mine WHERE jobs.id = mine.id
                 """,
                 {"lease": float(lease_seconds), "ids": list(job_ids), "owner": owner},
             )
