@@ -14,7 +14,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from email.headerregistry import Address
 from email.message import EmailMessage
 from email.utils import format_datetime, make_msgid
@@ -28,7 +28,6 @@ from mailfax.dsn import build_dsn, dsn_status_for
 from mailfax.model import JobState
 from mailfax.numbers import format_international
 from mailfax.policy import split_address, status_mail_allowed
-from mailfax.ratelimit import SlidingWindow
 from mailfax.store.base import Event, Job, Mail, OutgoingMail, Store
 from mailfax.waiting import wait_for_event
 
@@ -141,7 +140,7 @@ class Notifier:
         self.on_queued = on_queued
         self.poll_seconds = poll_seconds
         self._wake = asyncio.Event()
-        self.flood = SlidingWindow(mails_per_hour, 3600.0)
+        self.mails_per_hour = mails_per_hour
 
     def wake(self) -> None:
         self._wake.set()
@@ -180,15 +179,22 @@ class Notifier:
             log.info("job %s: no status mail to <%s> (automatic or bounce)", job.id,
                      mail.envelope_from)
             return []
-        if not self.flood.allow(mail.envelope_from.lower()):
-            log.warning("job %s: no status mail to <%s>: more than %d in an hour", job.id,
-                        mail.envelope_from, self.flood.limit)
+        if await self._flooded(mail.envelope_from):
+            log.warning("job %s: no status mail to <%s>: %d in the last hour already", job.id,
+                        mail.envelope_from, self.mails_per_hour)
             return []
         status = self._status_mail(kind, job, mail, event)
         if kind != "failed" or self.settings.failure_format == "mail":
             return [status]
         bounce = self._bounce(job, mail, event)
         return [bounce] if self.settings.failure_format == "dsn" else [status, bounce]
+
+    async def _flooded(self, recipient: str) -> bool:
+        """Whether ``recipient`` had ``mails_per_hour`` status mails in the last hour. Counted
+        in the store's outbox, so the limit holds over all instances (two instances deciding
+        at the same moment may each send one more)."""
+        since = datetime.now(UTC) - timedelta(hours=1)
+        return await self.store.status_mails_since(recipient, since) >= self.mails_per_hour
 
     def _bounce(self, job: Job, mail: Mail, event: Event) -> OutgoingMail:
         """The failure as an RFC 3464 delivery status notification, from ``<>``."""

@@ -1,5 +1,6 @@
 """Counting events per key in a sliding time window, in memory (per instance): failed logins
-per client address, status mails per sender address."""
+per client address. (Status mails per sender are counted in the store's outbox instead, so
+that limit holds over all instances.)"""
 
 from __future__ import annotations
 

@@ -677,3 +677,45 @@ async def test_postgres_pipeline_statements_share_one_transaction(backend: Backe
         after = await conn.execute("SELECT count(*) FROM pg_locks"
                                    " WHERE locktype = 'advisory' AND pid = pg_backend_pid()")
         assert await after.fetchone() == (0,)  # committed at the Sync
+
+
+async def test_status_mails_are_counted_per_recipient_since_a_time(store: Store) -> None:
+    def mail(to: str, kind: str = "delivered", job_id: str | None = "j1") -> OutgoingMail:
+        return OutgoingMail(envelope_from="", recipients=[to], message=b"x", job_id=job_id,
+                            kind=kind)
+
+    before = datetime.now(UTC) - timedelta(seconds=1)
+    for outgoing in (mail("Alice@Example.org"), mail("alice@example.org", "failed"),
+                     mail("alice@example.org", "dsn"),  # a bounce is not a status mail
+                     mail("alice@example.org", "fax", job_id=None),  # a received fax
+                     mail("bob@example.org")):
+        await store.enqueue_mail(outgoing)
+    assert await store.status_mails_since("ALICE@example.org", before) == 2
+    assert await store.status_mails_since("bob@example.org", before) == 1
+    assert await store.status_mails_since("alice@example.org",
+                                          datetime.now(UTC) + timedelta(seconds=1)) == 0
+
+
+async def test_the_status_mail_limit_holds_over_two_instances(backend: Backend) -> None:
+    from mailfax.config import NotifySettings
+    from mailfax.notify import Notifier, Renderer
+
+    stores = [backend.make(), backend.make()]
+    for opened in stores:
+        await opened.open()
+    try:
+        await add(stores[0], "m1", ("a1", "a2", "a3", "a4"))
+        for job_id in ("a1", "a2", "a3", "a4"):
+            await stores[0].record(job_id, Transition(JobState.SUBMITTED, provider_job_id="P",
+                                                      notify=False))
+            await stores[0].record(job_id, Transition(JobState.DELIVERED))
+        notifiers = [Notifier(opened, NotifySettings(), Renderer(), mails_per_hour=3,
+                              owner=f"instance{index}") for index, opened in enumerate(stores)]
+        while sum([await notifier.handle_pending(limit=1) for notifier in notifiers]):
+            pass
+        queued = await stores[1].due_outbox(100)
+        assert [item.recipients for item in queued] == [["alice@example.org"]] * 3
+        assert {item.job_id for item in queued} < {"a1", "a2", "a3", "a4"}
+    finally:
+        for opened in stores:
+            await opened.close()

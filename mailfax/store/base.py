@@ -292,6 +292,11 @@ class Store(Protocol):
 
     async def enqueue_mail(self, mail: OutgoingMail) -> int: ...
 
+    async def status_mails_since(self, recipient: str, since: datetime) -> int:
+        """Status mails about jobs (not bounces) queued for ``recipient``, compared without
+        case, since ``since``: by every instance on this store."""
+        ...
+
     async def due_outbox(self, limit: int) -> list[OutboxItem]:
         """Mails due for delivery (a plain look; see :meth:`claim_outbox`)."""
         ...

@@ -175,6 +175,11 @@ MIGRATIONS: dict[int, str] = {
         WHERE provider_job_id IS NULL AND state IN ('queued', 'retrying');
     CREATE INDEX jobs_live_leases ON jobs (account) WHERE lease_owner IS NOT NULL;
     """,
+    # The status-mail limit per sender counts the outbox, so it holds over all instances.
+    3: """
+    CREATE INDEX outbox_status_to ON outbox (lower(recipients->>0), created)
+        WHERE job_id IS NOT NULL AND kind <> 'dsn';
+    """,
 }
 SCHEMA_VERSION = max(MIGRATIONS)
 
@@ -1021,6 +1026,19 @@ class PostgresStore:
     async def enqueue_mail(self, mail: OutgoingMail) -> int:
         async with self._cursor() as cur:
             return await self._insert_outbox(cur, mail)
+
+    async def status_mails_since(self, recipient: str, since: datetime) -> int:
+        async with self._cursor(atomic=False) as cur:
+            await cur.execute(
+                """
+                SELECT count(*) AS n FROM outbox
+                WHERE job_id IS NOT NULL AND kind <> 'dsn'
+                  AND lower(recipients->>0) = lower(%s) AND created >= %s
+                """,
+                (recipient, since),
+            )
+            row = await cur.fetchone()
+        return int(row["n"]) if row else 0
 
     async def due_outbox(self, limit: int) -> list[OutboxItem]:
         async with self._cursor() as cur:

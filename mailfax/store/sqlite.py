@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 Operation = Callable[[sqlite3.Connection], Any]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 MIGRATIONS: dict[int, str] = {
     1: """
     CREATE TABLE mails (
@@ -138,6 +138,11 @@ MIGRATIONS: dict[int, str] = {
     CREATE INDEX inbound_pending ON inbound_faxes (account, state) WHERE state != 'deleted';
     ALTER TABLE outbox ADD COLUMN inbound_account TEXT;
     ALTER TABLE outbox ADD COLUMN inbound_fax_id TEXT;
+    """,
+    # The status-mail limit per sender counts the outbox, so it holds whatever wrote it.
+    2: """
+    CREATE INDEX outbox_status_to ON outbox (lower(json_extract(recipients, '$[0]')), created)
+        WHERE job_id IS NOT NULL AND kind <> 'dsn';
     """,
 }
 
@@ -752,6 +757,16 @@ class SqliteStore(_InboundMixin):
 
     async def enqueue_mail(self, mail: OutgoingMail) -> int:
         return await self._call(lambda conn: self._insert_outbox(conn, mail))
+
+    async def status_mails_since(self, recipient: str, since: datetime) -> int:
+        def operation(conn: sqlite3.Connection) -> int:
+            row = conn.execute(
+                "SELECT count(*) FROM outbox WHERE job_id IS NOT NULL AND kind <> 'dsn'"
+                " AND lower(json_extract(recipients, '$[0]')) = lower(?) AND created >= ?",
+                (recipient, since.timestamp())).fetchone()
+            return int(row[0])
+
+        return await self._call(operation)
 
     async def due_outbox(self, limit: int) -> list[OutboxItem]:
         def operation(conn: sqlite3.Connection) -> list[OutboxItem]:
