@@ -15,7 +15,15 @@ from mailfax import reasons
 from mailfax.model import JobState
 from mailfax.providers.base import FaxDocument, InboundFax
 from mailfax.store import migrate, open_store
-from mailfax.store.base import IllegalTransition, NewJob, NewMail, OutgoingMail, Store, Transition
+from mailfax.store.base import (
+    IllegalTransition,
+    Job,
+    NewJob,
+    NewMail,
+    OutgoingMail,
+    Store,
+    Transition,
+)
 from mailfax.store.sqlite import SqliteStore
 from tests import pg
 
@@ -95,6 +103,17 @@ def new_mail(mail_id: str = "m1", sender: str = "alice@example.org") -> NewMail:
 DOCS = [FaxDocument("a.pdf", b"%PDF-a", 2), FaxDocument("b.pdf", b"%PDF-b", 1)]
 
 
+async def claim(store: Store, owner: str, limit: int, lease_seconds: float,
+                account_limits: dict[str, int] | None = None) -> list[Job]:
+    """The jobs of a claim_work call with no results to record; without limits, any due job
+    (every account counts as "other", so no lease count applies)."""
+    from mailfax.store.base import OTHER_ACCOUNTS
+
+    limits = account_limits if account_limits is not None else {OTHER_ACCOUNTS: limit}
+    work = await store.claim_work(owner, limit, lease_seconds, limits)
+    return [job for unit in work for job in unit.jobs]
+
+
 async def add(store: Store, mail_id: str = "m1", jobs: tuple[str, ...] = ("j1",)) -> None:
     await store.add_mail_jobs(new_mail(mail_id),
                               [NewJob(job_id, "+4930123456", "acct") for job_id in jobs], DOCS)
@@ -129,21 +148,21 @@ async def test_added_jobs_are_queued_with_pages_documents_and_an_accepted_event(
 
 async def test_a_claimed_job_is_leased_and_not_claimed_twice(store: Store) -> None:
     await add(store, jobs=("j1", "j2"))
-    first = await store.claim_due_jobs("one", 10, lease_seconds=60)
-    second = await store.claim_due_jobs("two", 10, lease_seconds=60)
+    first = await claim(store, "one", 10, 60)
+    second = await claim(store, "two", 10, 60)
     assert sorted(job.id for job in first) == ["j1", "j2"]
     assert all(job.attempts == 1 for job in first)
     assert second == []
     assert await store.release_leases("one") == 2
-    again = await store.claim_due_jobs("two", 10, lease_seconds=60)
+    again = await claim(store, "two", 10, 60)
     assert [job.attempts for job in again] == [2, 2]
 
 
 async def test_an_expired_lease_lets_another_instance_claim(store: Store) -> None:
     await add(store)
-    assert len(await store.claim_due_jobs("dead", 10, lease_seconds=0.05)) == 1
+    assert len(await claim(store, "dead", 10, 0.05)) == 1
     await asyncio.sleep(0.1)
-    assert [job.id for job in await store.claim_due_jobs("alive", 10, lease_seconds=60)] == ["j1"]
+    assert [job.id for job in await claim(store, "alive", 10, 60)] == ["j1"]
 
 
 async def test_transitions_follow_the_state_table(store: Store) -> None:
@@ -169,11 +188,11 @@ async def test_expected_states_guard_a_transition(store: Store) -> None:
 
 async def test_retrying_job_is_due_only_at_its_time(store: Store) -> None:
     await add(store)
-    await store.claim_due_jobs("one", 10, lease_seconds=60)
+    await claim(store, "one", 10, 60)
     later = datetime.now(UTC) + timedelta(seconds=3600)
     await store.record("j1", Transition(JobState.RETRYING, reason=reasons.reason("busy"),
                                         next_attempt_at=later))
-    assert await store.claim_due_jobs("one", 10, lease_seconds=60) == []
+    assert await claim(store, "one", 10, 60) == []
     due = await store.next_due_time()
     assert due is not None and abs((due - later).total_seconds()) < 1
     job = await store.get_job("j1")
@@ -286,9 +305,9 @@ async def test_a_transition_with_a_reason_logs_an_event(store: Store) -> None:
 
 async def test_a_transition_clears_the_lease(store: Store) -> None:
     await add(store)
-    [job] = await store.claim_due_jobs("one", 10, lease_seconds=60)
+    [job] = await claim(store, "one", 10, 60)
     await store.record("j1", Transition(JobState.RETRYING, next_attempt_at=job.created))
-    assert [job.id for job in await store.claim_due_jobs("two", 10, lease_seconds=60)] == ["j1"]
+    assert [job.id for job in await claim(store, "two", 10, 60)] == ["j1"]
 
 
 async def test_cancel_requests_and_job_lists(store: Store) -> None:
@@ -372,7 +391,7 @@ async def test_two_instances_claiming_concurrently_get_disjoint_jobs(backend: Ba
         claimed: dict[str, list[str]] = {"one": [], "two": []}
 
         async def worker(store: Store, owner: str) -> None:
-            while jobs := await store.claim_due_jobs(owner, 3, lease_seconds=60):
+            while jobs := await claim(store, owner, 3, 60):
                 claimed[owner] += [job.id for job in jobs]
 
         await asyncio.gather(*(worker(store, owner)
@@ -443,22 +462,20 @@ async def test_account_limits_count_the_live_leases_of_every_instance(backend: B
         await first.add_mail_jobs(new_mail("m2"), [NewJob(f"b{i}", "+4930123456", "other")
                                                    for i in range(3)], DOCS)
         limits = {"acct": 4}
-        one = await first.claim_due_jobs("one", 10, 60, account_limits=limits)
+        one = await claim(first, "one", 10, 60, limits)
         assert len(one) == 4 and {job.account for job in one} == {"acct"}
-        assert await second.claim_due_jobs("two", 10, 60, account_limits=limits) == []
+        assert await claim(second, "two", 10, 60, limits) == []
         await first.record(one[0].id, Transition(JobState.SUBMITTED, provider_job_id="P"))
-        two = await second.claim_due_jobs("two", 10, 60, account_limits=limits)
+        two = await claim(second, "two", 10, 60, limits)
         assert len(two) == 1  # the slot that one's recorded job freed
         # Not named: only with OTHER_ACCOUNTS, and then at most that many.
-        others = await second.claim_due_jobs("two", 10, 60,
-                                             account_limits={"acct": 4, OTHER_ACCOUNTS: 2})
+        others = await claim(second, "two", 10, 60, {"acct": 4, OTHER_ACCOUNTS: 2})
         assert [job.account for job in others] == ["other", "other"]
 
         async def claimer(store: Store, owner: str) -> list[str]:
             got: list[str] = []
             for _ in range(5):
-                got += [job.id for job in await store.claim_due_jobs(
-                    owner, 10, 60, account_limits={"acct": 6})]
+                got += [job.id for job in await claim(store, owner, 10, 60, {"acct": 6})]
             return got
 
         more = await asyncio.gather(claimer(first, "one"), claimer(second, "two"))
@@ -470,12 +487,12 @@ async def test_account_limits_count_the_live_leases_of_every_instance(backend: B
 
 async def test_leases_are_renewed_only_by_their_holder(store: Store) -> None:
     await add(store, jobs=("j1", "j2"))
-    assert len(await store.claim_due_jobs("one", 10, lease_seconds=0.3)) == 2
+    assert len(await claim(store, "one", 10, 0.3)) == 2
     assert await store.renew_leases("two", ["j1", "j2"], 60) == 0
     assert await store.renew_leases("one", ["j1"], 60) == 1
     await asyncio.sleep(0.4)
     # j2's lease ran out; j1's was renewed and is still held.
-    assert [job.id for job in await store.claim_due_jobs("two", 10, 60)] == ["j2"]
+    assert [job.id for job in await claim(store, "two", 10, 60)] == ["j2"]
     await store.record("j1", Transition(JobState.SUBMITTED, provider_job_id="P"))
     assert await store.renew_leases("one", ["j1"], 60) == 0  # recorded: nothing to renew
 

@@ -154,7 +154,7 @@ class Transition:
     notify: bool = True
 
 
-OTHER_ACCOUNTS = "*"  # in claim_due_jobs' account_limits: every account not named
+OTHER_ACCOUNTS = "*"  # in claim_work's account_limits: every account not named
 
 
 @dataclass(frozen=True)
@@ -201,23 +201,18 @@ class Store(Protocol):
         """Store a mail's jobs and documents; durable when it returns (before the 250)."""
         ...
 
-    async def claim_due_jobs(self, owner: str, limit: int, lease_seconds: float,
-                             account_limits: Mapping[str, int] | None = None) -> list[Job]:
-        """Lease up to ``limit`` jobs that wait for the dispatcher and are due now.
-
-        With ``account_limits`` ({account: most sends at once}), only jobs of those accounts
-        are claimed, each account up to its limit minus the live leases it already has — the
-        leases of every instance on this store, so the limit holds across all of them. The
-        key :data:`OTHER_ACCOUNTS` stands for every account not named (no lease count: at most
-        that many of them in this claim).
-        """
-        ...
-
     async def claim_work(self, owner: str, limit: int, lease_seconds: float,
                          account_limits: Mapping[str, int],
                          finished: Sequence[Outcome] = ()) -> list[Work]:
-        """Record ``finished``, then claim as :meth:`claim_due_jobs` does and load what the
-        claimed jobs need to be sent: their mail's subject and documents.
+        """Record ``finished``, then lease up to ``limit`` jobs that wait for the dispatcher
+        and are due now, and load what they need to be sent: their mail's subject and
+        documents.
+
+        ``account_limits`` ({account: most sends at once}): only jobs of those accounts are
+        claimed, each account up to its limit minus the live leases it already has — the
+        leases of every instance on this store, so the limit holds across all of them. The
+        key :data:`OTHER_ACCOUNTS` stands for every account not named (no lease count: at most
+        that many of them in this claim).
 
         One transaction, because this is what a dispatcher does whenever sends end: the slots
         the finished sends free are claimable in the same step, so a freed slot costs one

@@ -3,7 +3,7 @@
 Every method is one transaction on a connection from a pool, committed before it returns.
 "Now" is the database server's clock (``now()``), so instances on different hosts agree on
 when a job is due and when a lease runs out. Instances share the dispatcher's work through
-leases: :meth:`PostgresStore.claim_due_jobs` takes due jobs with ``FOR UPDATE SKIP LOCKED``
+leases: :meth:`PostgresStore.claim_work` takes due jobs with ``FOR UPDATE SKIP LOCKED``
 and stamps them with the owner and an expiry, so no two instances ever claim the same job and
 a crashed instance's jobs come back when its leases expire. After adding jobs the store sends
 ``NOTIFY mailfax_jobs``; :meth:`PostgresStore.wait_for_work` wakes up on it.
@@ -710,43 +710,6 @@ class PostgresStore:
             return _subjects_and_documents(await cur.fetchall())
 
     # -- dispatcher --------------------------------------------------------------------------
-
-    async def claim_due_jobs(self, owner: str, limit: int, lease_seconds: float,
-                             account_limits: Mapping[str, int] | None = None) -> list[Job]:
-        if account_limits is not None:
-            return await self._claim_by_account(owner, limit, lease_seconds, account_limits)
-        async with self._cursor() as cur:
-            await cur.execute(
-                """
-                WITH due AS (
-                    SELECT id FROM jobs
-                    WHERE state IN ('queued', 'retrying') AND provider_job_id IS NULL
-                      AND next_attempt_at <= now()
-                      AND (lease_until IS NULL OR lease_until < now())
-                    ORDER BY next_attempt_at
-                    LIMIT %(limit)s
-                    FOR UPDATE SKIP LOCKED
-                )
-                UPDATE jobs
-                SET lease_owner = %(owner)s,
-                    lease_until = now() + make_interval(secs => %(lease)s),
-                    attempts = attempts + 1
-                FROM due
-                WHERE jobs.id = due.id
-                RETURNING jobs.*
-                """,
-                {"limit": limit, "owner": owner,
-                 "lease": float(lease_seconds)},
-            )
-            rows = await cur.fetchall()
-        return _sorted_jobs(rows)
-
-    async def _claim_by_account(self, owner: str, limit: int, lease_seconds: float,
-                                account_limits: Mapping[str, int]) -> list[Job]:
-        async with self._cursor() as cur:
-            await cur.execute("SELECT pg_advisory_xact_lock(%s)", (CLAIM_LOCK,))
-            await _claim_limited(cur, owner, limit, lease_seconds, account_limits)
-            return _sorted_jobs(await cur.fetchall())
 
     async def claim_work(self, owner: str, limit: int, lease_seconds: float,
                          account_limits: Mapping[str, int],

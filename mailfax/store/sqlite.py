@@ -224,33 +224,27 @@ def _documents(conn: sqlite3.Connection, mail_ids: Sequence[str]
 
 
 def _claim(conn: sqlite3.Connection, owner: str, limit: int, lease_seconds: float,
-           account_limits: Mapping[str, int] | None) -> list[Job]:
-    if limit <= 0:  # (SQLite reads a negative LIMIT as no limit)
-        return []
+           account_limits: Mapping[str, int]) -> list[Job]:
     now = time.time()
     due = ("SELECT id FROM jobs WHERE state IN (?, ?) AND provider_job_id IS NULL"
            " AND next_attempt_at <= ? AND (lease_until IS NULL OR lease_until < ?)")
+    live = dict(conn.execute(
+        "SELECT account, COUNT(*) FROM jobs WHERE lease_owner IS NOT NULL"
+        " AND lease_until >= ? AND state IN (?, ?) GROUP BY account",
+        (now, *DISPATCHABLE)).fetchall())
+    named = [account for account in account_limits if account != OTHER_ACCOUNTS]
     claimed: list[str] = []
-    if account_limits is None:
-        claimed = [row[0] for row in conn.execute(
-            due + " ORDER BY next_attempt_at LIMIT ?", (*DISPATCHABLE, now, now, limit))]
-    else:
-        live = dict(conn.execute(
-            "SELECT account, COUNT(*) FROM jobs WHERE lease_owner IS NOT NULL"
-            " AND lease_until >= ? AND state IN (?, ?) GROUP BY account",
-            (now, *DISPATCHABLE)).fetchall())
-        named = [account for account in account_limits if account != OTHER_ACCOUNTS]
-        for account in named:
-            room = min(account_limits[account] - live.get(account, 0), limit - len(claimed))
-            if room > 0:
-                claimed += [row[0] for row in conn.execute(
-                    due + " AND account = ? ORDER BY next_attempt_at LIMIT ?",
-                    (*DISPATCHABLE, now, now, account, room))]
-        room = min(account_limits.get(OTHER_ACCOUNTS, 0), limit - len(claimed))
-        if room > 0:
+    for account in named:
+        room = min(account_limits[account] - live.get(account, 0), limit - len(claimed))
+        if room > 0:  # (SQLite reads a negative LIMIT as no limit)
             claimed += [row[0] for row in conn.execute(
-                due + f" AND account NOT IN ({','.join('?' * len(named))})"
-                " ORDER BY next_attempt_at LIMIT ?", (*DISPATCHABLE, now, now, *named, room))]
+                due + " AND account = ? ORDER BY next_attempt_at LIMIT ?",
+                (*DISPATCHABLE, now, now, account, room))]
+    room = min(account_limits.get(OTHER_ACCOUNTS, 0), limit - len(claimed))
+    if room > 0:
+        claimed += [row[0] for row in conn.execute(
+            due + f" AND account NOT IN ({','.join('?' * len(named))})"
+            " ORDER BY next_attempt_at LIMIT ?", (*DISPATCHABLE, now, now, *named, room))]
     if not claimed:
         return []
     conn.executemany(
@@ -551,11 +545,6 @@ class SqliteStore(_InboundMixin):
         return await self._call(lambda conn: _documents(conn, [mail_id]).get(mail_id, []))
 
     # -- dispatcher --------------------------------------------------------------------------
-
-    async def claim_due_jobs(self, owner: str, limit: int, lease_seconds: float,
-                             account_limits: Mapping[str, int] | None = None) -> list[Job]:
-        return await self._call(
-            lambda conn: _claim(conn, owner, limit, lease_seconds, account_limits))
 
     async def claim_work(self, owner: str, limit: int, lease_seconds: float,
                          account_limits: Mapping[str, int],
