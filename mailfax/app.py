@@ -146,13 +146,11 @@ class Application:
             for name, provider in self.providers.items() if provider.supports_inbound}
         loops += [(f"inbound {name}", self._singleton(f"inbound {name}", poller.run))
                   for name, poller in self.inbound_pollers.items()]
-        # -- IMAP intake (mailfax/imap): fax mails from a watched mailbox --
         self.imap_intake: ImapIntake | None = None
         if settings.imap_intake is not None:
             self.imap_intake = ImapIntake(settings, self.intake, self.store,
                                           wake_outbox=self.outbox.wake)
             loops.append(("imap intake", self.imap_intake.run))
-        # -- end IMAP intake --
         for name, loop in loops:
             self._tasks.append(asyncio.create_task(supervise(name, loop), name=name))
         if settings.web.listen:
@@ -207,11 +205,9 @@ class Application:
             sink = RelaySink(self.settings.relay, self.settings.smtp.hostname)
         else:
             sink = MaildirSink(self.settings.maildir_path)
-        # -- IMAP delivery (mailfax/imap): received faxes APPENDed instead of mailed --
         if self.settings.imap_delivery is not None:
             sink = ImapDeliverySink(self.settings.imap_delivery, sink, self.store,
                                     self.settings.numbers.default_country)
-        # -- end IMAP delivery --
         return sink
 
     def _log_startup(self) -> None:
@@ -226,9 +222,7 @@ class Application:
             suffix = " (the bundled emulator: no fax is really sent)" if (
                 provider.provider_name == "emulator") else ""
             log.info("account %s: provider %s%s", name, provider.provider_name, suffix)
-        if settings.imap_delivery is not None:
-            log.info("outgoing mail via %s", self.outbox.sink.describe())
-        elif settings.relay is None:
+        if settings.relay is None and settings.imap_delivery is None:
             log.info("outgoing mail written to the Maildir %s (no relay configured)",
                      settings.maildir_path.resolve())
         else:
