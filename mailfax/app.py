@@ -217,7 +217,7 @@ class Application:
         log.info("fax domains: %s; default country %s", ", ".join(settings.fax_domains),
                  settings.numbers.default_country)
         log.info("data in %s (store %s)", settings.data_dir.resolve(),
-                 _redact_url(settings.store_url))
+                 redact_url(settings.store_url))
         for name, provider in self.providers.items():
             suffix = " (the bundled emulator: no fax is really sent)" if (
                 provider.provider_name == "emulator") else ""
@@ -299,7 +299,7 @@ def _bound(server: asyncio.Server) -> str:
     return ", ".join(names)
 
 
-def _redact_url(url: str) -> str:
+def redact_url(url: str) -> str:
     if "@" in url and "://" in url:
         scheme, rest = url.split("://", 1)
         return f"{scheme}://***@{rest.rsplit('@', 1)[1]}"

@@ -10,7 +10,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 from mailfax import __version__, logs
@@ -131,24 +131,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _config_from_env() -> bool:
-    import os
-
     return bool(os.environ.get("MAILFAX_CONFIG"))
 
 
 # -- store commands ---------------------------------------------------------------------------
 
-async def _with_store(settings: Settings, action: object) -> int:
+StoreAction = Callable[[Store], Awaitable[int]]
+
+
+async def _with_store(settings: Settings, action: StoreAction) -> int:
     store = open_store(settings.store_url)
     await store.open()
     try:
-        result: int = await action(store)  # type: ignore[operator]
-        return result
+        return await action(store)
     finally:
         await store.close()
 
 
-def _run_with_store(args: argparse.Namespace, action: object) -> int:
+def _run_with_store(args: argparse.Namespace, action: StoreAction) -> int:
     settings = _settings(args)
     if settings.store_url.startswith("sqlite:///") and not Path(
             settings.store_url.removeprefix("sqlite:///")).exists():
@@ -348,11 +348,12 @@ def cmd_redeliver(args: argparse.Namespace) -> int:
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
+    from mailfax.app import redact_url
     from mailfax.store import migrate
 
     settings = _settings(args)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    where = settings.store_url.split("@")[-1]  # no credentials in the output
+    where = redact_url(settings.store_url)  # no credentials in the output
     try:
         applied = asyncio.run(migrate(settings.store_url))
     except RuntimeError as error:
