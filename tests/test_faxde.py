@@ -8,6 +8,7 @@ import email
 import email.policy
 import io
 import logging
+import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -253,6 +254,20 @@ async def test_inbound_fax_is_fetched_until_deleted(provider: faxde.FaxDeProvide
     assert await provider.fetch_inbound() is None
     await provider.delete_inbound(fax.fax_id)  # 5: already deleted is fine
     assert fake.state.deleted == [fax_id]
+
+
+async def test_a_received_fax_over_10_mb_arrives_byte_identical(
+        provider: faxde.FaxDeProvider, fake: emulator.Emulator) -> None:
+    """lxml without huge_tree cuts a text node at 10 MB: the base64 of this image is ~16 MB."""
+    image = b"II*\x00" + os.urandom(12 * 1024 * 1024)
+    fax_id = fake.state.add_inbound(image, called_number="+49301234567",
+                                    originator="+4940555123", remote_id="BIG GMBH", pages=40)
+    fax = await provider.fetch_inbound()
+    assert fax is not None
+    assert len(fax.image) == len(image)
+    assert fax.image == image
+    assert (fax.fax_id, fax.called_number, fax.originator, fax.remote_id, fax.pages) == (
+        str(fax_id), "+49301234567", "+4940555123", "BIG GMBH", 40)
 
 
 async def test_any_wsdl_works_document_literal_with_another_namespace(

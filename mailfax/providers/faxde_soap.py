@@ -38,10 +38,12 @@ class SoapError(Exception):
 
 
 def zeep_settings() -> zeep.Settings:
-    """No DTDs, no entities, no external references, no huge trees: a hostile WSDL or answer
-    cannot read local files or exhaust memory. Out-parameters are read by name, in any order
-    (a Delphi server need not keep the order of the WSDL's parts)."""
-    return zeep.Settings(strict=False, xml_huge_tree=False, forbid_dtd=True,
+    """No DTDs, no entities, no external references: a hostile WSDL or answer cannot read
+    local files or expand entities. Huge trees are allowed: without them lxml silently cuts a
+    text node at 10 MB, and a received fax's base64 <FaxImage> is often larger (it arrived
+    damaged and the elements after it were lost). Out-parameters are read by name, in any
+    order (a Delphi server need not keep the order of the WSDL's parts)."""
+    return zeep.Settings(strict=False, xml_huge_tree=True, forbid_dtd=True,
                          forbid_entities=True, forbid_external=True, force_https=False,
                          xsd_ignore_sequence_order=True)
 
