@@ -126,3 +126,19 @@ async def test_a_docx_that_is_something_else_is_refused_as_such(service: Service
     with pytest.raises(aiosmtplib.SMTPDataError) as raised:
         await service.send(mail, "alice@example.org", ["030123456@fax.local"])
     assert raised.value.code == 554 and "invoice.docx" in raised.value.message
+
+
+async def test_an_image_named_pdf_is_faxed_as_the_image_it_was_chosen_as(service: Service
+                                                                          ) -> None:
+    # Selected as an image (image/jpeg, JPEG bytes); converting by the ".pdf" name instead
+    # refused it with "scan.pdf is not a PDF".
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.new("L", (200, 280), 255).save(out, format="JPEG")
+    mail = fax_mail([("scan.pdf", out.getvalue(), "image/jpeg")])
+    _, reply = await service.send(mail, "alice@example.org", ["030123456@fax.local"])
+    assert "queued as" in reply
+    documents = await _documents(service, reply)
+    assert [document.pages for document in documents] == [1]
+    assert documents[0].data.startswith(b"%PDF-")

@@ -13,6 +13,7 @@ from mailfax.intake.mime import (
     MailFormatError,
     ParsedMail,
     is_office_part,
+    is_pdf_part,
     parse_mail,
     select_documents,
 )
@@ -95,9 +96,25 @@ def convert_file(filename: str, content_type: str, data: bytes) -> FaxDocument:
     return image_to_pdf(filename, data)
 
 
+def document_kind(attachment: Attachment) -> str:
+    """How a selected attachment is converted: "pdf", "office" or "image", by the same tests
+    that :func:`select_documents` chose it with (not :func:`convert_file`'s name rule, under
+    which ``scan.pdf`` sent as ``image/jpeg`` would be refused as "not a PDF")."""
+    if is_pdf_part(attachment):
+        return "pdf"
+    if is_office_part(attachment):
+        return "office"
+    return "image"
+
+
 def _convert(attachment: Attachment) -> FaxDocument:
     try:
-        return convert_file(attachment.filename, attachment.content_type, attachment.data)
+        kind = document_kind(attachment)
+        if kind == "pdf":
+            return prepare_pdf(attachment.filename, attachment.data)
+        if kind == "office":
+            return convert_office(attachment.filename, attachment.data)
+        return image_to_pdf(attachment.filename, attachment.data)
     except DocumentError as error:
         sentence = str(error)
         if attachment.in_forwarded:
