@@ -27,6 +27,10 @@ from zeep.transports import AsyncTransport
 from mailfax import xmlsafe
 
 log = logging.getLogger(__name__)
+# zeep's transport logs every SOAP message it sends and receives, whole, at DEBUG: the
+# <Account> and <Password> of each call included. Hold that logger at INFO so the FAX.de
+# password never reaches a log, whatever level the rest of the logging runs at.
+logging.getLogger("zeep.transports").setLevel(logging.INFO)
 
 BUNDLED_WSDL = Path(__file__).with_name("wsdl") / "IntfXMLWS.wsdl"
 OPERATIONS = ("SendJob", "JobStatus", "CancelJob", "RequestReceived", "DeleteReceived")
