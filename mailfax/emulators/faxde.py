@@ -120,6 +120,7 @@ class Emulator:
         self.url = ""
         self._session: aiohttp.ClientSession | None = None
         self._timers: list[asyncio.TimerHandle] = []
+        self._tasks: set[asyncio.Task[None]] = set()
 
     @property
     def wsdl_url(self) -> str:
@@ -140,6 +141,11 @@ class Emulator:
     async def close(self) -> None:
         for timer in self._timers:
             timer.cancel()
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         if self._session is not None:
             await self._session.close()
         if self.runner is not None:
@@ -320,8 +326,12 @@ class Emulator:
         if not url:
             return
         loop = asyncio.get_running_loop()
-        self._timers.append(loop.call_later(
-            self.state.delay + 0.05, lambda: asyncio.ensure_future(self._push(job))))
+        self._timers.append(loop.call_later(self.state.delay + 0.05, self._start_push, job))
+
+    def _start_push(self, job: EmulatedJob) -> None:
+        task = asyncio.get_running_loop().create_task(self._push(job))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _push(self, job: EmulatedJob) -> None:
         if self._session is None:
