@@ -93,15 +93,25 @@ def select_documents(mail: ParsedMail) -> list[Attachment]:
     """The parts to fax, in mail order; note in ``mail.skipped`` what was left out and why."""
     chosen = []
     for attachment in mail.attachments:
-        if is_pdf_part(attachment) or is_image_part(attachment) or is_office_part(attachment):
-            if (attachment.inline and attachment.content_id
-                    and attachment.content_id in mail.html_cids and is_image_part(attachment)):
-                continue  # a logo or picture shown in the HTML body, not a document
-            chosen.append(attachment)
+        if is_document_part(attachment):
+            if not is_html_picture(mail, attachment):
+                chosen.append(attachment)
         elif attachment.content_type not in NOT_DOCUMENTS and attachment.filename:
             mail.skipped.append(f"{attachment.filename} ({attachment.content_type}) is not a "
                                 f"document mailfax can fax and was left out.")
     return chosen
+
+
+def is_document_part(attachment: Attachment) -> bool:
+    """A PDF, image or office document: one that :func:`select_documents` would fax (unless
+    it is a picture of the HTML body)."""
+    return is_pdf_part(attachment) or is_image_part(attachment) or is_office_part(attachment)
+
+
+def is_html_picture(mail: ParsedMail, attachment: Attachment) -> bool:
+    """A logo or picture shown in the HTML body (inline, referenced by cid:), not a document."""
+    return (attachment.inline and bool(attachment.content_id)
+            and attachment.content_id in mail.html_cids and is_image_part(attachment))
 
 
 def is_office_part(attachment: Attachment) -> bool:
