@@ -9,6 +9,7 @@ import email.policy
 import io
 import logging
 import os
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -217,6 +218,34 @@ async def test_more_than_three_documents_are_merged_into_three_files(
     job = fake.state.jobs[int(receipt.provider_job_id)]
     assert [name for name, _ in job.files] == names[:3]
     assert job.files[0][1] == documents[0].data
+
+
+async def test_documents_are_merged_once_per_mail_and_off_the_event_loop(
+        provider: faxde.FaxDeProvider, fake: emulator.Emulator, corpus: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    names = ["crazyones.pdf", "git.pdf", "two-different-pages.pdf", "VIA_Nytt_1402.pdf"]
+    documents = [FaxDocument(name, (corpus / "pdf" / name).read_bytes(), pages)
+                 for name, pages in zip(names, [1, 1, 2, 2], strict=True)]
+    merging_threads: list[threading.Thread] = []
+    real_merge = faxde.merge_pdfs
+
+    def merge(documents: Any, filename: str) -> FaxDocument:
+        merging_threads.append(threading.current_thread())
+        return real_merge(documents, filename)
+
+    monkeypatch.setattr(faxde, "merge_pdfs", merge)
+    requests = [SendRequest(job_id=job_id, number=number, documents=documents, pages=6)
+                for job_id, number in [("aaaaaaaaaaaa", "+4930111111"),
+                                       ("bbbbbbbbbbbb", "+4930222222"),
+                                       ("cccccccccccc", "+4930333333")]]
+    results = await provider.send_many(requests)
+    assert all(isinstance(result, SendReceipt) for result in results)
+    assert len(fake.state.jobs) == 3
+    assert len(merging_threads) == 1  # once for the three recipients
+    assert merging_threads[0] is not threading.main_thread()
+    files = [job.files for job in fake.state.jobs.values()]
+    assert files[0] == files[1] == files[2]
+    assert [name for name, _ in files[0]] == names[:3]
 
 
 async def test_a_lost_answer_ends_in_exactly_one_fax(provider: faxde.FaxDeProvider,

@@ -37,6 +37,7 @@ from mailfax.providers.base import (
     StatusReport,
 )
 from mailfax.providers.faxde_soap import SoapClient, SoapError
+from mailfax.providers.http import prepare_documents
 from mailfax.text import to_ascii
 
 log = logging.getLogger(__name__)
@@ -81,20 +82,35 @@ class FaxDeProvider(BaseProvider):
     # -- sending -----------------------------------------------------------------------------
 
     async def send_many(self, requests: Sequence[SendRequest]) -> list[SendResult]:
+        """One job per recipient (or one bulk job); the files are prepared once per set of
+        documents, not once per recipient."""
         if self.settings.bulk and len(requests) > 1:
             return await self._send_bulk(requests)
-        return await super().send_many(requests)
+        prepared = await prepare_documents(requests, fax_files)
+        results: list[SendResult] = []
+        for request, files in zip(requests, prepared, strict=True):
+            try:
+                results.append(await self._send_single(request, files))
+            except ProviderError as error:
+                results.append(error)
+        return results
 
     async def send(self, request: SendRequest) -> SendReceipt:
+        (files,) = await prepare_documents([request], fax_files)
+        return await self._send_single(request, files)
+
+    async def _send_single(self, request: SendRequest, files: list[FaxDocument]
+                           ) -> SendReceipt:
         recipient = f"{request.number}[{request.job_id}]"
-        answer = await self._send_job(request, recipient=recipient, recipient_file=b"")
+        answer = await self._send_job(request, files, recipient=recipient, recipient_file=b"")
         return self._receipt(request.job_id, answer)
 
     async def _send_bulk(self, requests: Sequence[SendRequest]) -> list[SendResult]:
         lines = [f"{request.number},{request.job_id}" for request in requests]
         recipient_file = ("\r\n".join(lines) + "\r\n").encode("ascii")
+        (files,) = await prepare_documents(requests[:1], fax_files)
         try:
-            answer = await self._send_job(requests[0], recipient="",
+            answer = await self._send_job(requests[0], files, recipient="",
                                           recipient_file=recipient_file)
         except ProviderError as error:
             return [error] * len(requests)
@@ -103,9 +119,8 @@ class FaxDeProvider(BaseProvider):
                         "which", answer.get("RecipientsCount"), len(requests), answer.get("JobId"))
         return [self._receipt(request.job_id, answer) for request in requests]
 
-    async def _send_job(self, request: SendRequest, *, recipient: str,
-                        recipient_file: bytes) -> dict[str, Any]:
-        files = fax_files(request.documents)
+    async def _send_job(self, request: SendRequest, files: list[FaxDocument], *,
+                        recipient: str, recipient_file: bytes) -> dict[str, Any]:
         parameters: dict[str, Any] = {
             "Account": self.settings.account,
             "Password": self.settings.password.get_secret_value(),

@@ -52,7 +52,7 @@ from mailfax.providers.base import (
     SendResult,
     StatusReport,
 )
-from mailfax.providers.http import parse_retry_after
+from mailfax.providers.http import parse_retry_after, prepare_documents
 from mailfax.text import to_ascii
 
 log = logging.getLogger(__name__)
@@ -363,6 +363,11 @@ def send_fields(request: SendRequest, settings: Settings) -> dict[str, str]:
     return fields
 
 
+def merge_to_one(documents: Sequence[FaxDocument]) -> FaxDocument:
+    """The one PDF ``SendFax`` takes."""
+    return merge_pdfs(documents, "fax.pdf")
+
+
 # -- the adapter (I/O) ------------------------------------------------------------------------
 
 def make_client(settings: Settings) -> httpx.AsyncClient:
@@ -392,13 +397,10 @@ class FaxnummerProvider(BaseProvider):
 
     async def send_many(self, requests: Sequence[SendRequest]) -> list[SendResult]:
         """Merges each set of documents once (the API takes one PDF), then sends in parallel."""
-        merged: dict[int, FaxDocument] = {}
-        for request in requests:
-            if id(request.documents) not in merged:
-                merged[id(request.documents)] = await asyncio.to_thread(
-                    merge_pdfs, request.documents, "fax.pdf")
+        merged = await prepare_documents(requests, merge_to_one)
         results = await asyncio.gather(
-            *(self._send_one(request, merged[id(request.documents)]) for request in requests),
+            *(self._send_one(request, document)
+              for request, document in zip(requests, merged, strict=True)),
             return_exceptions=True)
         return [self._as_result(result) for result in results]
 
