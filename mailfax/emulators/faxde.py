@@ -99,7 +99,8 @@ class EmulatorState:
     _fax_ids: itertools.count[int] = field(default_factory=lambda: itertools.count(90001))
 
     def force(self, operation: str, *results: int) -> None:
-        """Answer the next calls of ``operation`` with these result codes (tests)."""
+        """Answer the next calls of ``operation`` with these result codes, without running
+        the operation (tests)."""
         self.forced.setdefault(operation, []).extend(results)
 
     def add_inbound(self, image: bytes, called_number: str = "+49301234567",
@@ -167,15 +168,17 @@ class Emulator:
         handler = getattr(self, f"op_{operation}", None)
         if handler is None:
             return fault(f"unknown operation {operation}")
-        values: dict[str, Any] = handler(parameters)
         forced = self.state.forced.get(operation)
-        if forced:
-            values = {"return": forced.pop(0)}
-        if operation == "SendJob" and values.get("return") == 0 and self.state.drop_after_commit:
-            self.state.drop_after_commit -= 1
-            if request.transport is not None:
-                request.transport.abort()  # the job is stored; the answer is lost
-            return web.Response(status=500)  # goes nowhere: the connection is gone
+        if forced:  # answered without running the operation: nothing is stored or changed
+            values: dict[str, Any] = {"return": forced.pop(0)}
+        else:
+            values = handler(parameters)
+            if (operation == "SendJob" and values.get("return") == 0
+                    and self.state.drop_after_commit):
+                self.state.drop_after_commit -= 1
+                if request.transport is not None:
+                    request.transport.abort()  # the job is stored; the answer is lost
+                return web.Response(status=500)  # goes nowhere: the connection is gone
         return web.Response(body=self.answer(operation, values),
                             content_type="text/xml", charset="utf-8")
 
