@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import email
 import email.policy
+import logging
 import mailbox
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -17,7 +19,7 @@ import pytest
 from mailfax.app import inbound_mailer
 from mailfax.inbound.poller import InboundPoller
 from mailfax.inbound.routing import recipients_for
-from mailfax.outbox import MaildirSink, MailSink, OutboxSender
+from mailfax.outbox import MaildirSink, MailSink, OutboxSender, PermanentRefusal
 from mailfax.providers.base import BaseProvider, InboundFax, ProviderContext
 from mailfax.store.base import OutboxItem
 from mailfax.store.sqlite import SqliteStore
@@ -68,10 +70,13 @@ class FlakySink(MailSink):
     def __init__(self, inner: MailSink):
         self.inner = inner
         self.down = False
+        self.refuse = False
 
     async def deliver(self, item: OutboxItem) -> None:
         if self.down:
             raise ConnectionRefusedError("relay down")
+        if self.refuse:
+            raise PermanentRefusal("550 5.7.1 recipient refused")
         await self.inner.deliver(item)
 
 
@@ -193,3 +198,34 @@ async def test_values_from_the_fax_network_cannot_inject_headers(
     [mail] = rig.mails()
     assert mail["Bcc"] is None and mail["X-Evil"] is None
     assert "{{ 7*7 }}" in mail["Subject"]
+
+
+async def test_refused_mail_keeps_the_fax_and_does_not_wait_for_the_handoff(
+        rig: Rig, corpus: Path, caplog: pytest.LogCaptureFixture) -> None:
+    rig.poller.settings = rig.poller.settings.model_copy(update={"handoff_timeout": 30.0})
+    rig.sink.refuse = True
+    rig.inbox.faxes = [fax(corpus, "fax2d.tif", "6001"), fax(corpus, "g3test.tif", "6002")]
+    started = time.monotonic()
+    with caplog.at_level(logging.ERROR, logger="mailfax.inbound.poller"):
+        assert await rig.poller.poll_once() == 0
+    assert time.monotonic() - started < 10  # not the 30 s handoff timeout
+    assert rig.inbox.deleted == [] and len(rig.inbox.faxes) == 2  # nothing lost
+    assert "mailfax redeliver 6001" in caplog.text
+    assert [(f.fax_id, f.state) for f in await rig.store.list_inbound()] == [("6001", "queued")]
+    assert await rig.poller.poll_once() == 0  # fetched again: still kept, no second mail
+    assert rig.inbox.deleted == [] and rig.mails() == []
+
+
+async def test_redelivery_after_a_refused_mail_lets_the_fax_be_deleted(
+        rig: Rig, corpus: Path) -> None:
+    rig.sink.refuse = True
+    rig.inbox.faxes = [fax(corpus, "fax2d.tif", "7001"), fax(corpus, "g3test.tif", "7002")]
+    assert await rig.poller.poll_once() == 0
+    assert rig.inbox.deleted == []
+    rig.sink.refuse = False
+    [record] = await rig.store.find_inbound("7001")
+    await rig.poller.queue_mail(record)  # what 'mailfax redeliver 7001' does
+    rig.outbox.wake()
+    assert await rig.poller.poll_once() == 2  # the failed first mail no longer blocks
+    assert rig.inbox.deleted == ["7001", "7002"]
+    assert sorted(m["X-Mailfax-Fax-Id"] for m in rig.mails()) == ["7001", "7002"]

@@ -16,6 +16,7 @@ import dataclasses
 import logging
 import time
 from collections.abc import Callable
+from typing import Literal
 
 from mailfax.config import InboundSettings
 from mailfax.inbound import ocr
@@ -27,6 +28,8 @@ from mailfax.store.base import InboundRecord, OutgoingMail, Store
 log = logging.getLogger(__name__)
 
 MAX_FAXES_PER_ROUND = 500
+
+Handoff = Literal["handed_off", "failed", "waiting"]
 
 
 async def queue_fax_mail(store: Store, record: InboundRecord, settings: InboundSettings,
@@ -110,7 +113,14 @@ class InboundPoller:
         if record.state == "received":
             await self.queue_mail(record)
             self.wake_outbox()
-        if not await self._wait_for_handoff(record):
+        handoff = await self._wait_for_handoff(record)
+        if handoff == "failed":
+            log.error("fax %s from %s: the relay refused its mail for good; kept at %s, which"
+                      " hands it out again until it is deleted, so later faxes wait: fix the"
+                      " cause, then run 'mailfax redeliver %s'", fax.fax_id,
+                      record.originator or "unknown", self.account, fax.fax_id)
+            return False
+        if handoff == "waiting":
             log.warning("fax %s from %s: mail not handed off yet; kept at %s", fax.fax_id,
                         record.originator or "unknown", self.account)
             return False
@@ -123,13 +133,22 @@ class InboundPoller:
         await queue_fax_mail(self.store, record, self.settings, self.mailer,
                              self.default_country)
 
-    async def _wait_for_handoff(self, record: InboundRecord) -> bool:
+    async def _wait_for_handoff(self, record: InboundRecord) -> Handoff:
+        """``handed_off`` once a mail of the fax was sent and none is pending; ``failed`` at
+        once when none is pending but none was sent (the relay refused them all for good, so
+        waiting cannot help); ``waiting`` after ``handoff_timeout``."""
         deadline = time.monotonic() + self.settings.handoff_timeout
         delay = 0.05
         while True:
+            # The outbox depth is read first: with no pending mail at all then, none of this
+            # fax's mails can turn 'sent' before the next read, so "not handed off" below means
+            # every one of them failed. (The Store has no per-fax count of outbox states.)
+            nothing_pending = await self.store.outbox_depth() == 0
             if await self.store.inbound_handed_off(record.account, record.fax_id):
-                return True
+                return "handed_off"
+            if nothing_pending:
+                return "failed"
             if time.monotonic() >= deadline:
-                return False
+                return "waiting"
             await asyncio.sleep(delay)
             delay = min(delay * 2, 1.0)

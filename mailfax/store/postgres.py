@@ -1126,18 +1126,21 @@ class PostgresStore:
             )
 
     async def inbound_handed_off(self, account: str, fax_id: str) -> bool:
-        """Whether every mail of this fax left the outbox (relay took it / Maildir synced)."""
+        """Whether this fax's mail left the outbox (relay took it / Maildir synced): at least
+        one of its mails was sent and none is still pending. A mail the relay refused for good
+        does not block once a later delivery (``mailfax redeliver``) was sent."""
         async with self._cursor() as cur:
             await cur.execute(
                 """
-                SELECT count(*) AS total, count(*) FILTER (WHERE state = 'sent') AS sent
+                SELECT count(*) FILTER (WHERE state = 'sent') AS sent,
+                       count(*) FILTER (WHERE state = 'pending') AS pending
                 FROM outbox
                 WHERE inbound_account = %s AND inbound_fax_id = %s
                 """,
                 (account, fax_id),
             )
             row = await cur.fetchone()
-        return row is not None and row["total"] > 0 and row["total"] == row["sent"]
+        return row is not None and row["sent"] > 0 and row["pending"] == 0
 
     async def mark_inbound_deleted(self, account: str, fax_id: str) -> None:
         async with self._cursor() as cur:

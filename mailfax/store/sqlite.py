@@ -330,12 +330,15 @@ class _InboundMixin:
         await self._call(operation)
 
     async def inbound_handed_off(self, account: str, fax_id: str) -> bool:
-        """Whether every mail of this fax left the outbox (relay took it / Maildir synced)."""
+        """Whether this fax's mail left the outbox (relay took it / Maildir synced): at least
+        one of its mails was sent and none is still pending. A mail the relay refused for good
+        does not block once a later delivery (``mailfax redeliver``) was sent."""
         def operation(conn: sqlite3.Connection) -> bool:
             row = conn.execute(
-                "SELECT COUNT(*), SUM(state = 'sent') FROM outbox"
-                " WHERE inbound_account = ? AND inbound_fax_id = ?", (account, fax_id)).fetchone()
-            return bool(row[0]) and row[0] == row[1]
+                "SELECT COALESCE(SUM(state = 'sent'), 0), COALESCE(SUM(state = 'pending'), 0)"
+                " FROM outbox WHERE inbound_account = ? AND inbound_fax_id = ?",
+                (account, fax_id)).fetchone()
+            return bool(row[0] > 0 and row[1] == 0)
 
         result: bool = await self._call(operation)
         return result
