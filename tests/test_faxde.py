@@ -21,7 +21,7 @@ import pytest
 from mailfax.app import Application
 from mailfax.emulators import faxde as emulator
 from mailfax.model import JobState
-from mailfax.providers import faxde
+from mailfax.providers import faxde, faxde_soap
 from mailfax.providers import faxde_codes as codes
 from mailfax.providers.base import (
     FaxDocument,
@@ -152,6 +152,34 @@ async def test_unknown_job_is_a_failure_and_an_undocumented_code_is_transient(
     with pytest.raises(ProviderError) as raised:
         await provider.status([ProviderRef("j1", "7001")])
     assert raised.value.transient
+
+
+async def test_status_of_many_jobs_is_asked_concurrently_within_the_connection_limit(
+        provider: faxde.FaxDeProvider, corpus: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    refs = []
+    for index in range(25):
+        job_id = f"j{index:011d}"
+        receipt = await provider.send(request(corpus, job_id=job_id))
+        refs.append(ProviderRef(job_id, receipt.provider_job_id))
+    running = 0
+    most = 0
+    real_call = provider.soap.call
+
+    async def call(operation: str, **parameters: Any) -> dict[str, Any]:
+        nonlocal running, most
+        running += 1
+        most = max(most, running)
+        try:
+            await asyncio.sleep(0.02)
+            return await real_call(operation, **parameters)
+        finally:
+            running -= 1
+
+    monkeypatch.setattr(provider.soap, "call", call)
+    reports = await provider.status(refs)
+    assert set(reports) == {ref.job_id for ref in refs}
+    assert 1 < most <= faxde_soap.MAX_CONNECTIONS
+    assert most == faxde_soap.MAX_CONNECTIONS
 
 
 async def test_cancel_before_and_after_sending(provider: faxde.FaxDeProvider,

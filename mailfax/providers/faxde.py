@@ -7,6 +7,7 @@ lost answer with -77 instead of faxing twice.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hmac
 import logging
@@ -36,7 +37,7 @@ from mailfax.providers.base import (
     SendResult,
     StatusReport,
 )
-from mailfax.providers.faxde_soap import SoapClient, SoapError
+from mailfax.providers.faxde_soap import MAX_CONNECTIONS, SoapClient, SoapError
 from mailfax.providers.http import prepare_documents
 from mailfax.text import to_ascii
 
@@ -186,9 +187,23 @@ class FaxDeProvider(BaseProvider):
         for ref in refs:
             if not ref.provider_job_id.startswith(UNKNOWN_JOB_PREFIX):
                 by_job.setdefault(ref.provider_job_id, []).append(ref)
+        # One JobStatus per FAX.de job, concurrently, but no more at once than the client
+        # has connections.
+        slots = asyncio.Semaphore(MAX_CONNECTIONS)
+
+        async def job_status(provider_job_id: str, job_refs: list[ProviderRef]
+                             ) -> dict[str, StatusReport]:
+            async with slots:
+                return await self._job_status(provider_job_id, job_refs)
+
+        results = await asyncio.gather(*(job_status(provider_job_id, job_refs)
+                                         for provider_job_id, job_refs in by_job.items()),
+                                       return_exceptions=True)
         reports: dict[str, StatusReport] = {}
-        for provider_job_id, job_refs in by_job.items():
-            reports.update(await self._job_status(provider_job_id, job_refs))
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result  # the first failure in job order, as when asked one by one
+            reports.update(result)
         return reports
 
     async def _job_status(self, provider_job_id: str,

@@ -35,6 +35,7 @@ logging.getLogger("zeep.transports").setLevel(logging.INFO)
 BUNDLED_WSDL = Path(__file__).with_name("wsdl") / "IntfXMLWS.wsdl"
 OPERATIONS = ("SendJob", "JobStatus", "CancelJob", "RequestReceived", "DeleteReceived")
 RESULT_NAMES = ("return", "result", "Result", "Return")
+MAX_CONNECTIONS = 10  # per account; callers bound their concurrent calls to it
 
 
 class SoapError(Exception):
@@ -83,7 +84,7 @@ class SoapClient:
         self.endpoint_url = endpoint_url
         self.timeout = timeout
         self.http = httpx.AsyncClient(timeout=httpx.Timeout(timeout, connect=10.0),
-                                      limits=httpx.Limits(max_connections=10),
+                                      limits=httpx.Limits(max_connections=MAX_CONNECTIONS),
                                       transport=httpx.AsyncHTTPTransport(retries=2))
         self._service: Any = None
         self._lock = asyncio.Lock()
