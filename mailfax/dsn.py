@@ -10,11 +10,12 @@ envelope sender ``<>``, as DSNs are sent, so no mail server ever answers it.
 from __future__ import annotations
 
 import re
-import unicodedata
 from datetime import datetime
 from email.message import EmailMessage, Message
 from email.policy import SMTP
 from email.utils import format_datetime, make_msgid
+
+from mailfax.text import to_ascii
 
 # reason code -> (enhanced status subject.detail, permanent whatever happens next)
 _STATUS_DETAIL: dict[str, tuple[str, bool]] = {
@@ -36,9 +37,6 @@ _STATUS_DETAIL: dict[str, tuple[str, bool]] = {
     "cancelled": ("0.0", True),
 }
 _HEADER_END = re.compile(rb"\r?\n\r?\n")
-# What NFKD does not reduce to ASCII but a reader should still see.
-_ASCII_SPELLING = str.maketrans({"ß": "ss", "–": "-", "—": "-", "„": '"', "“": '"', "”": '"',
-                                 "‚": "'", "‘": "'", "’": "'", "€": "EUR"})
 
 
 def dsn_status_for(reason_code: str, final: bool) -> str:
@@ -123,6 +121,5 @@ def _body_part(text: str, subtype: str, description: str) -> EmailMessage:
 
 def _ascii_line(value: str) -> str:
     """One line of printable ASCII: DSN fields may carry nothing else (RFC 3464 2.1.2)."""
-    flat = unicodedata.normalize("NFKD", value.translate(_ASCII_SPELLING))
-    flat = flat.encode("ascii", "ignore").decode("ascii")
+    flat = to_ascii(value)
     return " ".join("".join(char if char.isprintable() else " " for char in flat).split())

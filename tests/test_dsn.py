@@ -161,6 +161,14 @@ def test_provider_text_cannot_break_out_of_its_field() -> None:
     assert len(status.get_payload()) == 2
 
 
+def test_diagnostic_spells_umlauts_out_in_ascii() -> None:
+    report = reparse(bounce(diagnostic="Gegenstelle hat aufgelegt (Übertragung gestört)"))
+    _, status, _ = report.iter_parts()
+    per_recipient = status.get_payload()[1]
+    assert per_recipient["Diagnostic-Code"] == (
+        "X-Fax; Gegenstelle hat aufgelegt (Uebertragung gestoert)")
+
+
 def test_whole_original_message_as_text_keeps_only_its_headers() -> None:
     report = reparse(bounce(original_headers=ORIGINAL.decode(), message_id=None))
     assert report["In-Reply-To"] is None
