@@ -70,8 +70,9 @@ def image_to_pdf(filename: str, data: bytes) -> FaxDocument:
     The page keeps the image's physical size from its resolution when it has one and fits on
     A4; larger images, and images without a resolution, are scaled to fit the page.
     """
-    pages: list[Image.Image] = []
-    resolutions: list[tuple[float, float]] = []
+    # Each frame becomes its page PDF at once: only bytes are kept, never the decoded frames
+    # (20 pages of 7000×8500 pixels would hold over a gigabyte).
+    single_pages: list[FaxDocument] = []
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # damaged-tag chatter; damage that matters raises
@@ -79,12 +80,12 @@ def image_to_pdf(filename: str, data: bytes) -> FaxDocument:
             with Image.open(io.BytesIO(data)) as image:
                 for frame in ImageSequence.Iterator(image):
                     _check_size(filename, frame.size)
-                    if len(pages) >= MAX_IMAGE_FRAMES:
+                    if len(single_pages) >= MAX_IMAGE_FRAMES:
                         raise DocumentError(f"{filename} has more than {MAX_IMAGE_FRAMES} "
                                             f"pages; send it as a PDF.")
-                    page = _fax_mode(frame)
-                    pages.append(page)
-                    resolutions.append(_page_resolution(frame))
+                    with _fax_mode(frame) as page:
+                        single_pages.append(FaxDocument(
+                            filename, _page_pdf(page, _page_resolution(frame)), 1))
     except DocumentError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
@@ -93,12 +94,10 @@ def image_to_pdf(filename: str, data: bytes) -> FaxDocument:
     except Exception:  # Pillow raises many types for damaged or unknown data
         raise DocumentError(f"{filename} is not a readable image (damaged or of an unknown "
                             f"type); send a PDF, JPEG, PNG, GIF or TIFF.") from None
-    if not pages:
+    if not single_pages:
         raise DocumentError(f"{filename} is an empty image.")
-    single_pages = [FaxDocument(filename, _page_pdf(page, resolution), 1)
-                    for page, resolution in zip(pages, resolutions, strict=True)]
     pdf_bytes = merge_pdfs(single_pages, filename).data
-    return FaxDocument(filename=filename, data=pdf_bytes, pages=len(pages))
+    return FaxDocument(filename=filename, data=pdf_bytes, pages=len(single_pages))
 
 
 def merge_pdfs(documents: Sequence[FaxDocument], filename: str) -> FaxDocument:
