@@ -12,6 +12,7 @@ import pytest
 from lxml import etree
 
 from mailfax.emulators import faxde
+from mailfax.emulators.rules import longest_prefix, prefix_value
 
 SOAP_ENV = "http://schemas.xmlsoap.org/soap/envelope/"
 
@@ -79,3 +80,13 @@ async def test_faxde_forced_result_does_not_run_the_operation(fake: faxde.Emulat
         assert response.status == 200
     assert [fax.fax_id for fax in fake.state.inbox] == [fax_id]
     assert fake.state.deleted == []
+
+
+def test_the_longest_matching_prefix_wins() -> None:
+    rules = {"+49": "a", "+4930999": "b", "+4930": "c"}
+    assert prefix_value("+4930999123", rules) == "b"
+    assert prefix_value("+4930123", rules) == "c"
+    assert prefix_value("+4340123", rules) is None
+    pairs = [("+4930", 1), ("", 2), ("+4930", 3)]
+    assert longest_prefix("+4930123", pairs, lambda pair: pair[0]) == ("+4930", 1)  # first
+    assert longest_prefix("+4340123", pairs, lambda pair: pair[0]) == ("", 2)

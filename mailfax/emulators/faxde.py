@@ -32,6 +32,7 @@ import pikepdf
 from aiohttp import web
 from lxml import etree
 
+from mailfax.emulators.rules import prefix_value
 from mailfax.providers.faxde_soap import BUNDLED_WSDL, parse_untrusted
 from mailfax.web import runner_url, start_web
 
@@ -305,10 +306,8 @@ class Emulator:
     def result_of(self, job: EmulatedJob, recipient: Recipient) -> str:
         if job.cancelled:
             return "Send-Fail"
-        matching = [prefix for prefix in self.state.fail if recipient.number.startswith(prefix)]
-        if matching:
-            return self.state.fail[max(matching, key=len)]
-        return "OK"
+        result = prefix_value(recipient.number, self.state.fail)
+        return "OK" if result is None else result
 
     def status_file(self, job: EmulatedJob) -> bytes:
         out = io.StringIO()

@@ -46,6 +46,7 @@ from zoneinfo import ZoneInfo
 import pikepdf
 from aiohttp import web
 
+from mailfax.emulators.rules import prefix_value
 from mailfax.web import runner_url, start_web
 
 PATH = "/webrequests/product-voip/index.php"
@@ -158,11 +159,6 @@ def _prefix_causes(text: str) -> dict[str, int]:
     return rules
 
 
-def _cause_for(number: str, rules: Mapping[str, int]) -> int | None:
-    matching = [prefix for prefix in rules if number.startswith(prefix)]
-    return rules[max(matching, key=len)] if matching else None
-
-
 # -- the protocol (pure but for the state it keeps) -------------------------------------------
 
 def handle_call(state: EmulatorState, form: Mapping[str, str], upload: Upload | None
@@ -234,9 +230,9 @@ def _reference(filename: str) -> str | None:
 def timeline(fax: ReceivedFax, options: Options) -> list[tuple[float, str]]:
     """(seconds after submission, Status) of each step the job goes through."""
     delay = options.delay
-    done = "DONE-ERROR" if _cause_for(fax.fields["sDestination"], options.fail) else "DONE-OK"
+    done = "DONE-ERROR" if prefix_value(fax.fields["sDestination"], options.fail) else "DONE-OK"
     steps = [(0.0, "NEW"), (delay / 2, "RUNNING"), (delay, done)]
-    if _cause_for(fax.fields["sDestination"], options.retry) is not None:
+    if prefix_value(fax.fields["sDestination"], options.retry) is not None:
         steps.insert(1, (delay / 4, "RETRY"))
     return steps
 
@@ -258,10 +254,10 @@ def status_fields(fax: ReceivedFax, options: Options, now: float) -> dict[str, s
     }
     if status == "RETRY":
         entry["SendTriesRemaining"] = "4"
-        entry["StatusQ850Cause"] = str(_cause_for(destination, options.retry))
+        entry["StatusQ850Cause"] = str(prefix_value(destination, options.retry))
     if status.startswith("DONE"):
         ok = status == "DONE-OK"
-        entry["StatusQ850Cause"] = "16" if ok else str(_cause_for(destination, options.fail))
+        entry["StatusQ850Cause"] = "16" if ok else str(prefix_value(destination, options.fail))
         entry["ConnectionDuration"] = str(round(fax.pages * options.seconds_per_page + 1)
                                           if ok else 0)
         entry["PagesSent"] = str(fax.pages if ok else 0)

@@ -41,6 +41,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from mailfax.emulators.rules import longest_prefix
 from mailfax.providers.retarus_codes import MAX_IDS_PER_REQUEST, NAME_PATTERN, push_xml
 from mailfax.web import runner_url, start_web
 
@@ -166,10 +167,7 @@ class State:
                      if job.customer_defined_id == customer_defined_id), None)
 
     def result_for(self, number: str) -> Rule:
-        matching = [rule for rule in self.rules if number.startswith(rule.prefix)]
-        if not matching:
-            return Rule("", "OK")
-        return max(matching, key=lambda rule: len(rule.prefix))
+        return longest_prefix(number, self.rules, lambda rule: rule.prefix) or Rule("", "OK")
 
     def add_job(self, number: str, customer_defined_id: str | None = None,
                 data_centre: str | None = None, documents: list[tuple[str, bytes]] | None = None,

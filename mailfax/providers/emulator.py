@@ -25,6 +25,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from mailfax import reasons
+from mailfax.emulators.rules import longest_prefix
 from mailfax.model import JobState
 from mailfax.providers.base import (
     BaseProvider,
@@ -75,10 +76,8 @@ class Transmission:
 
 
 def outcome_for(number: str, rules: Sequence[FailRule]) -> Outcome | None:
-    matching = [rule for rule in rules if number.startswith(rule.prefix)]
-    if not matching:
-        return None
-    return max(matching, key=lambda rule: len(rule.prefix)).result
+    rule = longest_prefix(number, rules, lambda rule: rule.prefix)
+    return None if rule is None else rule.result
 
 
 def report_for(transmission: Transmission, settings: Settings, now: float) -> StatusReport:
