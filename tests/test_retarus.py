@@ -320,6 +320,27 @@ async def test_a_lost_answer_of_a_finished_job_is_found_among_the_reports(
         await emu.close()
 
 
+async def test_resends_of_one_mail_look_for_earlier_sends_once(
+        emulator: RetarusEmulator, provider: retarus.RetarusProvider) -> None:
+    emulator.state.faults += [Fault("send", kind="drop_after"), Fault("send", kind="drop_after")]
+    for job_id in ("job1", "job2"):
+        with pytest.raises(ProviderError):
+            await provider.send(fax(job_id))
+    assert len(emulator.state.jobs) == 2
+    await asyncio.sleep(0.3)  # finished (delay 0.2), so listed among the reports
+    lists_before = {dc: emulator.state.requests_to(dc, "list") for dc in ("DE1", "DE2")}
+    sends_before = emulator.state.requests_to("HA", "send")
+    results = await provider.send_many([fax("job1", attempt=2), fax("job2", attempt=2),
+                                        fax("job3", attempt=2), fax("job4")])
+    assert [isinstance(result, SendReceipt) for result in results] == [True] * 4
+    receipts = [result for result in results if isinstance(result, SendReceipt)]
+    assert [receipt.duplicate for receipt in receipts] == [True, True, False, False]
+    assert len(emulator.state.jobs) == 4
+    assert emulator.state.requests_to("HA", "send") == sends_before + 2  # job3, job4
+    for dc in ("DE1", "DE2"):  # one listing per data centre, not one per resent job
+        assert emulator.state.requests_to(dc, "list") == lists_before[dc] + 1
+
+
 async def test_a_bare_409_for_a_running_job_is_tracked_by_reference(tmp_path: Path) -> None:
     emu = await emulator_module.start("127.0.0.1", 0, {"delay": "0.3",
                                                        "conflict_body": "empty"})

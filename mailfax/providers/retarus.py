@@ -186,24 +186,31 @@ class RetarusProvider(BaseProvider):
 
     async def send_many(self, requests: Sequence[SendRequest]) -> list[SendResult]:
         encoded: dict[int, str] = {}  # the jobs of one mail share their documents
+        earlier = await self._earlier_sends(requests)  # a data centre that fails is skipped
 
         async def one(request: SendRequest) -> SendResult:
             async with self._send_slots:
                 try:
-                    return await self._send(request, encoded)
+                    return await self._send(request, encoded, earlier)
                 except ProviderError as error:
                     return error
 
         return list(await asyncio.gather(*(one(request) for request in requests)))
 
     async def send(self, request: SendRequest) -> SendReceipt:
-        return await self._send(request, {})
+        return await self._send(request, {}, await self._earlier_sends([request]))
 
-    async def _send(self, request: SendRequest, encoded: dict[int, str]) -> SendReceipt:
-        if request.attempt > 1:  # an earlier answer may have been lost: is the job there?
-            found = await self._find_by_reference([request.job_id])
-            if request.job_id in found:
-                return self._duplicate(request, found[request.job_id])
+    async def _earlier_sends(self, requests: Sequence[SendRequest]
+                             ) -> dict[str, tuple[str, dict[str, Any]]]:
+        """For the resends (attempt > 1) an earlier answer may have been lost: which of them
+        Retarus already has, looked up once for all of them."""
+        resent = [request.job_id for request in requests if request.attempt > 1]
+        return await self._find_by_reference(resent) if resent else {}
+
+    async def _send(self, request: SendRequest, encoded: dict[int, str],
+                    earlier: Mapping[str, tuple[str, dict[str, Any]]]) -> SendReceipt:
+        if request.job_id in earlier:
+            return self._duplicate(request, earlier[request.job_id])
         names = codes.document_names([document.filename for document in request.documents])
         documents = [(name, _base64(document, encoded))
                      for name, document in zip(names, request.documents, strict=True)]
