@@ -34,7 +34,6 @@ from mailfax.config import ImapIntakeSettings, Settings
 from mailfax.imap.client import ImapError, ImapSession
 from mailfax.intake.assemble import Refusal
 from mailfax.intake.service import Intake
-from mailfax.numbers import InvalidNumber, parse_fax_local_part
 from mailfax.policy import is_fax_domain, split_address, status_mail_allowed
 from mailfax.store.base import OutgoingMail, Store
 
@@ -331,18 +330,13 @@ class ImapIntake:
         return bool(domain) and domain in (allowed.lower() for allowed in policy.allowed_domains)
 
     def _recipients(self, headers: EmailMessage) -> list[str]:
+        """The numbers as fax addresses, as written: accept_mail checks them (check_recipient)
+        and refuses a bad one."""
         numbers = find_numbers(headers, self.imap, self.settings.fax_domains)
         if not numbers:
             raise Refusal(550, "5.1.3", "The mail names no fax number.")
         domain = self.settings.fax_domains[0]
-        recipients = []
-        for number in numbers:
-            try:
-                fax = parse_fax_local_part(number, self.settings.numbers.default_country)
-            except InvalidNumber as error:
-                raise Refusal(550, "5.1.1", error.sentence) from None
-            recipients.append(f"{fax.number}@{domain}")
-        return recipients
+        return [f"{number}@{domain}" for number in numbers]
 
     async def _reply(self, headers: EmailMessage, sender: str, reason: str) -> None:
         notify = self.settings.notify
