@@ -155,6 +155,8 @@ def test_document_names_fit_retarus_rules_and_stay_unique() -> None:
                      "a-very-long-document-name-th.pdf", "a-very-long-document-name-2.pdf",
                      "document.pdf", "document-2.pdf", "scan.pdf", "scan-2.pdf"]
     assert all(codes.NAME_PATTERN.match(name) and len(name) <= 32 for name in names)
+    # as mailfax.text.to_ascii: no ASCII form → dropped; then what Retarus refuses → "_"
+    assert codes.document_names(["Angebot 写真 Müller €.pdf"]) == ["Angebot__Mueller_EUR.pdf"]
 
 
 async def test_sanitised_names_are_accepted_by_the_emulator(

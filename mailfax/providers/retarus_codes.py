@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import re
-import unicodedata
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ from mailfax import reasons, xmlsafe
 from mailfax.model import JobState, Reason
 from mailfax.providers.base import ProviderError, StatusReport
 from mailfax.providers.http import parse_retry_after
-from mailfax.text import SPELLED_OUT
+from mailfax.text import to_ascii
 
 MAX_IDS_PER_REQUEST = 1000  # bulk POST /reports: "The maximum number of jobs per POST"
 MAX_NAME_LENGTH = 32  # documents[].name: at most 32 of [a-zA-Z0-9-_.]
@@ -187,9 +186,8 @@ NAME_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,32}$")
 
 
 def _plain(text: str) -> str:
-    text = unicodedata.normalize("NFKD", text.translate(SPELLED_OUT))
-    text = "".join(char for char in text if not unicodedata.combining(char))
-    return _NOT_ALLOWED.sub("_", text)
+    """ASCII (umlauts spelled out, accents dropped), then ``_`` for what Retarus refuses."""
+    return _NOT_ALLOWED.sub("_", to_ascii(text))
 
 
 def document_names(filenames: Sequence[str], extension: str = ".pdf") -> list[str]:
