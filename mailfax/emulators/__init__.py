@@ -8,7 +8,10 @@ Emulator`` (an object with ``url``, ``state`` and ``async close()``), used by th
 from __future__ import annotations
 
 import importlib
+import io
 from types import ModuleType
+
+import pikepdf
 
 EMULATOR_MODULES: dict[str, str] = {
     "fax.de": "mailfax.emulators.faxde",
@@ -23,3 +26,12 @@ def emulator_module(name: str) -> ModuleType:
     except KeyError:
         known = ", ".join(sorted(EMULATOR_MODULES))
         raise ValueError(f"unknown emulator {name!r} (known: {known})") from None
+
+
+def pdf_pages(data: bytes) -> int | None:
+    """How many pages the PDF ``data`` has, or None when it does not open as a PDF."""
+    try:
+        with pikepdf.open(io.BytesIO(data)) as pdf:
+            return len(pdf.pages)
+    except pikepdf.PdfError:
+        return None

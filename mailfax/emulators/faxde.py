@@ -28,10 +28,10 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import pikepdf
 from aiohttp import web
 from lxml import etree
 
+from mailfax.emulators import pdf_pages
 from mailfax.emulators.rules import prefix_value
 from mailfax.providers.faxde_soap import BUNDLED_WSDL, parse_untrusted
 from mailfax.web import runner_url, start_web
@@ -220,7 +220,7 @@ class Emulator:
         for name, data in files:
             if not name.lower().endswith(ALLOWED_SUFFIXES):
                 return {"return": -6}
-            counted = _pdf_pages(data) if name.lower().endswith(".pdf") else 1
+            counted = pdf_pages(data) if name.lower().endswith(".pdf") else 1
             if counted is None:
                 return {"return": -7}
             pages += counted
@@ -484,14 +484,6 @@ def _decode(value: Any) -> bytes:
         return base64.b64decode(str(value), validate=False)
     except ValueError:
         return b""
-
-
-def _pdf_pages(data: bytes) -> int | None:
-    try:
-        with pikepdf.open(io.BytesIO(data)) as pdf:
-            return len(pdf.pages)
-    except pikepdf.PdfError:
-        return None
 
 
 def _int(value: Any) -> int:

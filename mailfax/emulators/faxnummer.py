@@ -31,7 +31,6 @@ send_comment       refuse the next SendFax with WR_Status failed and this WR_Com
 from __future__ import annotations
 
 import asyncio
-import io
 import json
 import re
 import secrets
@@ -43,9 +42,9 @@ from datetime import datetime, timedelta
 from xml.sax.saxutils import escape
 from zoneinfo import ZoneInfo
 
-import pikepdf
 from aiohttp import web
 
+from mailfax.emulators import pdf_pages
 from mailfax.emulators.rules import prefix_value
 from mailfax.web import runner_url, start_web
 
@@ -215,11 +214,7 @@ def _send_fax(state: EmulatorState, form: Mapping[str, str], upload: Upload | No
 def _pages(upload: Upload | None) -> int:
     if upload is None or not upload.data.startswith(b"%PDF-"):
         return 0
-    try:
-        with pikepdf.open(io.BytesIO(upload.data)) as pdf:
-            return len(pdf.pages)
-    except pikepdf.PdfError:
-        return 0
+    return pdf_pages(upload.data) or 0
 
 
 def _reference(filename: str) -> str | None:
