@@ -8,6 +8,7 @@ import datetime as dt
 import logging
 import os
 import ssl
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -111,6 +112,35 @@ async def test_auth_over_starttls_is_accepted_and_the_fax_queued(secured: Secure
     assert errors == {} and "queued as" in reply
     jobs = await secured.app.store.list_jobs()
     assert [job.sender for job in jobs] == ["alice@example.org"]
+
+
+@pytest.mark.parametrize("mechanism", ["PLAIN", "LOGIN"])
+async def test_passwords_are_checked_off_the_event_loop(secured: Secured, mechanism: str,
+                                                        monkeypatch: pytest.MonkeyPatch
+                                                        ) -> None:
+    # scrypt takes ~44 ms; on the loop thread it would stall every other SMTP session.
+    import mailfax.intake.smtp as smtp_module
+
+    loop_thread = threading.current_thread()
+    threads: list[threading.Thread] = []
+
+    def spy(password: str, encoded: str) -> bool:
+        threads.append(threading.current_thread())
+        return verify_password(password, encoded)
+
+    monkeypatch.setattr(smtp_module, "verify_password", spy)
+    method = f"auth_{mechanism.lower()}"
+    for password, want in ((PASSWORD, 235), ("wrong", 535)):
+        client = secured.client()
+        async with client:
+            await client.starttls()
+            await client.ehlo()
+            try:
+                code = (await getattr(client, method)("alice", password)).code
+            except aiosmtplib.SMTPAuthenticationError as refused:
+                code = refused.code
+        assert code == want
+    assert threads and all(thread is not loop_thread for thread in threads)
 
 
 async def test_implicit_tls_listener_speaks_tls_from_the_first_byte(secured: Secured,

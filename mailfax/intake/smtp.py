@@ -11,6 +11,7 @@ import logging
 import secrets
 import ssl
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from aiosmtpd.lmtp import LMTP
@@ -136,8 +137,42 @@ class StrictPaths:
         super().data_received(data)  # type: ignore[misc]
 
 
+@dataclass(frozen=True)
+class _Deferred:
+    """What :meth:`FaxSMTP._authenticate` hands back instead of a verdict: the decoded
+    credentials, for :meth:`FaxSMTP._verify` to check off the event loop."""
+
+    mechanism: str
+    auth_data: Any
+
+
 class FaxSMTP(StrictPaths, SMTP):
-    pass
+    """aiosmtpd's AUTH PLAIN and LOGIN (challenges, base64, splitting) as they are, but the
+    password check (scrypt, ~44 ms) runs in a worker thread: aiosmtpd calls the authenticator
+    synchronously, which would stall every other session on the loop meanwhile."""
+
+    def _authenticate(self, mechanism: str, auth_data: Any) -> AuthResult:
+        # Called by aiosmtpd's auth_PLAIN/auth_LOGIN once the credentials are decoded. A
+        # result that is not completed by _verify is a failure (fail closed).
+        return AuthResult(success=False, handled=False,
+                          auth_data=_Deferred(mechanism, auth_data))
+
+    async def auth_PLAIN(self, server: SMTP, args: list[str]) -> AuthResult:
+        return await self._verify(await super().auth_PLAIN(server, args))
+
+    async def auth_LOGIN(self, server: SMTP, args: list[str]) -> AuthResult:
+        return await self._verify(await super().auth_LOGIN(server, args))
+
+    async def _verify(self, result: AuthResult) -> AuthResult:
+        deferred = result.auth_data
+        if not isinstance(deferred, _Deferred):  # refused before the credentials were read
+            return result
+        authenticator = self._authenticator
+        if isinstance(authenticator, Authenticator):
+            assert self.session is not None
+            return await authenticator.verify(self.session, deferred.auth_data)
+        return await asyncio.to_thread(super()._authenticate, deferred.mechanism,
+                                       deferred.auth_data)
 
 
 class FaxLMTP(StrictPaths, LMTP):
@@ -154,6 +189,25 @@ class Authenticator:
 
     def __call__(self, server: SMTP, session: Session, envelope: Envelope, mechanism: str,
                  auth_data: Any) -> AuthResult:
+        """aiosmtpd's synchronous interface; blocks for the password check. FaxSMTP awaits
+        :meth:`verify` instead."""
+        refused = self._before(session, auth_data)
+        if refused is not None:
+            return refused
+        return self._after(session, auth_data, self._password_valid(auth_data))
+
+    async def verify(self, session: Session, auth_data: Any) -> AuthResult:
+        """As a call, with the password check in a worker thread. The attempt counts as a
+        failure while it is checked, so parallel sessions cannot get past the throttle."""
+        refused = self._before(session, auth_data)
+        if refused is not None:
+            return refused
+        client = _client_ip(session) or "?"
+        self.throttle.failed(client)
+        valid = await asyncio.to_thread(self._password_valid, auth_data)
+        return self._after(session, auth_data, valid, counted=True)
+
+    def _before(self, session: Session, auth_data: Any) -> AuthResult | None:
         client = _client_ip(session) or "?"
         if self.throttle.blocked(client):
             log.warning("login refused for %s: too many failed logins", client)
@@ -161,13 +215,23 @@ class Authenticator:
                               message="454 4.7.0 Too many failed logins; try again later")
         if not isinstance(auth_data, LoginPassword):
             return AuthResult(success=False, handled=False)
+        return None
+
+    def _password_valid(self, auth_data: LoginPassword) -> bool:
         login = auth_data.login.decode("utf-8", "replace")
         password = auth_data.password.decode("utf-8", "replace")
         user = self.users.get(login)
         # A check for an unknown user costs the same, so timing does not tell who exists.
         valid = verify_password(password, user.password_hash if user else self._dummy_hash)
-        if user is None or not valid:
-            self.throttle.failed(client)
+        return user is not None and valid
+
+    def _after(self, session: Session, auth_data: LoginPassword, valid: bool,
+               counted: bool = False) -> AuthResult:
+        client = _client_ip(session) or "?"
+        login = auth_data.login.decode("utf-8", "replace")
+        if not valid:
+            if not counted:
+                self.throttle.failed(client)
             log.warning("failed SMTP login as %r from %s", login[:64], client)
             return AuthResult(success=False, handled=False)
         self.throttle.succeeded(client)
