@@ -123,8 +123,6 @@ class FaxDeProvider(BaseProvider):
     async def _send_job(self, request: SendRequest, files: list[FaxDocument], *,
                         recipient: str, recipient_file: bytes) -> dict[str, Any]:
         parameters: dict[str, Any] = {
-            "Account": self.settings.account,
-            "Password": self.settings.password.get_secret_value(),
             "JobType": FAX_JOB, "Recipient": recipient, "RecipientFile": recipient_file,
             "SendText": request.cover_text or "",
             "SendDateTime": request.send_at.astimezone(UTC) if request.send_at else xsd.SkipValue,
@@ -143,11 +141,10 @@ class FaxDeProvider(BaseProvider):
                          request.job_id)
             answer["duplicate"] = code.kind == "duplicate"
             return answer
-        reason = codes.reason_for_code("SendJob", result)
         if code.reason == "provider_auth":
             log.error("FAX.de refused account %s (SendJob %d: %s); check the credentials",
                       self.settings.account, result, code.text)
-        raise ProviderError(reason, transient=code.kind == "transient")
+        raise codes.error_for("SendJob", result)
 
     def _receipt(self, job_id: str, answer: dict[str, Any]) -> SendReceipt:
         provider_job_id = str(answer.get("JobId") or "")
@@ -208,21 +205,16 @@ class FaxDeProvider(BaseProvider):
 
     async def _job_status(self, provider_job_id: str,
                           refs: Sequence[ProviderRef]) -> dict[str, StatusReport]:
-        answer = await self._call("JobStatus", {
-            "Account": self.settings.account,
-            "Password": self.settings.password.get_secret_value(),
-            "JobId": int(provider_job_id)})
+        answer = await self._call("JobStatus", {"JobId": int(provider_job_id)})
         result = int(answer["return"])
         if result == codes.IN_PROGRESS:
             return {ref.job_id: StatusReport(state=JobState.SENDING) for ref in refs}
-        if result == 5:  # FAX.de does not know the job (any more)
+        if result == codes.JOB_NOT_FOUND:
             reason = codes.reason_for_code("JobStatus", result)
             return {ref.job_id: StatusReport(state=JobState.FAILED, reason=reason)
                     for ref in refs}
         if result != 0:
-            code = codes.code_for("JobStatus", result)
-            raise ProviderError(codes.reason_for_code("JobStatus", result),
-                                transient=code.kind == "transient")
+            raise codes.error_for("JobStatus", result)
         return reports_from_status(answer, refs)
 
     # -- cancel ------------------------------------------------------------------------------
@@ -230,32 +222,23 @@ class FaxDeProvider(BaseProvider):
     async def cancel(self, ref: ProviderRef) -> bool:
         if ref.provider_job_id.startswith(UNKNOWN_JOB_PREFIX):
             return False
-        answer = await self._call("CancelJob", {
-            "Account": self.settings.account,
-            "Password": self.settings.password.get_secret_value(),
-            "JobId": int(ref.provider_job_id)})
+        answer = await self._call("CancelJob", {"JobId": int(ref.provider_job_id)})
         result = int(answer["return"])
         if result == 0:
             return True
-        code = codes.code_for("CancelJob", result)
-        if code.kind == "ok":  # 1: already finished, -2: unknown job
+        if codes.code_for("CancelJob", result).kind == "ok":  # 1: finished, -2: unknown job
             return False
-        raise ProviderError(codes.reason_for_code("CancelJob", result),
-                            transient=code.kind == "transient")
+        raise codes.error_for("CancelJob", result)
 
     # -- inbound -----------------------------------------------------------------------------
 
     async def fetch_inbound(self) -> InboundFax | None:
-        answer = await self._call("RequestReceived", {
-            "Account": self.settings.account,
-            "Password": self.settings.password.get_secret_value()})
+        answer = await self._call("RequestReceived", {})
         result = int(answer["return"])
         if result == codes.INBOX_EMPTY:
             return None
         if result != 0:
-            code = codes.code_for("RequestReceived", result)
-            raise ProviderError(codes.reason_for_code("RequestReceived", result),
-                                transient=code.kind == "transient")
+            raise codes.error_for("RequestReceived", result)
         received = answer.get("ReceiveDate")
         return InboundFax(
             fax_id=str(answer.get("FaxId")),
@@ -268,18 +251,13 @@ class FaxDeProvider(BaseProvider):
         )
 
     async def delete_inbound(self, fax_id: str) -> None:
-        answer = await self._call("DeleteReceived", {
-            "Account": self.settings.account,
-            "Password": self.settings.password.get_secret_value(),
-            "FaxId": int(fax_id)})
+        answer = await self._call("DeleteReceived", {"FaxId": int(fax_id)})
         result = int(answer["return"])
         if result == codes.UNKNOWN_FAX:
             log.info("FAX.de fax %s was already deleted", fax_id)
             return
         if result != 0:
-            code = codes.code_for("DeleteReceived", result)
-            raise ProviderError(codes.reason_for_code("DeleteReceived", result),
-                                transient=code.kind == "transient")
+            raise codes.error_for("DeleteReceived", result)
 
     # -- push --------------------------------------------------------------------------------
 
@@ -304,8 +282,11 @@ class FaxDeProvider(BaseProvider):
         await self.soap.close()
 
     async def _call(self, operation: str, parameters: dict[str, Any]) -> dict[str, Any]:
+        """One SOAP operation with this account's credentials added to ``parameters``."""
+        credentials = {"Account": self.settings.account,
+                       "Password": self.settings.password.get_secret_value()}
         try:
-            return await self.soap.call(operation, **parameters)
+            return await self.soap.call(operation, **credentials, **parameters)
         except SoapError as error:
             raise ProviderError(reasons.reason("provider_unavailable", detail=str(error)),
                                 transient=True) from None

@@ -14,6 +14,7 @@ from typing import Literal
 
 from mailfax import reasons
 from mailfax.model import JobState, Reason
+from mailfax.providers.base import ProviderError
 
 Kind = Literal["ok", "transient", "permanent", "duplicate"]
 
@@ -95,6 +96,7 @@ DELETE_RECEIVED: dict[int, Code] = {
 OPERATION_CODES = {"SendJob": SEND_JOB, "JobStatus": JOB_STATUS, "CancelJob": CANCEL_JOB,
                    "RequestReceived": REQUEST_RECEIVED, "DeleteReceived": DELETE_RECEIVED}
 IN_PROGRESS = 6  # JobStatus
+JOB_NOT_FOUND = 5  # JobStatus: FAX.de does not know the job (any more)
 INBOX_EMPTY = 5  # RequestReceived
 UNKNOWN_FAX = 5  # DeleteReceived
 
@@ -124,6 +126,12 @@ def code_for(operation: str, result: int) -> Code:
 def reason_for_code(operation: str, result: int) -> Reason:
     code = code_for(operation, result)
     return reasons.reason(code.reason, detail=f"FAX.de {operation} {result}: {code.text}")
+
+
+def error_for(operation: str, result: int) -> ProviderError:
+    """The error an operation's (non-ok) result code means: transient or not by its kind."""
+    code = code_for(operation, result)
+    return ProviderError(reason_for_code(operation, result), transient=code.kind == "transient")
 
 
 def outcome_of_send_result(send_result: str) -> tuple[JobState, Reason | None]:
