@@ -20,12 +20,13 @@ from mailfax.app import Application
 from mailfax.config import ImapIntakeSettings
 from mailfax.emulators import faxde as emulator
 from mailfax.imap.client import ImapError, ImapSession, imap_utf7
-from mailfax.imap.intake import find_numbers
+from mailfax.imap.intake import MAX_HANDLE_FAILURES, find_numbers
 from tests.conftest import Service, make_settings
 from tests.mailservers import PASSWORD, Dovecot, free_port, running_dovecot
 
 FAX = "fax@example.org"
 FAX2 = "fax-retry@example.org"  # each test its own mailbox: they share one Dovecot
+FAX3 = "fax-poison@example.org"
 ALICE = "alice@example.org"
 PDF = (b"%PDF-1.4\n1 0 obj<</Type/Catalog/Pages 2 0 R>>endobj\n"
        b"2 0 obj<</Type/Pages/Kids[3 0 R]/Count 1>>endobj\n"
@@ -36,7 +37,7 @@ FAXDE_PASSWORD = "s3cr3t"
 
 @pytest.fixture(scope="module")
 def dovecot() -> Iterator[Dovecot]:
-    with running_dovecot([FAX, FAX2, ALICE]) as server:
+    with running_dovecot([FAX, FAX2, FAX3, ALICE]) as server:
         yield server
 
 
@@ -190,6 +191,28 @@ async def test_imap_intake_keeps_the_mail_until_the_job_is_stored_and_never_faxe
         jobs = await app.store.list_jobs()
         assert [job.number for job in jobs] == ["+49305551234"]
         assert await count(dovecot, "INBOX", FAX2) == 0
+
+
+async def test_imap_intake_sets_a_mail_aside_after_it_failed_again_and_again(
+        tmp_path: Path, dovecot: Dovecot, monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = intake_settings(tmp_path, dovecot, FAX3, idle_seconds=1)
+    async with running(settings) as app:
+        assert app.imap_intake is not None
+        await asyncio.wait_for(app.imap_intake.connected.wait(), 30)
+        calls: list[str] = []
+
+        async def broken_accept(*args: Any, **kwargs: Any) -> Any:
+            calls.append("accept")
+            raise RuntimeError("poison mail (test)")
+
+        monkeypatch.setattr(app.intake, "accept_mail", broken_accept)
+        await append(dovecot, fax_mail("Fax 030 5551234", to=FAX3), FAX3)
+
+        await dovecot.wait_for(FAX3, "Rejected", timeout=60)
+        assert len(calls) == MAX_HANDLE_FAILURES
+        assert await count(dovecot, "INBOX", FAX3) == 0
+        assert await app.store.list_jobs() == []
+        assert app.imap_intake._failures == {}
 
 
 async def proxy(listen_port: int, target_port: int) -> asyncio.Server:

@@ -41,6 +41,9 @@ log = logging.getLogger(__name__)
 
 QUEUED_KEYWORD = "$MailfaxQueued"
 REJECTED_KEYWORD = "$MailfaxRejected"
+# A mail whose handling raised this often (each IDLE wake or poll tries again) is set aside
+# with the rejected ones, so that one poison mail is not retried forever.
+MAX_HANDLE_FAILURES = 5
 _NUMBER_DETAIL = re.compile(r"^\+?[0-9][0-9.()/-]*$")
 _SPLIT_NUMBERS = re.compile(r"[,;]")
 
@@ -200,7 +203,7 @@ class ImapIntake:
         self.ledger = Ledger(settings.data_dir / "imap" / f"{name}.ledger")
         self.client = f"imap:{self.imap.mailbox}"
         self.connected = asyncio.Event()  # set while a session is logged in (for tests, health)
-        self._failures: dict[tuple[int, int], int] = {}
+        self._failures: dict[tuple[int, int], int] = {}  # (UIDVALIDITY, UID) -> failed handles
 
     def describe(self) -> str:
         imap = self.imap
@@ -273,14 +276,26 @@ class ImapIntake:
             raw = await session.fetch_message(uid)
             if raw is None:
                 return False  # gone meanwhile
+            key = (uidvalidity, uid)
             try:
                 outcome = await self.handle(raw)
             except Exception:
-                key = (uidvalidity, uid)
-                self._failures[key] = self._failures.get(key, 0) + 1
-                log.exception("IMAP intake: mail UID %d could not be stored (attempt %d); it "
-                              "stays in %s", uid, self._failures[key], self.imap.mailbox)
-                return False
+                failures = self._failures[key] = self._failures.get(key, 0) + 1
+                if failures < MAX_HANDLE_FAILURES:
+                    log.exception("IMAP intake: mail UID %d could not be stored (attempt %d of"
+                                  " %d); it stays in %s", uid, failures, MAX_HANDLE_FAILURES,
+                                  self.imap.mailbox)
+                    return False
+                where = (f"moved to {self.imap.rejected_folder}" if self.imap.rejected_folder
+                         else f"flagged {REJECTED_KEYWORD}")
+                log.exception("IMAP intake: mail UID %d could not be stored in %d attempts; "
+                              "given up: %s, no fax sent, no reply. Fix the cause, then put "
+                              "it back into %s (unflagged) to try again", uid, failures, where,
+                              self.imap.mailbox)
+                await self._file(session, uid, self.imap.rejected_folder, REJECTED_KEYWORD)
+                del self._failures[key]
+                return True
+            self._failures.pop(key, None)
             if not outcome.queued:
                 await self._file(session, uid, self.imap.rejected_folder, REJECTED_KEYWORD)
                 log.info("IMAP intake: mail UID %d rejected: %s", uid, outcome.reason)
