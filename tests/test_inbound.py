@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import email
 import email.policy
+import io
 import logging
 import mailbox
 import time
@@ -15,8 +16,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from mailfax.app import inbound_mailer
+from mailfax.inbound.mailer import prepare_files
 from mailfax.inbound.poller import InboundPoller
 from mailfax.inbound.routing import recipients_for
 from mailfax.outbox import MaildirSink, MailSink, OutboxSender, PermanentRefusal
@@ -40,6 +43,17 @@ def test_unrouted_number_goes_to_the_default_route_else_the_postmaster() -> None
         "office@example.org"]
     assert recipients_for("+4940999", ROUTES, [], "pm@x", "DE") == ["pm@x"]
     assert recipients_for("", {}, [], "pm@x", "DE") == ["pm@x"]
+
+
+def test_preview_takes_the_page_resolution_of_the_pdf() -> None:
+    # 1×1 dpi is a placeholder (below MIN_DPI): the page counts as fine mode, 204×196 dpi,
+    # so the preview is stretched to square pixels like the PDF page.
+    out = io.BytesIO()
+    Image.new("1", (1728, 1000), 1).save(out, format="TIFF", compression="group4", dpi=(1, 1))
+    files = prepare_files(out.getvalue())
+    assert files.preview_png is not None
+    with Image.open(io.BytesIO(files.preview_png)) as preview:
+        assert preview.size == (480, round(1000 * 204 / 196 * 480 / 1728))
 
 
 @dataclass

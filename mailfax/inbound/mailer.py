@@ -21,14 +21,13 @@ from zoneinfo import ZoneInfo
 import jinja2
 from PIL import Image
 
-from mailfax.inbound.convert import NotConvertible, tiff_to_pdf
+from mailfax.inbound.convert import MAX_PAGE_PIXELS, NotConvertible, page_resolution, tiff_to_pdf
 from mailfax.inbound.routing import normalise_number
 from mailfax.numbers import format_international
 from mailfax.store.base import InboundRecord
 
 CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u200b-\u200f\u202a-\u202e\u2066-\u2069]")
 PREVIEW_WIDTH = 480
-MAX_PREVIEW_PIXELS = 40_000_000
 
 
 def clean(value: str, limit: int = 64) -> str:
@@ -73,10 +72,9 @@ def prepare_files(image: bytes) -> FaxFiles:
 def _preview(image: bytes) -> bytes | None:
     try:
         with Image.open(io.BytesIO(image)) as picture:
-            if picture.width * picture.height > MAX_PREVIEW_PIXELS:
+            if picture.width * picture.height > MAX_PAGE_PIXELS:
                 return None
-            dpi = picture.info.get("dpi") or (204, 196)
-            xdpi, ydpi = float(dpi[0] or 204), float(dpi[1] or 196)
+            xdpi, ydpi = page_resolution(picture)  # as the PDF page has it
             height = round(picture.height * xdpi / ydpi)  # square pixels for the eye
             page = picture.convert("L").resize((picture.width, max(1, height)))
             page.thumbnail((PREVIEW_WIDTH, PREVIEW_WIDTH * 2))
