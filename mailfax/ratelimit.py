@@ -7,7 +7,7 @@ from __future__ import annotations
 import time
 from collections import deque
 
-MAX_KEYS = 10_000  # beyond this, keys with no recent events are forgotten
+MAX_KEYS = 10_000  # at this many keys, a new key first makes the window forget stale ones
 
 
 class SlidingWindow:
@@ -15,18 +15,33 @@ class SlidingWindow:
         self.limit = limit
         self.window = window
         self._times: dict[str, deque[float]] = {}
+        self._prune_at = MAX_KEYS
+
+    def __len__(self) -> int:
+        """How many keys are remembered (some may be stale until the next clean-up)."""
+        return len(self._times)
 
     def count(self, key: str, now: float | None = None) -> int:
-        return len(self._recent(key, now))
+        times = self._times.get(key)  # asking never adds a key
+        if times is None:
+            return 0
+        self._trim(times, _moment(now))
+        if not times:
+            del self._times[key]
+        return len(times)
 
     def full(self, key: str, now: float | None = None) -> bool:
         return self.count(key, now) >= self.limit
 
     def add(self, key: str, now: float | None = None) -> None:
-        self._recent(key, now).append(time.monotonic() if now is None else now)
-        if len(self._times) > MAX_KEYS:
-            for stale in [name for name, times in self._times.items() if not times]:
-                del self._times[stale]
+        moment = _moment(now)
+        times = self._times.get(key)
+        if times is None:
+            if len(self._times) >= self._prune_at:
+                self._prune(moment)
+            times = self._times[key] = deque()
+        self._trim(times, moment)
+        times.append(moment)
 
     def allow(self, key: str, now: float | None = None) -> bool:
         """Count one event for ``key`` if the window has room; False (and not counted) if not."""
@@ -38,9 +53,19 @@ class SlidingWindow:
     def forget(self, key: str) -> None:
         self._times.pop(key, None)
 
-    def _recent(self, key: str, now: float | None) -> deque[float]:
-        moment = time.monotonic() if now is None else now
-        times = self._times.setdefault(key, deque())
+    def _trim(self, times: deque[float], moment: float) -> None:
         while times and moment - times[0] > self.window:
             times.popleft()
-        return times
+
+    def _prune(self, moment: float) -> None:
+        """Forget keys whose newest event is older than the window (a client that failed once
+        and never came back). If most keys are recent, the next clean-up waits until there
+        are twice as many, so adding stays cheap on average."""
+        for key in [key for key, times in self._times.items()
+                    if not times or moment - times[-1] > self.window]:
+            del self._times[key]
+        self._prune_at = max(MAX_KEYS, 2 * len(self._times))
+
+
+def _moment(now: float | None) -> float:
+    return time.monotonic() if now is None else now

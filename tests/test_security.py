@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from mailfax import ratelimit
 from mailfax.app import Application
 from mailfax.auth import LoginThrottle, hash_password, is_password_hash, verify_password
 from mailfax.config import ConfigError, SenderPolicySettings, load_settings
@@ -264,6 +265,25 @@ def test_login_throttle_forgets_after_the_window() -> None:
     assert throttle.blocked("1.2.3.4", now=5)
     assert not throttle.blocked("5.6.7.8", now=5)
     assert not throttle.blocked("1.2.3.4", now=12)
+
+
+def test_the_throttle_forgets_clients_that_never_came_back(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ratelimit, "MAX_KEYS", 3)
+    throttle = LoginThrottle(max_failures=2, window=10)
+    assert not throttle.blocked("9.9.9.9", now=0) and len(throttle) == 0  # asking adds nothing
+    for client in ("1.1.1.1", "2.2.2.2"):
+        throttle.failed(client, now=0)  # once, and never again
+    throttle.failed("3.3.3.3", now=5)
+    throttle.failed("3.3.3.3", now=6)
+    assert len(throttle) == 3
+    throttle.failed("4.4.4.4", now=12)  # at the cap: the stale ones go, recent ones stay
+    assert len(throttle) == 2
+    assert throttle.blocked("3.3.3.3", now=12)
+    assert not throttle.blocked("1.1.1.1", now=12)
+    for index in range(2):  # all recent: kept, and no clean-up on every new key
+        throttle.failed(f"5.5.5.{index}", now=13)
+    assert len(throttle) == 4 and throttle.blocked("3.3.3.3", now=13)
 
 
 def test_status_mails_per_sender_are_limited() -> None:
