@@ -62,13 +62,11 @@ class EmulatedJob:
     job_id: int
     recipients: list[Recipient]
     files: list[tuple[str, bytes]]
-    text: str
     options: dict[str, str]
     pages: int
     created: float
     fingerprint: str
     cancelled: bool = False
-    pushed: bool = False
 
 
 @dataclass
@@ -231,7 +229,7 @@ class Emulator:
             return {"return": -77, "JobId": duplicate.job_id,
                     "RecipientsCount": len(duplicate.recipients), "PageCount": duplicate.pages}
         job = EmulatedJob(job_id=next(self.state._ids), recipients=recipients,
-                          files=files, text=text, options=parse_options(
+                          files=files, options=parse_options(
                               str(parameters.get("Options") or "")),
                           pages=pages, created=time.time(), fingerprint=fingerprint.hexdigest())
         self.state.jobs[job.job_id] = job
@@ -345,7 +343,6 @@ class Emulator:
                 async with self._session.get(url) as response:
                     await response.read()
                     self.state.push_statuses.append(response.status)
-        job.pushed = True
 
     # -- SOAP answers ------------------------------------------------------------------------
 

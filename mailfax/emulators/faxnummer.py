@@ -103,7 +103,6 @@ class EmulatorState:
     options: Options
     faults: Faults = field(default_factory=Faults)
     faxes: list[ReceivedFax] = field(default_factory=list)
-    requests: list[dict[str, str]] = field(default_factory=list)  # every call, code left out
     clock: Callable[[], float] = time.monotonic
 
     def fax(self, uuid: str) -> ReceivedFax | None:
@@ -304,7 +303,6 @@ def _handler(state: EmulatorState
              ) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
     async def handle(request: web.Request) -> web.StreamResponse:
         form, upload = await _read_form(request)
-        state.requests.append({k: v for k, v in form.items() if k != "sProductCode"})
         faults = state.faults
         if faults.http_error_count > 0:
             faults.http_error_count -= 1

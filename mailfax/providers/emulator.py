@@ -172,11 +172,6 @@ class Ledger:
             conn.execute("UPDATE transmissions SET cancelled = 1 WHERE provider_job_id = ?",
                          (provider_job_id,))
 
-    def all(self) -> list[Transmission]:
-        with self._connect() as conn:
-            rows = conn.execute("SELECT * FROM transmissions ORDER BY submitted_at").fetchall()
-        return [_transmission(row) for row in rows]
-
 
 def _transmission(row: sqlite3.Row) -> Transmission:
     return Transmission(
