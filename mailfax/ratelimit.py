@@ -43,13 +43,6 @@ class SlidingWindow:
         self._trim(times, moment)
         times.append(moment)
 
-    def allow(self, key: str, now: float | None = None) -> bool:
-        """Count one event for ``key`` if the window has room; False (and not counted) if not."""
-        if self.full(key, now):
-            return False
-        self.add(key, now)
-        return True
-
     def forget(self, key: str) -> None:
         self._times.pop(key, None)
 

@@ -25,7 +25,6 @@ from mailfax.app import Application
 from mailfax.auth import LoginThrottle, hash_password, is_password_hash, verify_password
 from mailfax.config import ConfigError, SenderPolicySettings, load_settings
 from mailfax.policy import exposure_problem
-from mailfax.ratelimit import SlidingWindow
 from tests.conftest import fax_mail, make_settings
 
 PASSWORD = "correct horse battery staple"
@@ -284,14 +283,6 @@ def test_the_throttle_forgets_clients_that_never_came_back(
     for index in range(2):  # all recent: kept, and no clean-up on every new key
         throttle.failed(f"5.5.5.{index}", now=13)
     assert len(throttle) == 4 and throttle.blocked("3.3.3.3", now=13)
-
-
-def test_status_mails_per_sender_are_limited() -> None:
-    rate = SlidingWindow(limit=2, window=3600)
-    assert rate.allow("a@x", now=0) and rate.allow("a@x", now=1)
-    assert not rate.allow("a@x", now=2)
-    assert rate.allow("b@x", now=2)
-    assert rate.allow("a@x", now=3601)
 
 
 @pytest.mark.parametrize(("hosts", "senders", "users", "tls", "problem"), [
