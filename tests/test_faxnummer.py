@@ -428,6 +428,20 @@ async def test_500_without_retry_after_is_transient(
     assert failed.value.transient and failed.value.retry_after is None
 
 
+@pytest.mark.parametrize(("status", "code", "transient"), [
+    (400, "provider_error", False), (401, "provider_auth", False),
+    (403, "provider_auth", False), (404, "provider_error", False),
+    (429, "provider_unavailable", True), (500, "provider_error", True),
+    (502, "provider_unavailable", True), (503, "provider_unavailable", True)])
+def test_http_status_becomes_a_typed_error(status: int, code: str, transient: bool) -> None:
+    assert faxnummer.http_error(200, None, "SendFax") is None
+    error = faxnummer.http_error(status, "7", "SendFax")
+    assert error is not None
+    assert (error.reason.code, error.transient) == (code, transient)
+    assert error.reason.detail == f"SendFax: HTTP {status}"
+    assert error.retry_after == (7 if transient else None)
+
+
 def test_retry_after_as_an_http_date() -> None:
     assert parse_retry_after("Wed, 21 Oct 2015 07:28:30 GMT",
                                        now=1445412480.0) == 30.0

@@ -52,7 +52,7 @@ from mailfax.providers.base import (
     SendResult,
     StatusReport,
 )
-from mailfax.providers.http import parse_retry_after, prepare_documents
+from mailfax.providers.http import prepare_documents, status_error
 from mailfax.text import to_ascii
 
 log = logging.getLogger(__name__)
@@ -313,15 +313,10 @@ def _provider_time(text: str | None) -> datetime | None:
 
 
 def http_error(status: int, retry_after: str | None, command: str) -> ProviderError | None:
-    """The error an HTTP status means, before the body is looked at."""
+    """The error an HTTP status means, before the body is looked at; None for 2xx."""
     if 200 <= status < 300:
         return None
-    detail = f"{command}: HTTP {status}"
-    if status == 429 or status >= 500:
-        return ProviderError(reasons.reason("provider_unavailable", detail), transient=True,
-                             retry_after=parse_retry_after(retry_after))
-    code = "provider_auth" if status in (401, 403) else "provider_error"
-    return ProviderError(reasons.reason(code, detail), transient=False)
+    return status_error(status, retry_after, command)
 
 
 # -- what we send (pure) ----------------------------------------------------------------------

@@ -1,5 +1,6 @@
-"""What the HTTP (and SOAP-over-HTTP) providers share: reading a ``Retry-After`` header,
-preparing each request's documents once, off the event loop."""
+"""What the HTTP (and SOAP-over-HTTP) providers share: an HTTP error status as a typed
+error, reading a ``Retry-After`` header, preparing each request's documents once, off the
+event loop."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ from collections.abc import Callable, Sequence
 from email.utils import parsedate_to_datetime
 from typing import TypeVar
 
-from mailfax.providers.base import FaxDocument, SendRequest
+from mailfax import reasons
+from mailfax.providers.base import FaxDocument, ProviderError, SendRequest
 
 Prepared = TypeVar("Prepared")
 
@@ -30,6 +32,31 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
         except (TypeError, ValueError):
             return None
     return min(max(seconds, 0.0), RETRY_AFTER_MAX)
+
+
+def http_detail(what: str, status: int, body: str = "") -> str:
+    """``what: HTTP status`` and the start of the answer's body, on one line."""
+    excerpt = " ".join(body.split())[:200]
+    return f"{what}: HTTP {status}" + (f" {excerpt}" if excerpt else "")
+
+
+def status_error(status: int, retry_after: str | None, what: str,
+                 body: str = "") -> ProviderError:
+    """An HTTP error status (not 2xx) as a typed error, before any body is interpreted.
+
+    401/403: the credentials (or an IP allowlist) are refused, permanently. 429, 502, 503,
+    504: overload or maintenance, transient, after ``Retry-After`` if given. Other 5xx: the
+    service's own error, transient. Anything else refuses this very request: permanent."""
+    detail = http_detail(what, status, body)
+    if status in (401, 403):
+        return ProviderError(reasons.reason("provider_auth", detail), transient=False)
+    if status in (429, 502, 503, 504):
+        return ProviderError(reasons.reason("provider_unavailable", detail), transient=True,
+                             retry_after=parse_retry_after(retry_after))
+    if status >= 500:
+        return ProviderError(reasons.reason("provider_error", detail), transient=True,
+                             retry_after=parse_retry_after(retry_after))
+    return ProviderError(reasons.reason("provider_error", detail), transient=False)
 
 
 async def prepare_documents(requests: Sequence[SendRequest],

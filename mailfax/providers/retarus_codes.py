@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 from mailfax import reasons, xmlsafe
 from mailfax.model import JobState, Reason
 from mailfax.providers.base import ProviderError, StatusReport
-from mailfax.providers.http import parse_retry_after
+from mailfax.providers.http import http_detail, status_error
 from mailfax.text import to_ascii
 
 MAX_IDS_PER_REQUEST = 1000  # bulk POST /reports: "The maximum number of jobs per POST"
@@ -335,19 +335,13 @@ def push_xml(report: Mapping[str, Any], push_url: str = "") -> bytes:
 
 def http_error(status: int, body: str, retry_after_header: str | None,
                operation: str) -> ProviderError:
-    """An error answer as a normalised, typed error (sendjobrequest / report pages)."""
-    excerpt = " ".join(body.split())[:200]
-    detail = f"Retarus {operation}: HTTP {status}" + (f" {excerpt}" if excerpt else "")
-    wait = parse_retry_after(retry_after_header)
-    if status in (401, 403):  # AUTHENTICATION_FAILURE (the API also uses 403 for IP allowlists)
-        return ProviderError(reasons.reason("provider_auth", detail), transient=False)
+    """An error answer as a normalised, typed error (sendjobrequest / report pages).
+
+    As :func:`mailfax.providers.http.status_error` (401/403 AUTHENTICATION_FAILURE, also
+    used for IP allowlists; 429/502-504 overload or maintenance; 500 "cannot accept job" and
+    520 "UNKNOWN_ERROR … backend adaptor" transient; 400 BAD_REQUEST permanent), except 404."""
+    what = f"Retarus {operation}"
     if status == 404:  # an unknown customer number (a wrong URL looks the same)
-        return ProviderError(reasons.reason("provider_account", detail), transient=False)
-    if status in (429, 502, 503, 504):  # overload or maintenance
-        return ProviderError(reasons.reason("provider_unavailable", detail), transient=True,
-                             retry_after=wait)
-    if status >= 500:  # 500 "cannot accept job", 520 "UNKNOWN_ERROR … backend adaptor"
-        return ProviderError(reasons.reason("provider_error", detail), transient=True,
-                             retry_after=wait)
-    # 400 BAD_REQUEST "… unable to process JSON" and other refusals of this very request
-    return ProviderError(reasons.reason("provider_error", detail), transient=False)
+        return ProviderError(reasons.reason("provider_account", http_detail(what, status, body)),
+                             transient=False)
+    return status_error(status, retry_after_header, what, body)
