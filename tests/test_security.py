@@ -230,6 +230,32 @@ async def test_quotas_per_hour_at_rcpt_and_pages_per_day_at_data(secured: Secure
     assert hourly.value.code == 452 and "3 faxes per hour" in hourly.value.message
 
 
+async def test_the_hourly_quota_is_read_once_per_mail_not_per_recipient(
+        secured: Secured, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = secured.app.store
+    calls: list[Any] = []
+    real = store.usage_since
+
+    async def spy(*args: Any) -> tuple[int, int]:
+        calls.append(args)
+        return await real(*args)
+
+    monkeypatch.setattr(store, "usage_since", spy)
+    client = await secured.logged_in()
+    async with client:
+        await client.mail("alice@example.org")
+        for number in ("030123456", "030123457", "030123458"):  # 3 faxes per hour: all fit
+            await client.rcpt(f"{number}@fax.local")
+        with pytest.raises(aiosmtplib.SMTPRecipientRefused) as hourly:
+            await client.rcpt("030123459@fax.local")
+        assert len(calls) == 1
+        await client.rset()  # a new mail reads the counts again
+        await client.mail("alice@example.org")
+        await client.rcpt("030123456@fax.local")
+        assert len(calls) == 2
+    assert hourly.value.code == 452 and "3 faxes per hour" in hourly.value.message
+
+
 async def test_failed_logins_are_throttled_per_client(secured: Secured) -> None:
     codes = []
     for _ in range(3):  # max_login_failures = 3 (aiosmtplib may try PLAIN, then LOGIN)

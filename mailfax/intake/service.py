@@ -86,20 +86,29 @@ class Intake:
             raise Refusal(550, "5.7.1", f"User {user} may not send faxes to {fax.number} "
                           f"(allowed: {', '.join(settings.allowed_prefixes)}).")
 
-    async def check_rate(self, envelope_from: str, user: str | None, pending: int) -> None:
+    async def check_rate(self, envelope_from: str, user: str | None, pending: int,
+                         usage: dict[str, int] | None = None) -> None:
         """Faxes per hour, for the user and for everyone; ``pending`` are the recipients of
-        this mail accepted so far."""
-        since = datetime.now(UTC) - timedelta(hours=1)
+        this mail accepted so far. ``usage``, kept by the caller for one envelope, holds the
+        stored counts once read, so they are queried once per mail, not on every RCPT."""
+        usage = {} if usage is None else usage
         settings = self.settings.users.get(user) if user else None
         if settings and settings.faxes_per_hour is not None:
-            jobs, _ = await self.store.usage_since(since, settings.addresses)
+            jobs = await self._jobs_last_hour(usage, "user", settings.addresses)
             self._refuse_over(quota_refusal(f"user {user}", settings.faxes_per_hour, jobs,
                                             pending + 1, "faxes per hour"))
         limit = self.settings.quotas.faxes_per_hour
         if limit is not None:
-            jobs, _ = await self.store.usage_since(since)
+            jobs = await self._jobs_last_hour(usage, "service", None)
             self._refuse_over(quota_refusal("this service", limit, jobs, pending + 1,
                                             "faxes per hour"))
+
+    async def _jobs_last_hour(self, usage: dict[str, int], key: str,
+                              senders: Sequence[str] | None) -> int:
+        if key not in usage:
+            since = datetime.now(UTC) - timedelta(hours=1)
+            usage[key], _ = await self.store.usage_since(since, senders)
+        return usage[key]
 
     async def check_pages(self, user: str | None, pages: int) -> None:
         since = datetime.now(UTC) - timedelta(days=1)

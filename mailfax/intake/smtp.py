@@ -10,6 +10,7 @@ import functools
 import logging
 import secrets
 import ssl
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -31,6 +32,10 @@ class FaxHandler:
     def __init__(self, intake: Intake, max_recipients: int):
         self.intake = intake
         self.max_recipients = max_recipients
+        # Per envelope (aiosmtpd makes a new one for each mail): the hourly counts read at
+        # its first RCPT, so later RCPTs count on from them instead of asking the store again.
+        self._usage: weakref.WeakKeyDictionary[Envelope, dict[str, int]] = \
+            weakref.WeakKeyDictionary()
 
     async def handle_MAIL(self, server: SMTP, session: Session, envelope: Envelope,
                           address: str, mail_options: list[str]) -> str:
@@ -52,7 +57,8 @@ class FaxHandler:
             fax = self.intake.check_recipient(address)
             self.intake.check_user_destination(fax, _user(session))
             await self.intake.check_rate(envelope.mail_from or "", _user(session),
-                                         len(envelope.rcpt_tos))
+                                         len(envelope.rcpt_tos),
+                                         self._usage.setdefault(envelope, {}))
         except Refusal as refusal:
             self.intake.count_refusal(refusal)
             log.info("refused recipient <%s>: %s", address, refusal.sentence)
