@@ -2,9 +2,9 @@
 
     python bench/documents.py [--repeat 5]
 
-Rows: the PDF-only path (``mailfax.documents.prepare_pdf`` on a corpus PDF; a pypdf page count
-while that module is missing), a cover page (ReportLab), a .docx through LibreOffice (warm:
-one conversion first to create the profile) and OCR of a received fax (OCRmyPDF). Each figure
+Rows: the PDF-only path (``mailfax.documents.prepare_pdf`` on a corpus PDF), a cover page
+(ReportLab), a .docx through LibreOffice (warm: one conversion first to create the profile)
+and OCR of a received fax as mailfax mails it (``tiff_to_pdf``, then OCRmyPDF). Each figure
 is the median of ``--repeat`` runs divided by the pages produced. Goals: cover ≤ 50 ms,
 office ≤ 3 s per document warm, OCR ≤ 5 s per page on 2 cores.
 """
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import io
 import shutil
 import statistics
 import sys
@@ -23,15 +22,14 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
-import img2pdf
-import pypdf
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 CORPUS = ROOT.parent / "shared" / "corpus"
 
 from mailfax import office  # noqa: E402
 from mailfax.cover import CoverInfo, render_cover  # noqa: E402
+from mailfax.documents import prepare_pdf  # noqa: E402
+from mailfax.inbound.convert import tiff_to_pdf  # noqa: E402
 from mailfax.inbound.ocr import add_text_layer, ocr_available  # noqa: E402
 
 PDF = CORPUS / "pdf" / "VIA_Nytt_1402.pdf"
@@ -41,11 +39,6 @@ FAX = CORPUS / "fax-tiff" / "fax2d.tif"
 
 def pdf_only_step() -> tuple[str, Callable[[], int]]:
     data = PDF.read_bytes()
-    try:
-        from mailfax.documents import prepare_pdf  # type: ignore[attr-defined]
-    except ImportError:
-        return "PDF only (pypdf page count; prepare_pdf missing)", \
-            lambda: len(pypdf.PdfReader(io.BytesIO(data)).pages)
     return "PDF only (documents.prepare_pdf)", lambda: int(prepare_pdf(PDF.name, data).pages)
 
 
@@ -64,7 +57,7 @@ def office_step(profiles: Path) -> Callable[[], int]:
 
 
 def ocr_step() -> Callable[[], int]:
-    fax: bytes = img2pdf.convert(str(FAX))
+    fax = tiff_to_pdf(FAX.read_bytes()).pdf  # the PDF the inbound path mails
 
     def run() -> int:
         result = asyncio.run(add_text_layer(fax, pages=1, timeout_per_page=60))

@@ -6,11 +6,11 @@ import io
 import time
 from pathlib import Path
 
-import img2pdf
 import pypdf
 import pytest
 
 from mailfax.inbound import ocr
+from mailfax.inbound.convert import tiff_to_pdf
 from mailfax.inbound.ocr import add_text_layer, first_lines, ocr_available
 
 needs_ocr = pytest.mark.skipif(not ocr_available("deu+eng"),
@@ -20,8 +20,7 @@ needs_ocr = pytest.mark.skipif(not ocr_available("deu+eng"),
 @pytest.fixture(scope="module")
 def fax_pdf(corpus: Path) -> bytes:
     """A real received fax (G3 2-D, 204×98 dpi) as the PDF the inbound path mails."""
-    data: bytes = img2pdf.convert(str(corpus / "fax-tiff" / "fax2d.tif"))
-    return data
+    return tiff_to_pdf((corpus / "fax-tiff" / "fax2d.tif").read_bytes()).pdf
 
 
 def extracted_text(pdf: bytes) -> str:

@@ -11,7 +11,6 @@ between the relay's acceptance and the delete gives at most one duplicate mail, 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
 import time
@@ -92,8 +91,7 @@ class InboundPoller:
                 await self.poll_once()
             except ProviderError as error:
                 log.warning("inbound poll of %s: %s", self.account, error)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.sleep(self.settings.poll_seconds)
+            await asyncio.sleep(self.settings.poll_seconds)
 
     async def poll_once(self) -> int:
         """Fetch until the provider's inbox is empty; returns how many faxes were deleted."""
