@@ -111,9 +111,11 @@ class SoapClient:
             return self._service
 
     def _build_service(self, path: Path) -> Any:
-        wsdl_http = httpx.Client(timeout=self.timeout)
-        transport = AsyncTransport(client=self.http, wsdl_client=wsdl_http)
-        client = zeep.AsyncClient(str(path), transport=transport, settings=zeep_settings())
+        # zeep uses the synchronous wsdl_client only while it loads the WSDL (a local file
+        # here); it never closes it, so close it once the client is built.
+        with httpx.Client(timeout=self.timeout) as wsdl_http:
+            transport = AsyncTransport(client=self.http, wsdl_client=wsdl_http)
+            client = zeep.AsyncClient(str(path), transport=transport, settings=zeep_settings())
         service = next(iter(client.wsdl.services.values()))
         port = next(iter(service.ports.values()))
         address = self.endpoint_url or port.binding_options["address"]
