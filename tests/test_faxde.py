@@ -130,6 +130,23 @@ async def test_every_sendjob_result_code(provider: faxde.FaxDeProvider,
     assert f"SendJob {result}" in (raised.value.reason.detail or "")
 
 
+@pytest.mark.parametrize(("result", "reason", "transient"), [
+    (-1, "provider_auth", False), (-4, "provider_error", True),
+    (-5, "number_not_allowed", False), (-7, "document_rejected", False),
+    (-65, "provider_error", True), (7, "provider_account", False),
+    (9, "blacklisted", False), (46, "invalid_number", False),
+    (12345, "provider_error", True)])  # undocumented: transient
+async def test_sendjob_result_codes_written_out(provider: faxde.FaxDeProvider,
+                                               fake: emulator.Emulator, corpus: Path,
+                                               result: int, reason: str,
+                                               transient: bool) -> None:
+    """Expected pairs not taken from the table under test."""
+    fake.state.force("SendJob", result)
+    with pytest.raises(ProviderError) as raised:
+        await provider.send(request(corpus))
+    assert (raised.value.reason.code, raised.value.transient) == (reason, transient)
+
+
 @pytest.mark.parametrize("result", [1, 2, 3, 4])
 async def test_account_errors_of_the_other_operations(provider: faxde.FaxDeProvider,
                                                       fake: emulator.Emulator,
@@ -343,8 +360,6 @@ async def test_any_wsdl_works_document_literal_with_another_namespace(
         await provider.delete_inbound(fax.fax_id)
         late = await provider.send(request(corpus, job_id="m2m2m2m2m2m2"))
         assert await provider.cancel(ProviderRef("m2m2m2m2m2m2", late.provider_job_id))
-        body = server.state.calls[0]
-        assert body[0] == "SendJob"
     finally:
         await provider.close()
         await server.close()
