@@ -64,6 +64,15 @@ def prepare_pdf(filename: str, data: bytes) -> FaxDocument:
     return FaxDocument(filename=filename, data=data, pages=pages)
 
 
+def page_count(data: bytes) -> int:
+    """The pages of a PDF (one mailfax made, or LibreOffice); 0 if it cannot be read."""
+    try:
+        with pikepdf.open(io.BytesIO(data)) as pdf:
+            return len(pdf.pages)
+    except pikepdf.PdfError:
+        return 0
+
+
 def image_to_pdf(filename: str, data: bytes) -> FaxDocument:
     """An image (every frame of a multi-page TIFF or GIF) → PDF pages that fit A4.
 

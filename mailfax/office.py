@@ -27,9 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePath
 
-import pypdf
-
-from mailfax.documents import DocumentError
+from mailfax.documents import DocumentError, page_count
 from mailfax.providers.base import FaxDocument
 
 NOT_ENABLED = "office files are not enabled on this server"
@@ -265,10 +263,7 @@ def _kill_group(group: int) -> None:
 
 
 def _page_count(pdf: bytes, filename: str) -> int:
-    try:
-        pages = len(pypdf.PdfReader(io.BytesIO(pdf)).pages)
-    except pypdf.errors.PyPdfError:
-        pages = 0
+    pages = page_count(pdf)
     if pages == 0:
         raise DocumentError(f"{filename} was converted, but the result has no pages")
     return pages

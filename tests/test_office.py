@@ -171,3 +171,10 @@ def test_profiles_keep_macros_switched_off(tmp_path: Path) -> None:
     assert 'oor:name="DisableMacrosExecution" oor:op="fuse"><value>true' in settings
     assert 'oor:name="MacroSecurityLevel" oor:op="fuse"><value>3' in settings
     assert os.stat(tmp_path / "slot-0").st_mode & 0o077 == 0
+
+
+def test_the_converted_pdf_is_counted_and_an_unreadable_result_refused(corpus: Path) -> None:
+    pdf = (corpus / "pdf" / "two-different-pages.pdf").read_bytes()
+    assert office._page_count(pdf, "letter.docx") == 2
+    with pytest.raises(DocumentError, match=r"letter\.docx was converted, but the result has no"):
+        office._page_count(b"%PDF-1.4 nothing here", "letter.docx")
