@@ -3,20 +3,25 @@
 The compose config must pass mailfax's own validation (and its refusal to listen beyond
 loopback unsafely), the systemd unit must carry the hardening and point ExecStart at the
 config in its ConfigurationDirectory, the Dockerfile must run as a non-root user with a
-health check, and compose.yaml must hold mailfax, PostgreSQL and the FAX.de emulator.
+health check, compose.yaml must hold mailfax, PostgreSQL and the FAX.de emulator, and
+mailfax.example.toml must load and show every setting.
 """
 
 from __future__ import annotations
 
 import configparser
+import re
 import shlex
+import typing
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 import pytest
+from pydantic import BaseModel
 
-from mailfax.config import ListenAddress, load_settings
+from mailfax.config import AccountSettings, ListenAddress, Settings, load_settings
 from mailfax.policy import exposure_problem
+from mailfax.providers import PROVIDER_MODULES, provider_module
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 UNIT = DEPLOY / "systemd" / "mailfax.service"
@@ -246,3 +251,77 @@ def test_compose_mounts_the_checked_config() -> None:
         assert service["environment"]["FAXDE_PASSWORD"] == "secret"
         assert "PGPASSWORD" in service["environment"]
         assert "/var/lib/mailfax" in mounts
+
+
+# -- mailfax.example.toml ---------------------------------------------------------------------
+
+EXAMPLE = DEPLOY / "mailfax.example.toml"
+
+
+def test_example_config_loads(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MAILFAX_CONFIG", raising=False)
+    settings = load_settings(EXAMPLE)
+    assert settings.accounts["emulator"].provider == "emulator"
+
+
+def example_sections() -> dict[str, str]:
+    """Section name ('' before the first) -> its lines, commented-out sections included."""
+    lines: dict[str, list[str]] = {"": []}
+    current = ""
+    for line in EXAMPLE.read_text(encoding="utf-8").splitlines():
+        header = re.match(r"^#? ?\[([A-Za-z0-9_.-]+)\]\s*$", line)
+        if header:
+            current = header.group(1)
+            lines.setdefault(current, [])
+        else:
+            lines[current].append(line)
+    return {name: "\n".join(body) for name, body in lines.items()}
+
+
+def models_in(annotation: Any) -> list[tuple[str, type[BaseModel]]]:
+    """(how the model is written: 'table', 'tables' (one per name) or 'inline', model)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [("table", annotation)]
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is dict:
+        return [("tables", model) for _, model in models_in(args[1])]
+    if origin is list:
+        return [("inline", model) for _, model in models_in(args[0])]
+    return [found for arg in args for found in models_in(arg)]
+
+
+def provider_of(account: str, sections: dict[str, str]) -> str:
+    provider = re.search(r'provider = "([^"]+)"', sections[account])
+    assert provider, f"[{account}] names no provider"
+    return provider.group(1)
+
+
+def undocumented(model: type[BaseModel], section: str, sections: dict[str, str]) -> list[str]:
+    missing = []
+    text = sections.get(section, "")
+    for name, field in model.model_fields.items():
+        where = f"{section}.{name}" if section else name
+        nested = models_in(field.annotation)
+        if not nested and not re.search(rf"(^|[#\s{{,]){name} *=", text, re.MULTILINE):
+            missing.append(where)
+        for kind, sub in nested:
+            if kind == "table":
+                missing += undocumented(sub, where, sections)
+            elif kind == "inline":
+                missing += undocumented(sub, section, sections)
+            elif sub is AccountSettings:
+                for account in (key for key in sections if key.startswith(f"{where}.")):
+                    settings = provider_module(provider_of(account, sections)).Settings
+                    missing += undocumented(settings, account, sections)
+            else:
+                tables = [key for key in sections if key.startswith(f"{where}.")]
+                assert tables, f"no example [{where}.NAME]"
+                missing += undocumented(sub, tables[0], sections)
+    return missing
+
+
+def test_example_config_documents_every_setting() -> None:
+    sections = example_sections()
+    assert undocumented(Settings, "", sections) == []
+    providers = {provider_of(name, sections) for name in sections if name.startswith("accounts.")}
+    assert providers == set(PROVIDER_MODULES)
