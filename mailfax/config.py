@@ -26,7 +26,7 @@ from pydantic import (
     model_validator,
 )
 
-from mailfax.dialing import DialPolicySettings
+from mailfax.dialing import DialPolicySettings, e164_prefixes
 from mailfax.providers import provider_module
 
 CONFIG_ENV = "MAILFAX_CONFIG"
@@ -147,10 +147,7 @@ class UserSettings(Strict):
     @field_validator("allowed_prefixes")
     @classmethod
     def _prefixes(cls, values: list[str]) -> list[str]:
-        for value in values:
-            if not value.startswith("+") or not value[1:].isdigit():
-                raise ValueError(f"{value!r} is not an E.164 prefix such as +49")
-        return values
+        return e164_prefixes(values)
 
 
 class DocumentSettings(Strict):

@@ -67,10 +67,15 @@ class DialPolicySettings(BaseModel):
     @field_validator("allow_prefixes", "deny_prefixes")
     @classmethod
     def _e164_prefixes(cls, values: list[str]) -> list[str]:
-        for value in values:
-            if not value.startswith("+") or not value[1:].isdigit():
-                raise ValueError(f"{value!r} is not an E.164 prefix such as +4930")
-        return values
+        return e164_prefixes(values)
+
+
+def e164_prefixes(values: list[str]) -> list[str]:
+    """A validator for settings that list E.164 prefixes (``+49``, ``+4930``)."""
+    for value in values:
+        if not value.startswith("+") or not value[1:].isdigit():
+            raise ValueError(f"{value!r} is not an E.164 prefix such as +49 or +4930")
+    return values
 
 
 @dataclass(frozen=True)
