@@ -368,7 +368,7 @@ async def test_a_normal_mail_is_still_accepted_afterwards(hostile: Run) -> None:
         fax_mail([("normal.pdf", pdf, "application/pdf")]), "alice@example.org",
         ["030123456@fax.local"])
     assert errors == {}
-    assert reply.startswith("2.0.0 queued as ") or "queued as" in reply, reply
+    assert "queued as" in reply, reply
     job = await hostile.service.app.store.get_job(reply.split("queued as ", 1)[1].split()[0])
     assert job is not None and job.pages == 1
     took = time.monotonic() - hostile.started

@@ -186,7 +186,7 @@ class Intake:
         info = CoverInfo(sender=content.mail.from_header or envelope_from, number=numbers,
                          subject=content.mail.subject, date=content.mail.date or
                          datetime.now(UTC), text=text,
-                         document_pages=sum(document.pages for document in content.documents))
+                         document_pages=content.pages)
         try:
             cover = await asyncio.to_thread(render_cover, info, self.settings.notify.language,
                                             self.settings.templates_dir or TEMPLATES_DIR)
