@@ -152,7 +152,8 @@ class Intake:
         addresses = [self.check_recipient(address) for address in recipients]
         if len(raw) > INLINE_ASSEMBLY_BYTES:
             content = await asyncio.to_thread(assemble, raw, allow_empty=True)
-        else:  # parsing a small mail costs less than a thread hand-off; LibreOffice does not
+        else:  # parsing a small mail costs less than a thread hand-off; decoding images and
+            # LibreOffice do not (see needs_worker)
             mail = read_mail(raw)
             content = (await asyncio.to_thread(convert_documents, mail) if needs_worker(mail)
                        else convert_documents(mail))
