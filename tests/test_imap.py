@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime
 from email.message import EmailMessage
 from email.utils import make_msgid
 from pathlib import Path
@@ -16,11 +17,16 @@ from typing import Any
 
 import pytest
 
-from mailfax.app import Application
-from mailfax.config import ImapIntakeSettings
+from mailfax.app import Application, inbound_mailer
+from mailfax.config import ImapDeliverySettings, ImapIntakeSettings
 from mailfax.emulators import faxde as emulator
 from mailfax.imap.client import ImapError, ImapSession, imap_utf7
+from mailfax.imap.delivery import ImapDeliverySink, account_of
 from mailfax.imap.intake import MAX_HANDLE_FAILURES, find_numbers
+from mailfax.inbound.mailer import prepare_files
+from mailfax.outbox import MaildirSink
+from mailfax.providers.base import InboundFax
+from mailfax.store.sqlite import SqliteStore
 from tests.conftest import Service, make_settings
 from tests.mailservers import PASSWORD, Dovecot, free_port, running_dovecot
 
@@ -281,6 +287,7 @@ async def test_received_fax_is_appended_to_the_shared_folder_then_deleted_at_the
             faxes = await dovecot.wait_for(ALICE, "Public/Faxes")
             message = faxes[0]
             assert message["X-Mailfax-Fax-Id"] == str(sales)
+            assert message["X-Mailfax-Account"] == "main"
             assert [part.get_content_type() for part in message.iter_attachments()] == [
                 "application/pdf"]
             assert await count(dovecot, "INBOX") == 0  # routed by the called number
@@ -290,3 +297,27 @@ async def test_received_fax_is_appended_to_the_shared_folder_then_deleted_at_the
         if relay is not None:
             relay.close()
         await server.close()
+
+
+async def test_delivery_folder_is_chosen_by_account_and_fax_id(tmp_path: Path) -> None:
+    """Fax ids are the provider's: two accounts may each have a fax 42, for other numbers."""
+    store = SqliteStore(tmp_path / "s.sqlite3")
+    await store.open()
+    try:
+        received = datetime(2026, 11, 24, 9, 32, tzinfo=UTC)
+        for account, called in (("a", "+49301111"), ("b", "+49302222")):
+            await store.add_inbound_fax(account, InboundFax("42", called, received, "", "", 1,
+                                                            b"II*\0"))
+        settings = ImapDeliverySettings.model_validate({
+            "host": "127.0.0.1", "username": FAX, "password": PASSWORD, "folder": "Faxes",
+            "folders": {"030 1111": "Faxes-A", "030 2222": "Faxes-B"}})
+        sink = ImapDeliverySink(settings, MaildirSink(tmp_path / "md"), store, "DE")
+        assert await sink.folder_for("42", "b") == "Faxes-B"
+        assert await sink.folder_for("42", "a") == "Faxes-A"
+        assert await sink.folder_for("42", "c") == "Faxes"
+        [record] = [r for r in await store.find_inbound("42") if r.account == "b"]
+        mailer = inbound_mailer(make_settings(tmp_path))
+        message = mailer.compose(record, prepare_files(b"not a tiff"), b"not a tiff", [ALICE])
+        assert account_of(message.as_bytes()) == "b"  # what deliver() passes to folder_for
+    finally:
+        await store.close()

@@ -23,13 +23,23 @@ from mailfax.store.base import OutboxItem, Store
 log = logging.getLogger(__name__)
 
 FAX_ID_HEADER = "X-Mailfax-Fax-Id"
+ACCOUNT_HEADER = "X-Mailfax-Account"  # mails queued before it existed lack it
 
 
 def fax_id_of(message: bytes) -> str | None:
     """The received fax a mail carries, from its header (None for every other mail)."""
-    if FAX_ID_HEADER.lower().encode() not in message[:65536].lower():
+    return _header(message, FAX_ID_HEADER)
+
+
+def account_of(message: bytes) -> str | None:
+    """The provider account that received the fax a mail carries, from its header."""
+    return _header(message, ACCOUNT_HEADER)
+
+
+def _header(message: bytes, name: str) -> str | None:
+    if name.lower().encode() not in message[:65536].lower():
         return None
-    value = BytesHeaderParser().parsebytes(message).get(FAX_ID_HEADER)
+    value = BytesHeaderParser().parsebytes(message).get(name)
     return str(value).strip() if value else None
 
 
@@ -50,8 +60,13 @@ class ImapDeliverySink(MailSink):
         return (f"IMAP {settings.username}@{settings.host}:{settings.port} for received faxes "
                 f"(folder {settings.folder}), otherwise {self.fallback.describe()}")
 
-    async def folder_for(self, fax_id: str) -> str:
+    async def folder_for(self, fax_id: str, account: str | None = None) -> str:
+        """The folder for the fax's called number. Fax ids are the provider's, so two accounts
+        may share one: with ``account`` only that account's fax counts (without it, as for
+        mails queued before they named it, the first fax with that id)."""
         for record in await self.store.find_inbound(fax_id):
+            if account is not None and record.account != account:
+                continue
             called = normalise_number(record.called_number, self.default_country)
             if called in self.folders:
                 return self.folders[called]
@@ -62,7 +77,7 @@ class ImapDeliverySink(MailSink):
         if fax_id is None:
             await self.fallback.deliver(item)
             return
-        folder = await self.folder_for(fax_id)
+        folder = await self.folder_for(fax_id, account_of(item.message))
         async with self._lock:  # one APPEND at a time: received faxes are few and large
             session = await ImapSession.open(self.settings)
             try:
