@@ -364,7 +364,7 @@ async def test_inbound_faxes_are_stored_once_and_handed_off(store: Store) -> Non
     assert await store.inbound_image("acct", "F1") == fax.image
     with pytest.raises(KeyError):
         await store.inbound_image("acct", "nope")
-    assert not await store.inbound_handed_off("acct", "F1")  # no mail yet
+    assert await store.inbound_handoff("acct", "F1") == "waiting"  # no mail yet
     await store.queue_inbound_mails("acct", "F1", [
         OutgoingMail("", ["x@y"], b"fax", kind="inbound", inbound=("acct", "F1")),
         OutgoingMail("", ["z@y"], b"fax", kind="inbound", inbound=("acct", "F1"))])
@@ -372,9 +372,9 @@ async def test_inbound_faxes_are_stored_once_and_handed_off(store: Store) -> Non
     assert (stored.state, stored.deliveries) == ("queued", 1)
     items = await store.due_outbox(10)
     await store.outbox_sent(items[0].id)
-    assert not await store.inbound_handed_off("acct", "F1")
+    assert await store.inbound_handoff("acct", "F1") == "waiting"
     await store.outbox_sent(items[1].id)
-    assert await store.inbound_handed_off("acct", "F1")
+    assert await store.inbound_handoff("acct", "F1") == "handed_off"
     await store.mark_inbound_deleted("acct", "F1")
     assert [(r.fax_id, r.state) for r in await store.list_inbound()] == [("F1", "deleted")]
     assert await store.find_inbound("nope") == []

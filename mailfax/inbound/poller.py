@@ -15,20 +15,17 @@ import dataclasses
 import logging
 import time
 from collections.abc import Callable
-from typing import Literal
 
 from mailfax.config import InboundSettings
 from mailfax.inbound import ocr
 from mailfax.inbound.mailer import FaxFiles, InboundMailer, prepare_files
 from mailfax.inbound.routing import recipients_for
 from mailfax.providers.base import InboundFax, Provider, ProviderError
-from mailfax.store.base import InboundRecord, OutgoingMail, Store
+from mailfax.store.base import Handoff, InboundRecord, OutgoingMail, Store
 
 log = logging.getLogger(__name__)
 
 MAX_FAXES_PER_ROUND = 500
-
-Handoff = Literal["handed_off", "failed", "waiting"]
 
 
 async def queue_fax_mail(store: Store, record: InboundRecord, settings: InboundSettings,
@@ -132,21 +129,12 @@ class InboundPoller:
                              self.default_country)
 
     async def _wait_for_handoff(self, record: InboundRecord) -> Handoff:
-        """``handed_off`` once a mail of the fax was sent and none is pending; ``failed`` at
-        once when none is pending but none was sent (the relay refused them all for good, so
-        waiting cannot help); ``waiting`` after ``handoff_timeout``."""
+        """Until the fax's mail was handed off or refused for good, or ``handoff_timeout``."""
         deadline = time.monotonic() + self.settings.handoff_timeout
         delay = 0.05
         while True:
-            # The outbox depth is read first: with no pending mail at all then, none of this
-            # fax's mails can turn 'sent' before the next read, so "not handed off" below means
-            # every one of them failed. (The Store has no per-fax count of outbox states.)
-            nothing_pending = await self.store.outbox_depth() == 0
-            if await self.store.inbound_handed_off(record.account, record.fax_id):
-                return "handed_off"
-            if nothing_pending:
-                return "failed"
-            if time.monotonic() >= deadline:
-                return "waiting"
+            handoff = await self.store.inbound_handoff(record.account, record.fax_id)
+            if handoff != "waiting" or time.monotonic() >= deadline:
+                return handoff
             await asyncio.sleep(delay)
             delay = min(delay * 2, 1.0)

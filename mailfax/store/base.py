@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from mailfax.model import JobState, Reason
 from mailfax.providers.base import FaxDocument, InboundFax
@@ -154,6 +154,8 @@ class Transition:
     notify: bool = True
 
 
+Handoff = Literal["handed_off", "failed", "waiting"]
+
 OTHER_ACCOUNTS = "*"  # in claim_work's account_limits: every account not named
 
 
@@ -184,6 +186,17 @@ def group_work(jobs: Sequence[Job], subjects: Mapping[str, str],
     return [Work(jobs=group, subject=subjects.get(mail_id, ""),
                  documents=documents.get(mail_id, []))
             for (mail_id, _), group in groups.items()]
+
+
+def handoff_of(sent: int, pending: int, failed: int) -> Handoff:
+    """A received fax's hand-off from how many of its mails were sent, wait, or failed. A
+    mail refused for good does not block once a later delivery (``mailfax redeliver``) went
+    out; one still pending always waits."""
+    if pending:
+        return "waiting"
+    if sent:
+        return "handed_off"
+    return "failed" if failed else "waiting"
 
 
 class IllegalTransition(Exception):
@@ -336,7 +349,11 @@ class Store(Protocol):
         """Put a fax's mails into the outbox and mark it queued, atomically."""
         ...
 
-    async def inbound_handed_off(self, account: str, fax_id: str) -> bool: ...
+    async def inbound_handoff(self, account: str, fax_id: str) -> Handoff:
+        """Where this fax's mails are: ``handed_off`` when one was sent (relay took it,
+        Maildir synced) and none is pending; ``failed`` when none is pending and none was sent
+        (refused for good: waiting cannot help); ``waiting`` otherwise, also with no mail."""
+        ...
 
     async def mark_inbound_deleted(self, account: str, fax_id: str) -> None: ...
 

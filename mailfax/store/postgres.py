@@ -33,6 +33,7 @@ from mailfax.providers.base import FaxDocument, InboundFax
 from mailfax.store.base import (
     OTHER_ACCOUNTS,
     Event,
+    Handoff,
     IllegalTransition,
     InboundRecord,
     Job,
@@ -45,6 +46,7 @@ from mailfax.store.base import (
     Transition,
     Work,
     group_work,
+    handoff_of,
 )
 from mailfax.waiting import wait_for_event
 
@@ -1125,22 +1127,21 @@ class PostgresStore:
                 (account, fax_id),
             )
 
-    async def inbound_handed_off(self, account: str, fax_id: str) -> bool:
-        """Whether this fax's mail left the outbox (relay took it / Maildir synced): at least
-        one of its mails was sent and none is still pending. A mail the relay refused for good
-        does not block once a later delivery (``mailfax redeliver``) was sent."""
-        async with self._cursor() as cur:
+    async def inbound_handoff(self, account: str, fax_id: str) -> Handoff:
+        async with self._cursor(atomic=False) as cur:
             await cur.execute(
                 """
                 SELECT count(*) FILTER (WHERE state = 'sent') AS sent,
-                       count(*) FILTER (WHERE state = 'pending') AS pending
+                       count(*) FILTER (WHERE state = 'pending') AS pending,
+                       count(*) FILTER (WHERE state = 'failed') AS failed
                 FROM outbox
                 WHERE inbound_account = %s AND inbound_fax_id = %s
                 """,
                 (account, fax_id),
             )
             row = await cur.fetchone()
-        return row is not None and row["sent"] > 0 and row["pending"] == 0
+        assert row is not None  # an aggregate always has its row
+        return handoff_of(row["sent"], row["pending"], row["failed"])
 
     async def mark_inbound_deleted(self, account: str, fax_id: str) -> None:
         async with self._cursor() as cur:

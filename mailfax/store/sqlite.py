@@ -27,6 +27,7 @@ from mailfax.providers.base import FaxDocument, InboundFax
 from mailfax.store.base import (
     OTHER_ACCOUNTS,
     Event,
+    Handoff,
     IllegalTransition,
     InboundRecord,
     Job,
@@ -39,6 +40,7 @@ from mailfax.store.base import (
     Transition,
     Work,
     group_work,
+    handoff_of,
 )
 
 log = logging.getLogger(__name__)
@@ -329,19 +331,17 @@ class _InboundMixin:
 
         await self._call(operation)
 
-    async def inbound_handed_off(self, account: str, fax_id: str) -> bool:
-        """Whether this fax's mail left the outbox (relay took it / Maildir synced): at least
-        one of its mails was sent and none is still pending. A mail the relay refused for good
-        does not block once a later delivery (``mailfax redeliver``) was sent."""
-        def operation(conn: sqlite3.Connection) -> bool:
-            row = conn.execute(
-                "SELECT COALESCE(SUM(state = 'sent'), 0), COALESCE(SUM(state = 'pending'), 0)"
+    async def inbound_handoff(self, account: str, fax_id: str) -> Handoff:
+        def operation(conn: sqlite3.Connection) -> Handoff:
+            sent, pending, failed = conn.execute(
+                "SELECT COALESCE(SUM(state = 'sent'), 0), COALESCE(SUM(state = 'pending'), 0),"
+                " COALESCE(SUM(state = 'failed'), 0)"
                 " FROM outbox WHERE inbound_account = ? AND inbound_fax_id = ?",
                 (account, fax_id)).fetchone()
-            return bool(row[0] > 0 and row[1] == 0)
+            return handoff_of(sent, pending, failed)
 
-        result: bool = await self._call(operation)
-        return result
+        handoff: Handoff = await self._call(operation)
+        return handoff
 
     async def mark_inbound_deleted(self, account: str, fax_id: str) -> None:
         await self._call(lambda conn: conn.execute(
