@@ -17,15 +17,15 @@ from typing import Any
 
 import pytest
 
-from mailfax.app import Application, inbound_mailer
+from mailfax.app import Application
 from mailfax.config import ImapDeliverySettings, ImapIntakeSettings
 from mailfax.emulators import faxde as emulator
 from mailfax.imap.client import ImapError, ImapSession, imap_utf7
-from mailfax.imap.delivery import ImapDeliverySink, account_of
+from mailfax.imap.delivery import ImapDeliverySink
 from mailfax.imap.intake import MAX_HANDLE_FAILURES, find_numbers
-from mailfax.inbound.mailer import prepare_files
 from mailfax.outbox import MaildirSink
 from mailfax.providers.base import InboundFax
+from mailfax.store.base import OutgoingMail
 from mailfax.store.sqlite import SqliteStore
 from tests.conftest import Service, make_settings
 from tests.mailservers import PASSWORD, Dovecot, free_port, running_dovecot
@@ -287,7 +287,6 @@ async def test_received_fax_is_appended_to_the_shared_folder_then_deleted_at_the
             faxes = await dovecot.wait_for(ALICE, "Public/Faxes")
             message = faxes[0]
             assert message["X-Mailfax-Fax-Id"] == str(sales)
-            assert message["X-Mailfax-Account"] == "main"
             assert [part.get_content_type() for part in message.iter_attachments()] == [
                 "application/pdf"]
             assert await count(dovecot, "INBOX") == 0  # routed by the called number
@@ -315,9 +314,9 @@ async def test_delivery_folder_is_chosen_by_account_and_fax_id(tmp_path: Path) -
         assert await sink.folder_for("42", "b") == "Faxes-B"
         assert await sink.folder_for("42", "a") == "Faxes-A"
         assert await sink.folder_for("42", "c") == "Faxes"
-        [record] = [r for r in await store.find_inbound("42") if r.account == "b"]
-        mailer = inbound_mailer(make_settings(tmp_path))
-        message = mailer.compose(record, prepare_files(b"not a tiff"), b"not a tiff", [ALICE])
-        assert account_of(message.as_bytes()) == "b"  # what deliver() passes to folder_for
+        await store.queue_inbound_mails("b", "42", [OutgoingMail(
+            "", [ALICE], b"Subject: fax\r\n\r\nfax\r\n", kind="inbound", inbound=("b", "42"))])
+        [item] = await store.due_outbox(10)
+        assert item.inbound == ("b", "42")  # what deliver() passes to folder_for
     finally:
         await store.close()

@@ -129,7 +129,6 @@ class InboundMailer:
             "@")[2] or "mailfax")
         message["Auto-Submitted"] = "auto-generated"
         message["X-Mailfax-Fax-Id"] = context["fax_id"]
-        message["X-Mailfax-Account"] = clean(record.account, 256)  # fax ids are per account
         message.set_content(self.text_env.get_template(
             f"{self.language}/inbound.txt").render(context))
         message.add_alternative(self.html_env.get_template(

@@ -137,6 +137,7 @@ class OutboxItem:
     message: bytes
     attempts: int
     job_id: str | None
+    inbound: tuple[str, str] | None = None  # (account, fax id) of a received fax it carries
 
 
 @dataclass(frozen=True)

@@ -1167,6 +1167,8 @@ class PostgresStore:
 
 
 def _outbox_item(row: DictRow) -> OutboxItem:
+    inbound = (None if row["inbound_fax_id"] is None
+               else (row["inbound_account"], row["inbound_fax_id"]))
     return OutboxItem(id=row["id"], envelope_from=row["envelope_from"],
                       recipients=row["recipients"], message=bytes(row["message"]),
-                      attempts=row["attempts"], job_id=row["job_id"])
+                      attempts=row["attempts"], job_id=row["job_id"], inbound=inbound)

@@ -208,6 +208,13 @@ def _inbound(row: sqlite3.Row) -> InboundRecord:
     )
 
 
+def _inbound_of(row: sqlite3.Row) -> tuple[str, str] | None:
+    """The (account, fax id) of the received fax an outbox row carries."""
+    if row["inbound_fax_id"] is None:
+        return None
+    return row["inbound_account"], row["inbound_fax_id"]
+
+
 def _documents(conn: sqlite3.Connection, mail_ids: Sequence[str]
                ) -> dict[str, list[FaxDocument]]:
     """The documents of these mails, each mail's in order."""
@@ -767,7 +774,8 @@ class SqliteStore(_InboundMixin):
                 " ORDER BY id LIMIT ?", (time.time(), limit)).fetchall()
             return [OutboxItem(id=r["id"], envelope_from=r["envelope_from"],
                                recipients=json.loads(r["recipients"]), message=r["message"],
-                               attempts=r["attempts"], job_id=r["job_id"]) for r in rows]
+                               attempts=r["attempts"], job_id=r["job_id"],
+                               inbound=_inbound_of(r)) for r in rows]
 
         return await self._call(operation)
 
