@@ -7,13 +7,14 @@ All of a provider's quirks (field names, result codes, limits) stay inside its m
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from aiohttp import web
 
@@ -207,3 +208,20 @@ class BaseProvider:
 
     async def close(self) -> None:
         return None
+
+
+Prepared = TypeVar("Prepared")
+
+
+async def prepare_documents(requests: Sequence[SendRequest],
+                            prepare: Callable[[Sequence[FaxDocument]], Prepared]
+                            ) -> list[Prepared]:
+    """``prepare(request.documents)`` for each request, in order, computed once per documents
+    list (the recipients of one mail share it) and in a worker thread: merging PDFs with
+    pikepdf is CPU work that would otherwise block the event loop."""
+    prepared: dict[int, Prepared] = {}
+    for request in requests:
+        if id(request.documents) not in prepared:
+            prepared[id(request.documents)] = await asyncio.to_thread(prepare,
+                                                                      request.documents)
+    return [prepared[id(request.documents)] for request in requests]

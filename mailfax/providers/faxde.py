@@ -36,9 +36,9 @@ from mailfax.providers.base import (
     SendRequest,
     SendResult,
     StatusReport,
+    prepare_documents,
 )
 from mailfax.providers.faxde_soap import MAX_CONNECTIONS, SoapClient, SoapError
-from mailfax.providers.http import prepare_documents
 from mailfax.text import to_ascii
 
 log = logging.getLogger(__name__)

@@ -51,8 +51,9 @@ from mailfax.providers.base import (
     SendRequest,
     SendResult,
     StatusReport,
+    prepare_documents,
 )
-from mailfax.providers.http import prepare_documents, status_error
+from mailfax.providers.http import status_error
 from mailfax.text import to_ascii
 
 log = logging.getLogger(__name__)

@@ -1,19 +1,13 @@
-"""What the HTTP (and SOAP-over-HTTP) providers share: an HTTP error status as a typed
-error, reading a ``Retry-After`` header, preparing each request's documents once, off the
-event loop."""
+"""What the HTTP providers share: an HTTP error status as a typed error, reading a
+``Retry-After`` header."""
 
 from __future__ import annotations
 
-import asyncio
 import time
-from collections.abc import Callable, Sequence
 from email.utils import parsedate_to_datetime
-from typing import TypeVar
 
 from mailfax import reasons
-from mailfax.providers.base import FaxDocument, ProviderError, SendRequest
-
-Prepared = TypeVar("Prepared")
+from mailfax.providers.base import ProviderError
 
 RETRY_AFTER_MAX = 3600.0  # an hour at most, whatever a server asks for
 
@@ -57,17 +51,3 @@ def status_error(status: int, retry_after: str | None, what: str,
         return ProviderError(reasons.reason("provider_error", detail), transient=True,
                              retry_after=parse_retry_after(retry_after))
     return ProviderError(reasons.reason("provider_error", detail), transient=False)
-
-
-async def prepare_documents(requests: Sequence[SendRequest],
-                            prepare: Callable[[Sequence[FaxDocument]], Prepared]
-                            ) -> list[Prepared]:
-    """``prepare(request.documents)`` for each request, in order, computed once per documents
-    list (the recipients of one mail share it) and in a worker thread: merging PDFs with
-    pikepdf is CPU work that would otherwise block the event loop."""
-    prepared: dict[int, Prepared] = {}
-    for request in requests:
-        if id(request.documents) not in prepared:
-            prepared[id(request.documents)] = await asyncio.to_thread(prepare,
-                                                                      request.documents)
-    return [prepared[id(request.documents)] for request in requests]
