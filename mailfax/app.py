@@ -21,7 +21,7 @@ import socket
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
-from typing import Protocol, cast
+from typing import Protocol, cast, runtime_checkable
 
 from aiohttp import web
 
@@ -89,6 +89,7 @@ class Application:
         self.smtp_servers: list[asyncio.Server] = []
         self.web_runner: web.AppRunner | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._announcing: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
         settings = self.settings
@@ -129,6 +130,8 @@ class Application:
                                  hostname=settings.smtp.hostname, owner=self.instance)
         self.tracker = Tracker(self.store, self.providers, settings.dispatch.status_poll_seconds,
                                on_change=self.notifier.wake)
+        if isinstance(self.store, AnnouncingStore):
+            self.store.on_announced = self.tracker.wake  # ignored where it does not run
         self.dispatcher = Dispatcher(self.store, self.providers, settings.dispatch,
                                      owner=self.instance,
                                      on_submitted=self._after_dispatch)
@@ -179,6 +182,19 @@ class Application:
     def _after_dispatch(self, job_ids: Sequence[str]) -> None:
         self.tracker.wake(job_ids)
         self.notifier.wake()
+        if not self.tracker.running and isinstance(self.store, AnnouncingStore):
+            # The tracker runs on another instance: it polls these soon too, not only at
+            # its next full poll.
+            task = asyncio.create_task(self._announce(self.store, job_ids))
+            self._announcing.add(task)
+            task.add_done_callback(self._announcing.discard)
+
+    @staticmethod
+    async def _announce(store: AnnouncingStore, job_ids: Sequence[str]) -> None:
+        try:
+            await store.announce_submitted(job_ids)
+        except Exception as error:  # the tracker's full poll still finds them
+            log.warning("announcing %d submitted jobs failed: %s", len(job_ids), error)
 
     def _context(self, account: str, secret_key: bytes) -> ProviderContext:
         return ProviderContext(
@@ -243,12 +259,21 @@ class Application:
                 await asyncio.wait_for(server.wait_closed(), timeout=5)
         if self.web_runner is not None:
             await self.web_runner.cleanup()
-        for task in self._tasks:
+        for task in (*self._tasks, *self._announcing):
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*self._tasks, *self._announcing, return_exceptions=True)
         for provider in self.providers.values():
             await provider.close()
         await self.store.close()
+
+
+@runtime_checkable
+class AnnouncingStore(Protocol):
+    """A store shared by several instances that can tell them which jobs were submitted."""
+
+    on_announced: Callable[[list[str]], None]
+
+    async def announce_submitted(self, job_ids: Sequence[str]) -> None: ...
 
 
 class SingletonStore(Protocol):

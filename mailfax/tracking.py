@@ -3,7 +3,7 @@
 Polling is the fallback; pushes from providers (``report_status``/``wake``) arrive sooner.
 Right after a submission it polls quickly (1 s, 2 s, 4 s, ...) up to the configured interval.
 With several instances on PostgreSQL the tracker runs on one of them at a time (see
-``mailfax.app``); jobs another instance submitted are found by its regular full poll.
+``mailfax.app``); the others announce the jobs they submit to it through the store.
 """
 
 from __future__ import annotations
@@ -58,6 +58,11 @@ class Tracker:
         self._fresh: dict[str, tuple[float, float]] = {}  # job id -> (due at, current delay)
         self._full_poll_due = 0.0
         self._running = False
+
+    @property
+    def running(self) -> bool:
+        """Whether this instance tracks now (with several, one of them does)."""
+        return self._running
 
     def wake(self, job_ids: Sequence[str] = ()) -> None:
         """Jobs were submitted (or something else changed): look soon."""

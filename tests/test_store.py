@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -737,3 +737,89 @@ async def test_the_status_mail_limit_holds_over_two_instances(backend: Backend) 
     finally:
         for opened in stores:
             await opened.close()
+
+
+async def test_postgres_announces_submitted_jobs_to_the_tracking_instance(
+        backend: Backend) -> None:
+    """Jobs submitted on one instance are polled soon by the tracker on another, not only
+    at its next full poll (interval 60 s here)."""
+    if backend.name != "postgresql":
+        pytest.skip("one instance per SQLite database")
+    from mailfax.providers.base import BaseProvider, ProviderContext, ProviderRef, StatusReport
+    from mailfax.store.postgres import PostgresStore
+    from mailfax.tracking import Tracker
+
+    class Provider(BaseProvider):
+        provider_name = "counting"
+
+        def __init__(self) -> None:
+            super().__init__(ProviderContext(account="acct", data_dir=Path(".")))
+            self.asked: list[str] = []
+
+        async def status(self, refs: Sequence[ProviderRef]) -> dict[str, StatusReport]:
+            self.asked += [ref.job_id for ref in refs]
+            return {ref.job_id: StatusReport(JobState.DELIVERED) for ref in refs}
+
+    tracking, sending = PostgresStore(backend.url), PostgresStore(backend.url)
+    await tracking.open()
+    await sending.open()
+    provider = Provider()
+    tracker = Tracker(tracking, {"acct": provider}, interval=60.0)
+    tracking.on_announced = tracker.wake
+    heard: list[str] = []
+    sending.on_announced = heard.extend  # every instance hears, the sender too
+    task = asyncio.create_task(tracker.run())
+    try:
+        await asyncio.sleep(0.3)  # the tracker's first full poll: nothing in flight yet
+        ids = [f"job-{index:08d}" for index in range(800)]  # two payloads' worth
+        await add(sending, "m1", tuple(ids))
+        for job_id in ids:
+            await sending.record(job_id, Transition(JobState.SUBMITTED, provider_job_id="P",
+                                                    notify=False))
+        await sending.announce_submitted(ids)
+        deadline = asyncio.get_running_loop().time() + 10
+        while len(await tracking.list_jobs(state=JobState.DELIVERED)) < len(ids):
+            assert asyncio.get_running_loop().time() < deadline, len(provider.asked)
+            await asyncio.sleep(0.1)
+        assert sorted(provider.asked) == ids  # each asked once, in a fast poll
+        assert sorted(heard) == ids
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await tracking.close()
+        await sending.close()
+
+
+async def test_an_instance_without_the_tracker_announces_the_jobs_it_sent(
+        backend: Backend, tmp_path: Path, corpus: Path) -> None:
+    """mailfax serve on PostgreSQL while another instance holds the tracker: the jobs it
+    hands to the provider are announced, so that instance polls them soon."""
+    if backend.name != "postgresql":
+        pytest.skip("one instance per SQLite database")
+    from mailfax.app import Application
+    from mailfax.store.postgres import PostgresStore
+    from tests.conftest import Service, fax_mail, make_settings
+
+    other = PostgresStore(backend.url)
+    await other.open()
+    heard: list[str] = []
+    other.on_announced = heard.extend
+    try:
+        async with other.singleton("tracker"):  # the other instance tracks
+            app = Application(make_settings(tmp_path, store={"url": backend.url}))
+            await app.start()
+            try:
+                pdf = (corpus / "pdf" / "crazyones.pdf").read_bytes()
+                await Service(app).send(fax_mail([("a.pdf", pdf, "application/pdf")]),
+                                        "alice@example.org", ["030123456@fax.local"])
+                deadline = asyncio.get_running_loop().time() + 10
+                while not heard:
+                    assert asyncio.get_running_loop().time() < deadline
+                    await asyncio.sleep(0.05)
+                [job] = await other.list_jobs()
+                assert heard == [job.id] and job.provider_job_id is not None
+                assert not app.tracker.running
+            finally:
+                await app.stop()
+    finally:
+        await other.close()

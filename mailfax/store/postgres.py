@@ -6,7 +6,8 @@ when a job is due and when a lease runs out. Instances share the dispatcher's wo
 leases: :meth:`PostgresStore.claim_work` takes due jobs with ``FOR UPDATE SKIP LOCKED``
 and stamps them with the owner and an expiry, so no two instances ever claim the same job and
 a crashed instance's jobs come back when its leases expire. After adding jobs the store sends
-``NOTIFY mailfax_jobs``; :meth:`PostgresStore.wait_for_work` wakes up on it.
+``NOTIFY mailfax_jobs``; :meth:`PostgresStore.wait_for_work` wakes up on it. Jobs one instance
+submitted are announced to the others (``mailfax_submitted``), for the one that tracks them.
 
 The schema is versioned in ``schema_migrations``; :func:`migrate` applies the missing versions
 in order, each in its own transaction, under an advisory lock so instances starting together
@@ -19,7 +20,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -53,6 +54,8 @@ from mailfax.waiting import wait_for_event
 log = logging.getLogger(__name__)
 
 NOTIFY_CHANNEL = "mailfax_jobs"
+SUBMITTED_CHANNEL = "mailfax_submitted"  # payload: job ids, comma-separated
+NOTIFY_PAYLOAD_MAX = 7900  # PostgreSQL refuses payloads of 8000 bytes and more
 MIGRATION_LOCK = 0x6D61696C666178  # pg_advisory_xact_lock key: "mailfax" in ASCII
 CLAIM_LOCK = 0x6D61696C66617863  # pg_advisory_xact_lock key: claims with account limits
 SINGLETON_RETRY_SECONDS = 2.0
@@ -497,6 +500,8 @@ class PostgresStore:
         self._work = asyncio.Event()
         self._listening = asyncio.Event()
         self._listener: asyncio.Task[None] | None = None
+        # Called with the job ids that another instance (or this one) announced as submitted.
+        self.on_announced: Callable[[list[str]], None] = lambda job_ids: None
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -548,9 +553,13 @@ class PostgresStore:
                 async with await psycopg.AsyncConnection.connect(
                         self.url, autocommit=True) as conn:
                     await conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
+                    await conn.execute(f"LISTEN {SUBMITTED_CHANNEL}")
                     self._listening.set()
-                    async for _ in conn.notifies():
-                        self._work.set()
+                    async for notify in conn.notifies():
+                        if notify.channel == SUBMITTED_CHANNEL:
+                            self.on_announced(notify.payload.split(","))
+                        else:
+                            self._work.set()
             except psycopg.Error as error:
                 log.warning("store notification listener: %s; reconnecting", error)
                 self._work.set()  # something may have been missed: let the caller look
@@ -564,6 +573,19 @@ class PostgresStore:
         """
         await wait_for_event(self._work, timeout)
         self._work.clear()
+
+    async def announce_submitted(self, job_ids: Sequence[str]) -> None:
+        """Tell every instance (``on_announced``) that these jobs reached their provider: the
+        one running the status tracker then polls them soon, as it does its own."""
+        payloads: list[str] = []
+        for job_id in job_ids:
+            if payloads and len(payloads[-1]) + len(job_id) < NOTIFY_PAYLOAD_MAX:
+                payloads[-1] += "," + job_id
+            else:
+                payloads.append(job_id)
+        async with self._cursor() as cur:
+            for payload in payloads:
+                await cur.execute("SELECT pg_notify(%s, %s)", (SUBMITTED_CHANNEL, payload))
 
     # -- singletons --------------------------------------------------------------------------
 
