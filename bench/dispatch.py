@@ -26,8 +26,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from mailfax.config import DispatchSettings  # noqa: E402
-from mailfax.dispatch import Dispatcher  # noqa: E402
 from mailfax.model import JobState  # noqa: E402
+from mailfax.outbound.dispatch import Dispatcher  # noqa: E402
 from mailfax.providers import emulator  # noqa: E402
 from mailfax.providers.base import (  # noqa: E402
     FaxDocument,

@@ -2,7 +2,7 @@
 
     python bench/documents.py [--repeat 5]
 
-Rows: the PDF-only path (``mailfax.documents.prepare_pdf`` on a corpus PDF), a cover page
+Rows: the PDF-only path (``mailfax.documents.pdf.prepare_pdf`` on a corpus PDF), a cover page
 (ReportLab), a .docx through LibreOffice (warm: one conversion first to create the profile)
 and OCR of a received fax as mailfax mails it (``tiff_to_pdf``, then OCRmyPDF). Each figure
 is the median of ``--repeat`` runs divided by the pages produced. Goals: cover ≤ 50 ms,
@@ -26,9 +26,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 CORPUS = ROOT.parent / "shared" / "corpus"
 
-from mailfax import office  # noqa: E402
-from mailfax.cover import CoverInfo, render_cover  # noqa: E402
-from mailfax.documents import prepare_pdf  # noqa: E402
+from mailfax.documents import office  # noqa: E402
+from mailfax.documents.cover import CoverInfo, render_cover  # noqa: E402
+from mailfax.documents.pdf import prepare_pdf  # noqa: E402
 from mailfax.inbound.convert import tiff_to_pdf  # noqa: E402
 from mailfax.inbound.ocr import add_text_layer, ocr_available  # noqa: E402
 

@@ -25,25 +25,25 @@ from typing import Protocol, cast, runtime_checkable
 
 from aiohttp import web
 
-from mailfax import office
 from mailfax.config import ConfigError, ListenAddress, Settings
-from mailfax.dispatch import Dispatcher
+from mailfax.documents import office
 from mailfax.imap.delivery import ImapDeliverySink
 from mailfax.imap.intake import ImapIntake
 from mailfax.inbound.mailer import InboundMailer
 from mailfax.inbound.poller import InboundPoller
 from mailfax.intake.service import Intake
 from mailfax.intake.smtp import start_listeners
-from mailfax.metrics import InstrumentedProvider, Metrics
-from mailfax.notify import TEMPLATES_DIR, Notifier, Renderer
-from mailfax.outbox import MaildirSink, MailSink, OutboxSender, RelaySink
-from mailfax.policy import exposure_problem
+from mailfax.outbound.dispatch import Dispatcher
+from mailfax.outbound.notify import TEMPLATES_DIR, Notifier, Renderer
+from mailfax.outbound.outbox import MaildirSink, MailSink, OutboxSender, RelaySink
+from mailfax.outbound.tracking import Tracker
 from mailfax.providers import provider_module
 from mailfax.providers.base import Provider, ProviderContext, StatusReport
 from mailfax.store import open_store
 from mailfax.store.base import Store
-from mailfax.tracking import Tracker
-from mailfax.web import build_web_app, start_web
+from mailfax.trust.policy import exposure_problem
+from mailfax.web.metrics import InstrumentedProvider, Metrics
+from mailfax.web.server import build_web_app, start_web
 
 log = logging.getLogger("mailfax")
 

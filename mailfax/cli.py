@@ -16,7 +16,7 @@ from pathlib import Path
 from mailfax import __version__, logs
 from mailfax.config import ConfigError, ListenAddress, Settings, load_settings
 from mailfax.model import FINAL_STATES, JobState
-from mailfax.notify import format_duration
+from mailfax.outbound.notify import format_duration
 from mailfax.providers.base import ProviderContext, ProviderRef
 from mailfax.store import open_store
 from mailfax.store.base import Store, Transition
@@ -267,7 +267,7 @@ async def _cancel_at_provider(settings: Settings, store: Store, job_id: str, acc
 
 
 def cmd_send(args: argparse.Namespace) -> int:
-    from mailfax.documents import DocumentError
+    from mailfax.documents.pdf import DocumentError
     from mailfax.intake.assemble import convert_file
     from mailfax.intake.service import Intake
     from mailfax.numbers import InvalidNumber, parse_fax_local_part
@@ -371,7 +371,7 @@ def cmd_passwd(args: argparse.Namespace) -> int:
     ``[users.NAME]`` lines to paste into the config. The password itself is never stored."""
     import getpass
 
-    from mailfax.auth import hash_password
+    from mailfax.trust.auth import hash_password
 
     if sys.stdin.isatty():
         password = getpass.getpass(f"password for {args.user}: ")

@@ -26,8 +26,8 @@ from pydantic import (
     model_validator,
 )
 
-from mailfax.dialing import DialPolicySettings, e164_prefixes
 from mailfax.providers import provider_module
+from mailfax.trust.dialing import DialPolicySettings, e164_prefixes
 
 CONFIG_ENV = "MAILFAX_CONFIG"
 log = logging.getLogger(__name__)
@@ -133,7 +133,7 @@ class UserSettings(Strict):
     @field_validator("password_hash")
     @classmethod
     def _hash(cls, value: str) -> str:
-        from mailfax.auth import is_password_hash
+        from mailfax.trust.auth import is_password_hash
 
         if not is_password_hash(value):
             raise ValueError("is not a password hash; create one with `mailfax passwd NAME`")

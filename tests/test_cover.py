@@ -11,7 +11,7 @@ from pathlib import Path
 import pypdf
 import pytest
 
-from mailfax.cover import COVER_FILENAME, CoverInfo, cover_text, render_cover
+from mailfax.documents.cover import COVER_FILENAME, CoverInfo, cover_text, render_cover
 
 TEMPLATES = Path(__file__).resolve().parents[1] / "templates"
 WHEN = datetime(2026, 3, 2, 9, 30, tzinfo=UTC)

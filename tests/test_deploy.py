@@ -20,8 +20,8 @@ import pytest
 from pydantic import BaseModel
 
 from mailfax.config import AccountSettings, ListenAddress, Settings, load_settings
-from mailfax.policy import exposure_problem
 from mailfax.providers import PROVIDER_MODULES, provider_module
+from mailfax.trust.policy import exposure_problem
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 UNIT = DEPLOY / "systemd" / "mailfax.service"

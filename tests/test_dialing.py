@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from mailfax.dialing import DialPolicySettings, check_destination
+from mailfax.trust.dialing import DialPolicySettings, check_destination
 
 
 @pytest.mark.parametrize("number", ["+499001234567", "+19005550123", "+491801234567"])

@@ -9,8 +9,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from mailfax.config import DispatchSettings
-from mailfax.dispatch import Dispatcher
 from mailfax.model import JobState
+from mailfax.outbound.dispatch import Dispatcher
 from mailfax.providers import emulator
 from mailfax.providers.base import FaxDocument, ProviderContext, SendRequest, SendResult
 from mailfax.store.base import NewJob, NewMail, Outcome, Work

@@ -10,7 +10,7 @@ import pikepdf
 import pytest
 from PIL import Image
 
-from mailfax.documents import DocumentError, image_to_pdf, merge_pdfs, prepare_pdf
+from mailfax.documents.pdf import DocumentError, image_to_pdf, merge_pdfs, prepare_pdf
 
 PDFS = ["crazyones.pdf", "VIA_Nytt_1402.pdf", "Seige_of_Vicksburg_Sample_OCR.pdf", "git.pdf",
         "two-different-pages.pdf", "AutoCad_Diagram.pdf", "r2-owner-password.pdf",

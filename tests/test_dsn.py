@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from mailfax.dsn import build_dsn, dsn_status_for
+from mailfax.outbound.dsn import build_dsn, dsn_status_for
 
 ORIGINAL = (b"Return-Path: <jg@example.de>\r\nFrom: J\xc3\xbcrgen Gro\xc3\x9f <jg@example.de>\r\n"
             b"To: 030123456@fax.local\r\nSubject: Angebot\r\n"

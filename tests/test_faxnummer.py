@@ -18,7 +18,7 @@ import pytest
 from pydantic import ValidationError
 
 from mailfax.app import Application
-from mailfax.documents import prepare_pdf
+from mailfax.documents.pdf import prepare_pdf
 from mailfax.emulators import faxnummer as emulator
 from mailfax.emulators.faxnummer import FaxnummerEmulator
 from mailfax.model import JobState

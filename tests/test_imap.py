@@ -23,7 +23,7 @@ from mailfax.emulators import faxde as emulator
 from mailfax.imap.client import ImapError, ImapSession, imap_utf7
 from mailfax.imap.delivery import ImapDeliverySink
 from mailfax.imap.intake import MAX_HANDLE_FAILURES, find_numbers
-from mailfax.outbox import MaildirSink
+from mailfax.outbound.outbox import MaildirSink
 from mailfax.providers.base import InboundFax
 from mailfax.store.base import OutgoingMail
 from mailfax.store.sqlite import SqliteStore

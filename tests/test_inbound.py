@@ -22,7 +22,7 @@ from mailfax.app import inbound_mailer
 from mailfax.inbound.mailer import prepare_files
 from mailfax.inbound.poller import InboundPoller
 from mailfax.inbound.routing import recipients_for
-from mailfax.outbox import MaildirSink, MailSink, OutboxSender, PermanentRefusal
+from mailfax.outbound.outbox import MaildirSink, MailSink, OutboxSender, PermanentRefusal
 from mailfax.providers.base import BaseProvider, InboundFax, ProviderContext
 from mailfax.store.base import OutboxItem
 from mailfax.store.sqlite import SqliteStore

@@ -6,13 +6,13 @@ from datetime import UTC, datetime
 
 from mailfax import reasons
 from mailfax.config import DispatchSettings, SenderPolicySettings
-from mailfax.dispatch import outcome_of_error, retry_delay
 from mailfax.model import FINAL_STATES, TRANSITIONS, JobState, can_transition
-from mailfax.notify import format_duration
-from mailfax.policy import check_sender, status_mail_allowed
+from mailfax.outbound.dispatch import outcome_of_error, retry_delay
+from mailfax.outbound.notify import format_duration
+from mailfax.outbound.tracking import transition_for
 from mailfax.providers.base import ProviderError, StatusReport
 from mailfax.store.base import Job
-from mailfax.tracking import transition_for
+from mailfax.trust.policy import check_sender, status_mail_allowed
 
 NOW = datetime(2026, 11, 24, 10, 0, tzinfo=UTC)
 

@@ -15,9 +15,9 @@ from typing import Any
 
 import pytest
 
-from mailfax import office
-from mailfax.documents import DocumentError
-from mailfax.office import NOT_ENABLED, OfficeLimits, convert_office, is_office
+from mailfax.documents import office
+from mailfax.documents.office import NOT_ENABLED, OfficeLimits, convert_office, is_office
+from mailfax.documents.pdf import DocumentError
 
 needs_libreoffice = pytest.mark.skipif(shutil.which("soffice") is None,
                                        reason="needs LibreOffice (libreoffice-writer-nogui)")

@@ -50,7 +50,7 @@ async def test_health_readiness_and_metrics(tmp_path: Path, corpus: Path) -> Non
 
 
 def test_json_log_lines_carry_the_job_id() -> None:
-    record = logging.LogRecord("mailfax.dispatch", logging.INFO, __file__, 1,
+    record = logging.LogRecord("mailfax.outbound.dispatch", logging.INFO, __file__, 1,
                                "job %s submitted to %s", ("k8x40c88txje", "emulator"), None)
     entry = json.loads(JsonLines().format(record))
     assert entry["job"] == "k8x40c88txje" and entry["level"] == "info"

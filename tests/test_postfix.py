@@ -14,7 +14,7 @@ import pytest
 
 from mailfax.app import Application
 from mailfax.model import JobState
-from mailfax.outbox import RelaySink
+from mailfax.outbound.outbox import RelaySink
 from mailfax.store.base import OutboxItem
 from tests.conftest import fax_mail, make_settings
 from tests.mailservers import (

@@ -29,7 +29,7 @@ from mailfax.providers.base import (
     SendRequest,
     StatusReport,
 )
-from mailfax.web import build_web_app, runner_url, start_web
+from mailfax.web.server import build_web_app, runner_url, start_web
 from tests.conftest import Service, fax_mail, make_settings
 
 PDF = b"%PDF-1.4\n1 0 obj << /Type /Page >> endobj\n%%EOF\n"
@@ -154,7 +154,7 @@ def test_document_names_fit_retarus_rules_and_stay_unique() -> None:
                      "a-very-long-document-name-th.pdf", "a-very-long-document-name-2.pdf",
                      "document.pdf", "document-2.pdf", "scan.pdf", "scan-2.pdf"]
     assert all(codes.NAME_PATTERN.match(name) and len(name) <= 32 for name in names)
-    # as mailfax.text.to_ascii: no ASCII form → dropped; then what Retarus refuses → "_"
+    # as mailfax.support.text.to_ascii: no ASCII form → dropped; then what Retarus refuses → "_"
     assert codes.document_names(["Angebot 写真 Müller €.pdf"]) == ["Angebot__Mueller_EUR.pdf"]
 
 

@@ -20,11 +20,11 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from mailfax import ratelimit
 from mailfax.app import Application
-from mailfax.auth import LoginThrottle, hash_password, is_password_hash, verify_password
 from mailfax.config import ConfigError, SenderPolicySettings, load_settings
-from mailfax.policy import exposure_problem
+from mailfax.trust import ratelimit
+from mailfax.trust.auth import LoginThrottle, hash_password, is_password_hash, verify_password
+from mailfax.trust.policy import exposure_problem
 from tests.conftest import fax_mail, make_settings
 
 PASSWORD = "correct horse battery staple"

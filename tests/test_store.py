@@ -716,7 +716,7 @@ async def test_status_mails_are_counted_per_recipient_since_a_time(store: Store)
 
 async def test_the_status_mail_limit_holds_over_two_instances(backend: Backend) -> None:
     from mailfax.config import NotifySettings
-    from mailfax.notify import Notifier, Renderer
+    from mailfax.outbound.notify import Notifier, Renderer
 
     stores = [backend.make(), backend.make()]
     for opened in stores:
@@ -745,9 +745,9 @@ async def test_postgres_announces_submitted_jobs_to_the_tracking_instance(
     at its next full poll (interval 60 s here)."""
     if backend.name != "postgresql":
         pytest.skip("one instance per SQLite database")
+    from mailfax.outbound.tracking import Tracker
     from mailfax.providers.base import BaseProvider, ProviderContext, ProviderRef, StatusReport
     from mailfax.store.postgres import PostgresStore
-    from mailfax.tracking import Tracker
 
     class Provider(BaseProvider):
         provider_name = "counting"

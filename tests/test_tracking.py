@@ -8,10 +8,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from mailfax.model import JobState
+from mailfax.outbound.tracking import Tracker
 from mailfax.providers.base import BaseProvider, ProviderContext, ProviderRef, StatusReport
 from mailfax.store.base import NewJob, NewMail, Transition
 from mailfax.store.sqlite import SqliteStore
-from mailfax.tracking import Tracker
 
 
 class CountingProvider(BaseProvider):

@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 
-from mailfax.waiting import wait_for_event
+from mailfax.support.waiting import wait_for_event
 
 
 async def test_a_cancel_that_meets_the_wake_up_still_ends_the_wait() -> None:

@@ -34,7 +34,7 @@ from lxml import etree
 from mailfax.emulators import pdf_pages
 from mailfax.emulators.rules import prefix_value
 from mailfax.providers.faxde_soap import BUNDLED_WSDL, parse_untrusted
-from mailfax.web import runner_url, start_web
+from mailfax.web.server import runner_url, start_web
 
 SOAP_ENV = "http://schemas.xmlsoap.org/soap/envelope/"
 XSI = "http://www.w3.org/2001/XMLSchema-instance"

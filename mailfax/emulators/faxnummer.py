@@ -46,7 +46,7 @@ from aiohttp import web
 
 from mailfax.emulators import pdf_pages
 from mailfax.emulators.rules import prefix_value
-from mailfax.web import runner_url, start_web
+from mailfax.web.server import runner_url, start_web
 
 PATH = "/webrequests/product-voip/index.php"
 FORMATS = ("kv", "colon", "urlencoded", "json", "xml")

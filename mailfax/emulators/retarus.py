@@ -43,7 +43,7 @@ from aiohttp import web
 
 from mailfax.emulators.rules import longest_prefix
 from mailfax.providers.retarus_codes import MAX_IDS_PER_REQUEST, NAME_PATTERN, push_xml
-from mailfax.web import runner_url, start_web
+from mailfax.web.server import runner_url, start_web
 
 REASONS = {"OK": "OK", "BUSY": "Destination busy", "RING_TO": "Ring timeout",
            "NOFAX": "No fax device", "WRONG_NO": "Wrong number", "REM_DIS": "Remote hung up"}

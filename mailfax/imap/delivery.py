@@ -1,8 +1,8 @@
 """IMAP delivery of received faxes: the fax mail is APPENDed into a folder (per called number,
 e.g. a shared ``Faxes`` folder) instead of being sent through the relay.
 
-It is a :class:`~mailfax.outbox.MailSink` in front of the usual one: the outbox hands it every
-mail; fax mails (the outbox knows the received fax each carries) are APPENDed, all others
+It is a :class:`~mailfax.outbound.outbox.MailSink` in front of the usual one: the outbox hands
+it every mail; fax mails (the outbox knows the received fax each carries) are APPENDed, all others
 (status mails, replies) go to the relay or Maildir as before. The outbox marks a mail sent
 only after ``deliver`` returned, i.e. after the server answered OK to the APPEND, and the
 inbound poller deletes the fax at the provider only then.
@@ -16,7 +16,7 @@ import logging
 from mailfax.config import ImapDeliverySettings
 from mailfax.imap.client import ImapError, ImapSession
 from mailfax.inbound.routing import normalise_number
-from mailfax.outbox import MailSink
+from mailfax.outbound.outbox import MailSink
 from mailfax.store.base import OutboxItem, Store
 
 log = logging.getLogger(__name__)

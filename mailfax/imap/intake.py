@@ -34,8 +34,8 @@ from mailfax.config import ImapIntakeSettings, Settings
 from mailfax.imap.client import ImapError, ImapSession
 from mailfax.intake.assemble import Refusal
 from mailfax.intake.service import Intake
-from mailfax.policy import is_fax_domain, split_address, status_mail_allowed
 from mailfax.store.base import OutgoingMail, Store
+from mailfax.trust.policy import is_fax_domain, split_address, status_mail_allowed
 
 log = logging.getLogger(__name__)
 

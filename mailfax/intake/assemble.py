@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mailfax.documents import DocumentError, image_to_pdf, is_pdf, prepare_pdf
+from mailfax.documents.office import convert_office, is_office
+from mailfax.documents.pdf import DocumentError, image_to_pdf, is_pdf, prepare_pdf
 from mailfax.intake.mime import (
     Attachment,
     MailFormatError,
@@ -19,7 +20,6 @@ from mailfax.intake.mime import (
     parse_mail,
     select_documents,
 )
-from mailfax.office import convert_office, is_office
 from mailfax.providers.base import FaxDocument
 
 EXPECTED = ("Attach the document to fax as a PDF file, an image (JPEG, PNG, GIF, TIFF) or an "

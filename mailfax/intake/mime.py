@@ -17,7 +17,7 @@ from email.header import decode_header, make_header
 from email.message import Message
 from email.utils import getaddresses, parsedate_to_datetime
 
-from mailfax.documents import PDF_TYPES
+from mailfax.documents.pdf import PDF_TYPES
 
 MAX_PARTS = 500
 MAX_DEPTH = 12
@@ -116,7 +116,7 @@ def is_html_picture(mail: ParsedMail, attachment: Attachment) -> bool:
 
 def is_office_part(attachment: Attachment) -> bool:
     """An office document by name or type; never the mail's own text (inline, no name)."""
-    from mailfax.office import is_office
+    from mailfax.documents.office import is_office
 
     return bool(attachment.filename) and is_office(attachment.filename, attachment.content_type)
 

@@ -13,8 +13,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from mailfax.config import Settings
-from mailfax.cover import CoverInfo, CoverUnavailable, cover_text, render_cover
-from mailfax.dialing import check_destination
+from mailfax.documents.cover import CoverInfo, CoverUnavailable, cover_text, render_cover
 from mailfax.intake.assemble import (
     FaxContent,
     Refusal,
@@ -24,19 +23,20 @@ from mailfax.intake.assemble import (
     nothing_to_fax,
     read_mail,
 )
-from mailfax.metrics import Metrics
 from mailfax.model import new_job_id
-from mailfax.notify import TEMPLATES_DIR
 from mailfax.numbers import FaxAddress, InvalidNumber, format_international, parse_fax_local_part
-from mailfax.policy import (
+from mailfax.outbound.notify import TEMPLATES_DIR
+from mailfax.providers.base import FaxDocument
+from mailfax.store.base import NewJob, NewMail, Store
+from mailfax.trust.dialing import check_destination
+from mailfax.trust.policy import (
     address_allowed,
     check_sender,
     is_fax_domain,
     quota_refusal,
     split_address,
 )
-from mailfax.providers.base import FaxDocument
-from mailfax.store.base import NewJob, NewMail, Store
+from mailfax.web.metrics import Metrics
 
 log = logging.getLogger(__name__)
 

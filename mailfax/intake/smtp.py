@@ -18,10 +18,10 @@ from typing import Any
 from aiosmtpd.lmtp import LMTP
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
-from mailfax.auth import LoginThrottle, hash_password, verify_password
 from mailfax.config import ListenAddress, SmtpSettings, UserSettings
 from mailfax.intake.assemble import Refusal
 from mailfax.intake.service import Intake
+from mailfax.trust.auth import LoginThrottle, hash_password, verify_password
 
 log = logging.getLogger(__name__)
 

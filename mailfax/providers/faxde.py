@@ -22,7 +22,7 @@ from zeep import xsd
 
 from mailfax import reasons
 from mailfax.config import Secret
-from mailfax.documents import merge_pdfs
+from mailfax.documents.pdf import merge_pdfs
 from mailfax.model import JobState
 from mailfax.providers import faxde_codes as codes
 from mailfax.providers.base import (
@@ -39,7 +39,7 @@ from mailfax.providers.base import (
     prepare_documents,
 )
 from mailfax.providers.faxde_soap import MAX_CONNECTIONS, SoapClient, SoapError
-from mailfax.text import to_ascii
+from mailfax.support.text import to_ascii
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ from zeep.helpers import serialize_object
 from zeep.proxy import AsyncServiceProxy
 from zeep.transports import AsyncTransport
 
-from mailfax import xmlsafe
+from mailfax.support import xmlsafe
 
 log = logging.getLogger(__name__)
 # zeep's transport logs every SOAP message it sends and receives, whole, at DEBUG: the

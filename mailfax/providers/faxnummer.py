@@ -36,9 +36,9 @@ from zoneinfo import ZoneInfo
 import httpx
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 
-from mailfax import reasons, xmlsafe
+from mailfax import reasons
 from mailfax.config import Secret
-from mailfax.documents import merge_pdfs
+from mailfax.documents.pdf import merge_pdfs
 from mailfax.model import JobState
 from mailfax.providers import q850
 from mailfax.providers.base import (
@@ -54,7 +54,8 @@ from mailfax.providers.base import (
     prepare_documents,
 )
 from mailfax.providers.http import status_error
-from mailfax.text import to_ascii
+from mailfax.support import xmlsafe
+from mailfax.support.text import to_ascii
 
 log = logging.getLogger(__name__)
 

@@ -17,11 +17,12 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypeVar
 
-from mailfax import reasons, xmlsafe
+from mailfax import reasons
 from mailfax.model import JobState, Reason
 from mailfax.providers.base import ProviderError, StatusReport
 from mailfax.providers.http import http_detail, status_error
-from mailfax.text import to_ascii
+from mailfax.support import xmlsafe
+from mailfax.support.text import to_ascii
 
 MAX_IDS_PER_REQUEST = 1000  # bulk POST /reports: "The maximum number of jobs per POST"
 MAX_NAME_LENGTH = 32  # documents[].name: at most 32 of [a-zA-Z0-9-_.]

@@ -49,7 +49,7 @@ from mailfax.store.base import (
     group_work,
     handoff_of,
 )
-from mailfax.waiting import wait_for_event
+from mailfax.support.waiting import wait_for_event
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from mailfax import reasons
 from mailfax.model import TRACKED_STATES, JobState
 from mailfax.providers.base import Provider, ProviderError, ProviderRef, StatusReport
 from mailfax.store.base import Job, Store, Transition
-from mailfax.waiting import wait_for_event
+from mailfax.support.waiting import wait_for_event
 
 log = logging.getLogger(__name__)
 

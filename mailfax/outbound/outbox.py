@@ -23,9 +23,9 @@ from pathlib import Path
 import aiosmtplib
 
 from mailfax.config import RelaySettings
-from mailfax.dispatch import retry_delay
+from mailfax.outbound.dispatch import retry_delay
 from mailfax.store.base import OutboxItem, Store
-from mailfax.waiting import wait_for_event
+from mailfax.support.waiting import wait_for_event
 
 log = logging.getLogger(__name__)
 

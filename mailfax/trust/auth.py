@@ -11,7 +11,7 @@ import hashlib
 import hmac
 import secrets
 
-from mailfax.ratelimit import SlidingWindow
+from mailfax.trust.ratelimit import SlidingWindow
 
 SCRYPT_N = 2**14  # about 16 MiB and a few tens of milliseconds per check
 SCRYPT_R = 8

@@ -15,7 +15,7 @@ from email.message import EmailMessage, Message
 from email.policy import SMTP
 from email.utils import format_datetime, make_msgid
 
-from mailfax.text import to_ascii
+from mailfax.support.text import to_ascii
 
 # reason code -> (enhanced status subject.detail, permanent whatever happens next)
 _STATUS_DETAIL: dict[str, tuple[str, bool]] = {

@@ -9,9 +9,9 @@ from collections.abc import Mapping
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from mailfax.metrics import Metrics
 from mailfax.providers.base import Provider
 from mailfax.store.base import Store
+from mailfax.web.metrics import Metrics
 
 log = logging.getLogger(__name__)
 

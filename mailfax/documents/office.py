@@ -27,7 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePath
 
-from mailfax.documents import DocumentError, page_count
+from mailfax.documents.pdf import DocumentError, page_count
 from mailfax.providers.base import FaxDocument
 
 NOT_ENABLED = "office files are not enabled on this server"
@@ -160,7 +160,7 @@ def is_office(filename: str, content_type: str) -> bool:
 def convert_office(filename: str, data: bytes) -> FaxDocument:
     """Convert one office document to PDF with LibreOffice; blocking (seconds).
 
-    Raises :class:`~mailfax.documents.DocumentError` with a sentence naming the file when the
+    Raises :class:`~mailfax.documents.pdf.DocumentError` with a sentence naming the file when the
     content does not match the name, LibreOffice is not installed, the conversion fails or
     overruns the time limit.
     """

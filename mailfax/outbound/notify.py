@@ -24,12 +24,12 @@ from typing import Any
 import jinja2
 
 from mailfax.config import NotifySettings
-from mailfax.dsn import build_dsn, dsn_status_for
 from mailfax.model import JobState
 from mailfax.numbers import format_international
-from mailfax.policy import split_address, status_mail_allowed
+from mailfax.outbound.dsn import build_dsn, dsn_status_for
 from mailfax.store.base import Event, Job, Mail, OutgoingMail, Store
-from mailfax.waiting import wait_for_event
+from mailfax.support.waiting import wait_for_event
+from mailfax.trust.policy import split_address, status_mail_allowed
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ NOTIFY_LEASE_SECONDS = 30.0
 def _templates_dir() -> Path:
     """The repository's templates/ (a checkout or editable install), else the copy that
     ``pip install .`` puts under ``<prefix>/share/mailfax/templates``."""
-    beside = Path(__file__).resolve().parent.parent / "templates"
+    beside = Path(__file__).resolve().parents[2] / "templates"
     if beside.is_dir():
         return beside
     return Path(sys.prefix) / "share" / "mailfax" / "templates"

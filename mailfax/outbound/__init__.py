@@ -1,0 +1,1 @@
+"""Outbound: dispatcher → provider; tracker → notifier → outbox (status mails and bounces)."""

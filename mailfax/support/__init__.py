@@ -1,0 +1,1 @@
+"""Small helpers shared by several rooms: waiting, safe XML, ASCII text for fax fields."""

@@ -1,0 +1,1 @@
+"""The HTTP endpoint: provider status pushes, health checks and Prometheus metrics."""
