@@ -17,6 +17,8 @@ from mailfax.intake.assemble import Refusal, assemble
 from mailfax.intake.mime import parse_mail, select_documents
 from tests.conftest import Service
 
+pytestmark = pytest.mark.every_corpus  # the real corpus, and the stand-in the tests make
+
 MAILS = ["mutt-pdf-umlaut-name.eml", "mutt-two-pdfs-two-recipients.eml", "s-nail-pdf.eml",
          "swaks-octet-stream-pdf.eml", "attachment_with_quoted_filename.eml",
          "attachment_pdf.eml", "attachment_message_rfc822.eml", "raw_email7.eml",

@@ -12,6 +12,8 @@ from PIL import Image
 
 from mailfax.documents.pdf import DocumentError, image_to_pdf, merge_pdfs, prepare_pdf
 
+pytestmark = pytest.mark.every_corpus  # the real corpus, and the stand-in the tests make
+
 PDFS = ["crazyones.pdf", "VIA_Nytt_1402.pdf", "Seige_of_Vicksburg_Sample_OCR.pdf", "git.pdf",
         "two-different-pages.pdf", "AutoCad_Diagram.pdf", "r2-owner-password.pdf",
         "libreoffice-writer-password.pdf"]
