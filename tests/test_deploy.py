@@ -17,6 +17,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 import pytest
+import yaml  # PyYAML is in the test extra: without it these tests must fail, not skip
 from pydantic import BaseModel
 
 from mailfax.config import AccountSettings, ListenAddress, Settings, load_settings
@@ -206,7 +207,6 @@ def test_dockerfile_copies_what_the_package_needs() -> None:
 # -- compose.yaml ----------------------------------------------------------------------------------
 
 def load_compose() -> dict[str, Any]:
-    yaml = pytest.importorskip("yaml")
     data: dict[str, Any] = yaml.safe_load(COMPOSE.read_text(encoding="utf-8"))
     return data
 
