@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -213,6 +214,17 @@ class DispatchSettings(Strict):
 NotifyEvent = Literal["accepted", "retrying", "delivered", "failed", "cancelled"]
 
 
+def _known_zone_name(value: str) -> str:
+    """An IANA time zone name that this machine's zone data (or tzdata) knows."""
+    from zoneinfo import ZoneInfo
+
+    ZoneInfo(value)
+    return value
+
+
+TimeZoneName = Annotated[str, AfterValidator(_known_zone_name)]
+
+
 class NotifySettings(Strict):
     events: list[NotifyEvent] = Field(
         default_factory=lambda: list[NotifyEvent](["delivered", "failed", "cancelled"]))
@@ -222,6 +234,8 @@ class NotifySettings(Strict):
     # A failed fax as the status mail ("mail"), as an RFC 3464 bounce that mail clients show
     # as undeliverable ("dsn"), or both.
     failure_format: Literal["mail", "dsn", "both"] = "mail"
+    # Times in status mails and on the cover page (the fax and the mail are read locally).
+    timezone: TimeZoneName = "Europe/Berlin"
 
 
 class RelaySettings(Strict):

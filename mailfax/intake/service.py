@@ -11,6 +11,7 @@ import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from zoneinfo import ZoneInfo
 
 from mailfax.config import Settings
 from mailfax.documents.cover import CoverInfo, CoverUnavailable, cover_text, render_cover
@@ -185,8 +186,8 @@ class Intake:
         numbers = ", ".join(format_international(number) for number in
                             dict.fromkeys(address.number for address in addresses))
         info = CoverInfo(sender=content.mail.from_header or envelope_from, number=numbers,
-                         subject=content.mail.subject, date=content.mail.date or
-                         datetime.now(UTC), text=text,
+                         subject=content.mail.subject,
+                         date=self._local_time(content.mail.date), text=text,
                          document_pages=content.pages)
         try:
             cover = await asyncio.to_thread(render_cover, info, self.settings.notify.language,
@@ -195,6 +196,14 @@ class Intake:
             raise Refusal(451, "4.3.0", f"The cover page cannot be made here ({error}).") \
                 from None
         return FaxContent(mail=content.mail, documents=[cover, *content.documents])
+
+    def _local_time(self, when: datetime | None) -> datetime:
+        """A time as the cover page shows it: in ``notify.timezone`` (a mail's Date header has
+        the sender's offset, or none)."""
+        when = when or datetime.now(UTC)
+        if when.tzinfo is None:  # "-0000": the sender's zone is unknown, the time is UTC
+            when = when.replace(tzinfo=UTC)
+        return when.astimezone(ZoneInfo(self.settings.notify.timezone))
 
     def _check_from_header(self, from_address: str, user: str) -> None:
         settings = self.settings.users[user]
