@@ -321,7 +321,7 @@ async def test_two_instances_with_their_own_data_dirs_share_one_emulator_network
     assert set(references) == set(jobs)
     assert [ref for ref, count in references.items() if count != 1] == []
     # Neither instance wrote a ledger file of its own.
-    assert not list(tmp_path.glob("host*/data/emulator/*.sqlite3"))
+    assert not await asyncio.to_thread(lambda: list(tmp_path.glob("host*/data/emulator/*")))
     status = collections.Counter(message["X-Mailfax-Job"]
                                  for message in mailbox.Maildir(maildir, create=False))
     assert set(status) == set(jobs)
