@@ -823,3 +823,29 @@ async def test_an_instance_without_the_tracker_announces_the_jobs_it_sent(
                 await app.stop()
     finally:
         await other.close()
+
+
+# -- the bundled emulator's fax network ------------------------------------------------------
+
+async def test_the_emulator_network_records_a_fax_once_and_recognises_a_resend(
+        backend: Backend) -> None:
+    first, second = backend.make(), backend.make()  # two instances on one store
+    await first.open()
+    await second.open()
+    try:
+        job_id, duplicate = await first.emulator_submit("emu", "job-1", "+4930123456", 2)
+        assert not duplicate and job_id.startswith("EMU-")
+        # The other instance sends the same job again (a lease ran out): the same fax.
+        assert await second.emulator_submit("emu", "job-1", "+4930123456", 2) == (job_id, True)
+        # Another account is another network, even with the same reference.
+        other, other_duplicate = await second.emulator_submit("other", "job-1", "+4930123456", 2)
+        assert other != job_id and not other_duplicate
+        seen = await second.emulator_transmissions("emu", [job_id, other])
+        assert list(seen) == [job_id]
+        assert (seen[job_id].reference, seen[job_id].pages, seen[job_id].send_calls,
+                seen[job_id].cancelled) == ("job-1", 2, 2, False)
+        await first.emulator_cancel("emu", job_id)
+        assert (await second.emulator_transmissions("emu", [job_id]))[job_id].cancelled
+    finally:
+        await first.close()
+        await second.close()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import secrets
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -105,6 +106,39 @@ class InboundFax:
     image: bytes  # TIFF as the provider delivered it
 
 
+@dataclass(frozen=True)
+class EmulatedTransmission:
+    """One fax the bundled emulator's network has taken (see :class:`EmulatorNetwork`)."""
+
+    provider_job_id: str
+    reference: str  # our job id
+    number: str
+    pages: int
+    submitted_at: float  # Unix time of the first send
+    send_calls: int  # how often it was sent: more than 1 is a recognised resend
+    cancelled: bool = False
+
+
+def new_emulator_job_id() -> str:
+    """The id the emulator's network gives a fax, like a provider's job number."""
+    return "EMU-" + secrets.token_hex(8)
+
+
+class EmulatorNetwork(Protocol):
+    """Where the bundled emulator keeps what it "transmitted", so that every mailfax instance
+    that shares it sees one fax network: the store (a table in SQLite or PostgreSQL)."""
+
+    async def emulator_submit(self, account: str, reference: str, number: str,
+                              pages: int) -> tuple[str, bool]:
+        """Record a fax; (provider job id, whether this reference was sent before)."""
+        ...
+
+    async def emulator_transmissions(self, account: str, provider_job_ids: Sequence[str]
+                                     ) -> dict[str, EmulatedTransmission]: ...
+
+    async def emulator_cancel(self, account: str, provider_job_id: str) -> None: ...
+
+
 @dataclass
 class ProviderContext:
     """What the application lends an adapter."""
@@ -120,6 +154,9 @@ class ProviderContext:
     wake_tracker: Callable[[Sequence[str]], Awaitable[None]] | None = None
     # Store reports at once (our job id -> report); returns after they are durable.
     report_status: Callable[[dict[str, StatusReport]], Awaitable[None]] | None = None
+    # The bundled emulator's network: the store. None: a ledger file in data_dir (one network
+    # per folder, for a provider made without a store, as in benchmarks).
+    emulator_network: EmulatorNetwork | None = None
 
     def push_token(self, job_id: str) -> str:
         """An unguessable per-job token for push URLs (verify with hmac.compare_digest)."""

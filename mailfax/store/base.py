@@ -11,7 +11,7 @@ from datetime import datetime
 from typing import Any, Literal, Protocol
 
 from mailfax.model import JobState, Reason
-from mailfax.providers.base import FaxDocument, InboundFax
+from mailfax.providers.base import EmulatedTransmission, FaxDocument, InboundFax
 
 
 @dataclass(frozen=True)
@@ -361,3 +361,13 @@ class Store(Protocol):
     async def list_inbound(self, limit: int = 1000) -> list[InboundRecord]: ...
 
     async def find_inbound(self, fax_id: str) -> list[InboundRecord]: ...
+
+    # -- the bundled emulator's fax network (providers.base.EmulatorNetwork) -----------------
+
+    async def emulator_submit(self, account: str, reference: str, number: str,
+                              pages: int) -> tuple[str, bool]: ...
+
+    async def emulator_transmissions(self, account: str, provider_job_ids: Sequence[str]
+                                     ) -> dict[str, EmulatedTransmission]: ...
+
+    async def emulator_cancel(self, account: str, provider_job_id: str) -> None: ...

@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -30,7 +31,12 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
 from mailfax.model import TRACKED_STATES, JobState, Reason, can_transition
-from mailfax.providers.base import FaxDocument, InboundFax
+from mailfax.providers.base import (
+    EmulatedTransmission,
+    FaxDocument,
+    InboundFax,
+    new_emulator_job_id,
+)
 from mailfax.store.base import (
     OTHER_ACCOUNTS,
     Event,
@@ -184,6 +190,20 @@ MIGRATIONS: dict[int, str] = {
     3: """
     CREATE INDEX outbox_status_to ON outbox (lower(recipients->>0), created)
         WHERE job_id IS NOT NULL AND kind <> 'dsn';
+    """,
+    # The bundled emulator's fax network lives in the store: every instance sees one network.
+    4: """
+    CREATE TABLE emulator_transmissions (
+        account          text NOT NULL,
+        provider_job_id  text PRIMARY KEY,
+        reference        text NOT NULL,
+        number           text NOT NULL,
+        pages            integer NOT NULL,
+        submitted_at     double precision NOT NULL,
+        send_calls       integer NOT NULL DEFAULT 1,
+        cancelled        boolean NOT NULL DEFAULT false,
+        UNIQUE (account, reference)
+    );
     """,
 }
 SCHEMA_VERSION = max(MIGRATIONS)
@@ -1186,6 +1206,40 @@ class PostgresStore:
             await cur.execute(
                 f"SELECT {_INBOUND_COLUMNS} FROM inbound_faxes WHERE fax_id = %s", (fax_id,))
             return [_inbound(row) for row in await cur.fetchall()]
+
+    # -- the bundled emulator's fax network -----------------------------------------------
+
+    async def emulator_submit(self, account: str, reference: str, number: str,
+                              pages: int) -> tuple[str, bool]:
+        async with self._cursor() as cur:
+            await cur.execute(
+                "INSERT INTO emulator_transmissions (account, provider_job_id, reference, number,"
+                " pages, submitted_at) VALUES (%s, %s, %s, %s, %s, %s)"
+                " ON CONFLICT (account, reference) DO UPDATE"
+                " SET send_calls = emulator_transmissions.send_calls + 1"
+                " RETURNING provider_job_id, send_calls",
+                (account, new_emulator_job_id(), reference, number, pages, time.time()))
+            row = await cur.fetchone()
+        assert row is not None
+        return str(row["provider_job_id"]), int(row["send_calls"]) > 1
+
+    async def emulator_transmissions(self, account: str, provider_job_ids: Sequence[str]
+                                     ) -> dict[str, EmulatedTransmission]:
+        async with self._cursor() as cur:
+            await cur.execute(
+                "SELECT * FROM emulator_transmissions WHERE account = %s"
+                " AND provider_job_id = ANY(%s)", (account, list(provider_job_ids)))
+            rows = await cur.fetchall()
+        return {row["provider_job_id"]: EmulatedTransmission(
+            provider_job_id=row["provider_job_id"], reference=row["reference"],
+            number=row["number"], pages=row["pages"], submitted_at=row["submitted_at"],
+            send_calls=row["send_calls"], cancelled=row["cancelled"]) for row in rows}
+
+    async def emulator_cancel(self, account: str, provider_job_id: str) -> None:
+        async with self._cursor() as cur:
+            await cur.execute(
+                "UPDATE emulator_transmissions SET cancelled = true WHERE account = %s"
+                " AND provider_job_id = %s", (account, provider_job_id))
 
 
 def _outbox_item(row: DictRow) -> OutboxItem:

@@ -23,7 +23,12 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from mailfax.model import TRACKED_STATES, JobState, Reason, can_transition
-from mailfax.providers.base import FaxDocument, InboundFax
+from mailfax.providers.base import (
+    EmulatedTransmission,
+    FaxDocument,
+    InboundFax,
+    new_emulator_job_id,
+)
 from mailfax.store.base import (
     OTHER_ACCOUNTS,
     Event,
@@ -47,7 +52,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 Operation = Callable[[sqlite3.Connection], Any]
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 MIGRATIONS: dict[int, str] = {
     1: """
     CREATE TABLE mails (
@@ -145,6 +150,20 @@ MIGRATIONS: dict[int, str] = {
     2: """
     CREATE INDEX outbox_status_to ON outbox (lower(json_extract(recipients, '$[0]')), created)
         WHERE job_id IS NOT NULL AND kind <> 'dsn';
+    """,
+    # The bundled emulator's fax network lives in the store: one network per store.
+    3: """
+    CREATE TABLE emulator_transmissions (
+        account TEXT NOT NULL,
+        provider_job_id TEXT PRIMARY KEY,
+        reference TEXT NOT NULL,
+        number TEXT NOT NULL,
+        pages INTEGER NOT NULL,
+        submitted_at REAL NOT NULL,
+        send_calls INTEGER NOT NULL DEFAULT 1,
+        cancelled INTEGER NOT NULL DEFAULT 0,
+        UNIQUE (account, reference)
+    );
     """,
 }
 
@@ -376,7 +395,47 @@ class _InboundMixin:
         return result
 
 
-class SqliteStore(_InboundMixin):
+class _EmulatorNetworkMixin:
+    """The bundled emulator's network (see ``mailfax.providers.emulator``)."""
+
+    _call: Callable[..., Any]
+
+    async def emulator_submit(self, account: str, reference: str, number: str,
+                              pages: int) -> tuple[str, bool]:
+        def operation(conn: sqlite3.Connection) -> tuple[str, bool]:
+            row = conn.execute(
+                "INSERT INTO emulator_transmissions (account, provider_job_id, reference, number,"
+                " pages, submitted_at) VALUES (?,?,?,?,?,?) ON CONFLICT (account, reference)"
+                " DO UPDATE SET send_calls = send_calls + 1 RETURNING provider_job_id, send_calls",
+                (account, new_emulator_job_id(), reference, number, pages, time.time()),
+            ).fetchone()
+            return str(row[0]), int(row[1]) > 1
+
+        result: tuple[str, bool] = await self._call(operation)
+        return result
+
+    async def emulator_transmissions(self, account: str, provider_job_ids: Sequence[str]
+                                     ) -> dict[str, EmulatedTransmission]:
+        def operation(conn: sqlite3.Connection) -> dict[str, EmulatedTransmission]:
+            rows = conn.execute(
+                "SELECT provider_job_id, reference, number, pages, submitted_at, send_calls,"
+                " cancelled FROM emulator_transmissions WHERE account = ? AND provider_job_id IN"
+                f" ({','.join('?' * len(provider_job_ids))})",
+                [account, *provider_job_ids]).fetchall()
+            return {row[0]: EmulatedTransmission(
+                provider_job_id=row[0], reference=row[1], number=row[2], pages=row[3],
+                submitted_at=row[4], send_calls=row[5], cancelled=bool(row[6])) for row in rows}
+
+        result: dict[str, EmulatedTransmission] = await self._call(operation)
+        return result
+
+    async def emulator_cancel(self, account: str, provider_job_id: str) -> None:
+        await self._call(lambda conn: conn.execute(
+            "UPDATE emulator_transmissions SET cancelled = 1 WHERE account = ?"
+            " AND provider_job_id = ?", (account, provider_job_id)))
+
+
+class SqliteStore(_InboundMixin, _EmulatorNetworkMixin):
     """The :class:`~mailfax.store.base.Store` on SQLite (single instance)."""
 
     def __init__(self, path: Path, *, max_batch: int = 512):
