@@ -32,8 +32,11 @@ PASSWORD = "correct horse battery staple"
 
 @pytest.fixture(scope="module")
 def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """A self-signed certificate for 127.0.0.1, made here."""
-    folder = tmp_path_factory.mktemp("tls")
+    return self_signed_certificate(tmp_path_factory.mktemp("tls"))
+
+
+def self_signed_certificate(folder: Path) -> tuple[Path, Path]:
+    """A self-signed certificate (and its key) for mailfax.test, made here."""
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "mailfax.test")])
     now = dt.datetime.now(dt.UTC)
