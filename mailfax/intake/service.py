@@ -160,7 +160,8 @@ class Intake:
             fax = parse_fax_local_part(local, self.settings.numbers.default_country)
         except InvalidNumber as error:
             raise Refusal(550, "5.1.1", error.sentence) from None
-        verdict = check_destination(fax.number, self.settings.dial)
+        verdict = check_destination(fax.number, self.settings.dial,
+                                    self.settings.numbers.default_country)
         if not verdict.allowed:
             raise Refusal(550, verdict.status, verdict.sentence)
         return fax
