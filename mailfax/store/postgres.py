@@ -713,8 +713,6 @@ class PostgresStore:
     ) -> None:
         pages = sum(document.pages for document in documents)
         async with self._cursor() as cur:
-            if quotas:
-                await _check_quotas(cur, quotas, len(jobs), pages)
             await cur.execute(
                 """
                 INSERT INTO mails (id, received_at, envelope_from, message_id, subject, refs,
@@ -739,6 +737,8 @@ class PostgresStore:
                 [(mail.mail_id, position, d.filename, d.content_type, d.pages, digest)
                  for position, (d, digest) in enumerate(zip(documents, digests, strict=True))],
             )
+            if quotas:  # locked from here to the commit: not while the documents go in
+                await _check_quotas(cur, quotas, len(jobs), pages)
             await cur.executemany(
                 """
                 INSERT INTO jobs (id, mail_id, account, number, state, pages, sender,
