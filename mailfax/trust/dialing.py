@@ -64,8 +64,7 @@ class DialPolicySettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     # ISO country codes that may be dialled; "home" is numbers.default_country, "EEA" the
     # European Economic Area, "*" every country.
-    allowed_countries: list[str] = Field(default_factory=lambda: list(DEFAULT_COUNTRIES),
-                                         min_length=1)
+    allowed_countries: list[str] = Field(default_factory=lambda: list(DEFAULT_COUNTRIES))
     # Non-geographic ranges refused (satellite, international shared-cost and premium-rate).
     refused_ranges: list[str] = Field(default_factory=lambda: list(RANGE_NAMES))
     # Number types that are refused (phonenumbers' classification).
@@ -89,6 +88,9 @@ class DialPolicySettings(BaseModel):
     @field_validator("allowed_countries")
     @classmethod
     def _countries(cls, values: list[str]) -> list[str]:
+        if not values:  # it used to mean every country: say which is meant
+            raise ValueError(f'is empty: list the countries faxes may go to, or '
+                             f'["{EVERY_COUNTRY}"] for every country')
         countries = []
         for value in values:
             if value.lower() == HOME:
