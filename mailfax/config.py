@@ -105,7 +105,8 @@ class SmtpSettings(Strict):
     # offered over TLS.
     tls_cert: Path | None = None
     tls_key: Path | None = None
-    # Failed logins per client address before it is refused for login_failure_window seconds.
+    # Failed logins per client address, and per user name, before it is refused for
+    # login_failure_window seconds.
     max_login_failures: int = Field(default=5, ge=1)
     login_failure_window: float = Field(default=300.0, gt=0)
 

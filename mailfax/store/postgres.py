@@ -50,8 +50,10 @@ from mailfax.store.base import (
     OutboxItem,
     Outcome,
     OutgoingMail,
+    Quota,
     Transition,
     Work,
+    first_exceeded,
     group_work,
     handoff_of,
 )
@@ -507,6 +509,53 @@ def _check_recorded(row: DictRow | None, outcome: Outcome) -> None:
         log.error("result of job %s not recorded: %s", outcome.job_id, error)
 
 
+USAGE_SQL = "SELECT count(*) AS jobs, COALESCE(sum(pages), 0) AS pages FROM jobs "
+USAGE_BY_SENDERS = """(%(everyone)s
+    OR lower(sender) = ANY(%(addresses)s::text[])
+    OR EXISTS (SELECT 1 FROM unnest(%(domains)s::text[]) AS d (domain)
+               WHERE right(lower(sender), length(d.domain)) = d.domain))
+"""
+
+
+def _usage_parameters(senders: Sequence[str] | None) -> dict[str, Any]:
+    """USAGE_BY_SENDERS' parameters: ``"a@b.c"`` exactly, ``"@b.c"`` the whole domain."""
+    return {"everyone": senders is None,
+            "addresses": [s.lower() for s in senders or () if not s.startswith("@")],
+            "domains": [s.lower() for s in senders or () if s.startswith("@")]}
+
+
+def quota_lock_key(key: str) -> int:
+    """The ``pg_advisory_xact_lock`` key of a quota (64 bits of a hash of its key)."""
+    return int.from_bytes(hashlib.sha256(f"mailfax quota {key}".encode()).digest()[:8],
+                          "big", signed=True)
+
+
+async def _check_quotas(cur: psycopg.AsyncCursor[DictRow], quotas: Sequence[Quota],
+                        jobs: int, pages: int) -> None:
+    """Raise QuotaExceeded if this transaction's mail goes over a quota.
+
+    Each quota's advisory lock is taken first (in one order, so two mails never wait for
+    each other crosswise) and held until the transaction ends: a mail under the same quota on
+    any instance waits here until this one is committed or rolled back. Under READ COMMITTED
+    the counts, run after the locks were granted, see every mail committed before.
+    """
+    keys = sorted({quota_lock_key(quota.key) for quota in quotas})
+    await cur.execute("SELECT pg_advisory_xact_lock(k) FROM unnest(%s::bigint[]) AS k",
+                      (keys,))
+    used: list[int] = []
+    for quota in quotas:
+        await cur.execute(
+            USAGE_SQL + "WHERE created >= now() - make_interval(secs => %(window)s) AND "
+            + USAGE_BY_SENDERS,
+            {"window": float(quota.window_seconds), **_usage_parameters(quota.senders)})
+        row = await cur.fetchone()
+        assert row is not None
+        used.append(int(row["jobs"] if quota.unit == "faxes" else row["pages"]))
+    exceeded = first_exceeded(quotas, used, jobs, pages)
+    if exceeded is not None:
+        raise exceeded
+
+
 class PostgresStore:
     """The :class:`~mailfax.store.base.Store` on PostgreSQL (any number of instances)."""
 
@@ -679,7 +728,8 @@ class PostgresStore:
     # -- intake ------------------------------------------------------------------------------
 
     async def add_mail_jobs(
-        self, mail: NewMail, jobs: Sequence[NewJob], documents: Sequence[FaxDocument]
+        self, mail: NewMail, jobs: Sequence[NewJob], documents: Sequence[FaxDocument],
+        quotas: Sequence[Quota] = (),
     ) -> None:
         pages = sum(document.pages for document in documents)
         async with self._cursor() as cur:
@@ -707,6 +757,8 @@ class PostgresStore:
                 [(mail.mail_id, position, d.filename, d.content_type, d.pages, digest)
                  for position, (d, digest) in enumerate(zip(documents, digests, strict=True))],
             )
+            if quotas:  # locked from here to the commit: not while the documents go in
+                await _check_quotas(cur, quotas, len(jobs), pages)
             await cur.executemany(
                 """
                 INSERT INTO jobs (id, mail_id, account, number, state, pages, sender,
@@ -920,22 +972,9 @@ class PostgresStore:
                           ) -> tuple[int, int]:
         """(jobs, pages) created since ``since`` by these envelope senders (``"@domain"`` for a
         whole domain; None: everyone); for quotas."""
-        addresses = [s.lower() for s in senders or () if not s.startswith("@")]
-        domains = [s.lower() for s in senders or () if s.startswith("@")]
-        async with self._cursor() as cur:
-            await cur.execute(
-                """
-                SELECT count(*) AS jobs, COALESCE(sum(pages), 0) AS pages
-                FROM jobs
-                WHERE created >= %(since)s
-                  AND (%(everyone)s
-                       OR lower(sender) = ANY(%(addresses)s::text[])
-                       OR EXISTS (SELECT 1 FROM unnest(%(domains)s::text[]) AS d (domain)
-                                  WHERE right(lower(sender), length(d.domain)) = d.domain))
-                """,
-                {"since": since, "everyone": senders is None, "addresses": addresses,
-                 "domains": domains},
-            )
+        async with self._cursor(atomic=False) as cur:
+            await cur.execute(USAGE_SQL + "WHERE created >= %(since)s AND " + USAGE_BY_SENDERS,
+                              {"since": since, **_usage_parameters(senders)})
             row = await cur.fetchone()
         return (int(row["jobs"]), int(row["pages"])) if row else (0, 0)
 

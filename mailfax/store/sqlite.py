@@ -42,8 +42,10 @@ from mailfax.store.base import (
     OutboxItem,
     Outcome,
     OutgoingMail,
+    Quota,
     Transition,
     Work,
+    first_exceeded,
     group_work,
     handoff_of,
 )
@@ -281,6 +283,35 @@ def _claim(conn: sqlite3.Connection, owner: str, limit: int, lease_seconds: floa
     return [_job(r) for r in conn.execute(
         f"SELECT * FROM jobs WHERE id IN ({','.join('?' * len(claimed))})"
         " ORDER BY next_attempt_at, id", claimed).fetchall()]
+
+
+def _usage(conn: sqlite3.Connection, since: float, senders: Sequence[str] | None
+           ) -> tuple[int, int]:
+    """(jobs, pages) created since ``since`` by these senders (None: everyone)."""
+    query = "SELECT COUNT(*), COALESCE(SUM(pages), 0) FROM jobs WHERE created >= ?"
+    parameters: list[Any] = [since]
+    if senders is not None:  # "a@b.c" exactly, "@b.c" the whole domain
+        tests = ["lower(sender) LIKE ?" if sender.startswith("@") else "lower(sender) = ?"
+                 for sender in senders]
+        query += f" AND ({' OR '.join(tests) or '0'})"
+        parameters += [f"%{sender.lower()}" if sender.startswith("@") else sender.lower()
+                       for sender in senders]
+    row = conn.execute(query, parameters).fetchone()
+    return int(row[0]), int(row[1])
+
+
+def _check_quotas(conn: sqlite3.Connection, quotas: Sequence[Quota], now: float, jobs: int,
+                  pages: int) -> None:
+    """Raise QuotaExceeded if storing ``jobs`` jobs of ``pages`` pages goes over a quota.
+
+    Run in the operation that inserts them: the one writer thread runs operations one after
+    the other in its transaction, so this count sees every mail stored before, also those of
+    the same batch, and none can slip in between the count and the insert."""
+    used = [_usage(conn, now - quota.window_seconds, quota.senders)[
+        0 if quota.unit == "faxes" else 1] for quota in quotas]
+    exceeded = first_exceeded(quotas, used, jobs, pages)
+    if exceeded is not None:
+        raise exceeded
 
 
 def _record(conn: sqlite3.Connection, job_id: str, transition: Transition,
@@ -560,12 +591,15 @@ class SqliteStore(_InboundMixin, _EmulatorNetworkMixin):
     # -- intake ------------------------------------------------------------------------------
 
     async def add_mail_jobs(
-        self, mail: NewMail, jobs: Sequence[NewJob], documents: Sequence[FaxDocument]
+        self, mail: NewMail, jobs: Sequence[NewJob], documents: Sequence[FaxDocument],
+        quotas: Sequence[Quota] = (),
     ) -> None:
         pages = sum(document.pages for document in documents)
-        now = time.time()
 
         def operation(conn: sqlite3.Connection) -> None:
+            now = time.time()
+            if quotas:
+                _check_quotas(conn, quotas, now, len(jobs), pages)
             conn.execute(
                 "INSERT INTO mails VALUES (?,?,?,?,?,?,?,?,?,?,?)",
                 (mail.mail_id, now, mail.envelope_from, mail.message_id, mail.subject,
@@ -745,19 +779,7 @@ class SqliteStore(_InboundMixin, _EmulatorNetworkMixin):
 
     async def usage_since(self, since: datetime, senders: Sequence[str] | None = None
                           ) -> tuple[int, int]:
-        def operation(conn: sqlite3.Connection) -> tuple[int, int]:
-            query = "SELECT COUNT(*), COALESCE(SUM(pages), 0) FROM jobs WHERE created >= ?"
-            parameters: list[Any] = [since.timestamp()]
-            if senders is not None:  # "a@b.c" exactly, "@b.c" the whole domain
-                tests = ["lower(sender) LIKE ?" if sender.startswith("@") else "lower(sender) = ?"
-                         for sender in senders]
-                query += f" AND ({' OR '.join(tests) or '0'})"
-                parameters += [f"%{sender.lower()}" if sender.startswith("@") else sender.lower()
-                               for sender in senders]
-            row = conn.execute(query, parameters).fetchone()
-            return int(row[0]), int(row[1])
-
-        return await self._call(operation)
+        return await self._call(lambda conn: _usage(conn, since.timestamp(), senders))
 
     async def job_events(self, job_id: str) -> list[Event]:
         def operation(conn: sqlite3.Connection) -> list[Event]:
