@@ -207,6 +207,13 @@ MIGRATIONS: dict[int, str] = {
         UNIQUE (account, reference)
     );
     """,
+    # Hot queries on indexes, whatever the history: the tracker's unacknowledged jobs and
+    # ``jobs --state``. (Counting per state for /metrics reads an index and blocks no writer.)
+    5: """
+    CREATE INDEX jobs_unacknowledged ON jobs (account)
+        WHERE NOT acknowledged AND provider_job_id IS NOT NULL;
+    CREATE INDEX jobs_state_created ON jobs (state, created);
+    """,
 }
 SCHEMA_VERSION = max(MIGRATIONS)
 
