@@ -30,6 +30,7 @@ from mailfax import reasons
 from mailfax.config import Secret
 from mailfax.providers import retarus_codes as codes
 from mailfax.providers.base import (
+    AccountCheck,
     BaseProvider,
     FaxDocument,
     ProviderContext,
@@ -284,6 +285,24 @@ class RetarusProvider(BaseProvider):
         if response.status_code != 200:
             raise self._error(response, f"list reports at {data_centre}")
         return codes.reports_in(self._json(response, "list reports"))
+
+    # --- the account ----------------------------------------------------------------------
+
+    async def check_account(self) -> AccountCheck:
+        """``GET /{custNr}/fax/reports`` at each data centre: 401/403 (credentials) and 404
+        (customer number) refuse the account; 200 lists the finished jobs' reports."""
+        facts = [("send URL", f"{self.settings.send_url}/{self.settings.customer_number}/fax"),
+                 ("customer", self.settings.customer_number),
+                 ("user", self.settings.username)]
+        for data_centre in self.settings.data_centres:
+            url = self._reports_url(data_centre)
+            response = await self._call("GET", url, f"list reports at {data_centre}")
+            if response.status_code != 200:
+                raise self._error(response, f"list reports at {data_centre}")
+            reports = codes.reports_in(self._json(response, "list reports"))
+            facts.append((f"reports {data_centre}", f"{url}: login accepted, "
+                                                   f"{len(reports)} finished job reports"))
+        return AccountCheck(facts=facts)
 
     # --- status ---------------------------------------------------------------------------
 
