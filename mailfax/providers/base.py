@@ -88,6 +88,8 @@ class ProviderError(Exception):
         self.transient = transient
         self.retry_after = retry_after
         self.kind = kind or default_kind(reason, transient)
+        # What a check_account learnt before it met this error, to print it all the same.
+        self.facts: list[tuple[str, str]] = []
 
     def __str__(self) -> str:
         kind = "transient" if self.transient else "permanent"

@@ -229,11 +229,15 @@ class FaxDeProvider(BaseProvider):
                  ("reconstruction", "yes: namespace and SOAPAction are guessed"
                   if self.soap.reconstruction else "no")]
         facts += [("WSDL not loaded from", tried) for tried in self.soap.wsdl_tried]
-        answer = await self._call("JobStatus", {"JobId": 0})
-        result = int(answer["return"])
-        code = codes.code_for("JobStatus", result)
-        if code.reason in ("provider_auth", "provider_account") or code.kind == "transient":
-            raise codes.error_for("JobStatus", result)
+        try:
+            answer = await self._call("JobStatus", {"JobId": 0})
+            result = int(answer["return"])
+            code = codes.code_for("JobStatus", result)
+            if code.reason in ("provider_auth", "provider_account") or code.kind == "transient":
+                raise codes.error_for("JobStatus", result)
+        except ProviderError as error:
+            error.facts = facts
+            raise
         facts.append(("login", f"accepted (JobStatus of job 0 answered {result}: {code.text})"))
         return AccountCheck(facts=facts, warnings=self.warnings())
 

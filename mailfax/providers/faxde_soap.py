@@ -192,8 +192,12 @@ class SoapClient:
             response = await self.http.get(url, timeout=min(self.timeout, 20.0))
             response.raise_for_status()
             check_wsdl(response.content)
+        except httpx.HTTPStatusError as error:
+            self.wsdl_tried.append(f"{url}: HTTP {error.response.status_code}")
+            return None
         except (httpx.HTTPError, ValueError) as error:
-            self.wsdl_tried.append(f"{url}: {type(error).__name__}: {error}"[:300])
+            first_line = (str(error).splitlines() or [""])[0]
+            self.wsdl_tried.append(f"{url}: {type(error).__name__}: {first_line}"[:300])
             return None
         return response.content
 

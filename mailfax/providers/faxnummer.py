@@ -462,6 +462,7 @@ class FaxnummerProvider(BaseProvider):
         except ProviderError as error:
             if error.kind == ErrorKind.ACCOUNT or not error.reason.detail.startswith(
                     "WR_Status="):
+                error.facts = facts
                 raise
             facts.append(("credentials", f"accepted (an unknown job answered "
                                          f"{error.reason.detail})"))

@@ -296,9 +296,15 @@ class RetarusProvider(BaseProvider):
                  ("user", self.settings.username)]
         for data_centre in self.settings.data_centres:
             url = self._reports_url(data_centre)
-            response = await self._call("GET", url, f"list reports at {data_centre}")
+            try:
+                response = await self._call("GET", url, f"list reports at {data_centre}")
+            except ProviderError as error:
+                error.facts = facts
+                raise
             if response.status_code != 200:
-                raise self._error(response, f"list reports at {data_centre}")
+                refused = self._error(response, f"list reports at {data_centre}")
+                refused.facts = facts
+                raise refused
             reports = codes.reports_in(self._json(response, "list reports"))
             facts.append((f"reports {data_centre}", f"{url}: login accepted, "
                                                    f"{len(reports)} finished job reports"))
