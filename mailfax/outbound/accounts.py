@@ -77,7 +77,7 @@ class AccountHealth:
         now = self.clock()
         pause = Pause(account, error.reason, now, now + timedelta(seconds=self.probe_seconds))
         self.pauses[account] = pause
-        log.error("%s; its jobs are held, probing every %.0f s", pause.describe(),
+        log.error("%s; its jobs are held, probing every %g s", pause.describe(),
                   self.probe_seconds)
         if self.metrics is not None:
             self.metrics.account_paused.labels(account).set(1)

@@ -91,7 +91,7 @@ def outcome_of_error(error: ProviderError, attempt: int, settings: DispatchSetti
         return Transition(
             state=JobState.RETRYING, reason=reason,
             detail=f"attempt {attempt} failed: {error.reason.detail or error.reason.code}",
-            next_attempt_at=next_at, notify=True,
+            next_attempt_at=next_at, notify=True, always_event=warn,
         )
     detail = error.reason.detail or error.reason.code
     if not error.transient:
@@ -203,6 +203,15 @@ class Dispatcher:
                 task.cancel()
             await asyncio.gather(renewer, *self._tasks, return_exceptions=True)
             await self._record_one_by_one()
+
+    async def run_once(self) -> None:
+        """What the loop does until nothing is left to do now: claim what is due, send it,
+        record the outcomes. For a caller with a clock of its own (tests, tools)."""
+        while True:
+            await self._record_and_claim()
+            if not self._tasks and not self._finished:
+                return
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
 
     def _capacity(self) -> int:
         return self.settings.concurrency * max(1, len(self.providers))
