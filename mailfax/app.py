@@ -132,7 +132,8 @@ class Application:
                                  hostname=settings.smtp.hostname, owner=self.instance)
         self.accounts = self._account_health(renderer)
         self.tracker = Tracker(self.store, self.providers, settings.dispatch.status_poll_seconds,
-                               on_change=self.notifier.wake, **self._deadlines())
+                               on_change=self.notifier.wake, accounts=self.accounts,
+                               **self._deadlines())
         if isinstance(self.store, AnnouncingStore):
             self.store.on_announced = self.tracker.wake  # ignored where it does not run
         self.dispatcher = Dispatcher(self.store, self.providers, settings.dispatch,

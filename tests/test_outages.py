@@ -238,11 +238,14 @@ def test_the_delay_warning_falls_on_one_retry_only() -> None:
     assert notices.index(True) == 9  # the first failure at or after 60 minutes (9 × 7 min)
 
 
+@pytest.mark.parametrize("answer", ["in progress", "undocumented"])
 async def test_a_status_that_never_changes_reaches_the_deadline(
-        rig_factory: Any, tmp_path: Path, clock: SimClock) -> None:
-    """FAX.de answers JobStatus 6 ("still in progress") for ever: after 24 h the job fails
-    with a reason saying so, and the sender gets that mail."""
+        rig_factory: Any, tmp_path: Path, clock: SimClock, answer: str) -> None:
+    """FAX.de answers JobStatus 6 ("still in progress") for ever, or a code its docs do not
+    have: after 24 h the job fails with a reason saying so, and the sender gets that mail."""
     server = await faxde_emulator.start("127.0.0.1", 0, {"delay": str(10**9)})
+    if answer == "undocumented":
+        server.state.force("JobStatus", *[99] * 100)
     settings = faxde.Settings.model_validate({"account": "123456", "password": "secret",
                                               "wsdl_url": server.wsdl_url})
     provider = faxde.create(ProviderContext(account="fd", data_dir=tmp_path), settings)
@@ -253,11 +256,12 @@ async def test_a_status_that_never_changes_reaches_the_deadline(
         await rig.queue(1, "fd")
         await rig.step(0)
         await rig.tracker.poll_all()
-        assert [job.state for job in await rig.jobs()] == [JobState.SENDING]
+        first = JobState.SENDING if answer == "in progress" else JobState.SUBMITTED
+        assert [job.state for job in await rig.jobs()] == [first]
         for _ in range(23):
             clock.advance(3600)
             await rig.tracker.poll_all()
-        assert [job.state for job in await rig.jobs()] == [JobState.SENDING]
+        assert [job.state for job in await rig.jobs()] == [first]
         clock.advance(3600)
         await rig.tracker.poll_all()
         await rig.notifier.handle_pending()

@@ -16,7 +16,14 @@ from datetime import UTC, datetime, timedelta
 
 from mailfax import reasons
 from mailfax.model import TRACKED_STATES, JobState, Reason
-from mailfax.providers.base import Provider, ProviderError, ProviderRef, StatusReport
+from mailfax.outbound.accounts import AccountHealth
+from mailfax.providers.base import (
+    ErrorKind,
+    Provider,
+    ProviderError,
+    ProviderRef,
+    StatusReport,
+)
 from mailfax.store.base import Job, Store, Transition
 from mailfax.support.waiting import wait_for_event
 
@@ -77,7 +84,9 @@ class Tracker:
                  default_deadline: timedelta = timedelta(hours=24),
                  lifetime: timedelta = timedelta(days=5),
                  clock: Callable[[], datetime] = lambda: datetime.now(UTC),
-                 on_deadline: Callable[[str], None] = lambda account: None):
+                 on_deadline: Callable[[str], None] = lambda account: None,
+                 accounts: AccountHealth | None = None):
+        self.accounts = accounts  # a status call refused for the account pauses it too
         self.on_change = on_change
         self.deadlines = dict(deadlines or {})
         self.default_deadline = default_deadline
@@ -204,6 +213,8 @@ class Tracker:
                 [ProviderRef(job.id, job.provider_job_id or "") for job in jobs])
         except ProviderError as error:
             log.warning("status of %d jobs at %s: %s", len(jobs), account, error)
+            if error.kind == ErrorKind.ACCOUNT and self.accounts is not None:
+                await self.accounts.hold(account, error)
             return
         await self.apply(reports, jobs)
 
