@@ -268,3 +268,23 @@ async def test_serve_on_the_reconstruction_warns_and_readyz_says_so(
     finally:
         await app.stop()
         await fake.close()
+
+
+async def test_retarus_an_unknown_customer_number_is_refused(fakes: Fakes,
+                                                             tmp_path: Path) -> None:
+    """Every data centre answers 404 for a customer number it does not know: the account is
+    refused (one 404 among 200s would be a data centre without reports)."""
+    from mailfax.providers import retarus
+    from mailfax.providers.base import ErrorKind, ProviderError
+
+    settings = retarus.Settings.model_validate(
+        {**fakes.retarus.provider_settings(), "customer_number": "00000XX"})
+    provider = retarus.create(ProviderContext(account="rt", data_dir=tmp_path), settings)
+    try:
+        with pytest.raises(ProviderError) as refused:
+            await provider.check_account()
+        assert refused.value.kind == ErrorKind.ACCOUNT
+        assert [value.rsplit(": ", 1)[-1] for label, value in refused.value.facts
+                if label.startswith("reports")] == ["HTTP 404", "HTTP 404"]
+    finally:
+        await provider.close()
