@@ -159,14 +159,15 @@ class Tracker:
 
     async def expire_overdue(self, account: str, provider: Provider,
                              jobs: Sequence[Job]) -> int:
-        """Fail the tracked jobs past their deadline (unless they moved on meanwhile); the
-        sender is told by the failure mail. Returns how many."""
+        """Fail the jobs at the provider (submitted, sending, or retrying there) past their
+        deadline, unless they moved on meanwhile; the sender is told by the failure mail.
+        Returns how many."""
         limit = self.deadlines.get(account, self.default_deadline)
         now = self.clock()
         expired = 0
         for job in jobs:
-            if job.state not in TRACKED_STATES or not past_deadline(job, now, limit,
-                                                                    self.lifetime):
+            at_provider = job.state in IN_FLIGHT and job.provider_job_id is not None
+            if not at_provider or not past_deadline(job, now, limit, self.lifetime):
                 continue
             reason = deadline_reason(provider.provider_name, limit)
             moved = await self.store.record(job.id, Transition(
