@@ -120,12 +120,20 @@ def hours(age: timedelta) -> str:
 def delayed_reason(cause: Reason, age: timedelta) -> Reason:
     """The "delayed" notice: not sent yet after ``age``, still trying, and why."""
     return reasons.custom(
-        DELAYED,
-        f"The fax has not been sent yet after {hours(age)}; we keep trying. "
-        f"Why: {cause.for_language('en')}",
-        f"Das Fax konnte nach {hours(age)} noch nicht gesendet werden; wir versuchen es "
-        f"weiter. Grund: {cause.for_language('de')}",
+        DELAYED, f"Not sent after {hours(age)}: {cause.for_language('en')}",
+        f"Nach {hours(age)} noch nicht gesendet: {cause.for_language('de')}",
         detail=cause.detail)
+
+
+RETRY_PROMISES = ("; we will try again.", "; wir versuchen es erneut.")
+
+
+def without_retry_promise(text: str) -> str:
+    """A transient reason's sentence without its "we will try again" (we will not)."""
+    for promise in RETRY_PROMISES:
+        if text.endswith(promise):
+            return text[:-len(promise)] + "."
+    return text
 
 
 def expired_reason(cause: Reason, age: timedelta, attempts: int) -> Reason:
@@ -133,9 +141,9 @@ def expired_reason(cause: Reason, age: timedelta, attempts: int) -> Reason:
     return reasons.custom(
         "too_many_attempts",
         f"We gave up after {attempts} attempts in {hours(age)}. "
-        f"Last error: {cause.for_language('en')}",
+        f"Last error: {without_retry_promise(cause.for_language('en'))}",
         f"Wir haben nach {attempts} Versuchen in {hours(age)} aufgegeben. "
-        f"Letzter Fehler: {cause.for_language('de')}",
+        f"Letzter Fehler: {without_retry_promise(cause.for_language('de'))}",
         detail=cause.detail)
 
 
