@@ -149,8 +149,8 @@ def expired_reason(cause: Reason, age: timedelta, attempts: int) -> Reason:
 
 def held_transition(error: ProviderError, account: str, now: datetime,
                     probe_seconds: float) -> Transition:
-    """An account-wide refusal: the job waits (no attempt used up, no mail) until the
-    account works again; it comes due at the next probe."""
+    """An account-wide refusal: the job waits (no mail) until the account works again; it
+    comes due at the next probe."""
     return Transition(
         state=JobState.RETRYING, reason=error.reason,
         detail=f"held: account {account} paused: {error.reason.detail or error.reason.code}",
