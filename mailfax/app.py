@@ -178,6 +178,8 @@ class Application:
         alerts = AdminAlerts(self.store, renderer, settings.notify,
                              settings.notify.admin_address or settings.inbound.postmaster,
                              on_queued=self.outbox.wake)
+        for name in settings.accounts:  # 0 from the start, so dashboards see every account
+            self.metrics.account_paused.labels(name).set(0)
         return AccountHealth(settings.dispatch.account_probe_seconds,
                              on_paused=alerts.account_paused, metrics=self.metrics)
 

@@ -371,6 +371,10 @@ async def test_a_refused_login_holds_the_faxes_alerts_once_and_a_restart_sends_t
     await app.start()
     service = Service(app)
     try:
+        async with aiohttp.ClientSession() as http, http.get(
+                f"{web_url(app)}/metrics") as response:
+            assert 'mailfax_account_paused{account="fn"} 0.0' in await response.text()
+
         async def both_delivered() -> bool:
             return [job.state for job in await app.store.list_jobs()] == [
                 JobState.DELIVERED] * 2
