@@ -897,3 +897,19 @@ async def test_the_emulator_network_records_a_fax_once_and_recognises_a_resend(
     finally:
         await first.close()
         await second.close()
+
+
+async def test_an_unchanged_state_logs_an_event_only_when_asked(store: Store) -> None:
+    """A retry that stays ``retrying`` adds no event, except the one "delayed" notice
+    (``always_event``), which is then pending for the notifier."""
+    await store.add_mail_jobs(new_mail(), [NewJob("j1", "+4930123456", "main")], [])
+    retry = Transition(state=JobState.RETRYING, detail="attempt failed")
+    assert await store.record("j1", retry)
+    assert await store.record("j1", retry)
+    assert [event.state for event in await store.job_events("j1")] == [
+        JobState.QUEUED, JobState.RETRYING]
+    notice = Transition(state=JobState.RETRYING, detail="still trying", always_event=True)
+    assert await store.record("j1", notice)
+    events = await store.job_events("j1")
+    assert [event.detail for event in events][-1] == "still trying"
+    assert "still trying" in [event.detail for event in await store.pending_notifications(10)]

@@ -470,7 +470,7 @@ RECORD_SQL = """
         INSERT INTO events (job_id, at, state, reason, detail, notify)
         SELECT %(id)s, now(), %(state)s, %(reason)s::jsonb, %(detail)s,
                %(notify)s
-        FROM changed WHERE (SELECT state FROM old) <> %(state)s
+        FROM changed WHERE (SELECT state FROM old) <> %(state)s OR %(always_event)s
         RETURNING 1
     )
     SELECT (SELECT state FROM old) AS old_state,
@@ -491,7 +491,8 @@ def _record_parameters(job_id: str, transition: Transition,
             "provider_job_id": transition.provider_job_id, "pages": transition.pages,
             "duration": transition.duration_seconds, "remote_id": transition.remote_id,
             "next_attempt_at": transition.next_attempt_at, "id": job_id,
-            "allowed": allowed, "detail": transition.detail, "notify": transition.notify}
+            "allowed": allowed, "detail": transition.detail, "notify": transition.notify,
+            "always_event": transition.always_event}
 
 
 def _record_verdict(row: DictRow | None, job_id: str, transition: Transition,

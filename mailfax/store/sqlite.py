@@ -373,7 +373,7 @@ def _record(conn: sqlite3.Connection, job_id: str, transition: Transition,
          transition.pages, transition.duration_seconds, transition.remote_id,
          _epoch(transition.next_attempt_at), job_id),
     )
-    if current != transition.state:
+    if current != transition.state or transition.always_event:
         conn.execute(
             "INSERT INTO events (job_id, at, state, reason, detail, notify) VALUES (?,?,?,?,?,?)",
             (job_id, now, transition.state.value, reason, transition.detail,

@@ -15,6 +15,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from mailfax.providers.base import (
+    AccountCheck,
     InboundFax,
     Provider,
     ProviderRef,
@@ -42,6 +43,16 @@ class Metrics:
         self.jobs = Gauge("mailfax_jobs", "Jobs by state", ["state"], registry=self.registry)
         self.outbox_depth = Gauge("mailfax_outbox_depth", "Mails waiting in the outbox",
                                   registry=self.registry)
+        self.account_paused = Gauge(
+            "mailfax_account_paused", "1 while an account is paused (refused as a whole)",
+            ["account"], registry=self.registry)
+        self.account_pauses = Counter(
+            "mailfax_account_pauses", "Accounts paused, by account and reason code",
+            ["account", "reason"], registry=self.registry)
+        self.jobs_expired = Counter(
+            "mailfax_jobs_expired",
+            "Jobs failed for lack of time: retry lifetime over (lifetime) or no final status "
+            "in time (tracking_deadline)", ["account", "why"], registry=self.registry)
         self.inbound_pending = Gauge(
             "mailfax_inbound_pending", "Received faxes not yet deleted at the provider",
             registry=self.registry)
@@ -103,6 +114,13 @@ class InstrumentedProvider:
     async def delete_inbound(self, fax_id: str) -> None:
         async with self.metrics.provider_call(self.provider_name, "delete_inbound"):
             await self.inner.delete_inbound(fax_id)
+
+    async def check_account(self) -> AccountCheck:
+        async with self.metrics.provider_call(self.provider_name, "check_account"):
+            return await self.inner.check_account()
+
+    def warnings(self) -> list[str]:
+        return self.inner.warnings()
 
     async def close(self) -> None:
         await self.inner.close()
