@@ -14,6 +14,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from mailfax.model import JobState
 from mailfax.providers.base import (
     AccountCheck,
     InboundFax,
@@ -70,8 +71,10 @@ class Metrics:
 
     async def render(self, store: Store) -> bytes:
         counts = await store.counts()
-        for state, number in counts["jobs"].items():
-            self.jobs.labels(state).set(number)
+        # Every state, also those no job is in any more: a gauge left at its last value
+        # (``{state="sending"} 1`` after the last send ended) would fire a "stuck" alert forever.
+        for state in JobState:
+            self.jobs.labels(state.value).set(counts["jobs"].get(state.value, 0))
         self.outbox_depth.set(await store.outbox_depth())
         self.inbound_pending.set(sum(number for state, number in counts["inbound"].items()
                                      if state != "deleted"))
