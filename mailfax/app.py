@@ -42,7 +42,7 @@ from mailfax.providers.base import Provider, ProviderContext, StatusReport
 from mailfax.store import open_store
 from mailfax.store.base import Store
 from mailfax.trust.policy import exposure_problem
-from mailfax.trust.policy_service import PolicyDecider, start_policy_service
+from mailfax.trust.policy_service import PolicyDecider, PolicyService
 from mailfax.web.metrics import InstrumentedProvider, Metrics
 from mailfax.web.server import build_web_app, start_web
 
@@ -88,7 +88,7 @@ class Application:
         self.metrics = Metrics()
         self.providers: dict[str, Provider] = {}
         self.smtp_servers: list[asyncio.Server] = []
-        self.policy_server: asyncio.Server | None = None
+        self.policy_service: PolicyService | None = None
         self.web_runner: web.AppRunner | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._announcing: set[asyncio.Task[None]] = set()
@@ -166,8 +166,8 @@ class Application:
                 address.port)
         if settings.policy_service.listen:
             address = ListenAddress(settings.policy_service.listen)
-            self.policy_server = await start_policy_service(
-                PolicyDecider(self.intake, secret_key), address.host.strip("[]"), address.port)
+            self.policy_service = PolicyService(PolicyDecider(self.intake, secret_key))
+            await self.policy_service.start(address.host, address.port)
         self.smtp_servers = await start_listeners(self.intake, settings.smtp, settings.users)
         self._log_startup()
 
@@ -237,8 +237,8 @@ class Application:
         settings = self.settings
         listening = ", ".join(_bound(server) for server in self.smtp_servers)
         log.info("mailfax %s listening for mail on %s", self.instance, listening)
-        if self.policy_server is not None:
-            log.info("Postfix policy service on %s", _bound(self.policy_server))
+        if self.policy_service is not None and self.policy_service.server is not None:
+            log.info("Postfix policy service on %s", _bound(self.policy_service.server))
         log.info("fax domains: %s; default country %s", ", ".join(settings.fax_domains),
                  settings.numbers.default_country)
         log.info("data in %s (store %s)", settings.data_dir.resolve(),
@@ -259,8 +259,8 @@ class Application:
                      settings.inbound.poll_seconds)
 
     async def stop(self) -> None:
-        if self.policy_server is not None:
-            self.policy_server.close()
+        if self.policy_service is not None:
+            self.policy_service.close()
         for server in self.smtp_servers:
             server.close()
         for server in self.smtp_servers:

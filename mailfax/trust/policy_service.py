@@ -188,9 +188,29 @@ async def _read_request(reader: asyncio.StreamReader) -> bytes | None:
         lines.append(line)
 
 
-async def start_policy_service(decider: PolicyDecider, host: str, port: int
-                               ) -> asyncio.Server:
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await serve_connection(decider, reader, writer)
+class PolicyService:
+    """The listener: Postfix keeps its connections open between requests, so stopping closes
+    them too (Postfix reconnects to the next instance that listens)."""
 
-    return await asyncio.start_server(handle, host=host, port=port, limit=MAX_REQUEST_BYTES)
+    def __init__(self, decider: PolicyDecider):
+        self.decider = decider
+        self.server: asyncio.Server | None = None
+        self._connections: set[asyncio.StreamWriter] = set()
+
+    async def start(self, host: str, port: int) -> asyncio.Server:
+        self.server = await asyncio.start_server(self._handle, host=host, port=port,
+                                                 limit=MAX_REQUEST_BYTES)
+        return self.server
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._connections.add(writer)
+        try:
+            await serve_connection(self.decider, reader, writer)
+        finally:
+            self._connections.discard(writer)
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+        for writer in list(self._connections):
+            writer.close()
