@@ -373,6 +373,27 @@ async def test_a_mail_without_the_header_from_the_mta_is_the_trusted_networks(
     assert [job.account for job in await app.store.list_jobs()] == ["emulator"]
 
 
+async def test_sender_lists_hold_for_the_mta_but_a_signed_user_passes(
+        tmp_path: Path) -> None:
+    app = Application(policy_settings(tmp_path, senders={
+        "trusted_networks": ["127.0.0.1/32"], "allowed_addresses": ["scanner@example.org"]}))
+    await app.start()
+    try:
+        app.intake.secret_key = KEY
+        recipient = f"030123456@{FAX}"
+        unsigned = fax_mail([("letter.pdf", PDF, "application/pdf")], to=recipient)
+        answers = await lmtp_send(app, unsigned.as_bytes(), ALICE, [recipient])
+        assert answers[recipient][0] == 550
+        assert "sender <alice@example.org> may not send faxes" in answers[recipient][1]
+        assert await app.store.list_jobs() == []
+        answers = await lmtp_send(app, signed_mail("alice", ALICE, [recipient]), ALICE,
+                                  [recipient])
+        assert answers[recipient][0] == 250, answers
+        assert len(await app.store.list_jobs()) == 1
+    finally:
+        await app.stop()
+
+
 # -- verification probes and postmaster ----------------------------------------------------
 
 

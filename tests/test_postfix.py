@@ -269,10 +269,14 @@ async def test_a_mynetworks_client_without_login_is_judged_by_mailfax_senders(
             assert (await command(smtp, "RCPT", f"TO:<{recipient}>"))[0] == 250
             assert (await send_data(smtp, letter("scanner@example.org", [recipient])))[0] \
                 == 250
-        await postfix.wait_for_deliveries({recipient: "sent"})
+        # A logged-in user's address need not be in mailfax's sender lists: the signed
+        # login counts, not Postfix's address.
+        other = f"030123457@{FAX_DOMAIN}"
+        await send_through(postfix, [other], "From alice")
+        await postfix.wait_for_deliveries({recipient: "sent", other: "sent"})
         jobs = await app.store.list_jobs()
-        assert [(job.sender, job.account) for job in jobs] == [
-            ("scanner@example.org", "emulator")]
+        assert sorted((job.sender, job.account) for job in jobs) == [
+            (ALICE, "alices"), ("scanner@example.org", "emulator")]
 
 
 async def test_postmaster_of_the_fax_domain_reaches_the_configured_postmaster(

@@ -177,6 +177,12 @@ class Intake:
                    else bool(entry) and local == entry.lower()
                    for entry in self.settings.policy_service.probe_senders)
 
+    def may_authorize_later(self, client_ip: str | None, user: str | None) -> bool:
+        """With the policy service on, a sender refused from the MTA's trusted network may
+        still be a user's, named by the signed header in the mail: decided at DATA."""
+        return user is None and self.settings.policy_service.listen is not None and \
+            from_trusted_network(client_ip, self.settings.senders)
+
     def refuse_unfaxable_sender(self, envelope_from: str) -> None:
         """Bounces, delivery reports and probes are never faxed: nobody asked for the fax
         (a forged sender in our fax domain would otherwise have its bounce faxed)."""

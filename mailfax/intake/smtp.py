@@ -38,6 +38,10 @@ class FaxHandler:
             weakref.WeakKeyDictionary()
         # Envelopes of an MTA's recipient verification probes: answered at RCPT only.
         self._probes: weakref.WeakSet[Envelope] = weakref.WeakSet()
+        # Envelopes whose sender the MTA's own networks may not use, waiting at DATA for the
+        # policy service's header naming a user who may (Intake.may_authorize_later).
+        self._deferred: weakref.WeakKeyDictionary[Envelope, Refusal] = \
+            weakref.WeakKeyDictionary()
 
     async def handle_MAIL(self, server: SMTP, session: Session, envelope: Envelope,
                           address: str, mail_options: list[str]) -> str:
@@ -48,6 +52,11 @@ class FaxHandler:
             else:
                 self.intake.check_sender(address, _client_ip(session), _user(session))
         except Refusal as refusal:
+            if self.intake.may_authorize_later(_client_ip(session), _user(session)):
+                self._deferred[envelope] = refusal
+                envelope.mail_from = address
+                envelope.mail_options.extend(mail_options)
+                return "250 2.1.0 OK"
             self.intake.count_refusal(refusal)
             log.info("refused sender <%s> from %s: %s", address, session.peer, refusal.sentence)
             return refusal.reply()
@@ -106,6 +115,8 @@ class FaxHandler:
         try:
             self.intake.refuse_unfaxable_sender(sender)
             raw, user = await self.intake.authorize(sender, faxes, raw, _user(session))
+            if user is None and envelope in self._deferred:
+                raise self._deferred[envelope]
             accepted = await self.intake.accept_mail(sender, faxes, raw,
                                                      _client_ip(session) or "", user)
         except Refusal as refusal:
