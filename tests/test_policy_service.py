@@ -448,6 +448,16 @@ async def test_postmaster_is_accepted_and_forwarded_to_the_configured_postmaster
     assert again[f"postmaster@{FAX}"][0] == 554
 
 
+def test_the_policy_service_listens_on_loopback_only(tmp_path: Path) -> None:
+    from pydantic import ValidationError
+
+    assert make_settings(tmp_path, policy_service={"listen": "[::1]:10040"}).policy_service \
+        .listen == "[::1]:10040"
+    assert make_settings(tmp_path).policy_service.listen is None  # off by default
+    with pytest.raises(ValidationError, match="listen on loopback"):
+        make_settings(tmp_path, policy_service={"listen": "0.0.0.0:10040"})
+
+
 def test_a_refusal_never_leaves_the_policy_answer_multi_line() -> None:
     from mailfax.trust.policy_service import refusal_action
 
