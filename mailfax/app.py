@@ -99,7 +99,8 @@ class Application:
         problem = exposure_problem(
             [ListenAddress(listen).host for listen in
              (*smtp.listen, *smtp.lmtp_listen, *smtp.implicit_tls_listen)],
-            settings.senders, bool(settings.users), smtp.tls_cert is not None)
+            settings.senders, any(user.password_hash for user in settings.users.values()),
+            smtp.tls_cert is not None)
         if problem:
             raise ConfigError(f"refusing to start: {problem}")
         settings.data_dir.mkdir(parents=True, exist_ok=True)
