@@ -279,6 +279,23 @@ async def test_a_mynetworks_client_without_login_is_judged_by_mailfax_senders(
             (ALICE, "alices"), ("scanner@example.org", "emulator")]
 
 
+async def test_a_bounce_to_a_forged_fax_sender_is_not_faxed(
+        lmtp_setup: tuple[Postfix, Application]) -> None:
+    """Postfix's own bounce (null sender) for a mail whose sender was a fax address goes to
+    mailfax through the transport, past every smtpd restriction: mailfax refuses it."""
+    postfix, app = lmtp_setup
+    forged = f"030123456@{FAX_DOMAIN}"
+    async with session(postfix, source="127.0.0.1") as smtp:  # Dovecot will refuse nobody
+        assert (await command(smtp, "MAIL", f"FROM:<{forged}>"))[0] == 250
+        assert (await command(smtp, "RCPT", "TO:<nobody@example.org>"))[0] == 250
+        assert (await send_data(smtp, letter(forged, ["nobody@example.org"])))[0] == 250
+    lines = await postfix.wait_for_deliveries({"nobody@example.org": "bounced",
+                                               forged: "bounced"})
+    assert "said: 550 5.7.1 Mail from <> (a bounce, report or address probe) is not faxed" \
+        in lines[forged]
+    assert await app.store.list_jobs() == []
+
+
 async def test_postmaster_of_the_fax_domain_reaches_the_configured_postmaster(
         tmp_path: Path, dovecot: Dovecot) -> None:
     async with setup(tmp_path, dovecot, inbound={"ocr": "off", "postmaster": BOB}) as (

@@ -187,8 +187,9 @@ class Intake:
         """Bounces, delivery reports and probes are never faxed: nobody asked for the fax
         (a forged sender in our fax domain would otherwise have its bounce faxed)."""
         if not envelope_from or envelope_from == "<>" or self.is_probe_sender(envelope_from):
-            raise Refusal(550, "5.7.1", f"Mail from <{envelope_from}> (a bounce, report or "
-                          f"address probe) is not faxed.")
+            shown = "" if envelope_from == "<>" else envelope_from
+            raise Refusal(550, "5.7.1", f"Mail from <{shown}> (a bounce, report or address "
+                          f"probe) is not faxed.")
 
     def is_postmaster(self, address: str) -> bool:
         """``postmaster@<fax domain>`` or plain ``postmaster`` (RFC 5321 §4.5.1)."""
