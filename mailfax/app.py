@@ -44,6 +44,7 @@ from mailfax.providers.base import Provider, ProviderContext, StatusReport
 from mailfax.store import open_store
 from mailfax.store.base import Store
 from mailfax.trust.policy import exposure_problem
+from mailfax.trust.policy_service import PolicyDecider, PolicyService
 from mailfax.web.metrics import InstrumentedProvider, Metrics
 from mailfax.web.server import build_web_app, start_web
 
@@ -89,6 +90,7 @@ class Application:
         self.metrics = Metrics()
         self.providers: dict[str, Provider] = {}
         self.smtp_servers: list[asyncio.Server] = []
+        self.policy_service: PolicyService | None = None
         self.web_runner: web.AppRunner | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._announcing: set[asyncio.Task[None]] = set()
@@ -99,7 +101,8 @@ class Application:
         problem = exposure_problem(
             [ListenAddress(listen).host for listen in
              (*smtp.listen, *smtp.lmtp_listen, *smtp.implicit_tls_listen)],
-            settings.senders, bool(settings.users), smtp.tls_cert is not None)
+            settings.senders, any(user.password_hash for user in settings.users.values()),
+            smtp.tls_cert is not None)
         if problem:
             raise ConfigError(f"refusing to start: {problem}")
         settings.data_dir.mkdir(parents=True, exist_ok=True)
@@ -142,7 +145,8 @@ class Application:
                                      accounts=self.accounts)
         self.accounts.on_resumed = lambda account: self.dispatcher.wake()
         self.intake = Intake(settings, self.store, on_stored=self._after_intake,
-                             metrics=self.metrics)
+                             metrics=self.metrics, secret_key=secret_key)
+        self.intake.wake_outbox = self.outbox.wake
 
         loops: list[tuple[str, Callable[[], Awaitable[None]]]] = [
             ("dispatcher", self.dispatcher.run),
@@ -168,6 +172,10 @@ class Application:
             self.web_runner = await start_web(
                 build_web_app(self.providers, self.store, self.metrics, self.warnings),
                 address.host, address.port)
+        if settings.policy_service.listen:
+            address = ListenAddress(settings.policy_service.listen)
+            self.policy_service = PolicyService(PolicyDecider(self.intake, secret_key))
+            await self.policy_service.start(address.host, address.port)
         self._prepare_providers()
         self.smtp_servers = await start_listeners(self.intake, settings.smtp, settings.users)
         self._log_startup()
@@ -291,6 +299,8 @@ class Application:
         settings = self.settings
         listening = ", ".join(_bound(server) for server in self.smtp_servers)
         log.info("mailfax %s listening for mail on %s", self.instance, listening)
+        if self.policy_service is not None and self.policy_service.server is not None:
+            log.info("Postfix policy service on %s", _bound(self.policy_service.server))
         log.info("fax domains: %s; default country %s", ", ".join(settings.fax_domains),
                  settings.numbers.default_country)
         log.info("data in %s (store %s)", settings.data_dir.resolve(),
@@ -311,6 +321,8 @@ class Application:
                      settings.inbound.poll_seconds)
 
     async def stop(self) -> None:
+        if self.policy_service is not None:
+            self.policy_service.close()
         for server in self.smtp_servers:
             server.close()
         for server in self.smtp_servers:

@@ -123,8 +123,9 @@ class SmtpSettings(Strict):
 class UserSettings(Strict):
     """``[users.NAME]``: someone who may send faxes after SMTP AUTH (over TLS)."""
 
-    # "scrypt$…" as printed by `mailfax passwd NAME`; never the password itself.
-    password_hash: str
+    # "scrypt$…" as printed by `mailfax passwd NAME`; never the password itself. Without it
+    # the user cannot log in to mailfax itself, only be named by Postfix's policy requests.
+    password_hash: str | None = None
     # Sender addresses this user may use (MAIL FROM and From:); "@example.org" allows a domain.
     addresses: list[str] = Field(min_length=1)
     account: str | None = None  # provider account for this user's faxes; default_account if unset
@@ -135,10 +136,10 @@ class UserSettings(Strict):
 
     @field_validator("password_hash")
     @classmethod
-    def _hash(cls, value: str) -> str:
+    def _hash(cls, value: str | None) -> str | None:
         from mailfax.trust.auth import is_password_hash
 
-        if not is_password_hash(value):
+        if value is not None and not is_password_hash(value):
             raise ValueError("is not a password hash; create one with `mailfax passwd NAME`")
         return value
 
@@ -151,6 +152,31 @@ class UserSettings(Strict):
     @classmethod
     def _prefixes(cls, values: list[str]) -> list[str]:
         return e164_prefixes(values)
+
+
+class PolicyServiceSettings(Strict):
+    """``[policy_service]``: Postfix in front asks mailfax at RCPT (check_policy_service), so
+    it refuses what mailfax would refuse and tells mailfax, in a signed header, which user
+    logged in (deploy/EXPOSURE.md)."""
+
+    listen: Listen | None = None  # e.g. "127.0.0.1:10040"; None: no policy service
+    # How old a signed X-Mailfax-Authorized header may be when the mail reaches mailfax (the
+    # time the mail waited in Postfix's queue). Older: refused, so Postfix bounces it to the
+    # user who sent it.
+    authorization_max_age: float = Field(default=86400.0, gt=0)
+    # Envelope senders of an MTA's recipient verification probes (Postfix:
+    # address_verify_sender): "" is the null sender, an entry without "@" is a local part in
+    # any domain. From a trusted network they get an answer at RCPT; mail from them is never
+    # faxed.
+    probe_senders: list[str] = Field(default_factory=lambda: ["", "double-bounce"])
+
+    @field_validator("listen")
+    @classmethod
+    def _loopback(cls, value: str | None) -> str | None:
+        if value is not None and not ipaddress.ip_address(
+                ListenAddress(value).host.strip("[]")).is_loopback:
+            raise ValueError("the policy service answers anyone who asks: listen on loopback")
+        return value
 
 
 class DocumentSettings(Strict):
@@ -444,6 +470,7 @@ class Settings(Strict):
     users: dict[str, UserSettings] = Field(default_factory=dict)
     quotas: QuotaSettings = QuotaSettings()
     documents: DocumentSettings = DocumentSettings()
+    policy_service: PolicyServiceSettings = PolicyServiceSettings()
 
     @field_validator("fax_domains")
     @classmethod

@@ -8,6 +8,7 @@ import asyncio
 import functools
 import logging
 import secrets
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -28,11 +29,13 @@ from mailfax.model import new_job_id
 from mailfax.numbers import FaxAddress, InvalidNumber, format_international, parse_fax_local_part
 from mailfax.outbound.notify import TEMPLATES_DIR
 from mailfax.providers.base import FaxDocument
-from mailfax.store.base import NewJob, NewMail, Quota, QuotaExceeded, Store
+from mailfax.store.base import NewJob, NewMail, OutgoingMail, Quota, QuotaExceeded, Store
+from mailfax.trust.authorization import AuthorizationError, authorized_user, strip_headers
 from mailfax.trust.dialing import check_destination
 from mailfax.trust.policy import (
     address_allowed,
     check_sender,
+    from_trusted_network,
     is_fax_domain,
     quota_refusal,
     split_address,
@@ -67,11 +70,13 @@ class Accepted:
 class Intake:
     def __init__(self, settings: Settings, store: Store,
                  on_stored: Callable[[], None] = lambda: None,
-                 metrics: Metrics | None = None):
+                 metrics: Metrics | None = None, secret_key: bytes | None = None):
         self.metrics = metrics
         self.settings = settings
         self.store = store
         self.on_stored = on_stored
+        self.secret_key = secret_key  # checks the policy service's headers; None: refused
+        self.wake_outbox: Callable[[], None] = lambda: None
         # Pure for a given configuration, and asked twice per recipient (RCPT, then DATA).
         self.check_recipient = functools.lru_cache(maxsize=4096)(self._check_recipient)
 
@@ -89,6 +94,16 @@ class Intake:
         if not verdict.allowed:
             hint = " Log in (SMTP AUTH) first." if self.settings.users else ""
             raise Refusal(550, "5.7.1", f"Not allowed: {verdict.reason}.{hint}")
+
+    async def check_rcpt(self, envelope_from: str, address: str, user: str | None,
+                         pending: int, usage: dict[str, int] | None = None) -> FaxAddress:
+        """The RCPT stage's checks of one fax recipient, in order: the number and the dial
+        policy, the user's prefixes, the hourly quotas. mailfax's SMTP/LMTP listeners and
+        its Postfix policy service (trust/policy_service.py) both ask this."""
+        fax = self.check_recipient(address)
+        self.check_user_destination(fax, user)
+        await self.check_rate(envelope_from, user, pending, usage)
+        return fax
 
     def check_user_destination(self, fax: FaxAddress, user: str | None) -> None:
         settings = self.settings.users.get(user) if user else None
@@ -166,6 +181,80 @@ class Intake:
         if not verdict.allowed:
             raise Refusal(550, verdict.status, verdict.sentence)
         return fax
+
+    # -- Postfix in front: verification probes, postmaster, the policy service's header --
+
+    def is_verification_probe(self, envelope_from: str, client_ip: str | None) -> bool:
+        """An MTA's recipient verification probe (Postfix: reject_unverified_recipient) from
+        a trusted network: answered at RCPT; it never sends DATA."""
+        return self.is_probe_sender(envelope_from) and from_trusted_network(
+            client_ip, self.settings.senders)
+
+    def is_probe_sender(self, envelope_from: str) -> bool:
+        if not envelope_from or envelope_from == "<>":
+            return "" in self.settings.policy_service.probe_senders
+        local, _ = split_address(envelope_from.lower())
+        return any(envelope_from.lower() == entry.lower() if "@" in entry
+                   else bool(entry) and local == entry.lower()
+                   for entry in self.settings.policy_service.probe_senders)
+
+    def may_authorize_later(self, client_ip: str | None, user: str | None) -> bool:
+        """With the policy service on, a sender refused from the MTA's trusted network may
+        still be a user's, named by the signed header in the mail: decided at DATA."""
+        return user is None and self.settings.policy_service.listen is not None and \
+            from_trusted_network(client_ip, self.settings.senders)
+
+    def refuse_unfaxable_sender(self, envelope_from: str) -> None:
+        """Bounces, delivery reports and probes are never faxed: nobody asked for the fax
+        (a forged sender in our fax domain would otherwise have its bounce faxed)."""
+        if not envelope_from or envelope_from == "<>" or self.is_probe_sender(envelope_from):
+            shown = "" if envelope_from == "<>" else envelope_from
+            raise Refusal(550, "5.7.1", f"Mail from <{shown}> (a bounce, report or address "
+                          f"probe) is not faxed.")
+
+    def is_postmaster(self, address: str) -> bool:
+        """``postmaster@<fax domain>`` or plain ``postmaster`` (RFC 5321 §4.5.1)."""
+        local, domain = split_address(address)
+        return local.lower() == "postmaster" and (
+            not domain or is_fax_domain(domain, self.settings.fax_domains))
+
+    async def forward_to_postmaster(self, envelope_from: str, recipients: Sequence[str],
+                                    raw: bytes) -> None:
+        """Into the outbox, to ``inbound.postmaster``, with the null sender (no bounce of it
+        can loop back); a mail that already passed here is refused as a loop."""
+        raw, _ = strip_headers(raw)
+        head = raw.split(b"\n\n", 1)[0].split(b"\r\n\r\n", 1)[0].lower()
+        if head.startswith(b"x-mailfax-postmaster:") or b"\nx-mailfax-postmaster:" in head:
+            raise Refusal(554, "5.4.6", "Mail loop: this mail was already forwarded to the "
+                          "postmaster.")
+        trace = (f"X-Mailfax-Postmaster: forwarded for {', '.join(recipients)} from "
+                 f"<{envelope_from}>\r\n").encode("utf-8", "replace")
+        await self.store.enqueue_mail(OutgoingMail(
+            envelope_from="", recipients=[self.settings.inbound.postmaster],
+            message=trace + raw, kind="postmaster"))
+        self.wake_outbox()
+        log.info("mail from <%s> to %s forwarded to %s", envelope_from, ", ".join(recipients),
+                 self.settings.inbound.postmaster)
+
+    async def authorize(self, envelope_from: str, recipients: Sequence[str], raw: bytes,
+                        user: str | None) -> tuple[bytes, str | None]:
+        """The mail without the policy service's headers, and the user it names (else
+        ``user``); a header mailfax did not make, or a stale one, refuses the mail. For
+        that user the RCPT stage's checks run again (the quota may have filled meanwhile)."""
+        raw, values = strip_headers(raw)
+        try:
+            named = authorized_user(self.secret_key, values, envelope_from, recipients,
+                                    time.time(), self.settings.policy_service.authorization_max_age)
+        except AuthorizationError as error:
+            raise Refusal(550, "5.7.1", str(error)) from None
+        if user is not None or named is None:
+            return raw, user
+        self.check_sender(envelope_from, None, named)
+        numbers = {self.check_recipient(address).number for address in recipients}
+        for address in recipients:
+            self.check_user_destination(self.check_recipient(address), named)
+        await self.check_rate(envelope_from, named, len(numbers) - 1)
+        return raw, named
 
     async def accept_mail(self, envelope_from: str, recipients: Sequence[str], raw: bytes,
                           client: str, user: str | None = None) -> Accepted:

@@ -36,12 +36,27 @@ class FaxHandler:
         # its first RCPT, so later RCPTs count on from them instead of asking the store again.
         self._usage: weakref.WeakKeyDictionary[Envelope, dict[str, int]] = \
             weakref.WeakKeyDictionary()
+        # Envelopes of an MTA's recipient verification probes: answered at RCPT only.
+        self._probes: weakref.WeakSet[Envelope] = weakref.WeakSet()
+        # Envelopes whose sender the MTA's own networks may not use, waiting at DATA for the
+        # policy service's header naming a user who may (Intake.may_authorize_later).
+        self._deferred: weakref.WeakKeyDictionary[Envelope, Refusal] = \
+            weakref.WeakKeyDictionary()
 
     async def handle_MAIL(self, server: SMTP, session: Session, envelope: Envelope,
                           address: str, mail_options: list[str]) -> str:
         try:
-            self.intake.check_sender(address, _client_ip(session), _user(session))
+            if _user(session) is None and self.intake.is_verification_probe(
+                    address, _client_ip(session)):
+                self._probes.add(envelope)
+            else:
+                self.intake.check_sender(address, _client_ip(session), _user(session))
         except Refusal as refusal:
+            if self.intake.may_authorize_later(_client_ip(session), _user(session)):
+                self._deferred[envelope] = refusal
+                envelope.mail_from = address
+                envelope.mail_options.extend(mail_options)
+                return "250 2.1.0 OK"
             self.intake.count_refusal(refusal)
             log.info("refused sender <%s> from %s: %s", address, session.peer, refusal.sentence)
             return refusal.reply()
@@ -53,12 +68,16 @@ class FaxHandler:
                           address: str, rcpt_options: list[str]) -> str:
         if len(envelope.rcpt_tos) >= self.max_recipients:
             return f"452 4.5.3 Too many recipients (at most {self.max_recipients} per mail)"
+        if self.intake.is_postmaster(address):
+            envelope.rcpt_tos.append(address)
+            return "250 2.1.5 OK, to the postmaster"
         try:
-            fax = self.intake.check_recipient(address)
-            self.intake.check_user_destination(fax, _user(session))
-            await self.intake.check_rate(envelope.mail_from or "", _user(session),
-                                         len(envelope.rcpt_tos),
-                                         self._usage.setdefault(envelope, {}))
+            if envelope in self._probes:  # the number and the dial policy; no quota
+                fax = self.intake.check_recipient(address)
+            else:
+                fax = await self.intake.check_rcpt(
+                    envelope.mail_from or "", address, _user(session),
+                    len(envelope.rcpt_tos), self._usage.setdefault(envelope, {}))
         except Refusal as refusal:
             self.intake.count_refusal(refusal)
             log.info("refused recipient <%s>: %s", address, refusal.sentence)
@@ -73,33 +92,56 @@ class FaxHandler:
             raw = raw.encode("utf-8", "surrogateescape")
         recipients = list(envelope.rcpt_tos)
         per_recipient = isinstance(server, LMTP)
+        to_postmaster = [address for address in recipients if self.intake.is_postmaster(address)]
+        faxes = [address for address in recipients if address not in to_postmaster]
+        reply = "250 2.0.0 OK"
+        replies: dict[str, str] = {}
+        if faxes:
+            reply, replies = await self._store_faxes(session, envelope, faxes, raw)
+        if to_postmaster and (per_recipient or reply.startswith("2")):
+            forwarded = await self._forward(envelope, to_postmaster, raw)
+            replies.update(dict.fromkeys(to_postmaster, forwarded))
+            if not faxes:
+                reply = forwarded
+        if not per_recipient:
+            return reply
+        # LMTP (RFC 2033): one reply per accepted recipient, in RCPT order.
+        return "\r\n".join(replies[address] for address in recipients)
+
+    async def _store_faxes(self, session: Session, envelope: Envelope, faxes: list[str],
+                           raw: bytes) -> tuple[str, dict[str, str]]:
+        """The SMTP reply for the fax recipients, and the LMTP reply of each."""
+        sender = envelope.mail_from or ""
         try:
-            accepted = await self.intake.accept_mail(
-                envelope.mail_from or "", recipients, raw, _client_ip(session) or "",
-                _user(session))
+            self.intake.refuse_unfaxable_sender(sender)
+            raw, user = await self.intake.authorize(sender, faxes, raw, _user(session))
+            if user is None and envelope in self._deferred:
+                raise self._deferred[envelope]
+            accepted = await self.intake.accept_mail(sender, faxes, raw,
+                                                     _client_ip(session) or "", user)
         except Refusal as refusal:
             self.intake.count_refusal(refusal)
-            log.info("refused mail from <%s>: %s", envelope.mail_from, refusal.sentence)
-            return _for_each(recipients, refusal.reply(), per_recipient)
+            log.info("refused mail from <%s>: %s", sender, refusal.sentence)
+            return refusal.reply(), dict.fromkeys(faxes, refusal.reply())
         except Exception:
-            log.exception("could not store mail from <%s>", envelope.mail_from)
+            log.exception("could not store mail from <%s>", sender)
             reply = "451 4.3.0 Temporary failure storing the fax job; please try again later"
-            return _for_each(recipients, reply, per_recipient)
-        if not per_recipient:
-            return f"250 2.0.0 queued as {' '.join(accepted.job_ids)}"
-        # LMTP (RFC 2033): one reply per accepted recipient, in RCPT order.
-        replies = []
-        for address in recipients:
+            return reply, dict.fromkeys(faxes, reply)
+        replies = {}
+        for address in faxes:
             number = self.intake.check_recipient(address).number
-            replies.append(f"250 2.0.0 <{address}> queued as {accepted.job_for_number[number]}")
-        return "\r\n".join(replies)
+            replies[address] = f"250 2.0.0 <{address}> queued as {accepted.job_for_number[number]}"
+        return f"250 2.0.0 queued as {' '.join(accepted.job_ids)}", replies
 
-
-def _for_each(recipients: list[str], reply: str, per_recipient: bool) -> str:
-    """SMTP answers DATA once; LMTP once per recipient (RFC 2033 §4.2)."""
-    if not per_recipient:
-        return reply
-    return "\r\n".join([reply] * max(1, len(recipients)))
+    async def _forward(self, envelope: Envelope, recipients: list[str], raw: bytes) -> str:
+        try:
+            await self.intake.forward_to_postmaster(envelope.mail_from or "", recipients, raw)
+        except Refusal as refusal:
+            return refusal.reply()
+        except Exception:
+            log.exception("could not forward mail to the postmaster")
+            return "451 4.3.0 Temporary failure forwarding to the postmaster; try again later"
+        return "250 2.0.0 forwarded to the postmaster"
 
 
 def _user(session: Session) -> str | None:
@@ -231,8 +273,9 @@ class Authenticator:
         password = auth_data.password.decode("utf-8", "replace")
         user = self.users.get(login)
         # A check for an unknown user costs the same, so timing does not tell who exists.
-        valid = verify_password(password, user.password_hash if user else self._dummy_hash)
-        return user is not None and valid
+        stored = user.password_hash if user else None
+        valid = verify_password(password, stored or self._dummy_hash)
+        return stored is not None and valid
 
     def _after(self, session: Session, auth_data: LoginPassword, valid: bool) -> AuthResult:
         client = _client_ip(session) or "?"
