@@ -176,3 +176,46 @@ def ink_share(page: Image.Image, box: Sequence[int] | None = None) -> float:
     region = page.crop(tuple(box)) if box else page  # type: ignore[arg-type]
     histogram = region.convert("L").histogram()
     return sum(histogram[:128]) / max(1, region.width * region.height)
+
+
+def marker_picture(size: tuple[int, int], mode: str = "L") -> Image.Image:
+    """A framed picture with one solid block near its top left corner: where the block lands
+    on a rendered page tells which way up the picture was put."""
+    width, height = size
+    picture = Image.new("L", size, 255)
+    draw = ImageDraw.Draw(picture)
+    line = max(2, min(width, height) // 50)
+    draw.rectangle((0, 0, width - 1, height - 1), outline=0, width=line)
+    draw.rectangle((width // 10, height // 10, width * 3 // 10, height * 3 // 10), fill=0)
+    return picture.convert(mode) if mode != "L" else picture
+
+
+def block_corner(page: Image.Image) -> str:
+    """Which corner of the framed picture on ``page`` holds the block: "top left", ...
+
+    The frame's bounding box is the picture; the block sits 10-30 % in from one corner."""
+    box = ink_box(page)
+    assert box is not None, "no ink on the page"
+    left, top, right, bottom = box
+    width, height = right - left, bottom - top
+    shares = {}
+    for vertical in ("top", "bottom"):
+        for horizontal in ("left", "right"):
+            x = left + width * (0.15 if horizontal == "left" else 0.75)
+            y = top + height * (0.15 if vertical == "top" else 0.75)
+            region = (int(x), int(y), int(x + width * 0.1), int(y + height * 0.1))
+            shares[f"{vertical} {horizontal}"] = ink_share(page, region)
+    dark = [corner for corner, share in shares.items() if share > 0.9]
+    assert len(dark) == 1, shares
+    return dark[0]
+
+
+def blurred_difference(a: Image.Image, b: Image.Image, factor: int = 8) -> float:
+    """Mean grey difference of two same-size pages seen from afar (``factor`` pixels averaged
+    each way), so resampled text still matches where it is while a shifted, turned or missing
+    block does not."""
+    size = (max(1, a.width // factor), max(1, a.height // factor))
+    small_a = a.convert("L").resize(size, Image.Resampling.BOX)
+    small_b = b.convert("L").resize(size, Image.Resampling.BOX)
+    histogram = ImageChops.difference(small_a, small_b).histogram()
+    return sum(value * count for value, count in enumerate(histogram)) / (size[0] * size[1])
