@@ -18,8 +18,10 @@ Every TIFF field that changes how a page looks is honoured:
   their true size and open everywhere; a side under 3 units is widened with white.
 
 A G4 strip that ends with its end-of-facsimile-block code (every conforming encoder writes
-one) is complete and is not decoded, as img2pdf and tiff2pdf do not; one without it may be cut
-off and is decoded first, so damage fails here and not in the reader's PDF viewer.
+one) is complete and goes in without being decoded, as img2pdf and tiff2pdf do. One without it
+may be cut off: it is decoded (libtiff fills what is missing with white, what it cannot decode
+fails here) and encoded again, so the PDF holds exactly what was decoded and no viewer meets a
+stream that ends early.
 
 Pure and CPU-bound: run it in a thread. Anything that cannot be decoded, or would need too much
 memory, raises :class:`NotConvertible`; the caller then delivers the original TIFF.
@@ -163,11 +165,8 @@ def _page(frame: Image.Image, number: int, source: bytes) -> _Page:
     dpi = page_resolution(frame)
     turn = orientation(frame)
     coded = _original_g4(frame, source)
-    if coded is not None:
-        data, black_is_1 = coded
-        if not _ends_with_eofb(data):
-            frame.load()  # perhaps cut off: decode now, so damage fails here, not in a viewer
-        return _ccitt_page(width, height, dpi, turn, data, black_is_1)
+    if coded is not None and _ends_with_eofb(coded[0]):
+        return _ccitt_page(width, height, dpi, turn, *coded)
     frame.load()  # decode now: a damaged page fails here, not in the PDF viewer
     if orientation(frame) == 1 and turn != 1:  # Pillow turned the pixels as it loaded them
         if turn >= 5:
