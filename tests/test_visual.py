@@ -356,3 +356,28 @@ async def test_a_phone_photo_mailed_over_smtp_is_queued_upright_on_the_accounts_
     expected = LETTER if paper is LETTER else A4
     _assert_paper(size, expected.width, expected.height)
     assert block_corner(page) == "top left"
+
+
+def test_an_annotation_on_a_page_scaled_onto_paper_still_prints(tmp_path: Path) -> None:
+    """A stamp drawn as an annotation (not page content) on a 6×9 inch page: scaled onto A4,
+    it must still be on the page, where it was."""
+    pdf = pikepdf.new()
+    page = pdf.add_blank_page(page_size=(432, 648))
+    appearance = pikepdf.Stream(pdf, b"0 g 0 0 100 100 re f")
+    appearance.Type, appearance.Subtype = pikepdf.Name.XObject, pikepdf.Name.Form
+    appearance.BBox = [0, 0, 100, 100]
+    page.Annots = pdf.make_indirect(pikepdf.Array([pdf.make_indirect(pikepdf.Dictionary(
+        Type=pikepdf.Name.Annot, Subtype=pikepdf.Name.Square, Rect=[36, 512, 136, 612], F=4,
+        AP=pikepdf.Dictionary(N=appearance)))]))
+    out = io.BytesIO()
+    pdf.save(out)
+    document = prepare_pdf("stamped.pdf", out.getvalue())
+    size, rendered = _rendered_page(document.data, tmp_path, "stamped")
+    _assert_paper(size, A4.width, A4.height)
+    box = ink_box(rendered)
+    assert box is not None
+    scale = min(A4.width / 432, A4.height / 648)
+    left = (A4.width - 432 * scale) / 2 + 36 * scale
+    top = (A4.height - 648 * scale) / 2 + (648 - 612) * scale
+    assert box[0] == pytest.approx(left, abs=2) and box[1] == pytest.approx(top, abs=2)
+    assert box[2] - box[0] == pytest.approx(100 * scale, abs=2)

@@ -372,8 +372,10 @@ def _put_on_paper(pdf: pikepdf.Pdf, setup: PageSetup) -> bool:
         target = setup.paper
         width, height = (target.height, target.width) if size[0] > size[1] else \
             (target.width, target.height)
-        if not changed and pdf.Root.get("/AcroForm") is not None:
-            pdf.flatten_annotations("print")  # form fields' appearances become page content
+        if not changed:  # form fields, stamps, notes: what prints becomes page content,
+            if pdf.Root.get("/AcroForm") is not None:  # as the overlay takes content only
+                pdf.generate_appearance_streams()
+            pdf.flatten_annotations("print")
         changed = True
         sheet = pikepdf.Page(pdf.make_indirect(pikepdf.Dictionary(
             Type=pikepdf.Name.Page, MediaBox=[0, 0, width, height],
@@ -387,5 +389,7 @@ def _visible_size(page: pikepdf.Page) -> tuple[float, float]:
     """The page as a viewer shows it: its crop box, turned by /Rotate."""
     box = page.cropbox
     width, height = abs(float(box[2]) - float(box[0])), abs(float(box[3]) - float(box[1]))
+    unit = float(page.obj.get("/UserUnit", 1))
+    width, height = width * unit, height * unit
     rotate = int(page.obj.get("/Rotate", 0)) % 360
     return (height, width) if rotate in (90, 270) else (width, height)
