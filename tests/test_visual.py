@@ -381,3 +381,19 @@ def test_an_annotation_on_a_page_scaled_onto_paper_still_prints(tmp_path: Path) 
     top = (A4.height - 648 * scale) / 2 + (648 - 612) * scale
     assert box[0] == pytest.approx(left, abs=2) and box[1] == pytest.approx(top, abs=2)
     assert box[2] - box[0] == pytest.approx(100 * scale, abs=2)
+
+
+@needs_libtiff_tools
+@pytest.mark.parametrize("orientation", [1, 6])
+def test_the_preview_in_the_fax_mail_is_turned_and_square_like_the_pdf_page(
+        tmp_path: Path, orientation: int) -> None:
+    from mailfax.inbound.mailer import prepare_files
+
+    tiff = tiff_variant(tmp_path, "g4", orientation).read_bytes()  # 432×300 px, 204×98 dpi
+    files = prepare_files(tiff)
+    assert files.preview_png is not None
+    (width_pt, height_pt), = _page_sizes(tiff_to_pdf(tiff).pdf)
+    with Image.open(io.BytesIO(files.preview_png)) as preview:
+        assert preview.width / preview.height == pytest.approx(width_pt / height_pt, rel=0.02)
+        expected = oriented_pages(tiff)[0].resize(preview.size)
+        assert blurred_difference(preview.convert("L"), expected, 4) < 12

@@ -135,6 +135,12 @@ def page_resolution(frame: Image.Image) -> tuple[float, float]:
     return default
 
 
+def display_resolution(frame: Image.Image) -> tuple[float, float]:
+    """(x dpi, y dpi) across and down the page as it is seen (Pillow's oriented pixels)."""
+    xdpi, ydpi = page_resolution(frame)
+    return (ydpi, xdpi) if orientation(frame) >= 5 else (xdpi, ydpi)
+
+
 def orientation(frame: Image.Image) -> int:
     """The TIFF Orientation of a page, 1 (also for missing or invalid values) to 8."""
     tags = getattr(frame, "tag_v2", None)
