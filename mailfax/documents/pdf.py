@@ -160,10 +160,15 @@ def image_to_pdf(filename: str, data: bytes, paper: Paper = A4) -> FaxDocument:
 def fit_to_paper(document: FaxDocument, setup: PageSetup) -> FaxDocument:
     """A PDF (an office document's, say) with its pages on paper, per the module's rules;
     the very same document when every page already is."""
-    with pikepdf.open(io.BytesIO(document.data)) as pdf:
-        if not _put_on_paper(pdf, setup):
-            return document
-        return FaxDocument(filename=document.filename, data=_save(pdf), pages=len(pdf.pages))
+    try:
+        with pikepdf.open(io.BytesIO(document.data)) as pdf:
+            if not _put_on_paper(pdf, setup):
+                return document
+            return FaxDocument(filename=document.filename, data=_save(pdf),
+                               pages=len(pdf.pages))
+    except pikepdf.PdfError:
+        raise DocumentError(f"{document.filename} could not be put on paper (its PDF is "
+                            f"damaged); export it as PDF and send it again.") from None
 
 
 def paper_of(size: tuple[float, float]) -> Paper | None:
