@@ -275,7 +275,7 @@ async def _cancel_at_provider(settings: Settings, store: Store, job_id: str, acc
 def cmd_send(args: argparse.Namespace) -> int:
     from mailfax.documents.pdf import DocumentError
     from mailfax.intake.assemble import convert_file
-    from mailfax.intake.service import Intake
+    from mailfax.intake.service import Intake, page_setup
     from mailfax.numbers import InvalidNumber, parse_fax_local_part
 
     settings = _settings(args)
@@ -293,7 +293,7 @@ def cmd_send(args: argparse.Namespace) -> int:
             print(f"mailfax: {path}: {error.strerror}", file=sys.stderr)
             return 1
         try:
-            documents.append(convert_file(path.name, "", data))
+            documents.append(convert_file(path.name, "", data, page_setup(settings, None)))
         except DocumentError as error:
             print(f"mailfax: {error}", file=sys.stderr)
             return 1

@@ -179,6 +179,9 @@ class PolicyServiceSettings(Strict):
         return value
 
 
+Paper = Literal["A4", "Letter"]  # the sizes faxes are sent on (mailfax.documents.pdf.PAPERS)
+
+
 class DocumentSettings(Strict):
     """What a mail's parts become."""
 
@@ -190,6 +193,11 @@ class DocumentSettings(Strict):
     office: bool = True
     office_timeout_seconds: float = Field(default=60.0, gt=0)
     office_max_concurrent: int = Field(default=2, ge=1)
+    # The paper faxes are sent on, unless an account names its own (``paper`` there): images
+    # are put on it; PDF and office pages of other sizes are scaled onto it.
+    paper: Paper = "A4"
+    # true: also A4/Letter pages that are not the account's paper are scaled onto it.
+    fit_to_paper: bool = False
 
 
 class QuotaSettings(Strict):
@@ -415,6 +423,7 @@ class AccountSettings(BaseModel):
     max_tracking_hours: float | None = Field(default=None, gt=0)
     # Credentials may go to http:// URLs of other machines (loopback is always allowed).
     allow_plain_http: bool = False
+    paper: Paper | None = None  # this account's faxes on "A4" or "Letter"; None: [documents]
 
     @model_validator(mode="after")
     def _provider_settings(self) -> AccountSettings:
@@ -489,6 +498,11 @@ class Settings(Strict):
                 raise ValueError(f"users.{name}.account {user.account!r} is not one of the "
                                  f"accounts ({', '.join(sorted(self.accounts))})")
         return self
+
+    def paper_for(self, account: str | None) -> Paper:
+        """The paper an account's faxes are put on."""
+        settings = self.accounts.get(account or self.default_account)
+        return settings.paper if settings and settings.paper else self.documents.paper
 
     @property
     def store_url(self) -> str:

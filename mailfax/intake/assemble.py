@@ -8,7 +8,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from mailfax.documents.office import convert_office, is_office
-from mailfax.documents.pdf import DocumentError, image_to_pdf, is_pdf, prepare_pdf
+from mailfax.documents.pdf import (
+    DEFAULT_SETUP,
+    DocumentError,
+    PageSetup,
+    fit_to_paper,
+    image_to_pdf,
+    is_pdf,
+    prepare_pdf,
+)
 from mailfax.intake.mime import (
     Attachment,
     MailFormatError,
@@ -51,14 +59,15 @@ class FaxContent:
         return sum(document.pages for document in self.documents)
 
 
-def assemble(raw: bytes, *, allow_empty: bool = False) -> FaxContent:
+def assemble(raw: bytes, *, allow_empty: bool = False,
+             setup: PageSetup = DEFAULT_SETUP) -> FaxContent:
     """The mail's documents as fax-ready PDFs, in mail order.
 
     Blocking; office documents take seconds (LibreOffice). ``allow_empty``: a mail without
     documents is returned as such (its text may still become a cover page); otherwise it is
-    refused.
+    refused. ``setup``: the paper the pages are put on.
     """
-    content = convert_documents(read_mail(raw))
+    content = convert_documents(read_mail(raw), setup)
     if not content.documents and not allow_empty:
         raise nothing_to_fax(content)
     return content
@@ -71,10 +80,10 @@ def read_mail(raw: bytes) -> ParsedMail:
         raise Refusal(554, "5.6.0", str(error)) from None
 
 
-def convert_documents(mail: ParsedMail) -> FaxContent:
+def convert_documents(mail: ParsedMail, setup: PageSetup = DEFAULT_SETUP) -> FaxContent:
     """The parsed mail's documents as PDFs (possibly none). Blocking, seconds for office
     documents: see :func:`needs_worker`."""
-    return FaxContent(mail=mail, documents=[_convert(attachment)
+    return FaxContent(mail=mail, documents=[_convert(attachment, setup)
                                             for attachment in select_documents(mail)])
 
 
@@ -93,14 +102,15 @@ def nothing_to_fax(content: FaxContent) -> Refusal:
                                             *content.mail.skipped]))
 
 
-def convert_file(filename: str, content_type: str, data: bytes) -> FaxDocument:
+def convert_file(filename: str, content_type: str, data: bytes,
+                 setup: PageSetup = DEFAULT_SETUP) -> FaxDocument:
     """One PDF, image or office document as fax pages; DocumentError names the file."""
     refuse_empty(filename, data)
     if is_pdf(filename, content_type):
-        return prepare_pdf(filename, data)
+        return prepare_pdf(filename, data, setup)
     if is_office(filename, content_type):
-        return convert_office(filename, data)
-    return image_to_pdf(filename, data)
+        return fit_to_paper(convert_office(filename, data), setup)
+    return image_to_pdf(filename, data, setup.paper)
 
 
 def refuse_empty(filename: str, data: bytes) -> None:
@@ -121,15 +131,15 @@ def document_kind(attachment: Attachment) -> str:
     return "image"
 
 
-def _convert(attachment: Attachment) -> FaxDocument:
+def _convert(attachment: Attachment, setup: PageSetup) -> FaxDocument:
     try:
         refuse_empty(attachment.filename, attachment.data)
         kind = document_kind(attachment)
         if kind == "pdf":
-            return prepare_pdf(attachment.filename, attachment.data)
+            return prepare_pdf(attachment.filename, attachment.data, setup)
         if kind == "office":
-            return convert_office(attachment.filename, attachment.data)
-        return image_to_pdf(attachment.filename, attachment.data)
+            return fit_to_paper(convert_office(attachment.filename, attachment.data), setup)
+        return image_to_pdf(attachment.filename, attachment.data, setup.paper)
     except DocumentError as error:
         sentence = str(error)
         if attachment.in_forwarded:

@@ -16,6 +16,7 @@ from zoneinfo import ZoneInfo
 
 from mailfax.config import Settings
 from mailfax.documents.cover import CoverInfo, CoverUnavailable, cover_text, render_cover
+from mailfax.documents.pdf import PAPERS, PageSetup
 from mailfax.intake.assemble import (
     FaxContent,
     Refusal,
@@ -65,6 +66,12 @@ class Accepted:
     job_ids: list[str]
     pages: int
     job_for_number: dict[str, str]  # E.164 number -> job id
+
+
+def page_setup(settings: Settings, account: str | None) -> PageSetup:
+    """The paper an account's faxes go on (``paper``, ``documents.fit_to_paper``)."""
+    return PageSetup(paper=PAPERS[settings.paper_for(account)],
+                     fit_to_paper=settings.documents.fit_to_paper)
 
 
 class Intake:
@@ -260,19 +267,20 @@ class Intake:
                           client: str, user: str | None = None) -> Accepted:
         """Turn a mail into one job per fax number; durable when this returns."""
         addresses = [self.check_recipient(address) for address in recipients]
+        account = self._account_for(user)
+        setup = page_setup(self.settings, account)
         if len(raw) > INLINE_ASSEMBLY_BYTES:
-            content = await asyncio.to_thread(assemble, raw, allow_empty=True)
+            content = await asyncio.to_thread(assemble, raw, allow_empty=True, setup=setup)
         else:  # parsing a small mail costs less than a thread hand-off; decoding images and
             # LibreOffice do not (see needs_worker)
             mail = read_mail(raw)
-            content = (await asyncio.to_thread(convert_documents, mail) if needs_worker(mail)
-                       else convert_documents(mail))
+            content = (await asyncio.to_thread(convert_documents, mail, setup)
+                       if needs_worker(mail) else convert_documents(mail, setup))
         content = await self._with_cover(content, addresses, envelope_from)
         if not content.documents:
             raise nothing_to_fax(content)
         if user is not None:
             self._check_from_header(content.mail.from_address, user)
-        account = self._account_for(user)
         return await self.store_jobs(envelope_from, addresses, content, client, account,
                                      self.quotas_for(user))
 
