@@ -245,9 +245,13 @@ class Application:
             log.info("outgoing mail via %s", self.outbox.sink.describe())
         if self.imap_intake is not None:
             log.info("IMAP intake from %s", self.imap_intake.describe())
-        for name in self.inbound_pollers:
-            log.info("polling account %s for received faxes every %.0f s", name,
-                     settings.inbound.poll_seconds)
+        for name, poller in self.inbound_pollers.items():
+            log.info("polling account %s for received faxes every %g s", name,
+                     poller.poll_interval)
+            folder = getattr(self.providers[name], "inbox_folder", None)
+            if isinstance(folder, Path):
+                log.info("account %s receives the faxes put into %s (or: mailfax emulate "
+                         "receive FILE --to NUMBER)", name, folder.resolve())
 
     async def stop(self) -> None:
         for server in self.smtp_servers:

@@ -1143,7 +1143,8 @@ class PostgresStore:
                 await self._insert_outbox(cur, mail)
             await cur.execute(
                 """
-                UPDATE inbound_faxes SET state = 'queued', deliveries = deliveries + 1
+                UPDATE inbound_faxes SET deliveries = deliveries + 1,
+                    state = CASE state WHEN 'deleted' THEN 'deleted' ELSE 'queued' END
                 WHERE account = %s AND fax_id = %s
                 """,
                 (account, fax_id),

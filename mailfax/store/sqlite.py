@@ -333,7 +333,8 @@ class _InboundMixin:
             for mail in mails:
                 SqliteStore._insert_outbox(conn, mail)
             conn.execute(
-                "UPDATE inbound_faxes SET state = 'queued', deliveries = deliveries + 1"
+                "UPDATE inbound_faxes SET deliveries = deliveries + 1, state = CASE state"
+                " WHEN 'deleted' THEN 'deleted' ELSE 'queued' END"  # a redelivery stays deleted
                 " WHERE account = ? AND fax_id = ?", (account, fax_id))
 
         await self._call(operation)
