@@ -47,7 +47,8 @@ async def queue_fax_mail(store: Store, record: InboundRecord, settings: InboundS
     message = await asyncio.to_thread(render)
     await store.queue_inbound_mails(record.account, record.fax_id, [OutgoingMail(
         envelope_from=settings.from_address, recipients=recipients,
-        message=message, kind="inbound", inbound=(record.account, record.fax_id))])
+        message=message, kind="inbound", inbound=(record.account, record.fax_id))],
+        pages=files.pages or None)  # the pages it has, whatever the provider said
 
 
 async def ocr_wanted(settings: InboundSettings) -> bool:
