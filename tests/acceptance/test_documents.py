@@ -46,6 +46,7 @@ async def expect_faxed(mailfax: Mailfax, message: documents.EmailMessage, pages:
     job_id = await mailfax.queued(message)
     job = final_job(mailfax, job_id)
     assert (job["state"], job["pages"], job["number"]) == ("delivered", pages, "+4930123456")
+    assert mailfax.emulator_ledger(job_id) == ("+4930123456", pages, 1)  # faxed once
     mail = status_mail(mailfax, job_id)
     assert f"delivered, {pages} page" in str(mail["Subject"])
     assert mail["To"] == "alice@example.org"

@@ -9,6 +9,7 @@ environment so no config file is read.
 
 from __future__ import annotations
 
+import contextlib
 import email
 import email.policy
 import json
@@ -16,6 +17,7 @@ import mailbox
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -101,6 +103,15 @@ class Mailfax:
     def inbox(self) -> list[dict[str, Any]]:
         data: list[dict[str, Any]] = json.loads(self.run("inbox", "--json").stdout)
         return data
+
+    def emulator_ledger(self, job_id: str) -> tuple[str, int, int] | None:
+        """What the bundled emulator received for a job: (number, pages, send calls), read
+        from its ledger (mailfax-data/emulator/emulator.sqlite3) without writing to it."""
+        path = self.folder / "mailfax-data" / "emulator" / "emulator.sqlite3"
+        with contextlib.closing(sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)) as db:
+            row = db.execute("SELECT number, pages, send_calls FROM transmissions"
+                             " WHERE reference = ?", (job_id,)).fetchone()
+        return None if row is None else (str(row[0]), int(row[1]), int(row[2]))
 
     @property
     def maildir(self) -> Path:
