@@ -554,6 +554,10 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 def cmd_emulate(args: argparse.Namespace) -> int:
     if args.provider == "receive":
         return cmd_emulate_receive(args)
+    if args.file or args.to or args.caller or args.remote_id or args.account:
+        print("mailfax: FILE, --to, --from, --remote-id and --account are for "
+              "mailfax emulate receive", file=sys.stderr)
+        return EXIT_USAGE
     from mailfax.emulators import emulator_module
 
     address = ListenAddress(args.listen)

@@ -217,6 +217,11 @@ def test_emulate_receive_refuses_a_bad_number_and_a_missing_file(tmp_path: Path)
     assert missing.returncode == 1 and "nosuch.tif" in missing.stderr
 
 
+def test_receive_options_are_refused_for_the_wire_emulators(tmp_path: Path) -> None:
+    result = mailfax(tmp_path, "emulate", "fax.de", "scan.tif")
+    assert result.returncode == 2 and "mailfax emulate receive" in result.stderr
+
+
 async def test_the_emulator_hands_out_dropped_faxes_and_deletes_them(tmp_path: Path) -> None:
     provider = emulator.create(ProviderContext(account="emulator", data_dir=tmp_path),
                                emulator.Settings())
