@@ -99,12 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
         sub.set_defaults(handler=handler)
         return sub
 
-    serve = command("serve", "run the bridge (SMTP intake, sending, status mails, inbound)",
+    serve = command("serve", "run the bridge: SMTP intake, faxing, status mails",
                     cmd_serve)
     serve.add_argument("--listen", action="append", metavar="HOST:PORT",
                        help="SMTP listener instead of smtp.listen (repeatable)")
 
-    jobs = command("jobs", "list jobs: state, attempts, reason (like faxstat / postqueue -p)",
+    jobs = command("jobs", "list jobs: state, tries, reason; a summary line",
                    cmd_jobs)
     jobs.add_argument("--json", action="store_true", help="one JSON array of job objects")
     jobs.add_argument("--state", type=_states, metavar="STATE[,STATE]",
@@ -127,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     send.add_argument("--subject", default="")
     send.add_argument("files", nargs="+", type=Path, metavar="FILE")
 
-    inbox = command("inbox", "received faxes: pages, and whether their mail went out",
+    inbox = command("inbox", "received faxes: pages, and whether they were mailed",
                     cmd_inbox)
     inbox.add_argument("--json", action="store_true")
     inbox.add_argument("--limit", type=int, default=100)
@@ -139,13 +139,13 @@ def build_parser() -> argparse.ArgumentParser:
                     cmd_check_config)
     check.add_argument("file", nargs="?", type=Path)
 
-    command("migrate", "create or upgrade the store's schema (SQLite or PostgreSQL)",
+    command("migrate", "create or upgrade the store's schema",
             cmd_migrate)
 
     passwd = command("passwd", "print a password hash for [users.NAME]", cmd_passwd)
     passwd.add_argument("user")
 
-    emulate = command("emulate", "run a provider emulator, or receive a fax on the bundled one",
+    emulate = command("emulate", "run a provider emulator; receive: a fax arrives",
                       cmd_emulate, description=EMULATE_DESCRIPTION)
     emulate.add_argument("provider", metavar="PROVIDER",
                          help="fax.de, faxnummer.de, retarus, or receive")

@@ -23,7 +23,7 @@ from mailfax.providers.base import ProviderContext
 from mailfax.store.base import InboundRecord, Job
 from tests.acceptance import documents
 
-ENV_WITHOUT_CONFIG = {"PATH": "/usr/bin:/bin", "HOME": "/nonexistent"}
+ENV_WITHOUT_CONFIG = {"PATH": "/usr/bin:/bin", "HOME": "/nonexistent", "COLUMNS": "80"}
 
 
 def mailfax(folder: Path, *args: str, stdin: str | None = None
@@ -68,9 +68,11 @@ def test_help_lists_every_command_with_one_line_and_the_exit_codes(tmp_path: Pat
     parser = build_parser()
     subparsers = next(action for action in parser._actions
                       if isinstance(action, argparse._SubParsersAction))
-    listed = result.stdout.split("commands:")[1].split("exit codes:")[0]
-    for name in subparsers.choices:
-        assert any(line.split()[:1] == [name] for line in listed.splitlines()), name
+    listed = [line.split(None, 1) for line in
+              result.stdout.split("commands:")[1].split("exit codes:")[0].splitlines()
+              if line.strip() and line.strip() != "COMMAND"]
+    assert [words[0] for words in listed] == list(subparsers.choices)  # one line each
+    assert all(len(words) == 2 for words in listed)  # each with its summary
     for code in ("0", "1", "2", "130", "141"):
         assert any(line.split()[:1] == [code] for line in
                    result.stdout.split("exit codes:")[1].splitlines()), code
