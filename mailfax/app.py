@@ -248,6 +248,9 @@ class Application:
         for name, poller in self.inbound_pollers.items():
             log.info("polling account %s for received faxes every %g s", name,
                      poller.poll_interval)
+            if not settings.inbound.routes and not settings.inbound.default_route:
+                log.info("received faxes are mailed to %s (inbound.postmaster; no routes)",
+                         settings.inbound.postmaster)
             folder = getattr(self.providers[name], "inbox_folder", None)
             if isinstance(folder, Path):
                 log.info("account %s receives the faxes put into %s (or: mailfax emulate "

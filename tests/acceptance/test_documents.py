@@ -37,6 +37,7 @@ SIMPLE_KINDS: dict[str, tuple[Callable[[], documents.EmailMessage], int]] = {
     "jpeg": (lambda: attachment("photo.jpg", "image/jpeg", documents.picture("JPEG")), 1),
     "png": (lambda: attachment("scan.png", "image/png", documents.picture("PNG")), 1),
     "tiff": (lambda: attachment("fax.tif", "image/tiff", documents.tiff(3)), 3),
+    "gif": (lambda: attachment("drawing.gif", "image/gif", documents.picture("GIF")), 1),
     "forwarded mail": (lambda: documents.forwarded(FAX, attachment(
         "inner.pdf", "application/pdf", documents.pdf(2, "Forwarded"))), 2),
 }
@@ -72,6 +73,13 @@ async def test_an_office_document_is_faxed_with_its_pages(
         mailfax: Mailfax, office_files: dict[str, bytes], kind: str) -> None:
     message = attachment(f"letter.{kind}", OFFICE_TYPES[kind], office_files[kind])
     await expect_faxed(mailfax, message, 2)
+
+
+@needs_libreoffice
+@office_on_relative_data_dir
+async def test_a_text_file_is_faxed(mailfax: Mailfax) -> None:
+    text = "\n".join(f"Line {n} of a plain text file." for n in range(1, 41)).encode()
+    await expect_faxed(mailfax, attachment("notes.txt", "text/plain", text), 1)
 
 
 @needs_libreoffice
