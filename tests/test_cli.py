@@ -236,7 +236,8 @@ async def test_the_emulator_hands_out_dropped_faxes_and_deletes_them(tmp_path: P
         assert await provider.fetch_inbound() is None  # still being copied, maybe
         emulator_settle(folder)
         fax = await provider.fetch_inbound()
-        assert fax is not None and fax.fax_id.isdigit()  # given an id, as a provider does
+        assert fax is not None and fax.fax_id != "scan"  # given an id, as a provider does
+        assert fax.fax_id.isdigit() and (folder / f"{fax.fax_id}.tif").exists()
         assert (fax.pages, fax.called_number, fax.originator) == (3, "+49301234567", "")
         again = await provider.fetch_inbound()
         assert again is not None and again.fax_id == fax.fax_id  # until deleted

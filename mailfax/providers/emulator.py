@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import sqlite3
 import threading
 import time
@@ -205,6 +206,7 @@ def ledger_path(data_dir: Path, account: str) -> Path:
 # -- received faxes: a folder of TIFFs ------------------------------------------------------------
 
 SETTLE_SECONDS = 0.5  # a file younger than this may still be being copied in
+OWN_ID = re.compile(r"[0-9]{16,}")  # the ids this emulator gives: microseconds since 1970
 
 
 def inbox_folder(data_dir: Path, settings: Settings) -> Path:
@@ -228,8 +230,8 @@ def next_received(folder: Path, settings: Settings, now: float) -> InboundFax | 
     if not dated:
         return None
     modified, _, path = min(dated)
-    if not path.stem.isdigit():  # a file a person put there: give it an id, as a provider does
-        path = _claim(path)
+    if not OWN_ID.fullmatch(path.stem):  # a file a person put there: give it an id, as a
+        path = _claim(path)  # provider does (so two faxes named scan.tif are two faxes)
     image = path.read_bytes()
     about = _sidecar(path.with_suffix(".json"))
     return InboundFax(
@@ -262,6 +264,8 @@ def _sidecar(path: Path) -> dict[str, object]:
 
 
 def delete_received(folder: Path, fax_id: str) -> None:
+    if not folder.is_dir():
+        return
     for path in folder.iterdir():
         if path.stem == fax_id and path.suffix.lower() in (*TIFF_SUFFIXES, ".json"):
             path.unlink(missing_ok=True)
