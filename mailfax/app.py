@@ -316,9 +316,16 @@ class Application:
             log.info("outgoing mail via %s", self.outbox.sink.describe())
         if self.imap_intake is not None:
             log.info("IMAP intake from %s", self.imap_intake.describe())
-        for name in self.inbound_pollers:
-            log.info("polling account %s for received faxes every %.0f s", name,
-                     settings.inbound.poll_seconds)
+        for name, poller in self.inbound_pollers.items():
+            log.info("polling account %s for received faxes every %g s", name,
+                     poller.poll_interval)
+            if not settings.inbound.routes and not settings.inbound.default_route:
+                log.info("received faxes are mailed to %s (inbound.postmaster; no routes)",
+                         settings.inbound.postmaster)
+            folder = getattr(self.providers[name], "inbox_folder", None)
+            if isinstance(folder, Path):
+                log.info("account %s receives the faxes put into %s (or: mailfax emulate "
+                         "receive FILE --to NUMBER)", name, folder.resolve())
 
     async def stop(self) -> None:
         if self.policy_service is not None:

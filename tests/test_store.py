@@ -426,6 +426,12 @@ async def test_inbound_faxes_are_stored_once_and_handed_off(store: Store) -> Non
     await store.mark_inbound_deleted("acct", "F1")
     assert [(r.fax_id, r.state) for r in await store.list_inbound()] == [("F1", "deleted")]
     assert await store.find_inbound("nope") == []
+    # mailfax redeliver: mailed again, still deleted at the provider; the conversion's count
+    await store.queue_inbound_mails("acct", "F1", [
+        OutgoingMail("", ["x@y"], b"fax", kind="inbound", inbound=("acct", "F1"))], pages=3)
+    [redelivered] = await store.find_inbound("F1")
+    assert (redelivered.state, redelivered.deliveries, redelivered.pages) == ("deleted", 2, 3)
+    assert await store.inbound_handoff("acct", "F1") == "waiting"
 
 
 async def test_two_instances_claiming_concurrently_get_disjoint_jobs(backend: Backend) -> None:

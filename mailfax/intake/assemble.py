@@ -97,9 +97,14 @@ def needs_worker(mail: ParsedMail) -> bool:
                and document_kind(attachment) != "pdf" for attachment in mail.attachments)
 
 
+COVER_HINT = ("To fax the mail's text itself, add +cover to the number "
+              "(e.g. 030123456+cover@fax.example).")
+
+
 def nothing_to_fax(content: FaxContent) -> Refusal:
+    hint = [COVER_HINT] if content.mail.text.strip() else []
     return Refusal(554, "5.6.0", " ".join(["This mail has no document to fax.", EXPECTED,
-                                            *content.mail.skipped]))
+                                            *hint, *content.mail.skipped]))
 
 
 def convert_file(filename: str, content_type: str, data: bytes,

@@ -10,12 +10,20 @@ as a duplicate instead of being faxed twice. Every instance that shares a store 
 ``mailfax serve`` on one PostgreSQL, each with its own data dir) shares that one network, as
 they would share a real provider account, so whichever instance runs the status tracker sees
 every job. A provider made without a store (benchmarks) keeps a ledger file in its data dir.
+
+It also receives faxes: every TIFF put into its inbox folder (``<data_dir>/emulator/inbox`` by
+default) is handed to mailfax as a received fax, then deleted once its mail went out. A JSON
+file of the same name beside it may say who sent it to which number (``{"to": …, "from": …,
+"remote_id": …}``); ``mailfax emulate receive`` writes both.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import os
+import re
 import sqlite3
 import threading
 import time
@@ -27,12 +35,14 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from mailfax import reasons
+from mailfax.emulators.fax_image import TIFF_SUFFIXES, tiff_pages
 from mailfax.emulators.rules import longest_prefix
 from mailfax.model import JobState
 from mailfax.providers.base import (
     BaseProvider,
     EmulatedTransmission,
     EmulatorNetwork,
+    InboundFax,
     ProviderContext,
     ProviderError,
     ProviderRef,
@@ -67,6 +77,14 @@ class Settings(BaseModel):
         ],
         description="numbers that fail, by longest matching prefix",
     )
+    inbound: bool = Field(default=True, description="hand out the faxes in inbox_folder")
+    inbox_folder: str = Field(default="", description="received faxes (*.tif) to hand out; "
+                                                      "empty: <data_dir>/emulator/inbox")
+    fax_number: str = Field(default="+49301234567", pattern=r"^\+[0-9]+$",
+                            description="the number a fax in the folder was sent to, when no "
+                                        "JSON beside it names one")
+    inbound_poll_seconds: float = Field(default=1.0, gt=0,
+                                        description="how often mailfax looks into the folder")
 
 
 Transmission = EmulatedTransmission
@@ -195,6 +213,89 @@ def ledger_path(data_dir: Path, account: str) -> Path:
     return data_dir / "emulator" / f"{account}.sqlite3"
 
 
+# -- received faxes: a folder of TIFFs ------------------------------------------------------------
+
+SETTLE_SECONDS = 0.5  # a file younger than this may still be being copied in
+OWN_ID = re.compile(r"[0-9]{16,}")  # the ids this emulator gives: microseconds since 1970
+
+
+def inbox_folder(data_dir: Path, settings: Settings) -> Path:
+    return Path(settings.inbox_folder) if settings.inbox_folder else (
+        data_dir / "emulator" / "inbox")
+
+
+def next_received(folder: Path, settings: Settings, now: float) -> InboundFax | None:
+    """The oldest settled TIFF in ``folder`` as a received fax (blocking: run in a thread)."""
+    try:
+        candidates = [path for path in folder.iterdir()
+                      if path.suffix.lower() in TIFF_SUFFIXES and not path.name.startswith(".")]
+    except FileNotFoundError:
+        return None
+    dated = []
+    for path in candidates:
+        with contextlib.suppress(FileNotFoundError):
+            modified = path.stat().st_mtime
+            if now - modified >= SETTLE_SECONDS:
+                dated.append((modified, path.name, path))
+    if not dated:
+        return None
+    modified, _, path = min(dated)
+    if not OWN_ID.fullmatch(path.stem):  # a file a person put there: give it an id, as a
+        path = _claim(path)  # provider does (so two faxes named scan.tif are two faxes)
+    image = path.read_bytes()
+    about = _sidecar(path.with_suffix(".json"))
+    return InboundFax(
+        fax_id=path.stem, called_number=str(about.get("to") or settings.fax_number),
+        received_at=datetime.fromtimestamp(modified, UTC),
+        originator=str(about.get("from") or ""), remote_id=str(about.get("remote_id") or ""),
+        pages=tiff_pages(image), image=image)
+
+
+def _claim(path: Path) -> Path:
+    fax_id = _new_fax_id()
+    sidecar = path.with_suffix(".json")
+    if sidecar.exists():
+        os.replace(sidecar, path.with_name(f"{fax_id}.json"))
+    claimed = path.with_name(f"{fax_id}.tif")
+    os.replace(path, claimed)
+    return claimed
+
+
+def _new_fax_id() -> str:
+    return str(time.time_ns() // 1000)
+
+
+def _sidecar(path: Path) -> dict[str, object]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (FileNotFoundError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def delete_received(folder: Path, fax_id: str) -> None:
+    if not folder.is_dir():
+        return
+    for path in folder.iterdir():
+        if path.stem == fax_id and path.suffix.lower() in (*TIFF_SUFFIXES, ".json"):
+            path.unlink(missing_ok=True)
+
+
+def drop_received(folder: Path, image: bytes, to: str, sender: str = "",
+                  remote_id: str = "") -> str:
+    """Put a fax into the inbox folder as a running emulator picks it up; returns its id.
+
+    The JSON goes first and the TIFF appears by rename, so a poller never sees half a fax."""
+    folder.mkdir(parents=True, exist_ok=True)
+    fax_id = _new_fax_id()
+    (folder / f"{fax_id}.json").write_text(json.dumps(
+        {"to": to, "from": sender, "remote_id": remote_id}), encoding="utf-8")
+    partial = folder / f".{fax_id}.tif.part"
+    partial.write_bytes(image)
+    os.replace(partial, folder / f"{fax_id}.tif")
+    return fax_id
+
+
 class EmulatorProvider(BaseProvider):
     provider_name = "emulator"
 
@@ -206,6 +307,11 @@ class EmulatorProvider(BaseProvider):
         if network is None:
             network = self._own_file = FileNetwork(ledger_path(context.data_dir, context.account))
         self.network: EmulatorNetwork = network
+        self.supports_inbound = settings.inbound
+        self.inbox_folder = inbox_folder(context.data_dir, settings)
+        if self.supports_inbound:  # there from the start, for a person to drop faxes into
+            self.inbox_folder.mkdir(parents=True, exist_ok=True)
+        self.inbound_poll_seconds = settings.inbound_poll_seconds
 
     async def send(self, request: SendRequest) -> SendReceipt:
         if outcome_for(request.number, self.settings.fail) == "provider_unavailable":
@@ -238,6 +344,13 @@ class EmulatorProvider(BaseProvider):
             return False
         await self.network.emulator_cancel(self.account, ref.provider_job_id)
         return True
+
+    async def fetch_inbound(self) -> InboundFax | None:
+        return await asyncio.to_thread(next_received, self.inbox_folder, self.settings,
+                                       time.time())
+
+    async def delete_inbound(self, fax_id: str) -> None:
+        await asyncio.to_thread(delete_received, self.inbox_folder, fax_id)
 
     async def close(self) -> None:
         if self._own_file is not None:

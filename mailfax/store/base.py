@@ -399,8 +399,11 @@ class Store(Protocol):
     async def inbound_image(self, account: str, fax_id: str) -> bytes: ...
 
     async def queue_inbound_mails(self, account: str, fax_id: str,
-                                  mails: Sequence[OutgoingMail]) -> None:
-        """Put a fax's mails into the outbox and mark it queued, atomically."""
+                                  mails: Sequence[OutgoingMail], pages: int | None = None
+                                  ) -> None:
+        """Put a fax's mails into the outbox and mark it queued (a fax already deleted at
+        the provider stays so), atomically. ``pages``: the count the conversion found, which
+        replaces the provider's."""
         ...
 
     async def inbound_handoff(self, account: str, fax_id: str) -> Handoff:

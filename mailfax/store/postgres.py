@@ -1204,16 +1204,19 @@ class PostgresStore:
         return bytes(row["image"])
 
     async def queue_inbound_mails(self, account: str, fax_id: str,
-                                  mails: Sequence[OutgoingMail]) -> None:
+                                  mails: Sequence[OutgoingMail], pages: int | None = None
+                                  ) -> None:
         async with self._cursor() as cur:
             for mail in mails:
                 await self._insert_outbox(cur, mail)
             await cur.execute(
                 """
-                UPDATE inbound_faxes SET state = 'queued', deliveries = deliveries + 1
+                UPDATE inbound_faxes SET deliveries = deliveries + 1,
+                    state = CASE state WHEN 'deleted' THEN 'deleted' ELSE 'queued' END,
+                    pages = COALESCE(%s::integer, pages)
                 WHERE account = %s AND fax_id = %s
                 """,
-                (account, fax_id),
+                (pages, account, fax_id),
             )
 
     async def inbound_handoff(self, account: str, fax_id: str) -> Handoff:

@@ -415,13 +415,16 @@ class _InboundMixin:
         return result
 
     async def queue_inbound_mails(self, account: str, fax_id: str,
-                                  mails: Sequence[OutgoingMail]) -> None:
+                                  mails: Sequence[OutgoingMail], pages: int | None = None
+                                  ) -> None:
         def operation(conn: sqlite3.Connection) -> None:
             for mail in mails:
                 SqliteStore._insert_outbox(conn, mail)
             conn.execute(
-                "UPDATE inbound_faxes SET state = 'queued', deliveries = deliveries + 1"
-                " WHERE account = ? AND fax_id = ?", (account, fax_id))
+                "UPDATE inbound_faxes SET deliveries = deliveries + 1, state = CASE state"
+                " WHEN 'deleted' THEN 'deleted' ELSE 'queued' END,"  # a redelivery stays deleted
+                " pages = COALESCE(?, pages) WHERE account = ? AND fax_id = ?",
+                (pages, account, fax_id))
 
         await self._call(operation)
 
