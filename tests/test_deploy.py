@@ -62,12 +62,16 @@ def test_compose_config_keeps_no_secret(compose_settings: Any) -> None:
     assert ":" not in user_info  # the database password comes from PGPASSWORD
 
 
-def test_compose_config_needs_the_password(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_compose_config_needs_the_password_to_serve(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Loading reads no secret (``mailfax jobs`` needs none); what serve checks first does."""
+    from mailfax.app import preflight
     from mailfax.config import ConfigError
 
     monkeypatch.delenv("FAXDE_PASSWORD", raising=False)
-    with pytest.raises(ConfigError, match="FAXDE_PASSWORD"):
-        load_settings(COMPOSE_CONFIG)
+    settings = load_settings(COMPOSE_CONFIG)
+    with pytest.raises(ConfigError, match="accounts.faxde.password: environment variable "
+                                          "FAXDE_PASSWORD is not set"):
+        preflight(settings)
 
 
 def test_compose_config_may_listen_in_a_container(compose_settings: Any) -> None:

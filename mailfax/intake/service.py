@@ -45,6 +45,10 @@ log = logging.getLogger(__name__)
 INLINE_ASSEMBLY_BYTES = 64 * 1024
 
 
+class StoreUnavailable(Exception):
+    """The store could not take the jobs (database down, locked, its disk full): temporary."""
+
+
 @dataclass(frozen=True)
 class Accepted:
     mail_id: str
@@ -159,7 +163,7 @@ class Intake:
                        else convert_documents(mail))
         content = await self._with_cover(content, addresses, envelope_from)
         if not content.documents:
-            raise nothing_to_fax(content)
+            raise nothing_to_fax(content, self._cover_address(recipients, addresses, content))
         if user is not None:
             self._check_from_header(content.mail.from_address, user)
         numbers = {address.number for address in addresses}
@@ -192,9 +196,23 @@ class Intake:
             cover = await asyncio.to_thread(render_cover, info, self.settings.notify.language,
                                             self.settings.templates_dir or TEMPLATES_DIR)
         except CoverUnavailable as error:
-            raise Refusal(451, "4.3.0", f"The cover page cannot be made here ({error}).") \
+            raise Refusal(451, "4.3.0", f"The cover page cannot be made here ({error}); this is "
+                          "temporary until the server is fixed, please try again later.") \
                 from None
         return FaxContent(mail=content.mail, documents=[cover, *content.documents])
+
+    @staticmethod
+    def _cover_address(recipients: Sequence[str], addresses: Sequence[FaxAddress],
+                       content: FaxContent) -> str:
+        """Where this mail's text would be faxed as a cover page (``<number>+cover@domain``),
+        or "" when it has no text for one."""
+        if not recipients or not cover_text(content.mail.text):
+            return ""
+        local, domain = split_address(recipients[0])
+        tag = addresses[0].tag
+        if tag and local.lower().endswith(f"+{tag}"):
+            local = local[:-len(tag) - 1]
+        return f"{local}+cover@{domain}"
 
     def _check_from_header(self, from_address: str, user: str) -> None:
         settings = self.settings.users[user]
@@ -234,7 +252,10 @@ class Intake:
         numbers = list(dict.fromkeys(address.number for address in addresses))  # dedupe, keep order
         jobs = [NewJob(job_id=new_job_id(), number=number,
                        account=account or self.settings.default_account) for number in numbers]
-        await self.store.add_mail_jobs(mail, jobs, documents)
+        try:
+            await self.store.add_mail_jobs(mail, jobs, documents)
+        except Exception as error:
+            raise StoreUnavailable(f"{type(error).__name__}: {error}") from error
         self.on_stored()
         if self.metrics is not None:
             self.metrics.mails_accepted.inc()

@@ -6,6 +6,7 @@ The aiosmtpd protocol machine runs on mailfax's own event loop (no Controller th
 from __future__ import annotations
 
 import asyncio
+import errno
 import functools
 import logging
 import secrets
@@ -20,7 +21,7 @@ from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
 from mailfax.config import ListenAddress, SmtpSettings, UserSettings
 from mailfax.intake.assemble import Refusal
-from mailfax.intake.service import Intake
+from mailfax.intake.service import Intake, StoreUnavailable
 from mailfax.trust.auth import LoginThrottle, hash_password, verify_password
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,10 @@ class FaxHandler:
         envelope.rcpt_options.extend(rcpt_options)
         return f"250 2.1.5 OK, fax to {fax.number}"
 
+    @staticmethod
+    def _unexpected(envelope: Envelope, recipients: list[str], per_recipient: bool) -> str:
+        return _for_each(recipients, _unexpected_reply(envelope), per_recipient)
+
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         raw = envelope.original_content or envelope.content or b""
         if isinstance(raw, str):
@@ -77,14 +82,24 @@ class FaxHandler:
             accepted = await self.intake.accept_mail(
                 envelope.mail_from or "", recipients, raw, _client_ip(session) or "",
                 _user(session))
-        except Refusal as refusal:
+        except Refusal as refusal:  # 5xx: permanent, says what to do; 4xx: temporary
             self.intake.count_refusal(refusal)
             log.info("refused mail from <%s>: %s", envelope.mail_from, refusal.sentence)
             return _for_each(recipients, refusal.reply(), per_recipient)
-        except Exception:
-            log.exception("could not store mail from <%s>", envelope.mail_from)
-            reply = "451 4.3.0 Temporary failure storing the fax job; please try again later"
+        except StoreUnavailable as error:
+            log.warning("could not store mail from <%s>: %s", envelope.mail_from, error)
+            reply = ("451 4.3.0 Temporary failure: the fax queue is unavailable right now; "
+                     "please try again later")
             return _for_each(recipients, reply, per_recipient)
+        except OSError as error:
+            if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+                return self._unexpected(envelope, recipients, per_recipient)
+            log.error("no room to take the mail from <%s>: %s", envelope.mail_from, error)
+            reply = ("452 4.3.1 Temporary failure: the server's disk is full; please try "
+                     "again later")
+            return _for_each(recipients, reply, per_recipient)
+        except Exception:
+            return self._unexpected(envelope, recipients, per_recipient)
         if not per_recipient:
             return f"250 2.0.0 queued as {' '.join(accepted.job_ids)}"
         # LMTP (RFC 2033): one reply per accepted recipient, in RCPT order.
@@ -93,6 +108,14 @@ class FaxHandler:
             number = self.intake.check_recipient(address).number
             replies.append(f"250 2.0.0 <{address}> queued as {accepted.job_for_number[number]}")
         return "\r\n".join(replies)
+
+
+def _unexpected_reply(envelope: Envelope) -> str:
+    """A bug or an unforeseen condition: logged with its traceback, answered as temporary
+    (4xx) so that no mail is lost while it is looked into."""
+    log.exception("unexpected error taking the mail from <%s>", envelope.mail_from)
+    return ("451 4.3.0 Temporary failure: an unexpected error on the server (it is logged); "
+            "please try again later")
 
 
 def _for_each(recipients: list[str], reply: str, per_recipient: bool) -> str:
