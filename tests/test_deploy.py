@@ -69,8 +69,8 @@ def test_compose_config_needs_the_password_to_serve(monkeypatch: pytest.MonkeyPa
 
     monkeypatch.delenv("FAXDE_PASSWORD", raising=False)
     settings = load_settings(COMPOSE_CONFIG)
-    with pytest.raises(ConfigError, match="accounts.faxde.password: environment variable "
-                                          "FAXDE_PASSWORD is not set"):
+    with pytest.raises(ConfigError, match=r"accounts\.faxde\.password: environment variable "
+                                          r"FAXDE_PASSWORD is not set"):
         preflight(settings)
 
 
