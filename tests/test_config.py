@@ -14,6 +14,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import aiosmtplib
 import pikepdf
@@ -237,7 +238,8 @@ password = "env:MAILFAX_TEST_UNSET"
     assert capsys.readouterr().out.strip() == f"job {job_id} cancelled"
     with pytest.raises(ConfigError, match=r"accounts\.faxde\.password: environment variable "
                                           r"MAILFAX_TEST_UNSET is not set"):
-        load_settings(config).accounts["faxde"].provider_settings().password.get_secret_value()
+        faxde: Any = load_settings(config).accounts["faxde"].provider_settings()
+        faxde.password.get_secret_value()
 
 
 # -- office documents on the embedded defaults --------------------------------------------------
@@ -315,6 +317,52 @@ async def test_serve_on_defaults_in_an_empty_folder_faxes_word_files(
             assert (job.state, job.pages) == (JobState.DELIVERED, 3), kind
     finally:
         await app.stop()
+    assert (tmp_path / "mailfax-data" / "mailfax.sqlite3").is_file()
+
+
+@needs_libreoffice
+async def test_the_mailfax_command_with_no_config_faxes_word_files(
+        tmp_path: Path, word_files: dict[str, bytes]) -> None:
+    """README's first command as it is, `mailfax serve` in an empty folder, on port 2525."""
+    environment = {key: value for key, value in os.environ.items() if key != "MAILFAX_CONFIG"}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "mailfax", "serve", cwd=tmp_path, env=environment,
+        stderr=asyncio.subprocess.PIPE)
+    assert process.stderr is not None
+    log = []
+    try:
+        while not any("listening for mail on" in line for line in log):
+            line = (await asyncio.wait_for(process.stderr.readline(), 60)).decode()
+            if not line:
+                if any("Address already in use" in line for line in log):
+                    pytest.skip("port 2525 is taken by another program on this machine")
+                raise AssertionError("".join(log))
+            log.append(line)
+        drain = asyncio.create_task(process.stderr.read())  # so its log never fills the pipe
+        attachments = {
+            "Angebot.docx": (word_files["docx"], "application/vnd.openxmlformats-"
+                             "officedocument.wordprocessingml.document"),
+            "Brief.doc": (word_files["doc"], "application/msword"),
+            "winmail.dat": (tnef("Brief.doc", word_files["doc"]), "application/ms-tnef")}
+        job_ids = []
+        for name, (data, content_type) in attachments.items():
+            code, reply = await send_data(2525, fax_mail([(name, data, content_type)]).as_bytes())
+            assert (code, reply.split(" queued as ")[0]) == (250, "2.0.0"), (name, reply)
+            job_ids.append(reply.split()[-1])
+        deadline = time.monotonic() + 60
+        while True:
+            listed = await asyncio.to_thread(run_mailfax, "jobs", "--json", cwd=tmp_path)
+            jobs = {job["id"]: job for job in json.loads(listed.stdout)}
+            if all(jobs[job_id]["state"] == "delivered" for job_id in job_ids):
+                break
+            assert time.monotonic() < deadline, jobs
+            await asyncio.sleep(0.5)
+        assert [jobs[job_id]["pages"] for job_id in job_ids] == [3, 3, 3]
+    finally:
+        if process.returncode is None:
+            process.terminate()
+            await asyncio.wait_for(process.wait(), 30)
+    assert "Traceback" not in (await drain).decode()
     assert (tmp_path / "mailfax-data" / "mailfax.sqlite3").is_file()
 
 

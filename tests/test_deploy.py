@@ -320,7 +320,8 @@ def model_of(section: str, sections: dict[str, str]) -> type[BaseModel]:
         annotation = model.model_fields[parts[index]].annotation
         kind, sub = models_in(annotation)[0]
         if sub is AccountSettings:
-            return provider_module(provider_of(section, sections)).Settings
+            settings: type[BaseModel] = provider_module(provider_of(section, sections)).Settings
+            return settings
         index += 2 if kind == "tables" else 1
         model = sub
     return model
