@@ -329,7 +329,7 @@ async def test_the_mailfax_command_with_no_config_faxes_word_files(
         sys.executable, "-m", "mailfax", "serve", cwd=tmp_path, env=environment,
         stderr=asyncio.subprocess.PIPE)
     assert process.stderr is not None
-    log = []
+    log: list[str] = []
     try:
         while not any("listening for mail on" in line for line in log):
             line = (await asyncio.wait_for(process.stderr.readline(), 60)).decode()
