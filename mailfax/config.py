@@ -484,6 +484,13 @@ class Settings(Strict):
                                  f"accounts ({', '.join(sorted(self.accounts))})")
         return self
 
+    @model_validator(mode="after")
+    def _name_secrets(self) -> Settings:
+        """Each ``env:``/``file:`` secret learns its field's name, for its error messages."""
+        for field, secret in secrets_of(self):
+            secret.field = secret.field or field
+        return self
+
     @property
     def store_url(self) -> str:
         return self.store.url or f"sqlite:///{self.data_dir / 'mailfax.sqlite3'}"
