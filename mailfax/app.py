@@ -129,7 +129,7 @@ class Application:
 
     async def start(self) -> None:
         settings = self.settings
-        preflight(settings)
+        await asyncio.to_thread(preflight, settings)  # reads secret files, TLS keys
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         documents = settings.documents
         office.configure(office.OfficeLimits(

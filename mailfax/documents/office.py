@@ -164,9 +164,10 @@ def is_office(filename: str, content_type: str) -> bool:
 def convert_office(filename: str, data: bytes) -> FaxDocument:
     """Convert one office document to PDF with LibreOffice; blocking (seconds).
 
-    Raises :class:`~mailfax.documents.pdf.DocumentError` with a sentence naming the file when the
-    content does not match the name, LibreOffice is not installed, the conversion fails or
-    overruns the time limit.
+    Raises :class:`~mailfax.documents.pdf.DocumentError` with a sentence naming the file and
+    saying what to do when the content does not match the name, LibreOffice is not installed,
+    the conversion fails (status 5.x.x: sending the same file again cannot help) or overruns
+    the time limit or finds every converter busy (4.x.x: temporary).
     """
     extension, office_format = _format_of(filename, data)
     binary = shutil.which(_limits.soffice)
