@@ -91,11 +91,26 @@ def startup_problem(settings: Settings) -> str | None:
         return ("imap_intake: anyone who can mail the watched mailbox could send faxes; set "
                 "senders.allowed_addresses or senders.allowed_domains (or, knowingly, "
                 "imap_intake.allow_any_sender = true)")
+    problem = _folder_problem("data_dir", settings.data_dir)
+    if problem:
+        return problem
     try:
         tls_context(smtp)
     except (OSError, ssl.SSLError) as error:
         return (f"smtp.tls_cert/tls_key ({smtp.tls_cert}, {smtp.tls_key}) cannot be used: "
                 f"{error.strerror or error}")
+    return None
+
+
+def _folder_problem(name: str, folder: Path) -> str | None:
+    """Why ``folder`` could not be created or written by this user, or None."""
+    existing = folder.absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{name} {folder} cannot be made: {existing} is not a folder"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{name} {folder}: {existing} is not writable for this user"
     return None
 
 

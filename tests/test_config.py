@@ -142,6 +142,9 @@ def refused_configs(tmp_path: Path) -> dict[str, tuple[str, str]]:
         "IMAP intake open to anyone": (
             '[imap_intake]\nhost = "127.0.0.1"\nusername = "u"\npassword = "p"\n',
             "anyone who can mail the watched mailbox could send faxes"),
+        "data folder under a file": ('data_dir = "empty.secret/data"\n',
+                                     f"data_dir {tmp_path}/empty.secret/data cannot be made: "
+                                     f"{tmp_path}/empty.secret is not a folder"),
         "certificate that is not there": (
             '[smtp]\ntls_cert = "tls/cert.pem"\ntls_key = "tls/key.pem"\n',
             "smtp.tls_cert/tls_key"),
@@ -170,7 +173,8 @@ def error_line(stderr: str) -> str:
 def test_check_config_refuses_what_serve_refuses_with_the_same_message(
         tmp_path: Path, case: str) -> None:
     text, expected = refused_configs(tmp_path)[case]
-    config = write(tmp_path / "mailfax.toml", f'data_dir = "data"\n{text}')
+    data_dir = "" if text.startswith("data_dir") else 'data_dir = "data"\n'
+    config = write(tmp_path / "mailfax.toml", data_dir + text)
     checked = run_mailfax("check-config", str(config), cwd=tmp_path)
     served = run_mailfax("-c", str(config), "serve", cwd=tmp_path)
     assert checked.returncode == 2, checked
