@@ -13,10 +13,11 @@ from typing import Any
 import aiosmtplib
 import pytest
 
+from mailfax.app import Application
 from mailfax.documents import office
 from mailfax.documents.office import OfficeLimits
 from mailfax.intake.assemble import Refusal, assemble
-from tests.conftest import Service, fax_mail
+from tests.conftest import Service, fax_mail, make_settings
 
 DOCX = "application/vnd.openxmlformats-officedocument.wordprocessingml.document"
 
@@ -158,6 +159,23 @@ async def test_a_body_only_mail_is_told_about_cover(service: Service, to: str,
 async def test_a_mail_without_text_or_documents_gets_no_cover_hint(service: Service) -> None:
     code, reply = await data_reply(service, [], body="")
     assert code == 554 and "no document to fax" in reply and "+cover" not in reply
+
+
+async def test_a_conversion_longer_than_the_idle_timeout_still_gets_its_answer(
+        tmp_path: Path) -> None:
+    """The client waits for the reply while LibreOffice works: that is not idling."""
+    blank = tmp_path / "blank.pdf"
+    blank.write_bytes(_pdf())
+    app = Application(make_settings(tmp_path, smtp={"listen": ["127.0.0.1:0"],
+                                                    "data_timeout": 1.0}))
+    await app.start()
+    try:
+        fake_soffice(tmp_path, 'for a; do s=$a; done\nsleep 2.5\n'
+                     f'cp {blank} "${{s%.*}}.pdf"\n', timeout=20)
+        code, reply = await data_reply(Service(app), [("Angebot.docx", docx(), DOCX)])
+    finally:
+        await app.stop()
+    assert code == 250 and reply.startswith("2.0.0 queued as "), reply
 
 
 def _pdf() -> bytes:

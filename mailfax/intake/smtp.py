@@ -6,13 +6,14 @@ The aiosmtpd protocol machine runs on mailfax's own event loop (no Controller th
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import functools
 import logging
 import secrets
 import ssl
 import weakref
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -79,9 +80,10 @@ class FaxHandler:
         recipients = list(envelope.rcpt_tos)
         per_recipient = isinstance(server, LMTP)
         try:
-            accepted = await self.intake.accept_mail(
-                envelope.mail_from or "", recipients, raw, _client_ip(session) or "",
-                _user(session))
+            with _not_idle(server):
+                accepted = await self.intake.accept_mail(
+                    envelope.mail_from or "", recipients, raw, _client_ip(session) or "",
+                    _user(session))
         except Refusal as refusal:  # 5xx: permanent, says what to do; 4xx: temporary
             self.intake.count_refusal(refusal)
             log.info("refused mail from <%s>: %s", envelope.mail_from, refusal.sentence)
@@ -108,6 +110,22 @@ class FaxHandler:
             number = self.intake.check_recipient(address).number
             replies.append(f"250 2.0.0 <{address}> queued as {accepted.job_for_number[number]}")
         return "\r\n".join(replies)
+
+
+@contextlib.contextmanager
+def _not_idle(server: SMTP) -> Iterator[None]:
+    """While mailfax works on a received mail (LibreOffice may take a minute a document) the
+    client waits for the answer: it is not idle, so the idle timeout is paused, and starts
+    afresh once the answer is ready."""
+    handle: asyncio.TimerHandle | None = getattr(server, "_timeout_handle", None)
+    if handle is not None:
+        handle.cancel()
+    try:
+        yield
+    finally:
+        transport = server.transport
+        if handle is not None and transport is not None and not transport.is_closing():
+            server._reset_timeout()
 
 
 def _unexpected_reply(envelope: Envelope) -> str:
