@@ -18,6 +18,7 @@ import logging
 import os
 import secrets
 import socket
+import ssl
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from datetime import timedelta
@@ -26,14 +27,14 @@ from typing import Any, Protocol, cast, runtime_checkable
 
 from aiohttp import web
 
-from mailfax.config import ConfigError, ListenAddress, Settings
+from mailfax.config import ConfigError, ListenAddress, Settings, check_secrets
 from mailfax.documents import office
 from mailfax.imap.delivery import ImapDeliverySink
 from mailfax.imap.intake import ImapIntake
 from mailfax.inbound.mailer import InboundMailer
 from mailfax.inbound.poller import InboundPoller
 from mailfax.intake.service import Intake
-from mailfax.intake.smtp import start_listeners
+from mailfax.intake.smtp import start_listeners, tls_context
 from mailfax.outbound.accounts import AccountHealth
 from mailfax.outbound.dispatch import Dispatcher
 from mailfax.outbound.notify import TEMPLATES_DIR, AdminAlerts, Notifier, Renderer
@@ -64,6 +65,57 @@ def load_secret_key(data_dir: Path) -> bytes:
         with os.fdopen(fd, "w") as handle:
             handle.write(key.hex())
         return key
+
+
+def preflight(settings: Settings) -> None:
+    """Every check ``serve`` makes before it starts (``check-config`` makes the same ones):
+    ConfigError("refusing to start: …") naming what is wrong."""
+    problem = startup_problem(settings)
+    if problem:
+        raise ConfigError(f"refusing to start: {problem}")
+
+
+def startup_problem(settings: Settings) -> str | None:
+    smtp = settings.smtp
+    try:
+        check_secrets(settings)
+    except ConfigError as error:
+        return str(error)
+    problem = exposure_problem(
+        [ListenAddress(listen).host for listen in
+         (*smtp.listen, *smtp.lmtp_listen, *smtp.implicit_tls_listen)],
+        settings.senders, any(user.password_hash for user in settings.users.values()),
+        smtp.tls_cert is not None)
+    if problem:
+        return problem
+    senders = settings.senders
+    if settings.imap_intake is not None and not (
+            senders.allowed_addresses or senders.allowed_domains
+            or settings.imap_intake.allow_any_sender):
+        return ("imap_intake: anyone who can mail the watched mailbox could send faxes; set "
+                "senders.allowed_addresses or senders.allowed_domains (or, knowingly, "
+                "imap_intake.allow_any_sender = true)")
+    problem = _folder_problem("data_dir", settings.data_dir)
+    if problem:
+        return problem
+    try:
+        tls_context(smtp)
+    except (OSError, ssl.SSLError) as error:
+        return (f"smtp.tls_cert/tls_key ({smtp.tls_cert}, {smtp.tls_key}) cannot be used: "
+                f"{error.strerror or error}")
+    return None
+
+
+def _folder_problem(name: str, folder: Path) -> str | None:
+    """Why ``folder`` could not be created or written by this user, or None."""
+    existing = folder.absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{name} {folder} cannot be made: {existing} is not a folder"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{name} {folder}: {existing} is not writable for this user"
+    return None
 
 
 def inbound_mailer(settings: Settings) -> InboundMailer:
@@ -97,14 +149,7 @@ class Application:
 
     async def start(self) -> None:
         settings = self.settings
-        smtp = settings.smtp
-        problem = exposure_problem(
-            [ListenAddress(listen).host for listen in
-             (*smtp.listen, *smtp.lmtp_listen, *smtp.implicit_tls_listen)],
-            settings.senders, any(user.password_hash for user in settings.users.values()),
-            smtp.tls_cert is not None)
-        if problem:
-            raise ConfigError(f"refusing to start: {problem}")
+        await asyncio.to_thread(preflight, settings)  # reads secret files, TLS keys
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         documents = settings.documents
         office.configure(office.OfficeLimits(

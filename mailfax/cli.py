@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from mailfax import __version__, logs
-from mailfax.config import ConfigError, ListenAddress, Settings, load_settings
+from mailfax.config import ConfigError, ListenAddress, Settings, config_path, load_settings
 from mailfax.model import FINAL_STATES, JobState
 from mailfax.outbound.notify import format_duration
 from mailfax.providers.base import ProviderContext, ProviderRef
@@ -547,11 +547,17 @@ def cmd_passwd(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    path = args.file or args.config
+    """Load the config and make every check ``serve`` makes before it starts (same messages:
+    :func:`mailfax.app.preflight`), reading the secrets too."""
+    from mailfax.app import preflight
+
+    path = config_path(args.file or args.config)
     settings = load_settings(path)
+    preflight(settings)
     where = str(path) if path else "built-in defaults"
     print(f"{where}: OK ({len(settings.accounts)} account(s), fax domains "
-          f"{', '.join(settings.fax_domains)}, store {settings.store_url.split('://')[0]})")
+          f"{', '.join(settings.fax_domains)}, store {settings.store_url.split('://')[0]}, "
+          f"data in {settings.data_dir})")
     return 0
 
 

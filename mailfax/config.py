@@ -35,16 +35,76 @@ CONFIG_ENV = "MAILFAX_CONFIG"
 log = logging.getLogger(__name__)
 
 
+class ConfigError(Exception):
+    """A config file that cannot be used; the message names the file and the bad field."""
+
+
+class SecretReference(SecretStr):
+    """A secret given as ``"env:NAME"`` or ``"file:/path"``, read when it is first used.
+
+    Loading a config reads no secret, so commands that only read the store (``mailfax jobs``)
+    work without the providers' passwords; ``serve`` and ``check-config`` read them all at
+    once first (:func:`check_secrets`). ``field`` (set at load) names the setting in errors.
+    """
+
+    def __init__(self, reference: str, field: str = "", base: Path | None = None):
+        super().__init__("")
+        self.reference = reference
+        self.field = field
+        self.base = base
+        self._value: str | None = None
+
+    def get_secret_value(self) -> str:
+        if self._value is None:
+            self._value = read_secret(self.reference, self.field or "a secret", self.base)
+        return self._value
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, SecretReference) and other.reference == self.reference
+
+    def __hash__(self) -> int:
+        return hash(self.reference)
+
+    def __len__(self) -> int:
+        return len(self.reference)
+
+    def _display(self) -> str:
+        return "**********"
+
+    def __repr__(self) -> str:
+        return f"SecretReference({self.reference!r})"  # where it is read from; not secret
+
+
+def read_secret(reference: str, field: str, base: Path | None = None) -> str:
+    """The value behind ``"env:NAME"`` (the variable) or ``"file:PATH"`` (the file's first
+    line; a relative PATH is relative to ``base``); ConfigError naming ``field`` if missing or
+    empty."""
+    kind, _, name = reference.partition(":")
+    if kind == "env":
+        value = os.environ.get(name)
+        if value is None:
+            raise ConfigError(f"{field}: environment variable {name} is not set")
+    else:
+        path = Path(name)
+        if base is not None and not path.is_absolute():
+            path = base / path
+        try:
+            value = next(iter(path.read_text(encoding="utf-8").splitlines()), "")
+        except OSError as error:
+            raise ConfigError(f"{field}: cannot read {path}: {error.strerror}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{field}: {path} is not UTF-8 text") from None
+        name = str(path)
+    if not value.strip():
+        raise ConfigError(f"{field}: {'environment variable ' if kind == 'env' else ''}"
+                          f"{name} is empty")
+    return value
+
+
 def _resolve_secret(value: Any) -> Any:
-    """``"env:NAME"`` reads the environment variable NAME, ``"file:/path"`` a file's first line."""
-    if isinstance(value, str):
-        if value.startswith("env:"):
-            name = value[4:]
-            if name not in os.environ:
-                raise ValueError(f"environment variable {name} is not set")
-            return os.environ[name]
-        if value.startswith("file:"):
-            return Path(value[5:]).read_text(encoding="utf-8").splitlines()[0]
+    """``"env:NAME"`` and ``"file:/path"`` become a :class:`SecretReference`, read later."""
+    if isinstance(value, str) and value.startswith(("env:", "file:")):
+        return SecretReference(value)
     return value
 
 
@@ -238,6 +298,16 @@ class SenderPolicySettings(Strict):
 class NumberSettings(Strict):
     default_country: str = Field(default="DE", pattern=r"^[A-Z]{2}$")
 
+    @field_validator("default_country")
+    @classmethod
+    def _known_region(cls, value: str) -> str:
+        import phonenumbers
+
+        if value not in phonenumbers.SUPPORTED_REGIONS:
+            raise ValueError(f"{value!r} is not a country that has phone numbers (an ISO "
+                             "3166 code such as DE, AT, CH, FR, US)")
+        return value
+
 
 class DispatchSettings(Strict):
     # Transient errors (an outage) are retried for max_age_hours after the mail came in (as
@@ -317,6 +387,14 @@ class WebSettings(Strict):
 
     listen: Listen | None = None  # e.g. "127.0.0.1:8025"; None: no HTTP endpoint
     public_url: str | None = None  # how providers reach it, e.g. "https://fax.example.com"
+
+    @field_validator("listen")
+    @classmethod
+    def _needs_port(cls, value: str | None) -> str | None:
+        if value is not None and not re.search(r"(^[^:]+|\])(:[0-9]+)$", value.strip()):
+            raise ValueError(f"{value!r} has no port; write host:port, e.g. "
+                             "\"127.0.0.1:8025\"")
+        return value
 
 
 class InboundSettings(Strict):
@@ -504,6 +582,13 @@ class Settings(Strict):
         settings = self.accounts.get(account or self.default_account)
         return settings.paper if settings and settings.paper else self.documents.paper
 
+    @model_validator(mode="after")
+    def _name_secrets(self) -> Settings:
+        """Each ``env:``/``file:`` secret learns its field's name, for its error messages."""
+        for field, secret in secrets_of(self):
+            secret.field = secret.field or field
+        return self
+
     @property
     def store_url(self) -> str:
         return self.store.url or f"sqlite:///{self.data_dir / 'mailfax.sqlite3'}"
@@ -513,31 +598,111 @@ class Settings(Strict):
         return Path(self.outbox.maildir) if self.outbox.maildir else self.data_dir / "outbox"
 
 
-class ConfigError(Exception):
-    """A config file that cannot be used; the message names the file and the bad field."""
-
-
 def load_settings(path: Path | None = None) -> Settings:
-    """Read the config named by ``path`` or $MAILFAX_CONFIG; no file at all gives the defaults."""
-    if path is None and os.environ.get(CONFIG_ENV):
-        path = Path(os.environ[CONFIG_ENV])
+    """Read the config named by ``path`` or $MAILFAX_CONFIG; no file at all gives the defaults.
+
+    Relative paths in the settings (``data_dir``, ``outbox.maildir``, ``templates_dir``, TLS
+    files, a relative ``sqlite:///`` store, ``file:`` secrets) are made absolute here, once:
+    relative to the config file's folder, or to the current directory when there is no file.
+    Secrets are not read here (see :class:`SecretReference`).
+    """
+    path = config_path(path)
     if path is None:
-        return Settings()
+        return with_absolute_paths(Settings(), Path.cwd())
     try:
         text = path.read_text(encoding="utf-8")
         raw = tomllib.loads(text)
         warn_if_exposed(path, text)
     except OSError as error:
         raise ConfigError(f"{path}: cannot read: {error.strerror}") from error
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text") from None
     except tomllib.TOMLDecodeError as error:
         raise ConfigError(f"{path}: not valid TOML: {error}") from error
     try:
         settings = Settings.model_validate(raw)
     except ValidationError as error:
         raise ConfigError(f"{path}: {describe_validation_error(error)}") from None
-    if not settings.data_dir.is_absolute():
-        settings = settings.model_copy(update={"data_dir": path.parent / settings.data_dir})
-    return settings
+    return with_absolute_paths(settings, path.parent)
+
+
+def config_path(path: Path | None = None) -> Path | None:
+    """The config file in use: ``path``, else $MAILFAX_CONFIG, else none."""
+    if path is None and os.environ.get(CONFIG_ENV):
+        return Path(os.environ[CONFIG_ENV])
+    return path
+
+
+def _absolute(path: Path, base: Path) -> Path:
+    return Path(os.path.abspath(base / path.expanduser()))
+
+
+def with_absolute_paths(settings: Settings, base: Path) -> Settings:
+    """``settings`` with every relative path made absolute against ``base``, and every
+    :class:`SecretReference` told its field's name (for errors) and ``base`` (for ``file:``).
+    """
+    base = Path(os.path.abspath(base))
+    absolute = _absolute_fields(settings, base)
+    assert isinstance(absolute, Settings)
+    updates: dict[str, Any] = {}
+    if absolute.outbox.maildir:
+        maildir = str(_absolute(Path(absolute.outbox.maildir), base))
+        updates["outbox"] = absolute.outbox.model_copy(update={"maildir": maildir})
+    sqlite = absolute.store.url.removeprefix("sqlite:///")
+    if absolute.store.url.startswith("sqlite:///") and not sqlite.startswith("/"):
+        url = f"sqlite:///{_absolute(Path(sqlite), base)}"
+        updates["store"] = absolute.store.model_copy(update={"url": url})
+    if updates:
+        absolute = absolute.model_copy(update=updates)
+    for field, secret in secrets_of(absolute):
+        secret.field, secret.base = field, base
+    return absolute
+
+
+def _absolute_fields(model: BaseModel, base: Path) -> BaseModel:
+    """A copy of ``model`` (and the models in it) with relative Path values made absolute."""
+    updates: dict[str, Any] = {}
+    for name in type(model).model_fields:
+        value = getattr(model, name)
+        if isinstance(value, Path) and not value.is_absolute():
+            updates[name] = _absolute(value, base)
+        elif isinstance(value, BaseModel):
+            updates[name] = _absolute_fields(value, base)
+        elif isinstance(value, dict) and any(isinstance(v, BaseModel) for v in value.values()):
+            updates[name] = {key: _absolute_fields(v, base) if isinstance(v, BaseModel) else v
+                             for key, v in value.items()}
+    return model.model_copy(update=updates) if updates else model
+
+
+def secrets_of(model: BaseModel, where: str = "") -> list[tuple[str, SecretReference]]:
+    """Every ``env:``/``file:`` secret in ``model``, with its field's dotted name."""
+    found: list[tuple[str, SecretReference]] = []
+    values = {name: getattr(model, name) for name in type(model).model_fields}
+    values.update(model.__pydantic_extra__ or {})
+    for name, value in values.items():
+        field = f"{where}.{name}" if where else name
+        if isinstance(value, SecretReference):
+            found.append((field, value))
+        elif isinstance(value, BaseModel):
+            found += secrets_of(value, field)
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                if isinstance(item, BaseModel):
+                    found += secrets_of(item, f"{field}.{key}")
+    return found
+
+
+def check_secrets(settings: Settings) -> None:
+    """Read every ``env:``/``file:`` secret now; ConfigError naming each one that is missing
+    or empty (``serve`` and ``check-config`` call this before anything else)."""
+    problems = []
+    for _, secret in secrets_of(settings):
+        try:
+            secret.get_secret_value()
+        except ConfigError as error:
+            problems.append(str(error))
+    if problems:
+        raise ConfigError("; ".join(problems))
 
 
 LITERAL_SECRET = re.compile(r'^\s*(password|product_code|password_hash)\s*=\s*"(?!env:|file:)',

@@ -331,6 +331,8 @@ class ImapIntake:
             recipients = self._recipients(headers)
             accepted = await self.intake.accept_mail(sender, recipients, raw, self.client)
         except Refusal as refusal:
+            if refusal.temporary:  # a busy converter, a quota: tried again, like a 4xx
+                raise
             if not automatic:
                 await self._reply(headers, sender, refusal.sentence)
             return Outcome(False, [], refusal.sentence)

@@ -43,6 +43,11 @@ class Refusal(Exception):
         self.status = status
         self.sentence = sentence
 
+    @property
+    def temporary(self) -> bool:
+        """4xx: the sender's MTA keeps the mail and tries again; 5xx: it bounces at once."""
+        return 400 <= self.code < 500
+
     def reply(self) -> str:
         # One line of printable text, whatever the input held (CR, LF, NUL, ...).
         printable = "".join(char if char.isprintable() else " " for char in self.sentence)
@@ -97,12 +102,12 @@ def needs_worker(mail: ParsedMail) -> bool:
                and document_kind(attachment) != "pdf" for attachment in mail.attachments)
 
 
-COVER_HINT = ("To fax the mail's text itself, add +cover to the number "
-              "(e.g. 030123456+cover@fax.example).")
-
-
-def nothing_to_fax(content: FaxContent) -> Refusal:
-    hint = [COVER_HINT] if content.mail.text.strip() else []
+def nothing_to_fax(content: FaxContent, cover_address: str = "") -> Refusal:
+    """The refusal of a mail without documents; ``cover_address`` (e.g.
+    ``030123456+cover@fax.local``) is where its text would have been faxed as a cover page."""
+    hint = []
+    if cover_address:
+        hint = [f"To fax the mail's text itself, send it to <{cover_address}>."]
     return Refusal(554, "5.6.0", " ".join(["This mail has no document to fax.", EXPECTED,
                                             *hint, *content.mail.skipped]))
 
@@ -149,4 +154,7 @@ def _convert(attachment: Attachment, setup: PageSetup) -> FaxDocument:
         sentence = str(error)
         if attachment.in_forwarded:
             sentence = f"{sentence.rstrip('.')} (inside the forwarded message)."
-        raise Refusal(554, error.status, sentence) from None
+        # A converter that timed out or is busy is temporary (451: the MTA tries again);
+        # anything else about the file stays the same however often it is sent (554).
+        code = 451 if error.status.startswith("4") else 554
+        raise Refusal(code, error.status, sentence) from None

@@ -60,6 +60,10 @@ def quota_sentence(over: QuotaExceeded) -> str:
     return sentence
 
 
+class StoreUnavailable(Exception):
+    """The store could not take the jobs (database down, locked, its disk full): temporary."""
+
+
 @dataclass(frozen=True)
 class Accepted:
     mail_id: str
@@ -278,7 +282,7 @@ class Intake:
                        if needs_worker(mail) else convert_documents(mail, setup))
         content = await self._with_cover(content, addresses, envelope_from)
         if not content.documents:
-            raise nothing_to_fax(content)
+            raise nothing_to_fax(content, self._cover_address(recipients, addresses, content))
         if user is not None:
             self._check_from_header(content.mail.from_address, user)
         return await self.store_jobs(envelope_from, addresses, content, client, account,
@@ -309,7 +313,8 @@ class Intake:
             cover = await asyncio.to_thread(render_cover, info, self.settings.notify.language,
                                             self.settings.templates_dir or TEMPLATES_DIR)
         except CoverUnavailable as error:
-            raise Refusal(451, "4.3.0", f"The cover page cannot be made here ({error}).") \
+            raise Refusal(451, "4.3.0", f"The cover page cannot be made here ({error}); this is "
+                          "temporary until the server is fixed, please try again later.") \
                 from None
         return FaxContent(mail=content.mail, documents=[cover, *content.documents])
 
@@ -320,6 +325,19 @@ class Intake:
         if when.tzinfo is None:  # "-0000": the sender's zone is unknown, the time is UTC
             when = when.replace(tzinfo=UTC)
         return when.astimezone(ZoneInfo(self.settings.notify.timezone))
+
+    @staticmethod
+    def _cover_address(recipients: Sequence[str], addresses: Sequence[FaxAddress],
+                       content: FaxContent) -> str:
+        """Where this mail's text would be faxed as a cover page (``<number>+cover@domain``),
+        or "" when it has no text for one."""
+        if not recipients or not cover_text(content.mail.text):
+            return ""
+        local, domain = split_address(recipients[0])
+        tag = addresses[0].tag
+        if tag and local.lower().endswith(f"+{tag}"):
+            local = local[:-len(tag) - 1]
+        return f"{local}+cover@{domain}"
 
     def _check_from_header(self, from_address: str, user: str) -> None:
         settings = self.settings.users[user]
@@ -365,6 +383,8 @@ class Intake:
             await self.store.add_mail_jobs(mail, jobs, documents, quotas)
         except QuotaExceeded as over:
             raise Refusal(452, "4.7.1", quota_sentence(over)) from None
+        except Exception as error:
+            raise StoreUnavailable(f"{type(error).__name__}: {error}") from error
         self.on_stored()
         if self.metrics is not None:
             self.metrics.mails_accepted.inc()

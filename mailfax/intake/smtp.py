@@ -6,12 +6,14 @@ The aiosmtpd protocol machine runs on mailfax's own event loop (no Controller th
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import functools
 import logging
 import secrets
 import ssl
 import weakref
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +22,7 @@ from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
 from mailfax.config import ListenAddress, SmtpSettings, UserSettings
 from mailfax.intake.assemble import Refusal
-from mailfax.intake.service import Intake
+from mailfax.intake.service import Intake, StoreUnavailable
 from mailfax.trust.auth import LoginThrottle, hash_password, verify_password
 
 log = logging.getLogger(__name__)
@@ -97,7 +99,7 @@ class FaxHandler:
         reply = "250 2.0.0 OK"
         replies: dict[str, str] = {}
         if faxes:
-            reply, replies = await self._store_faxes(session, envelope, faxes, raw)
+            reply, replies = await self._store_faxes(server, session, envelope, faxes, raw)
         if to_postmaster and (per_recipient or reply.startswith("2")):
             forwarded = await self._forward(envelope, to_postmaster, raw)
             replies.update(dict.fromkeys(to_postmaster, forwarded))
@@ -108,8 +110,8 @@ class FaxHandler:
         # LMTP (RFC 2033): one reply per accepted recipient, in RCPT order.
         return "\r\n".join(replies[address] for address in recipients)
 
-    async def _store_faxes(self, session: Session, envelope: Envelope, faxes: list[str],
-                           raw: bytes) -> tuple[str, dict[str, str]]:
+    async def _store_faxes(self, server: SMTP, session: Session, envelope: Envelope,
+                           faxes: list[str], raw: bytes) -> tuple[str, dict[str, str]]:
         """The SMTP reply for the fax recipients, and the LMTP reply of each."""
         sender = envelope.mail_from or ""
         try:
@@ -117,15 +119,28 @@ class FaxHandler:
             raw, user = await self.intake.authorize(sender, faxes, raw, _user(session))
             if user is None and envelope in self._deferred:
                 raise self._deferred[envelope]
-            accepted = await self.intake.accept_mail(sender, faxes, raw,
-                                                     _client_ip(session) or "", user)
-        except Refusal as refusal:
+            with _not_idle(server):
+                accepted = await self.intake.accept_mail(sender, faxes, raw,
+                                                         _client_ip(session) or "", user)
+        except Refusal as refusal:  # 5xx: permanent, says what to do; 4xx: temporary
             self.intake.count_refusal(refusal)
             log.info("refused mail from <%s>: %s", sender, refusal.sentence)
             return refusal.reply(), dict.fromkeys(faxes, refusal.reply())
+        except StoreUnavailable as error:
+            log.warning("could not store mail from <%s>: %s", sender, error)
+            reply = ("451 4.3.0 Temporary failure: the fax queue is unavailable right now; "
+                     "please try again later")
+            return reply, dict.fromkeys(faxes, reply)
+        except OSError as error:
+            if error.errno in (errno.ENOSPC, errno.EDQUOT):
+                log.error("no room to take the mail from <%s>: %s", sender, error)
+                reply = ("452 4.3.1 Temporary failure: the server's disk is full; please try "
+                         "again later")
+            else:
+                reply = _unexpected_reply(envelope)
+            return reply, dict.fromkeys(faxes, reply)
         except Exception:
-            log.exception("could not store mail from <%s>", sender)
-            reply = "451 4.3.0 Temporary failure storing the fax job; please try again later"
+            reply = _unexpected_reply(envelope)
             return reply, dict.fromkeys(faxes, reply)
         replies = {}
         for address in faxes:
@@ -142,6 +157,30 @@ class FaxHandler:
             log.exception("could not forward mail to the postmaster")
             return "451 4.3.0 Temporary failure forwarding to the postmaster; try again later"
         return "250 2.0.0 forwarded to the postmaster"
+
+@contextlib.contextmanager
+def _not_idle(server: SMTP) -> Iterator[None]:
+    """While mailfax works on a received mail (LibreOffice may take a minute a document) the
+    client waits for the answer: it is not idle, so the idle timeout is paused, and starts
+    afresh once the answer is ready."""
+    handle: asyncio.TimerHandle | None = getattr(server, "_timeout_handle", None)
+    if handle is not None:
+        handle.cancel()
+    try:
+        yield
+    finally:
+        transport = server.transport
+        if handle is not None and transport is not None and not transport.is_closing():
+            server._reset_timeout()
+
+
+def _unexpected_reply(envelope: Envelope) -> str:
+    """A bug or an unforeseen condition: logged with its traceback, answered as temporary
+    (4xx) so that no mail is lost while it is looked into."""
+    log.exception("unexpected error taking the mail from <%s>", envelope.mail_from)
+    return ("451 4.3.0 Temporary failure: an unexpected error on the server (it is logged); "
+            "please try again later")
+
 
 
 def _user(session: Session) -> str | None:
