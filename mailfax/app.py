@@ -18,23 +18,26 @@ import logging
 import os
 import secrets
 import socket
+import ssl
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
+from datetime import timedelta
 from pathlib import Path
-from typing import Protocol, cast, runtime_checkable
+from typing import Any, Protocol, cast, runtime_checkable
 
 from aiohttp import web
 
-from mailfax.config import ConfigError, ListenAddress, Settings
+from mailfax.config import ConfigError, ListenAddress, Settings, check_secrets
 from mailfax.documents import office
 from mailfax.imap.delivery import ImapDeliverySink
 from mailfax.imap.intake import ImapIntake
 from mailfax.inbound.mailer import InboundMailer
 from mailfax.inbound.poller import InboundPoller
 from mailfax.intake.service import Intake
-from mailfax.intake.smtp import start_listeners
+from mailfax.intake.smtp import start_listeners, tls_context
+from mailfax.outbound.accounts import AccountHealth
 from mailfax.outbound.dispatch import Dispatcher
-from mailfax.outbound.notify import TEMPLATES_DIR, Notifier, Renderer
+from mailfax.outbound.notify import TEMPLATES_DIR, AdminAlerts, Notifier, Renderer
 from mailfax.outbound.outbox import MaildirSink, MailSink, OutboxSender, RelaySink
 from mailfax.outbound.tracking import Tracker
 from mailfax.providers import provider_module
@@ -42,6 +45,7 @@ from mailfax.providers.base import Provider, ProviderContext, StatusReport
 from mailfax.store import open_store
 from mailfax.store.base import Store
 from mailfax.trust.policy import exposure_problem
+from mailfax.trust.policy_service import PolicyDecider, PolicyService
 from mailfax.web.metrics import InstrumentedProvider, Metrics
 from mailfax.web.server import build_web_app, start_web
 
@@ -61,6 +65,57 @@ def load_secret_key(data_dir: Path) -> bytes:
         with os.fdopen(fd, "w") as handle:
             handle.write(key.hex())
         return key
+
+
+def preflight(settings: Settings) -> None:
+    """Every check ``serve`` makes before it starts (``check-config`` makes the same ones):
+    ConfigError("refusing to start: …") naming what is wrong."""
+    problem = startup_problem(settings)
+    if problem:
+        raise ConfigError(f"refusing to start: {problem}")
+
+
+def startup_problem(settings: Settings) -> str | None:
+    smtp = settings.smtp
+    try:
+        check_secrets(settings)
+    except ConfigError as error:
+        return str(error)
+    problem = exposure_problem(
+        [ListenAddress(listen).host for listen in
+         (*smtp.listen, *smtp.lmtp_listen, *smtp.implicit_tls_listen)],
+        settings.senders, any(user.password_hash for user in settings.users.values()),
+        smtp.tls_cert is not None)
+    if problem:
+        return problem
+    senders = settings.senders
+    if settings.imap_intake is not None and not (
+            senders.allowed_addresses or senders.allowed_domains
+            or settings.imap_intake.allow_any_sender):
+        return ("imap_intake: anyone who can mail the watched mailbox could send faxes; set "
+                "senders.allowed_addresses or senders.allowed_domains (or, knowingly, "
+                "imap_intake.allow_any_sender = true)")
+    problem = _folder_problem("data_dir", settings.data_dir)
+    if problem:
+        return problem
+    try:
+        tls_context(smtp)
+    except (OSError, ssl.SSLError) as error:
+        return (f"smtp.tls_cert/tls_key ({smtp.tls_cert}, {smtp.tls_key}) cannot be used: "
+                f"{error.strerror or error}")
+    return None
+
+
+def _folder_problem(name: str, folder: Path) -> str | None:
+    """Why ``folder`` could not be created or written by this user, or None."""
+    existing = folder.absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{name} {folder} cannot be made: {existing} is not a folder"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{name} {folder}: {existing} is not writable for this user"
+    return None
 
 
 def inbound_mailer(settings: Settings) -> InboundMailer:
@@ -87,19 +142,14 @@ class Application:
         self.metrics = Metrics()
         self.providers: dict[str, Provider] = {}
         self.smtp_servers: list[asyncio.Server] = []
+        self.policy_service: PolicyService | None = None
         self.web_runner: web.AppRunner | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._announcing: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
         settings = self.settings
-        smtp = settings.smtp
-        problem = exposure_problem(
-            [ListenAddress(listen).host for listen in
-             (*smtp.listen, *smtp.lmtp_listen, *smtp.implicit_tls_listen)],
-            settings.senders, bool(settings.users), smtp.tls_cert is not None)
-        if problem:
-            raise ConfigError(f"refusing to start: {problem}")
+        await asyncio.to_thread(preflight, settings)  # reads secret files, TLS keys
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         documents = settings.documents
         office.configure(office.OfficeLimits(
@@ -128,20 +178,26 @@ class Application:
                                  mails_per_hour=settings.quotas.status_mails_per_hour,
                                  fax_domain=settings.fax_domains[0],
                                  hostname=settings.smtp.hostname, owner=self.instance)
+        self.accounts = self._account_health(renderer)
         self.tracker = Tracker(self.store, self.providers, settings.dispatch.status_poll_seconds,
-                               on_change=self.notifier.wake)
+                               on_change=self.notifier.wake, accounts=self.accounts,
+                               **self._deadlines())
         if isinstance(self.store, AnnouncingStore):
             self.store.on_announced = self.tracker.wake  # ignored where it does not run
         self.dispatcher = Dispatcher(self.store, self.providers, settings.dispatch,
                                      owner=self.instance,
-                                     on_submitted=self._after_dispatch)
+                                     on_submitted=self._after_dispatch,
+                                     accounts=self.accounts)
+        self.accounts.on_resumed = lambda account: self.dispatcher.wake()
         self.intake = Intake(settings, self.store, on_stored=self._after_intake,
-                             metrics=self.metrics)
+                             metrics=self.metrics, secret_key=secret_key)
+        self.intake.wake_outbox = self.outbox.wake
 
         loops: list[tuple[str, Callable[[], Awaitable[None]]]] = [
             ("dispatcher", self.dispatcher.run),
             ("tracker", self._singleton("tracker", self.tracker.run)),
-            ("notifier", self.notifier.run), ("outbox", self.outbox.run)]
+            ("notifier", self.notifier.run), ("outbox", self.outbox.run),
+            ("account probes", lambda: self.accounts.run(self.providers))]
         self.inbound_pollers = {
             name: InboundPoller(name, provider, self.store, settings.inbound,
                                 inbound_mailer(settings), settings.numbers.default_country,
@@ -159,10 +215,66 @@ class Application:
         if settings.web.listen:
             address = ListenAddress(settings.web.listen)
             self.web_runner = await start_web(
-                build_web_app(self.providers, self.store, self.metrics), address.host,
-                address.port)
+                build_web_app(self.providers, self.store, self.metrics, self.warnings),
+                address.host, address.port)
+        if settings.policy_service.listen:
+            address = ListenAddress(settings.policy_service.listen)
+            self.policy_service = PolicyService(PolicyDecider(self.intake, secret_key))
+            await self.policy_service.start(address.host, address.port)
+        self._prepare_providers()
         self.smtp_servers = await start_listeners(self.intake, settings.smtp, settings.users)
         self._log_startup()
+
+    def _account_health(self, renderer: Renderer) -> AccountHealth:
+        """Paused accounts: the admin alert goes through the outbox, like status mails."""
+        settings = self.settings
+        alerts = AdminAlerts(self.store, renderer, settings.notify,
+                             settings.notify.admin_address or settings.inbound.postmaster,
+                             on_queued=self.outbox.wake)
+        for name in settings.accounts:  # 0 from the start, so dashboards see every account
+            self.metrics.account_paused.labels(name).set(0)
+        return AccountHealth(settings.dispatch.account_probe_seconds,
+                             on_paused=alerts.account_paused, metrics=self.metrics)
+
+    def _deadlines(self) -> dict[str, Any]:
+        """The tracker's deadlines: per account, else dispatch.max_tracking_hours."""
+        dispatch = self.settings.dispatch
+        expired = self.metrics.jobs_expired
+        return {"deadlines": {name: timedelta(hours=account.max_tracking_hours)
+                              for name, account in self.settings.accounts.items()
+                              if account.max_tracking_hours is not None},
+                "default_deadline": timedelta(hours=dispatch.max_tracking_hours),
+                "lifetime": dispatch.max_age,
+                "on_deadline": lambda account: expired.labels(account,
+                                                              "tracking_deadline").inc()}
+
+    def warnings(self) -> list[str]:
+        """What /readyz reports below "ready": paused accounts, reconstructed WSDLs."""
+        found = self.accounts.describe()
+        for provider in self.providers.values():
+            found += provider.warnings()
+        return found
+
+    def _prepare_providers(self) -> None:
+        """Let providers load what they need (FAX.de: its WSDL) in the background, and warn
+        at once about what they found."""
+        for name, provider in self.providers.items():
+            prepare = getattr(provider, "prepare", None)
+            if callable(prepare):
+                task = asyncio.create_task(self._prepare(name, provider, prepare))
+                self._announcing.add(task)
+                task.add_done_callback(self._announcing.discard)
+
+    @staticmethod
+    async def _prepare(name: str, provider: Provider,
+                       prepare: Callable[[], Awaitable[None]]) -> None:
+        try:
+            await prepare()
+        except Exception as error:  # the first call tries again
+            log.warning("account %s: preparing failed: %s", name, error)
+            return
+        for warning in provider.warnings():
+            log.warning("%s", warning)
 
     def _single_instance(self) -> bool:
         return self.settings.store_url.startswith("sqlite:")
@@ -200,7 +312,9 @@ class Application:
         return ProviderContext(
             account=account, data_dir=self.settings.data_dir, push_base_url=self._push_base(
                 account), secret_key=secret_key, wake_tracker=self._wake_tracker,
-            report_status=self._report_status)
+            report_status=self._report_status, emulator_network=self.store,
+            get_job=self.store.get_job,
+            allow_plain_http=self.settings.accounts[account].allow_plain_http)
 
     def _push_base(self, account: str) -> str | None:
         web_settings = self.settings.web
@@ -230,6 +344,8 @@ class Application:
         settings = self.settings
         listening = ", ".join(_bound(server) for server in self.smtp_servers)
         log.info("mailfax %s listening for mail on %s", self.instance, listening)
+        if self.policy_service is not None and self.policy_service.server is not None:
+            log.info("Postfix policy service on %s", _bound(self.policy_service.server))
         log.info("fax domains: %s; default country %s", ", ".join(settings.fax_domains),
                  settings.numbers.default_country)
         log.info("data in %s (store %s)", settings.data_dir.resolve(),
@@ -245,11 +361,20 @@ class Application:
             log.info("outgoing mail via %s", self.outbox.sink.describe())
         if self.imap_intake is not None:
             log.info("IMAP intake from %s", self.imap_intake.describe())
-        for name in self.inbound_pollers:
-            log.info("polling account %s for received faxes every %.0f s", name,
-                     settings.inbound.poll_seconds)
+        for name, poller in self.inbound_pollers.items():
+            log.info("polling account %s for received faxes every %g s", name,
+                     poller.poll_interval)
+            if not settings.inbound.routes and not settings.inbound.default_route:
+                log.info("received faxes are mailed to %s (inbound.postmaster; no routes)",
+                         settings.inbound.postmaster)
+            folder = getattr(self.providers[name], "inbox_folder", None)
+            if isinstance(folder, Path):
+                log.info("account %s receives the faxes put into %s (or: mailfax emulate "
+                         "receive FILE --to NUMBER)", name, folder.resolve())
 
     async def stop(self) -> None:
+        if self.policy_service is not None:
+            self.policy_service.close()
         for server in self.smtp_servers:
             server.close()
         for server in self.smtp_servers:

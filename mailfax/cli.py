@@ -8,20 +8,35 @@ import contextlib
 import json
 import logging
 import os
+import re
 import signal
 import sys
+from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 from mailfax import __version__, logs
-from mailfax.config import ConfigError, ListenAddress, Settings, load_settings
+from mailfax.config import ConfigError, ListenAddress, Settings, config_path, load_settings
 from mailfax.model import FINAL_STATES, JobState
 from mailfax.outbound.notify import format_duration
 from mailfax.providers.base import ProviderContext, ProviderRef
 from mailfax.store import open_store
-from mailfax.store.base import Store, Transition
+from mailfax.store.base import Handoff, InboundRecord, Job, Store, Transition
 
 log = logging.getLogger("mailfax")
+
+
+EXIT_CODES = """\
+exit codes:
+  0    done
+  1    the command could not do what was asked (no such job, already sent, no database, ...)
+  2    bad usage or a config file that cannot be used
+  130  interrupted (Ctrl-C)
+  141  the output pipe was closed early (e.g. mailfax jobs | head)"""
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_CLOSED_PIPE = 0, 1, 2, 130, 141
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -30,80 +45,160 @@ def main(argv: Sequence[str] | None = None) -> int:
     logs.configure(args.verbose, args.log_json or os.environ.get("MAILFAX_LOG") == "json")
     if args.command is None:
         parser.print_help()
-        return 2
+        return EXIT_USAGE
     try:
         result: int = args.handler(args)
+        sys.stdout.flush()  # a closed pipe shows here, not at exit as a traceback
         return result
     except ConfigError as error:
         print(f"mailfax: {error}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        return _closed_pipe()
+
+
+def _closed_pipe() -> int:
+    """The reader went away (``mailfax jobs | head -3``): stop quietly, as Unix tools do.
+    stdout is pointed at /dev/null so Python's final flush finds nothing to complain about."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return EXIT_CLOSED_PIPE
+
+
+def _global_options(parser: argparse.ArgumentParser, *, top: bool) -> None:
+    """-c, -v and --log-json, on the main parser and on every command, so they may come
+    before or after the command (``mailfax -c x.toml jobs`` = ``mailfax jobs -c x.toml``).
+    On the commands they default to "not given", so they never undo the main parser's."""
+    default: dict[str, Any] = {} if top else {"default": argparse.SUPPRESS}
+    parser.add_argument("-c", "--config", type=Path, **default,
+                        help="config file (TOML); default: $MAILFAX_CONFIG, else built-in "
+                             "defaults (data in ./mailfax-data)")
+    parser.add_argument("-v", "--verbose", action="store_true", **default,
+                        help="log debug messages")
+    parser.add_argument("--log-json", action="store_true", **default,
+                        help="log JSON lines (also: MAILFAX_LOG=json)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mailfax", description="E-mail to fax bridge.")
+    parser = argparse.ArgumentParser(
+        prog="mailfax", description="E-mail to fax bridge.", epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"mailfax {__version__}")
-    parser.add_argument("-c", "--config", type=Path,
-                        help="config file (TOML); default: $MAILFAX_CONFIG, else built-in "
-                             "defaults")
-    parser.add_argument("-v", "--verbose", action="store_true")
-    parser.add_argument("--log-json", action="store_true",
-                        help="log JSON lines (also: MAILFAX_LOG=json)")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _global_options(parser, top=True)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
 
-    serve = commands.add_parser("serve", help="run the bridge")
-    serve.set_defaults(handler=cmd_serve)
+    def command(name: str, summary: str, handler: Callable[[argparse.Namespace], int],
+                description: str = "") -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=summary, description=description or summary,
+                                  epilog=EXIT_CODES,
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+        _global_options(sub, top=False)
+        sub.set_defaults(handler=handler)
+        return sub
 
-    jobs = commands.add_parser("jobs", help="list jobs and their states")
+    serve = command("serve", "run the bridge: SMTP intake, faxing, status mails",
+                    cmd_serve)
+    serve.add_argument("--listen", action="append", metavar="HOST:PORT",
+                       help="SMTP listener instead of smtp.listen (repeatable)")
+
+    jobs = command("jobs", "list jobs: state, tries, reason; a summary line",
+                   cmd_jobs)
     jobs.add_argument("--json", action="store_true", help="one JSON array of job objects")
-    jobs.add_argument("--state", choices=[s.value for s in JobState])
-    jobs.add_argument("--limit", type=int, default=1000)
-    jobs.set_defaults(handler=cmd_jobs)
+    jobs.add_argument("--state", type=_states, metavar="STATE[,STATE]",
+                      help=f"only these states ({', '.join(s.value for s in JobState)})")
+    jobs.add_argument("--since", type=_since, metavar="WHEN",
+                      help="only jobs created since WHEN: 30m, 2h, 1d, 1w or an ISO date/time")
+    jobs.add_argument("--limit", type=int, default=1000, help="at most this many, newest first")
 
-    show = commands.add_parser("show", help="the history of one job")
-    show.add_argument("job")
+    show = command("show", "one job and its history", cmd_show)
+    show.add_argument("job", metavar="JOB")
     show.add_argument("--json", action="store_true")
-    show.set_defaults(handler=cmd_show)
 
-    cancel = commands.add_parser("cancel", help="cancel a job that has not been sent")
-    cancel.add_argument("job")
-    cancel.set_defaults(handler=cmd_cancel)
+    cancel = command("cancel", "cancel jobs that have not been sent (like faxrm)", cmd_cancel)
+    cancel.add_argument("jobs", nargs="+", metavar="JOB")
 
-    send = commands.add_parser("send", help="queue a fax without a mail")
+    send = command("send", "queue a fax without a mail", cmd_send)
     send.add_argument("--to", action="append", required=True, metavar="NUMBER")
     send.add_argument("--from", dest="sender", default="",
                       help="mail address for status mails (default: none)")
     send.add_argument("--subject", default="")
     send.add_argument("files", nargs="+", type=Path, metavar="FILE")
-    send.set_defaults(handler=cmd_send)
 
-    inbox = commands.add_parser("inbox", help="received faxes and their delivery state")
+    inbox = command("inbox", "received faxes: pages, and whether they were mailed",
+                    cmd_inbox)
     inbox.add_argument("--json", action="store_true")
     inbox.add_argument("--limit", type=int, default=100)
-    inbox.set_defaults(handler=cmd_inbox)
 
-    redeliver = commands.add_parser("redeliver", help="mail a received fax again")
+    redeliver = command("redeliver", "mail a received fax again", cmd_redeliver)
     redeliver.add_argument("fax_id", metavar="FAXID")
-    redeliver.set_defaults(handler=cmd_redeliver)
 
-    check = commands.add_parser("check-config", help="validate a config file")
+    check = command("check-config", "validate a config file; names the bad field",
+                    cmd_check_config)
     check.add_argument("file", nargs="?", type=Path)
-    check.set_defaults(handler=cmd_check_config)
 
-    migrate = commands.add_parser("migrate", help="create or upgrade the store's schema")
-    migrate.set_defaults(handler=cmd_migrate)
+    command("migrate", "create or upgrade the store's schema",
+            cmd_migrate)
 
-    passwd = commands.add_parser("passwd", help="make a password hash for [users.NAME]")
+    passwd = command("passwd", "print a password hash for [users.NAME]", cmd_passwd)
     passwd.add_argument("user")
-    passwd.set_defaults(handler=cmd_passwd)
 
-    emulate = commands.add_parser("emulate", help="run a provider emulator (for tests)")
-    emulate.add_argument("provider", help="fax.de, faxnummer.de or retarus")
-    emulate.add_argument("--listen", default="127.0.0.1:0")
+    command("check-account", "try an account's login with one harmless call",
+            cmd_check_account).add_argument("name", help="the NAME of [accounts.NAME]")
+
+    emulate = command("emulate", "run a provider emulator; receive: a fax arrives",
+                      cmd_emulate, description=EMULATE_DESCRIPTION)
+    emulate.add_argument("provider", metavar="PROVIDER",
+                         help="fax.de, faxnummer.de, retarus, or receive")
+    emulate.add_argument("file", nargs="?", type=Path, metavar="FILE",
+                         help="receive: the fax (TIFF as it is; PDF or image rendered in fine "
+                              "mode); none: a 2-page test fax")
+    emulate.add_argument("--listen", default="127.0.0.1:0", metavar="HOST:PORT")
     emulate.add_argument("--option", action="append", default=[], metavar="KEY=VALUE")
-    emulate.set_defaults(handler=cmd_emulate)
+    emulate.add_argument("--to", metavar="NUMBER", help="receive: the number called")
+    emulate.add_argument("--from", dest="caller", default="", metavar="NUMBER",
+                         help="receive: the caller's number")
+    emulate.add_argument("--remote-id", default="", help="receive: the caller's station id")
+    emulate.add_argument("--account", help="receive: the emulator account (default: the "
+                                           "default account, if it is an emulator)")
     return parser
+
+
+EMULATE_DESCRIPTION = """\
+mailfax emulate fax.de|faxnummer.de|retarus --listen HOST:PORT [--option KEY=VALUE]...
+  run that provider's emulator, a real HTTP server, until stopped.
+mailfax emulate receive [FILE] --to NUMBER [--from NUMBER]
+  a fax arrives at the bundled emulator account: FILE goes into its inbox folder
+  (<data_dir>/emulator/inbox), where a running `mailfax serve` picks it up within a second
+  and mails it (on the embedded defaults: to postmaster@localhost, in mailfax-data/outbox)."""
+
+
+def _states(value: str) -> set[JobState]:
+    try:
+        return {JobState(part.strip()) for part in value.split(",") if part.strip()}
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{value!r}: states are {', '.join(s.value for s in JobState)}") from None
+
+
+SINCE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def _since(value: str) -> datetime:
+    """``2h``, ``30m``, ``1d``, ``1w`` ago, or an ISO date or time (local time unless it
+    names its zone)."""
+    match = re.fullmatch(r"\s*(\d+)\s*([smhdw])\s*", value)
+    if match:
+        return datetime.now(UTC) - timedelta(
+            seconds=int(match.group(1)) * SINCE_UNITS[match.group(2)])
+    try:
+        when = datetime.fromisoformat(value.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{value!r}: give 30m, 2h, 1d, 1w or a date like 2026-11-30") from None
+    return when.astimezone(UTC)  # a naive time is taken as local time
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -116,6 +211,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from mailfax.app import serve
 
     settings = _settings(args)
+    if args.listen:
+        settings = _with_listeners(settings, args.listen)
     if args.config is None and not _config_from_env():
         log.info("no config file: running on embedded defaults")
 
@@ -128,6 +225,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     asyncio.run(run())
     return 0
+
+
+def _with_listeners(settings: Settings, listen: list[str]) -> Settings:
+    from pydantic import ValidationError
+
+    from mailfax.config import SmtpSettings, describe_validation_error
+
+    try:
+        smtp = SmtpSettings.model_validate(settings.smtp.model_dump() | {"listen": listen})
+    except ValidationError as error:
+        raise ConfigError(f"--listen: {describe_validation_error(error)}") from None
+    return settings.model_copy(update={"smtp": smtp})
 
 
 def _config_from_env() -> bool:
@@ -160,19 +269,42 @@ def _run_with_store(args: argparse.Namespace, action: StoreAction) -> int:
 
 def cmd_jobs(args: argparse.Namespace) -> int:
     async def action(store: Store) -> int:
+        states: set[JobState] = args.state or set()
         jobs = await store.list_jobs(limit=args.limit,
-                                     state=JobState(args.state) if args.state else None)
+                                     state=next(iter(states)) if len(states) == 1 else None)
+        limited = len(jobs) >= args.limit
+        jobs = [job for job in jobs if (not states or job.state in states)
+                and (args.since is None or job.created >= args.since)]
         if args.json:
             json.dump([job.as_json() for job in jobs], sys.stdout, indent=1)
             print()
-            return 0
-        print(f"{'JOB':<13} {'STATE':<10} {'NUMBER':<17} {'PAGES':>5} {'UPDATED':<20} SENDER")
+            return EXIT_OK
+        print(f"{'JOB':<13} {'STATE':<10} {'NUMBER':<16} {'PAGES':>5} {'TRIES':>5} "
+              f"{'UPDATED':<19} {'SENDER':<24} REASON")
         for job in jobs:
-            print(f"{job.id:<13} {job.state.value:<10} {job.number:<17} {job.pages:>5} "
-                  f"{job.updated:%Y-%m-%d %H:%M:%S}  {job.sender or '-'}")
-        return 0
+            print(job_line(job))
+        print(jobs_summary(jobs, limited))
+        return EXIT_OK
 
     return _run_with_store(args, action)
+
+
+def job_line(job: Job) -> str:
+    reason = job.reason.for_language("en") if job.reason else ""
+    return (f"{job.id:<13} {job.state.value:<10} {job.number:<16} {job.pages:>5} "
+            f"{job.attempts:>5} {job.updated.astimezone():%Y-%m-%d %H:%M:%S} "
+            f"{job.sender or '-':<24} {reason}").rstrip()
+
+
+def jobs_summary(jobs: Sequence[Job], limited: bool = False) -> str:
+    """``-- 3 jobs: 1 queued, 2 delivered``, as ``postqueue -p`` ends its listing."""
+    if not jobs:
+        return "-- no jobs"
+    counts = Counter(job.state for job in jobs)
+    states = ", ".join(f"{counts[state]} {state.value}" for state in JobState if counts[state])
+    shown = f"{len(jobs)} job{'s' if len(jobs) != 1 else ''}"
+    more = " (the newest; --limit shows more)" if limited else ""
+    return f"-- {shown}{more}: {states}"
 
 
 def cmd_show(args: argparse.Namespace) -> int:
@@ -209,34 +341,40 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
+    """Cancel each job named; exit 1 if any of them could not be cancelled."""
     settings = _settings(args)
 
     async def action(store: Store) -> int:
-        job = await store.get_job(args.job)
-        if job is None:
-            print(f"mailfax: no job {args.job}", file=sys.stderr)
-            return 1
-        if job.state in FINAL_STATES:
-            print(f"mailfax: job {job.id} is already {job.state.value}", file=sys.stderr)
-            return 1
-        from mailfax import reasons
-
-        cancelled = Transition(state=JobState.CANCELLED, reason=reasons.reason("cancelled"),
-                               detail="cancelled with mailfax cancel")
-        if job.provider_job_id is None:
-            await store.request_cancel(job.id)  # in case the dispatcher holds it right now
-            if await store.record(job.id, cancelled,
-                                  expected=(JobState.QUEUED, JobState.RETRYING)):
-                print(f"job {job.id} cancelled")
-                return 0
-            job = await store.get_job(job.id) or job
-        if job.provider_job_id is None:
-            print(f"job {job.id} is being sent right now; it will be cancelled at the provider")
-            return 0
-        return await _cancel_at_provider(settings, store, job.id, job.account,
-                                         job.provider_job_id, cancelled)
+        results = [await _cancel_one(settings, store, job_id) for job_id in args.jobs]
+        return EXIT_OK if all(result == EXIT_OK for result in results) else EXIT_FAILED
 
     return _run_with_store(args, action)
+
+
+async def _cancel_one(settings: Settings, store: Store, job_id: str) -> int:
+    job = await store.get_job(job_id)
+    if job is None:
+        print(f"mailfax: no job {job_id}", file=sys.stderr)
+        return EXIT_FAILED
+    if job.state in FINAL_STATES:
+        print(f"mailfax: job {job.id} is already {job.state.value}", file=sys.stderr)
+        return EXIT_FAILED
+    from mailfax import reasons
+
+    cancelled = Transition(state=JobState.CANCELLED, reason=reasons.reason("cancelled"),
+                           detail="cancelled with mailfax cancel")
+    if job.provider_job_id is None:
+        await store.request_cancel(job.id)  # in case the dispatcher holds it right now
+        if await store.record(job.id, cancelled,
+                              expected=(JobState.QUEUED, JobState.RETRYING)):
+            print(f"job {job.id} cancelled")
+            return EXIT_OK
+        job = await store.get_job(job.id) or job
+    if job.provider_job_id is None:
+        print(f"job {job.id} is being sent right now; it will be cancelled at the provider")
+        return EXIT_OK
+    return await _cancel_at_provider(settings, store, job.id, job.account,
+                                     job.provider_job_id, cancelled)
 
 
 async def _cancel_at_provider(settings: Settings, store: Store, job_id: str, account: str,
@@ -249,7 +387,8 @@ async def _cancel_at_provider(settings: Settings, store: Store, job_id: str, acc
         print(f"mailfax: account {account} is no longer configured", file=sys.stderr)
         return 1
     context = ProviderContext(account=account, data_dir=settings.data_dir,
-                              secret_key=load_secret_key(settings.data_dir))
+                              secret_key=load_secret_key(settings.data_dir),
+                              emulator_network=store)
     provider = provider_module(account_settings.provider).create(
         context, account_settings.provider_settings())
     try:
@@ -269,7 +408,7 @@ async def _cancel_at_provider(settings: Settings, store: Store, job_id: str, acc
 def cmd_send(args: argparse.Namespace) -> int:
     from mailfax.documents.pdf import DocumentError
     from mailfax.intake.assemble import convert_file
-    from mailfax.intake.service import Intake
+    from mailfax.intake.service import Intake, page_setup
     from mailfax.numbers import InvalidNumber, parse_fax_local_part
 
     settings = _settings(args)
@@ -287,7 +426,7 @@ def cmd_send(args: argparse.Namespace) -> int:
             print(f"mailfax: {path}: {error.strerror}", file=sys.stderr)
             return 1
         try:
-            documents.append(convert_file(path.name, "", data))
+            documents.append(convert_file(path.name, "", data, page_setup(settings, None)))
         except DocumentError as error:
             print(f"mailfax: {error}", file=sys.stderr)
             return 1
@@ -307,23 +446,40 @@ def cmd_send(args: argparse.Namespace) -> int:
 def cmd_inbox(args: argparse.Namespace) -> int:
     async def action(store: Store) -> int:
         faxes = await store.list_inbound(limit=args.limit)
+        rows = [(fax, inbox_state(fax, await store.inbound_handoff(fax.account, fax.fax_id)))
+                for fax in faxes]
         if args.json:
             json.dump([{"account": f.account, "fax_id": f.fax_id, "called": f.called_number,
                         "originator": f.originator, "remote_id": f.remote_id,
                         "pages": f.pages, "received": f.received_at.isoformat(),
-                        "state": f.state, "deliveries": f.deliveries} for f in faxes],
+                        "state": state,
+                        "at_provider": "deleted" if f.state == "deleted" else "kept",
+                        "deliveries": f.deliveries} for f, state in rows],
                       sys.stdout, indent=1)
             print()
-            return 0
-        print(f"{'FAX':<14} {'ACCOUNT':<10} {'RECEIVED':<17} {'FROM':<18} {'TO':<16} "
-              f"{'PAGES':>5} STATE")
-        for fax in faxes:
-            print(f"{fax.fax_id:<14} {fax.account:<10} {fax.received_at:%Y-%m-%d %H:%M} "
-                  f"{fax.originator[:18]:<18} {fax.called_number[:16]:<16} {fax.pages:>5} "
-                  f"{fax.state}")
-        return 0
+            return EXIT_OK
+        print(f"{'FAX':<16} {'ACCOUNT':<10} {'RECEIVED':<16} {'FROM':<18} {'TO':<16} "
+              f"{'PAGES':>5} {'MAILS':>5} STATE")
+        for fax, state in rows:
+            print(f"{fax.fax_id:<16} {fax.account:<10} "
+                  f"{fax.received_at.astimezone():%Y-%m-%d %H:%M} "
+                  f"{(fax.originator or '-')[:18]:<18} {fax.called_number[:16]:<16} "
+                  f"{fax.pages:>5} {fax.deliveries:>5} {state}")
+        print(f"-- {len(rows)} received fax{'es' if len(rows) != 1 else ''}"
+              + (": " + ", ".join(f"{n} {state}" for state, n in
+                                  Counter(state for _, state in rows).items()) if rows else ""))
+        return EXIT_OK
 
     return _run_with_store(args, action)
+
+
+def inbox_state(fax: InboundRecord, handoff: Handoff) -> str:
+    """Where a received fax's mail is: ``received`` (no mail yet), ``queued`` (in the outbox),
+    ``mailed`` (the relay took it or the Maildir has it), ``refused`` (the relay refused it
+    for good: fix the cause, then ``mailfax redeliver``)."""
+    if fax.state == "received" and fax.deliveries == 0:
+        return "received"
+    return {"waiting": "queued", "handed_off": "mailed", "failed": "refused"}[handoff]
 
 
 def cmd_redeliver(args: argparse.Namespace) -> int:
@@ -341,7 +497,8 @@ def cmd_redeliver(args: argparse.Namespace) -> int:
         for record in found:
             await queue_fax_mail(store, record, settings.inbound, mailer,
                                  settings.numbers.default_country)
-            print(f"fax {record.fax_id} ({record.account}) queued for delivery again")
+            print(f"fax {record.fax_id} ({record.account}) queued for delivery again; "
+                  f"a running mailfax serve sends it within 30 s (see mailfax inbox)")
         return 0
 
     return _run_with_store(args, action)
@@ -390,20 +547,47 @@ def cmd_passwd(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    path = args.file or args.config
+    """Load the config and make every check ``serve`` makes before it starts (same messages:
+    :func:`mailfax.app.preflight`), reading the secrets too."""
+    from mailfax.app import preflight
+
+    path = config_path(args.file or args.config)
     settings = load_settings(path)
+    preflight(settings)
     where = str(path) if path else "built-in defaults"
     print(f"{where}: OK ({len(settings.accounts)} account(s), fax domains "
-          f"{', '.join(settings.fax_domains)}, store {settings.store_url.split('://')[0]})")
+          f"{', '.join(settings.fax_domains)}, store {settings.store_url.split('://')[0]}, "
+          f"data in {settings.data_dir})")
     return 0
 
 
+def cmd_check_account(args: argparse.Namespace) -> int:
+    """Load the account's provider as serve would (FAX.de: its WSDL), make one harmless
+    authenticated call, print what was learnt; 1 when the account does not work."""
+    from mailfax.providers.check import check_account
+
+    result = asyncio.run(check_account(_settings(args), args.name))
+    print("\n".join(result.lines))
+    return 0 if result.ok else 1
+
+
 def cmd_emulate(args: argparse.Namespace) -> int:
+    if args.provider == "receive":
+        return cmd_emulate_receive(args)
+    if args.file or args.to or args.caller or args.remote_id or args.account:
+        print("mailfax: FILE, --to, --from, --remote-id and --account are for "
+              "mailfax emulate receive", file=sys.stderr)
+        return EXIT_USAGE
     from mailfax.emulators import emulator_module
 
     address = ListenAddress(args.listen)
     options = dict(option.split("=", 1) for option in args.option if "=" in option)
-    module = emulator_module(args.provider)
+    try:
+        module = emulator_module(args.provider)
+    except ValueError as error:
+        print(f"mailfax: {error}; or: mailfax emulate receive FILE --to NUMBER",
+              file=sys.stderr)
+        return EXIT_USAGE
 
     async def run() -> None:
         emulator = await module.start(address.host, address.port, options)
@@ -419,7 +603,41 @@ def cmd_emulate(args: argparse.Namespace) -> int:
 
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(run())
-    return 0
+    return EXIT_OK
+
+
+def cmd_emulate_receive(args: argparse.Namespace) -> int:
+    """A fax arrives at the bundled emulator: into its inbox folder, for ``serve`` to fetch."""
+    from mailfax.emulators.fax_image import FaxImageError, fax_image_of, sample_fax
+    from mailfax.numbers import InvalidNumber, parse_fax_local_part
+    from mailfax.providers import emulator
+
+    settings = _settings(args)
+    name = args.account or settings.default_account
+    account = settings.accounts.get(name)
+    if account is None or account.provider != "emulator":
+        print(f"mailfax: account {name} is not a bundled emulator account; name one with "
+              f"--account", file=sys.stderr)
+        return EXIT_USAGE
+    options = account.provider_settings()
+    assert isinstance(options, emulator.Settings)
+    called = options.fax_number
+    if args.to:
+        try:
+            called = parse_fax_local_part(args.to, settings.numbers.default_country).number
+        except InvalidNumber as error:
+            print(f"mailfax: --to {args.to}: {error.sentence}", file=sys.stderr)
+            return EXIT_USAGE
+    try:
+        image = fax_image_of(args.file) if args.file else sample_fax(called)
+    except FaxImageError as error:
+        print(f"mailfax: {error}", file=sys.stderr)
+        return EXIT_FAILED
+    folder = emulator.inbox_folder(settings.data_dir, options)
+    fax_id = emulator.drop_received(folder, image, called, args.caller, args.remote_id)
+    print(f"fax {fax_id} to {called} is in {folder}; a running mailfax serve mails it "
+          f"within seconds (see mailfax inbox)")
+    return EXIT_OK
 
 
 if __name__ == "__main__":

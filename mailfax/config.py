@@ -12,10 +12,12 @@ import logging
 import os
 import re
 import tomllib
+from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -33,16 +35,76 @@ CONFIG_ENV = "MAILFAX_CONFIG"
 log = logging.getLogger(__name__)
 
 
+class ConfigError(Exception):
+    """A config file that cannot be used; the message names the file and the bad field."""
+
+
+class SecretReference(SecretStr):
+    """A secret given as ``"env:NAME"`` or ``"file:/path"``, read when it is first used.
+
+    Loading a config reads no secret, so commands that only read the store (``mailfax jobs``)
+    work without the providers' passwords; ``serve`` and ``check-config`` read them all at
+    once first (:func:`check_secrets`). ``field`` (set at load) names the setting in errors.
+    """
+
+    def __init__(self, reference: str, field: str = "", base: Path | None = None):
+        super().__init__("")
+        self.reference = reference
+        self.field = field
+        self.base = base
+        self._value: str | None = None
+
+    def get_secret_value(self) -> str:
+        if self._value is None:
+            self._value = read_secret(self.reference, self.field or "a secret", self.base)
+        return self._value
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, SecretReference) and other.reference == self.reference
+
+    def __hash__(self) -> int:
+        return hash(self.reference)
+
+    def __len__(self) -> int:
+        return len(self.reference)
+
+    def _display(self) -> str:
+        return "**********"
+
+    def __repr__(self) -> str:
+        return f"SecretReference({self.reference!r})"  # where it is read from; not secret
+
+
+def read_secret(reference: str, field: str, base: Path | None = None) -> str:
+    """The value behind ``"env:NAME"`` (the variable) or ``"file:PATH"`` (the file's first
+    line; a relative PATH is relative to ``base``); ConfigError naming ``field`` if missing or
+    empty."""
+    kind, _, name = reference.partition(":")
+    if kind == "env":
+        value = os.environ.get(name)
+        if value is None:
+            raise ConfigError(f"{field}: environment variable {name} is not set")
+    else:
+        path = Path(name)
+        if base is not None and not path.is_absolute():
+            path = base / path
+        try:
+            value = next(iter(path.read_text(encoding="utf-8").splitlines()), "")
+        except OSError as error:
+            raise ConfigError(f"{field}: cannot read {path}: {error.strerror}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{field}: {path} is not UTF-8 text") from None
+        name = str(path)
+    if not value.strip():
+        raise ConfigError(f"{field}: {'environment variable ' if kind == 'env' else ''}"
+                          f"{name} is empty")
+    return value
+
+
 def _resolve_secret(value: Any) -> Any:
-    """``"env:NAME"`` reads the environment variable NAME, ``"file:/path"`` a file's first line."""
-    if isinstance(value, str):
-        if value.startswith("env:"):
-            name = value[4:]
-            if name not in os.environ:
-                raise ValueError(f"environment variable {name} is not set")
-            return os.environ[name]
-        if value.startswith("file:"):
-            return Path(value[5:]).read_text(encoding="utf-8").splitlines()[0]
+    """``"env:NAME"`` and ``"file:/path"`` become a :class:`SecretReference`, read later."""
+    if isinstance(value, str) and value.startswith(("env:", "file:")):
+        return SecretReference(value)
     return value
 
 
@@ -104,7 +166,8 @@ class SmtpSettings(Strict):
     # offered over TLS.
     tls_cert: Path | None = None
     tls_key: Path | None = None
-    # Failed logins per client address before it is refused for login_failure_window seconds.
+    # Failed logins per client address, and per user name, before it is refused for
+    # login_failure_window seconds.
     max_login_failures: int = Field(default=5, ge=1)
     login_failure_window: float = Field(default=300.0, gt=0)
 
@@ -120,8 +183,9 @@ class SmtpSettings(Strict):
 class UserSettings(Strict):
     """``[users.NAME]``: someone who may send faxes after SMTP AUTH (over TLS)."""
 
-    # "scrypt$…" as printed by `mailfax passwd NAME`; never the password itself.
-    password_hash: str
+    # "scrypt$…" as printed by `mailfax passwd NAME`; never the password itself. Without it
+    # the user cannot log in to mailfax itself, only be named by Postfix's policy requests.
+    password_hash: str | None = None
     # Sender addresses this user may use (MAIL FROM and From:); "@example.org" allows a domain.
     addresses: list[str] = Field(min_length=1)
     account: str | None = None  # provider account for this user's faxes; default_account if unset
@@ -132,10 +196,10 @@ class UserSettings(Strict):
 
     @field_validator("password_hash")
     @classmethod
-    def _hash(cls, value: str) -> str:
+    def _hash(cls, value: str | None) -> str | None:
         from mailfax.trust.auth import is_password_hash
 
-        if not is_password_hash(value):
+        if value is not None and not is_password_hash(value):
             raise ValueError("is not a password hash; create one with `mailfax passwd NAME`")
         return value
 
@@ -150,6 +214,34 @@ class UserSettings(Strict):
         return e164_prefixes(values)
 
 
+class PolicyServiceSettings(Strict):
+    """``[policy_service]``: Postfix in front asks mailfax at RCPT (check_policy_service), so
+    it refuses what mailfax would refuse and tells mailfax, in a signed header, which user
+    logged in (deploy/EXPOSURE.md)."""
+
+    listen: Listen | None = None  # e.g. "127.0.0.1:10040"; None: no policy service
+    # How old a signed X-Mailfax-Authorized header may be when the mail reaches mailfax (the
+    # time the mail waited in Postfix's queue). Older: refused, so Postfix bounces it to the
+    # user who sent it.
+    authorization_max_age: float = Field(default=86400.0, gt=0)
+    # Envelope senders of an MTA's recipient verification probes (Postfix:
+    # address_verify_sender): "" is the null sender, an entry without "@" is a local part in
+    # any domain. From a trusted network they get an answer at RCPT; mail from them is never
+    # faxed.
+    probe_senders: list[str] = Field(default_factory=lambda: ["", "double-bounce"])
+
+    @field_validator("listen")
+    @classmethod
+    def _loopback(cls, value: str | None) -> str | None:
+        if value is not None and not ipaddress.ip_address(
+                ListenAddress(value).host.strip("[]")).is_loopback:
+            raise ValueError("the policy service answers anyone who asks: listen on loopback")
+        return value
+
+
+Paper = Literal["A4", "Letter"]  # the sizes faxes are sent on (mailfax.documents.pdf.PAPERS)
+
+
 class DocumentSettings(Strict):
     """What a mail's parts become."""
 
@@ -161,6 +253,11 @@ class DocumentSettings(Strict):
     office: bool = True
     office_timeout_seconds: float = Field(default=60.0, gt=0)
     office_max_concurrent: int = Field(default=2, ge=1)
+    # The paper faxes are sent on, unless an account names its own (``paper`` there): images
+    # are put on it; PDF and office pages of other sizes are scaled onto it.
+    paper: Paper = "A4"
+    # true: also A4/Letter pages that are not the account's paper are scaled onto it.
+    fit_to_paper: bool = False
 
 
 class QuotaSettings(Strict):
@@ -201,27 +298,73 @@ class SenderPolicySettings(Strict):
 class NumberSettings(Strict):
     default_country: str = Field(default="DE", pattern=r"^[A-Z]{2}$")
 
+    @field_validator("default_country")
+    @classmethod
+    def _known_region(cls, value: str) -> str:
+        import phonenumbers
+
+        if value not in phonenumbers.SUPPORTED_REGIONS:
+            raise ValueError(f"{value!r} is not a country that has phone numbers (an ISO "
+                             "3166 code such as DE, AT, CH, FR, US)")
+        return value
+
 
 class DispatchSettings(Strict):
-    max_attempts: int = Field(default=6, ge=1)
+    # Transient errors (an outage) are retried for max_age_hours after the mail came in (as
+    # Postfix's maximal_queue_lifetime, 5 days); max_attempts, if set, also ends it earlier.
+    max_attempts: int | None = Field(default=None, ge=1)
+    max_age_hours: float = Field(default=120.0, gt=0)
+    # One "delayed" mail to the sender when a fax is still not sent after this long (as
+    # Postfix's delay_warning_time); 0: none.
+    delay_warning_hours: float = Field(default=4.0, ge=0)
     retry_initial_seconds: float = Field(default=30.0, gt=0)
     retry_max_seconds: float = Field(default=3600.0, gt=0)
     concurrency: int = Field(default=8, ge=1)
     status_poll_seconds: float = Field(default=20.0, gt=0)
+    # A job handed to a provider with no final status after this long (since its last change)
+    # is failed with a reason saying so; per account: [accounts.NAME] max_tracking_hours.
+    max_tracking_hours: float = Field(default=24.0, gt=0)
+    # An account refused as a whole (login, credit) is paused and probed this often.
+    account_probe_seconds: float = Field(default=300.0, gt=0)
+
+    @property
+    def max_age(self) -> timedelta:
+        return timedelta(hours=self.max_age_hours)
+
+    @property
+    def delay_warning(self) -> timedelta | None:
+        return timedelta(hours=self.delay_warning_hours) if self.delay_warning_hours else None
 
 
-NotifyEvent = Literal["accepted", "retrying", "delivered", "failed", "cancelled"]
+NotifyEvent = Literal["accepted", "retrying", "delayed", "delivered", "failed", "cancelled"]
+
+
+def _known_zone_name(value: str) -> str:
+    """An IANA time zone name that this machine's zone data (or tzdata) knows."""
+    from zoneinfo import ZoneInfo
+
+    ZoneInfo(value)
+    return value
+
+
+TimeZoneName = Annotated[str, AfterValidator(_known_zone_name)]
 
 
 class NotifySettings(Strict):
+    # "delayed": one mail when a fax is still not sent after dispatch.delay_warning_hours.
     events: list[NotifyEvent] = Field(
-        default_factory=lambda: list[NotifyEvent](["delivered", "failed", "cancelled"]))
+        default_factory=lambda: list[NotifyEvent](["delayed", "delivered", "failed",
+                                                   "cancelled"]))
+    # Alerts about accounts (login refused, no credit); None: inbound.postmaster.
+    admin_address: str | None = None
     from_address: str = "mailfax@localhost"
     from_name: str = "mailfax"
     language: Literal["en", "de"] = "en"
     # A failed fax as the status mail ("mail"), as an RFC 3464 bounce that mail clients show
     # as undeliverable ("dsn"), or both.
     failure_format: Literal["mail", "dsn", "both"] = "mail"
+    # Times in status mails and on the cover page (the fax and the mail are read locally).
+    timezone: TimeZoneName = "Europe/Berlin"
 
 
 class RelaySettings(Strict):
@@ -244,6 +387,14 @@ class WebSettings(Strict):
 
     listen: Listen | None = None  # e.g. "127.0.0.1:8025"; None: no HTTP endpoint
     public_url: str | None = None  # how providers reach it, e.g. "https://fax.example.com"
+
+    @field_validator("listen")
+    @classmethod
+    def _needs_port(cls, value: str | None) -> str | None:
+        if value is not None and not re.search(r"(^[^:]+|\])(:[0-9]+)$", value.strip()):
+            raise ValueError(f"{value!r} has no port; write host:port, e.g. "
+                             "\"127.0.0.1:8025\"")
+        return value
 
 
 class InboundSettings(Strict):
@@ -346,10 +497,16 @@ class AccountSettings(BaseModel):
 
     model_config = ConfigDict(extra="allow", frozen=True)
     provider: str
+    # Overrides dispatch.max_tracking_hours for this account's jobs.
+    max_tracking_hours: float | None = Field(default=None, gt=0)
+    # Credentials may go to http:// URLs of other machines (loopback is always allowed).
+    allow_plain_http: bool = False
+    paper: Paper | None = None  # this account's faxes on "A4" or "Letter"; None: [documents]
 
     @model_validator(mode="after")
     def _provider_settings(self) -> AccountSettings:
         validated = self.provider_settings()  # validates, raises with the bad field named
+        refuse_plain_http(validated, self.allow_plain_http)
         extra = self.__pydantic_extra__ or {}
         for key in list(extra):
             value = getattr(validated, key, None)
@@ -361,6 +518,19 @@ class AccountSettings(BaseModel):
         module = provider_module(self.provider)
         settings: BaseModel = module.Settings.model_validate(self.model_extra or {})
         return settings
+
+
+def refuse_plain_http(settings: BaseModel, allowed: bool) -> None:
+    """Raise ValueError when a provider URL setting is plain http to another machine."""
+    from mailfax.providers.base import plain_http_problem
+
+    for name, value in settings:
+        urls = list(value.values()) if isinstance(value, dict) else [value]
+        for url in urls:
+            if isinstance(url, str) and name.endswith(("url", "centres")):
+                problem = plain_http_problem(url, allowed)
+                if problem:
+                    raise ValueError(f"{name}: {problem}")
 
 
 class Settings(Strict):
@@ -387,6 +557,7 @@ class Settings(Strict):
     users: dict[str, UserSettings] = Field(default_factory=dict)
     quotas: QuotaSettings = QuotaSettings()
     documents: DocumentSettings = DocumentSettings()
+    policy_service: PolicyServiceSettings = PolicyServiceSettings()
 
     @field_validator("fax_domains")
     @classmethod
@@ -406,6 +577,18 @@ class Settings(Strict):
                                  f"accounts ({', '.join(sorted(self.accounts))})")
         return self
 
+    def paper_for(self, account: str | None) -> Paper:
+        """The paper an account's faxes are put on."""
+        settings = self.accounts.get(account or self.default_account)
+        return settings.paper if settings and settings.paper else self.documents.paper
+
+    @model_validator(mode="after")
+    def _name_secrets(self) -> Settings:
+        """Each ``env:``/``file:`` secret learns its field's name, for its error messages."""
+        for field, secret in secrets_of(self):
+            secret.field = secret.field or field
+        return self
+
     @property
     def store_url(self) -> str:
         return self.store.url or f"sqlite:///{self.data_dir / 'mailfax.sqlite3'}"
@@ -415,31 +598,111 @@ class Settings(Strict):
         return Path(self.outbox.maildir) if self.outbox.maildir else self.data_dir / "outbox"
 
 
-class ConfigError(Exception):
-    """A config file that cannot be used; the message names the file and the bad field."""
-
-
 def load_settings(path: Path | None = None) -> Settings:
-    """Read the config named by ``path`` or $MAILFAX_CONFIG; no file at all gives the defaults."""
-    if path is None and os.environ.get(CONFIG_ENV):
-        path = Path(os.environ[CONFIG_ENV])
+    """Read the config named by ``path`` or $MAILFAX_CONFIG; no file at all gives the defaults.
+
+    Relative paths in the settings (``data_dir``, ``outbox.maildir``, ``templates_dir``, TLS
+    files, a relative ``sqlite:///`` store, ``file:`` secrets) are made absolute here, once:
+    relative to the config file's folder, or to the current directory when there is no file.
+    Secrets are not read here (see :class:`SecretReference`).
+    """
+    path = config_path(path)
     if path is None:
-        return Settings()
+        return with_absolute_paths(Settings(), Path.cwd())
     try:
         text = path.read_text(encoding="utf-8")
         raw = tomllib.loads(text)
         warn_if_exposed(path, text)
     except OSError as error:
         raise ConfigError(f"{path}: cannot read: {error.strerror}") from error
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text") from None
     except tomllib.TOMLDecodeError as error:
         raise ConfigError(f"{path}: not valid TOML: {error}") from error
     try:
         settings = Settings.model_validate(raw)
     except ValidationError as error:
         raise ConfigError(f"{path}: {describe_validation_error(error)}") from None
-    if not settings.data_dir.is_absolute():
-        settings = settings.model_copy(update={"data_dir": path.parent / settings.data_dir})
-    return settings
+    return with_absolute_paths(settings, path.parent)
+
+
+def config_path(path: Path | None = None) -> Path | None:
+    """The config file in use: ``path``, else $MAILFAX_CONFIG, else none."""
+    if path is None and os.environ.get(CONFIG_ENV):
+        return Path(os.environ[CONFIG_ENV])
+    return path
+
+
+def _absolute(path: Path, base: Path) -> Path:
+    return Path(os.path.abspath(base / path.expanduser()))
+
+
+def with_absolute_paths(settings: Settings, base: Path) -> Settings:
+    """``settings`` with every relative path made absolute against ``base``, and every
+    :class:`SecretReference` told its field's name (for errors) and ``base`` (for ``file:``).
+    """
+    base = Path(os.path.abspath(base))
+    absolute = _absolute_fields(settings, base)
+    assert isinstance(absolute, Settings)
+    updates: dict[str, Any] = {}
+    if absolute.outbox.maildir:
+        maildir = str(_absolute(Path(absolute.outbox.maildir), base))
+        updates["outbox"] = absolute.outbox.model_copy(update={"maildir": maildir})
+    sqlite = absolute.store.url.removeprefix("sqlite:///")
+    if absolute.store.url.startswith("sqlite:///") and not sqlite.startswith("/"):
+        url = f"sqlite:///{_absolute(Path(sqlite), base)}"
+        updates["store"] = absolute.store.model_copy(update={"url": url})
+    if updates:
+        absolute = absolute.model_copy(update=updates)
+    for field, secret in secrets_of(absolute):
+        secret.field, secret.base = field, base
+    return absolute
+
+
+def _absolute_fields(model: BaseModel, base: Path) -> BaseModel:
+    """A copy of ``model`` (and the models in it) with relative Path values made absolute."""
+    updates: dict[str, Any] = {}
+    for name in type(model).model_fields:
+        value = getattr(model, name)
+        if isinstance(value, Path) and not value.is_absolute():
+            updates[name] = _absolute(value, base)
+        elif isinstance(value, BaseModel):
+            updates[name] = _absolute_fields(value, base)
+        elif isinstance(value, dict) and any(isinstance(v, BaseModel) for v in value.values()):
+            updates[name] = {key: _absolute_fields(v, base) if isinstance(v, BaseModel) else v
+                             for key, v in value.items()}
+    return model.model_copy(update=updates) if updates else model
+
+
+def secrets_of(model: BaseModel, where: str = "") -> list[tuple[str, SecretReference]]:
+    """Every ``env:``/``file:`` secret in ``model``, with its field's dotted name."""
+    found: list[tuple[str, SecretReference]] = []
+    values = {name: getattr(model, name) for name in type(model).model_fields}
+    values.update(model.__pydantic_extra__ or {})
+    for name, value in values.items():
+        field = f"{where}.{name}" if where else name
+        if isinstance(value, SecretReference):
+            found.append((field, value))
+        elif isinstance(value, BaseModel):
+            found += secrets_of(value, field)
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                if isinstance(item, BaseModel):
+                    found += secrets_of(item, f"{field}.{key}")
+    return found
+
+
+def check_secrets(settings: Settings) -> None:
+    """Read every ``env:``/``file:`` secret now; ConfigError naming each one that is missing
+    or empty (``serve`` and ``check-config`` call this before anything else)."""
+    problems = []
+    for _, secret in secrets_of(settings):
+        try:
+            secret.get_secret_value()
+        except ConfigError as error:
+            problems.append(str(error))
+    if problems:
+        raise ConfigError("; ".join(problems))
 
 
 LITERAL_SECRET = re.compile(r'^\s*(password|product_code|password_hash)\s*=\s*"(?!env:|file:)',

@@ -17,6 +17,7 @@ import contextlib
 import email
 import email.policy
 import imaplib
+import json
 import os
 import pwd
 import re
@@ -56,6 +57,7 @@ def require(*programs: str) -> dict[str, str]:
         path = which(program)
         if path is None:
             package = {"postfix": "postfix", "postconf": "postfix", "postmap": "postfix",
+                       "postqueue": "postfix",
                        "dovecot": "dovecot-imapd dovecot-lmtpd"}.get(program, program)
             pytest.skip(f"{program} not installed (Debian package {package}; .ci/run installs it)")
         found[program] = path
@@ -100,6 +102,7 @@ class Dovecot:
         self.users = users
         self.imap_port = free_port()
         self.lmtp_port = free_port()
+        self.auth_port = free_port()  # SASL for Postfix (smtpd_sasl_type = dovecot)
         self.config = root / "dovecot.conf"
         self.log = root / "dovecot.log"
         self.binary = require("dovecot")["dovecot"]
@@ -162,6 +165,12 @@ service lmtp {{
 service anvil {{
   chroot =
 }}
+service auth {{
+  inet_listener {{
+    address = 127.0.0.1
+    port = {self.auth_port}
+  }}
+}}
 protocol lmtp {{
   postmaster_address = postmaster@{MAIL_DOMAIN}
 }}
@@ -175,6 +184,7 @@ protocol lmtp {{
             raise RuntimeError(f"dovecot did not start: {output}{self.log_text()}")
         wait_for_port(self.imap_port, what="dovecot imap")
         wait_for_port(self.lmtp_port, what="dovecot lmtp")
+        wait_for_port(self.auth_port, what="dovecot auth")
 
     def stop(self) -> None:
         pid_file = self.root / "run" / "master.pid"
@@ -301,16 +311,18 @@ class Postfix:
     (deploy/postfix/master.cf), the fax domain to mailfax by the transport file given, and
     example.org delivered into Dovecot by LMTP."""
 
-    def __init__(self, root: Path, dovecot: Dovecot, transport: str, mailfax_port: int):
+    def __init__(self, root: Path, dovecot: Dovecot, transport: str, mailfax_port: int,
+                 policy_port: int):
         self.root = root
         self.dovecot = dovecot
         self.transport = transport  # "transport" (LMTP) or "transport.smtp"
         self.mailfax_port = mailfax_port
+        self.policy_port = policy_port  # mailfax's [policy_service] listen
         self.smtp_port = free_port()
         self.relay_port = free_port()
         self.config_dir = root / "etc"
         self.log = root / "postfix.log"
-        self.programs = require("postfix", "postmap")
+        self.programs = require("postfix", "postmap", "postqueue")
 
     def write_config(self) -> None:
         root, etc = self.root, self.config_dir
@@ -318,7 +330,8 @@ class Postfix:
             folder.mkdir()
         shutil.chown(root / "data", "postfix")
         deploy_main = (DEPLOY_POSTFIX / "main.cf").read_text().replace(
-            "/etc/postfix/", f"{etc}/")
+            "/etc/postfix/", f"{etc}/").replace("inet:127.0.0.1:10040",
+                                                f"inet:127.0.0.1:{self.policy_port}")
         (etc / "main.cf").write_text(f"""\
 # test instance: everything under {root}
 compatibility_level = 3.6
@@ -335,13 +348,19 @@ myorigin = $mydomain
 mydestination =
 inet_interfaces = 127.0.0.1
 inet_protocols = ipv4
-mynetworks = 127.0.0.0/8
+# Only 127.0.0.1 is "inside": the tests' outside clients connect from 127.0.0.2.
+mynetworks = 127.0.0.1/32
 relayhost =
 alias_maps =
 alias_database =
 smtputf8_enable = no
 biff = no
-smtpd_relay_restrictions = permit_mynetworks, reject_unauth_destination
+smtpd_relay_restrictions = permit_mynetworks, permit_sasl_authenticated,
+    reject_unauth_destination
+# users log in with their Dovecot passwords (SASL), as on a submission port
+smtpd_sasl_auth_enable = yes
+smtpd_sasl_type = dovecot
+smtpd_sasl_path = inet:127.0.0.1:{self.dovecot.auth_port}
 # example.org mailboxes live in Dovecot (LMTP)
 virtual_mailbox_domains = {MAIL_DOMAIN}
 virtual_mailbox_maps = static:OK
@@ -365,7 +384,11 @@ delay_warning_time = 0
         transport = transport.replace("127.0.0.1:2424", f"127.0.0.1:{self.mailfax_port}")
         transport = transport.replace("[127.0.0.1]:2525", f"[127.0.0.1]:{self.mailfax_port}")
         (etc / "transport").write_text(transport)
-        self._run(self.programs["postmap"], "-c", str(etc), f"hash:{etc}/transport")
+        for name in ("mailfax_domains", "sender_login"):  # used as they are
+            shutil.copyfile(DEPLOY_POSTFIX / name, etc / name)
+        for name in ("transport", "mailfax_domains", "sender_login"):
+            # no type: postmap uses default_database_type, as the main.cf's maps do
+            self._run(self.programs["postmap"], "-c", str(etc), f"{etc}/{name}")
 
     def _run(self, *argv: str) -> None:
         returncode, output = run_daemon(list(argv), self.root)
@@ -395,6 +418,12 @@ delay_warning_time = 0
     def log_text(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
 
+    def queue(self) -> list[dict[str, object]]:
+        """What waits in Postfix's queue (postqueue -j): deferred mail, bounces to send."""
+        output = subprocess.run([self.programs["postqueue"], "-c", str(self.config_dir), "-j"],
+                                capture_output=True, text=True, timeout=30, check=True).stdout
+        return [json.loads(line) for line in output.splitlines() if line.strip()]
+
     def deliveries(self) -> dict[str, str]:
         """Recipient → last delivery status (sent, bounced, deferred) from Postfix's log."""
         found: dict[str, str] = {}
@@ -418,8 +447,9 @@ delay_warning_time = 0
 
 
 @contextlib.contextmanager
-def running_postfix(dovecot: Dovecot, transport: str, mailfax_port: int) -> Iterator[Postfix]:
-    require("postfix", "postmap")
+def running_postfix(dovecot: Dovecot, transport: str, mailfax_port: int,
+                    policy_port: int) -> Iterator[Postfix]:
+    require("postfix", "postmap", "postqueue")
     if os.geteuid() != 0:
         pytest.skip("a private Postfix instance needs root to start (CI runs as root)")
     try:
@@ -427,7 +457,7 @@ def running_postfix(dovecot: Dovecot, transport: str, mailfax_port: int) -> Iter
     except KeyError:
         pytest.skip("no postfix system user (Debian package postfix)")
     root = make_root("mailfax-postfix-")
-    postfix = Postfix(root, dovecot, transport, mailfax_port)
+    postfix = Postfix(root, dovecot, transport, mailfax_port, policy_port)
     try:
         postfix.start()
         yield postfix

@@ -178,6 +178,28 @@ def test_hostile_files_are_not_convertible_quickly_and_within_memory(corpus: Pat
     assert "0x" not in str(raised.value)  # no object reprs in the note a person reads
 
 
+def test_a_g4_strip_cut_off_is_decoded_and_encoded_again_not_kept() -> None:
+    """Without its end-of-facsimile-block code a strip may be cut short: the PDF then holds
+    a G4 stream of what Pillow decoded (poppler reads it without a "wrong length" error)."""
+    out = io.BytesIO()
+    page = Image.new("1", (864, 400), 1)
+    page.paste(0, (100, 20, 700, 120))
+    page.save(out, format="TIFF", compression="group4", dpi=(204, 196))
+    data = bytearray(out.getvalue())
+    with Image.open(io.BytesIO(bytes(data))) as image:
+        start, length = image.tag_v2[273][0], image.tag_v2[279][0]  # type: ignore[attr-defined]
+    data[start + length - 6:start + length] = bytes(6)  # the last bytes lost
+    converted = tiff_to_pdf(bytes(data))
+    with pikepdf.open(io.BytesIO(converted.pdf)) as pdf:
+        image_object = next(iter(pdf.pages[0].Resources.XObject.values()))
+        kept = image_object.read_raw_bytes()
+        assert image_object.Filter == pikepdf.Name.CCITTFaxDecode
+    assert kept != bytes(data[start:start + length])
+    with Image.open(io.BytesIO(bytes(data))) as image:
+        decoded = image.convert("L")
+    assert decoded.getpixel((400, 70)) == 0  # the black block survived
+
+
 @needs_poppler
 def test_a_fine_mode_fax_in_msb_order_keeps_its_size_and_pixels(generated_corpus: Path,
                                                                  tmp_path: Path) -> None:

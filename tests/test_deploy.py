@@ -12,15 +12,23 @@ from __future__ import annotations
 import configparser
 import re
 import shlex
+import tomllib
 import typing
+from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Annotated, Any
 
 import pytest
 import yaml  # PyYAML is in the test extra: without it these tests must fail, not skip
-from pydantic import BaseModel
+from pydantic import BaseModel, TypeAdapter
 
-from mailfax.config import AccountSettings, ListenAddress, Settings, load_settings
+from mailfax.config import (
+    AccountSettings,
+    ListenAddress,
+    Settings,
+    load_settings,
+    with_absolute_paths,
+)
 from mailfax.providers import PROVIDER_MODULES, provider_module
 from mailfax.trust.policy import exposure_problem
 
@@ -63,12 +71,16 @@ def test_compose_config_keeps_no_secret(compose_settings: Any) -> None:
     assert ":" not in user_info  # the database password comes from PGPASSWORD
 
 
-def test_compose_config_needs_the_password(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_compose_config_needs_the_password_to_serve(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Loading reads no secret (``mailfax jobs`` needs none); what serve checks first does."""
+    from mailfax.app import preflight
     from mailfax.config import ConfigError
 
     monkeypatch.delenv("FAXDE_PASSWORD", raising=False)
-    with pytest.raises(ConfigError, match="FAXDE_PASSWORD"):
-        load_settings(COMPOSE_CONFIG)
+    settings = load_settings(COMPOSE_CONFIG)
+    with pytest.raises(ConfigError, match=r"accounts\.faxde\.password: environment variable "
+                                          r"FAXDE_PASSWORD is not set"):
+        preflight(settings)
 
 
 def test_compose_config_may_listen_in_a_container(compose_settings: Any) -> None:
@@ -258,10 +270,89 @@ def test_compose_mounts_the_checked_config() -> None:
 EXAMPLE = DEPLOY / "mailfax.example.toml"
 
 
-def test_example_config_loads(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_example_config_is_the_built_in_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Copying the example changes nothing: no relay, no sender restriction, no cover."""
     monkeypatch.delenv("MAILFAX_CONFIG", raising=False)
     settings = load_settings(EXAMPLE)
-    assert settings.accounts["emulator"].provider == "emulator"
+    defaults = with_absolute_paths(Settings(), EXAMPLE.parent)
+    assert differences(settings.model_dump(), defaults.model_dump()) == []
+    assert settings == defaults
+    assert settings.relay is None and settings.senders.allowed_domains == []
+
+
+def differences(found: Any, expected: Any, where: str = "") -> list[str]:
+    if isinstance(found, dict) and isinstance(expected, dict):
+        return [difference for key in sorted(set(found) | set(expected), key=str)
+                for difference in differences(found.get(key), expected.get(key),
+                                              f"{where}.{key}" if where else str(key))]
+    return [] if found == expected else [f"{where}: {found!r} (default {expected!r})"]
+
+
+EXAMPLE_LINE = re.compile(r"^# (example: )?([A-Za-z_]+) = (.*)$")
+
+
+def commented_settings(body: str) -> Iterator[tuple[bool, str, Any]]:
+    """(is an example, key, value) of the lines ``# key = value`` and ``# example: …``;
+    a value may go on over the following comment lines (a list)."""
+    lines = body.splitlines()
+    for index, line in enumerate(lines):
+        match = EXAMPLE_LINE.match(line)
+        if not match:
+            continue
+        text = f"value = {match.group(3)}"
+        following = iter(lines[index + 1:index + 8])
+        while True:
+            try:
+                value = tomllib.loads(text)["value"]
+                break
+            except tomllib.TOMLDecodeError:
+                more = next(following, None)
+                assert more is not None and more.startswith("#"), f"cannot read {line!r}"
+                text += "\n" + more.removeprefix("#")
+        yield bool(match.group(1)), match.group(2), value
+
+
+def model_of(section: str, sections: dict[str, str]) -> type[BaseModel]:
+    model: type[BaseModel] = Settings
+    parts = section.split(".") if section else []
+    index = 0
+    while index < len(parts):
+        annotation = model.model_fields[parts[index]].annotation
+        kind, sub = models_in(annotation)[0]
+        if sub is AccountSettings:
+            settings: type[BaseModel] = provider_module(provider_of(section, sections)).Settings
+            return settings
+        index += 2 if kind == "tables" else 1
+        model = sub
+    return model
+
+
+def test_example_config_comments_hold_defaults_or_say_example() -> None:
+    """A commented ``# key = value`` must be the default (to switch on, or as reference);
+    anything else is written ``# example: key = value``."""
+    sections = example_sections()
+    wrong = []
+    for section, body in sections.items():
+        model = model_of(section, sections)
+        for example, key, value in commented_settings(body):
+            where = f"{section}.{key}" if section else key
+            if key == "provider" and section.startswith("accounts."):
+                continue
+            assert key in model.model_fields, f"{where} is not a setting"
+            field = model.model_fields[key]
+            if example:
+                continue
+            if field.is_required():
+                wrong.append(f"{where} has no default: write it as '# example: {key} = …'")
+                continue
+            annotation: Any = field.annotation
+            if field.metadata:
+                annotation = Annotated[(annotation, *field.metadata)]
+            default = field.get_default(call_default_factory=True)
+            if TypeAdapter(annotation).validate_python(value) != default:
+                wrong.append(f"{where} = {value!r} is not the default {default!r}: mark it "
+                             "'# example:'")
+    assert wrong == []
 
 
 def example_sections() -> dict[str, str]:

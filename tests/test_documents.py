@@ -10,7 +10,17 @@ import pikepdf
 import pytest
 from PIL import Image
 
-from mailfax.documents.pdf import DocumentError, image_to_pdf, merge_pdfs, prepare_pdf
+from mailfax.documents.pdf import (
+    A4,
+    LETTER,
+    DocumentError,
+    PageSetup,
+    image_to_pdf,
+    merge_pdfs,
+    paper_of,
+    place_picture,
+    prepare_pdf,
+)
 from tests.fixtures import pdfs
 
 pytestmark = pytest.mark.every_corpus  # the real corpus, and the stand-in the tests make
@@ -87,17 +97,95 @@ def _page_size(document_data: bytes) -> tuple[float, float]:
     return box[2] - box[0], box[3] - box[1]
 
 
-def test_a_scan_keeps_its_physical_size() -> None:
+def _picture_box(document_data: bytes) -> tuple[float, float, float, float, float, float]:
+    """The ``cm`` matrix that places the picture on page 1."""
+    with pikepdf.open(io.BytesIO(document_data)) as pdf:
+        operators = pikepdf.parse_content_stream(pdf.pages[0])
+        matrix = next(operands for operands, operator in operators if str(operator) == "cm")
+        a, b, c, d, e, f = (float(value) for value in matrix)
+        return a, b, c, d, e, f
+
+
+MARGIN_PT = 5 / 25.4 * 72
+
+
+def test_a_full_page_scan_is_put_on_a4_inside_the_margins() -> None:
     document = image_to_pdf("scan.jpg", _jpeg((1240, 1754), (150, 150)))  # A4 at 150 dpi
     width, height = _page_size(document.data)
-    assert width == pytest.approx(595.2, abs=1) and height == pytest.approx(842, abs=1)
+    assert (width, height) == (pytest.approx(A4.width), pytest.approx(A4.height))
+    a, _, _, d, e, f = _picture_box(document.data)
+    assert a == pytest.approx(A4.width - 2 * MARGIN_PT, abs=0.1)  # shrunk to the margins
+    assert a / d == pytest.approx(1240 / 1754, rel=0.001)  # aspect kept
+    assert e == pytest.approx(MARGIN_PT, abs=0.1) and f == pytest.approx((A4.height - d) / 2)
 
 
-def test_a_photo_without_resolution_is_fitted_to_a4() -> None:
+def test_a_photo_without_resolution_is_turned_and_fills_portrait_a4() -> None:
     width, height = _page_size(image_to_pdf("photo.jpg", _jpeg((4000, 3000), None)).data)
-    assert width <= 842.9 and height <= 596.3  # a landscape photo on A4 landscape
-    assert width == pytest.approx(841.9, abs=1) or height == pytest.approx(595.3, abs=1)
-    assert width / height == pytest.approx(4 / 3, rel=0.01)
+    assert (width, height) == (pytest.approx(A4.width), pytest.approx(A4.height))
+    a, b, c, d, _, _ = _picture_box(image_to_pdf("photo.jpg", _jpeg((4000, 3000), None)).data)
+    assert a == d == 0  # turned a quarter
+    assert -c == pytest.approx(A4.width - 2 * MARGIN_PT, abs=0.1)  # its height across the page
+    assert b == pytest.approx(-c * 4 / 3, rel=0.001)
+
+
+@pytest.mark.parametrize(("pixels", "dpi", "printed", "turned"), [
+    ((600, 300), (300, 300), (144, 72), False),  # its own size: 2×1 inch
+    ((600, 300), None, (432, 216), False),  # no resolution, small: 100 dpi, not the page
+    ((1000, 2000), None, (406.77, 813.54), False),  # no resolution, large: the printable
+    ((2000, 1000), None, (813.54, 406.77), True),  # height; turned when landscape
+    ((16, 16), None, (11.52, 11.52), False),  # an icon stays an icon
+    ((600, 800), (72, 72), (566.93, 755.91), False),  # 72 dpi: 8×11 inch, shrunk to width
+    ((800, 600), (72, 72), (755.91, 566.93), True),
+])
+def test_pictures_are_sized_by_the_documented_rule(pixels: tuple[int, int],
+                                                   dpi: tuple[float, float] | None,
+                                                   printed: tuple[float, float],
+                                                   turned: bool) -> None:
+    placement = place_picture(pixels, dpi, A4)
+    assert placement.turned is turned
+    assert (placement.width, placement.height) == (pytest.approx(printed[0], abs=0.05),
+                                                   pytest.approx(printed[1], abs=0.05))
+
+
+def test_a_landscape_picture_is_turned_only_when_that_prints_it_larger() -> None:
+    assert place_picture((3000, 2000), None, A4).turned
+    assert place_picture((1000, 800), None, A4).turned  # 127 dpi across, 100 dpi turned
+    assert not place_picture((600, 300), (300, 300), A4).turned  # fits at its size
+    assert not place_picture((2000, 3000), None, A4).turned  # portrait already
+    turned = place_picture((3000, 2000), None, LETTER)
+    assert turned.width == pytest.approx(LETTER.height - 2 * MARGIN_PT, abs=0.1)
+
+
+@pytest.mark.parametrize(("size", "paper"), [
+    ((595.28, 841.89), A4), ((596, 842), A4), ((842, 595), A4), ((612, 792), LETTER),
+    ((792, 612), LETTER), ((842, 1191), None), ((432, 648), None), ((612, 1008), None),
+])
+def test_paper_sizes_are_recognised_in_either_orientation(size: tuple[float, float],
+                                                          paper: object) -> None:
+    assert paper_of(size) is paper
+
+
+@pytest.mark.parametrize(("name", "setup", "unchanged"), [
+    ("git.pdf", PageSetup(), True),  # A4 on A4
+    ("crazyones.pdf", PageSetup(), True),  # Letter is a paper: kept
+    ("crazyones.pdf", PageSetup(A4, fit_to_paper=True), False),
+    ("git.pdf", PageSetup(LETTER, fit_to_paper=True), False),
+    ("Seige_of_Vicksburg_Sample_OCR.pdf", PageSetup(), False),  # 6×9 inch is no paper
+])
+def test_a_pdf_is_passed_on_unless_a_page_is_off_paper(corpus: Path, name: str,
+                                                       setup: PageSetup,
+                                                       unchanged: bool) -> None:
+    data = (corpus / "pdf" / name).read_bytes()
+    document = prepare_pdf(name, data, setup)
+    assert (document.data == data) is unchanged
+    with pikepdf.open(io.BytesIO(document.data)) as pdf, pikepdf.open(io.BytesIO(data)) as old:
+        assert len(pdf.pages) == len(old.pages) == document.pages
+        for page in pdf.pages:
+            box = [float(value) for value in page.MediaBox]
+            paper = paper_of((box[2] - box[0], box[3] - box[1]))
+            assert paper is not None
+            if setup.fit_to_paper or not unchanged:
+                assert paper is setup.paper
 
 
 def test_the_corpus_jpeg_of_a_mail_becomes_one_page(corpus: Path) -> None:

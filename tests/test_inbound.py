@@ -243,3 +243,19 @@ async def test_redelivery_after_a_refused_mail_lets_the_fax_be_deleted(
     assert await rig.poller.poll_once() == 2  # the failed first mail no longer blocks
     assert rig.inbox.deleted == ["7001", "7002"]
     assert sorted(m["X-Mailfax-Fax-Id"] for m in rig.mails()) == ["7001", "7002"]
+
+
+async def test_the_stored_page_count_is_the_faxs_own_not_the_providers(rig: Rig) -> None:
+    """A provider that reports 1 page for a 3-page TIFF: ``mailfax inbox`` shows 3."""
+    from mailfax.emulators.fax_image import sample_fax
+
+    rig.inbox.faxes = [InboundFax(fax_id="8001", called_number="+49301234567",
+                                  received_at=datetime(2026, 11, 24, 9, 32, tzinfo=UTC),
+                                  originator="", remote_id="", pages=1,
+                                  image=sample_fax("+49301234567", pages=3))]
+    assert await rig.poller.poll_once() == 1
+    [stored] = await rig.store.list_inbound()
+    assert (stored.pages, stored.state) == (3, "deleted")
+    await rig.poller.queue_mail(stored)  # what 'mailfax redeliver 8001' does
+    [again] = await rig.store.list_inbound()
+    assert (again.pages, again.state, again.deliveries) == (3, "deleted", 2)

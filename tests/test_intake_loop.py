@@ -26,11 +26,11 @@ def _small_png() -> bytes:
 def _threads_calling(monkeypatch: pytest.MonkeyPatch, name: str) -> list[threading.Thread]:
     """The threads that call assemble's ``name`` (image_to_pdf, prepare_pdf) from now on."""
     threads: list[threading.Thread] = []
-    real: Callable[[str, bytes], FaxDocument] = getattr(assemble_module, name)
+    real: Callable[..., FaxDocument] = getattr(assemble_module, name)
 
-    def spy(filename: str, data: bytes) -> FaxDocument:
+    def spy(filename: str, data: bytes, *setup: object) -> FaxDocument:
         threads.append(threading.current_thread())
-        return real(filename, data)
+        return real(filename, data, *setup)
 
     monkeypatch.setattr(assemble_module, name, spy)
     return threads

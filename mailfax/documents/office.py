@@ -31,6 +31,10 @@ from mailfax.documents.pdf import DocumentError, page_count
 from mailfax.providers.base import FaxDocument
 
 NOT_ENABLED = "office files are not enabled on this server"
+AS_PDF = "save or export it as a PDF and send that instead"
+# Enhanced status codes: a temporary condition (the sender's MTA tries again) and a
+# deterministic failure (retrying the same file cannot help).
+TEMPORARY, PERMANENT = "4.3.0", "5.6.0"
 
 
 @dataclass(frozen=True)
@@ -160,14 +164,15 @@ def is_office(filename: str, content_type: str) -> bool:
 def convert_office(filename: str, data: bytes) -> FaxDocument:
     """Convert one office document to PDF with LibreOffice; blocking (seconds).
 
-    Raises :class:`~mailfax.documents.pdf.DocumentError` with a sentence naming the file when the
-    content does not match the name, LibreOffice is not installed, the conversion fails or
-    overruns the time limit.
+    Raises :class:`~mailfax.documents.pdf.DocumentError` with a sentence naming the file and
+    saying what to do when the content does not match the name, LibreOffice is not installed,
+    the conversion fails (status 5.x.x: sending the same file again cannot help) or overruns
+    the time limit or finds every converter busy (4.x.x: temporary).
     """
     extension, office_format = _format_of(filename, data)
     binary = shutil.which(_limits.soffice)
     if binary is None:
-        raise DocumentError(f"{filename}: {NOT_ENABLED}", "5.6.1")
+        raise DocumentError(f"{filename}: {NOT_ENABLED}; {AS_PDF}.", "5.6.1")
     if extension == ".txt":
         data = (_decode_text(data) or "").encode("utf-8")
     slots = _free_slots  # configure() may swap the queue meanwhile; the slot goes back here
@@ -192,12 +197,13 @@ def _format_of(filename: str, data: bytes) -> tuple[str, _Format]:
     if claimed is not None:
         if not claimed.matches(data):
             raise DocumentError(f"{filename} is not {claimed.description}, although its name "
-                                "says so")
+                                f"says so; {AS_PDF}.", PERMANENT)
         return extension, claimed
     for candidate, office_format in _FORMATS.items():
         if candidate != ".txt" and office_format.matches(data):
             return candidate, office_format
-    raise DocumentError(f"{filename} is not an office document that can be faxed")
+    raise DocumentError(f"{filename} is not an office document that can be faxed; {AS_PDF}.",
+                        PERMANENT)
 
 
 def _take_slot(slots: queue.LifoQueue[int], filename: str) -> int:
@@ -205,13 +211,14 @@ def _take_slot(slots: queue.LifoQueue[int], filename: str) -> int:
         return slots.get(timeout=_limits.timeout)
     except queue.Empty:
         raise DocumentError(f"{filename}: the server is busy converting other documents; "
-                            "please send it again later", "4.3.2") from None
+                            "this is temporary, please send it again later", "4.3.2") from None
 
 
 def _profile(slot: int) -> Path:
     """This slot's LibreOffice profile, created with macros off on first use."""
     root = _limits.profile_root or Path(tempfile.gettempdir()) / f"mailfax-office-{os.getuid()}"
-    profile = root / f"slot-{slot}"
+    # Absolute whatever the configuration said: LibreOffice takes the profile as a file URI.
+    profile = Path(os.path.abspath(root / f"slot-{slot}"))
     settings = profile / "user" / "registrymodifications.xcu"
     if not settings.is_file():
         for folder in (root, profile, settings.parent):  # private: documents pass through
@@ -232,11 +239,14 @@ def _convert(binary: str, profile: Path, extension: str, office_format: _Format,
         command += ["--convert-to", f"pdf:{office_format.export_filter}", "--outdir", work,
                     str(source)]
         if not _run_killing_on_timeout(command, cwd=work, timeout=_limits.timeout):
-            raise DocumentError(f"{filename} took too long to convert and was given up")
+            raise DocumentError(f"{filename} took too long to convert (more than "
+                                f"{_limits.timeout:.0f} s) and was given up; this may be "
+                                "temporary, the mail is tried again later. If it keeps "
+                                f"happening, {AS_PDF}.", TEMPORARY)
         result = source.with_suffix(".pdf")
         if not result.is_file() or result.stat().st_size == 0:
             raise DocumentError(f"{filename} could not be converted to fax pages (damaged or "
-                                "password-protected?)")
+                                f"password-protected?); {AS_PDF}.", PERMANENT)
         return result.read_bytes()
 
 
@@ -265,7 +275,8 @@ def _kill_group(group: int) -> None:
 def _page_count(pdf: bytes, filename: str) -> int:
     pages = page_count(pdf)
     if pages == 0:
-        raise DocumentError(f"{filename} was converted, but the result has no pages")
+        raise DocumentError(f"{filename} was converted, but the result has no pages; {AS_PDF}.",
+                            PERMANENT)
     return pages
 
 

@@ -32,6 +32,7 @@ from aiohttp import web
 from lxml import etree
 
 from mailfax.emulators import pdf_pages
+from mailfax.emulators.fax_image import tiff_pages
 from mailfax.emulators.rules import prefix_value
 from mailfax.providers.faxde_soap import BUNDLED_WSDL, parse_untrusted
 from mailfax.web.server import runner_url, start_web
@@ -104,7 +105,11 @@ class EmulatorState:
 
     def add_inbound(self, image: bytes, called_number: str = "+49301234567",
                     originator: str = "+4940555123", remote_id: str = "MUSTER GMBH",
-                    pages: int = 1) -> int:
+                    pages: int | None = None) -> int:
+        """Put a fax into the inbox; ``pages`` defaults to the TIFF's own page count, as
+        FAX.de reports the pages it received."""
+        if pages is None:
+            pages = tiff_pages(image)
         fax_id = next(self._fax_ids)
         self.inbox.append(InboxFax(fax_id, called_number, originator, remote_id, pages, image))
         return fax_id

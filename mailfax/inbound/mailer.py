@@ -21,7 +21,7 @@ from zoneinfo import ZoneInfo
 import jinja2
 from PIL import Image
 
-from mailfax.inbound.convert import MAX_PAGE_PIXELS, NotConvertible, page_resolution, tiff_to_pdf
+from mailfax.inbound.convert import MAX_PAGE_PIXELS, NotConvertible, display_resolution, tiff_to_pdf
 from mailfax.inbound.routing import normalise_number
 from mailfax.numbers import format_international
 from mailfax.store.base import InboundRecord
@@ -74,7 +74,7 @@ def _preview(image: bytes) -> bytes | None:
         with Image.open(io.BytesIO(image)) as picture:
             if picture.width * picture.height > MAX_PAGE_PIXELS:
                 return None
-            xdpi, ydpi = page_resolution(picture)  # as the PDF page has it
+            xdpi, ydpi = display_resolution(picture)  # as the PDF page has it, turned
             height = round(picture.height * xdpi / ydpi)  # square pixels for the eye
             page = picture.convert("L").resize((picture.width, max(1, height)))
             page.thumbnail((PREVIEW_WIDTH, PREVIEW_WIDTH * 2))

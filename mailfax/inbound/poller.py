@@ -47,7 +47,8 @@ async def queue_fax_mail(store: Store, record: InboundRecord, settings: InboundS
     message = await asyncio.to_thread(render)
     await store.queue_inbound_mails(record.account, record.fax_id, [OutgoingMail(
         envelope_from=settings.from_address, recipients=recipients,
-        message=message, kind="inbound", inbound=(record.account, record.fax_id))])
+        message=message, kind="inbound", inbound=(record.account, record.fax_id))],
+        pages=files.pages or None)  # the pages it has, whatever the provider said
 
 
 async def ocr_wanted(settings: InboundSettings) -> bool:
@@ -67,7 +68,7 @@ async def with_text_layer(files: FaxFiles, settings: InboundSettings) -> FaxFile
     if result.problem:
         log.warning("OCR of a received fax: %s", result.problem)
     return dataclasses.replace(files, pdf=result.pdf, ocr_note=result.note,
-                               text_lines=tuple(ocr.first_lines(result.text)))
+                               text_lines=tuple(result.first_lines()))
 
 
 class InboundPoller:
@@ -88,7 +89,16 @@ class InboundPoller:
                 await self.poll_once()
             except ProviderError as error:
                 log.warning("inbound poll of %s: %s", self.account, error)
-            await asyncio.sleep(self.settings.poll_seconds)
+            await asyncio.sleep(self.poll_interval)
+
+    @property
+    def poll_interval(self) -> float:
+        """``inbound.poll_seconds``, unless the provider asks for its own (the bundled
+        emulator's folder is cheap to look at, so it is looked at every second)."""
+        hint = getattr(self.provider, "inbound_poll_seconds", None)
+        if isinstance(hint, int | float) and hint > 0:
+            return float(hint)
+        return self.settings.poll_seconds
 
     async def poll_once(self) -> int:
         """Fetch until the provider's inbox is empty; returns how many faxes were deleted."""

@@ -8,7 +8,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from mailfax.documents.office import convert_office, is_office
-from mailfax.documents.pdf import DocumentError, image_to_pdf, is_pdf, prepare_pdf
+from mailfax.documents.pdf import (
+    DEFAULT_SETUP,
+    DocumentError,
+    PageSetup,
+    fit_to_paper,
+    image_to_pdf,
+    is_pdf,
+    prepare_pdf,
+)
 from mailfax.intake.mime import (
     Attachment,
     MailFormatError,
@@ -35,6 +43,11 @@ class Refusal(Exception):
         self.status = status
         self.sentence = sentence
 
+    @property
+    def temporary(self) -> bool:
+        """4xx: the sender's MTA keeps the mail and tries again; 5xx: it bounces at once."""
+        return 400 <= self.code < 500
+
     def reply(self) -> str:
         # One line of printable text, whatever the input held (CR, LF, NUL, ...).
         printable = "".join(char if char.isprintable() else " " for char in self.sentence)
@@ -51,14 +64,15 @@ class FaxContent:
         return sum(document.pages for document in self.documents)
 
 
-def assemble(raw: bytes, *, allow_empty: bool = False) -> FaxContent:
+def assemble(raw: bytes, *, allow_empty: bool = False,
+             setup: PageSetup = DEFAULT_SETUP) -> FaxContent:
     """The mail's documents as fax-ready PDFs, in mail order.
 
     Blocking; office documents take seconds (LibreOffice). ``allow_empty``: a mail without
     documents is returned as such (its text may still become a cover page); otherwise it is
-    refused.
+    refused. ``setup``: the paper the pages are put on.
     """
-    content = convert_documents(read_mail(raw))
+    content = convert_documents(read_mail(raw), setup)
     if not content.documents and not allow_empty:
         raise nothing_to_fax(content)
     return content
@@ -71,10 +85,10 @@ def read_mail(raw: bytes) -> ParsedMail:
         raise Refusal(554, "5.6.0", str(error)) from None
 
 
-def convert_documents(mail: ParsedMail) -> FaxContent:
+def convert_documents(mail: ParsedMail, setup: PageSetup = DEFAULT_SETUP) -> FaxContent:
     """The parsed mail's documents as PDFs (possibly none). Blocking, seconds for office
     documents: see :func:`needs_worker`."""
-    return FaxContent(mail=mail, documents=[_convert(attachment)
+    return FaxContent(mail=mail, documents=[_convert(attachment, setup)
                                             for attachment in select_documents(mail)])
 
 
@@ -88,18 +102,32 @@ def needs_worker(mail: ParsedMail) -> bool:
                and document_kind(attachment) != "pdf" for attachment in mail.attachments)
 
 
-def nothing_to_fax(content: FaxContent) -> Refusal:
+def nothing_to_fax(content: FaxContent, cover_address: str = "") -> Refusal:
+    """The refusal of a mail without documents; ``cover_address`` (e.g.
+    ``030123456+cover@fax.local``) is where its text would have been faxed as a cover page."""
+    hint = []
+    if cover_address:
+        hint = [f"To fax the mail's text itself, send it to <{cover_address}>."]
     return Refusal(554, "5.6.0", " ".join(["This mail has no document to fax.", EXPECTED,
-                                            *content.mail.skipped]))
+                                            *hint, *content.mail.skipped]))
 
 
-def convert_file(filename: str, content_type: str, data: bytes) -> FaxDocument:
+def convert_file(filename: str, content_type: str, data: bytes,
+                 setup: PageSetup = DEFAULT_SETUP) -> FaxDocument:
     """One PDF, image or office document as fax pages; DocumentError names the file."""
+    refuse_empty(filename, data)
     if is_pdf(filename, content_type):
-        return prepare_pdf(filename, data)
+        return prepare_pdf(filename, data, setup)
     if is_office(filename, content_type):
-        return convert_office(filename, data)
-    return image_to_pdf(filename, data)
+        return fit_to_paper(convert_office(filename, data), setup)
+    return image_to_pdf(filename, data, setup.paper)
+
+
+def refuse_empty(filename: str, data: bytes) -> None:
+    """A 0-byte file is called empty, not "not a PDF": the mail program attached nothing."""
+    if not data:
+        raise DocumentError(f"{filename} is empty (0 bytes); attach the file again, or check "
+                            f"that it has content.")
 
 
 def document_kind(attachment: Attachment) -> str:
@@ -113,16 +141,20 @@ def document_kind(attachment: Attachment) -> str:
     return "image"
 
 
-def _convert(attachment: Attachment) -> FaxDocument:
+def _convert(attachment: Attachment, setup: PageSetup) -> FaxDocument:
     try:
+        refuse_empty(attachment.filename, attachment.data)
         kind = document_kind(attachment)
         if kind == "pdf":
-            return prepare_pdf(attachment.filename, attachment.data)
+            return prepare_pdf(attachment.filename, attachment.data, setup)
         if kind == "office":
-            return convert_office(attachment.filename, attachment.data)
-        return image_to_pdf(attachment.filename, attachment.data)
+            return fit_to_paper(convert_office(attachment.filename, attachment.data), setup)
+        return image_to_pdf(attachment.filename, attachment.data, setup.paper)
     except DocumentError as error:
         sentence = str(error)
         if attachment.in_forwarded:
             sentence = f"{sentence.rstrip('.')} (inside the forwarded message)."
-        raise Refusal(554, error.status, sentence) from None
+        # A converter that timed out or is busy is temporary (451: the MTA tries again);
+        # anything else about the file stays the same however often it is sent (554).
+        code = 451 if error.status.startswith("4") else 554
+        raise Refusal(code, error.status, sentence) from None

@@ -8,12 +8,15 @@ import asyncio
 import functools
 import logging
 import secrets
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from zoneinfo import ZoneInfo
 
 from mailfax.config import Settings
 from mailfax.documents.cover import CoverInfo, CoverUnavailable, cover_text, render_cover
+from mailfax.documents.pdf import PAPERS, PageSetup
 from mailfax.intake.assemble import (
     FaxContent,
     Refusal,
@@ -27,11 +30,13 @@ from mailfax.model import new_job_id
 from mailfax.numbers import FaxAddress, InvalidNumber, format_international, parse_fax_local_part
 from mailfax.outbound.notify import TEMPLATES_DIR
 from mailfax.providers.base import FaxDocument
-from mailfax.store.base import NewJob, NewMail, Store
+from mailfax.store.base import NewJob, NewMail, OutgoingMail, Quota, QuotaExceeded, Store
+from mailfax.trust.authorization import AuthorizationError, authorized_user, strip_headers
 from mailfax.trust.dialing import check_destination
 from mailfax.trust.policy import (
     address_allowed,
     check_sender,
+    from_trusted_network,
     is_fax_domain,
     quota_refusal,
     split_address,
@@ -43,6 +48,20 @@ log = logging.getLogger(__name__)
 # Mails up to this size are parsed on the event loop (well under 2 ms of CPU each); larger ones
 # in a worker thread, so a big attachment never stalls the other SMTP sessions.
 INLINE_ASSEMBLY_BYTES = 64 * 1024
+HOUR = 3600.0
+DAY = 86400.0
+
+
+def quota_sentence(over: QuotaExceeded) -> str:
+    """The refusal of a mail the store found over a quota, with the figures."""
+    quota = over.quota
+    sentence = quota_refusal(quota.who, quota.limit, over.used, over.adding, quota.period)
+    assert sentence is not None  # over.used + over.adding > quota.limit
+    return sentence
+
+
+class StoreUnavailable(Exception):
+    """The store could not take the jobs (database down, locked, its disk full): temporary."""
 
 
 @dataclass(frozen=True)
@@ -53,14 +72,22 @@ class Accepted:
     job_for_number: dict[str, str]  # E.164 number -> job id
 
 
+def page_setup(settings: Settings, account: str | None) -> PageSetup:
+    """The paper an account's faxes go on (``paper``, ``documents.fit_to_paper``)."""
+    return PageSetup(paper=PAPERS[settings.paper_for(account)],
+                     fit_to_paper=settings.documents.fit_to_paper)
+
+
 class Intake:
     def __init__(self, settings: Settings, store: Store,
                  on_stored: Callable[[], None] = lambda: None,
-                 metrics: Metrics | None = None):
+                 metrics: Metrics | None = None, secret_key: bytes | None = None):
         self.metrics = metrics
         self.settings = settings
         self.store = store
         self.on_stored = on_stored
+        self.secret_key = secret_key  # checks the policy service's headers; None: refused
+        self.wake_outbox: Callable[[], None] = lambda: None
         # Pure for a given configuration, and asked twice per recipient (RCPT, then DATA).
         self.check_recipient = functools.lru_cache(maxsize=4096)(self._check_recipient)
 
@@ -78,6 +105,16 @@ class Intake:
         if not verdict.allowed:
             hint = " Log in (SMTP AUTH) first." if self.settings.users else ""
             raise Refusal(550, "5.7.1", f"Not allowed: {verdict.reason}.{hint}")
+
+    async def check_rcpt(self, envelope_from: str, address: str, user: str | None,
+                         pending: int, usage: dict[str, int] | None = None) -> FaxAddress:
+        """The RCPT stage's checks of one fax recipient, in order: the number and the dial
+        policy, the user's prefixes, the hourly quotas. mailfax's SMTP/LMTP listeners and
+        its Postfix policy service (trust/policy_service.py) both ask this."""
+        fax = self.check_recipient(address)
+        self.check_user_destination(fax, user)
+        await self.check_rate(envelope_from, user, pending, usage)
+        return fax
 
     def check_user_destination(self, fax: FaxAddress, user: str | None) -> None:
         settings = self.settings.users.get(user) if user else None
@@ -110,18 +147,27 @@ class Intake:
             usage[key], _ = await self.store.usage_since(since, senders)
         return usage[key]
 
-    async def check_pages(self, user: str | None, pages: int) -> None:
-        since = datetime.now(UTC) - timedelta(days=1)
+    def quotas_for(self, user: str | None) -> list[Quota]:
+        """The quotas a mail of ``user`` (None: not logged in) is stored under: the store
+        counts and checks them in the transaction that stores the jobs, so parallel mails
+        cannot together go over a limit that each passed at RCPT."""
+        quotas: list[Quota] = []
         settings = self.settings.users.get(user) if user else None
-        if settings and settings.pages_per_day is not None:
-            _, used = await self.store.usage_since(since, settings.addresses)
-            self._refuse_over(quota_refusal(f"user {user}", settings.pages_per_day, used, pages,
-                                            "pages per day"))
-        limit = self.settings.quotas.pages_per_day
-        if limit is not None:
-            _, used = await self.store.usage_since(since)
-            self._refuse_over(quota_refusal("this service", limit, used, pages,
-                                            "pages per day"))
+        if settings is not None:
+            senders = tuple(settings.addresses)
+            if settings.faxes_per_hour is not None:
+                quotas.append(Quota(f"user {user}", f"user {user}", settings.faxes_per_hour,
+                                    "faxes", HOUR, senders))
+            if settings.pages_per_day is not None:
+                quotas.append(Quota(f"user {user}", f"user {user}", settings.pages_per_day,
+                                    "pages", DAY, senders))
+        service = self.settings.quotas
+        if service.faxes_per_hour is not None:
+            quotas.append(Quota("service", "this service", service.faxes_per_hour, "faxes",
+                                HOUR))
+        if service.pages_per_day is not None:
+            quotas.append(Quota("service", "this service", service.pages_per_day, "pages", DAY))
+        return quotas
 
     def count_refusal(self, refusal: Refusal) -> None:
         if self.metrics is not None:
@@ -141,31 +187,106 @@ class Intake:
             fax = parse_fax_local_part(local, self.settings.numbers.default_country)
         except InvalidNumber as error:
             raise Refusal(550, "5.1.1", error.sentence) from None
-        verdict = check_destination(fax.number, self.settings.dial)
+        verdict = check_destination(fax.number, self.settings.dial,
+                                    self.settings.numbers.default_country)
         if not verdict.allowed:
             raise Refusal(550, verdict.status, verdict.sentence)
         return fax
+
+    # -- Postfix in front: verification probes, postmaster, the policy service's header --
+
+    def is_verification_probe(self, envelope_from: str, client_ip: str | None) -> bool:
+        """An MTA's recipient verification probe (Postfix: reject_unverified_recipient) from
+        a trusted network: answered at RCPT; it never sends DATA."""
+        return self.is_probe_sender(envelope_from) and from_trusted_network(
+            client_ip, self.settings.senders)
+
+    def is_probe_sender(self, envelope_from: str) -> bool:
+        if not envelope_from or envelope_from == "<>":
+            return "" in self.settings.policy_service.probe_senders
+        local, _ = split_address(envelope_from.lower())
+        return any(envelope_from.lower() == entry.lower() if "@" in entry
+                   else bool(entry) and local == entry.lower()
+                   for entry in self.settings.policy_service.probe_senders)
+
+    def may_authorize_later(self, client_ip: str | None, user: str | None) -> bool:
+        """With the policy service on, a sender refused from the MTA's trusted network may
+        still be a user's, named by the signed header in the mail: decided at DATA."""
+        return user is None and self.settings.policy_service.listen is not None and \
+            from_trusted_network(client_ip, self.settings.senders)
+
+    def refuse_unfaxable_sender(self, envelope_from: str) -> None:
+        """Bounces, delivery reports and probes are never faxed: nobody asked for the fax
+        (a forged sender in our fax domain would otherwise have its bounce faxed)."""
+        if not envelope_from or envelope_from == "<>" or self.is_probe_sender(envelope_from):
+            shown = "" if envelope_from == "<>" else envelope_from
+            raise Refusal(550, "5.7.1", f"Mail from <{shown}> (a bounce, report or address "
+                          f"probe) is not faxed.")
+
+    def is_postmaster(self, address: str) -> bool:
+        """``postmaster@<fax domain>`` or plain ``postmaster`` (RFC 5321 §4.5.1)."""
+        local, domain = split_address(address)
+        return local.lower() == "postmaster" and (
+            not domain or is_fax_domain(domain, self.settings.fax_domains))
+
+    async def forward_to_postmaster(self, envelope_from: str, recipients: Sequence[str],
+                                    raw: bytes) -> None:
+        """Into the outbox, to ``inbound.postmaster``, with the null sender (no bounce of it
+        can loop back); a mail that already passed here is refused as a loop."""
+        raw, _ = strip_headers(raw)
+        head = raw.split(b"\n\n", 1)[0].split(b"\r\n\r\n", 1)[0].lower()
+        if head.startswith(b"x-mailfax-postmaster:") or b"\nx-mailfax-postmaster:" in head:
+            raise Refusal(554, "5.4.6", "Mail loop: this mail was already forwarded to the "
+                          "postmaster.")
+        trace = (f"X-Mailfax-Postmaster: forwarded for {', '.join(recipients)} from "
+                 f"<{envelope_from}>\r\n").encode("utf-8", "replace")
+        await self.store.enqueue_mail(OutgoingMail(
+            envelope_from="", recipients=[self.settings.inbound.postmaster],
+            message=trace + raw, kind="postmaster"))
+        self.wake_outbox()
+        log.info("mail from <%s> to %s forwarded to %s", envelope_from, ", ".join(recipients),
+                 self.settings.inbound.postmaster)
+
+    async def authorize(self, envelope_from: str, recipients: Sequence[str], raw: bytes,
+                        user: str | None) -> tuple[bytes, str | None]:
+        """The mail without the policy service's headers, and the user it names (else
+        ``user``); a header mailfax did not make, or a stale one, refuses the mail. For
+        that user the RCPT stage's checks run again (the quota may have filled meanwhile)."""
+        raw, values = strip_headers(raw)
+        try:
+            named = authorized_user(self.secret_key, values, envelope_from, recipients,
+                                    time.time(), self.settings.policy_service.authorization_max_age)
+        except AuthorizationError as error:
+            raise Refusal(550, "5.7.1", str(error)) from None
+        if user is not None or named is None:
+            return raw, user
+        self.check_sender(envelope_from, None, named)
+        numbers = {self.check_recipient(address).number for address in recipients}
+        for address in recipients:
+            self.check_user_destination(self.check_recipient(address), named)
+        await self.check_rate(envelope_from, named, len(numbers) - 1)
+        return raw, named
 
     async def accept_mail(self, envelope_from: str, recipients: Sequence[str], raw: bytes,
                           client: str, user: str | None = None) -> Accepted:
         """Turn a mail into one job per fax number; durable when this returns."""
         addresses = [self.check_recipient(address) for address in recipients]
+        account = self._account_for(user)
+        setup = page_setup(self.settings, account)
         if len(raw) > INLINE_ASSEMBLY_BYTES:
-            content = await asyncio.to_thread(assemble, raw, allow_empty=True)
+            content = await asyncio.to_thread(assemble, raw, allow_empty=True, setup=setup)
         else:  # parsing a small mail costs less than a thread hand-off; decoding images and
             # LibreOffice do not (see needs_worker)
             mail = read_mail(raw)
-            content = (await asyncio.to_thread(convert_documents, mail) if needs_worker(mail)
-                       else convert_documents(mail))
+            content = (await asyncio.to_thread(convert_documents, mail, setup)
+                       if needs_worker(mail) else convert_documents(mail, setup))
         content = await self._with_cover(content, addresses, envelope_from)
         if not content.documents:
-            raise nothing_to_fax(content)
+            raise nothing_to_fax(content, self._cover_address(recipients, addresses, content))
         if user is not None:
             self._check_from_header(content.mail.from_address, user)
-        numbers = {address.number for address in addresses}
-        await self.check_pages(user, content.pages * len(numbers))
-        account = self._account_for(user)
-        return await self.store_jobs(envelope_from, addresses, content, client, account)
+        return await self.store_jobs(envelope_from, addresses, content, client, account,
+                                     self.quotas_for(user))
 
     async def _with_cover(self, content: FaxContent, addresses: Sequence[FaxAddress],
                           envelope_from: str) -> FaxContent:
@@ -185,16 +306,38 @@ class Intake:
         numbers = ", ".join(format_international(number) for number in
                             dict.fromkeys(address.number for address in addresses))
         info = CoverInfo(sender=content.mail.from_header or envelope_from, number=numbers,
-                         subject=content.mail.subject, date=content.mail.date or
-                         datetime.now(UTC), text=text,
+                         subject=content.mail.subject,
+                         date=self._local_time(content.mail.date), text=text,
                          document_pages=content.pages)
         try:
             cover = await asyncio.to_thread(render_cover, info, self.settings.notify.language,
                                             self.settings.templates_dir or TEMPLATES_DIR)
         except CoverUnavailable as error:
-            raise Refusal(451, "4.3.0", f"The cover page cannot be made here ({error}).") \
+            raise Refusal(451, "4.3.0", f"The cover page cannot be made here ({error}); this is "
+                          "temporary until the server is fixed, please try again later.") \
                 from None
         return FaxContent(mail=content.mail, documents=[cover, *content.documents])
+
+    def _local_time(self, when: datetime | None) -> datetime:
+        """A time as the cover page shows it: in ``notify.timezone`` (a mail's Date header has
+        the sender's offset, or none)."""
+        when = when or datetime.now(UTC)
+        if when.tzinfo is None:  # "-0000": the sender's zone is unknown, the time is UTC
+            when = when.replace(tzinfo=UTC)
+        return when.astimezone(ZoneInfo(self.settings.notify.timezone))
+
+    @staticmethod
+    def _cover_address(recipients: Sequence[str], addresses: Sequence[FaxAddress],
+                       content: FaxContent) -> str:
+        """Where this mail's text would be faxed as a cover page (``<number>+cover@domain``),
+        or "" when it has no text for one."""
+        if not recipients or not cover_text(content.mail.text):
+            return ""
+        local, domain = split_address(recipients[0])
+        tag = addresses[0].tag
+        if tag and local.lower().endswith(f"+{tag}"):
+            local = local[:-len(tag) - 1]
+        return f"{local}+cover@{domain}"
 
     def _check_from_header(self, from_address: str, user: str) -> None:
         settings = self.settings.users[user]
@@ -209,7 +352,8 @@ class Intake:
 
     async def store_jobs(self, envelope_from: str, addresses: Sequence[FaxAddress],
                          content: FaxContent, client: str,
-                         account: str | None = None) -> Accepted:
+                         account: str | None = None,
+                         quotas: Sequence[Quota] = ()) -> Accepted:
         mail = content.mail
         new_mail = NewMail(
             mail_id=secrets.token_hex(8), envelope_from=envelope_from,
@@ -218,7 +362,7 @@ class Intake:
             auto_submitted=mail.auto_submitted, precedence=mail.precedence,
             language=self.settings.notify.language,
         )
-        return await self._store(new_mail, addresses, content.documents, account)
+        return await self._store(new_mail, addresses, content.documents, account, quotas)
 
     async def store_documents(self, envelope_from: str, addresses: Sequence[FaxAddress],
                               documents: Sequence[FaxDocument], subject: str,
@@ -230,11 +374,17 @@ class Intake:
         return await self._store(new_mail, addresses, documents)
 
     async def _store(self, mail: NewMail, addresses: Sequence[FaxAddress],
-                     documents: Sequence[FaxDocument], account: str | None = None) -> Accepted:
+                     documents: Sequence[FaxDocument], account: str | None = None,
+                     quotas: Sequence[Quota] = ()) -> Accepted:
         numbers = list(dict.fromkeys(address.number for address in addresses))  # dedupe, keep order
         jobs = [NewJob(job_id=new_job_id(), number=number,
                        account=account or self.settings.default_account) for number in numbers]
-        await self.store.add_mail_jobs(mail, jobs, documents)
+        try:
+            await self.store.add_mail_jobs(mail, jobs, documents, quotas)
+        except QuotaExceeded as over:
+            raise Refusal(452, "4.7.1", quota_sentence(over)) from None
+        except Exception as error:
+            raise StoreUnavailable(f"{type(error).__name__}: {error}") from error
         self.on_stored()
         if self.metrics is not None:
             self.metrics.mails_accepted.inc()

@@ -6,12 +6,14 @@ The aiosmtpd protocol machine runs on mailfax's own event loop (no Controller th
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import functools
 import logging
 import secrets
 import ssl
 import weakref
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +22,7 @@ from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
 from mailfax.config import ListenAddress, SmtpSettings, UserSettings
 from mailfax.intake.assemble import Refusal
-from mailfax.intake.service import Intake
+from mailfax.intake.service import Intake, StoreUnavailable
 from mailfax.trust.auth import LoginThrottle, hash_password, verify_password
 
 log = logging.getLogger(__name__)
@@ -36,12 +38,27 @@ class FaxHandler:
         # its first RCPT, so later RCPTs count on from them instead of asking the store again.
         self._usage: weakref.WeakKeyDictionary[Envelope, dict[str, int]] = \
             weakref.WeakKeyDictionary()
+        # Envelopes of an MTA's recipient verification probes: answered at RCPT only.
+        self._probes: weakref.WeakSet[Envelope] = weakref.WeakSet()
+        # Envelopes whose sender the MTA's own networks may not use, waiting at DATA for the
+        # policy service's header naming a user who may (Intake.may_authorize_later).
+        self._deferred: weakref.WeakKeyDictionary[Envelope, Refusal] = \
+            weakref.WeakKeyDictionary()
 
     async def handle_MAIL(self, server: SMTP, session: Session, envelope: Envelope,
                           address: str, mail_options: list[str]) -> str:
         try:
-            self.intake.check_sender(address, _client_ip(session), _user(session))
+            if _user(session) is None and self.intake.is_verification_probe(
+                    address, _client_ip(session)):
+                self._probes.add(envelope)
+            else:
+                self.intake.check_sender(address, _client_ip(session), _user(session))
         except Refusal as refusal:
+            if self.intake.may_authorize_later(_client_ip(session), _user(session)):
+                self._deferred[envelope] = refusal
+                envelope.mail_from = address
+                envelope.mail_options.extend(mail_options)
+                return "250 2.1.0 OK"
             self.intake.count_refusal(refusal)
             log.info("refused sender <%s> from %s: %s", address, session.peer, refusal.sentence)
             return refusal.reply()
@@ -53,12 +70,16 @@ class FaxHandler:
                           address: str, rcpt_options: list[str]) -> str:
         if len(envelope.rcpt_tos) >= self.max_recipients:
             return f"452 4.5.3 Too many recipients (at most {self.max_recipients} per mail)"
+        if self.intake.is_postmaster(address):
+            envelope.rcpt_tos.append(address)
+            return "250 2.1.5 OK, to the postmaster"
         try:
-            fax = self.intake.check_recipient(address)
-            self.intake.check_user_destination(fax, _user(session))
-            await self.intake.check_rate(envelope.mail_from or "", _user(session),
-                                         len(envelope.rcpt_tos),
-                                         self._usage.setdefault(envelope, {}))
+            if envelope in self._probes:  # the number and the dial policy; no quota
+                fax = self.intake.check_recipient(address)
+            else:
+                fax = await self.intake.check_rcpt(
+                    envelope.mail_from or "", address, _user(session),
+                    len(envelope.rcpt_tos), self._usage.setdefault(envelope, {}))
         except Refusal as refusal:
             self.intake.count_refusal(refusal)
             log.info("refused recipient <%s>: %s", address, refusal.sentence)
@@ -73,33 +94,93 @@ class FaxHandler:
             raw = raw.encode("utf-8", "surrogateescape")
         recipients = list(envelope.rcpt_tos)
         per_recipient = isinstance(server, LMTP)
-        try:
-            accepted = await self.intake.accept_mail(
-                envelope.mail_from or "", recipients, raw, _client_ip(session) or "",
-                _user(session))
-        except Refusal as refusal:
-            self.intake.count_refusal(refusal)
-            log.info("refused mail from <%s>: %s", envelope.mail_from, refusal.sentence)
-            return _for_each(recipients, refusal.reply(), per_recipient)
-        except Exception:
-            log.exception("could not store mail from <%s>", envelope.mail_from)
-            reply = "451 4.3.0 Temporary failure storing the fax job; please try again later"
-            return _for_each(recipients, reply, per_recipient)
+        to_postmaster = [address for address in recipients if self.intake.is_postmaster(address)]
+        faxes = [address for address in recipients if address not in to_postmaster]
+        reply = "250 2.0.0 OK"
+        replies: dict[str, str] = {}
+        if faxes:
+            reply, replies = await self._store_faxes(server, session, envelope, faxes, raw)
+        if to_postmaster and (per_recipient or reply.startswith("2")):
+            forwarded = await self._forward(envelope, to_postmaster, raw)
+            replies.update(dict.fromkeys(to_postmaster, forwarded))
+            if not faxes:
+                reply = forwarded
         if not per_recipient:
-            return f"250 2.0.0 queued as {' '.join(accepted.job_ids)}"
+            return reply
         # LMTP (RFC 2033): one reply per accepted recipient, in RCPT order.
-        replies = []
-        for address in recipients:
+        return "\r\n".join(replies[address] for address in recipients)
+
+    async def _store_faxes(self, server: SMTP, session: Session, envelope: Envelope,
+                           faxes: list[str], raw: bytes) -> tuple[str, dict[str, str]]:
+        """The SMTP reply for the fax recipients, and the LMTP reply of each."""
+        sender = envelope.mail_from or ""
+        try:
+            self.intake.refuse_unfaxable_sender(sender)
+            raw, user = await self.intake.authorize(sender, faxes, raw, _user(session))
+            if user is None and envelope in self._deferred:
+                raise self._deferred[envelope]
+            with _not_idle(server):
+                accepted = await self.intake.accept_mail(sender, faxes, raw,
+                                                         _client_ip(session) or "", user)
+        except Refusal as refusal:  # 5xx: permanent, says what to do; 4xx: temporary
+            self.intake.count_refusal(refusal)
+            log.info("refused mail from <%s>: %s", sender, refusal.sentence)
+            return refusal.reply(), dict.fromkeys(faxes, refusal.reply())
+        except StoreUnavailable as error:
+            log.warning("could not store mail from <%s>: %s", sender, error)
+            reply = ("451 4.3.0 Temporary failure: the fax queue is unavailable right now; "
+                     "please try again later")
+            return reply, dict.fromkeys(faxes, reply)
+        except OSError as error:
+            if error.errno in (errno.ENOSPC, errno.EDQUOT):
+                log.error("no room to take the mail from <%s>: %s", sender, error)
+                reply = ("452 4.3.1 Temporary failure: the server's disk is full; please try "
+                         "again later")
+            else:
+                reply = _unexpected_reply(envelope)
+            return reply, dict.fromkeys(faxes, reply)
+        except Exception:
+            reply = _unexpected_reply(envelope)
+            return reply, dict.fromkeys(faxes, reply)
+        replies = {}
+        for address in faxes:
             number = self.intake.check_recipient(address).number
-            replies.append(f"250 2.0.0 <{address}> queued as {accepted.job_for_number[number]}")
-        return "\r\n".join(replies)
+            replies[address] = f"250 2.0.0 <{address}> queued as {accepted.job_for_number[number]}"
+        return f"250 2.0.0 queued as {' '.join(accepted.job_ids)}", replies
+
+    async def _forward(self, envelope: Envelope, recipients: list[str], raw: bytes) -> str:
+        try:
+            await self.intake.forward_to_postmaster(envelope.mail_from or "", recipients, raw)
+        except Refusal as refusal:
+            return refusal.reply()
+        except Exception:
+            log.exception("could not forward mail to the postmaster")
+            return "451 4.3.0 Temporary failure forwarding to the postmaster; try again later"
+        return "250 2.0.0 forwarded to the postmaster"
+
+@contextlib.contextmanager
+def _not_idle(server: SMTP) -> Iterator[None]:
+    """While mailfax works on a received mail (LibreOffice may take a minute a document) the
+    client waits for the answer: it is not idle, so the idle timeout is paused, and starts
+    afresh once the answer is ready."""
+    handle: asyncio.TimerHandle | None = getattr(server, "_timeout_handle", None)
+    if handle is not None:
+        handle.cancel()
+    try:
+        yield
+    finally:
+        transport = server.transport
+        if handle is not None and transport is not None and not transport.is_closing():
+            server._reset_timeout()
 
 
-def _for_each(recipients: list[str], reply: str, per_recipient: bool) -> str:
-    """SMTP answers DATA once; LMTP once per recipient (RFC 2033 §4.2)."""
-    if not per_recipient:
-        return reply
-    return "\r\n".join([reply] * max(1, len(recipients)))
+def _unexpected_reply(envelope: Envelope) -> str:
+    """A bug or an unforeseen condition: logged with its traceback, answered as temporary
+    (4xx) so that no mail is lost while it is looked into."""
+    log.exception("unexpected error taking the mail from <%s>", envelope.mail_from)
+    return ("451 4.3.0 Temporary failure: an unexpected error on the server (it is logged); "
+            "please try again later")
+
 
 
 def _user(session: Session) -> str | None:
@@ -186,7 +267,8 @@ class FaxLMTP(StrictPaths, LMTP):
 
 
 class Authenticator:
-    """SMTP AUTH against ``[users.*]``, with failed logins throttled per client address."""
+    """SMTP AUTH against ``[users.*]``, with failed logins throttled per client address and
+    per user name (:class:`~mailfax.trust.auth.LoginThrottle`)."""
 
     def __init__(self, users: Mapping[str, UserSettings], throttle: LoginThrottle):
         self.users = users
@@ -203,46 +285,51 @@ class Authenticator:
         return self._after(session, auth_data, self._password_valid(auth_data))
 
     async def verify(self, session: Session, auth_data: Any) -> AuthResult:
-        """As a call, with the password check in a worker thread. The attempt counts as a
-        failure while it is checked, so parallel sessions cannot get past the throttle."""
-        refused = self._before(session, auth_data)
-        if refused is not None:
-            return refused
-        client = _client_ip(session) or "?"
-        self.throttle.failed(client)
-        valid = await asyncio.to_thread(self._password_valid, auth_data)
-        return self._after(session, auth_data, valid, counted=True)
+        """As a call, with the password check in a worker thread. Parallel sessions from one
+        address (or for one user) wait for a check slot (``LoginThrottle.checking``), so
+        together they get no more guesses than the limit."""
+        if not isinstance(auth_data, LoginPassword):
+            return AuthResult(success=False, handled=False)
+        async with self.throttle.checking(_client_ip(session) or "?", _login(auth_data)):
+            refused = self._before(session, auth_data)
+            if refused is not None:
+                return refused
+            valid = await asyncio.to_thread(self._password_valid, auth_data)
+            return self._after(session, auth_data, valid)
 
     def _before(self, session: Session, auth_data: Any) -> AuthResult | None:
+        if not isinstance(auth_data, LoginPassword):
+            return AuthResult(success=False, handled=False)
         client = _client_ip(session) or "?"
-        if self.throttle.blocked(client):
+        if self.throttle.blocked(client, _login(auth_data)):
             log.warning("login refused for %s: too many failed logins", client)
             return AuthResult(success=False, handled=False,
                               message="454 4.7.0 Too many failed logins; try again later")
-        if not isinstance(auth_data, LoginPassword):
-            return AuthResult(success=False, handled=False)
         return None
 
     def _password_valid(self, auth_data: LoginPassword) -> bool:
-        login = auth_data.login.decode("utf-8", "replace")
+        login = _login(auth_data)
         password = auth_data.password.decode("utf-8", "replace")
         user = self.users.get(login)
         # A check for an unknown user costs the same, so timing does not tell who exists.
-        valid = verify_password(password, user.password_hash if user else self._dummy_hash)
-        return user is not None and valid
+        stored = user.password_hash if user else None
+        valid = verify_password(password, stored or self._dummy_hash)
+        return stored is not None and valid
 
-    def _after(self, session: Session, auth_data: LoginPassword, valid: bool,
-               counted: bool = False) -> AuthResult:
+    def _after(self, session: Session, auth_data: LoginPassword, valid: bool) -> AuthResult:
         client = _client_ip(session) or "?"
-        login = auth_data.login.decode("utf-8", "replace")
+        login = _login(auth_data)
         if not valid:
-            if not counted:
-                self.throttle.failed(client)
+            self.throttle.failed(client, login)
             log.warning("failed SMTP login as %r from %s", login[:64], client)
             return AuthResult(success=False, handled=False)
-        self.throttle.succeeded(client)
+        self.throttle.succeeded(client, login)
         log.info("SMTP login as %s from %s", login, client)
         return AuthResult(success=True, auth_data=auth_data)
+
+
+def _login(auth_data: LoginPassword) -> str:
+    return auth_data.login.decode("utf-8", "replace")
 
 
 def tls_context(settings: SmtpSettings) -> ssl.SSLContext | None:

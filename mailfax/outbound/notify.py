@@ -9,23 +9,27 @@ store adds an event's mails only if the event was not done yet.
 from __future__ import annotations
 
 import asyncio
+import email.policy
 import logging
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, tzinfo
 from email.headerregistry import Address
 from email.message import EmailMessage
+from email.policy import Policy
 from email.utils import format_datetime, make_msgid
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import jinja2
 
 from mailfax.config import NotifySettings
 from mailfax.model import JobState
 from mailfax.numbers import format_international
+from mailfax.outbound.accounts import Pause
 from mailfax.outbound.dsn import build_dsn, dsn_status_for
 from mailfax.store.base import Event, Job, Mail, OutgoingMail, Store
 from mailfax.support.waiting import wait_for_event
@@ -57,6 +61,17 @@ EVENT_KINDS: dict[JobState, str] = {
 }
 
 
+DELAYED = "delayed"  # the reason code the dispatcher gives a job's one delay notice
+
+
+def event_kind(event: Event) -> str | None:
+    """The notification an event is: by its state, except the one "delayed" notice, a
+    retry whose reason says so."""
+    if event.state == JobState.RETRYING and event.reason and event.reason.code == DELAYED:
+        return "delayed"
+    return EVENT_KINDS.get(event.state)
+
+
 def format_duration(seconds: float | None) -> str:
     if seconds is None:
         return ""
@@ -83,7 +98,8 @@ class Renderer:
                                            undefined=jinja2.StrictUndefined)
 
     def render(self, kind: str, job: Job, mail: Mail, event: Event,
-               language: str) -> StatusMail:
+               language: str, zone: tzinfo = UTC) -> StatusMail:
+        """``zone``: the time zone of the times shown (``notify.timezone``)."""
         context: dict[str, Any] = {
             "kind": kind,
             "job": job,
@@ -94,9 +110,13 @@ class Renderer:
             "reason_code": event.reason.code if event.reason else "",
             "detail": event.detail,
             "original_subject": mail.subject,
-            "received_at": mail.received_at,
-            "at": event.at,
-            "next_attempt_at": job.next_attempt_at,
+            # A job queued with ``mailfax send`` came with no mail to reply to: its "subject"
+            # is the file name (or --subject), and the templates say so instead of "Re: …".
+            "from_mail": not is_cli_mail(mail),
+            "received_at": mail.received_at.astimezone(zone),
+            "at": event.at.astimezone(zone),
+            "next_attempt_at": job.next_attempt_at.astimezone(zone) if job.next_attempt_at
+            else None,
         }
         subject = self.text_env.get_template(f"{language}/status.subject").render(context)
         return StatusMail(
@@ -106,9 +126,25 @@ class Renderer:
         )
 
 
+def header_policy(recipient: str) -> Policy:
+    return email.policy.default if recipient.isascii() else email.policy.default.clone(utf8=True)
+
+
+CLI_CLIENT = "cli"  # the client address of jobs queued with ``mailfax send``
+
+
+def is_cli_mail(mail: Mail) -> bool:
+    return mail.client_address == CLI_CLIENT and mail.message_id is None
+
+
 def compose(status: StatusMail, job: Job, mail: Mail, settings: NotifySettings) -> EmailMessage:
-    """A reply to the original mail: threaded, marked as automatic (RFC 3834)."""
-    message = EmailMessage()
+    """A reply to the original mail: threaded, marked as automatic (RFC 3834).
+
+    Non-ASCII text in headers goes out as encoded words, which every relay takes; only a
+    mail to an internationalised address (an SMTPUTF8 sender's) carries raw UTF-8 headers,
+    since such an address cannot be encoded (RFC 6532) and needs an SMTPUTF8 relay anyway.
+    """
+    message = EmailMessage(policy=header_policy(mail.envelope_from))
     _, from_domain = split_address(settings.from_address)
     message["From"] = Address(settings.from_name, addr_spec=settings.from_address)
     message["To"] = mail.envelope_from
@@ -126,6 +162,13 @@ def compose(status: StatusMail, job: Job, mail: Mail, settings: NotifySettings) 
     return message
 
 
+def _header_line(name: str, value: str) -> str:
+    """One header of the original for a DSN's text/rfc822-headers part, with non-ASCII text
+    as encoded words, as the original would have carried it without SMTPUTF8."""
+    parsed = email.policy.SMTP.header_factory(name, value)
+    return str(email.policy.SMTP.fold(name, parsed))
+
+
 class Notifier:
     def __init__(self, store: Store, settings: NotifySettings, renderer: Renderer,
                  on_queued: Callable[[], None] = lambda: None, poll_seconds: float = 5.0,
@@ -136,6 +179,7 @@ class Notifier:
         self.hostname = hostname
         self.store = store
         self.settings = settings
+        self.zone = ZoneInfo(settings.timezone)
         self.renderer = renderer
         self.on_queued = on_queued
         self.poll_seconds = poll_seconds
@@ -168,7 +212,7 @@ class Notifier:
         return len(events)
 
     async def _mails_for(self, event: Event) -> list[OutgoingMail]:
-        kind = EVENT_KINDS.get(event.state)
+        kind = event_kind(event)
         if kind is None or kind not in self.settings.events:
             return []
         job = await self.store.get_job(event.job_id)
@@ -202,7 +246,7 @@ class Notifier:
         reason = event.reason
         human = (f"Your fax to {format_international(job.number)} could not be delivered.\n\n"
                  f"{reason.for_language(language) if reason else ''}\n")
-        headers = "".join(f"{name}: {value}\r\n" for name, value in (
+        headers = "".join(_header_line(name, value) for name, value in (
             ("From", mail.from_header or mail.envelope_from), ("Subject", mail.subject),
             ("Message-ID", mail.message_id or ""),
             ("Date", format_datetime(mail.received_at))) if value)
@@ -221,12 +265,48 @@ class Notifier:
     def _status_mail(self, kind: str, job: Job, mail: Mail, event: Event) -> OutgoingMail:
         language = mail.language or self.settings.language
         try:
-            status = self.renderer.render(kind, job, mail, event, language)
+            status = self.renderer.render(kind, job, mail, event, language, self.zone)
         except jinja2.TemplateError:
             log.exception("status mail template for %s/%s failed", language, kind)
-            status = self.renderer.render(kind, job, mail, event, "en")
+            status = self.renderer.render(kind, job, mail, event, "en", self.zone)
         message = compose(status, job, mail, self.settings)
         # The envelope sender of a status mail is empty, as for any automatic reply that
         # must not itself cause bounces to loop back (RFC 3834, 5321 §4.5.5).
         return OutgoingMail(envelope_from="", recipients=[mail.envelope_from],
                             message=message.as_bytes(), job_id=job.id, kind=kind)
+
+
+class AdminAlerts:
+    """Mails to the administrator (the postmaster), through the outbox like status mails:
+    an account paused because its provider refused it as a whole."""
+
+    def __init__(self, store: Store, renderer: Renderer, settings: NotifySettings,
+                 admin_address: str, on_queued: Callable[[], None] = lambda: None):
+        self.store = store
+        self.renderer = renderer
+        self.settings = settings
+        self.admin_address = admin_address
+        self.on_queued = on_queued
+
+    async def account_paused(self, pause: Pause) -> None:
+        context = {"account": pause.account, "since": pause.since,
+                   "reason": pause.reason.for_language(self.settings.language),
+                   "detail": pause.reason.detail, "code": pause.reason.code}
+        language = self.settings.language
+        env = self.renderer.text_env
+        subject = env.get_template(f"{language}/admin.subject").render(context)
+        message = EmailMessage()
+        _, from_domain = split_address(self.settings.from_address)
+        message["From"] = Address(self.settings.from_name, addr_spec=self.settings.from_address)
+        message["To"] = self.admin_address
+        message["Subject"] = " ".join(subject.split())
+        message["Date"] = format_datetime(datetime.now(UTC), usegmt=True)
+        message["Message-ID"] = make_msgid(idstring=f"account-{pause.account}",
+                                           domain=from_domain or "mailfax")
+        message["Auto-Submitted"] = "auto-generated"
+        message["X-Mailfax-Account"] = pause.account
+        message.set_content(env.get_template(f"{language}/admin.txt").render(context))
+        await self.store.enqueue_mail(OutgoingMail(
+            envelope_from="", recipients=[self.admin_address], message=message.as_bytes(),
+            kind="admin"))
+        self.on_queued()

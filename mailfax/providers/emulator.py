@@ -2,22 +2,32 @@
 
 No account needed. It "transmits" each job after a configurable delay, reports pages and a
 duration, and fails numbers by configurable prefix rules (busy, no answer, ...), so every path
-of mailfax can be tried without a fax provider. Its ledger is a SQLite file of its own
-(``<data_dir>/emulator/<account>.sqlite3``), durable like a real provider: a job it accepted
-survives a crash of mailfax, and a resend with the same reference is answered as a duplicate
-instead of being faxed twice.
+of mailfax can be tried without a fax provider.
+
+Its network is the store (table ``emulator_transmissions``), durable like a real provider: a
+job it accepted survives a crash of mailfax, and a resend with the same reference is answered
+as a duplicate instead of being faxed twice. Every instance that shares a store (several
+``mailfax serve`` on one PostgreSQL, each with its own data dir) shares that one network, as
+they would share a real provider account, so whichever instance runs the status tracker sees
+every job. A provider made without a store (benchmarks) keeps a ledger file in its data dir.
+
+It also receives faxes: every TIFF put into its inbox folder (``<data_dir>/emulator/inbox`` by
+default) is handed to mailfax as a received fax, then deleted once its mail went out. A JSON
+file of the same name beside it may say who sent it to which number (``{"to": …, "from": …,
+"remote_id": …}``); ``mailfax emulate receive`` writes both.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import os
+import re
 import sqlite3
 import threading
 import time
-import uuid
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
@@ -25,16 +35,21 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from mailfax import reasons
+from mailfax.emulators.fax_image import TIFF_SUFFIXES, tiff_pages
 from mailfax.emulators.rules import longest_prefix
 from mailfax.model import JobState
 from mailfax.providers.base import (
     BaseProvider,
+    EmulatedTransmission,
+    EmulatorNetwork,
+    InboundFax,
     ProviderContext,
     ProviderError,
     ProviderRef,
     SendReceipt,
     SendRequest,
     StatusReport,
+    new_emulator_job_id,
 )
 
 Outcome = Literal[
@@ -62,17 +77,17 @@ class Settings(BaseModel):
         ],
         description="numbers that fail, by longest matching prefix",
     )
+    inbound: bool = Field(default=True, description="hand out the faxes in inbox_folder")
+    inbox_folder: str = Field(default="", description="received faxes (*.tif) to hand out; "
+                                                      "empty: <data_dir>/emulator/inbox")
+    fax_number: str = Field(default="+49301234567", pattern=r"^\+[0-9]+$",
+                            description="the number a fax in the folder was sent to, when no "
+                                        "JSON beside it names one")
+    inbound_poll_seconds: float = Field(default=1.0, gt=0,
+                                        description="how often mailfax looks into the folder")
 
 
-@dataclass(frozen=True)
-class Transmission:
-    provider_job_id: str
-    reference: str
-    number: str
-    pages: int
-    submitted_at: float
-    send_calls: int
-    cancelled: bool = False
+Transmission = EmulatedTransmission
 
 
 def outcome_for(number: str, rules: Sequence[FailRule]) -> Outcome | None:
@@ -108,8 +123,11 @@ def report_for(transmission: Transmission, settings: Settings, now: float) -> St
     )
 
 
-class Ledger:
-    """What the fake network has received; blocking, called through ``asyncio.to_thread``."""
+class FileNetwork(EmulatorNetwork):
+    """The network as a SQLite file of its own, for an emulator made without a store.
+
+    The blocking calls run through ``asyncio.to_thread``; one file is one account's network.
+    """
 
     def __init__(self, path: Path):
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -141,8 +159,18 @@ class Ledger:
         with self._lock:
             self._conn.close()
 
-    def submit(self, reference: str, number: str, pages: int) -> tuple[str, bool]:
-        """Record a transmission; returns (provider job id, was it a duplicate)."""
+    async def emulator_submit(self, account: str, reference: str, number: str,
+                              pages: int) -> tuple[str, bool]:
+        return await asyncio.to_thread(self._submit, reference, number, pages)
+
+    async def emulator_transmissions(self, account: str, provider_job_ids: Sequence[str]
+                                     ) -> dict[str, Transmission]:
+        return await asyncio.to_thread(self._get, provider_job_ids)
+
+    async def emulator_cancel(self, account: str, provider_job_id: str) -> None:
+        await asyncio.to_thread(self._cancel, provider_job_id)
+
+    def _submit(self, reference: str, number: str, pages: int) -> tuple[str, bool]:
         with self._connect() as conn:
             row = conn.execute(
                 "SELECT provider_job_id FROM transmissions WHERE reference = ?", (reference,)
@@ -152,14 +180,14 @@ class Ledger:
                     "UPDATE transmissions SET send_calls = send_calls + 1 WHERE reference = ?",
                     (reference,))
                 return str(row[0]), True
-            provider_job_id = "EMU-" + uuid.uuid4().hex[:16]
+            provider_job_id = new_emulator_job_id()
             conn.execute(
                 "INSERT INTO transmissions (provider_job_id, reference, number, pages,"
                 " submitted_at) VALUES (?,?,?,?,?)",
                 (provider_job_id, reference, number, pages, time.time()))
             return provider_job_id, False
 
-    def get(self, provider_job_ids: Sequence[str]) -> dict[str, Transmission]:
+    def _get(self, provider_job_ids: Sequence[str]) -> dict[str, Transmission]:
         with self._connect() as conn:
             rows = conn.execute(
                 f"SELECT * FROM transmissions WHERE provider_job_id IN"
@@ -167,7 +195,7 @@ class Ledger:
             ).fetchall()
         return {row["provider_job_id"]: _transmission(row) for row in rows}
 
-    def cancel(self, provider_job_id: str) -> None:
+    def _cancel(self, provider_job_id: str) -> None:
         with self._connect() as conn:
             conn.execute("UPDATE transmissions SET cancelled = 1 WHERE provider_job_id = ?",
                          (provider_job_id,))
@@ -185,13 +213,105 @@ def ledger_path(data_dir: Path, account: str) -> Path:
     return data_dir / "emulator" / f"{account}.sqlite3"
 
 
+# -- received faxes: a folder of TIFFs ------------------------------------------------------------
+
+SETTLE_SECONDS = 0.5  # a file younger than this may still be being copied in
+OWN_ID = re.compile(r"[0-9]{16,}")  # the ids this emulator gives: microseconds since 1970
+
+
+def inbox_folder(data_dir: Path, settings: Settings) -> Path:
+    return Path(settings.inbox_folder) if settings.inbox_folder else (
+        data_dir / "emulator" / "inbox")
+
+
+def next_received(folder: Path, settings: Settings, now: float) -> InboundFax | None:
+    """The oldest settled TIFF in ``folder`` as a received fax (blocking: run in a thread)."""
+    try:
+        candidates = [path for path in folder.iterdir()
+                      if path.suffix.lower() in TIFF_SUFFIXES and not path.name.startswith(".")]
+    except FileNotFoundError:
+        return None
+    dated = []
+    for path in candidates:
+        with contextlib.suppress(FileNotFoundError):
+            modified = path.stat().st_mtime
+            if now - modified >= SETTLE_SECONDS:
+                dated.append((modified, path.name, path))
+    if not dated:
+        return None
+    modified, _, path = min(dated)
+    if not OWN_ID.fullmatch(path.stem):  # a file a person put there: give it an id, as a
+        path = _claim(path)  # provider does (so two faxes named scan.tif are two faxes)
+    image = path.read_bytes()
+    about = _sidecar(path.with_suffix(".json"))
+    return InboundFax(
+        fax_id=path.stem, called_number=str(about.get("to") or settings.fax_number),
+        received_at=datetime.fromtimestamp(modified, UTC),
+        originator=str(about.get("from") or ""), remote_id=str(about.get("remote_id") or ""),
+        pages=tiff_pages(image), image=image)
+
+
+def _claim(path: Path) -> Path:
+    fax_id = _new_fax_id()
+    sidecar = path.with_suffix(".json")
+    if sidecar.exists():
+        os.replace(sidecar, path.with_name(f"{fax_id}.json"))
+    claimed = path.with_name(f"{fax_id}.tif")
+    os.replace(path, claimed)
+    return claimed
+
+
+def _new_fax_id() -> str:
+    return str(time.time_ns() // 1000)
+
+
+def _sidecar(path: Path) -> dict[str, object]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (FileNotFoundError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def delete_received(folder: Path, fax_id: str) -> None:
+    if not folder.is_dir():
+        return
+    for path in folder.iterdir():
+        if path.stem == fax_id and path.suffix.lower() in (*TIFF_SUFFIXES, ".json"):
+            path.unlink(missing_ok=True)
+
+
+def drop_received(folder: Path, image: bytes, to: str, sender: str = "",
+                  remote_id: str = "") -> str:
+    """Put a fax into the inbox folder as a running emulator picks it up; returns its id.
+
+    The JSON goes first and the TIFF appears by rename, so a poller never sees half a fax."""
+    folder.mkdir(parents=True, exist_ok=True)
+    fax_id = _new_fax_id()
+    (folder / f"{fax_id}.json").write_text(json.dumps(
+        {"to": to, "from": sender, "remote_id": remote_id}), encoding="utf-8")
+    partial = folder / f".{fax_id}.tif.part"
+    partial.write_bytes(image)
+    os.replace(partial, folder / f"{fax_id}.tif")
+    return fax_id
+
+
 class EmulatorProvider(BaseProvider):
     provider_name = "emulator"
 
     def __init__(self, context: ProviderContext, settings: Settings):
         super().__init__(context)
         self.settings = settings
-        self.ledger = Ledger(ledger_path(context.data_dir, context.account))
+        self._own_file: FileNetwork | None = None
+        network = context.emulator_network
+        if network is None:
+            network = self._own_file = FileNetwork(ledger_path(context.data_dir, context.account))
+        self.network: EmulatorNetwork = network
+        self.supports_inbound = settings.inbound
+        self.inbox_folder = inbox_folder(context.data_dir, settings)
+        if self.supports_inbound:  # there from the start, for a person to drop faxes into
+            self.inbox_folder.mkdir(parents=True, exist_ok=True)
+        self.inbound_poll_seconds = settings.inbound_poll_seconds
 
     async def send(self, request: SendRequest) -> SendReceipt:
         if outcome_for(request.number, self.settings.fail) == "provider_unavailable":
@@ -199,15 +319,16 @@ class EmulatorProvider(BaseProvider):
                                 transient=True)
         if self.settings.send_latency_seconds:
             await asyncio.sleep(self.settings.send_latency_seconds)
-        provider_job_id, duplicate = await asyncio.to_thread(
-            self.ledger.submit, request.job_id, request.number, request.pages)
+        provider_job_id, duplicate = await self.network.emulator_submit(
+            self.account, request.job_id, request.number, request.pages)
         return SendReceipt(job_id=request.job_id, provider_job_id=provider_job_id,
                            pages=request.pages, duplicate=duplicate)
 
     async def status(self, refs: Sequence[ProviderRef]) -> dict[str, StatusReport]:
         if not refs:
             return {}
-        found = await asyncio.to_thread(self.ledger.get, [ref.provider_job_id for ref in refs])
+        found = await self.network.emulator_transmissions(
+            self.account, [ref.provider_job_id for ref in refs])
         now = time.time()
         return {
             ref.job_id: report_for(found[ref.provider_job_id], self.settings, now)
@@ -215,17 +336,25 @@ class EmulatorProvider(BaseProvider):
         }
 
     async def cancel(self, ref: ProviderRef) -> bool:
-        found = await asyncio.to_thread(self.ledger.get, [ref.provider_job_id])
+        found = await self.network.emulator_transmissions(self.account, [ref.provider_job_id])
         transmission = found.get(ref.provider_job_id)
         if transmission is None:
             return False
         if report_for(transmission, self.settings, time.time()).state.is_final:
             return False
-        await asyncio.to_thread(self.ledger.cancel, ref.provider_job_id)
+        await self.network.emulator_cancel(self.account, ref.provider_job_id)
         return True
 
+    async def fetch_inbound(self) -> InboundFax | None:
+        return await asyncio.to_thread(next_received, self.inbox_folder, self.settings,
+                                       time.time())
+
+    async def delete_inbound(self, fax_id: str) -> None:
+        await asyncio.to_thread(delete_received, self.inbox_folder, fax_id)
+
     async def close(self) -> None:
-        await asyncio.to_thread(self.ledger.close)
+        if self._own_file is not None:
+            await asyncio.to_thread(self._own_file.close)
 
 
 def create(context: ProviderContext, settings: Settings) -> EmulatorProvider:

@@ -47,6 +47,10 @@ def check_sender(envelope_from: str, client_ip: str | None,
     return SenderVerdict(False, f"sender <{envelope_from}> may not send faxes")
 
 
+def from_trusted_network(client_ip: str | None, policy: SenderPolicySettings) -> bool:
+    return _in_networks(client_ip, policy.trusted_networks)
+
+
 def _in_networks(client_ip: str | None, networks: Sequence[str]) -> bool:
     if not client_ip:
         return False
