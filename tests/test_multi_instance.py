@@ -298,7 +298,15 @@ async def test_two_instances_with_their_own_data_dirs_share_one_emulator_network
                     and not await store.pending_notifications(1)
                     and await store.outbox_depth() == 0)
 
-        await wait_until("every job final and mailed", all_done, 150)
+        try:
+            await wait_until("every job final and mailed", all_done, 150)
+        except AssertionError:
+            jobs = await store.list_jobs(limit=100_000)
+            states = collections.Counter(job.state.value for job in jobs)
+            raise AssertionError(
+                f"not done: {len(jobs)} jobs {dict(states)}, pending notifications: "
+                f"{len(await store.pending_notifications(1000))}, outbox: "
+                f"{await store.outbox_depth()}\n{log_of(configs[1])[-3000:]}") from None
         transmissions = await store.emulator_transmissions(
             "emulator", [job.provider_job_id or "" for job in
                          await store.list_jobs(limit=100_000)])
@@ -321,7 +329,9 @@ async def test_two_instances_with_their_own_data_dirs_share_one_emulator_network
     assert set(references) == set(jobs)
     assert [ref for ref, count in references.items() if count != 1] == []
     # Neither instance wrote a ledger file of its own.
-    assert not await asyncio.to_thread(lambda: list(tmp_path.glob("host*/data/emulator/*")))
+    ledger_files = await asyncio.to_thread(
+        lambda: list(tmp_path.glob("host*/data/emulator/*.sqlite3")))
+    assert ledger_files == []
     status = collections.Counter(message["X-Mailfax-Job"]
                                  for message in mailbox.Maildir(maildir, create=False))
     assert set(status) == set(jobs)
