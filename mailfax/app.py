@@ -20,6 +20,7 @@ import secrets
 import socket
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
+from datetime import timedelta
 from pathlib import Path
 from typing import Protocol, cast, runtime_checkable
 
@@ -127,9 +128,12 @@ class Application:
                                  on_queued=self.outbox.wake,
                                  mails_per_hour=settings.quotas.status_mails_per_hour,
                                  fax_domain=settings.fax_domains[0],
-                                 hostname=settings.smtp.hostname, owner=self.instance)
+                                 hostname=settings.smtp.hostname, owner=self.instance,
+                                 admin_address=settings.inbound.postmaster)
         self.tracker = Tracker(self.store, self.providers, settings.dispatch.status_poll_seconds,
-                               on_change=self.notifier.wake)
+                               on_change=self.notifier.wake,
+                               unconfirmed_after=timedelta(
+                                   hours=settings.dispatch.unconfirmed_hours))
         if isinstance(self.store, AnnouncingStore):
             self.store.on_announced = self.tracker.wake  # ignored where it does not run
         self.dispatcher = Dispatcher(self.store, self.providers, settings.dispatch,

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from mailfax import __version__, logs
 from mailfax.config import ConfigError, ListenAddress, Settings, load_settings
-from mailfax.model import FINAL_STATES, JobState
+from mailfax.model import FINAL_STATES, RETRYABLE_STATES, JobState
 from mailfax.outbound.notify import format_duration
 from mailfax.providers.base import ProviderContext, ProviderRef
 from mailfax.store import open_store
@@ -103,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     emulate.add_argument("--listen", default="127.0.0.1:0")
     emulate.add_argument("--option", action="append", default=[], metavar="KEY=VALUE")
     emulate.set_defaults(handler=cmd_emulate)
+    add_retry_command(commands)
     return parser
 
 
@@ -235,6 +236,42 @@ def cmd_cancel(args: argparse.Namespace) -> int:
             return 0
         return await _cancel_at_provider(settings, store, job.id, job.account,
                                          job.provider_job_id, cancelled)
+
+    return _run_with_store(args, action)
+
+
+# -- retry ------------------------------------------------------------------------------------
+
+def add_retry_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    retry = commands.add_parser(
+        "retry", help="send failed, cancelled or unconfirmed jobs again (deliberately)",
+        description="Queue a new attempt of each job: for jobs that failed, were cancelled, "
+                    "or are unconfirmed (their provider may have them; this may send a "
+                    "second copy). The running service sends them.")
+    retry.add_argument("jobs", nargs="+", metavar="JOB")
+    retry.set_defaults(handler=cmd_retry)
+
+
+def cmd_retry(args: argparse.Namespace) -> int:
+    """Exit 0 when every job was queued again, 1 when any was not (each one is said)."""
+
+    async def action(store: Store) -> int:
+        refused = 0
+        for job_id in args.jobs:
+            job = await store.get_job(job_id)
+            if job is None:
+                print(f"mailfax: no job {job_id}", file=sys.stderr)
+                refused += 1
+                continue
+            if job.state in RETRYABLE_STATES:
+                job = await store.reopen_job(job_id, "sent again with mailfax retry") or job
+                if job.state == JobState.QUEUED:
+                    print(f"job {job_id} queued again")
+                    continue
+            print(f"mailfax: job {job_id} is {job.state.value}: only failed, cancelled or "
+                  "unconfirmed jobs can be retried", file=sys.stderr)
+            refused += 1
+        return 1 if refused else 0
 
     return _run_with_store(args, action)
 

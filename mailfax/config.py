@@ -208,6 +208,9 @@ class DispatchSettings(Strict):
     retry_max_seconds: float = Field(default=3600.0, gt=0)
     concurrency: int = Field(default=8, ge=1)
     status_poll_seconds: float = Field(default=20.0, gt=0)
+    # How long an unconfirmed job (a send whose answer was lost) is looked for at its
+    # provider before the sender and the admin are told "may have been sent".
+    unconfirmed_hours: float = Field(default=6.0, gt=0)
 
 
 NotifyEvent = Literal["accepted", "retrying", "delivered", "failed", "cancelled"]

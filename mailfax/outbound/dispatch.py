@@ -28,8 +28,11 @@ from mailfax.providers.base import (
     FaxDocument,
     Provider,
     ProviderError,
+    ResendHandling,
     SendReceipt,
     SendRequest,
+    resend_handling,
+    unconfirmed_ref,
 )
 from mailfax.store.base import (
     OTHER_ACCOUNTS,
@@ -74,6 +77,52 @@ def outcome_of_error(error: ProviderError, attempt: int, settings: DispatchSetti
     if error.transient:
         detail = f"gave up after {attempt} attempts: {detail}"
     return Transition(state=JobState.FAILED, reason=error.reason, detail=detail)
+
+
+ANSWER_LOST = "answer_lost"  # reason code of a job whose last send answer was lost
+
+
+def outcome_unknown(job: Job, result: SendReceipt | ProviderError, provider: object,
+                    settings: DispatchSettings, now: datetime) -> Transition | None:
+    """What a send means whose outcome we do not know, or None when we do.
+
+    A send may have reached the provider though we got no (readable) answer, or the
+    provider has the job without telling us its id. Whether to send it again is the
+    provider's declaration (:class:`ResendHandling`), not a guess: where a resend is
+    recognised or refused as a duplicate, it is retried as usual (marked, so a duplicate
+    refusal is read as "you sent it already"); where it is not, the job is not resent but
+    ``unconfirmed``.
+    """
+    if isinstance(result, SendReceipt):
+        if result.confirmed:
+            return None
+        return unconfirmed_transition(result.provider_job_id or None,
+                                      f"{job.account} has it under an id it did not tell")
+    if not result.maybe_sent:
+        return None
+    detail = result.reason.detail or result.reason.code
+    if (resend_handling(provider) != ResendHandling.NOT_RECOGNISED
+            and job.attempts < settings.max_attempts):
+        delay = result.retry_after or retry_delay(
+            job.attempts, settings.retry_initial_seconds, settings.retry_max_seconds)
+        return Transition(state=JobState.RETRYING, reason=reasons.reason(ANSWER_LOST, detail),
+                          detail=f"attempt {job.attempts}: answer lost ({detail}); the "
+                                 "provider recognises a resend",
+                          next_attempt_at=now + timedelta(seconds=delay))
+    return unconfirmed_transition(unconfirmed_ref(provider, job.id), detail)
+
+
+def unconfirmed_transition(placeholder: str | None, detail: str) -> Transition:
+    """The job goes ``unconfirmed``: looked for under ``placeholder`` (no mail yet: the
+    tracker mails when the search runs out, see ``dispatch.unconfirmed_hours``), or, when
+    the provider offers no way to find it, with the "may have been sent" mail at once."""
+    if placeholder:
+        return Transition(state=JobState.UNCONFIRMED, reason=reasons.reason(ANSWER_LOST, detail),
+                          detail=f"answer lost ({detail}); looking for it at the provider",
+                          provider_job_id=placeholder, notify=False)
+    return Transition(state=JobState.UNCONFIRMED, reason=reasons.reason("unconfirmed", detail),
+                      detail=f"answer lost ({detail}); the provider cannot be asked, "
+                             "not resent")
 
 
 class Dispatcher:
@@ -277,12 +326,18 @@ class Dispatcher:
         return SendRequest(
             job_id=job.id, number=job.number, documents=documents, pages=job.pages,
             subject=subject, sender=job.sender, attempt=job.attempts,
+            earlier_may_have_arrived=job.reason is not None and job.reason.code == ANSWER_LOST,
             station_id=job.options.get("station_id"), header=job.options.get("header"),
             cover_text=job.options.get("cover_text"),
         )
 
     def _transition(self, job: Job, result: SendReceipt | ProviderError,
                     now: datetime) -> Transition:
+        unknown = outcome_unknown(job, result, self.providers.get(job.account), self.settings,
+                                  now)
+        if unknown is not None:
+            log.warning("job %s: %s (%s)", job.id, unknown.detail, unknown.state)
+            return unknown
         if isinstance(result, SendReceipt):
             detail = f"accepted by {job.account} as {result.provider_job_id}"
             if result.duplicate:

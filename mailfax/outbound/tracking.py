@@ -12,6 +12,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
+from datetime import UTC, datetime, timedelta
 
 from mailfax import reasons
 from mailfax.model import TRACKED_STATES, JobState
@@ -36,8 +37,26 @@ def transition_for(job: Job, report: StatusReport) -> Transition | None:
         # A failed call reports 0 pages sent; the job keeps the page count of its documents.
         state=report.state, reason=report.reason, detail=detail, pages=report.pages or None,
         duration_seconds=report.duration_seconds, remote_id=report.remote_id,
+        provider_job_id=report.provider_job_id,
         notify=report.state not in TRACKED_STATES,
     )
+
+
+def unconfirmed_ran_out(job: Job, now: datetime, after: timedelta) -> Transition | None:
+    """The "may have been sent" mail for an unconfirmed job still looked for at its
+    provider (reason ``answer_lost``) longer than ``after``; None while the search goes on."""
+    if job.state != JobState.UNCONFIRMED or job.reason is None:
+        return None
+    if job.reason.code != "answer_lost" or now - job.updated < after:
+        return None
+    hours = after.total_seconds() / 3600
+    return Transition(
+        state=JobState.UNCONFIRMED, reason=reasons.reason("unconfirmed", job.reason.detail),
+        detail=f"not found at {job.account} within {hours:g} h; not resent", log_event=True)
+
+
+def refs_of(jobs: Sequence[Job]) -> list[ProviderRef]:
+    return [ProviderRef(job.id, job.provider_job_id or "", since=job.updated) for job in jobs]
 
 
 class Tracker:
@@ -49,8 +68,12 @@ class Tracker:
     """
 
     def __init__(self, store: Store, providers: Mapping[str, Provider], interval: float,
-                 on_change: Callable[[], None] = lambda: None):
+                 on_change: Callable[[], None] = lambda: None,
+                 unconfirmed_after: timedelta = timedelta(hours=6),
+                 clock: Callable[[], datetime] = lambda: datetime.now(UTC)):
         self.on_change = on_change
+        self.unconfirmed_after = unconfirmed_after
+        self.clock = clock
         self.store = store
         self.providers = providers
         self.interval = interval
@@ -100,6 +123,26 @@ class Tracker:
         self._fresh.clear()  # everything in flight is asked now
         await asyncio.gather(*(self._poll_safely(account, provider)
                                for account, provider in self.providers.items()))
+        try:
+            await self.settle_unconfirmed()
+        except Exception:
+            log.exception("checking unconfirmed jobs failed")
+
+    async def settle_unconfirmed(self) -> int:
+        """Mail the sender and the admin about unconfirmed jobs their provider did not turn
+        up within ``unconfirmed_after``; returns how many."""
+        now = self.clock()
+        mailed = 0
+        for job in await self.store.list_jobs(limit=1000, state=JobState.UNCONFIRMED):
+            transition = unconfirmed_ran_out(job, now, self.unconfirmed_after)
+            if transition is None:
+                continue
+            if await self.store.record(job.id, transition, expected=[JobState.UNCONFIRMED]):
+                log.warning("job %s: %s", job.id, transition.detail)
+                mailed += 1
+        if mailed:
+            self.on_change()
+        return mailed
 
     async def _poll_safely(self, account: str, provider: Provider) -> None:
         try:
@@ -138,8 +181,7 @@ class Tracker:
         if not jobs:
             return
         try:
-            reports = await provider.status(
-                [ProviderRef(job.id, job.provider_job_id or "") for job in jobs])
+            reports = await provider.status(refs_of(jobs))
         except ProviderError as error:
             log.warning("status of %d jobs at %s: %s", len(jobs), account, error)
             return

@@ -153,6 +153,9 @@ class Transition:
     remote_id: str | None = None
     next_attempt_at: datetime | None = None
     notify: bool = True
+    # Log an event (and so, with ``notify``, a status mail) even when the state stays: an
+    # unconfirmed job whose search at the provider ran out.
+    log_event: bool = False
 
 
 Handoff = Literal["handed_off", "failed", "waiting"]
@@ -260,6 +263,14 @@ class Store(Protocol):
 
     async def tracked_jobs(self, account: str) -> list[Job]:
         """Jobs handed to the provider whose outcome is not known yet."""
+        ...
+
+    async def reopen_job(self, job_id: str, detail: str) -> Job | None:
+        """The deliberate resend (``mailfax retry``): a job in one of
+        :data:`~mailfax.model.RETRYABLE_STATES` goes back to queued, due now, with its
+        provider job id, attempt count, cancel request and acknowledgement cleared, and an
+        event logged (not mailed). Returns the job as it is now (unchanged when its state is
+        not retryable), or None when there is no such job."""
         ...
 
     async def get_job(self, job_id: str) -> Job | None: ...

@@ -29,7 +29,7 @@ from psycopg.rows import DictRow, dict_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
-from mailfax.model import TRACKED_STATES, JobState, Reason, can_transition
+from mailfax.model import RETRYABLE_STATES, TRACKED_STATES, JobState, Reason, can_transition
 from mailfax.providers.base import FaxDocument, InboundFax
 from mailfax.store.base import (
     OTHER_ACCOUNTS,
@@ -441,7 +441,7 @@ RECORD_SQL = """
         INSERT INTO events (job_id, at, state, reason, detail, notify)
         SELECT %(id)s, now(), %(state)s, %(reason)s::jsonb, %(detail)s,
                %(notify)s
-        FROM changed WHERE (SELECT state FROM old) <> %(state)s
+        FROM changed WHERE (SELECT state FROM old) <> %(state)s OR %(log_event)s
         RETURNING 1
     )
     SELECT (SELECT state FROM old) AS old_state,
@@ -462,7 +462,8 @@ def _record_parameters(job_id: str, transition: Transition,
             "provider_job_id": transition.provider_job_id, "pages": transition.pages,
             "duration": transition.duration_seconds, "remote_id": transition.remote_id,
             "next_attempt_at": transition.next_attempt_at, "id": job_id,
-            "allowed": allowed, "detail": transition.detail, "notify": transition.notify}
+            "allowed": allowed, "detail": transition.detail, "notify": transition.notify,
+            "log_event": transition.log_event}
 
 
 def _record_verdict(row: DictRow | None, job_id: str, transition: Transition,
@@ -848,6 +849,26 @@ class PostgresStore:
                 (account, states),
             )
             return [_job(row) for row in await cur.fetchall()]
+
+    async def reopen_job(self, job_id: str, detail: str) -> Job | None:
+        async with self._cursor() as cur:
+            await cur.execute(
+                """
+                UPDATE jobs SET state = 'queued', updated = now(), next_attempt_at = now(),
+                    attempts = 0, provider_job_id = NULL, cancel_requested = false,
+                    acknowledged = false, lease_owner = NULL, lease_until = NULL
+                WHERE id = %s AND state = ANY(%s) RETURNING *
+                """, (job_id, [state.value for state in RETRYABLE_STATES]))
+            row = await cur.fetchone()
+            if row is not None:
+                await cur.execute(
+                    "INSERT INTO events (job_id, at, state, reason, detail, notify)"
+                    " VALUES (%s, now(), 'queued', NULL, %s, false)", (job_id, detail))
+                await cur.execute(f"NOTIFY {NOTIFY_CHANNEL}")  # delivered at commit
+                return _job(row)
+            await cur.execute("SELECT * FROM jobs WHERE id = %s", (job_id,))
+            row = await cur.fetchone()
+        return _job(row) if row else None
 
     async def unacknowledged_final_jobs(self, account: str, limit: int) -> list[Job]:
         async with self._cursor() as cur:
