@@ -98,8 +98,9 @@ def outcome_unknown(job: Job, result: SendReceipt | ProviderError, provider: obj
             return None
         return unconfirmed_transition(result.provider_job_id or None,
                                       f"{job.account} has it under an id it did not tell")
-    if not result.maybe_sent:
-        return None
+    answer_lost_before = job.reason is not None and job.reason.code == ANSWER_LOST
+    if not (result.maybe_sent or (answer_lost_before and result.transient)):
+        return None  # (a later transient error does not make an earlier lost answer known)
     detail = result.reason.detail or result.reason.code
     if (resend_handling(provider) != ResendHandling.NOT_RECOGNISED
             and job.attempts < settings.max_attempts):

@@ -20,10 +20,12 @@ import httpx
 import zeep
 from lxml import etree
 from zeep.exceptions import Error as ZeepError
+from zeep.exceptions import Fault
 from zeep.helpers import serialize_object
 from zeep.proxy import AsyncServiceProxy
 from zeep.transports import AsyncTransport
 
+from mailfax.providers.http import request_may_have_arrived
 from mailfax.support import xmlsafe
 
 log = logging.getLogger(__name__)
@@ -39,7 +41,15 @@ MAX_CONNECTIONS = 10  # per account; callers bound their concurrent calls to it
 
 
 class SoapError(Exception):
-    """The call did not produce a readable answer (transport, fault, or unknown shape)."""
+    """The call did not produce a readable answer (transport, fault, or unknown shape).
+
+    ``may_have_arrived``: the request may have reached FAX.de and been acted on (the
+    connection broke or timed out after it was made, or the answer was unreadable); not for a
+    failure to connect or a SOAP fault (the server refused the request)."""
+
+    def __init__(self, message: str, may_have_arrived: bool = False):
+        super().__init__(message)
+        self.may_have_arrived = may_have_arrived
 
 
 def zeep_settings() -> zeep.Settings:
@@ -95,10 +105,15 @@ class SoapClient:
         try:
             answer = await getattr(service, operation)(**parameters)
         except httpx.HTTPError as error:
-            raise SoapError(f"{operation}: {type(error).__name__}: {error}") from None
+            raise SoapError(f"{operation}: {type(error).__name__}: {error}",
+                            request_may_have_arrived(error)) from None
         except ZeepError as error:
-            raise SoapError(f"{operation}: {type(error).__name__}: {error}") from None
-        return outputs(answer)
+            raise SoapError(f"{operation}: {type(error).__name__}: {error}",
+                            not isinstance(error, Fault)) from None
+        try:
+            return outputs(answer)
+        except SoapError as error:
+            raise SoapError(f"{operation}: {error}", may_have_arrived=True) from None
 
     async def close(self) -> None:
         await self.http.aclose()
