@@ -32,6 +32,7 @@ from mailfax.providers.base import (
     ProviderContext,
     ProviderError,
     ProviderRef,
+    ResendHandling,
     SendReceipt,
     SendRequest,
     StatusReport,
@@ -187,6 +188,8 @@ def ledger_path(data_dir: Path, account: str) -> Path:
 
 class EmulatorProvider(BaseProvider):
     provider_name = "emulator"
+    # Its ledger answers a resend with the same reference with the job already there.
+    resend_handling = ResendHandling.RECOGNISED
 
     def __init__(self, context: ProviderContext, settings: Settings):
         super().__init__(context)
