@@ -19,7 +19,7 @@ from mailfax.model import FINAL_STATES, RETRYABLE_STATES, JobState
 from mailfax.outbound.notify import format_duration
 from mailfax.providers.base import ProviderContext, ProviderRef
 from mailfax.store import open_store
-from mailfax.store.base import Store, Transition
+from mailfax.store.base import Job, Store, Transition
 
 log = logging.getLogger("mailfax")
 
@@ -234,10 +234,34 @@ def cmd_cancel(args: argparse.Namespace) -> int:
         if job.provider_job_id is None:
             print(f"job {job.id} is being sent right now; it will be cancelled at the provider")
             return 0
-        return await _cancel_at_provider(settings, store, job.id, job.account,
-                                         job.provider_job_id, cancelled)
+        return await _cancel_tracked(settings, store, job, cancelled)
 
     return _run_with_store(args, action)
+
+
+async def _cancel_tracked(settings: Settings, store: Store, job: Job,
+                          cancelled: Transition) -> int:
+    """A job the provider has. Where several jobs share one provider job (FAX.de's bulk
+    mode), cancelling it cancels them all: only when every one of them is being cancelled."""
+    from mailfax.outbound.tracking import cancel_groups
+
+    groups, held = cancel_groups([job], await store.tracked_jobs(job.account))
+    if job.id in held:
+        await store.request_cancel(job.id)
+        others = " ".join(held[job.id])
+        print(f"mailfax: job {job.id} is not cancelled yet: it was sent as one provider job "
+              f"({job.provider_job_id}) together with {others}, and cancelling it would "
+              f"cancel those too. It will be cancelled once they are: mailfax cancel "
+              f"{held[job.id][0]} ...", file=sys.stderr)
+        return 1
+    assert job.provider_job_id is not None
+    code = await _cancel_at_provider(settings, store, job.id, job.account,
+                                     job.provider_job_id, cancelled)
+    for other in groups[0][1:] if code == 0 else []:
+        await store.record(other.id, cancelled, expected=(
+            JobState.SUBMITTED, JobState.SENDING, JobState.RETRYING, JobState.UNCONFIRMED))
+        print(f"job {other.id} cancelled with it (the same provider job)")
+    return code
 
 
 # -- retry ------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ import pytest
 from mailfax.app import Application
 from mailfax.emulators import faxde as emulator
 from mailfax.model import JobState
+from mailfax.outbound.tracking import Tracker, cancel_groups
 from mailfax.providers import faxde, faxde_soap
 from mailfax.providers import faxde_codes as codes
 from mailfax.providers.base import (
@@ -33,6 +34,8 @@ from mailfax.providers.base import (
     SendRequest,
 )
 from mailfax.providers.faxde_soap import BUNDLED_WSDL, check_wsdl
+from mailfax.store.base import Job, NewJob, NewMail, Transition
+from mailfax.store.sqlite import SqliteStore
 from tests.conftest import Service, fax_mail, make_settings
 from tests.ports import free_port
 
@@ -659,3 +662,60 @@ async def test_received_faxes_go_from_fax_de_to_the_mailbox_and_are_then_deleted
     finally:
         await app.stop()
         await server.close()
+
+
+async def test_bulk_cancel_waits_until_every_recipient_of_the_jobid_is_cancelled(
+        tmp_path: Path, corpus: Path) -> None:
+    """With bulk = true one JobId carries several of our jobs, and CancelJob cancels them all:
+    so one recipient's cancel waits for the others'."""
+    server = await emulator.start("127.0.0.1", 0, {"password": PASSWORD, "delay": "30"})
+    provider = make_provider(server, tmp_path, bulk=True)
+    store = SqliteStore(tmp_path / "store.sqlite3")
+    await store.open()
+    try:
+        pdf = (corpus / "pdf" / "two-different-pages.pdf").read_bytes()
+        mail = NewMail(mail_id="m1", envelope_from="a@example.org", message_id=None,
+                       subject="s", references=[], from_header="", client_address="::1")
+        ids = ["aaaaaaaaaaaa", "bbbbbbbbbbbb"]
+        await store.add_mail_jobs(mail, [NewJob(job_id, "+4930123456", "main") for job_id in ids],
+                                  [FaxDocument("a.pdf", pdf, 2)])
+        receipts = await provider.send_many([request(corpus, job_id=job_id) for job_id in ids])
+        for receipt in receipts:
+            assert isinstance(receipt, SendReceipt)
+            await store.record(receipt.job_id, Transition(
+                state=JobState.SUBMITTED, provider_job_id=receipt.provider_job_id))
+        [fax] = server.state.jobs.values()
+        tracker = Tracker(store, {"main": provider}, 60)
+
+        await store.request_cancel(ids[0])
+        await tracker.poll_account("main", provider)
+        assert not fax.cancelled  # the other recipient is not being cancelled
+        assert [c for c in server.state.calls if c[0] == "CancelJob"] == []
+
+        await store.request_cancel(ids[1])
+        await tracker.poll_account("main", provider)
+        assert fax.cancelled
+        assert len([c for c in server.state.calls if c[0] == "CancelJob"]) == 1
+        assert {job.state for job in await store.get_jobs(ids)} == {JobState.CANCELLED}
+    finally:
+        await store.close()
+        await provider.close()
+        await server.close()
+
+
+def test_cancel_groups_hold_a_recipient_whose_jobid_is_shared() -> None:
+    def job(job_id: str, provider_job_id: str | None, cancel: bool) -> Job:
+        now = datetime.now(UTC)
+        return Job(id=job_id, mail_id="m", account="main", number="+4930123456",
+                   state=JobState.SUBMITTED, pages=1, sender="", created=now, updated=now,
+                   attempts=1, next_attempt_at=None, provider_job_id=provider_job_id,
+                   reason=None, duration_seconds=None, remote_id=None, options={},
+                   cancel_requested=cancel, acknowledged=False)
+
+    a, b, c = job("a", "7001", True), job("b", "7001", False), job("c", "7002", True)
+    groups, held = cancel_groups([a, c], [a, b, c])
+    assert [[member.id for member in group] for group in groups] == [["c"]]
+    assert held == {"a": ["b"]}
+    b_too = job("b", "7001", True)
+    groups, held = cancel_groups([a, b_too], [a, b_too, c])
+    assert [[member.id for member in group] for group in groups] == [["a", "b"]] and not held

@@ -55,6 +55,35 @@ def unconfirmed_ran_out(job: Job, now: datetime, after: timedelta) -> Transition
         detail=f"not found at {job.account} within {hours:g} h; not resent", log_event=True)
 
 
+def cancel_groups(requested: Sequence[Job], tracked: Sequence[Job]
+                  ) -> tuple[list[list[Job]], dict[str, list[str]]]:
+    """Which cancel requests can be carried out. Jobs that share a provider job id (FAX.de's
+    bulk mode: one JobId, several recipients) are cancelled together, because the provider
+    cancels all its recipients at once, and so only when every one of them is being
+    cancelled. Returns the groups to cancel (the first job stands for the provider job) and,
+    for each job held back, the ids of the others that are not being cancelled."""
+    groups: list[list[Job]] = []
+    held: dict[str, list[str]] = {}
+    seen: set[str] = set()
+    for job in requested:
+        if job.id in seen:
+            continue
+        siblings = [other for other in tracked if other.provider_job_id == job.provider_job_id
+                    and other.id != job.id] if job.provider_job_id else []
+        group = [job, *siblings]
+        seen.update(member.id for member in group)
+        wanted = {member.id for member in requested}
+        waiting = [member.id for member in siblings
+                   if not member.cancel_requested and member.id not in wanted]
+        if waiting:
+            for member in group:
+                if member.cancel_requested or member.id in wanted:
+                    held[member.id] = waiting
+        else:
+            groups.append(group)
+    return groups, held
+
+
 def refs_of(jobs: Sequence[Job]) -> list[ProviderRef]:
     return [ProviderRef(job.id, job.provider_job_id or "", since=job.updated) for job in jobs]
 
@@ -175,9 +204,9 @@ class Tracker:
                     log.exception("status poll of account %s failed", account)
 
     async def _poll_jobs(self, account: str, provider: Provider, jobs: Sequence[Job]) -> None:
-        for job in jobs:
-            if job.cancel_requested:
-                await self._cancel(job, provider)
+        requested = [job for job in jobs if job.cancel_requested]
+        if requested:
+            await self._cancel_requested(account, provider, requested)
         if not jobs:
             return
         try:
@@ -205,19 +234,36 @@ class Tracker:
                 if transition.notify:
                     self.on_change()
 
-    async def _cancel(self, job: Job, provider: Provider) -> None:
+    async def _cancel_requested(self, account: str, provider: Provider,
+                                requested: Sequence[Job]) -> None:
+        shared = any(job.provider_job_id for job in requested)
+        tracked = await self.store.tracked_jobs(account) if shared else []
+        groups, held = cancel_groups(requested, tracked)
+        for job_id, waiting in held.items():
+            log.info("job %s: cancel waits: its provider job also sends %s, not being "
+                     "cancelled", job_id, ", ".join(waiting))
+        for first, *others in groups:
+            if await self._cancel(first, provider):
+                for other in others:
+                    await self.store.record(other.id, Transition(
+                        state=JobState.CANCELLED, reason=reasons.reason("cancelled"),
+                        detail="cancelled at the provider with the other recipients"),
+                        expected=IN_FLIGHT)
+
+    async def _cancel(self, job: Job, provider: Provider) -> bool:
         try:
             cancelled = await provider.cancel(ProviderRef(job.id, job.provider_job_id or ""))
         except ProviderError as error:
             log.warning("cancel of job %s failed: %s", job.id, error)
-            return
+            return False
         if not cancelled:
             log.warning("job %s could not be cancelled: it was already sent", job.id)
             await self.store.clear_cancel_request(job.id)
-            return
+            return False
         await self.store.record(job.id, Transition(
             state=JobState.CANCELLED, reason=reasons.reason("cancelled"),
             detail="cancelled at the provider"), expected=IN_FLIGHT)
+        return True
 
     async def _acknowledge(self, account: str, provider: Provider) -> None:
         jobs = await self.store.unacknowledged_final_jobs(account, limit=1000)
