@@ -267,3 +267,34 @@ def test_unconfirmed_is_outside_the_automatic_paths() -> None:
     assert can_transition(JobState.UNCONFIRMED, JobState.DELIVERED)
     assert not can_transition(JobState.UNCONFIRMED, JobState.QUEUED)  # only mailfax retry
     assert {JobState.FAILED, JobState.CANCELLED, JobState.UNCONFIRMED} == RETRYABLE_STATES
+
+
+class Answering(LostAnswers):
+    async def send(self, request: SendRequest) -> SendReceipt:
+        self.requests.append(request)
+        return SendReceipt(request.job_id, f"P-{request.job_id}", pages=1)
+
+
+@pytest.mark.parametrize("handling", list(ResendHandling))
+async def test_a_send_interrupted_by_a_crash_is_resent_only_where_that_is_safe(
+        tmp_path: Path, handling: ResendHandling) -> None:
+    store = SqliteStore(tmp_path / "store.sqlite3")
+    await store.open()
+    fax = Answering(handling, placeholder=False)
+    try:
+        await queue(store, 1)
+        # An instance claimed it and died mid-send: its lease runs out, nothing recorded.
+        [work] = await store.claim_work("dead", 1, 0.01, {"emu": 1})
+        assert work.jobs[0].attempts == 1
+        await asyncio.sleep(0.05)
+        dispatcher = Dispatcher(store, {"emu": fax}, DispatchSettings(), "one")
+        job = await dispatch_until(store, dispatcher, "j000",
+                                   lambda job: job.state != JobState.QUEUED)
+        if handling == ResendHandling.NOT_RECOGNISED:
+            assert job.state == JobState.UNCONFIRMED and fax.requests == []
+            assert job.reason is not None and job.reason.code == "unconfirmed"
+        else:
+            assert job.state == JobState.SUBMITTED
+            assert [request.earlier_may_have_arrived for request in fax.requests] == [True]
+    finally:
+        await store.close()

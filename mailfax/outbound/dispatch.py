@@ -113,6 +113,14 @@ def outcome_unknown(job: Job, result: SendReceipt | ProviderError, provider: obj
     return unconfirmed_transition(unconfirmed_ref(provider, job.id), detail)
 
 
+def interrupted_send(job: Job) -> bool:
+    """Whether an earlier claim of this job ended without a recorded outcome: an instance
+    died (or was stopped) while sending it. Only then is a queued job claimed a second time
+    (``mailfax retry`` starts over from attempt 0). A retrying job's interrupted attempt
+    cannot be told apart from its recorded failure: that one gap remains."""
+    return job.state == JobState.QUEUED and job.attempts > 1
+
+
 def unconfirmed_transition(placeholder: str | None, detail: str) -> Transition:
     """The job goes ``unconfirmed``: looked for under ``placeholder`` (no mail yet: the
     tracker mails when the search runs out, see ``dispatch.unconfirmed_hours``), or, when
@@ -299,6 +307,14 @@ class Dispatcher:
             detail="cancelled before it was sent"), expected=WAITING)
             for job in work.jobs if job.cancel_requested]
         to_send = [job for job in work.jobs if not job.cancel_requested]
+        provider = self.providers.get(work.jobs[0].account) if work.jobs else None
+        if provider is not None and (
+                resend_handling(provider) == ResendHandling.NOT_RECOGNISED):
+            interrupted = [job for job in to_send if interrupted_send(job)]
+            outcomes += [Outcome(job.id, unconfirmed_transition(
+                unconfirmed_ref(provider, job.id),
+                "an earlier send was interrupted"), WAITING) for job in interrupted]
+            to_send = [job for job in to_send if job not in interrupted]
         if to_send:
             results = await self._results(to_send, work)
             now = datetime.now(UTC)
@@ -327,7 +343,9 @@ class Dispatcher:
         return SendRequest(
             job_id=job.id, number=job.number, documents=documents, pages=job.pages,
             subject=subject, sender=job.sender, attempt=job.attempts,
-            earlier_may_have_arrived=job.reason is not None and job.reason.code == ANSWER_LOST,
+            # Any earlier claim may have reached the provider unless its failure said
+            # otherwise; only a provider's duplicate refusal (FAX.de -77) reads this.
+            earlier_may_have_arrived=job.attempts > 1,
             station_id=job.options.get("station_id"), header=job.options.get("header"),
             cover_text=job.options.get("cover_text"),
         )
