@@ -220,6 +220,10 @@ def cmd_cancel(args: argparse.Namespace) -> int:
         if job.state in FINAL_STATES:
             print(f"mailfax: job {job.id} is already {job.state.value}", file=sys.stderr)
             return 1
+        if job.state == JobState.UNCONFIRMED:
+            print(f"mailfax: job {job.id} is unconfirmed: it may have been sent, and there is "
+                  "no provider job to cancel", file=sys.stderr)
+            return 1
         from mailfax import reasons
 
         cancelled = Transition(state=JobState.CANCELLED, reason=reasons.reason("cancelled"),

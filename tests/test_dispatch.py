@@ -15,6 +15,7 @@ from mailfax import reasons
 from mailfax.config import DispatchSettings
 from mailfax.model import RETRYABLE_STATES, TRANSITIONS, JobState, can_transition
 from mailfax.outbound.dispatch import Dispatcher, unconfirmed_transition
+from mailfax.outbound.notify import Renderer
 from mailfax.outbound.tracking import Tracker
 from mailfax.providers import emulator
 from mailfax.providers.base import (
@@ -296,5 +297,29 @@ async def test_a_send_interrupted_by_a_crash_is_resent_only_where_that_is_safe(
         else:
             assert job.state == JobState.SUBMITTED
             assert [request.earlier_may_have_arrived for request in fax.requests] == [True]
+    finally:
+        await store.close()
+
+
+@pytest.mark.parametrize(("language", "words"), [
+    ("en", ["MAY HAVE BEEN SENT", "mailfax retry j000", "not sent again"]),
+    ("de", ["WURDE MÖGLICHERWEISE GESENDET", "mailfax retry j000", "nicht noch einmal"])])
+async def test_the_unconfirmed_mail_in_both_languages(tmp_path: Path, language: str,
+                                                     words: list[str]) -> None:
+    store = SqliteStore(tmp_path / "store.sqlite3")
+    await store.open()
+    try:
+        await queue(store, 1)
+        await store.record("j000", unconfirmed_transition(None, "ReadTimeout"))
+        job = await store.get_job("j000")
+        mail = await store.get_mail("m0")
+        [event] = [event for event in await store.job_events("j000")
+                   if event.state == JobState.UNCONFIRMED]
+        assert job is not None and mail is not None
+        status = Renderer().render("unconfirmed", job, mail, event, language)
+        for word in words:
+            assert word in status.text
+        assert "mailfax retry j000" in status.html
+        assert ("may have been sent" if language == "en" else "möglicherweise") in status.subject
     finally:
         await store.close()

@@ -279,9 +279,12 @@ class FaxDeProvider(BaseProvider):
         named = {row.reference for row in codes.parse_status_file(
             _bytes(answer.get("StatusFile")))}
         mine = [ref for ref in refs if ref.job_id in named]
-        reports = reports_from_status(answer, mine)
-        for ref in mine:
+        for ref in refs:  # asked and answered: a JobId that is not the job's is forgotten
+            if ref not in mine:
+                log.warning("FAX.de job %s, pushed for job %s, does not name it", provider_job_id,
+                            ref.job_id)
             self._pushed_ids.pop(ref.job_id, None)
+        reports = reports_from_status(answer, mine)
         return {job_id: dataclasses.replace(report, provider_job_id=provider_job_id)
                 for job_id, report in reports.items()}
 
