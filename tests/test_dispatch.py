@@ -4,6 +4,8 @@ happens when the store call that records results fails."""
 from __future__ import annotations
 
 import asyncio
+import email
+import email.policy
 import time
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
@@ -12,10 +14,10 @@ from pathlib import Path
 import pytest
 
 from mailfax import reasons
-from mailfax.config import DispatchSettings
+from mailfax.config import DispatchSettings, NotifySettings
 from mailfax.model import RETRYABLE_STATES, TRANSITIONS, JobState, can_transition
 from mailfax.outbound.dispatch import Dispatcher, unconfirmed_transition
-from mailfax.outbound.notify import Renderer
+from mailfax.outbound.notify import Notifier, Renderer
 from mailfax.outbound.tracking import Tracker
 from mailfax.providers import emulator
 from mailfax.providers.base import (
@@ -321,5 +323,35 @@ async def test_the_unconfirmed_mail_in_both_languages(tmp_path: Path, language: 
             assert word in status.text
         assert "mailfax retry j000" in status.html
         assert ("may have been sent" if language == "en" else "möglicherweise") in status.subject
+    finally:
+        await store.close()
+
+
+@pytest.mark.parametrize("automatic", [False, True])
+async def test_the_unconfirmed_mail_goes_to_the_sender_and_the_postmaster_once(
+        tmp_path: Path, automatic: bool) -> None:
+    store = SqliteStore(tmp_path / "store.sqlite3")
+    await store.open()
+    try:
+        mail = NewMail(mail_id="m0", envelope_from="alice@example.org", message_id=None,
+                       subject="offer", references=[], from_header="", client_address="::1",
+                       auto_submitted="auto-generated" if automatic else None)
+        await store.add_mail_jobs(mail, [NewJob("j000", "+4930123456", "emu")], [PDF])
+        await store.record("j000", unconfirmed_transition(None, "ReadTimeout"))
+        # "unconfirmed" is mailed even when notify.events does not name it
+        notifier = Notifier(store, NotifySettings(events=["delivered"]), Renderer(),
+                            admin_address="pm@example.org")
+        await notifier.handle_pending()
+        await notifier.handle_pending()
+        items = await store.due_outbox(10)
+        assert len(items) == 1
+        message = email.message_from_bytes(items[0].message, policy=email.policy.default)
+        if automatic:  # never a reply to automatic mail; the postmaster still has to know
+            assert items[0].recipients == ["pm@example.org"]
+            assert message["To"] == "pm@example.org" and message["Cc"] is None
+        else:
+            assert items[0].recipients == ["alice@example.org", "pm@example.org"]
+            assert (message["To"], message["Cc"]) == ("alice@example.org", "pm@example.org")
+        assert message["X-Mailfax-State"] == "unconfirmed"
     finally:
         await store.close()

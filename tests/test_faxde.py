@@ -719,3 +719,26 @@ def test_cancel_groups_hold_a_recipient_whose_jobid_is_shared() -> None:
     b_too = job("b", "7001", True)
     groups, held = cancel_groups([a, b_too], [a, b_too, c])
     assert [[member.id for member in group] for group in groups] == [["a", "b"]] and not held
+
+
+async def test_a_pushed_jobid_is_believed_only_when_its_refid_names_the_job(
+        fake: emulator.Emulator, tmp_path: Path, corpus: Path) -> None:
+    context = ProviderContext(account="main", data_dir=tmp_path, secret_key=b"k" * 32,
+                              push_base_url="http://127.0.0.1:1/push/main")
+    settings = faxde.Settings(account="123456", password=PASSWORD, wsdl_url=fake.wsdl_url)
+    provider = faxde.create(context, settings)
+    from aiohttp.test_utils import make_mocked_request
+
+    try:
+        other = await provider.send(request(corpus, job_id="aaaaaaaaaaaa"))
+        assert provider.unconfirmed_ref("bbbbbbbbbbbb") == "dup:bbbbbbbbbbbb"
+        token = context.push_token("bbbbbbbbbbbb")
+        push = make_mocked_request(
+            "GET", f"/push/main/bbbbbbbbbbbb/{token}?cid=bbbbbbbbbbbb&jid={other.provider_job_id}")
+        assert (await provider.handle_push(push, f"bbbbbbbbbbbb/{token}")).status == 200
+        await asyncio.sleep(0.5)  # job aaaa… is done
+        ref = ProviderRef("bbbbbbbbbbbb", "dup:bbbbbbbbbbbb")
+        assert await provider.status([ref]) == {}  # its StatusFile names aaaa…, not bbbb…
+        assert provider._pushed_ids == {}
+    finally:
+        await provider.close()
