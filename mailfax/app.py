@@ -204,7 +204,8 @@ class Application:
         return ProviderContext(
             account=account, data_dir=self.settings.data_dir, push_base_url=self._push_base(
                 account), secret_key=secret_key, wake_tracker=self._wake_tracker,
-            report_status=self._report_status)
+            report_status=self._report_status, emulator_network=self.store,
+            get_job=self.store.get_job)
 
     def _push_base(self, account: str) -> str | None:
         web_settings = self.settings.web

@@ -314,7 +314,8 @@ async def _cancel_at_provider(settings: Settings, store: Store, job_id: str, acc
         print(f"mailfax: account {account} is no longer configured", file=sys.stderr)
         return 1
     context = ProviderContext(account=account, data_dir=settings.data_dir,
-                              secret_key=load_secret_key(settings.data_dir))
+                              secret_key=load_secret_key(settings.data_dir),
+                              emulator_network=store)
     provider = provider_module(account_settings.provider).create(
         context, account_settings.provider_settings())
     try:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -104,7 +105,8 @@ class SmtpSettings(Strict):
     # offered over TLS.
     tls_cert: Path | None = None
     tls_key: Path | None = None
-    # Failed logins per client address before it is refused for login_failure_window seconds.
+    # Failed logins per client address, and per user name, before it is refused for
+    # login_failure_window seconds.
     max_login_failures: int = Field(default=5, ge=1)
     login_failure_window: float = Field(default=300.0, gt=0)
 
@@ -216,6 +218,17 @@ class DispatchSettings(Strict):
 NotifyEvent = Literal["accepted", "retrying", "delivered", "failed", "cancelled"]
 
 
+def _known_zone_name(value: str) -> str:
+    """An IANA time zone name that this machine's zone data (or tzdata) knows."""
+    from zoneinfo import ZoneInfo
+
+    ZoneInfo(value)
+    return value
+
+
+TimeZoneName = Annotated[str, AfterValidator(_known_zone_name)]
+
+
 class NotifySettings(Strict):
     events: list[NotifyEvent] = Field(
         default_factory=lambda: list[NotifyEvent](["delivered", "failed", "cancelled"]))
@@ -225,6 +238,8 @@ class NotifySettings(Strict):
     # A failed fax as the status mail ("mail"), as an RFC 3464 bounce that mail clients show
     # as undeliverable ("dsn"), or both.
     failure_format: Literal["mail", "dsn", "both"] = "mail"
+    # Times in status mails and on the cover page (the fax and the mail are read locally).
+    timezone: TimeZoneName = "Europe/Berlin"
 
 
 class RelaySettings(Strict):

@@ -18,9 +18,10 @@ import pytest
 from mailfax.app import Application
 from mailfax.config import Settings
 
-CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus"
-if not CORPUS.exists():  # a checkout elsewhere: ../shared beside the repository
-    CORPUS = Path(__file__).resolve().parents[1].parent / "shared" / "corpus"
+# shared/corpus in the nearest folder above that has one (a worktree sits a level deeper)
+CORPUS = next((folder / "shared" / "corpus" for folder in Path(__file__).resolve().parents
+               if (folder / "shared" / "corpus").exists()),
+              Path(__file__).resolve().parents[2] / "shared" / "corpus")
 
 
 @pytest.fixture(scope="session")

@@ -117,8 +117,9 @@ async def test_kill_9_after_a_burst_then_restart_finishes_every_job_once(
         server.wait(timeout=30)
 
     assert {job["state"] for job in jobs} == {"delivered"}
-    ledger = sqlite3.connect(tmp_path / "data" / "emulator" / "emulator.sqlite3")
-    transmissions = ledger.execute("SELECT reference FROM transmissions").fetchall()
+    # The emulator's network is the store: what it "faxed", each reference once.
+    ledger = sqlite3.connect(tmp_path / "data" / "mailfax.sqlite3")
+    transmissions = ledger.execute("SELECT reference FROM emulator_transmissions").fetchall()
     references = [row[0] for row in transmissions]
     assert len(references) == len(set(references)) == BURST
     assert set(references) == set(accepted)

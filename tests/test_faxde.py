@@ -470,30 +470,84 @@ async def test_the_password_never_reaches_logs_or_errors(
         assert password not in text
 
 
-async def test_statusurl_push_checks_the_token_and_wakes_the_tracker(
+async def jobs_in_store(tmp_path: Path, jobs: list[tuple[str, str, str]]) -> SqliteStore:
+    """An open store holding these (job id, account, FAX.de job id) jobs, submitted."""
+    store = SqliteStore(tmp_path / "store.sqlite3")
+    await store.open()
+    for job_id, account, provider_job_id in jobs:
+        mail = NewMail(mail_id=f"m-{job_id}", envelope_from="alice@example.org",
+                       message_id=None, subject="", references=[], from_header="",
+                       client_address="127.0.0.1")
+        await store.add_mail_jobs(mail, [NewJob(job_id, "+4930123456", account)],
+                                  [FaxDocument("a.pdf", b"%PDF-", 1)])
+        await store.record(job_id, Transition(JobState.SENDING))
+        await store.record(job_id, Transition(JobState.SUBMITTED,
+                                              provider_job_id=provider_job_id))
+    return store
+
+
+async def test_statusurl_push_checks_the_token_and_the_job_and_wakes_the_tracker(
         fake: emulator.Emulator, tmp_path: Path) -> None:
+    from aiohttp.test_utils import make_mocked_request
+
     woken: list[list[str]] = []
 
     async def wake(job_ids: Any) -> None:
         woken.append(list(job_ids))
 
+    store = await jobs_in_store(tmp_path, [
+        ("k8x40c88txje", "main", "1001"), ("k8x40c88txjf", "main", "1001"),  # one bulk job
+        ("k8x40c88txjg", "main", "1002"), ("k8x40c88txjh", "second", "1001")])
     context = ProviderContext(account="main", data_dir=tmp_path, secret_key=b"k" * 32,
-                              push_base_url="http://127.0.0.1:1/push/main", wake_tracker=wake)
+                              push_base_url="https://fax.example.org/push/main",
+                              wake_tracker=wake, get_job=store.get_job)
     settings = faxde.Settings(account="123456", password=PASSWORD, wsdl_url=fake.wsdl_url)
     provider = faxde.create(context, settings)
-    url = provider._status_url("k8x40c88txje")
-    assert len(url) <= 128 and "$CID" in url and "$JID" in url
-    from aiohttp.test_utils import make_mocked_request
 
-    token = context.push_token("k8x40c88txje")
-    good = make_mocked_request("GET", f"/push/main/k8x40c88txje/{token}?cid=k8x40c88txje&jid=1")
-    response = await provider.handle_push(good, f"k8x40c88txje/{token}")
-    assert response.status == 200 and woken == [["k8x40c88txje"]]
-    bad = make_mocked_request("GET", "/push/main/k8x40c88txje/forged")
-    with pytest.raises(aiohttp.web.HTTPNotFound):
-        await provider.handle_push(bad, "k8x40c88txje/forged")
-    assert len(woken) == 1
-    await provider.close()
+    async def push(job_id: str, token: str, cid: str = "") -> int:
+        query = f"?t={token}&cid={cid or job_id}&jid=1001"
+        try:
+            response = await provider.handle_push(
+                make_mocked_request("GET", f"/push/main/{job_id}{query}"), job_id)
+        except aiohttp.web.HTTPNotFound:
+            return 404
+        return response.status
+
+    try:
+        url = provider._status_url("k8x40c88txje")
+        token = provider.push_token("k8x40c88txje")
+        assert len(url) <= 128 and "$CID" in url and "$JID" in url
+        # The token is in the query, which an access log can leave out; not in the path.
+        assert url.split("?")[0] == "https://fax.example.org/push/main/k8x40c88txje"
+        assert f"t={token}" in url.split("?")[1]
+        assert await push("k8x40c88txje", token) == 200 and woken == [["k8x40c88txje"]]
+        # Another recipient of the same FAX.de job is polled too; a job of another FAX.de
+        # job or of another account is not.
+        assert await push("k8x40c88txje", token, cid="k8x40c88txjf") == 200
+        assert await push("k8x40c88txje", token, cid="k8x40c88txjg") == 200
+        assert await push("k8x40c88txje", token, cid="k8x40c88txjh") == 200
+        assert woken[1:] == [["k8x40c88txje", "k8x40c88txjf"], ["k8x40c88txje"],
+                             ["k8x40c88txje"]]
+        woken.clear()
+        assert await push("k8x40c88txje", "forged") == 404
+        assert await push("k8x40c88txjg", token) == 404  # job A's token for job B
+        other_account = ProviderContext(account="second", data_dir=tmp_path,
+                                        secret_key=b"k" * 32)
+        # A token of the right job, but made for another account (or another provider).
+        assert await push("k8x40c88txje", other_account.push_token("fax.de",
+                                                                    "k8x40c88txje")) == 404
+        assert await push("k8x40c88txje", context.push_token("retarus", "k8x40c88txje")) == 404
+        # A job of another account, with a token made for it on this endpoint's account.
+        assert await push("k8x40c88txjh", provider.push_token("k8x40c88txjh")) == 404
+        assert await push("nosuchjob000", provider.push_token("nosuchjob000")) == 404
+        assert await push("k8x40c88txje", "t\u00e9st") == 404  # non-ASCII: refused, no error
+        path_token = make_mocked_request("GET", f"/push/main/k8x40c88txje/{token}")
+        with pytest.raises(aiohttp.web.HTTPNotFound):  # the old form, token in the path
+            await provider.handle_push(path_token, f"k8x40c88txje/{token}")
+        assert woken == []
+    finally:
+        await provider.close()
+        await store.close()
 
 
 async def test_mail_to_fax_through_fax_de_end_to_end_with_the_push(
@@ -723,8 +777,10 @@ def test_cancel_groups_hold_a_recipient_whose_jobid_is_shared() -> None:
 
 async def test_a_pushed_jobid_is_believed_only_when_its_refid_names_the_job(
         fake: emulator.Emulator, tmp_path: Path, corpus: Path) -> None:
+    store = await jobs_in_store(tmp_path, [("bbbbbbbbbbbb", "main", "dup:bbbbbbbbbbbb")])
     context = ProviderContext(account="main", data_dir=tmp_path, secret_key=b"k" * 32,
-                              push_base_url="http://127.0.0.1:1/push/main")
+                              push_base_url="http://127.0.0.1:1/push/main",
+                              get_job=store.get_job)
     settings = faxde.Settings(account="123456", password=PASSWORD, wsdl_url=fake.wsdl_url)
     provider = faxde.create(context, settings)
     from aiohttp.test_utils import make_mocked_request
@@ -732,13 +788,15 @@ async def test_a_pushed_jobid_is_believed_only_when_its_refid_names_the_job(
     try:
         other = await provider.send(request(corpus, job_id="aaaaaaaaaaaa"))
         assert provider.unconfirmed_ref("bbbbbbbbbbbb") == "dup:bbbbbbbbbbbb"
-        token = context.push_token("bbbbbbbbbbbb")
-        push = make_mocked_request(
-            "GET", f"/push/main/bbbbbbbbbbbb/{token}?cid=bbbbbbbbbbbb&jid={other.provider_job_id}")
-        assert (await provider.handle_push(push, f"bbbbbbbbbbbb/{token}")).status == 200
+        token = provider.push_token("bbbbbbbbbbbb")
+        push = make_mocked_request("GET", f"/push/main/bbbbbbbbbbbb?t={token}"
+                                          f"&cid=bbbbbbbbbbbb&jid={other.provider_job_id}")
+        assert (await provider.handle_push(push, "bbbbbbbbbbbb")).status == 200
+        assert provider._pushed_ids == {"bbbbbbbbbbbb": other.provider_job_id}
         await asyncio.sleep(0.5)  # job aaaa… is done
         ref = ProviderRef("bbbbbbbbbbbb", "dup:bbbbbbbbbbbb")
         assert await provider.status([ref]) == {}  # its StatusFile names aaaa…, not bbbb…
         assert provider._pushed_ids == {}
     finally:
         await provider.close()
+        await store.close()

@@ -238,3 +238,93 @@ async def _jobs(url: str) -> dict[str, JobState]:
         return {job.id: job.state for job in await store.list_jobs(limit=100_000)}
     finally:
         await store.close()
+
+
+def write_emulator_config(folder: Path, port: int, url: str, maildir: Path) -> Path:
+    """An instance on the bundled emulator, with a data dir of its own (``folder/data``)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    config = folder / "mailfax.toml"
+    config.write_text(f"""
+data_dir = "data"
+[smtp]
+listen = ["127.0.0.1:{port}"]
+[store]
+url = "{url}"
+[outbox]
+maildir = "{maildir}"
+[dispatch]
+status_poll_seconds = 1
+retry_initial_seconds = 0.5
+retry_max_seconds = 2
+[quotas]
+status_mails_per_hour = 100000
+[notify]
+from_address = "fax@mailfax.test"
+[accounts.emulator]
+provider = "emulator"
+delay_seconds = 0.5
+""")
+    return config
+
+
+async def test_two_instances_with_their_own_data_dirs_share_one_emulator_network(
+        database: str, tmp_path: Path, corpus: Path) -> None:
+    """Issue 22: the emulator's ledger was per data dir, so the instance that ran the tracker
+    never saw the other's jobs (5 of 10 stayed ``submitted``). Now the store is the network."""
+    maildir = tmp_path / "outbox"
+    ports = [free_port() for _ in range(2)]
+    configs = [write_emulator_config(tmp_path / f"host{index}", port, database, maildir)
+               for index, port in enumerate(ports)]
+    store = PostgresStore(database, listen=False)
+    processes: list[subprocess.Popen[bytes]] = []
+    pdf = (corpus / "pdf" / "crazyones.pdf").read_bytes()
+    mails = [fax_mail([("doc.pdf", pdf, "application/pdf")], subject=f"mail {index}",
+                      to=f"030{index:06d}@fax.local") for index in range(MAILS)]
+    try:
+        processes.append(start_instance(configs[0]))  # alone first: it takes the tracker
+        await wait_for_port(ports[0], timeout=60)
+        await wait_until("instance 0 runs the tracker",
+                         lambda: "now runs tracker" in log_of(configs[0]), 30)
+        processes.append(start_instance(configs[1]))
+        await wait_for_port(ports[1], timeout=60)
+        await store.open()
+        half = MAILS // 2
+        await submit(ports, mails[:half])
+        os.kill(processes[0].pid, signal.SIGKILL)  # the tracker's instance, mid-run
+        processes[0].wait()
+        await submit(ports[1:], mails[half:])
+
+        async def all_done() -> bool:
+            jobs = await store.list_jobs(limit=100_000)
+            return (len(jobs) == MAILS and all(job.state in FINAL for job in jobs)
+                    and not await store.pending_notifications(1)
+                    and await store.outbox_depth() == 0)
+
+        await wait_until("every job final and mailed", all_done, 150)
+        transmissions = await store.emulator_transmissions(
+            "emulator", [job.provider_job_id or "" for job in
+                         await store.list_jobs(limit=100_000)])
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for process in processes:
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+        await store.close()
+
+    jobs = await _jobs(database)
+    assert len(jobs) == MAILS
+    assert {job for job, state in jobs.items() if state != JobState.DELIVERED} == set()
+    # Every job reached the (one) emulator network exactly once: one transmission each.
+    references = collections.Counter(item.reference for item in transmissions.values())
+    assert set(references) == set(jobs)
+    assert [ref for ref, count in references.items() if count != 1] == []
+    # Neither instance wrote a ledger file of its own.
+    assert not await asyncio.to_thread(lambda: list(tmp_path.glob("host*/data/emulator/*")))
+    status = collections.Counter(message["X-Mailfax-Job"]
+                                 for message in mailbox.Maildir(maildir, create=False))
+    assert set(status) == set(jobs)
+    assert [job for job, count in status.items() if count != 1] == []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import shutil
 import time
 from pathlib import Path
 
@@ -99,3 +100,49 @@ def test_first_lines_come_from_page_one_only() -> None:
 def test_unknown_language_means_ocr_is_not_available() -> None:
     assert ocr_available("deu+eng") is True
     assert ocr_available("deu+eng+tlh") is False
+
+
+def test_visual_lines_read_columns_side_by_side_top_to_bottom() -> None:
+    # pdftotext lists the blocks in Tesseract's order: the left column first, the letterhead
+    # at the top right last.
+    words = [(700, 130, "Invoice"), (760, 130, "payable"), (700, 1000, "Reference"),
+             (100, 1000, "Sender"), (100, 1300, "Company"), (160, 1000, "Street")]
+    body = "".join(f'<word xMin="{x}" yMin="{y}" xMax="{x + 200}" yMax="{y + 40}">{text}</word>'
+                   for y, x, text in words)
+    xhtml = (f'<html xmlns="http://www.w3.org/1999/xhtml"><body><doc><page>{body}</page>'
+             f'</doc></body></html>').encode()
+    assert ocr.visual_lines(xhtml) == ["Sender Company", "Street", "Invoice Reference",
+                                       "payable"]
+    assert ocr.visual_lines(b"not xml") == []
+
+
+def letterhead_page() -> bytes:
+    """A sparse letter: a letterhead at the top right, then two columns lower down."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.truetype("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf", 40)
+    image = Image.new("L", (1700, 2200), 255)
+    draw = ImageDraw.Draw(image)
+    for index, line in enumerate(["Sender Company", "Harbour Street 7"]):
+        draw.text((1000, 120 + index * 60), line, font=font, fill=0)
+    for index, line in enumerate(["Invoice number fourteen", "for the delivery of",
+                                  "twelve boxes of paper", "and one printer",
+                                  "payable within thirty", "days of receipt"]):
+        draw.text((120, 700 + index * 60), line, font=font, fill=0)
+    for index, line in enumerate(["Reference alpha", "Customer beta"]):
+        draw.text((1000, 700 + index * 60), line, font=font, fill=0)
+    out = io.BytesIO()
+    image.convert("1").save(out, "PDF", resolution=200)
+    return out.getvalue()
+
+
+@needs_ocr
+@pytest.mark.skipif(not Path("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf").exists(),
+                    reason="needs fonts-dejavu-core to draw the test page")
+@pytest.mark.skipif(shutil.which("pdftotext") is None, reason="needs poppler-utils' pdftotext")
+async def test_the_first_lines_of_a_sparse_page_are_its_visual_top() -> None:
+    result = await add_text_layer(letterhead_page(), pages=1)
+    assert result.searchable
+    # Tesseract's own order starts in the left column; the mail shows the page's top.
+    assert result.first_lines(3) == ["Sender Company", "Harbour Street 7",
+                                     "Invoice number fourteen Reference alpha"]

@@ -7,14 +7,15 @@ import asyncio
 import base64
 import json
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from mailfax.app import Application
+from mailfax.app import Application, load_secret_key
 from mailfax.emulators import retarus as emulator_module
 from mailfax.emulators.retarus import Fault, RetarusEmulator
 from mailfax.model import JobState
@@ -29,8 +30,11 @@ from mailfax.providers.base import (
     SendRequest,
     StatusReport,
 )
+from mailfax.store.base import Job, NewJob, NewMail
+from mailfax.store.sqlite import SqliteStore
 from mailfax.web.server import build_web_app, runner_url, start_web
 from tests.conftest import Service, fax_mail, make_settings
+from tests.ports import free_port
 
 PDF = b"%PDF-1.4\n1 0 obj << /Type /Page >> endobj\n%%EOF\n"
 TWO_PAGES = b"%PDF-1.4\n<< /Type /Page >> << /Type /Page >> << /Type /Pages >>\n%%EOF\n"
@@ -49,14 +53,20 @@ Reported = list[dict[str, StatusReport]]
 
 
 def make_provider(emu: RetarusEmulator, tmp_path: Path, *, push_base_url: str | None = None,
-                  reported: Reported | None = None, **overrides: Any
-                  ) -> retarus.RetarusProvider:
+                  reported: Reported | None = None, woken: list[list[str]] | None = None,
+                  get_job: Callable[[str], Awaitable[Job | None]] | None = None,
+                  **overrides: Any) -> retarus.RetarusProvider:
     async def report_status(reports: dict[str, StatusReport]) -> None:
         if reported is not None:
             reported.append(reports)
 
+    async def wake_tracker(job_ids: Sequence[str]) -> None:
+        if woken is not None:
+            woken.append(list(job_ids))
+
     context = ProviderContext(account="main", data_dir=tmp_path, push_base_url=push_base_url,
-                              secret_key=b"k" * 32, report_status=report_status)
+                              secret_key=b"k" * 32, report_status=report_status,
+                              wake_tracker=wake_tracker, get_job=get_job)
     settings = retarus.Settings.model_validate({**emu.provider_settings(), **overrides})
     return retarus.create(context, settings)
 
@@ -130,7 +140,7 @@ async def test_send_asks_for_a_push_with_credentials_of_its_own(
         "httpStatusPush"]
     assert push == {"targetUrl": "https://fax.example/push/main/job/job1",
                     "authMethod": "HTTP_BASIC", "principal": "mailfax",
-                    "credentials": adapter.context.push_token("job1")}
+                    "credentials": adapter.context.push_token("retarus", "job1")}
     assert emulator.password not in json.dumps(push)
 
 
@@ -453,64 +463,94 @@ async def test_connection_refused_is_transient(tmp_path: Path) -> None:
 
 # --- status push -----------------------------------------------------------------------------
 
+@dataclass
+class Pushed:
+    emu: RetarusEmulator
+    adapter: retarus.RetarusProvider
+    reported: Reported
+    woken: list[list[str]]
+
+
 @pytest.fixture
-async def pushed(tmp_path: Path) -> AsyncIterator[
-        tuple[RetarusEmulator, retarus.RetarusProvider, Reported]]:
-    """The emulator, an adapter behind mailfax's web endpoint, and what it reported."""
+async def pushed(tmp_path: Path) -> AsyncIterator[Pushed]:
+    """The emulator, an adapter behind mailfax's web endpoint with a store holding job1 and
+    job2 of its account and job3 of another, and what the adapter reported and woke."""
     emu = await emulator_module.start("127.0.0.1", 0, {"delay": "0.1"})
+    store = SqliteStore(tmp_path / "store.sqlite3")
+    await store.open()
+    for job_id, account in (("job1", "main"), ("job2", "main"), ("job3", "second")):
+        mail = NewMail(mail_id=f"m-{job_id}", envelope_from="alice@example.org",
+                       message_id=None, subject="", references=[], from_header="",
+                       client_address="127.0.0.1")
+        await store.add_mail_jobs(mail, [NewJob(job_id, "+4930123456", account)],
+                                  [FaxDocument("a.pdf", b"%PDF-", 1)])
     providers: dict[str, Any] = {}
     runner = await start_web(build_web_app(providers), "127.0.0.1", 0)
     reported: Reported = []
+    woken: list[list[str]] = []
     adapter = make_provider(emu, tmp_path, push_base_url=f"{runner_url(runner)}/push/main",
-                            reported=reported)
-    providers["main"] = adapter
+                            reported=reported, woken=woken, get_job=store.get_job)
+    found = Pushed(emu, adapter, reported, woken)
+    providers["main"] = found.adapter
     try:
-        yield emu, adapter, reported
+        yield found
     finally:
-        await adapter.close()
+        await found.adapter.close()
         await emu.close()
         await runner.cleanup()
+        await store.close()
 
 
 @pytest.mark.parametrize("push_format", ["xml", "json"])
-async def test_status_push_is_reported_before_it_is_answered(
-        pushed: tuple[RetarusEmulator, retarus.RetarusProvider, Reported],
-        push_format: str) -> None:
-    emu, adapter, reported = pushed
-    emu.state.push_format = push_format
-    receipt = await adapter.send(fax("job1", "+4930998000"))  # RING_TO
+async def test_status_push_wakes_the_tracker_and_sets_no_state_itself(
+        pushed: Pushed, push_format: str) -> None:
+    # Nothing documented authenticates Retarus' push (the credentials are mailfax's own):
+    # the tracker polls the job at once, the pushed report itself is not recorded.
+    pushed.emu.state.push_format = push_format
+    await pushed.adapter.send(fax("job1", "+4930998000"))  # RING_TO
 
     async def answered() -> bool:
-        return bool(emu.state.pushes)
+        return bool(pushed.emu.state.pushes)
 
     await until(answered)
-    assert [(push.format, push.status) for push in emu.state.pushes] == [(push_format, 200)]
-    [reports] = reported
-    report = reports["job1"]
-    assert report.state == JobState.FAILED
-    assert report.reason is not None and report.reason.code == "no_answer"
-    assert report.detail["retarus_job_id"] == receipt.provider_job_id
+    assert [(push.format, push.status) for push in pushed.emu.state.pushes] == [
+        (push_format, 200)]
+    assert pushed.woken == [["job1"]] and pushed.reported == []
 
 
-async def test_status_push_with_wrong_credentials_is_refused(
-        pushed: tuple[RetarusEmulator, retarus.RetarusProvider, Reported]) -> None:
-    emu, adapter, reported = pushed
+async def test_status_push_with_wrong_credentials_is_refused(pushed: Pushed) -> None:
+    emu, adapter = pushed.emu, pushed.adapter
     emu.state.push_format = "off"
     receipt = await adapter.send(fax("job1"))
     emu.state.finish(receipt.provider_job_id, "OK")
-    assert await emu.push(receipt.provider_job_id, credentials=("mailfax", "guess")) == 401
-    other = adapter.context.push_token("job2")  # a real token, but of another job
-    assert await emu.push(receipt.provider_job_id, credentials=("mailfax", other)) == 401
-    assert reported == []
+    context = adapter.context
+    second = ProviderContext(account="second", data_dir=context.data_dir, secret_key=b"k" * 32)
+    for credentials in [
+        ("mailfax", "guess"),
+        ("mailfax", adapter.push_token("job2")),  # a real token, but of another job
+        ("mailfax", context.push_token("fax.de", "job1")),  # FAX.de's token of this job
+        ("mailfax", second.push_token("retarus", "job1")),  # of another account
+        ("someone", adapter.push_token("job1")),
+    ]:
+        assert await emu.push(receipt.provider_job_id, credentials=credentials) == 401
+    assert pushed.woken == []
     assert await emu.push(receipt.provider_job_id, "json") == 200
-    assert reported[0]["job1"].state == JobState.DELIVERED
+    assert pushed.woken == [["job1"]] and pushed.reported == []
 
 
-async def test_status_push_that_is_not_a_report_is_a_bad_request(
-        pushed: tuple[RetarusEmulator, retarus.RetarusProvider, Reported]) -> None:
-    _, adapter, reported = pushed
+async def test_status_push_for_a_job_of_another_account_is_refused(pushed: Pushed) -> None:
+    emu, adapter = pushed.emu, pushed.adapter
+    emu.state.push_format = "off"
+    receipt = await adapter.send(fax("job3"))  # in the store under account "second"
+    emu.state.finish(receipt.provider_job_id, "FAILED")
+    assert await emu.push(receipt.provider_job_id, "json") == 401
+    assert pushed.woken == [] and pushed.reported == []
+
+
+async def test_status_push_that_is_not_a_report_is_a_bad_request(pushed: Pushed) -> None:
+    adapter = pushed.adapter
     url = f"{adapter.context.push_base_url}/job/job1"
-    auth = ("mailfax", adapter.context.push_token("job1"))
+    auth = ("mailfax", adapter.push_token("job1"))
     async with httpx.AsyncClient() as client:
         bomb = (b'<?xml version="1.0"?><!DOCTYPE r [<!ENTITY a "aaaa">]>'
                 b"<faxJobReport><jobId>&a;</jobId></faxJobReport>")
@@ -524,7 +564,7 @@ async def test_status_push_that_is_not_a_report_is_a_bad_request(
         assert answer.status_code == 400  # a report of another job
         answer = await client.get(url, auth=auth)
         assert answer.status_code == 405
-    assert reported == []
+    assert pushed.reported == [] and pushed.woken == []
 
 
 def test_default_xml_push_from_the_docs_is_read() -> None:
@@ -631,6 +671,59 @@ async def test_through_the_service_no_second_fax_after_a_409_or_a_lost_answer(
             events = [event.state for event in await app.store.job_events(job_id)]
             assert JobState.UNCONFIRMED in events
             assert stored.provider_job_id == next(iter(emu.state.jobs))
+    finally:
+        await app.stop()
+        await emu.close()
+
+
+async def test_a_pushed_failure_does_not_fail_a_fax_that_retarus_delivers(
+        tmp_path: Path, corpus: Path) -> None:
+    """The attack of issue 15: a push with valid credentials (leaked, or FAX.de's token of
+    the job) saying "failed" for a fax Retarus delivers. The FAX.de token is refused; the
+    Retarus one only makes the tracker poll, and the fax ends delivered."""
+    emu = await emulator_module.start("127.0.0.1", 0, {"delay": "1.5", "push": "off"})
+    web_port = free_port()
+    settings = make_settings(tmp_path, accounts={"main": {
+        "provider": "retarus", **emu.provider_settings()}}, default_account="main",
+        web={"listen": f"127.0.0.1:{web_port}"})
+    app = Application(settings)
+    await app.start()
+    try:
+        pdf = (corpus / "pdf" / "two-different-pages.pdf").read_bytes()
+        _, reply = await Service(app).send(fax_mail([("a.pdf", pdf, "application/pdf")]),
+                                           "alice@example.org", ["030123456@fax.local"])
+        job_id = reply.split()[-1]
+
+        async def submitted() -> bool:
+            job = await app.store.get_job(job_id)
+            return job is not None and job.provider_job_id is not None
+
+        await until(submitted, timeout=10)
+        context = ProviderContext(account="main", data_dir=settings.data_dir,
+                                  secret_key=load_secret_key(settings.data_dir))
+        url = f"http://127.0.0.1:{web_port}/push/main/job/{job_id}"
+        forged = {"jobId": "FJX", "reference": {"customerDefinedId": job_id},
+                  "recipientStatus": [{"number": "+4930123456", "status": "BUSY"}]}
+        async with httpx.AsyncClient() as client:
+            faxde_token = ("mailfax", context.push_token("fax.de", job_id))
+            answer = await client.post(url, json=forged, auth=faxde_token)
+            assert answer.status_code == 401
+            retarus_token = ("mailfax", context.push_token("retarus", job_id))
+            answer = await client.post(url, json=forged, auth=retarus_token)
+            assert answer.status_code == 200
+        await asyncio.sleep(0.3)
+        job = await app.store.get_job(job_id)
+        assert job is not None and job.state == JobState.SUBMITTED  # not failed
+
+        async def delivered() -> bool:
+            job = await app.store.get_job(job_id)
+            return job is not None and job.state.is_final
+
+        await until(delivered, timeout=15)
+        job = await app.store.get_job(job_id)
+        assert job is not None and job.state == JobState.DELIVERED
+        assert [event.state for event in await app.store.job_events(job_id)].count(
+            JobState.FAILED) == 0
     finally:
         await app.stop()
         await emu.close()

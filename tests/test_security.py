@@ -32,8 +32,11 @@ PASSWORD = "correct horse battery staple"
 
 @pytest.fixture(scope="module")
 def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """A self-signed certificate for 127.0.0.1, made here."""
-    folder = tmp_path_factory.mktemp("tls")
+    return self_signed_certificate(tmp_path_factory.mktemp("tls"))
+
+
+def self_signed_certificate(folder: Path) -> tuple[Path, Path]:
+    """A self-signed certificate (and its key) for mailfax.test, made here."""
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "mailfax.test")])
     now = dt.datetime.now(dt.UTC)
@@ -90,7 +93,8 @@ async def secured(tmp_path: Path, certificate: tuple[Path, Path],
         users={"alice": {"password_hash": password_hash,
                          "addresses": ["alice@example.org", "@alice.example"],
                          "allowed_prefixes": ["+49"], "faxes_per_hour": 3,
-                         "pages_per_day": 4}})
+                         "pages_per_day": 4},
+               "bob": {"password_hash": password_hash, "addresses": ["bob@example.org"]}})
     app = Application(settings)
     await app.start()
     yield Secured(app)
@@ -272,6 +276,58 @@ async def test_failed_logins_are_throttled_per_client(secured: Secured) -> None:
         with pytest.raises(aiosmtplib.SMTPAuthenticationError) as blocked:
             await client.login("alice", PASSWORD)  # right, but too late
     assert blocked.value.code == 454
+
+
+async def auth_plain(secured: Secured, user: str, password: str) -> int:
+    """The reply code of one AUTH PLAIN in a session of its own (over STARTTLS)."""
+    client = secured.client()
+    async with client:
+        await client.starttls()
+        await client.ehlo()
+        try:
+            return (await client.auth_plain(user, password)).code
+        except aiosmtplib.SMTPAuthenticationError as refused:
+            return refused.code
+
+
+async def test_logging_in_to_one_account_does_not_reset_failures_for_another(
+        secured: Secured) -> None:
+    # An attacker with an account of its own (alice) guesses bob's password, logging in as
+    # alice in between: the address's failures for bob still count (max_login_failures = 3).
+    codes = []
+    for _ in range(3):
+        codes.append(await auth_plain(secured, "bob", "guess"))
+        codes.append(await auth_plain(secured, "alice", PASSWORD))
+    assert codes == [535, 235, 535, 235, 535, 454]
+    assert await auth_plain(secured, "bob", PASSWORD) == 454  # right, but blocked
+
+
+async def test_parallel_correct_logins_from_one_address_all_succeed(secured: Secured) -> None:
+    codes = await asyncio.gather(*(auth_plain(secured, "alice", PASSWORD) for _ in range(6)))
+    assert codes == [235] * 6  # more than max_login_failures (3): checks are not failures
+
+
+async def test_parallel_guesses_get_no_more_than_the_limit(secured: Secured) -> None:
+    codes = await asyncio.gather(*(auth_plain(secured, "bob", f"guess {index}")
+                                   for index in range(10)))
+    assert sorted(codes) == [454] * 7 + [535] * 3  # 3 passwords checked, then refused
+
+
+def test_login_throttle_counts_per_address_and_per_user() -> None:
+    throttle = LoginThrottle(max_failures=2, window=10)
+    throttle.failed("1.1.1.1", "bob", now=0)
+    throttle.failed("2.2.2.2", "bob", now=1)  # bob from elsewhere: 2 failures for bob
+    assert throttle.blocked("3.3.3.3", "bob", now=2)  # the user, from any address
+    assert not throttle.blocked("3.3.3.3", "alice", now=2)
+    assert not throttle.blocked("1.1.1.1", "alice", now=2)  # the address failed once
+    throttle.failed("1.1.1.1", "carol", now=3)
+    assert throttle.blocked("1.1.1.1", "alice", now=3)  # the address, for anyone
+    throttle.succeeded("1.1.1.1", "carol")  # forgets carol's failure, not bob's
+    assert not throttle.blocked("1.1.1.1", "alice", now=4)
+    assert throttle.blocked("4.4.4.4", "bob", now=4)
+    throttle.succeeded("2.2.2.2", "bob")  # bob logged in: his count starts again
+    assert not throttle.blocked("4.4.4.4", "bob", now=4)
+    assert not throttle.blocked("1.1.1.1", "bob", now=4)
 
 
 def test_password_hashes() -> None:

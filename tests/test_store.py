@@ -21,6 +21,8 @@ from mailfax.store.base import (
     NewJob,
     NewMail,
     OutgoingMail,
+    Quota,
+    QuotaExceeded,
     Store,
     Transition,
 )
@@ -335,6 +337,52 @@ async def test_usage_counts_jobs_and_pages_by_sender(store: Store) -> None:
     assert await store.usage_since(since, ["@other.example", "alice@example.org"]) == (3, 9)
     assert await store.usage_since(since, []) == (0, 0)
     assert await store.usage_since(datetime.now(UTC) + timedelta(minutes=1)) == (0, 0)
+
+
+async def test_quotas_are_checked_where_the_jobs_are_stored(store: Store) -> None:
+    faxes = Quota("user alice", "user alice", 3, "faxes", 3600, ("alice@example.org",))
+    pages = Quota("service", "this service", 10, "pages", 86400)
+    await store.add_mail_jobs(new_mail("m1"), [NewJob("j1", "+4930123456", "acct"),
+                                               NewJob("j2", "+4930123457", "acct")],
+                              DOCS, [faxes, pages])  # 2 faxes, 6 pages
+    with pytest.raises(QuotaExceeded) as over:
+        await store.add_mail_jobs(new_mail("m2"), [NewJob("j3", "+4930123456", "acct"),
+                                                   NewJob("j4", "+4930123457", "acct")],
+                                  DOCS, [faxes, pages])
+    assert (over.value.quota, over.value.used, over.value.adding) == (faxes, 2, 2)
+    assert await store.get_mail("m2") is None and await store.get_job("j3") is None
+    with pytest.raises(QuotaExceeded) as over:  # 1 fax fits, its 3 pages do not (6 + 3 > 8)
+        await store.add_mail_jobs(new_mail("m3"), [NewJob("j5", "+4930123456", "acct")], DOCS,
+                                  [faxes, Quota("service", "this service", 8, "pages", 86400)])
+    assert (over.value.used, over.value.adding) == (6, 3)
+    other = Quota("user bob", "user bob", 1, "faxes", 3600, ("bob@example.org",))
+    await store.add_mail_jobs(new_mail("m4", "bob@example.org"),
+                              [NewJob("j6", "+4930123456", "acct")], DOCS, [other, pages])
+    assert await store.usage_since(datetime.now(UTC) - timedelta(hours=1)) == (3, 9)
+
+
+async def test_a_quota_holds_for_mails_stored_at_once_by_two_store_objects(
+        backend: Backend) -> None:
+    quota = Quota("user alice", "user alice", 5, "faxes", 3600, ("alice@example.org",))
+    stores = [backend.make(), backend.make()]
+    for opened in stores:
+        await opened.open()
+    try:
+        async def store_one(index: int) -> bool:
+            try:
+                await stores[index % 2].add_mail_jobs(
+                    new_mail(f"m{index}"), [NewJob(f"j{index}", "+4930123456", "acct")], DOCS,
+                    [quota])
+            except QuotaExceeded:
+                return False
+            return True
+
+        stored = await asyncio.gather(*(store_one(index) for index in range(20)))
+        assert stored.count(True) == 5
+        assert len(await stores[0].list_jobs()) == 5
+    finally:
+        for opened in stores:
+            await opened.close()
 
 
 async def test_outbox_failures_and_next_due(store: Store) -> None:
@@ -823,3 +871,29 @@ async def test_an_instance_without_the_tracker_announces_the_jobs_it_sent(
                 await app.stop()
     finally:
         await other.close()
+
+
+# -- the bundled emulator's fax network ------------------------------------------------------
+
+async def test_the_emulator_network_records_a_fax_once_and_recognises_a_resend(
+        backend: Backend) -> None:
+    first, second = backend.make(), backend.make()  # two instances on one store
+    await first.open()
+    await second.open()
+    try:
+        job_id, duplicate = await first.emulator_submit("emu", "job-1", "+4930123456", 2)
+        assert not duplicate and job_id.startswith("EMU-")
+        # The other instance sends the same job again (a lease ran out): the same fax.
+        assert await second.emulator_submit("emu", "job-1", "+4930123456", 2) == (job_id, True)
+        # Another account is another network, even with the same reference.
+        other, other_duplicate = await second.emulator_submit("other", "job-1", "+4930123456", 2)
+        assert other != job_id and not other_duplicate
+        seen = await second.emulator_transmissions("emu", [job_id, other])
+        assert list(seen) == [job_id]
+        assert (seen[job_id].reference, seen[job_id].pages, seen[job_id].send_calls,
+                seen[job_id].cancelled) == ("job-1", 2, 2, False)
+        await first.emulator_cancel("emu", job_id)
+        assert (await second.emulator_transmissions("emu", [job_id]))[job_id].cancelled
+    finally:
+        await first.close()
+        await second.close()

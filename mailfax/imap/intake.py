@@ -33,6 +33,7 @@ from pathlib import Path
 from mailfax.config import ImapIntakeSettings, Settings
 from mailfax.imap.client import ImapError, ImapSession
 from mailfax.intake.assemble import Refusal
+from mailfax.intake.mime import repair_8bit_headers
 from mailfax.intake.service import Intake
 from mailfax.store.base import OutgoingMail, Store
 from mailfax.trust.policy import is_fax_domain, split_address, status_mail_allowed
@@ -316,6 +317,7 @@ class ImapIntake:
         """Store one mail as jobs, or queue its failure reply. Durable when it returns."""
         headers = BytesHeaderParser(policy=email.policy.default).parsebytes(raw)
         assert isinstance(headers, EmailMessage)
+        repair_8bit_headers(headers)  # a raw UTF-8 subject still reads "Fax an Müller"
         sender = sender_of(headers)
         automatic = not sender or is_automatic(headers, sender)
         if not sender:

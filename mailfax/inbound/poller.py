@@ -67,7 +67,7 @@ async def with_text_layer(files: FaxFiles, settings: InboundSettings) -> FaxFile
     if result.problem:
         log.warning("OCR of a received fax: %s", result.problem)
     return dataclasses.replace(files, pdf=result.pdf, ocr_note=result.note,
-                               text_lines=tuple(ocr.first_lines(result.text)))
+                               text_lines=tuple(result.first_lines()))
 
 
 class InboundPoller:

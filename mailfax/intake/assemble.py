@@ -95,11 +95,19 @@ def nothing_to_fax(content: FaxContent) -> Refusal:
 
 def convert_file(filename: str, content_type: str, data: bytes) -> FaxDocument:
     """One PDF, image or office document as fax pages; DocumentError names the file."""
+    refuse_empty(filename, data)
     if is_pdf(filename, content_type):
         return prepare_pdf(filename, data)
     if is_office(filename, content_type):
         return convert_office(filename, data)
     return image_to_pdf(filename, data)
+
+
+def refuse_empty(filename: str, data: bytes) -> None:
+    """A 0-byte file is called empty, not "not a PDF": the mail program attached nothing."""
+    if not data:
+        raise DocumentError(f"{filename} is empty (0 bytes); attach the file again, or check "
+                            f"that it has content.")
 
 
 def document_kind(attachment: Attachment) -> str:
@@ -115,6 +123,7 @@ def document_kind(attachment: Attachment) -> str:
 
 def _convert(attachment: Attachment) -> FaxDocument:
     try:
+        refuse_empty(attachment.filename, attachment.data)
         kind = document_kind(attachment)
         if kind == "pdf":
             return prepare_pdf(attachment.filename, attachment.data)

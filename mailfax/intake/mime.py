@@ -71,6 +71,7 @@ def parse_mail(raw: bytes) -> ParsedMail:
         message = email.message_from_bytes(raw)
     except Exception as error:  # the parser is lenient; this is a real failure
         raise MailFormatError(f"The mail cannot be parsed ({type(error).__name__}).") from None
+    repair_8bit_headers(message)
     mail = ParsedMail(
         subject=_header(message, "Subject"),
         message_id=_message_id(_header(message, "Message-ID")),
@@ -144,6 +145,8 @@ class _Walker:
 
     def walk(self, part: Message, depth: int, forwarded: bool) -> None:
         self.parts += 1
+        if depth:
+            repair_8bit_headers(part)
         if self.parts > MAX_PARTS:
             raise MailFormatError(f"The mail has more than {MAX_PARTS} MIME parts; "
                                   f"send fewer attachments per mail.")
@@ -274,6 +277,47 @@ def _type_from_name(name: str) -> str:
     if lowered.endswith((".htm", ".html")):
         return "text/html"
     return "application/octet-stream"
+
+
+_RAW_8BIT = re.compile("[\udc80-\udcff]")
+
+
+def repair_8bit_headers(part: Message) -> None:
+    """Raw 8-bit header values (RFC 6532 UTF-8, as swaks, Postfix and many clients send them)
+    decoded as UTF-8, or as Windows-1252 where they are not valid UTF-8.
+
+    The parser keeps such bytes as surrogate escapes, and compat32 would turn every one into
+    U+FFFD when the header is read ("Müller" → "M��ller"). Replacing the values with real text
+    before anything reads them fixes Subject, From names and file names alike.
+    """
+    raw = list(part.raw_items())
+    if not any(_RAW_8BIT.search(value) for _, value in raw if isinstance(value, str)):
+        return
+    repaired = [(name, decode_8bit(value) if isinstance(value, str) else value)
+                for name, value in raw]
+    for name in {name for name, _ in repaired}:
+        del part[name]
+    for name, value in repaired:
+        part.set_raw(name, value)
+
+
+def decode_8bit(value: str) -> str:
+    """A header value whose non-ASCII bytes are surrogate escapes → text."""
+    if not _RAW_8BIT.search(value):
+        return value
+    data = value.encode("ascii", "surrogateescape")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        # Windows-1252 leaves five bytes undefined; Latin-1 reads those (never fails).
+        return "".join(_cp1252_byte(byte) for byte in data)
+
+
+def _cp1252_byte(byte: int) -> str:
+    try:
+        return bytes([byte]).decode("cp1252")
+    except UnicodeDecodeError:
+        return chr(byte)
 
 
 def _header(message: Message, name: str) -> str:

@@ -11,6 +11,7 @@ import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from zoneinfo import ZoneInfo
 
 from mailfax.config import Settings
 from mailfax.documents.cover import CoverInfo, CoverUnavailable, cover_text, render_cover
@@ -27,7 +28,7 @@ from mailfax.model import new_job_id
 from mailfax.numbers import FaxAddress, InvalidNumber, format_international, parse_fax_local_part
 from mailfax.outbound.notify import TEMPLATES_DIR
 from mailfax.providers.base import FaxDocument
-from mailfax.store.base import NewJob, NewMail, Store
+from mailfax.store.base import NewJob, NewMail, Quota, QuotaExceeded, Store
 from mailfax.trust.dialing import check_destination
 from mailfax.trust.policy import (
     address_allowed,
@@ -43,6 +44,16 @@ log = logging.getLogger(__name__)
 # Mails up to this size are parsed on the event loop (well under 2 ms of CPU each); larger ones
 # in a worker thread, so a big attachment never stalls the other SMTP sessions.
 INLINE_ASSEMBLY_BYTES = 64 * 1024
+HOUR = 3600.0
+DAY = 86400.0
+
+
+def quota_sentence(over: QuotaExceeded) -> str:
+    """The refusal of a mail the store found over a quota, with the figures."""
+    quota = over.quota
+    sentence = quota_refusal(quota.who, quota.limit, over.used, over.adding, quota.period)
+    assert sentence is not None  # over.used + over.adding > quota.limit
+    return sentence
 
 
 @dataclass(frozen=True)
@@ -110,18 +121,27 @@ class Intake:
             usage[key], _ = await self.store.usage_since(since, senders)
         return usage[key]
 
-    async def check_pages(self, user: str | None, pages: int) -> None:
-        since = datetime.now(UTC) - timedelta(days=1)
+    def quotas_for(self, user: str | None) -> list[Quota]:
+        """The quotas a mail of ``user`` (None: not logged in) is stored under: the store
+        counts and checks them in the transaction that stores the jobs, so parallel mails
+        cannot together go over a limit that each passed at RCPT."""
+        quotas: list[Quota] = []
         settings = self.settings.users.get(user) if user else None
-        if settings and settings.pages_per_day is not None:
-            _, used = await self.store.usage_since(since, settings.addresses)
-            self._refuse_over(quota_refusal(f"user {user}", settings.pages_per_day, used, pages,
-                                            "pages per day"))
-        limit = self.settings.quotas.pages_per_day
-        if limit is not None:
-            _, used = await self.store.usage_since(since)
-            self._refuse_over(quota_refusal("this service", limit, used, pages,
-                                            "pages per day"))
+        if settings is not None:
+            senders = tuple(settings.addresses)
+            if settings.faxes_per_hour is not None:
+                quotas.append(Quota(f"user {user}", f"user {user}", settings.faxes_per_hour,
+                                    "faxes", HOUR, senders))
+            if settings.pages_per_day is not None:
+                quotas.append(Quota(f"user {user}", f"user {user}", settings.pages_per_day,
+                                    "pages", DAY, senders))
+        service = self.settings.quotas
+        if service.faxes_per_hour is not None:
+            quotas.append(Quota("service", "this service", service.faxes_per_hour, "faxes",
+                                HOUR))
+        if service.pages_per_day is not None:
+            quotas.append(Quota("service", "this service", service.pages_per_day, "pages", DAY))
+        return quotas
 
     def count_refusal(self, refusal: Refusal) -> None:
         if self.metrics is not None:
@@ -141,7 +161,8 @@ class Intake:
             fax = parse_fax_local_part(local, self.settings.numbers.default_country)
         except InvalidNumber as error:
             raise Refusal(550, "5.1.1", error.sentence) from None
-        verdict = check_destination(fax.number, self.settings.dial)
+        verdict = check_destination(fax.number, self.settings.dial,
+                                    self.settings.numbers.default_country)
         if not verdict.allowed:
             raise Refusal(550, verdict.status, verdict.sentence)
         return fax
@@ -162,10 +183,9 @@ class Intake:
             raise nothing_to_fax(content)
         if user is not None:
             self._check_from_header(content.mail.from_address, user)
-        numbers = {address.number for address in addresses}
-        await self.check_pages(user, content.pages * len(numbers))
         account = self._account_for(user)
-        return await self.store_jobs(envelope_from, addresses, content, client, account)
+        return await self.store_jobs(envelope_from, addresses, content, client, account,
+                                     self.quotas_for(user))
 
     async def _with_cover(self, content: FaxContent, addresses: Sequence[FaxAddress],
                           envelope_from: str) -> FaxContent:
@@ -185,8 +205,8 @@ class Intake:
         numbers = ", ".join(format_international(number) for number in
                             dict.fromkeys(address.number for address in addresses))
         info = CoverInfo(sender=content.mail.from_header or envelope_from, number=numbers,
-                         subject=content.mail.subject, date=content.mail.date or
-                         datetime.now(UTC), text=text,
+                         subject=content.mail.subject,
+                         date=self._local_time(content.mail.date), text=text,
                          document_pages=content.pages)
         try:
             cover = await asyncio.to_thread(render_cover, info, self.settings.notify.language,
@@ -195,6 +215,14 @@ class Intake:
             raise Refusal(451, "4.3.0", f"The cover page cannot be made here ({error}).") \
                 from None
         return FaxContent(mail=content.mail, documents=[cover, *content.documents])
+
+    def _local_time(self, when: datetime | None) -> datetime:
+        """A time as the cover page shows it: in ``notify.timezone`` (a mail's Date header has
+        the sender's offset, or none)."""
+        when = when or datetime.now(UTC)
+        if when.tzinfo is None:  # "-0000": the sender's zone is unknown, the time is UTC
+            when = when.replace(tzinfo=UTC)
+        return when.astimezone(ZoneInfo(self.settings.notify.timezone))
 
     def _check_from_header(self, from_address: str, user: str) -> None:
         settings = self.settings.users[user]
@@ -209,7 +237,8 @@ class Intake:
 
     async def store_jobs(self, envelope_from: str, addresses: Sequence[FaxAddress],
                          content: FaxContent, client: str,
-                         account: str | None = None) -> Accepted:
+                         account: str | None = None,
+                         quotas: Sequence[Quota] = ()) -> Accepted:
         mail = content.mail
         new_mail = NewMail(
             mail_id=secrets.token_hex(8), envelope_from=envelope_from,
@@ -218,7 +247,7 @@ class Intake:
             auto_submitted=mail.auto_submitted, precedence=mail.precedence,
             language=self.settings.notify.language,
         )
-        return await self._store(new_mail, addresses, content.documents, account)
+        return await self._store(new_mail, addresses, content.documents, account, quotas)
 
     async def store_documents(self, envelope_from: str, addresses: Sequence[FaxAddress],
                               documents: Sequence[FaxDocument], subject: str,
@@ -230,11 +259,15 @@ class Intake:
         return await self._store(new_mail, addresses, documents)
 
     async def _store(self, mail: NewMail, addresses: Sequence[FaxAddress],
-                     documents: Sequence[FaxDocument], account: str | None = None) -> Accepted:
+                     documents: Sequence[FaxDocument], account: str | None = None,
+                     quotas: Sequence[Quota] = ()) -> Accepted:
         numbers = list(dict.fromkeys(address.number for address in addresses))  # dedupe, keep order
         jobs = [NewJob(job_id=new_job_id(), number=number,
                        account=account or self.settings.default_account) for number in numbers]
-        await self.store.add_mail_jobs(mail, jobs, documents)
+        try:
+            await self.store.add_mail_jobs(mail, jobs, documents, quotas)
+        except QuotaExceeded as over:
+            raise Refusal(452, "4.7.1", quota_sentence(over)) from None
         self.on_stored()
         if self.metrics is not None:
             self.metrics.mails_accepted.inc()

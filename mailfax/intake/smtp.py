@@ -186,7 +186,8 @@ class FaxLMTP(StrictPaths, LMTP):
 
 
 class Authenticator:
-    """SMTP AUTH against ``[users.*]``, with failed logins throttled per client address."""
+    """SMTP AUTH against ``[users.*]``, with failed logins throttled per client address and
+    per user name (:class:`~mailfax.trust.auth.LoginThrottle`)."""
 
     def __init__(self, users: Mapping[str, UserSettings], throttle: LoginThrottle):
         self.users = users
@@ -203,46 +204,50 @@ class Authenticator:
         return self._after(session, auth_data, self._password_valid(auth_data))
 
     async def verify(self, session: Session, auth_data: Any) -> AuthResult:
-        """As a call, with the password check in a worker thread. The attempt counts as a
-        failure while it is checked, so parallel sessions cannot get past the throttle."""
-        refused = self._before(session, auth_data)
-        if refused is not None:
-            return refused
-        client = _client_ip(session) or "?"
-        self.throttle.failed(client)
-        valid = await asyncio.to_thread(self._password_valid, auth_data)
-        return self._after(session, auth_data, valid, counted=True)
+        """As a call, with the password check in a worker thread. Parallel sessions from one
+        address (or for one user) wait for a check slot (``LoginThrottle.checking``), so
+        together they get no more guesses than the limit."""
+        if not isinstance(auth_data, LoginPassword):
+            return AuthResult(success=False, handled=False)
+        async with self.throttle.checking(_client_ip(session) or "?", _login(auth_data)):
+            refused = self._before(session, auth_data)
+            if refused is not None:
+                return refused
+            valid = await asyncio.to_thread(self._password_valid, auth_data)
+            return self._after(session, auth_data, valid)
 
     def _before(self, session: Session, auth_data: Any) -> AuthResult | None:
+        if not isinstance(auth_data, LoginPassword):
+            return AuthResult(success=False, handled=False)
         client = _client_ip(session) or "?"
-        if self.throttle.blocked(client):
+        if self.throttle.blocked(client, _login(auth_data)):
             log.warning("login refused for %s: too many failed logins", client)
             return AuthResult(success=False, handled=False,
                               message="454 4.7.0 Too many failed logins; try again later")
-        if not isinstance(auth_data, LoginPassword):
-            return AuthResult(success=False, handled=False)
         return None
 
     def _password_valid(self, auth_data: LoginPassword) -> bool:
-        login = auth_data.login.decode("utf-8", "replace")
+        login = _login(auth_data)
         password = auth_data.password.decode("utf-8", "replace")
         user = self.users.get(login)
         # A check for an unknown user costs the same, so timing does not tell who exists.
         valid = verify_password(password, user.password_hash if user else self._dummy_hash)
         return user is not None and valid
 
-    def _after(self, session: Session, auth_data: LoginPassword, valid: bool,
-               counted: bool = False) -> AuthResult:
+    def _after(self, session: Session, auth_data: LoginPassword, valid: bool) -> AuthResult:
         client = _client_ip(session) or "?"
-        login = auth_data.login.decode("utf-8", "replace")
+        login = _login(auth_data)
         if not valid:
-            if not counted:
-                self.throttle.failed(client)
+            self.throttle.failed(client, login)
             log.warning("failed SMTP login as %r from %s", login[:64], client)
             return AuthResult(success=False, handled=False)
-        self.throttle.succeeded(client)
+        self.throttle.succeeded(client, login)
         log.info("SMTP login as %s from %s", login, client)
         return AuthResult(success=True, auth_data=auth_data)
+
+
+def _login(auth_data: LoginPassword) -> str:
+    return auth_data.login.decode("utf-8", "replace")
 
 
 def tls_context(settings: SmtpSettings) -> ssl.SSLContext | None:

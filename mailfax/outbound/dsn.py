@@ -62,7 +62,9 @@ def build_dsn(*, reporting_mta: str, original_envelope_from: str, fax_address: s
     ``Diagnostic-Code`` field requires. ``original_headers`` may be the whole original message:
     only its header section is kept. ``message_id`` is the original's Message-ID, for threading.
     """
-    report = EmailMessage(policy=SMTP)
+    # A bounce to an internationalised (SMTPUTF8) address carries it raw: it has no ASCII form.
+    report = EmailMessage(policy=SMTP if original_envelope_from.isascii()
+                          else SMTP.clone(utf8=True))
     report["From"] = from_address
     report["To"] = original_envelope_from
     report["Subject"] = subject

@@ -9,17 +9,20 @@ store adds an event's mails only if the event was not done yet.
 from __future__ import annotations
 
 import asyncio
+import email.policy
 import logging
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, tzinfo
 from email.headerregistry import Address
 from email.message import EmailMessage
+from email.policy import Policy
 from email.utils import format_datetime, make_msgid
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import jinja2
 
@@ -87,7 +90,8 @@ class Renderer:
                                            undefined=jinja2.StrictUndefined)
 
     def render(self, kind: str, job: Job, mail: Mail, event: Event,
-               language: str) -> StatusMail:
+               language: str, zone: tzinfo = UTC) -> StatusMail:
+        """``zone``: the time zone of the times shown (``notify.timezone``)."""
         context: dict[str, Any] = {
             "kind": kind,
             "job": job,
@@ -98,9 +102,13 @@ class Renderer:
             "reason_code": event.reason.code if event.reason else "",
             "detail": event.detail,
             "original_subject": mail.subject,
-            "received_at": mail.received_at,
-            "at": event.at,
-            "next_attempt_at": job.next_attempt_at,
+            # A job queued with ``mailfax send`` came with no mail to reply to: its "subject"
+            # is the file name (or --subject), and the templates say so instead of "Re: …".
+            "from_mail": not is_cli_mail(mail),
+            "received_at": mail.received_at.astimezone(zone),
+            "at": event.at.astimezone(zone),
+            "next_attempt_at": job.next_attempt_at.astimezone(zone) if job.next_attempt_at
+            else None,
         }
         subject = self.text_env.get_template(f"{language}/status.subject").render(context)
         return StatusMail(
@@ -110,9 +118,25 @@ class Renderer:
         )
 
 
+def header_policy(recipient: str) -> Policy:
+    return email.policy.default if recipient.isascii() else email.policy.default.clone(utf8=True)
+
+
+CLI_CLIENT = "cli"  # the client address of jobs queued with ``mailfax send``
+
+
+def is_cli_mail(mail: Mail) -> bool:
+    return mail.client_address == CLI_CLIENT and mail.message_id is None
+
+
 def compose(status: StatusMail, job: Job, mail: Mail, settings: NotifySettings) -> EmailMessage:
-    """A reply to the original mail: threaded, marked as automatic (RFC 3834)."""
-    message = EmailMessage()
+    """A reply to the original mail: threaded, marked as automatic (RFC 3834).
+
+    Non-ASCII text in headers goes out as encoded words, which every relay takes; only a
+    mail to an internationalised address (an SMTPUTF8 sender's) carries raw UTF-8 headers,
+    since such an address cannot be encoded (RFC 6532) and needs an SMTPUTF8 relay anyway.
+    """
+    message = EmailMessage(policy=header_policy(mail.envelope_from))
     _, from_domain = split_address(settings.from_address)
     message["From"] = Address(settings.from_name, addr_spec=settings.from_address)
     message["To"] = mail.envelope_from
@@ -130,6 +154,13 @@ def compose(status: StatusMail, job: Job, mail: Mail, settings: NotifySettings) 
     return message
 
 
+def _header_line(name: str, value: str) -> str:
+    """One header of the original for a DSN's text/rfc822-headers part, with non-ASCII text
+    as encoded words, as the original would have carried it without SMTPUTF8."""
+    parsed = email.policy.SMTP.header_factory(name, value)
+    return str(email.policy.SMTP.fold(name, parsed))
+
+
 class Notifier:
     def __init__(self, store: Store, settings: NotifySettings, renderer: Renderer,
                  on_queued: Callable[[], None] = lambda: None, poll_seconds: float = 5.0,
@@ -142,6 +173,7 @@ class Notifier:
         self.hostname = hostname
         self.store = store
         self.settings = settings
+        self.zone = ZoneInfo(settings.timezone)
         self.renderer = renderer
         self.on_queued = on_queued
         self.poll_seconds = poll_seconds
@@ -210,7 +242,7 @@ class Notifier:
         reason = event.reason
         human = (f"Your fax to {format_international(job.number)} could not be delivered.\n\n"
                  f"{reason.for_language(language) if reason else ''}\n")
-        headers = "".join(f"{name}: {value}\r\n" for name, value in (
+        headers = "".join(_header_line(name, value) for name, value in (
             ("From", mail.from_header or mail.envelope_from), ("Subject", mail.subject),
             ("Message-ID", mail.message_id or ""),
             ("Date", format_datetime(mail.received_at))) if value)
@@ -249,10 +281,10 @@ class Notifier:
     def _render(self, kind: str, job: Job, mail: Mail, event: Event) -> StatusMail:
         language = mail.language or self.settings.language
         try:
-            return self.renderer.render(kind, job, mail, event, language)
+            return self.renderer.render(kind, job, mail, event, language, self.zone)
         except jinja2.TemplateError:
             log.exception("status mail template for %s/%s failed", language, kind)
-            return self.renderer.render(kind, job, mail, event, "en")
+            return self.renderer.render(kind, job, mail, event, "en", self.zone)
 
     def _status_mail(self, kind: str, job: Job, mail: Mail, event: Event) -> OutgoingMail:
         message = compose(self._render(kind, job, mail, event), job, mail, self.settings)

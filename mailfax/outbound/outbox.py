@@ -99,7 +99,12 @@ class RelaySink(MailSink):
             timeout=settings.timeout)
         try:
             async with client:
-                await client.sendmail(item.envelope_from, item.recipients, item.message)
+                await client.sendmail(item.envelope_from, item.recipients, item.message,
+                                      mail_options=_mail_options(item))
+        except aiosmtplib.SMTPNotSupported as error:
+            # An internationalised address, and a relay without SMTPUTF8: RFC 6531 has no
+            # downgrade, so waiting cannot help (Postfix would bounce it too).
+            raise PermanentRefusal(f"{error} (the relay needs SMTPUTF8)") from None
         except aiosmtplib.SMTPRecipientsRefused as error:
             codes = [r.code for r in error.recipients]
             if codes and all(500 <= code < 600 for code in codes):
@@ -109,6 +114,13 @@ class RelaySink(MailSink):
             if 500 <= error.code < 600 and error.code != 530:
                 raise PermanentRefusal(f"{error.code} {error.message}") from None
             raise
+
+
+def _mail_options(item: OutboxItem) -> list[str]:
+    """SMTPUTF8 for mail to an internationalised address (a status mail to an SMTPUTF8
+    sender); aiosmtplib adds SIZE and BODY=8BITMIME by itself."""
+    addresses = [item.envelope_from, *item.recipients]
+    return [] if all(address.isascii() for address in addresses) else ["SMTPUTF8"]
 
 
 class OutboxSender:

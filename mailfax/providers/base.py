@@ -11,15 +11,19 @@ import asyncio
 import enum
 import hashlib
 import hmac
+import secrets
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from aiohttp import web
 
 from mailfax.model import JobState, Reason
+
+if TYPE_CHECKING:
+    from mailfax.store.base import Job
 
 
 @dataclass(frozen=True)
@@ -121,6 +125,39 @@ class InboundFax:
     image: bytes  # TIFF as the provider delivered it
 
 
+@dataclass(frozen=True)
+class EmulatedTransmission:
+    """One fax the bundled emulator's network has taken (see :class:`EmulatorNetwork`)."""
+
+    provider_job_id: str
+    reference: str  # our job id
+    number: str
+    pages: int
+    submitted_at: float  # Unix time of the first send
+    send_calls: int  # how often it was sent: more than 1 is a recognised resend
+    cancelled: bool = False
+
+
+def new_emulator_job_id() -> str:
+    """The id the emulator's network gives a fax, like a provider's job number."""
+    return "EMU-" + secrets.token_hex(8)
+
+
+class EmulatorNetwork(Protocol):
+    """Where the bundled emulator keeps what it "transmitted", so that every mailfax instance
+    that shares it sees one fax network: the store (a table in SQLite or PostgreSQL)."""
+
+    async def emulator_submit(self, account: str, reference: str, number: str,
+                              pages: int) -> tuple[str, bool]:
+        """Record a fax; (provider job id, whether this reference was sent before)."""
+        ...
+
+    async def emulator_transmissions(self, account: str, provider_job_ids: Sequence[str]
+                                     ) -> dict[str, EmulatedTransmission]: ...
+
+    async def emulator_cancel(self, account: str, provider_job_id: str) -> None: ...
+
+
 @dataclass
 class ProviderContext:
     """What the application lends an adapter."""
@@ -130,17 +167,34 @@ class ProviderContext:
     # Base URL (no trailing slash) under which mailfax's web endpoint receives pushes for this
     # account, e.g. "http://127.0.0.1:8025/push/main"; None when no web endpoint is configured.
     push_base_url: str | None = None
-    # Secret for per-job push tokens: hmac(secret_key, job_id), see push_token().
+    # Secret for push tokens: hmac(secret_key, provider|account|job id), see push_token().
     secret_key: bytes = b""
     # Ask the status tracker to poll these jobs (our job ids) now, e.g. after a push.
     wake_tracker: Callable[[Sequence[str]], Awaitable[None]] | None = None
-    # Store reports at once (our job id -> report); returns after they are durable.
+    # Store reports at once (our job id -> report); returns after they are durable. Only for
+    # pushes the provider itself authenticates (none of the current adapters' are: their
+    # pushes only wake the tracker).
     report_status: Callable[[dict[str, StatusReport]], Awaitable[None]] | None = None
+    # The bundled emulator's network: the store. None: a ledger file in data_dir (one network
+    # per folder, for a provider made without a store, as in benchmarks).
+    emulator_network: EmulatorNetwork | None = None
+    # A job from the store (None if there is none), for a push handler to check whose it is.
+    get_job: Callable[[str], Awaitable[Job | None]] | None = None
 
-    def push_token(self, job_id: str) -> str:
-        """An unguessable per-job token for push URLs (verify with hmac.compare_digest)."""
-        digest = hmac.new(self.secret_key, job_id.encode(), hashlib.sha256).hexdigest()
-        return digest[:24]
+    def push_token(self, provider: str, job_id: str) -> str:
+        """An unguessable token for pushes about one job of this provider and account: a
+        token handed to one provider (or leaked from its logs) is worth nothing for another
+        provider's endpoint, another account or another job."""
+        message = "|".join((provider, self.account, job_id)).encode("utf-8", "surrogateescape")
+        return hmac.new(self.secret_key, message, hashlib.sha256).hexdigest()[:32]
+
+    def push_token_valid(self, provider: str, job_id: str, token: str) -> bool:
+        """Whether ``token`` is :meth:`push_token` of this job (compared in constant time;
+        any text, also non-ASCII, is just not it)."""
+        if not self.secret_key:  # no secret: no token is valid
+            return False
+        wanted = self.push_token(provider, job_id).encode("ascii")
+        return hmac.compare_digest(token.encode("utf-8", "surrogateescape"), wanted)
 
 
 class ResendHandling(enum.StrEnum):
@@ -227,6 +281,22 @@ class BaseProvider:
         """The placeholder provider job id under which :meth:`status` looks for a job whose
         send answer was lost (by reference, reports, pushes); None: it cannot be found."""
         return None
+
+    def push_token(self, job_id: str) -> str:
+        """The token this provider gets for pushes about ``job_id`` (see ProviderContext)."""
+        return self.context.push_token(self.provider_name, job_id)
+
+    async def pushed_job(self, job_id: str, token: str) -> Job | None:
+        """The job a push names, if ``token`` is this provider's, account's and job's token
+        and the store has the job under this account; else None (refuse the push)."""
+        if not self.context.push_token_valid(self.provider_name, job_id, token):
+            return None
+        if self.context.get_job is None:  # cannot check whose the job is: refuse
+            return None
+        job = await self.context.get_job(job_id)
+        if job is None or job.account != self.account:
+            return None
+        return job
 
     async def send(self, request: SendRequest) -> SendReceipt:
         raise NotImplementedError

@@ -2,10 +2,14 @@
 
 No account needed. It "transmits" each job after a configurable delay, reports pages and a
 duration, and fails numbers by configurable prefix rules (busy, no answer, ...), so every path
-of mailfax can be tried without a fax provider. Its ledger is a SQLite file of its own
-(``<data_dir>/emulator/<account>.sqlite3``), durable like a real provider: a job it accepted
-survives a crash of mailfax, and a resend with the same reference is answered as a duplicate
-instead of being faxed twice.
+of mailfax can be tried without a fax provider.
+
+Its network is the store (table ``emulator_transmissions``), durable like a real provider: a
+job it accepted survives a crash of mailfax, and a resend with the same reference is answered
+as a duplicate instead of being faxed twice. Every instance that shares a store (several
+``mailfax serve`` on one PostgreSQL, each with its own data dir) shares that one network, as
+they would share a real provider account, so whichever instance runs the status tracker sees
+every job. A provider made without a store (benchmarks) keeps a ledger file in its data dir.
 """
 
 from __future__ import annotations
@@ -15,9 +19,7 @@ import contextlib
 import sqlite3
 import threading
 import time
-import uuid
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
@@ -29,6 +31,8 @@ from mailfax.emulators.rules import longest_prefix
 from mailfax.model import JobState
 from mailfax.providers.base import (
     BaseProvider,
+    EmulatedTransmission,
+    EmulatorNetwork,
     ProviderContext,
     ProviderError,
     ProviderRef,
@@ -36,6 +40,7 @@ from mailfax.providers.base import (
     SendReceipt,
     SendRequest,
     StatusReport,
+    new_emulator_job_id,
 )
 
 Outcome = Literal[
@@ -65,15 +70,7 @@ class Settings(BaseModel):
     )
 
 
-@dataclass(frozen=True)
-class Transmission:
-    provider_job_id: str
-    reference: str
-    number: str
-    pages: int
-    submitted_at: float
-    send_calls: int
-    cancelled: bool = False
+Transmission = EmulatedTransmission
 
 
 def outcome_for(number: str, rules: Sequence[FailRule]) -> Outcome | None:
@@ -109,8 +106,11 @@ def report_for(transmission: Transmission, settings: Settings, now: float) -> St
     )
 
 
-class Ledger:
-    """What the fake network has received; blocking, called through ``asyncio.to_thread``."""
+class FileNetwork(EmulatorNetwork):
+    """The network as a SQLite file of its own, for an emulator made without a store.
+
+    The blocking calls run through ``asyncio.to_thread``; one file is one account's network.
+    """
 
     def __init__(self, path: Path):
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -142,8 +142,18 @@ class Ledger:
         with self._lock:
             self._conn.close()
 
-    def submit(self, reference: str, number: str, pages: int) -> tuple[str, bool]:
-        """Record a transmission; returns (provider job id, was it a duplicate)."""
+    async def emulator_submit(self, account: str, reference: str, number: str,
+                              pages: int) -> tuple[str, bool]:
+        return await asyncio.to_thread(self._submit, reference, number, pages)
+
+    async def emulator_transmissions(self, account: str, provider_job_ids: Sequence[str]
+                                     ) -> dict[str, Transmission]:
+        return await asyncio.to_thread(self._get, provider_job_ids)
+
+    async def emulator_cancel(self, account: str, provider_job_id: str) -> None:
+        await asyncio.to_thread(self._cancel, provider_job_id)
+
+    def _submit(self, reference: str, number: str, pages: int) -> tuple[str, bool]:
         with self._connect() as conn:
             row = conn.execute(
                 "SELECT provider_job_id FROM transmissions WHERE reference = ?", (reference,)
@@ -153,14 +163,14 @@ class Ledger:
                     "UPDATE transmissions SET send_calls = send_calls + 1 WHERE reference = ?",
                     (reference,))
                 return str(row[0]), True
-            provider_job_id = "EMU-" + uuid.uuid4().hex[:16]
+            provider_job_id = new_emulator_job_id()
             conn.execute(
                 "INSERT INTO transmissions (provider_job_id, reference, number, pages,"
                 " submitted_at) VALUES (?,?,?,?,?)",
                 (provider_job_id, reference, number, pages, time.time()))
             return provider_job_id, False
 
-    def get(self, provider_job_ids: Sequence[str]) -> dict[str, Transmission]:
+    def _get(self, provider_job_ids: Sequence[str]) -> dict[str, Transmission]:
         with self._connect() as conn:
             rows = conn.execute(
                 f"SELECT * FROM transmissions WHERE provider_job_id IN"
@@ -168,7 +178,7 @@ class Ledger:
             ).fetchall()
         return {row["provider_job_id"]: _transmission(row) for row in rows}
 
-    def cancel(self, provider_job_id: str) -> None:
+    def _cancel(self, provider_job_id: str) -> None:
         with self._connect() as conn:
             conn.execute("UPDATE transmissions SET cancelled = 1 WHERE provider_job_id = ?",
                          (provider_job_id,))
@@ -194,7 +204,11 @@ class EmulatorProvider(BaseProvider):
     def __init__(self, context: ProviderContext, settings: Settings):
         super().__init__(context)
         self.settings = settings
-        self.ledger = Ledger(ledger_path(context.data_dir, context.account))
+        self._own_file: FileNetwork | None = None
+        network = context.emulator_network
+        if network is None:
+            network = self._own_file = FileNetwork(ledger_path(context.data_dir, context.account))
+        self.network: EmulatorNetwork = network
 
     async def send(self, request: SendRequest) -> SendReceipt:
         if outcome_for(request.number, self.settings.fail) == "provider_unavailable":
@@ -202,15 +216,16 @@ class EmulatorProvider(BaseProvider):
                                 transient=True)
         if self.settings.send_latency_seconds:
             await asyncio.sleep(self.settings.send_latency_seconds)
-        provider_job_id, duplicate = await asyncio.to_thread(
-            self.ledger.submit, request.job_id, request.number, request.pages)
+        provider_job_id, duplicate = await self.network.emulator_submit(
+            self.account, request.job_id, request.number, request.pages)
         return SendReceipt(job_id=request.job_id, provider_job_id=provider_job_id,
                            pages=request.pages, duplicate=duplicate)
 
     async def status(self, refs: Sequence[ProviderRef]) -> dict[str, StatusReport]:
         if not refs:
             return {}
-        found = await asyncio.to_thread(self.ledger.get, [ref.provider_job_id for ref in refs])
+        found = await self.network.emulator_transmissions(
+            self.account, [ref.provider_job_id for ref in refs])
         now = time.time()
         return {
             ref.job_id: report_for(found[ref.provider_job_id], self.settings, now)
@@ -218,17 +233,18 @@ class EmulatorProvider(BaseProvider):
         }
 
     async def cancel(self, ref: ProviderRef) -> bool:
-        found = await asyncio.to_thread(self.ledger.get, [ref.provider_job_id])
+        found = await self.network.emulator_transmissions(self.account, [ref.provider_job_id])
         transmission = found.get(ref.provider_job_id)
         if transmission is None:
             return False
         if report_for(transmission, self.settings, time.time()).state.is_final:
             return False
-        await asyncio.to_thread(self.ledger.cancel, ref.provider_job_id)
+        await self.network.emulator_cancel(self.account, ref.provider_job_id)
         return True
 
     async def close(self) -> None:
-        await asyncio.to_thread(self.ledger.close)
+        if self._own_file is not None:
+            await asyncio.to_thread(self._own_file.close)
 
 
 def create(context: ProviderContext, settings: Settings) -> EmulatorProvider:

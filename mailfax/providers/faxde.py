@@ -27,7 +27,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import dataclasses
-import hmac
 import logging
 import re
 from collections.abc import Sequence
@@ -58,6 +57,7 @@ from mailfax.providers.base import (
     prepare_documents,
 )
 from mailfax.providers.faxde_soap import MAX_CONNECTIONS, SoapClient, SoapError
+from mailfax.store.base import Job
 from mailfax.support.text import to_ascii
 
 log = logging.getLogger(__name__)
@@ -207,7 +207,9 @@ class FaxDeProvider(BaseProvider):
         base = self.context.push_base_url
         if not self.settings.status_push or not base:
             return ""
-        url = f"{base}/{job_id}/{self.context.push_token(job_id)}?cid=$CID&jid=$JID"
+        # The token in the query, not the path: a proxy's access log can then leave it out
+        # (log the path only); FAX.de gives no other place for it (README: FAX.de).
+        url = f"{base}/{job_id}?t={self.push_token(job_id)}&cid=$CID&jid=$JID"
         if len(url) > MAX_STATURL:
             log.warning("STATURL would be %d characters (FAX.de takes %d); shorten "
                         "web.public_url. Status is polled instead.", len(url), MAX_STATURL)
@@ -333,17 +335,21 @@ class FaxDeProvider(BaseProvider):
     # -- push --------------------------------------------------------------------------------
 
     async def handle_push(self, request: web.Request, subpath: str) -> web.StreamResponse:
-        """STATURL: ``{push_base_url}/{job id}/{token}?cid=…&jid=…``.
+        """STATURL: ``{push_base_url}/{job id}?t={token}&cid=…&jid=…``.
 
-        The pushed values are not trusted: a valid token only makes the tracker ask FAX.de
-        (JobStatus) about the job at once.
+        Nothing authenticates FAX.de's call (the token stood in a URL that FAX.de and proxies
+        may log), so the pushed values are not trusted: a valid token for a job of this
+        account only makes the tracker ask FAX.de (JobStatus) about the job at once.
         """
-        job_id, _, token = subpath.partition("/")
-        if not job_id or not hmac.compare_digest(token, self.context.push_token(job_id)):
+        job_id = subpath
+        job = await self.pushed_job(job_id, request.query.get("t", "")) if job_id else None
+        if job is None:
+            log.info("FAX.de status push refused: unknown job or wrong token")
             raise web.HTTPNotFound()
         job_ids = [job_id]
         cid = request.query.get("cid", "")
-        if cid and cid != job_id and re.fullmatch(r"[0-9a-z]{12}", cid):
+        if cid != job_id and re.fullmatch(r"[0-9a-z]{12}", cid) and await self._same_fax_de_job(
+                job, cid):
             job_ids.append(cid)  # another recipient of the same bulk job
         jid = request.query.get("jid", "")
         if re.fullmatch(r"[0-9]{1,18}", jid):
@@ -354,6 +360,14 @@ class FaxDeProvider(BaseProvider):
         if self.context.wake_tracker is not None:
             await self.context.wake_tracker(job_ids)
         return web.Response(text="OK\n")
+
+    async def _same_fax_de_job(self, job: Job, other_id: str) -> bool:
+        """Whether ``other_id`` is a job of this account in the same FAX.de job as ``job``."""
+        if self.context.get_job is None or not job.provider_job_id:
+            return False
+        other = await self.context.get_job(other_id)
+        return (other is not None and other.account == self.account
+                and other.provider_job_id == job.provider_job_id)
 
     async def close(self) -> None:
         await self.soap.close()

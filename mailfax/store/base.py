@@ -11,7 +11,7 @@ from datetime import datetime
 from typing import Any, Literal, Protocol
 
 from mailfax.model import JobState, Reason
-from mailfax.providers.base import FaxDocument, InboundFax
+from mailfax.providers.base import EmulatedTransmission, FaxDocument, InboundFax
 
 
 @dataclass(frozen=True)
@@ -207,15 +207,65 @@ class IllegalTransition(Exception):
     pass
 
 
+@dataclass(frozen=True)
+class Quota:
+    """A limit that :meth:`Store.add_mail_jobs` checks in the transaction that stores a mail's
+    jobs, counting what is stored and what is being stored under one lock, so parallel mails
+    cannot all pass a check made before any of them was stored."""
+
+    key: str  # what the limit belongs to ("user alice", "service"); one lock per key
+    who: str  # for the refusal: "user alice", "this service"
+    limit: int
+    unit: Literal["faxes", "pages"]  # jobs, or pages times jobs
+    window_seconds: float  # counted over this long up to now
+    senders: tuple[str, ...] | None = None  # whose jobs count (``usage_since``); None: all
+
+    @property
+    def period(self) -> str:
+        per = {3600.0: "hour", 86400.0: "day"}.get(self.window_seconds,
+                                                    f"{self.window_seconds:g} s")
+        return f"{self.unit} per {per}"
+
+    def needs(self, jobs: int, pages: int) -> int:
+        """How much of this quota a mail of ``jobs`` jobs with ``pages`` pages each takes."""
+        return jobs if self.unit == "faxes" else jobs * pages
+
+
+class QuotaExceeded(Exception):
+    """A mail's jobs would go over a quota; nothing of the mail was stored."""
+
+    def __init__(self, quota: Quota, used: int, adding: int):
+        super().__init__(f"{quota.who}: {used} + {adding} > {quota.limit} {quota.period}")
+        self.quota = quota
+        self.used = used
+        self.adding = adding
+
+
+def first_exceeded(quotas: Sequence[Quota], used: Sequence[int], jobs: int,
+                   pages: int) -> QuotaExceeded | None:
+    """The first of ``quotas`` (with these counts ``used``) the mail would exceed."""
+    for quota, count in zip(quotas, used, strict=True):
+        adding = quota.needs(jobs, pages)
+        if count + adding > quota.limit:
+            return QuotaExceeded(quota, count, adding)
+    return None
+
+
 class Store(Protocol):
     async def open(self) -> None: ...
 
     async def close(self) -> None: ...
 
     async def add_mail_jobs(
-        self, mail: NewMail, jobs: Sequence[NewJob], documents: Sequence[FaxDocument]
+        self, mail: NewMail, jobs: Sequence[NewJob], documents: Sequence[FaxDocument],
+        quotas: Sequence[Quota] = (),
     ) -> None:
-        """Store a mail's jobs and documents; durable when it returns (before the 250)."""
+        """Store a mail's jobs and documents; durable when it returns (before the 250).
+
+        With ``quotas``, only if none of them would be exceeded, counted in the same
+        transaction (over every instance on this store); else raise :class:`QuotaExceeded`
+        and store nothing.
+        """
         ...
 
     async def claim_work(self, owner: str, limit: int, lease_seconds: float,
@@ -372,3 +422,13 @@ class Store(Protocol):
     async def list_inbound(self, limit: int = 1000) -> list[InboundRecord]: ...
 
     async def find_inbound(self, fax_id: str) -> list[InboundRecord]: ...
+
+    # -- the bundled emulator's fax network (providers.base.EmulatorNetwork) -----------------
+
+    async def emulator_submit(self, account: str, reference: str, number: str,
+                              pages: int) -> tuple[str, bool]: ...
+
+    async def emulator_transmissions(self, account: str, provider_job_ids: Sequence[str]
+                                     ) -> dict[str, EmulatedTransmission]: ...
+
+    async def emulator_cancel(self, account: str, provider_job_id: str) -> None: ...

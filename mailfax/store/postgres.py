@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -30,7 +31,12 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
 from mailfax.model import RETRYABLE_STATES, TRACKED_STATES, JobState, Reason, can_transition
-from mailfax.providers.base import FaxDocument, InboundFax
+from mailfax.providers.base import (
+    EmulatedTransmission,
+    FaxDocument,
+    InboundFax,
+    new_emulator_job_id,
+)
 from mailfax.store.base import (
     OTHER_ACCOUNTS,
     Event,
@@ -44,8 +50,10 @@ from mailfax.store.base import (
     OutboxItem,
     Outcome,
     OutgoingMail,
+    Quota,
     Transition,
     Work,
+    first_exceeded,
     group_work,
     handoff_of,
 )
@@ -184,6 +192,20 @@ MIGRATIONS: dict[int, str] = {
     3: """
     CREATE INDEX outbox_status_to ON outbox (lower(recipients->>0), created)
         WHERE job_id IS NOT NULL AND kind <> 'dsn';
+    """,
+    # The bundled emulator's fax network lives in the store: every instance sees one network.
+    4: """
+    CREATE TABLE emulator_transmissions (
+        account          text NOT NULL,
+        provider_job_id  text PRIMARY KEY,
+        reference        text NOT NULL,
+        number           text NOT NULL,
+        pages            integer NOT NULL,
+        submitted_at     double precision NOT NULL,
+        send_calls       integer NOT NULL DEFAULT 1,
+        cancelled        boolean NOT NULL DEFAULT false,
+        UNIQUE (account, reference)
+    );
     """,
 }
 SCHEMA_VERSION = max(MIGRATIONS)
@@ -488,6 +510,53 @@ def _check_recorded(row: DictRow | None, outcome: Outcome) -> None:
         log.error("result of job %s not recorded: %s", outcome.job_id, error)
 
 
+USAGE_SQL = "SELECT count(*) AS jobs, COALESCE(sum(pages), 0) AS pages FROM jobs "
+USAGE_BY_SENDERS = """(%(everyone)s
+    OR lower(sender) = ANY(%(addresses)s::text[])
+    OR EXISTS (SELECT 1 FROM unnest(%(domains)s::text[]) AS d (domain)
+               WHERE right(lower(sender), length(d.domain)) = d.domain))
+"""
+
+
+def _usage_parameters(senders: Sequence[str] | None) -> dict[str, Any]:
+    """USAGE_BY_SENDERS' parameters: ``"a@b.c"`` exactly, ``"@b.c"`` the whole domain."""
+    return {"everyone": senders is None,
+            "addresses": [s.lower() for s in senders or () if not s.startswith("@")],
+            "domains": [s.lower() for s in senders or () if s.startswith("@")]}
+
+
+def quota_lock_key(key: str) -> int:
+    """The ``pg_advisory_xact_lock`` key of a quota (64 bits of a hash of its key)."""
+    return int.from_bytes(hashlib.sha256(f"mailfax quota {key}".encode()).digest()[:8],
+                          "big", signed=True)
+
+
+async def _check_quotas(cur: psycopg.AsyncCursor[DictRow], quotas: Sequence[Quota],
+                        jobs: int, pages: int) -> None:
+    """Raise QuotaExceeded if this transaction's mail goes over a quota.
+
+    Each quota's advisory lock is taken first (in one order, so two mails never wait for
+    each other crosswise) and held until the transaction ends: a mail under the same quota on
+    any instance waits here until this one is committed or rolled back. Under READ COMMITTED
+    the counts, run after the locks were granted, see every mail committed before.
+    """
+    keys = sorted({quota_lock_key(quota.key) for quota in quotas})
+    await cur.execute("SELECT pg_advisory_xact_lock(k) FROM unnest(%s::bigint[]) AS k",
+                      (keys,))
+    used: list[int] = []
+    for quota in quotas:
+        await cur.execute(
+            USAGE_SQL + "WHERE created >= now() - make_interval(secs => %(window)s) AND "
+            + USAGE_BY_SENDERS,
+            {"window": float(quota.window_seconds), **_usage_parameters(quota.senders)})
+        row = await cur.fetchone()
+        assert row is not None
+        used.append(int(row["jobs"] if quota.unit == "faxes" else row["pages"]))
+    exceeded = first_exceeded(quotas, used, jobs, pages)
+    if exceeded is not None:
+        raise exceeded
+
+
 class PostgresStore:
     """The :class:`~mailfax.store.base.Store` on PostgreSQL (any number of instances)."""
 
@@ -660,7 +729,8 @@ class PostgresStore:
     # -- intake ------------------------------------------------------------------------------
 
     async def add_mail_jobs(
-        self, mail: NewMail, jobs: Sequence[NewJob], documents: Sequence[FaxDocument]
+        self, mail: NewMail, jobs: Sequence[NewJob], documents: Sequence[FaxDocument],
+        quotas: Sequence[Quota] = (),
     ) -> None:
         pages = sum(document.pages for document in documents)
         async with self._cursor() as cur:
@@ -688,6 +758,8 @@ class PostgresStore:
                 [(mail.mail_id, position, d.filename, d.content_type, d.pages, digest)
                  for position, (d, digest) in enumerate(zip(documents, digests, strict=True))],
             )
+            if quotas:  # locked from here to the commit: not while the documents go in
+                await _check_quotas(cur, quotas, len(jobs), pages)
             await cur.executemany(
                 """
                 INSERT INTO jobs (id, mail_id, account, number, state, pages, sender,
@@ -921,22 +993,9 @@ class PostgresStore:
                           ) -> tuple[int, int]:
         """(jobs, pages) created since ``since`` by these envelope senders (``"@domain"`` for a
         whole domain; None: everyone); for quotas."""
-        addresses = [s.lower() for s in senders or () if not s.startswith("@")]
-        domains = [s.lower() for s in senders or () if s.startswith("@")]
-        async with self._cursor() as cur:
-            await cur.execute(
-                """
-                SELECT count(*) AS jobs, COALESCE(sum(pages), 0) AS pages
-                FROM jobs
-                WHERE created >= %(since)s
-                  AND (%(everyone)s
-                       OR lower(sender) = ANY(%(addresses)s::text[])
-                       OR EXISTS (SELECT 1 FROM unnest(%(domains)s::text[]) AS d (domain)
-                                  WHERE right(lower(sender), length(d.domain)) = d.domain))
-                """,
-                {"since": since, "everyone": senders is None, "addresses": addresses,
-                 "domains": domains},
-            )
+        async with self._cursor(atomic=False) as cur:
+            await cur.execute(USAGE_SQL + "WHERE created >= %(since)s AND " + USAGE_BY_SENDERS,
+                              {"since": since, **_usage_parameters(senders)})
             row = await cur.fetchone()
         return (int(row["jobs"]), int(row["pages"])) if row else (0, 0)
 
@@ -1207,6 +1266,40 @@ class PostgresStore:
             await cur.execute(
                 f"SELECT {_INBOUND_COLUMNS} FROM inbound_faxes WHERE fax_id = %s", (fax_id,))
             return [_inbound(row) for row in await cur.fetchall()]
+
+    # -- the bundled emulator's fax network -----------------------------------------------
+
+    async def emulator_submit(self, account: str, reference: str, number: str,
+                              pages: int) -> tuple[str, bool]:
+        async with self._cursor() as cur:
+            await cur.execute(
+                "INSERT INTO emulator_transmissions (account, provider_job_id, reference, number,"
+                " pages, submitted_at) VALUES (%s, %s, %s, %s, %s, %s)"
+                " ON CONFLICT (account, reference) DO UPDATE"
+                " SET send_calls = emulator_transmissions.send_calls + 1"
+                " RETURNING provider_job_id, send_calls",
+                (account, new_emulator_job_id(), reference, number, pages, time.time()))
+            row = await cur.fetchone()
+        assert row is not None
+        return str(row["provider_job_id"]), int(row["send_calls"]) > 1
+
+    async def emulator_transmissions(self, account: str, provider_job_ids: Sequence[str]
+                                     ) -> dict[str, EmulatedTransmission]:
+        async with self._cursor() as cur:
+            await cur.execute(
+                "SELECT * FROM emulator_transmissions WHERE account = %s"
+                " AND provider_job_id = ANY(%s)", (account, list(provider_job_ids)))
+            rows = await cur.fetchall()
+        return {row["provider_job_id"]: EmulatedTransmission(
+            provider_job_id=row["provider_job_id"], reference=row["reference"],
+            number=row["number"], pages=row["pages"], submitted_at=row["submitted_at"],
+            send_calls=row["send_calls"], cancelled=row["cancelled"]) for row in rows}
+
+    async def emulator_cancel(self, account: str, provider_job_id: str) -> None:
+        async with self._cursor() as cur:
+            await cur.execute(
+                "UPDATE emulator_transmissions SET cancelled = true WHERE account = %s"
+                " AND provider_job_id = %s", (account, provider_job_id))
 
 
 def _outbox_item(row: DictRow) -> OutboxItem:

@@ -23,7 +23,12 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from mailfax.model import RETRYABLE_STATES, TRACKED_STATES, JobState, Reason, can_transition
-from mailfax.providers.base import FaxDocument, InboundFax
+from mailfax.providers.base import (
+    EmulatedTransmission,
+    FaxDocument,
+    InboundFax,
+    new_emulator_job_id,
+)
 from mailfax.store.base import (
     OTHER_ACCOUNTS,
     Event,
@@ -37,8 +42,10 @@ from mailfax.store.base import (
     OutboxItem,
     Outcome,
     OutgoingMail,
+    Quota,
     Transition,
     Work,
+    first_exceeded,
     group_work,
     handoff_of,
 )
@@ -47,7 +54,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 Operation = Callable[[sqlite3.Connection], Any]
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 MIGRATIONS: dict[int, str] = {
     1: """
     CREATE TABLE mails (
@@ -145,6 +152,20 @@ MIGRATIONS: dict[int, str] = {
     2: """
     CREATE INDEX outbox_status_to ON outbox (lower(json_extract(recipients, '$[0]')), created)
         WHERE job_id IS NOT NULL AND kind <> 'dsn';
+    """,
+    # The bundled emulator's fax network lives in the store: one network per store.
+    3: """
+    CREATE TABLE emulator_transmissions (
+        account TEXT NOT NULL,
+        provider_job_id TEXT PRIMARY KEY,
+        reference TEXT NOT NULL,
+        number TEXT NOT NULL,
+        pages INTEGER NOT NULL,
+        submitted_at REAL NOT NULL,
+        send_calls INTEGER NOT NULL DEFAULT 1,
+        cancelled INTEGER NOT NULL DEFAULT 0,
+        UNIQUE (account, reference)
+    );
     """,
 }
 
@@ -264,6 +285,35 @@ def _claim(conn: sqlite3.Connection, owner: str, limit: int, lease_seconds: floa
         " ORDER BY next_attempt_at, id", claimed).fetchall()]
 
 
+def _usage(conn: sqlite3.Connection, since: float, senders: Sequence[str] | None
+           ) -> tuple[int, int]:
+    """(jobs, pages) created since ``since`` by these senders (None: everyone)."""
+    query = "SELECT COUNT(*), COALESCE(SUM(pages), 0) FROM jobs WHERE created >= ?"
+    parameters: list[Any] = [since]
+    if senders is not None:  # "a@b.c" exactly, "@b.c" the whole domain
+        tests = ["lower(sender) LIKE ?" if sender.startswith("@") else "lower(sender) = ?"
+                 for sender in senders]
+        query += f" AND ({' OR '.join(tests) or '0'})"
+        parameters += [f"%{sender.lower()}" if sender.startswith("@") else sender.lower()
+                       for sender in senders]
+    row = conn.execute(query, parameters).fetchone()
+    return int(row[0]), int(row[1])
+
+
+def _check_quotas(conn: sqlite3.Connection, quotas: Sequence[Quota], now: float, jobs: int,
+                  pages: int) -> None:
+    """Raise QuotaExceeded if storing ``jobs`` jobs of ``pages`` pages goes over a quota.
+
+    Run in the operation that inserts them: the one writer thread runs operations one after
+    the other in its transaction, so this count sees every mail stored before, also those of
+    the same batch, and none can slip in between the count and the insert."""
+    used = [_usage(conn, now - quota.window_seconds, quota.senders)[
+        0 if quota.unit == "faxes" else 1] for quota in quotas]
+    exceeded = first_exceeded(quotas, used, jobs, pages)
+    if exceeded is not None:
+        raise exceeded
+
+
 def _record(conn: sqlite3.Connection, job_id: str, transition: Transition,
             expected: Sequence[JobState] | None) -> bool:
     row = conn.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
@@ -376,7 +426,47 @@ class _InboundMixin:
         return result
 
 
-class SqliteStore(_InboundMixin):
+class _EmulatorNetworkMixin:
+    """The bundled emulator's network (see ``mailfax.providers.emulator``)."""
+
+    _call: Callable[..., Any]
+
+    async def emulator_submit(self, account: str, reference: str, number: str,
+                              pages: int) -> tuple[str, bool]:
+        def operation(conn: sqlite3.Connection) -> tuple[str, bool]:
+            row = conn.execute(
+                "INSERT INTO emulator_transmissions (account, provider_job_id, reference, number,"
+                " pages, submitted_at) VALUES (?,?,?,?,?,?) ON CONFLICT (account, reference)"
+                " DO UPDATE SET send_calls = send_calls + 1 RETURNING provider_job_id, send_calls",
+                (account, new_emulator_job_id(), reference, number, pages, time.time()),
+            ).fetchone()
+            return str(row[0]), int(row[1]) > 1
+
+        result: tuple[str, bool] = await self._call(operation)
+        return result
+
+    async def emulator_transmissions(self, account: str, provider_job_ids: Sequence[str]
+                                     ) -> dict[str, EmulatedTransmission]:
+        def operation(conn: sqlite3.Connection) -> dict[str, EmulatedTransmission]:
+            rows = conn.execute(
+                "SELECT provider_job_id, reference, number, pages, submitted_at, send_calls,"
+                " cancelled FROM emulator_transmissions WHERE account = ? AND provider_job_id IN"
+                f" ({','.join('?' * len(provider_job_ids))})",
+                [account, *provider_job_ids]).fetchall()
+            return {row[0]: EmulatedTransmission(
+                provider_job_id=row[0], reference=row[1], number=row[2], pages=row[3],
+                submitted_at=row[4], send_calls=row[5], cancelled=bool(row[6])) for row in rows}
+
+        result: dict[str, EmulatedTransmission] = await self._call(operation)
+        return result
+
+    async def emulator_cancel(self, account: str, provider_job_id: str) -> None:
+        await self._call(lambda conn: conn.execute(
+            "UPDATE emulator_transmissions SET cancelled = 1 WHERE account = ?"
+            " AND provider_job_id = ?", (account, provider_job_id)))
+
+
+class SqliteStore(_InboundMixin, _EmulatorNetworkMixin):
     """The :class:`~mailfax.store.base.Store` on SQLite (single instance)."""
 
     def __init__(self, path: Path, *, max_batch: int = 512):
@@ -501,12 +591,15 @@ class SqliteStore(_InboundMixin):
     # -- intake ------------------------------------------------------------------------------
 
     async def add_mail_jobs(
-        self, mail: NewMail, jobs: Sequence[NewJob], documents: Sequence[FaxDocument]
+        self, mail: NewMail, jobs: Sequence[NewJob], documents: Sequence[FaxDocument],
+        quotas: Sequence[Quota] = (),
     ) -> None:
         pages = sum(document.pages for document in documents)
-        now = time.time()
 
         def operation(conn: sqlite3.Connection) -> None:
+            now = time.time()
+            if quotas:
+                _check_quotas(conn, quotas, now, len(jobs), pages)
             conn.execute(
                 "INSERT INTO mails VALUES (?,?,?,?,?,?,?,?,?,?,?)",
                 (mail.mail_id, now, mail.envelope_from, mail.message_id, mail.subject,
@@ -704,19 +797,7 @@ class SqliteStore(_InboundMixin):
 
     async def usage_since(self, since: datetime, senders: Sequence[str] | None = None
                           ) -> tuple[int, int]:
-        def operation(conn: sqlite3.Connection) -> tuple[int, int]:
-            query = "SELECT COUNT(*), COALESCE(SUM(pages), 0) FROM jobs WHERE created >= ?"
-            parameters: list[Any] = [since.timestamp()]
-            if senders is not None:  # "a@b.c" exactly, "@b.c" the whole domain
-                tests = ["lower(sender) LIKE ?" if sender.startswith("@") else "lower(sender) = ?"
-                         for sender in senders]
-                query += f" AND ({' OR '.join(tests) or '0'})"
-                parameters += [f"%{sender.lower()}" if sender.startswith("@") else sender.lower()
-                               for sender in senders]
-            row = conn.execute(query, parameters).fetchone()
-            return int(row[0]), int(row[1])
-
-        return await self._call(operation)
+        return await self._call(lambda conn: _usage(conn, since.timestamp(), senders))
 
     async def job_events(self, job_id: str) -> list[Event]:
         def operation(conn: sqlite3.Connection) -> list[Event]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import phonenumbers
-from phonenumbers import PhoneNumberType
+from phonenumbers import PhoneNumberType, geocoder
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 TYPE_NAMES: dict[str, int] = {
@@ -37,10 +37,36 @@ TYPE_SENTENCES: dict[str, str] = {
 }
 
 
+# The European Economic Area: the EU's 27 and Iceland, Liechtenstein, Norway.
+EEA = ("AT", "BE", "BG", "CY", "CZ", "DE", "DK", "EE", "ES", "FI", "FR", "GR", "HR", "HU",
+       "IE", "IT", "LT", "LU", "LV", "MT", "NL", "PL", "PT", "RO", "SE", "SI", "SK",
+       "IS", "LI", "NO")
+HOME = "home"  # in allowed_countries: numbers.default_country
+EVERY_COUNTRY = "*"
+COUNTRY_GROUPS: dict[str, tuple[str, ...]] = {"EEA": EEA}
+# The default: the home country, the EEA, Switzerland, the UK, and the US and Canada (of the
+# +1 area only those two: not the Caribbean +1 countries that one-ring fraud uses).
+DEFAULT_COUNTRIES = (HOME, "EEA", "CH", "GB", "US", "CA")
+
+# Non-geographic ranges refused by default (ITU-T E.164 shared codes): costly, and classic
+# toll-fraud destinations. A range is opened with allow_prefixes (e.g. "+8816") or by leaving
+# it out of refused_ranges.
+RANGE_NAMES: dict[str, str] = {
+    "+881": "the Global Mobile Satellite System (satellite phones)",
+    "+882": "international networks (satellite and other carriers)",
+    "+883": "international networks",
+    "+979": "the international premium-rate service",
+    "+808": "the international shared-cost service",
+}
+
+
 class DialPolicySettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-    # ISO country codes that may be dialled; empty: every country.
-    allowed_countries: list[str] = Field(default_factory=list)
+    # ISO country codes that may be dialled; "home" is numbers.default_country, "EEA" the
+    # European Economic Area, "*" every country.
+    allowed_countries: list[str] = Field(default_factory=lambda: list(DEFAULT_COUNTRIES))
+    # Non-geographic ranges refused (satellite, international shared-cost and premium-rate).
+    refused_ranges: list[str] = Field(default_factory=lambda: list(RANGE_NAMES))
     # Number types that are refused (phonenumbers' classification).
     refused_types: list[str] = Field(default_factory=lambda: [
         "premium_rate", "shared_cost", "personal_number", "uan", "voicemail", "pager"])
@@ -61,10 +87,23 @@ class DialPolicySettings(BaseModel):
 
     @field_validator("allowed_countries")
     @classmethod
-    def _upper(cls, values: list[str]) -> list[str]:
-        return [value.upper() for value in values]
+    def _countries(cls, values: list[str]) -> list[str]:
+        if not values:  # it used to mean every country: say which is meant
+            raise ValueError(f'is empty: list the countries faxes may go to, or '
+                             f'["{EVERY_COUNTRY}"] for every country')
+        countries = []
+        for value in values:
+            if value.lower() == HOME:
+                countries.append(HOME)
+            elif value == EVERY_COUNTRY or value.upper() in COUNTRY_GROUPS or (
+                    len(value) == 2 and value.isalpha()):
+                countries.append(value.upper())
+            else:
+                raise ValueError(f"{value!r} is not a country code (such as DE), "
+                                 f"{', '.join(COUNTRY_GROUPS)}, {HOME!r} or {EVERY_COUNTRY!r}")
+        return countries
 
-    @field_validator("allow_prefixes", "deny_prefixes")
+    @field_validator("allow_prefixes", "deny_prefixes", "refused_ranges")
     @classmethod
     def _e164_prefixes(cls, values: list[str]) -> list[str]:
         return e164_prefixes(values)
@@ -85,18 +124,39 @@ class DialVerdict:
     status: str = "5.7.1"  # 5.1.1 when the number itself is bad, 5.7.1 when it is forbidden
 
 
-def check_destination(e164: str, policy: DialPolicySettings) -> DialVerdict:
-    """May a fax go to ``e164`` under the service's dialling policy? (A user's own prefixes
-    are checked by ``Intake.check_user_destination``.)"""
+def allowed_regions(policy: DialPolicySettings, home_country: str) -> frozenset[str] | None:
+    """The region codes ``allowed_countries`` stands for; None: every country."""
+    if EVERY_COUNTRY in policy.allowed_countries:
+        return None
+    regions: set[str] = set()
+    for entry in policy.allowed_countries:
+        regions.update((home_country.upper(),) if entry == HOME else
+                       COUNTRY_GROUPS.get(entry, (entry,)))
+    return frozenset(regions)
+
+
+def check_destination(e164: str, policy: DialPolicySettings, home_country: str) -> DialVerdict:
+    """May a fax go to ``e164`` under the service's dialling policy? ``home_country`` is what
+    "home" in ``allowed_countries`` means (``numbers.default_country``). (A user's own
+    prefixes are checked by ``Intake.check_user_destination``.)"""
     if any(e164.startswith(prefix) for prefix in policy.allow_prefixes):
         return DialVerdict(True)
     if any(e164.startswith(prefix) for prefix in policy.deny_prefixes):
         return DialVerdict(False, f"Faxes to {e164} are not allowed here.")
+    for prefix in policy.refused_ranges:
+        if e164.startswith(prefix):
+            name = RANGE_NAMES.get(prefix, "a range refused here")
+            return DialVerdict(False, f"Faxes to {e164} are refused: {prefix} is {name}, a "
+                                      f"costly destination (dial.refused_ranges).")
     number = phonenumbers.parse(e164, None)
     region = phonenumbers.region_code_for_number(number) or "ZZ"
-    if policy.allowed_countries and region not in policy.allowed_countries:
-        return DialVerdict(False, f"Faxes to {e164} ({region}) are not allowed here; allowed "
-                                  f"countries: {', '.join(policy.allowed_countries)}.")
+    regions = allowed_regions(policy, home_country)
+    if regions is not None and region not in regions:
+        country = geocoder.country_name_for_number(number, "en") or "international"
+        return DialVerdict(False, f"Faxes to {e164} ({country}, {region}) are not allowed "
+                                  f"here; allowed countries: "
+                                  f"{describe_countries(policy, home_country)} "
+                                  f"(dial.allowed_countries).")
     if not policy.allow_unrecognised and not phonenumbers.is_valid_number(number):
         return DialVerdict(False, f"{e164} is not a valid number in the numbering plan of "
                                   f"{region}; check it.", status="5.1.1")
@@ -106,3 +166,9 @@ def check_destination(e164: str, policy: DialPolicySettings) -> DialVerdict:
             return DialVerdict(False, f"{e164} is {TYPE_SENTENCES[name]}; faxes to such "
                                       f"numbers are refused.")
     return DialVerdict(True)
+
+
+def describe_countries(policy: DialPolicySettings, home_country: str) -> str:
+    """``allowed_countries`` for a refusal: "DE, EEA, CH, …" with "home" resolved."""
+    return ", ".join(dict.fromkeys(home_country.upper() if entry == HOME else entry
+                                   for entry in policy.allowed_countries))

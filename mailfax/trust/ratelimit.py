@@ -1,6 +1,6 @@
 """Counting events per key in a sliding time window, in memory (per instance): failed logins
-per client address. (Status mails per sender are counted in the store's outbox instead, so
-that limit holds over all instances.)"""
+per client address and per user name. (Status mails per sender are counted in the store's
+outbox instead, so that limit holds over all instances.)"""
 
 from __future__ import annotations
 
@@ -11,10 +11,13 @@ MAX_KEYS = 10_000  # at this many keys, a new key first makes the window forget 
 
 
 class SlidingWindow:
+    """Events per key within the last ``window`` seconds; each event may carry a tag (for
+    failed logins from an address: the user name tried), so some can be forgotten alone."""
+
     def __init__(self, limit: int, window: float):
         self.limit = limit
         self.window = window
-        self._times: dict[str, deque[float]] = {}
+        self._times: dict[str, deque[tuple[float, str]]] = {}
         self._prune_at = MAX_KEYS
 
     def __len__(self) -> int:
@@ -33,7 +36,7 @@ class SlidingWindow:
     def full(self, key: str, now: float | None = None) -> bool:
         return self.count(key, now) >= self.limit
 
-    def add(self, key: str, now: float | None = None) -> None:
+    def add(self, key: str, now: float | None = None, tag: str = "") -> None:
         moment = _moment(now)
         times = self._times.get(key)
         if times is None:
@@ -41,13 +44,24 @@ class SlidingWindow:
                 self._prune(moment)
             times = self._times[key] = deque()
         self._trim(times, moment)
-        times.append(moment)
+        times.append((moment, tag))
 
-    def forget(self, key: str) -> None:
-        self._times.pop(key, None)
+    def forget(self, key: str, tag: str | None = None) -> None:
+        """Forget ``key``'s events (only those tagged ``tag``, if given)."""
+        if tag is None:
+            self._times.pop(key, None)
+            return
+        times = self._times.get(key)
+        if times is None:
+            return
+        kept = deque(event for event in times if event[1] != tag)
+        if kept:
+            self._times[key] = kept
+        else:
+            del self._times[key]
 
-    def _trim(self, times: deque[float], moment: float) -> None:
-        while times and moment - times[0] > self.window:
+    def _trim(self, times: deque[tuple[float, str]], moment: float) -> None:
+        while times and moment - times[0][0] > self.window:
             times.popleft()
 
     def _prune(self, moment: float) -> None:
@@ -55,7 +69,7 @@ class SlidingWindow:
         and never came back). If most keys are recent, the next clean-up waits until there
         are twice as many, so adding stays cheap on average."""
         for key in [key for key, times in self._times.items()
-                    if not times or moment - times[-1] > self.window]:
+                    if not times or moment - times[-1][0] > self.window]:
             del self._times[key]
         self._prune_at = max(MAX_KEYS, 2 * len(self._times))
 

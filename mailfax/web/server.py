@@ -19,6 +19,9 @@ log = logging.getLogger(__name__)
 def build_web_app(providers: Mapping[str, Provider], store: Store | None = None,
                   metrics: Metrics | None = None) -> web.Application:
     async def push(request: web.Request) -> web.StreamResponse:
+        """``/push/{account}/…``: the account's adapter checks the token (bound to its
+        provider, the account and the job) and that the job is the account's, and at most
+        wakes the tracker. No access log is written, so no token is logged here."""
         provider = providers.get(request.match_info["account"])
         if provider is None:
             raise web.HTTPNotFound()
