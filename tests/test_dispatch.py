@@ -355,3 +355,28 @@ async def test_the_unconfirmed_mail_goes_to_the_sender_and_the_postmaster_once(
         assert message["X-Mailfax-State"] == "unconfirmed"
     finally:
         await store.close()
+
+
+class Crashing(LostAnswers):
+    async def send(self, request: SendRequest) -> SendReceipt:
+        self.requests.append(request)
+        raise KeyError("a bug after the request went out")
+
+    async def send_many(self, requests: Sequence[SendRequest]) -> list[SendResult]:
+        for request in requests:
+            await self.send(request)
+        return []
+
+
+async def test_an_unexpected_error_may_have_sent_the_fax(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "store.sqlite3")
+    await store.open()
+    fax = Crashing(ResendHandling.NOT_RECOGNISED, placeholder=False)
+    try:
+        await queue(store, 1)
+        dispatcher = Dispatcher(store, {"emu": fax}, DispatchSettings(), "one")
+        job = await dispatch_until(store, dispatcher, "j000",
+                                   lambda job: job.state != JobState.QUEUED)
+        assert job.state == JobState.UNCONFIRMED and len(fax.requests) == 1
+    finally:
+        await store.close()

@@ -334,10 +334,12 @@ class Dispatcher:
             return await provider.send_many(requests)
         except ProviderError as error:
             return [error] * len(requests)
-        except Exception as error:  # a bug or an unexpected answer: retry, never lose the job
+        except Exception as error:  # a bug or an unexpected answer: never lose the job
             log.exception("provider %s failed unexpectedly", account)
+            # It may have failed after a request went out: the provider's declaration
+            # decides whether it is sent again (see outcome_unknown).
             return [ProviderError(reasons.reason("provider_error", type(error).__name__),
-                                  transient=True)] * len(requests)
+                                  transient=True, maybe_sent=True)] * len(requests)
 
     def _request(self, job: Job, documents: Sequence[FaxDocument], subject: str) -> SendRequest:
         return SendRequest(

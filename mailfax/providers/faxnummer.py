@@ -437,7 +437,7 @@ class FaxnummerProvider(BaseProvider):
             raise result
         log.error("faxnummer.de send failed unexpectedly", exc_info=result)
         return ProviderError(reasons.reason("provider_error", type(result).__name__),
-                             transient=True)
+                             transient=True, maybe_sent=True)  # perhaps after the POST
 
     async def status(self, refs: Sequence[ProviderRef]) -> dict[str, StatusReport]:
         results = await asyncio.gather(*(self._status_one(ref) for ref in refs),
