@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from datetime import timedelta
 from pathlib import Path
-from typing import Protocol, cast, runtime_checkable
+from typing import Any, Protocol, cast, runtime_checkable
 
 from aiohttp import web
 
@@ -34,8 +34,9 @@ from mailfax.inbound.mailer import InboundMailer
 from mailfax.inbound.poller import InboundPoller
 from mailfax.intake.service import Intake
 from mailfax.intake.smtp import start_listeners
+from mailfax.outbound.accounts import AccountHealth
 from mailfax.outbound.dispatch import Dispatcher
-from mailfax.outbound.notify import TEMPLATES_DIR, Notifier, Renderer
+from mailfax.outbound.notify import TEMPLATES_DIR, AdminAlerts, Notifier, Renderer
 from mailfax.outbound.outbox import MaildirSink, MailSink, OutboxSender, RelaySink
 from mailfax.outbound.tracking import Tracker
 from mailfax.providers import provider_module
@@ -130,22 +131,27 @@ class Application:
                                  fax_domain=settings.fax_domains[0],
                                  hostname=settings.smtp.hostname, owner=self.instance,
                                  admin_address=settings.inbound.postmaster)
+        self.accounts = self._account_health(renderer)
         self.tracker = Tracker(self.store, self.providers, settings.dispatch.status_poll_seconds,
-                               on_change=self.notifier.wake,
+                               on_change=self.notifier.wake, accounts=self.accounts,
                                unconfirmed_after=timedelta(
-                                   hours=settings.dispatch.unconfirmed_hours))
+                                   hours=settings.dispatch.unconfirmed_hours),
+                               **self._deadlines())
         if isinstance(self.store, AnnouncingStore):
             self.store.on_announced = self.tracker.wake  # ignored where it does not run
         self.dispatcher = Dispatcher(self.store, self.providers, settings.dispatch,
                                      owner=self.instance,
-                                     on_submitted=self._after_dispatch)
+                                     on_submitted=self._after_dispatch,
+                                     accounts=self.accounts)
+        self.accounts.on_resumed = lambda account: self.dispatcher.wake()
         self.intake = Intake(settings, self.store, on_stored=self._after_intake,
                              metrics=self.metrics)
 
         loops: list[tuple[str, Callable[[], Awaitable[None]]]] = [
             ("dispatcher", self.dispatcher.run),
             ("tracker", self._singleton("tracker", self.tracker.run)),
-            ("notifier", self.notifier.run), ("outbox", self.outbox.run)]
+            ("notifier", self.notifier.run), ("outbox", self.outbox.run),
+            ("account probes", lambda: self.accounts.run(self.providers))]
         self.inbound_pollers = {
             name: InboundPoller(name, provider, self.store, settings.inbound,
                                 inbound_mailer(settings), settings.numbers.default_country,
@@ -163,10 +169,62 @@ class Application:
         if settings.web.listen:
             address = ListenAddress(settings.web.listen)
             self.web_runner = await start_web(
-                build_web_app(self.providers, self.store, self.metrics), address.host,
-                address.port)
+                build_web_app(self.providers, self.store, self.metrics, self.warnings),
+                address.host, address.port)
+        self._prepare_providers()
         self.smtp_servers = await start_listeners(self.intake, settings.smtp, settings.users)
         self._log_startup()
+
+    def _account_health(self, renderer: Renderer) -> AccountHealth:
+        """Paused accounts: the admin alert goes through the outbox, like status mails."""
+        settings = self.settings
+        alerts = AdminAlerts(self.store, renderer, settings.notify,
+                             settings.notify.admin_address or settings.inbound.postmaster,
+                             on_queued=self.outbox.wake)
+        for name in settings.accounts:  # 0 from the start, so dashboards see every account
+            self.metrics.account_paused.labels(name).set(0)
+        return AccountHealth(settings.dispatch.account_probe_seconds,
+                             on_paused=alerts.account_paused, metrics=self.metrics)
+
+    def _deadlines(self) -> dict[str, Any]:
+        """The tracker's deadlines: per account, else dispatch.max_tracking_hours."""
+        dispatch = self.settings.dispatch
+        expired = self.metrics.jobs_expired
+        return {"deadlines": {name: timedelta(hours=account.max_tracking_hours)
+                              for name, account in self.settings.accounts.items()
+                              if account.max_tracking_hours is not None},
+                "default_deadline": timedelta(hours=dispatch.max_tracking_hours),
+                "lifetime": dispatch.max_age,
+                "on_deadline": lambda account: expired.labels(account,
+                                                              "tracking_deadline").inc()}
+
+    def warnings(self) -> list[str]:
+        """What /readyz reports below "ready": paused accounts, reconstructed WSDLs."""
+        found = self.accounts.describe()
+        for provider in self.providers.values():
+            found += provider.warnings()
+        return found
+
+    def _prepare_providers(self) -> None:
+        """Let providers load what they need (FAX.de: its WSDL) in the background, and warn
+        at once about what they found."""
+        for name, provider in self.providers.items():
+            prepare = getattr(provider, "prepare", None)
+            if callable(prepare):
+                task = asyncio.create_task(self._prepare(name, provider, prepare))
+                self._announcing.add(task)
+                task.add_done_callback(self._announcing.discard)
+
+    @staticmethod
+    async def _prepare(name: str, provider: Provider,
+                       prepare: Callable[[], Awaitable[None]]) -> None:
+        try:
+            await prepare()
+        except Exception as error:  # the first call tries again
+            log.warning("account %s: preparing failed: %s", name, error)
+            return
+        for warning in provider.warnings():
+            log.warning("%s", warning)
 
     def _single_instance(self) -> bool:
         return self.settings.store_url.startswith("sqlite:")
@@ -205,7 +263,8 @@ class Application:
             account=account, data_dir=self.settings.data_dir, push_base_url=self._push_base(
                 account), secret_key=secret_key, wake_tracker=self._wake_tracker,
             report_status=self._report_status, emulator_network=self.store,
-            get_job=self.store.get_job)
+            get_job=self.store.get_job,
+            allow_plain_http=self.settings.accounts[account].allow_plain_http)
 
     def _push_base(self, account: str) -> str | None:
         web_settings = self.settings.web

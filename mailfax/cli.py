@@ -98,6 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
     passwd.add_argument("user")
     passwd.set_defaults(handler=cmd_passwd)
 
+    check_account = commands.add_parser(
+        "check-account", help="try an account's login with one harmless call")
+    check_account.add_argument("name", help="the NAME of [accounts.NAME]")
+    check_account.set_defaults(handler=cmd_check_account)
+
     emulate = commands.add_parser("emulate", help="run a provider emulator (for tests)")
     emulate.add_argument("provider", help="fax.de, faxnummer.de or retarus")
     emulate.add_argument("--listen", default="127.0.0.1:0")
@@ -462,6 +467,16 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     print(f"{where}: OK ({len(settings.accounts)} account(s), fax domains "
           f"{', '.join(settings.fax_domains)}, store {settings.store_url.split('://')[0]})")
     return 0
+
+
+def cmd_check_account(args: argparse.Namespace) -> int:
+    """Load the account's provider as serve would (FAX.de: its WSDL), make one harmless
+    authenticated call, print what was learnt; 1 when the account does not work."""
+    from mailfax.providers.check import check_account
+
+    result = asyncio.run(check_account(_settings(args), args.name))
+    print("\n".join(result.lines))
+    return 0 if result.ok else 1
 
 
 def cmd_emulate(args: argparse.Namespace) -> int:

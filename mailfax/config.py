@@ -12,6 +12,7 @@ import logging
 import os
 import re
 import tomllib
+from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -205,7 +206,13 @@ class NumberSettings(Strict):
 
 
 class DispatchSettings(Strict):
-    max_attempts: int = Field(default=6, ge=1)
+    # Transient errors (an outage) are retried for max_age_hours after the mail came in (as
+    # Postfix's maximal_queue_lifetime, 5 days); max_attempts, if set, also ends it earlier.
+    max_attempts: int | None = Field(default=None, ge=1)
+    max_age_hours: float = Field(default=120.0, gt=0)
+    # One "delayed" mail to the sender when a fax is still not sent after this long (as
+    # Postfix's delay_warning_time); 0: none.
+    delay_warning_hours: float = Field(default=4.0, ge=0)
     retry_initial_seconds: float = Field(default=30.0, gt=0)
     retry_max_seconds: float = Field(default=3600.0, gt=0)
     concurrency: int = Field(default=8, ge=1)
@@ -213,9 +220,22 @@ class DispatchSettings(Strict):
     # How long an unconfirmed job (a send whose answer was lost) is looked for at its
     # provider before the sender and the admin are told "may have been sent".
     unconfirmed_hours: float = Field(default=6.0, gt=0)
+    # A job handed to a provider with no final status after this long (since its last change)
+    # is failed with a reason saying so; per account: [accounts.NAME] max_tracking_hours.
+    max_tracking_hours: float = Field(default=24.0, gt=0)
+    # An account refused as a whole (login, credit) is paused and probed this often.
+    account_probe_seconds: float = Field(default=300.0, gt=0)
+
+    @property
+    def max_age(self) -> timedelta:
+        return timedelta(hours=self.max_age_hours)
+
+    @property
+    def delay_warning(self) -> timedelta | None:
+        return timedelta(hours=self.delay_warning_hours) if self.delay_warning_hours else None
 
 
-NotifyEvent = Literal["accepted", "retrying", "delivered", "failed", "cancelled"]
+NotifyEvent = Literal["accepted", "retrying", "delayed", "delivered", "failed", "cancelled"]
 
 
 def _known_zone_name(value: str) -> str:
@@ -230,8 +250,12 @@ TimeZoneName = Annotated[str, AfterValidator(_known_zone_name)]
 
 
 class NotifySettings(Strict):
+    # "delayed": one mail when a fax is still not sent after dispatch.delay_warning_hours.
     events: list[NotifyEvent] = Field(
-        default_factory=lambda: list[NotifyEvent](["delivered", "failed", "cancelled"]))
+        default_factory=lambda: list[NotifyEvent](["delayed", "delivered", "failed",
+                                                   "cancelled"]))
+    # Alerts about accounts (login refused, no credit); None: inbound.postmaster.
+    admin_address: str | None = None
     from_address: str = "mailfax@localhost"
     from_name: str = "mailfax"
     language: Literal["en", "de"] = "en"
@@ -364,10 +388,15 @@ class AccountSettings(BaseModel):
 
     model_config = ConfigDict(extra="allow", frozen=True)
     provider: str
+    # Overrides dispatch.max_tracking_hours for this account's jobs.
+    max_tracking_hours: float | None = Field(default=None, gt=0)
+    # Credentials may go to http:// URLs of other machines (loopback is always allowed).
+    allow_plain_http: bool = False
 
     @model_validator(mode="after")
     def _provider_settings(self) -> AccountSettings:
         validated = self.provider_settings()  # validates, raises with the bad field named
+        refuse_plain_http(validated, self.allow_plain_http)
         extra = self.__pydantic_extra__ or {}
         for key in list(extra):
             value = getattr(validated, key, None)
@@ -379,6 +408,19 @@ class AccountSettings(BaseModel):
         module = provider_module(self.provider)
         settings: BaseModel = module.Settings.model_validate(self.model_extra or {})
         return settings
+
+
+def refuse_plain_http(settings: BaseModel, allowed: bool) -> None:
+    """Raise ValueError when a provider URL setting is plain http to another machine."""
+    from mailfax.providers.base import plain_http_problem
+
+    for name, value in settings:
+        urls = list(value.values()) if isinstance(value, dict) else [value]
+        for url in urls:
+            if isinstance(url, str) and name.endswith(("url", "centres")):
+                problem = plain_http_problem(url, allowed)
+                if problem:
+                    raise ValueError(f"{name}: {problem}")
 
 
 class Settings(Strict):

@@ -902,7 +902,7 @@ async def test_the_emulator_network_records_a_fax_once_and_recognises_a_resend(
 async def test_unconfirmed_state_its_repeated_mail_and_the_deliberate_retry(
         store: Store) -> None:
     """Both stores: the state ``unconfirmed``, an event logged without a state change
-    (``log_event``: the "may have been sent" mail after the search ran out), and
+    (``always_event``: the "may have been sent" mail after the search ran out), and
     ``reopen_job`` for ``mailfax retry``."""
     await add(store, jobs=("j1", "j2"))
     [claimed] = await claim(store, "one", 1, 30, {"acct": 1})
@@ -911,7 +911,7 @@ async def test_unconfirmed_state_its_repeated_mail_and_the_deliberate_retry(
         provider_job_id=f"ref:{claimed.id}", notify=False))
     assert [job.id for job in await store.tracked_jobs("acct")] == [claimed.id]
     assert await store.record(claimed.id, Transition(
-        state=JobState.UNCONFIRMED, reason=reasons.reason("unconfirmed"), log_event=True),
+        state=JobState.UNCONFIRMED, reason=reasons.reason("unconfirmed"), always_event=True),
         expected=[JobState.UNCONFIRMED])
     events = await store.job_events(claimed.id)
     assert [event.state for event in events] == [JobState.QUEUED, JobState.UNCONFIRMED,
@@ -930,3 +930,19 @@ async def test_unconfirmed_state_its_repeated_mail_and_the_deliberate_retry(
     assert (await store.reopen_job(other, "x")) is not None  # queued: left as it is
     assert [event.state for event in await store.job_events(other)] == [JobState.QUEUED]
     assert await store.reopen_job("nosuchjob", "x") is None
+
+
+async def test_an_unchanged_state_logs_an_event_only_when_asked(store: Store) -> None:
+    """A retry that stays ``retrying`` adds no event, except the one "delayed" notice
+    (``always_event``), which is then pending for the notifier."""
+    await store.add_mail_jobs(new_mail(), [NewJob("j1", "+4930123456", "main")], [])
+    retry = Transition(state=JobState.RETRYING, detail="attempt failed")
+    assert await store.record("j1", retry)
+    assert await store.record("j1", retry)
+    assert [event.state for event in await store.job_events("j1")] == [
+        JobState.QUEUED, JobState.RETRYING]
+    notice = Transition(state=JobState.RETRYING, detail="still trying", always_event=True)
+    assert await store.record("j1", notice)
+    events = await store.job_events("j1")
+    assert [event.detail for event in events][-1] == "still trying"
+    assert "still trying" in [event.detail for event in await store.pending_notifications(10)]

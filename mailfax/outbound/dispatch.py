@@ -15,6 +15,7 @@ the live leases of all instances.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import random
 import time
@@ -23,8 +24,10 @@ from datetime import UTC, datetime, timedelta
 
 from mailfax import reasons
 from mailfax.config import DispatchSettings
-from mailfax.model import JobState
+from mailfax.model import JobState, Reason
+from mailfax.outbound.accounts import AccountHealth
 from mailfax.providers.base import (
+    ErrorKind,
     FaxDocument,
     Provider,
     ProviderError,
@@ -53,6 +56,11 @@ RENEW_SECONDS = LEASE_SECONDS / 4
 # instances) or another instance is claiming them. Look again after this long, unless woken.
 BLOCKED_POLL_SECONDS = 0.5
 WAITING = (JobState.QUEUED, JobState.RETRYING)
+DELAYED = "delayed"  # the reason code of the one "delayed" notice of a job
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
 
 
 def retry_delay(attempt: int, initial: float, maximum: float,
@@ -63,20 +71,94 @@ def retry_delay(attempt: int, initial: float, maximum: float,
 
 
 def outcome_of_error(error: ProviderError, attempt: int, settings: DispatchSettings,
-                     now: datetime) -> Transition:
-    """What a failed send means for the job: a retry later, or the end."""
-    if error.transient and attempt < settings.max_attempts:
+                     now: datetime, queued_at: datetime | None = None,
+                     last_failure_at: datetime | None = None) -> Transition:
+    """What a failed send means for the job: a retry later, or the end.
+
+    A transient error is retried until the job is ``dispatch.max_age`` old (from
+    ``queued_at``; and, when set, until ``max_attempts``); the backoff is capped at
+    ``retry_max_seconds`` and the last retry falls on the end of the lifetime. The retry that
+    first passes ``delay_warning`` after ``queued_at`` is marked for one "delayed" mail.
+    """
+    age = now - queued_at if queued_at is not None else timedelta(0)
+    attempts_left = settings.max_attempts is None or attempt < settings.max_attempts
+    if error.transient and attempts_left and age < settings.max_age:
         delay = error.retry_after or retry_delay(
             attempt, settings.retry_initial_seconds, settings.retry_max_seconds)
+        next_at = now + timedelta(seconds=delay)
+        if queued_at is not None:
+            next_at = min(next_at, queued_at + settings.max_age)
+        reason = error.reason
+        warn = delay_warning_due(settings, now, queued_at, last_failure_at)
+        if warn:
+            reason = delayed_reason(error.reason, age)
         return Transition(
-            state=JobState.RETRYING, reason=error.reason,
+            state=JobState.RETRYING, reason=reason,
             detail=f"attempt {attempt} failed: {error.reason.detail or error.reason.code}",
-            next_attempt_at=now + timedelta(seconds=delay),
+            next_attempt_at=next_at, notify=True, always_event=warn,
         )
     detail = error.reason.detail or error.reason.code
-    if error.transient:
-        detail = f"gave up after {attempt} attempts: {detail}"
-    return Transition(state=JobState.FAILED, reason=error.reason, detail=detail)
+    if not error.transient:
+        return Transition(state=JobState.FAILED, reason=error.reason, detail=detail)
+    return Transition(state=JobState.FAILED, reason=expired_reason(error.reason, age, attempt),
+                      detail=f"gave up after {attempt} attempts in {hours(age)}: {detail}")
+
+
+def delay_warning_due(settings: DispatchSettings, now: datetime, queued_at: datetime | None,
+                      last_failure_at: datetime | None) -> bool:
+    """Whether this failure is the first one past the delay warning time (so one mail is
+    sent per job, however many retries follow)."""
+    warning = settings.delay_warning
+    if warning is None or queued_at is None or now < queued_at + warning:
+        return False
+    return last_failure_at is None or last_failure_at < queued_at + warning
+
+
+def hours(age: timedelta) -> str:
+    total = age.total_seconds()
+    if total < 3600:
+        return f"{total / 60:.0f} min"
+    return f"{total / 3600:.1f} h".replace(".0 h", " h")
+
+
+def delayed_reason(cause: Reason, age: timedelta) -> Reason:
+    """The "delayed" notice: not sent yet after ``age``, still trying, and why."""
+    return reasons.custom(
+        DELAYED, f"Not sent after {hours(age)}: {cause.for_language('en')}",
+        f"Nach {hours(age)} noch nicht gesendet: {cause.for_language('de')}",
+        detail=cause.detail)
+
+
+RETRY_PROMISES = ("; we will try again.", "; wir versuchen es erneut.")
+
+
+def without_retry_promise(text: str) -> str:
+    """A transient reason's sentence without its "we will try again" (we will not)."""
+    for promise in RETRY_PROMISES:
+        if text.endswith(promise):
+            return text[:-len(promise)] + "."
+    return text
+
+
+def expired_reason(cause: Reason, age: timedelta, attempts: int) -> Reason:
+    """The end of the retry lifetime."""
+    return reasons.custom(
+        "too_many_attempts",
+        f"We gave up after {attempts} attempts in {hours(age)}. "
+        f"Last error: {without_retry_promise(cause.for_language('en'))}",
+        f"Wir haben nach {attempts} Versuchen in {hours(age)} aufgegeben. "
+        f"Letzter Fehler: {without_retry_promise(cause.for_language('de'))}",
+        detail=cause.detail)
+
+
+def held_transition(error: ProviderError, account: str, now: datetime,
+                    probe_seconds: float) -> Transition:
+    """An account-wide refusal: the job waits (no mail) until the account works again; it
+    comes due at the next probe."""
+    return Transition(
+        state=JobState.RETRYING, reason=error.reason,
+        detail=f"held: account {account} paused: {error.reason.detail or error.reason.code}",
+        next_attempt_at=now + timedelta(seconds=probe_seconds), notify=False)
 
 
 ANSWER_LOST = "answer_lost"  # reason code of a job whose last send answer was lost
@@ -102,14 +184,16 @@ def outcome_unknown(job: Job, result: SendReceipt | ProviderError, provider: obj
     if not (result.maybe_sent or (answer_lost_before and result.transient)):
         return None  # (a later transient error does not make an earlier lost answer known)
     detail = result.reason.detail or result.reason.code
-    if (resend_handling(provider) != ResendHandling.NOT_RECOGNISED
-            and job.attempts < settings.max_attempts):
-        delay = result.retry_after or retry_delay(
-            job.attempts, settings.retry_initial_seconds, settings.retry_max_seconds)
-        return Transition(state=JobState.RETRYING, reason=reasons.reason(ANSWER_LOST, detail),
-                          detail=f"attempt {job.attempts}: answer lost ({detail}); the "
-                                 "provider recognises a resend",
-                          next_attempt_at=now + timedelta(seconds=delay))
+    if resend_handling(provider) != ResendHandling.NOT_RECOGNISED:
+        # Retried as any transient error (lifetime, backoff, the one "delayed" mail), marked.
+        retry = outcome_of_error(
+            result, job.attempts, settings, now, queued_at=job.created,
+            last_failure_at=job.updated if job.state == JobState.RETRYING else None)
+        if retry.state == JobState.RETRYING:
+            reason = retry.reason if retry.always_event else reasons.reason(ANSWER_LOST, detail)
+            return dataclasses.replace(
+                retry, reason=reason, detail=f"attempt {job.attempts}: answer lost ({detail}); "
+                                             "the provider recognises a resend")
     return unconfirmed_transition(unconfirmed_ref(provider, job.id), detail)
 
 
@@ -150,7 +234,11 @@ class Dispatcher:
         settings: DispatchSettings,
         owner: str,
         on_submitted: Callable[[Sequence[str]], None] = lambda job_ids: None,
+        clock: Callable[[], datetime] = utc_now,
+        accounts: AccountHealth | None = None,
     ):
+        self.clock = clock
+        self.accounts = accounts or AccountHealth(settings.account_probe_seconds, clock=clock)
         self.store = store
         self.providers = providers
         self.settings = settings
@@ -185,6 +273,15 @@ class Dispatcher:
             await asyncio.gather(renewer, *self._tasks, return_exceptions=True)
             await self._record_one_by_one()
 
+    async def run_once(self) -> None:
+        """What the loop does until nothing is left to do now: claim what is due, send it,
+        record the outcomes. For a caller with a clock of its own (tests, tools)."""
+        while True:
+            await self._record_and_claim()
+            if not self._tasks and not self._finished:
+                return
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
     def _capacity(self) -> int:
         return self.settings.concurrency * max(1, len(self.providers))
 
@@ -197,7 +294,7 @@ class Dispatcher:
         free = self._capacity() - self.in_flight
         if free <= 0 and not finished:
             return False
-        limits = dict.fromkeys(self.providers, self.settings.concurrency)
+        limits = self._account_limits()
         now = time.monotonic()
         if free > 0 and now >= self._next_sweep:
             # Now and then also jobs of accounts that are not configured (any more), so they
@@ -219,6 +316,12 @@ class Dispatcher:
             self._tasks[task] = unit.jobs
             task.add_done_callback(self._task_done)
         return free > 0 and sum(len(unit.jobs) for unit in work) >= free
+
+    def _account_limits(self) -> dict[str, int]:
+        """Sends at once per account; 0 for a paused account (its jobs wait, as they are
+        named, and not claimed with the other accounts')."""
+        return {account: 0 if self.accounts.paused(account) else self.settings.concurrency
+                for account in self.providers}
 
     async def _record_one_by_one(self) -> None:
         """The fallback when the combined call fails: each outcome on its own, so one bad
@@ -283,7 +386,9 @@ class Dispatcher:
             if due is not None:
                 timeout = min(timeout, max(0.0, (due - datetime.now(UTC)).total_seconds()))
                 if blocked and timeout <= 0:
-                    timeout = BLOCKED_POLL_SECONDS
+                    # Due jobs of a paused account stay due: do not look every half second.
+                    timeout = IDLE_TICK_SECONDS if self.accounts.any_paused() else (
+                        BLOCKED_POLL_SECONDS)
         timeout = max(timeout, 0.01)
         waits: list[asyncio.Task[None]] = [asyncio.create_task(self._wait_local())]
         wait_for_work = getattr(self.store, "wait_for_work", None)
@@ -317,7 +422,8 @@ class Dispatcher:
             to_send = [job for job in to_send if job not in interrupted]
         if to_send:
             results = await self._results(to_send, work)
-            now = datetime.now(UTC)
+            await self._hold_refused_accounts(to_send, results)
+            now = self.clock()
             outcomes += [Outcome(job.id, self._transition(job, result, now), WAITING)
                          for job, result in zip(to_send, results, strict=True)]
         self._finished += outcomes
@@ -328,7 +434,7 @@ class Dispatcher:
         provider = self.providers.get(account)
         if provider is None:
             missing = reasons.reason("provider_account", f"no such account {account!r}")
-            return [ProviderError(missing, transient=False)] * len(jobs)
+            return [ProviderError(missing, transient=False, kind=ErrorKind.PERMANENT)] * len(jobs)
         requests = [self._request(job, work.documents, work.subject) for job in jobs]
         try:
             return await provider.send_many(requests)
@@ -340,6 +446,13 @@ class Dispatcher:
             # decides whether it is sent again (see outcome_unknown).
             return [ProviderError(reasons.reason("provider_error", type(error).__name__),
                                   transient=True, maybe_sent=True)] * len(requests)
+
+    async def _hold_refused_accounts(self, jobs: Sequence[Job],
+                                     results: Sequence[SendReceipt | ProviderError]) -> None:
+        for job, result in zip(jobs, results, strict=True):
+            if isinstance(result, ProviderError) and result.kind == ErrorKind.ACCOUNT:
+                await self.accounts.hold(job.account, result)
+                return  # one send's refusal says it for the whole account
 
     def _request(self, job: Job, documents: Sequence[FaxDocument], subject: str) -> SendRequest:
         return SendRequest(
@@ -368,4 +481,11 @@ class Dispatcher:
                               provider_job_id=result.provider_job_id,
                               pages=result.pages, notify=False)
         log.warning("job %s: %s", job.id, result)
-        return outcome_of_error(result, job.attempts, self.settings, now)
+        if result.kind == ErrorKind.ACCOUNT and job.account in self.providers:
+            return held_transition(result, job.account, now, self.settings.account_probe_seconds)
+        last_failure = job.updated if job.state == JobState.RETRYING else None
+        transition = outcome_of_error(result, job.attempts, self.settings, now,
+                                      queued_at=job.created, last_failure_at=last_failure)
+        if transition.state == JobState.FAILED and result.transient:
+            self.accounts.count_expired(job.account, "lifetime")
+        return transition

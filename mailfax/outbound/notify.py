@@ -29,6 +29,7 @@ import jinja2
 from mailfax.config import NotifySettings
 from mailfax.model import JobState
 from mailfax.numbers import format_international
+from mailfax.outbound.accounts import Pause
 from mailfax.outbound.dsn import build_dsn, dsn_status_for
 from mailfax.store.base import Event, Job, Mail, OutgoingMail, Store
 from mailfax.support.waiting import wait_for_event
@@ -62,6 +63,17 @@ EVENT_KINDS: dict[JobState, str] = {
 # Always mailed, whatever ``notify.events`` says, and to the admin too: only a person can
 # decide whether to send the fax again (``mailfax retry``).
 ALWAYS_MAILED = frozenset({"unconfirmed"})
+
+
+DELAYED = "delayed"  # the reason code the dispatcher gives a job's one delay notice
+
+
+def event_kind(event: Event) -> str | None:
+    """The notification an event is: by its state, except the one "delayed" notice, a
+    retry whose reason says so."""
+    if event.state == JobState.RETRYING and event.reason and event.reason.code == DELAYED:
+        return "delayed"
+    return EVENT_KINDS.get(event.state)
 
 
 def format_duration(seconds: float | None) -> str:
@@ -206,7 +218,7 @@ class Notifier:
         return len(events)
 
     async def _mails_for(self, event: Event) -> list[OutgoingMail]:
-        kind = EVENT_KINDS.get(event.state)
+        kind = event_kind(event)
         if kind is None or (kind not in self.settings.events and kind not in ALWAYS_MAILED):
             return []
         job = await self.store.get_job(event.job_id)
@@ -292,3 +304,39 @@ class Notifier:
         # must not itself cause bounces to loop back (RFC 3834, 5321 §4.5.5).
         return OutgoingMail(envelope_from="", recipients=[mail.envelope_from],
                             message=message.as_bytes(), job_id=job.id, kind=kind)
+
+
+class AdminAlerts:
+    """Mails to the administrator (the postmaster), through the outbox like status mails:
+    an account paused because its provider refused it as a whole."""
+
+    def __init__(self, store: Store, renderer: Renderer, settings: NotifySettings,
+                 admin_address: str, on_queued: Callable[[], None] = lambda: None):
+        self.store = store
+        self.renderer = renderer
+        self.settings = settings
+        self.admin_address = admin_address
+        self.on_queued = on_queued
+
+    async def account_paused(self, pause: Pause) -> None:
+        context = {"account": pause.account, "since": pause.since,
+                   "reason": pause.reason.for_language(self.settings.language),
+                   "detail": pause.reason.detail, "code": pause.reason.code}
+        language = self.settings.language
+        env = self.renderer.text_env
+        subject = env.get_template(f"{language}/admin.subject").render(context)
+        message = EmailMessage()
+        _, from_domain = split_address(self.settings.from_address)
+        message["From"] = Address(self.settings.from_name, addr_spec=self.settings.from_address)
+        message["To"] = self.admin_address
+        message["Subject"] = " ".join(subject.split())
+        message["Date"] = format_datetime(datetime.now(UTC), usegmt=True)
+        message["Message-ID"] = make_msgid(idstring=f"account-{pause.account}",
+                                           domain=from_domain or "mailfax")
+        message["Auto-Submitted"] = "auto-generated"
+        message["X-Mailfax-Account"] = pause.account
+        message.set_content(env.get_template(f"{language}/admin.txt").render(context))
+        await self.store.enqueue_mail(OutgoingMail(
+            envelope_from="", recipients=[self.admin_address], message=message.as_bytes(),
+            kind="admin"))
+        self.on_queued()

@@ -15,8 +15,15 @@ from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 
 from mailfax import reasons
-from mailfax.model import TRACKED_STATES, JobState
-from mailfax.providers.base import Provider, ProviderError, ProviderRef, StatusReport
+from mailfax.model import TRACKED_STATES, JobState, Reason
+from mailfax.outbound.accounts import AccountHealth
+from mailfax.providers.base import (
+    ErrorKind,
+    Provider,
+    ProviderError,
+    ProviderRef,
+    StatusReport,
+)
 from mailfax.store.base import Job, Store, Transition
 from mailfax.support.waiting import wait_for_event
 
@@ -52,7 +59,7 @@ def unconfirmed_ran_out(job: Job, now: datetime, after: timedelta) -> Transition
     hours = after.total_seconds() / 3600
     return Transition(
         state=JobState.UNCONFIRMED, reason=reasons.reason("unconfirmed", job.reason.detail),
-        detail=f"not found at {job.account} within {hours:g} h; not resent", log_event=True)
+        detail=f"not found at {job.account} within {hours:g} h; not resent", always_event=True)
 
 
 def cancel_groups(requested: Sequence[Job], tracked: Sequence[Job]
@@ -88,6 +95,28 @@ def refs_of(jobs: Sequence[Job]) -> list[ProviderRef]:
     return [ProviderRef(job.id, job.provider_job_id or "", since=job.updated) for job in jobs]
 
 
+TRACKING_DEADLINE = "tracking_deadline"  # the reason code of a job that ran out of time
+
+
+def past_deadline(job: Job, now: datetime, limit: timedelta, lifetime: timedelta) -> bool:
+    """Whether a tracked job has waited too long for a final status: ``limit`` since its
+    last change of state, or in any case ``lifetime + limit`` since its mail came in (so a
+    status that keeps flapping cannot keep it either)."""
+    return now - job.updated >= limit or now - job.created >= lifetime + limit
+
+
+def deadline_reason(provider_name: str, limit: timedelta) -> Reason:
+    hours = f"{limit.total_seconds() / 3600:g} h"
+    return reasons.custom(
+        TRACKING_DEADLINE,
+        f"No final status from {provider_name} after {hours}. The fax may or may not have "
+        "been sent; please check with the recipient before sending it again.",
+        f"Keine abschließende Rückmeldung von {provider_name} nach {hours}. Das Fax wurde "
+        "vielleicht gesendet, vielleicht nicht; bitte fragen Sie beim Empfänger nach, bevor "
+        "Sie es erneut senden.",
+        detail=f"no final status from {provider_name} after {hours}")
+
+
 class Tracker:
     """Polls every in-flight job at the regular interval, and a job just submitted more often.
 
@@ -97,12 +126,22 @@ class Tracker:
     """
 
     def __init__(self, store: Store, providers: Mapping[str, Provider], interval: float,
-                 on_change: Callable[[], None] = lambda: None,
-                 unconfirmed_after: timedelta = timedelta(hours=6),
-                 clock: Callable[[], datetime] = lambda: datetime.now(UTC)):
+                 on_change: Callable[[], None] = lambda: None, *,
+                 deadlines: Mapping[str, timedelta] | None = None,
+                 default_deadline: timedelta = timedelta(hours=24),
+                 lifetime: timedelta = timedelta(days=5),
+                 clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+                 on_deadline: Callable[[str], None] = lambda account: None,
+                 accounts: AccountHealth | None = None,
+                 unconfirmed_after: timedelta = timedelta(hours=6)):
+        self.accounts = accounts  # a status call refused for the account pauses it too
         self.on_change = on_change
-        self.unconfirmed_after = unconfirmed_after
+        self.deadlines = dict(deadlines or {})
+        self.default_deadline = default_deadline
+        self.lifetime = lifetime
         self.clock = clock
+        self.on_deadline = on_deadline
+        self.unconfirmed_after = unconfirmed_after
         self.store = store
         self.providers = providers
         self.interval = interval
@@ -181,8 +220,41 @@ class Tracker:
 
     async def poll_account(self, account: str, provider: Provider) -> None:
         jobs = await self.store.tracked_jobs(account)
-        await self._poll_jobs(account, provider, jobs)
+        try:
+            await self._poll_jobs(account, provider, jobs)
+        finally:  # also when the provider cannot be asked: a deadline is a deadline
+            await self.expire_overdue(account, provider, jobs)
         await self._acknowledge(account, provider)
+
+    async def expire_overdue(self, account: str, provider: Provider,
+                             jobs: Sequence[Job]) -> int:
+        """Fail the jobs at the provider (submitted, sending, or retrying there) past their
+        deadline, unless they moved on meanwhile; the sender is told by the failure mail.
+        Returns how many."""
+        limit = self.deadlines.get(account, self.default_deadline)
+        now = self.clock()
+        expired = 0
+        for job in jobs:
+            # An unconfirmed job has a bounded search of its own and its one mail
+            # (settle_unconfirmed); failing it later would say less, and mail again.
+            at_provider = (job.state in IN_FLIGHT and job.state != JobState.UNCONFIRMED
+                           and job.provider_job_id is not None)
+            if not at_provider or not past_deadline(job, now, limit, self.lifetime):
+                continue
+            reason = deadline_reason(provider.provider_name, limit)
+            moved = await self.store.record(job.id, Transition(
+                state=JobState.FAILED, reason=reason,
+                detail=f"{reason.detail} (provider job {job.provider_job_id}, last state "
+                       f"{job.state} since {job.updated:%Y-%m-%d %H:%M} UTC)"),
+                expected=[job.state])
+            if moved:
+                expired += 1
+                log.warning("job %s: no final status from %s (%s) after %s; failed",
+                            job.id, account, job.provider_job_id, limit)
+                self.on_deadline(account)
+        if expired:
+            self.on_change()
+        return expired
 
     async def _poll_fresh(self, now: float) -> None:
         delays = {job_id: self._fresh.pop(job_id)[1]
@@ -213,6 +285,8 @@ class Tracker:
             reports = await provider.status(refs_of(jobs))
         except ProviderError as error:
             log.warning("status of %d jobs at %s: %s", len(jobs), account, error)
+            if error.kind == ErrorKind.ACCOUNT and self.accounts is not None:
+                await self.accounts.hold(account, error)
             return
         await self.apply(reports, jobs)
 

@@ -11,7 +11,9 @@ import asyncio
 import enum
 import hashlib
 import hmac
+import ipaddress
 import secrets
+import urllib.parse
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -67,15 +69,37 @@ class SendReceipt:
     confirmed: bool = True
 
 
+class ErrorKind(enum.StrEnum):
+    """What an error says about what to do next.
+
+    ``TRANSIENT``: this call may pass later (an outage, an overload): retry the job.
+    ``PERMANENT``: this job cannot pass (a bad number, a document refused): fail it.
+    ``ACCOUNT``: no job of this account can pass until someone fixes the account (login
+    refused, no credit, contract or configuration): hold the account's jobs, tell the admin.
+    """
+
+    TRANSIENT = "transient"
+    PERMANENT = "permanent"
+    ACCOUNT = "account"
+
+
+# Reasons that are about the account rather than the job, unless an adapter says otherwise.
+ACCOUNT_REASONS = frozenset({"provider_auth", "provider_account"})
+
+
 class ProviderError(Exception):
-    """A provider refused or failed a call. ``transient`` decides retry or fail."""
+    """A provider refused or failed a call. ``transient`` decides retry or fail; ``kind``
+    (default: from ``transient`` and the reason) also tells account-wide refusals apart."""
 
     def __init__(self, reason: Reason, *, transient: bool, retry_after: float | None = None,
-                 maybe_sent: bool = False):
+                 kind: ErrorKind | None = None, maybe_sent: bool = False):
         super().__init__(reason.code)
         self.reason = reason
         self.transient = transient
         self.retry_after = retry_after
+        self.kind = kind or default_kind(reason, transient)
+        # What a check_account learnt before it met this error, to print it all the same.
+        self.facts: list[tuple[str, str]] = []
         # The request may have reached the provider and been acted on (a lost or unreadable
         # answer, a timeout after the upload began): whether a resend is safe is then the
         # provider's :attr:`BaseProvider.resend_handling`, not ours to guess.
@@ -83,7 +107,43 @@ class ProviderError(Exception):
 
     def __str__(self) -> str:
         kind = "transient" if self.transient else "permanent"
+        if self.kind == ErrorKind.ACCOUNT:
+            kind = "account"
         return f"{kind} provider error {self.reason.code}: {self.reason.for_language('en')}"
+
+
+def default_kind(reason: Reason, transient: bool) -> ErrorKind:
+    if reason.code in ACCOUNT_REASONS:
+        return ErrorKind.ACCOUNT
+    return ErrorKind.TRANSIENT if transient else ErrorKind.PERMANENT
+
+
+def is_loopback_url(url: str) -> bool:
+    """Whether ``url``'s host is this machine (127.0.0.0/8, ::1, localhost)."""
+    host = (urllib.parse.urlsplit(url).hostname or "").lower()
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def plain_http_problem(url: str, allowed: bool) -> str | None:
+    """Why credentials must not go to ``url``, or None: ``http://`` to another machine
+    carries passwords in clear, unless the account says ``allow_plain_http = true``."""
+    if not url.lower().startswith("http://") or allowed or is_loopback_url(url):
+        return None
+    return (f"{url} is plain http: the password would travel in clear (use https://, or "
+            "set allow_plain_http = true on the account)")
+
+
+@dataclass(frozen=True)
+class AccountCheck:
+    """What a harmless authenticated call (``check_account``) learnt about an account."""
+
+    facts: list[tuple[str, str]]  # (label, value), in the order to print them
+    warnings: list[str] = field(default_factory=list)
 
 
 SendResult = SendReceipt | ProviderError
@@ -180,6 +240,8 @@ class ProviderContext:
     emulator_network: EmulatorNetwork | None = None
     # A job from the store (None if there is none), for a push handler to check whose it is.
     get_job: Callable[[str], Awaitable[Job | None]] | None = None
+    # ``allow_plain_http = true`` on the account: credentials may go to http:// URLs.
+    allow_plain_http: bool = False
 
     def push_token(self, provider: str, job_id: str) -> str:
         """An unguessable token for pushes about one job of this provider and account: a
@@ -261,6 +323,12 @@ class Provider(Protocol):
         """Delete a received fax at the provider (only after it was handed off)."""
         ...
 
+    async def check_account(self) -> AccountCheck:
+        """One harmless authenticated call (see :meth:`BaseProvider.check_account`)."""
+        ...
+
+    def warnings(self) -> list[str]: ...
+
     async def close(self) -> None: ...
 
 
@@ -324,6 +392,16 @@ class BaseProvider:
 
     async def delete_inbound(self, fax_id: str) -> None:
         return None
+
+    async def check_account(self) -> AccountCheck:
+        """One harmless authenticated call: raises the ProviderError it met (kind ACCOUNT when
+        the account is refused), else what it learnt. Used by ``mailfax check-account`` and
+        to probe a paused account."""
+        return AccountCheck(facts=[("check", "this provider has no harmless call to try")])
+
+    def warnings(self) -> list[str]:
+        """Problems an operator should know of now (shown by ``/readyz``)."""
+        return []
 
     async def handle_push(self, request: web.Request, subpath: str) -> web.StreamResponse:
         """A provider's status push to ``{push_base_url}/{subpath}``; 404 unless overridden."""

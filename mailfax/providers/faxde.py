@@ -43,6 +43,7 @@ from mailfax.documents.pdf import merge_pdfs
 from mailfax.model import JobState
 from mailfax.providers import faxde_codes as codes
 from mailfax.providers.base import (
+    AccountCheck,
     BaseProvider,
     FaxDocument,
     InboundFax,
@@ -101,7 +102,8 @@ class FaxDeProvider(BaseProvider):
         self.supports_inbound = settings.inbound
         self.soap = SoapClient(
             settings.wsdl_url, context.data_dir / "faxde" / f"{context.account}.wsdl",
-            settings.endpoint_url, settings.timeout_seconds)
+            settings.endpoint_url, settings.timeout_seconds,
+            allow_plain_http=context.allow_plain_http)
         # our job id -> FAX.de JobId learnt from a STATURL push, for jobs whose id was unknown
         self._pushed_ids: dict[str, str] = {}
 
@@ -289,6 +291,39 @@ class FaxDeProvider(BaseProvider):
         reports = reports_from_status(answer, mine)
         return {job_id: dataclasses.replace(report, provider_job_id=provider_job_id)
                 for job_id, report in reports.items()}
+
+    # -- the account --------------------------------------------------------------------------
+
+    async def check_account(self) -> AccountCheck:
+        """Load the WSDL as sending would, then JobStatus of job 0: an accepted login answers
+        5 (no such job); 1-4 refuse the account."""
+        await self.soap.load()
+        facts = [("WSDL", self.soap.wsdl_source), ("endpoint", self.soap.address),
+                 ("reconstruction", "yes: namespace and SOAPAction are guessed"
+                  if self.soap.reconstruction else "no")]
+        facts += [("WSDL not loaded from", tried) for tried in self.soap.wsdl_tried]
+        try:
+            answer = await self._call("JobStatus", {"JobId": 0})
+            result = int(answer["return"])
+            code = codes.code_for("JobStatus", result)
+            if code.reason in ("provider_auth", "provider_account") or code.kind == "transient":
+                raise codes.error_for("JobStatus", result)
+        except ProviderError as error:
+            error.facts = facts
+            raise
+        facts.append(("login", f"accepted (JobStatus of job 0 answered {result}: {code.text})"))
+        return AccountCheck(facts=facts, warnings=self.warnings())
+
+    async def prepare(self) -> None:
+        """Load the WSDL at start, so a reconstruction is reported at once (not first when a
+        fax is sent)."""
+        await self.soap.load()
+
+    def warnings(self) -> list[str]:
+        if not self.soap.reconstruction:
+            return []
+        return [f"account {self.account}: FAX.de WSDL could not be loaded; running on "
+                "mailfax's reconstruction (namespace and SOAPAction guessed)"]
 
     # -- cancel ------------------------------------------------------------------------------
 

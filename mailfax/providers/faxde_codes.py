@@ -14,7 +14,7 @@ from typing import Literal
 
 from mailfax import reasons
 from mailfax.model import JobState, Reason
-from mailfax.providers.base import ProviderError
+from mailfax.providers.base import ErrorKind, ProviderError
 
 Kind = Literal["ok", "transient", "permanent", "duplicate"]
 
@@ -136,10 +136,18 @@ def reason_for_code(operation: str, result: int) -> Reason:
     return reasons.reason(code.reason, detail=f"FAX.de {operation} {result}: {code.text}")
 
 
+# Account reasons that concern one job only: the next, smaller or faxed, job may pass, so
+# they fail the job rather than hold the account.
+JOB_LEVEL = frozenset({("SendJob", -1309), ("SendJob", 7)})
+
+
 def error_for(operation: str, result: int) -> ProviderError:
-    """The error an operation's (non-ok) result code means: transient or not by its kind."""
+    """The error an operation's (non-ok) result code means: transient or not by its kind;
+    credentials, credit and payment (1-4, 6, 54, 61, -1, -2, -3) are about the account."""
     code = code_for(operation, result)
-    return ProviderError(reason_for_code(operation, result), transient=code.kind == "transient")
+    kind = ErrorKind.PERMANENT if (operation, result) in JOB_LEVEL else None
+    return ProviderError(reason_for_code(operation, result), transient=code.kind == "transient",
+                         kind=kind)
 
 
 def outcome_of_send_result(send_result: str) -> tuple[JobState, Reason | None]:

@@ -25,6 +25,7 @@ from zeep.helpers import serialize_object
 from zeep.proxy import AsyncServiceProxy
 from zeep.transports import AsyncTransport
 
+from mailfax.providers.base import is_loopback_url
 from mailfax.providers.http import request_may_have_arrived
 from mailfax.support import xmlsafe
 
@@ -38,6 +39,33 @@ BUNDLED_WSDL = Path(__file__).with_name("wsdl") / "IntfXMLWS.wsdl"
 OPERATIONS = ("SendJob", "JobStatus", "CancelJob", "RequestReceived", "DeleteReceived")
 RESULT_NAMES = ("return", "result", "Result", "Return")
 MAX_CONNECTIONS = 10  # per account; callers bound their concurrent calls to it
+
+
+RECONSTRUCTION = "bundled reconstruction"
+# The two ways FAX.de's docs write the WSDL's URL: the English "?wsdl/IntfXMLWS" and the
+# German "?/wsdl/IntfXMLWS".
+WSDL_FORMS = ("?wsdl/", "?/wsdl/")
+
+
+def wsdl_url_forms(url: str) -> list[str]:
+    """``url`` first, then the same URL in the other documented form (if it is in one)."""
+    for form, other in (WSDL_FORMS, WSDL_FORMS[::-1]):
+        if form in url:
+            return [url, url.replace(form, other, 1)]
+    return [url]
+
+
+def secure_address(address: str, allow_plain_http: bool) -> str:
+    """The SOAP address to send credentials to: a WSDL's ``http://`` address of another
+    machine becomes ``https://`` (FAX.de documents both), unless plain http is allowed."""
+    if address.lower().startswith("http://") and not (allow_plain_http or
+                                                       is_loopback_url(address)):
+        upgraded = "https://" + address[len("http://"):]
+        log.warning("FAX.de WSDL gives the plain-http address %s; sending to %s instead, so "
+                    "the password does not travel in clear (allow_plain_http = true keeps "
+                    "http)", address, upgraded)
+        return upgraded
+    return address
 
 
 class SoapError(Exception):
@@ -88,7 +116,10 @@ class SoapClient:
     """One account's zeep client, created on first use."""
 
     def __init__(self, wsdl_url: str, cache_path: Path, endpoint_url: str | None,
-                 timeout: float):
+                 timeout: float, allow_plain_http: bool = False):
+        self.allow_plain_http = allow_plain_http
+        self.address = ""  # where the calls go, once loaded
+        self.wsdl_tried: list[str] = []  # (url: error) of the WSDL URLs that failed
         self.wsdl_url = wsdl_url
         self.cache_path = cache_path
         self.endpoint_url = endpoint_url
@@ -115,6 +146,17 @@ class SoapClient:
         except SoapError as error:
             raise SoapError(f"{operation}: {error}", may_have_arrived=True) from None
 
+    async def load(self) -> None:
+        """Load the WSDL now (else the first call does): ``wsdl_source`` and ``address`` say
+        which one and where calls go."""
+        await self._get_service()
+
+    @property
+    def reconstruction(self) -> bool:
+        """Whether calls run on mailfax's reconstructed WSDL (guessed namespace and
+        SOAPAction: against the real service every call may fault)."""
+        return self.wsdl_source == RECONSTRUCTION
+
     async def close(self) -> None:
         await self.http.aclose()
 
@@ -133,28 +175,46 @@ class SoapClient:
             client = zeep.AsyncClient(str(path), transport=transport, settings=zeep_settings())
         service = next(iter(client.wsdl.services.values()))
         port = next(iter(service.ports.values()))
-        address = self.endpoint_url or port.binding_options["address"]
+        address = self.endpoint_url or secure_address(port.binding_options["address"],
+                                                      self.allow_plain_http)
+        self.address = address
         return AsyncServiceProxy(client, port.binding, address=address)
 
     async def _wsdl_path(self) -> Path:
-        """The live WSDL when it can be fetched (and cached), else the cache, else bundled."""
+        """The live WSDL when it can be fetched (and cached) under either documented form of
+        its URL, else the cache, else the bundled reconstruction."""
+        self.wsdl_tried = []
+        for url in wsdl_url_forms(self.wsdl_url):
+            wsdl = await self._fetch_wsdl(url)
+            if wsdl is not None:
+                await asyncio.to_thread(self._cache, wsdl)
+                self.wsdl_source = url
+                return self.cache_path
+        tried = "; ".join(self.wsdl_tried)
+        if await asyncio.to_thread(self.cache_path.exists):
+            log.warning("FAX.de WSDL unavailable (%s); using the cached copy %s", tried,
+                        self.cache_path)
+            self.wsdl_source = f"cached copy {self.cache_path}"
+            return self.cache_path
+        log.warning("FAX.de WSDL unavailable (%s); RUNNING ON MAILFAX'S RECONSTRUCTION of it "
+                    "(namespace and SOAPAction guessed): against the real service every call "
+                    "may fault. Check with `mailfax check-account`.", tried)
+        self.wsdl_source = RECONSTRUCTION
+        return BUNDLED_WSDL
+
+    async def _fetch_wsdl(self, url: str) -> bytes | None:
         try:
-            response = await self.http.get(self.wsdl_url, timeout=min(self.timeout, 20.0))
+            response = await self.http.get(url, timeout=min(self.timeout, 20.0))
             response.raise_for_status()
             check_wsdl(response.content)
+        except httpx.HTTPStatusError as error:
+            self.wsdl_tried.append(f"{url}: HTTP {error.response.status_code}")
+            return None
         except (httpx.HTTPError, ValueError) as error:
-            if await asyncio.to_thread(self.cache_path.exists):
-                log.warning("FAX.de WSDL %s unavailable (%s); using the cached copy %s",
-                            self.wsdl_url, error, self.cache_path)
-                self.wsdl_source = f"cached copy {self.cache_path}"
-                return self.cache_path
-            log.warning("FAX.de WSDL %s unavailable (%s); using mailfax's reconstruction",
-                        self.wsdl_url, error)
-            self.wsdl_source = "bundled reconstruction"
-            return BUNDLED_WSDL
-        await asyncio.to_thread(self._cache, response.content)
-        self.wsdl_source = self.wsdl_url
-        return self.cache_path
+            first_line = (str(error).splitlines() or [""])[0]
+            self.wsdl_tried.append(f"{url}: {type(error).__name__}: {first_line}"[:300])
+            return None
+        return response.content
 
     def _cache(self, wsdl: bytes) -> None:
         self.cache_path.parent.mkdir(parents=True, exist_ok=True)

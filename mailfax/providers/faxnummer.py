@@ -47,7 +47,9 @@ from mailfax.documents.pdf import merge_pdfs
 from mailfax.model import JobState
 from mailfax.providers import q850
 from mailfax.providers.base import (
+    AccountCheck,
     BaseProvider,
+    ErrorKind,
     FaxDocument,
     ProviderContext,
     ProviderError,
@@ -468,6 +470,28 @@ class FaxnummerProvider(BaseProvider):
             log.warning("faxnummer.de %s: no usable status for %s in %s", self.account,
                         ref.provider_job_id, sorted(fields))
         return report
+
+    async def check_account(self) -> AccountCheck:
+        """``GetSentFaxStatus`` of a job that does not exist: the documented refusals of the
+        login ("Productcode invalid", "Webrequest is not available ...") raise; any other
+        answer, "ok" or a "failed" about the job, means the login was accepted."""
+        uuid = f"mailfax-check-{self.account}-0"
+        facts = [("URL", self.settings.url), ("login", self.settings.product_login)]
+        try:
+            fields = await self._call("GetSentFaxStatus", {"sCommand": "GetSentFaxStatus",
+                                                           "sJobUUID": uuid})
+        except ProviderError as error:
+            if error.kind == ErrorKind.ACCOUNT or not error.reason.detail.startswith(
+                    "WR_Status="):
+                error.facts = facts
+                raise
+            facts.append(("credentials", f"accepted (an unknown job answered "
+                                         f"{error.reason.detail})"))
+            return AccountCheck(facts=facts)
+        facts.append(("credentials", f"accepted (an unknown job answered WR_Status="
+                                     f"{fields.get('wr_status', '')!r}, "
+                                     f"{fields.get('wr_datalist_objectcount', '0')} entries)"))
+        return AccountCheck(facts=facts)
 
     async def _call(self, command: str, fields: dict[str, str],
                     files: dict[str, tuple[str, bytes, str]] | None = None) -> dict[str, str]:

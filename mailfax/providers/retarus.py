@@ -38,6 +38,7 @@ from mailfax import reasons
 from mailfax.config import Secret
 from mailfax.providers import retarus_codes as codes
 from mailfax.providers.base import (
+    AccountCheck,
     BaseProvider,
     FaxDocument,
     ProviderContext,
@@ -290,6 +291,42 @@ class RetarusProvider(BaseProvider):
         if response.status_code != 200:
             raise self._error(response, f"list reports at {data_centre}")
         return codes.reports_in(self._json(response, "list reports"))
+
+    # --- the account ----------------------------------------------------------------------
+
+    async def check_account(self) -> AccountCheck:
+        """``GET /{custNr}/fax/reports`` at each data centre: 401/403 refuse the credentials;
+        200 lists the finished jobs' reports. A 404 from one data centre can be normal (the
+        report poll takes it as "nothing here"); from all of them it means the customer
+        number is unknown."""
+        facts = [("send URL", f"{self.settings.send_url}/{self.settings.customer_number}/fax"),
+                 ("customer", self.settings.customer_number),
+                 ("user", self.settings.username)]
+        not_found: ProviderError | None = None
+        accepted = 0
+        for data_centre in self.settings.data_centres:
+            url = self._reports_url(data_centre)
+            try:
+                response = await self._call("GET", url, f"list reports at {data_centre}")
+            except ProviderError as error:
+                error.facts = facts
+                raise
+            if response.status_code == 404:
+                not_found = self._error(response, f"list reports at {data_centre}")
+                facts.append((f"reports {data_centre}", f"{url}: HTTP 404"))
+                continue
+            if response.status_code != 200:
+                refused = self._error(response, f"list reports at {data_centre}")
+                refused.facts = facts
+                raise refused
+            reports = codes.reports_in(self._json(response, "list reports"))
+            accepted += 1
+            facts.append((f"reports {data_centre}", f"{url}: login accepted, "
+                                                   f"{len(reports)} finished job reports"))
+        if not accepted and not_found is not None:
+            not_found.facts = facts
+            raise not_found
+        return AccountCheck(facts=facts)
 
     # --- status ---------------------------------------------------------------------------
 

@@ -153,9 +153,9 @@ class Transition:
     remote_id: str | None = None
     next_attempt_at: datetime | None = None
     notify: bool = True
-    # Log an event (and so, with ``notify``, a status mail) even when the state stays: an
-    # unconfirmed job whose search at the provider ran out.
-    log_event: bool = False
+    # Log an event (and so, with notify, a mail) even when the state stays the same: the one
+    # "delayed" notice of a job that keeps retrying.
+    always_event: bool = False
 
 
 Handoff = Literal["handed_off", "failed", "waiting"]

@@ -14,7 +14,9 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from mailfax.model import JobState
 from mailfax.providers.base import (
+    AccountCheck,
     InboundFax,
     Provider,
     ProviderRef,
@@ -42,6 +44,16 @@ class Metrics:
         self.jobs = Gauge("mailfax_jobs", "Jobs by state", ["state"], registry=self.registry)
         self.outbox_depth = Gauge("mailfax_outbox_depth", "Mails waiting in the outbox",
                                   registry=self.registry)
+        self.account_paused = Gauge(
+            "mailfax_account_paused", "1 while an account is paused (refused as a whole)",
+            ["account"], registry=self.registry)
+        self.account_pauses = Counter(
+            "mailfax_account_pauses", "Accounts paused, by account and reason code",
+            ["account", "reason"], registry=self.registry)
+        self.jobs_expired = Counter(
+            "mailfax_jobs_expired",
+            "Jobs failed for lack of time: retry lifetime over (lifetime) or no final status "
+            "in time (tracking_deadline)", ["account", "why"], registry=self.registry)
         self.inbound_pending = Gauge(
             "mailfax_inbound_pending", "Received faxes not yet deleted at the provider",
             registry=self.registry)
@@ -59,8 +71,10 @@ class Metrics:
 
     async def render(self, store: Store) -> bytes:
         counts = await store.counts()
-        for state, number in counts["jobs"].items():
-            self.jobs.labels(state).set(number)
+        # Every state, also those no job is in any more: a gauge left at its last value
+        # (``{state="sending"} 1`` after the last send ended) would fire a "stuck" alert forever.
+        for state in JobState:
+            self.jobs.labels(state.value).set(counts["jobs"].get(state.value, 0))
         self.outbox_depth.set(await store.outbox_depth())
         self.inbound_pending.set(sum(number for state, number in counts["inbound"].items()
                                      if state != "deleted"))
@@ -103,6 +117,13 @@ class InstrumentedProvider:
     async def delete_inbound(self, fax_id: str) -> None:
         async with self.metrics.provider_call(self.provider_name, "delete_inbound"):
             await self.inner.delete_inbound(fax_id)
+
+    async def check_account(self) -> AccountCheck:
+        async with self.metrics.provider_call(self.provider_name, "check_account"):
+            return await self.inner.check_account()
+
+    def warnings(self) -> list[str]:
+        return self.inner.warnings()
 
     async def close(self) -> None:
         await self.inner.close()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -17,7 +17,11 @@ log = logging.getLogger(__name__)
 
 
 def build_web_app(providers: Mapping[str, Provider], store: Store | None = None,
-                  metrics: Metrics | None = None) -> web.Application:
+                  metrics: Metrics | None = None,
+                  warnings: Callable[[], list[str]] = lambda: []) -> web.Application:
+    """``warnings``: what /readyz adds below "ready" (paused accounts, a reconstructed
+    WSDL): the service still takes mail, but an operator should look."""
+
     async def push(request: web.Request) -> web.StreamResponse:
         """``/push/{account}/…``: the account's adapter checks the token (bound to its
         provider, the account and the job) and that the job is the account's, and at most
@@ -44,7 +48,7 @@ def build_web_app(providers: Mapping[str, Provider], store: Store | None = None,
         except Exception as error:  # any failure means: not ready
             log.warning("not ready: store: %s", type(error).__name__)
             return web.Response(status=503, text="store unavailable\n")
-        return web.Response(text="ready\n")
+        return web.Response(text=ready_text(warnings()))
 
     async def prometheus(request: web.Request) -> web.Response:
         if metrics is None or store is None:
@@ -58,6 +62,13 @@ def build_web_app(providers: Mapping[str, Provider], store: Store | None = None,
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", prometheus)
     return app
+
+
+def ready_text(warnings: list[str]) -> str:
+    """"ready", and each warning on a line of its own ("warning: ...")."""
+    if not warnings:
+        return "ready\n"
+    return "ready, with warnings\n" + "".join(f"warning: {line}\n" for line in warnings)
 
 
 async def start_web(app: web.Application, host: str, port: int) -> web.AppRunner:

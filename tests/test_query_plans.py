@@ -1,0 +1,65 @@
+"""The hot queries run on indexes, so their cost does not grow with the history of finished
+jobs (issue 19): every statement the dispatcher, tracker, quota check, ``/metrics`` and
+``jobs --state`` run is captured from the store's own connection and explained."""
+
+from __future__ import annotations
+
+import re
+import sqlite3
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from mailfax.model import JobState
+from mailfax.store.sqlite import SqliteStore
+
+# A plan step that reads the whole jobs table: "SCAN jobs" without an index to walk.
+FULL_SCAN = re.compile(r"^SCAN (jobs|j)\b(?! USING (COVERING )?INDEX)")
+
+
+async def test_sqlite_hot_queries_never_scan_the_jobs_table(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "store.sqlite3")
+    await store.open()
+    statements: list[str] = []
+    try:
+        await store._call(lambda conn: conn.set_trace_callback(statements.append))
+        await store.claim_work("me", 10, 20.0, {"main": 5, "*": 5})
+        await store.unacknowledged_final_jobs("main", 100)
+        await store.tracked_jobs("main")
+        await store.counts()
+        await store.list_jobs(limit=50, state=JobState.QUEUED)
+        await store.usage_since(datetime.now(UTC) - timedelta(hours=1), ["alice@example.org"])
+        await store._call(lambda conn: conn.set_trace_callback(None))
+    finally:
+        await store.close()
+
+    reads = [sql for sql in statements if re.search(r"\bFROM jobs\b", sql)]
+    assert len(reads) >= 6, statements  # every method above ran a query on jobs
+    conn = sqlite3.connect(tmp_path / "store.sqlite3")
+    scans = {}
+    for sql in reads:
+        plan = [row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + sql)]
+        if any(FULL_SCAN.match(step) for step in plan):
+            scans[sql] = plan
+    assert scans == {}
+
+
+async def test_sqlite_job_counts_follow_every_state_change(tmp_path: Path) -> None:
+    """The per-state counts /metrics reads are kept by triggers: they must equal a count."""
+    from mailfax.store.base import Transition
+    from tests.test_store import add
+
+    store = SqliteStore(tmp_path / "store.sqlite3")
+    await store.open()
+    try:
+        await add(store, "m1", ("j1", "j2", "j3"))
+        await store.record("j1", Transition(JobState.SUBMITTED, provider_job_id="P1"))
+        await store.record("j1", Transition(JobState.DELIVERED))
+        await store.record("j2", Transition(JobState.SUBMITTED, provider_job_id="P2"))
+        counted = await store._call(lambda conn: dict(conn.execute(
+            "SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall()))
+        kept = (await store.counts())["jobs"]
+        assert counted == {"delivered": 1, "submitted": 1, "queued": 1}
+        assert {state: n for state, n in kept.items() if n} == counted
+        assert kept["queued"] == 1  # queued → submitted → delivered moved j1 along
+    finally:
+        await store.close()
