@@ -142,7 +142,9 @@ async def wait_until(what: str, check: object, timeout: float) -> None:
 async def test_three_instances_share_the_work_and_survive_a_kill_9(
         database: str, tmp_path: Path, corpus: Path) -> None:
     started = time.monotonic()
-    fake = await emulator.start("127.0.0.1", 0, {"delay": "0.5"})
+    # -77 with the existing JobId (the emulator's optimistic option): this test is about the
+    # instances; what a -77 without it means is tested in test_faxde.py.
+    fake = await emulator.start("127.0.0.1", 0, {"delay": "0.5", "duplicate_job_id": "1"})
     maildir = tmp_path / "outbox"
     ports = [free_port() for _ in range(INSTANCES)]
     configs = [write_config(tmp_path / f"instance{index}", port, database, fake.wsdl_url,
