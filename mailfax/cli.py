@@ -163,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     emulate.add_argument("--remote-id", default="", help="receive: the caller's station id")
     emulate.add_argument("--account", help="receive: the emulator account (default: the "
                                            "default account, if it is an emulator)")
-    command("retry", "send failed, cancelled or unconfirmed jobs again (deliberately)",
+    command("retry", "send failed, cancelled or unconfirmed jobs again",
             cmd_retry, description=RETRY_DESCRIPTION).add_argument(
         "jobs", nargs="+", metavar="JOB")
     return parser
