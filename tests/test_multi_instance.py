@@ -43,16 +43,8 @@ FINAL = {JobState.DELIVERED, JobState.FAILED, JobState.CANCELLED}
 
 @pytest.fixture(scope="module")
 def database() -> Iterator[str]:
-    try:
-        server = pg.start_postgres()
-    except pg.PostgresUnavailable as error:
-        if pg.required():
-            pytest.fail(f"MAILFAX_REQUIRE_POSTGRES is set but: {error}")
-        pytest.skip(str(error))
-    try:
+    with pg.server_for_tests() as server:
         yield server.create_database()
-    finally:
-        server.stop()
 
 
 def write_config(folder: Path, port: int, url: str, wsdl_url: str, maildir: Path) -> Path:
@@ -96,6 +88,18 @@ def start_instance(config: Path) -> subprocess.Popen[bytes]:
     return subprocess.Popen([sys.executable, "-m", "mailfax", "-c", str(config), "serve"],
                             stdout=log.open("ab"), stderr=subprocess.STDOUT,
                             cwd=config.parent)
+
+
+def stop_instances(processes: list[subprocess.Popen[bytes]]) -> None:
+    """SIGTERM to each instance still running, then wait (kill after 30 s)."""
+    for process in processes:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+    for process in processes:
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
 
 
 async def submit(ports: list[int], mails: list[EmailMessage]) -> None:
@@ -187,14 +191,7 @@ async def test_three_instances_share_the_work_and_survive_a_kill_9(
         await wait_until("every status mail and the fax handed off", all_mailed, 60)
         finished = time.monotonic()
     finally:
-        for process in processes:
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-        for process in processes:
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
+        stop_instances(processes)
         await store.close()
         await fake.close()
 
@@ -313,14 +310,7 @@ async def test_two_instances_with_their_own_data_dirs_share_one_emulator_network
             "emulator", [job.provider_job_id or "" for job in
                          await store.list_jobs(limit=100_000)])
     finally:
-        for process in processes:
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-        for process in processes:
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
+        stop_instances(processes)
         await store.close()
 
     jobs = await _jobs(database)

@@ -35,16 +35,8 @@ BACKENDS = ["sqlite", "postgresql"]
 @pytest.fixture(scope="session")
 def postgres_server() -> Iterator[pg.PostgresServer]:
     """One PostgreSQL server for the session (each test gets a database of its own)."""
-    try:
-        server = pg.start_postgres()
-    except pg.PostgresUnavailable as error:
-        if pg.required():
-            pytest.fail(f"MAILFAX_REQUIRE_POSTGRES is set but: {error}")
-        pytest.skip(str(error))
-    try:
+    with pg.server_for_tests() as server:
         yield server
-    finally:
-        server.stop()
 
 
 @dataclass
