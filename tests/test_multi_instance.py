@@ -42,9 +42,15 @@ FINAL = {JobState.DELIVERED, JobState.FAILED, JobState.CANCELLED}
 
 
 @pytest.fixture(scope="module")
-def database() -> Iterator[str]:
+def postgres_server() -> Iterator[pg.PostgresServer]:
     with pg.server_for_tests() as server:
-        yield server.create_database()
+        yield server
+
+
+@pytest.fixture
+def database(postgres_server: pg.PostgresServer) -> str:
+    """A database of its own for each test: one test's jobs are not the next one's."""
+    return postgres_server.create_database()
 
 
 def write_config(folder: Path, port: int, url: str, wsdl_url: str, maildir: Path) -> Path:
