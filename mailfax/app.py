@@ -177,10 +177,14 @@ class Application:
                                  on_queued=self.outbox.wake,
                                  mails_per_hour=settings.quotas.status_mails_per_hour,
                                  fax_domain=settings.fax_domains[0],
-                                 hostname=settings.smtp.hostname, owner=self.instance)
+                                 hostname=settings.smtp.hostname, owner=self.instance,
+                                 admin_address=(settings.notify.admin_address
+                                                or settings.inbound.postmaster))
         self.accounts = self._account_health(renderer)
         self.tracker = Tracker(self.store, self.providers, settings.dispatch.status_poll_seconds,
                                on_change=self.notifier.wake, accounts=self.accounts,
+                               unconfirmed_after=timedelta(
+                                   hours=settings.dispatch.unconfirmed_hours),
                                **self._deadlines())
         if isinstance(self.store, AnnouncingStore):
             self.store.on_announced = self.tracker.wake  # ignored where it does not run

@@ -19,7 +19,7 @@ from typing import Any
 
 from mailfax import __version__, logs
 from mailfax.config import ConfigError, ListenAddress, Settings, config_path, load_settings
-from mailfax.model import FINAL_STATES, JobState
+from mailfax.model import FINAL_STATES, RETRYABLE_STATES, JobState
 from mailfax.outbound.notify import format_duration
 from mailfax.providers.base import ProviderContext, ProviderRef
 from mailfax.store import open_store
@@ -163,8 +163,16 @@ def build_parser() -> argparse.ArgumentParser:
     emulate.add_argument("--remote-id", default="", help="receive: the caller's station id")
     emulate.add_argument("--account", help="receive: the emulator account (default: the "
                                            "default account, if it is an emulator)")
+    command("retry", "send failed, cancelled or unconfirmed jobs again",
+            cmd_retry, description=RETRY_DESCRIPTION).add_argument(
+        "jobs", nargs="+", metavar="JOB")
     return parser
 
+
+RETRY_DESCRIPTION = """\
+Queue a new attempt of each job: for jobs that failed, were cancelled, or are unconfirmed
+(their provider may have them; this may send a second copy). The running service sends them.
+"""
 
 EMULATE_DESCRIPTION = """\
 mailfax emulate fax.de|faxnummer.de|retarus --listen HOST:PORT [--option KEY=VALUE]...
@@ -359,6 +367,10 @@ async def _cancel_one(settings: Settings, store: Store, job_id: str) -> int:
     if job.state in FINAL_STATES:
         print(f"mailfax: job {job.id} is already {job.state.value}", file=sys.stderr)
         return EXIT_FAILED
+    if job.state == JobState.UNCONFIRMED:
+        print(f"mailfax: job {job.id} is unconfirmed: it may have been sent, and there is "
+              "no provider job to cancel", file=sys.stderr)
+        return EXIT_FAILED
     from mailfax import reasons
 
     cancelled = Transition(state=JobState.CANCELLED, reason=reasons.reason("cancelled"),
@@ -373,8 +385,58 @@ async def _cancel_one(settings: Settings, store: Store, job_id: str) -> int:
     if job.provider_job_id is None:
         print(f"job {job.id} is being sent right now; it will be cancelled at the provider")
         return EXIT_OK
-    return await _cancel_at_provider(settings, store, job.id, job.account,
+    return await _cancel_tracked(settings, store, job, cancelled)
+
+
+async def _cancel_tracked(settings: Settings, store: Store, job: Job,
+                          cancelled: Transition) -> int:
+    """A job the provider has. Where several jobs share one provider job (FAX.de's bulk
+    mode), cancelling it cancels them all: only when every one of them is being cancelled."""
+    from mailfax.outbound.tracking import cancel_groups
+
+    groups, held = cancel_groups([job], await store.tracked_jobs(job.account))
+    if job.id in held:
+        await store.request_cancel(job.id)
+        others = " ".join(held[job.id])
+        print(f"mailfax: job {job.id} is not cancelled yet: it was sent as one provider job "
+              f"({job.provider_job_id}) together with {others}, and cancelling it would "
+              f"cancel those too. It will be cancelled once they are: mailfax cancel "
+              f"{held[job.id][0]} ...", file=sys.stderr)
+        return 1
+    assert job.provider_job_id is not None
+    code = await _cancel_at_provider(settings, store, job.id, job.account,
                                      job.provider_job_id, cancelled)
+    for other in groups[0][1:] if code == 0 else []:
+        await store.record(other.id, cancelled, expected=(
+            JobState.SUBMITTED, JobState.SENDING, JobState.RETRYING, JobState.UNCONFIRMED))
+        print(f"job {other.id} cancelled with it (the same provider job)")
+    return code
+
+
+# -- retry ------------------------------------------------------------------------------------
+
+def cmd_retry(args: argparse.Namespace) -> int:
+    """Exit 0 when every job was queued again, 1 when any was not (each one is said)."""
+
+    async def action(store: Store) -> int:
+        refused = 0
+        for job_id in args.jobs:
+            job = await store.get_job(job_id)
+            if job is None:
+                print(f"mailfax: no job {job_id}", file=sys.stderr)
+                refused += 1
+                continue
+            if job.state in RETRYABLE_STATES:
+                job = await store.reopen_job(job_id, "sent again with mailfax retry") or job
+                if job.state == JobState.QUEUED:
+                    print(f"job {job_id} queued again")
+                    continue
+            print(f"mailfax: job {job_id} is {job.state.value}: only failed, cancelled or "
+                  "unconfirmed jobs can be retried", file=sys.stderr)
+            refused += 1
+        return 1 if refused else 0
+
+    return _run_with_store(args, action)
 
 
 async def _cancel_at_provider(settings: Settings, store: Store, job_id: str, account: str,

@@ -321,6 +321,9 @@ class DispatchSettings(Strict):
     retry_max_seconds: float = Field(default=3600.0, gt=0)
     concurrency: int = Field(default=8, ge=1)
     status_poll_seconds: float = Field(default=20.0, gt=0)
+    # How long an unconfirmed job (a send whose answer was lost) is looked for at its
+    # provider before the sender and the admin are told "may have been sent".
+    unconfirmed_hours: float = Field(default=6.0, gt=0)
     # A job handed to a provider with no final status after this long (since its last change)
     # is failed with a reason saying so; per account: [accounts.NAME] max_tracking_hours.
     max_tracking_hours: float = Field(default=24.0, gt=0)

@@ -19,6 +19,10 @@ class JobState(enum.StrEnum):
     DELIVERED = "delivered"
     FAILED = "failed"
     CANCELLED = "cancelled"
+    # The send may have reached a provider that cannot recognise a resend (a lost or
+    # unreadable answer): not resent automatically; the provider is asked where it can be,
+    # and the sender is told. ``mailfax retry`` is the deliberate resend.
+    UNCONFIRMED = "unconfirmed"
 
     @property
     def is_final(self) -> bool:
@@ -31,9 +35,12 @@ _S = JobState
 # The whole state machine. A change not listed here is a bug and is refused by the store.
 TRANSITIONS: dict[JobState, frozenset[JobState]] = {
     _S.QUEUED: frozenset({_S.SUBMITTED, _S.SENDING, _S.RETRYING, _S.DELIVERED, _S.FAILED,
-                          _S.CANCELLED}),
+                          _S.CANCELLED, _S.UNCONFIRMED}),
     _S.RETRYING: frozenset({_S.QUEUED, _S.SUBMITTED, _S.SENDING, _S.RETRYING, _S.DELIVERED,
-                            _S.FAILED, _S.CANCELLED}),
+                            _S.FAILED, _S.CANCELLED, _S.UNCONFIRMED}),
+    # Found at the provider after all (status call, report, push), or given up on.
+    _S.UNCONFIRMED: frozenset({_S.SUBMITTED, _S.SENDING, _S.DELIVERED, _S.FAILED,
+                               _S.CANCELLED}),
     _S.SUBMITTED: frozenset({_S.SENDING, _S.RETRYING, _S.DELIVERED, _S.FAILED, _S.CANCELLED}),
     _S.SENDING: frozenset({_S.SUBMITTED, _S.RETRYING, _S.DELIVERED, _S.FAILED, _S.CANCELLED}),
     _S.DELIVERED: frozenset(),
@@ -41,8 +48,14 @@ TRANSITIONS: dict[JobState, frozenset[JobState]] = {
     _S.CANCELLED: frozenset(),
 }
 
-# States in which the job has been handed to the provider and is tracked by polling.
-TRACKED_STATES = frozenset({JobState.SUBMITTED, JobState.SENDING})
+# States in which the job has been handed to the provider and is tracked by polling (an
+# unconfirmed job only while it has a provider job id to look for it under).
+TRACKED_STATES = frozenset({JobState.SUBMITTED, JobState.SENDING, JobState.UNCONFIRMED})
+
+# ``mailfax retry``, the deliberate resend, starts a new attempt of a job in one of these
+# states: it goes back to queued with its provider job id and attempt count cleared. Outside
+# the table above on purpose: nothing but a person's command does this.
+RETRYABLE_STATES = frozenset({JobState.FAILED, JobState.CANCELLED, JobState.UNCONFIRMED})
 
 
 def can_transition(old: JobState, new: JobState) -> bool:

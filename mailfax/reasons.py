@@ -47,6 +47,21 @@ _CATALOGUE: dict[str, tuple[str, str]] = {
     "too_many_attempts": ("We gave up after too many failed attempts.",
                           "Wir haben nach zu vielen Fehlversuchen aufgegeben."),
     "cancelled": ("The fax was cancelled.", "Das Fax wurde storniert."),
+    "answer_lost": ("The fax service's answer to our send was lost; we are finding out "
+                    "whether it has the fax.",
+                    "Die Antwort des Faxdienstes auf unseren Auftrag ging verloren; wir klären, "
+                    "ob er das Fax hat."),
+    "unconfirmed": ("The fax may have been sent: the fax service's answer to our send was "
+                    "lost, and it offers no way to find out. It was not sent again, to avoid "
+                    "a second copy.",
+                    "Das Fax wurde möglicherweise gesendet: Die Antwort des Faxdienstes auf "
+                    "unseren Auftrag ging verloren, und er bietet keinen Weg, das zu klären. "
+                    "Es wurde nicht noch einmal gesendet, um kein zweites Exemplar zu "
+                    "verschicken."),
+    "duplicate_refused": ("The fax service refused this fax as a duplicate of a job it "
+                          "already has, and did not send it.",
+                          "Der Faxdienst hat dieses Fax als Doppel eines Auftrags abgelehnt, "
+                          "den er schon hat, und es nicht gesendet."),
     "unknown": ("The fax service reported a failure it did not explain.",
                 "Der Faxdienst hat einen Fehler ohne Begründung gemeldet."),
 }

@@ -19,9 +19,11 @@ import shlex
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
+import pytest
 from psycopg import sql
 
 from tests.ports import free_port
@@ -40,6 +42,22 @@ class PostgresUnavailable(Exception):
 def required() -> bool:
     """Whether a missing PostgreSQL is an error rather than a reason to skip."""
     return os.environ.get("MAILFAX_REQUIRE_POSTGRES", "") not in ("", "0")
+
+
+@contextlib.contextmanager
+def server_for_tests() -> Iterator[PostgresServer]:
+    """A server for a fixture: the test skips without PostgreSQL, and fails instead when
+    MAILFAX_REQUIRE_POSTGRES is set (CI)."""
+    try:
+        server = start_postgres()
+    except PostgresUnavailable as error:
+        if required():
+            pytest.fail(f"MAILFAX_REQUIRE_POSTGRES is set but: {error}")
+        pytest.skip(str(error))
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 def find_bin_dir() -> Path | None:

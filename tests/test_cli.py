@@ -229,9 +229,9 @@ async def test_the_emulator_hands_out_dropped_faxes_and_deletes_them(tmp_path: P
                                emulator.Settings())
     try:
         assert provider.supports_inbound
-        assert await provider.fetch_inbound() is None  # no folder yet
         folder = tmp_path / "emulator" / "inbox"
-        folder.mkdir(parents=True)
+        assert folder.is_dir()  # made at start, for a person to drop faxes into
+        assert await provider.fetch_inbound() is None  # nothing in it yet
         (folder / "scan.tif").write_bytes(sample_fax("+4930123456", pages=3))
         assert await provider.fetch_inbound() is None  # still being copied, maybe
         emulator_settle(folder)

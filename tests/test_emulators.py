@@ -11,7 +11,7 @@ import pikepdf
 import pytest
 from lxml import etree
 
-from mailfax.emulators import faxde
+from mailfax.emulators import faxde, faxnummer, retarus
 from mailfax.emulators.rules import longest_prefix, prefix_value
 
 SOAP_ENV = "http://schemas.xmlsoap.org/soap/envelope/"
@@ -46,14 +46,17 @@ def send_job_envelope(reference: str) -> bytes:
 
 
 async def send_job(server: faxde.Emulator, reference: str) -> int:
+    return int((await send_job_answer(server, reference))["return"])
+
+
+async def send_job_answer(server: faxde.Emulator, reference: str) -> dict[str, str]:
     async with aiohttp.ClientSession() as session, session.post(
             server.soap_url, data=send_job_envelope(reference),
             headers={"Content-Type": "text/xml; charset=utf-8"}) as response:
         body = await response.read()
     root = etree.fromstring(body)
-    (result,) = [element for element in root.iter()
-                 if isinstance(element.tag, str) and etree.QName(element).localname == "return"]
-    return int(result.text or "")
+    response_element = root[0][0]
+    return {etree.QName(element).localname: element.text or "" for element in response_element}
 
 
 @pytest.mark.parametrize("code", [-1, -2, 8, 45, 75])
@@ -90,3 +93,55 @@ def test_the_longest_matching_prefix_wins() -> None:
     pairs = [("+4930", 1), ("", 2), ("+4930", 3)]
     assert longest_prefix("+4930123", pairs, lambda pair: pair[0]) == ("+4930", 1)  # first
     assert longest_prefix("+4340123", pairs, lambda pair: pair[0]) == ("", 2)
+
+
+@pytest.mark.parametrize("optimistic", [False, True])
+async def test_faxde_77_carries_no_jobid_unless_told(optimistic: bool) -> None:
+    """The docs name -77 "Identical job already established (duplicate?)" and say nothing of
+    a JobId with it: by default there is none."""
+    options = {"delay": "0.2", **({"duplicate_job_id": "1"} if optimistic else {})}
+    server = await faxde.start("127.0.0.1", 0, options)
+    try:
+        first = await send_job_answer(server, "aaaaaaaaaaaa")
+        again = await send_job_answer(server, "aaaaaaaaaaaa")
+        assert first["return"] == "0" and again["return"] == "-77"
+        assert again.get("JobId", "0") == (first["JobId"] if optimistic else "0")
+        assert len(server.state.jobs) == 1
+        other = await send_job_answer(server, "bbbbbbbbbbbb")  # another reference: a new job
+        assert other["return"] == "0" and len(server.state.jobs) == 2
+    finally:
+        await server.close()
+
+
+async def test_faxde_a_job_just_placed_has_no_log_entry_yet() -> None:
+    server = await faxde.start("127.0.0.1", 0, {"delay": "5"})
+    try:
+        await send_job(server, "aaaaaaaaaaaa")
+        [job] = server.state.jobs.values()
+        asked = {"Account": "123456", "Password": "secret", "JobId": str(job.job_id)}
+        assert server.op_JobStatus(asked)["return"] == 5  # "Kein Protokoll-Eintrag" (yet)
+        job.created -= server.state.unlogged
+        assert server.op_JobStatus(asked)["return"] == 6  # in progress
+    finally:
+        await server.close()
+
+
+async def test_the_defaults_are_the_pessimistic_readings() -> None:
+    options, _ = faxnummer.parse_options({})
+    assert options.duplicates == "none"
+    state = faxnummer.EmulatorState(options=options)
+    form = {"sProductLogin": options.login, "sProductCode": options.code,
+            "sCommand": "SendFax", "sDestination": "004930123456", "sEmail": "a@example.org",
+            "sFaxFileName": "x.pdf [job1]"}
+    upload = faxnummer.Upload("x.pdf", "application/pdf", one_page_pdf())
+    answers = [faxnummer.handle_call(state, form, upload) for _ in range(2)]
+    assert answers[0]["WR_Request_UUID"] != answers[1]["WR_Request_UUID"]  # two faxes
+    assert len(state.faxes) == 2 and "WR_Duplicate" not in answers[1]
+    server = await retarus.start("127.0.0.1", 0, {})
+    try:
+        assert (server.state.duplicates, server.state.conflict_body) == ("none", "empty")
+    finally:
+        await server.close()
+    for module in (faxde, faxnummer, retarus):
+        doc = module.__doc__ or ""
+        assert "Documented" in doc and "Assumed" in doc and "pessimistic" in doc, module

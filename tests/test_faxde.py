@@ -11,6 +11,7 @@ import logging
 import os
 import threading
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ import pytest
 from mailfax.app import Application
 from mailfax.emulators import faxde as emulator
 from mailfax.model import JobState
+from mailfax.outbound.tracking import Tracker, cancel_groups
 from mailfax.providers import faxde, faxde_soap
 from mailfax.providers import faxde_codes as codes
 from mailfax.providers.base import (
@@ -32,7 +34,7 @@ from mailfax.providers.base import (
     SendRequest,
 )
 from mailfax.providers.faxde_soap import BUNDLED_WSDL, check_wsdl
-from mailfax.store.base import NewJob, NewMail, Transition
+from mailfax.store.base import Job, NewJob, NewMail, Transition
 from mailfax.store.sqlite import SqliteStore
 from tests.conftest import Service, fax_mail, make_settings
 from tests.ports import free_port
@@ -93,7 +95,11 @@ async def test_send_progress_and_delivery(provider: faxde.FaxDeProvider,
     assert [(r.number, r.reference) for r in job.recipients] == [("+4930123456", "k8x40c88txje")]
     assert job.options["STATIONID"] == "Mueller GmbH Buero"
     assert job.options["FAXHEADER"] == "Angebot"
-    ref = ProviderRef(sent.job_id, receipt.provider_job_id)
+    ref = ProviderRef(sent.job_id, receipt.provider_job_id, since=datetime.now(UTC))
+    # Pessimistic emulator: no log entry right after SendJob (JobStatus 5), which within the
+    # grace period is "no news", not a failure.
+    assert await provider.status([ref]) == {}
+    await asyncio.sleep(0.3)
     assert (await provider.status([ref]))[sent.job_id].state == JobState.SENDING
     report = (await until_final(provider, [ref]))[sent.job_id]
     assert report.state == JobState.DELIVERED
@@ -121,9 +127,10 @@ async def test_every_sendjob_result_code(provider: faxde.FaxDeProvider,
                                          result: int) -> None:
     fake.state.force("SendJob", result)
     code = codes.SEND_JOB[result]
-    if code.kind in ("ok", "duplicate"):
-        receipt = await provider.send(request(corpus))
+    if code.kind in ("ok", "duplicate"):  # -77 only after a lost answer; else a refusal
+        receipt = await provider.send(request(corpus, earlier_may_have_arrived=True))
         assert receipt.duplicate == (code.kind == "duplicate")
+        assert not receipt.confirmed  # a forced answer carries no JobId: unconfirmed
         return
     with pytest.raises(ProviderError) as raised:
         await provider.send(request(corpus))
@@ -165,7 +172,8 @@ async def test_account_errors_of_the_other_operations(provider: faxde.FaxDeProvi
 
 async def test_unknown_job_is_a_failure_and_an_undocumented_code_is_transient(
         provider: faxde.FaxDeProvider, fake: emulator.Emulator) -> None:
-    reports = await provider.status([ProviderRef("j1", "999999")])  # 5: not found
+    long_ago = datetime.now(UTC) - timedelta(seconds=901)
+    reports = await provider.status([ProviderRef("j1", "999999", since=long_ago)])  # 5
     assert reports["j1"].state == JobState.FAILED
     fake.state.force("JobStatus", 42)
     with pytest.raises(ProviderError) as raised:
@@ -195,6 +203,7 @@ async def test_status_of_many_jobs_is_asked_concurrently_within_the_connection_l
             running -= 1
 
     monkeypatch.setattr(provider.soap, "call", call)
+    await asyncio.sleep(0.3)  # until the emulator has logged them all
     reports = await provider.status(refs)
     assert set(reports) == {ref.job_id for ref in refs}
     assert 1 < most <= faxde_soap.MAX_CONNECTIONS
@@ -295,22 +304,65 @@ async def test_documents_are_merged_once_per_mail_and_off_the_event_loop(
     assert [name for name, _ in files[0]] == names[:3]
 
 
-async def test_a_lost_answer_ends_in_exactly_one_fax(provider: faxde.FaxDeProvider,
-                                                     fake: emulator.Emulator,
-                                                     corpus: Path) -> None:
+async def test_a_lost_answer_and_the_resend_refused_with_77_without_a_jobid(
+        provider: faxde.FaxDeProvider, fake: emulator.Emulator, corpus: Path) -> None:
+    """Pessimistic emulator: -77 tells no JobId, so the job is not confirmed; without a
+    STATURL (no web endpoint here) nothing can find it."""
     fake.state.drop_after_commit = 1
     with pytest.raises(ProviderError) as raised:
         await provider.send(request(corpus))
-    assert raised.value.transient
+    assert raised.value.transient and raised.value.maybe_sent
     assert len(fake.state.jobs) == 1  # FAX.de has it, we did not hear
-    receipt = await provider.send(request(corpus, attempt=2))
-    assert receipt.duplicate
-    assert len(fake.state.jobs) == 1
+    receipt = await provider.send(request(corpus, attempt=2, earlier_may_have_arrived=True))
+    assert receipt.duplicate and not receipt.confirmed
+    assert receipt.provider_job_id == ""  # no push configured: nothing to look for it under
+    [job] = fake.state.jobs.values()
+    assert job.refused_resends == 1  # one fax
+
+
+async def test_a_lost_answer_and_the_resend_answered_with_the_jobid_optimistic(
+        provider: faxde.FaxDeProvider, fake: emulator.Emulator, corpus: Path) -> None:
+    fake.state.duplicate_job_id = True
+    fake.state.drop_after_commit = 1
+    with pytest.raises(ProviderError):
+        await provider.send(request(corpus))
+    receipt = await provider.send(request(corpus, attempt=2, earlier_may_have_arrived=True))
+    assert receipt.duplicate and receipt.confirmed
     (job_id,) = fake.state.jobs
     assert receipt.provider_job_id == str(job_id)
     report = (await until_final(provider, [ProviderRef("k8x40c88txje",
                                                        receipt.provider_job_id)]))
     assert report["k8x40c88txje"].state == JobState.DELIVERED
+
+
+async def test_77_on_a_first_attempt_is_a_duplicate_refusal(
+        provider: faxde.FaxDeProvider, fake: emulator.Emulator, corpus: Path) -> None:
+    first = await provider.send(request(corpus, job_id="aaaaaaaaaaaa"))
+    # The same job id again without a lost answer (another instance, a bug, a copy of the
+    # database): FAX.de refuses it, and that is not "sent".
+    with pytest.raises(ProviderError) as refused:
+        await provider.send(request(corpus, job_id="aaaaaaaaaaaa"))
+    assert (refused.value.reason.code, refused.value.transient) == ("duplicate_refused", False)
+    assert "-77" in refused.value.reason.detail and "duplicate" in refused.value.reason.detail
+    assert refused.value.reason.text["de"].startswith("Der Faxdienst hat dieses Fax als Doppel")
+    assert list(fake.state.jobs) == [int(first.provider_job_id)]
+
+
+@pytest.mark.parametrize(("wording", "state", "code"), [
+    ("Send failed", JobState.FAILED, "transmission_failed"),
+    ("Send-Fail", JobState.FAILED, "transmission_failed"),
+    ("Canceled", JobState.CANCELLED, "cancelled"), ("busy", JobState.FAILED, "busy"),
+    ("No answer", JobState.FAILED, "no_answer"), ("Blacklist", JobState.FAILED, "blacklisted"),
+    ("Black-List", JobState.FAILED, "blacklisted"), ("Call failed", JobState.FAILED,
+                                                    "call_failed"),
+    ("No Service", JobState.FAILED, "no_service"), ("Voice", JobState.FAILED, "not_a_fax"),
+    ("SENDFAIL", JobState.FAILED, "transmission_failed"), ("NORING", JobState.FAILED,
+                                                          "no_answer"),
+    ("OK", JobState.DELIVERED, None)])
+def test_every_wording_of_both_docs(wording: str, state: JobState, code: str | None) -> None:
+    got, reason = codes.outcome_of_send_result(wording)
+    assert got == state
+    assert (reason.code if reason else None) == code
 
 
 async def test_inbound_fax_is_fetched_until_deleted(provider: faxde.FaxDeProvider,
@@ -529,6 +581,96 @@ async def test_mail_to_fax_through_fax_de_end_to_end_with_the_push(
         await server.close()
 
 
+async def run_one_fax(tmp_path: Path, corpus: Path, server: emulator.Emulator,
+                      with_push: bool) -> tuple[Service, Application, str]:
+    extra: dict[str, Any] = {"web": {"listen": f"127.0.0.1:{free_port()}"}} if with_push else {}
+    settings = make_settings(
+        tmp_path, accounts={"main": {"provider": "fax.de", "account": "123456",
+                                     "password": PASSWORD, "wsdl_url": server.wsdl_url}},
+        default_account="main", dispatch={"status_poll_seconds": 600,
+                                          "retry_initial_seconds": 0.2},
+        inbound={"ocr": "off", "postmaster": "fax-admin@example.org"}, **extra)
+    app = Application(settings)
+    await app.start()
+    service = Service(app)
+    pdf = (corpus / "pdf" / "crazyones.pdf").read_bytes()
+    mail = fax_mail([("letter.pdf", pdf, "application/pdf")], to="030123456@fax.local")
+    _, reply = await service.send(mail, "alice@example.org", ["030123456@fax.local"])
+    return service, app, reply.split()[-1]
+
+
+def body_of(message: Any) -> str:
+    parsed = email.message_from_bytes(bytes(message), policy=email.policy.default)
+    part = parsed.get_body(("plain",))
+    assert part is not None
+    return str(part.get_content())
+
+
+async def test_77_without_a_jobid_after_a_lost_answer_is_found_through_the_push(
+        tmp_path: Path, corpus: Path) -> None:
+    """Pessimistic emulator: the SendJob answer is lost, the resend is refused with -77 and
+    no JobId. The job waits unconfirmed until the STATURL push of the first request's job
+    tells its JobId; then JobStatus (REFID checked) says delivered, and the sender is told."""
+    server = await emulator.start("127.0.0.1", 0, {"password": PASSWORD, "delay": "1.5"})
+    server.state.drop_after_commit = 1
+    service, app, job_id = await run_one_fax(tmp_path, corpus, server, with_push=True)
+    try:
+        for _ in range(100):
+            job = await app.store.get_job(job_id)
+            if job is not None and job.state == JobState.UNCONFIRMED:
+                break
+            await asyncio.sleep(0.05)
+        assert job is not None and job.state == JobState.UNCONFIRMED
+        assert job.provider_job_id == f"dup:{job_id}"
+        delivered = await service.wait_for_mail(
+            lambda m: m["X-Mailfax-State"] == "delivered", timeout=20)
+        [fax] = server.state.jobs.values()  # one fax
+        assert fax.refused_resends == 1
+        job = await app.store.get_job(job_id)
+        assert job is not None and job.provider_job_id == str(fax.job_id)
+        assert delivered["X-Mailfax-Job"] == job_id
+        assert not [m for m in service.outbox_messages()
+                    if m["X-Mailfax-State"] == "unconfirmed"]
+    finally:
+        await app.stop()
+        await server.close()
+
+
+async def test_77_without_a_jobid_and_no_push_is_unconfirmed_with_one_mail(
+        tmp_path: Path, corpus: Path) -> None:
+    server = await emulator.start("127.0.0.1", 0, {"password": PASSWORD, "delay": "0.5"})
+    server.state.drop_after_commit = 1
+    service, app, job_id = await run_one_fax(tmp_path, corpus, server, with_push=False)
+    try:
+        told = await service.wait_for_mail(lambda m: m["X-Mailfax-State"] == "unconfirmed")
+        assert told["X-Mailfax-Job"] == job_id
+        assert "MAY HAVE BEEN SENT" in body_of(told) and f"mailfax retry {job_id}" in body_of(told)
+        [fax] = server.state.jobs.values()
+        assert fax.refused_resends == 1  # resent once (FAX.de documents -77), faxed once
+        job = await app.store.get_job(job_id)
+        assert job is not None and job.state == JobState.UNCONFIRMED
+    finally:
+        await app.stop()
+        await server.close()
+
+
+async def test_77_on_the_first_attempt_fails_as_a_duplicate_refusal_with_a_mail(
+        tmp_path: Path, corpus: Path) -> None:
+    server = await emulator.start("127.0.0.1", 0, {"password": PASSWORD, "delay": "0.5"})
+    server.state.force("SendJob", -77)
+    service, app, job_id = await run_one_fax(tmp_path, corpus, server, with_push=False)
+    try:
+        failed = await service.wait_for_mail(lambda m: m["X-Mailfax-State"] == "failed")
+        assert "refused this fax as a duplicate" in body_of(failed)
+        job = await app.store.get_job(job_id)
+        assert job is not None and job.state == JobState.FAILED and job.attempts == 1
+        assert job.reason is not None and job.reason.code == "duplicate_refused"
+        assert server.state.jobs == {}
+    finally:
+        await app.stop()
+        await server.close()
+
+
 async def test_received_faxes_go_from_fax_de_to_the_mailbox_and_are_then_deleted(
         tmp_path: Path, corpus: Path) -> None:
     server = await emulator.start("127.0.0.1", 0, {"password": PASSWORD})
@@ -574,3 +716,87 @@ async def test_received_faxes_go_from_fax_de_to_the_mailbox_and_are_then_deleted
     finally:
         await app.stop()
         await server.close()
+
+
+async def test_bulk_cancel_waits_until_every_recipient_of_the_jobid_is_cancelled(
+        tmp_path: Path, corpus: Path) -> None:
+    """With bulk = true one JobId carries several of our jobs, and CancelJob cancels them all:
+    so one recipient's cancel waits for the others'."""
+    server = await emulator.start("127.0.0.1", 0, {"password": PASSWORD, "delay": "30"})
+    provider = make_provider(server, tmp_path, bulk=True)
+    store = SqliteStore(tmp_path / "store.sqlite3")
+    await store.open()
+    try:
+        pdf = (corpus / "pdf" / "two-different-pages.pdf").read_bytes()
+        mail = NewMail(mail_id="m1", envelope_from="a@example.org", message_id=None,
+                       subject="s", references=[], from_header="", client_address="::1")
+        ids = ["aaaaaaaaaaaa", "bbbbbbbbbbbb"]
+        await store.add_mail_jobs(mail, [NewJob(job_id, "+4930123456", "main") for job_id in ids],
+                                  [FaxDocument("a.pdf", pdf, 2)])
+        receipts = await provider.send_many([request(corpus, job_id=job_id) for job_id in ids])
+        for receipt in receipts:
+            assert isinstance(receipt, SendReceipt)
+            await store.record(receipt.job_id, Transition(
+                state=JobState.SUBMITTED, provider_job_id=receipt.provider_job_id))
+        [fax] = server.state.jobs.values()
+        tracker = Tracker(store, {"main": provider}, 60)
+
+        await store.request_cancel(ids[0])
+        await tracker.poll_account("main", provider)
+        assert not fax.cancelled  # the other recipient is not being cancelled
+        assert [c for c in server.state.calls if c[0] == "CancelJob"] == []
+
+        await store.request_cancel(ids[1])
+        await tracker.poll_account("main", provider)
+        assert fax.cancelled
+        assert len([c for c in server.state.calls if c[0] == "CancelJob"]) == 1
+        assert {job.state for job in await store.get_jobs(ids)} == {JobState.CANCELLED}
+    finally:
+        await store.close()
+        await provider.close()
+        await server.close()
+
+
+def test_cancel_groups_hold_a_recipient_whose_jobid_is_shared() -> None:
+    def job(job_id: str, provider_job_id: str | None, cancel: bool) -> Job:
+        now = datetime.now(UTC)
+        return Job(id=job_id, mail_id="m", account="main", number="+4930123456",
+                   state=JobState.SUBMITTED, pages=1, sender="", created=now, updated=now,
+                   attempts=1, next_attempt_at=None, provider_job_id=provider_job_id,
+                   reason=None, duration_seconds=None, remote_id=None, options={},
+                   cancel_requested=cancel, acknowledged=False)
+
+    a, b, c = job("a", "7001", True), job("b", "7001", False), job("c", "7002", True)
+    groups, held = cancel_groups([a, c], [a, b, c])
+    assert [[member.id for member in group] for group in groups] == [["c"]]
+    assert held == {"a": ["b"]}
+    b_too = job("b", "7001", True)
+    groups, held = cancel_groups([a, b_too], [a, b_too, c])
+    assert [[member.id for member in group] for group in groups] == [["a", "b"]] and not held
+
+
+async def test_a_pushed_jobid_is_believed_only_when_its_refid_names_the_job(
+        fake: emulator.Emulator, tmp_path: Path, corpus: Path) -> None:
+    store = await jobs_in_store(tmp_path, [("bbbbbbbbbbbb", "main", "dup:bbbbbbbbbbbb")])
+    context = ProviderContext(account="main", data_dir=tmp_path, secret_key=b"k" * 32,
+                              push_base_url="http://127.0.0.1:1/push/main",
+                              get_job=store.get_job)
+    settings = faxde.Settings(account="123456", password=PASSWORD, wsdl_url=fake.wsdl_url)
+    provider = faxde.create(context, settings)
+    from aiohttp.test_utils import make_mocked_request
+
+    try:
+        other = await provider.send(request(corpus, job_id="aaaaaaaaaaaa"))
+        assert provider.unconfirmed_ref("bbbbbbbbbbbb") == "dup:bbbbbbbbbbbb"
+        token = provider.push_token("bbbbbbbbbbbb")
+        push = make_mocked_request("GET", f"/push/main/bbbbbbbbbbbb?t={token}"
+                                          f"&cid=bbbbbbbbbbbb&jid={other.provider_job_id}")
+        assert (await provider.handle_push(push, "bbbbbbbbbbbb")).status == 200
+        assert provider._pushed_ids == {"bbbbbbbbbbbb": other.provider_job_id}
+        await asyncio.sleep(0.5)  # job aaaa… is done
+        ref = ProviderRef("bbbbbbbbbbbb", "dup:bbbbbbbbbbbb")
+        assert await provider.status([ref]) == {}  # its StatusFile names aaaa…, not bbbb…
+        assert provider._pushed_ids == {}
+    finally:
+        await provider.close()
+        await store.close()

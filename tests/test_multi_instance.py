@@ -42,17 +42,15 @@ FINAL = {JobState.DELIVERED, JobState.FAILED, JobState.CANCELLED}
 
 
 @pytest.fixture(scope="module")
-def database() -> Iterator[str]:
-    try:
-        server = pg.start_postgres()
-    except pg.PostgresUnavailable as error:
-        if pg.required():
-            pytest.fail(f"MAILFAX_REQUIRE_POSTGRES is set but: {error}")
-        pytest.skip(str(error))
-    try:
-        yield server.create_database()
-    finally:
-        server.stop()
+def postgres_server() -> Iterator[pg.PostgresServer]:
+    with pg.server_for_tests() as server:
+        yield server
+
+
+@pytest.fixture
+def database(postgres_server: pg.PostgresServer) -> str:
+    """A database of its own for each test: one test's jobs are not the next one's."""
+    return postgres_server.create_database()
 
 
 def write_config(folder: Path, port: int, url: str, wsdl_url: str, maildir: Path) -> Path:
@@ -96,6 +94,18 @@ def start_instance(config: Path) -> subprocess.Popen[bytes]:
     return subprocess.Popen([sys.executable, "-m", "mailfax", "-c", str(config), "serve"],
                             stdout=log.open("ab"), stderr=subprocess.STDOUT,
                             cwd=config.parent)
+
+
+def stop_instances(processes: list[subprocess.Popen[bytes]]) -> None:
+    """SIGTERM to each instance still running, then wait (kill after 30 s)."""
+    for process in processes:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+    for process in processes:
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
 
 
 async def submit(ports: list[int], mails: list[EmailMessage]) -> None:
@@ -142,7 +152,9 @@ async def wait_until(what: str, check: object, timeout: float) -> None:
 async def test_three_instances_share_the_work_and_survive_a_kill_9(
         database: str, tmp_path: Path, corpus: Path) -> None:
     started = time.monotonic()
-    fake = await emulator.start("127.0.0.1", 0, {"delay": "0.5"})
+    # -77 with the existing JobId (the emulator's optimistic option): this test is about the
+    # instances; what a -77 without it means is tested in test_faxde.py.
+    fake = await emulator.start("127.0.0.1", 0, {"delay": "0.5", "duplicate_job_id": "1"})
     maildir = tmp_path / "outbox"
     ports = [free_port() for _ in range(INSTANCES)]
     configs = [write_config(tmp_path / f"instance{index}", port, database, fake.wsdl_url,
@@ -185,14 +197,7 @@ async def test_three_instances_share_the_work_and_survive_a_kill_9(
         await wait_until("every status mail and the fax handed off", all_mailed, 60)
         finished = time.monotonic()
     finally:
-        for process in processes:
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-        for process in processes:
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
+        stop_instances(processes)
         await store.close()
         await fake.close()
 
@@ -298,19 +303,20 @@ async def test_two_instances_with_their_own_data_dirs_share_one_emulator_network
                     and not await store.pending_notifications(1)
                     and await store.outbox_depth() == 0)
 
-        await wait_until("every job final and mailed", all_done, 150)
+        try:
+            await wait_until("every job final and mailed", all_done, 150)
+        except AssertionError:
+            jobs = await store.list_jobs(limit=100_000)
+            states = collections.Counter(job.state.value for job in jobs)
+            raise AssertionError(
+                f"not done: {len(jobs)} jobs {dict(states)}, pending notifications: "
+                f"{len(await store.pending_notifications(1000))}, outbox: "
+                f"{await store.outbox_depth()}\n{log_of(configs[1])[-3000:]}") from None
         transmissions = await store.emulator_transmissions(
             "emulator", [job.provider_job_id or "" for job in
                          await store.list_jobs(limit=100_000)])
     finally:
-        for process in processes:
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-        for process in processes:
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
+        stop_instances(processes)
         await store.close()
 
     jobs = await _jobs(database)
@@ -321,7 +327,9 @@ async def test_two_instances_with_their_own_data_dirs_share_one_emulator_network
     assert set(references) == set(jobs)
     assert [ref for ref, count in references.items() if count != 1] == []
     # Neither instance wrote a ledger file of its own.
-    assert not await asyncio.to_thread(lambda: list(tmp_path.glob("host*/data/emulator/*")))
+    ledger_files = await asyncio.to_thread(
+        lambda: list(tmp_path.glob("host*/data/emulator/*.sqlite3")))
+    assert ledger_files == []
     status = collections.Counter(message["X-Mailfax-Job"]
                                  for message in mailbox.Maildir(maildir, create=False))
     assert set(status) == set(jobs)

@@ -243,7 +243,9 @@ async def test_a_status_that_never_changes_reaches_the_deadline(
         rig_factory: Any, tmp_path: Path, clock: SimClock, answer: str) -> None:
     """FAX.de answers JobStatus 6 ("still in progress") for ever, or a code its docs do not
     have: after 24 h the job fails with a reason saying so, and the sender gets that mail."""
-    server = await faxde_emulator.start("127.0.0.1", 0, {"delay": str(10**9)})
+    # unlogged=0: JobStatus 6 from the first poll (by default the emulator first answers 5,
+    # "no log entry yet", which is no news within the grace period).
+    server = await faxde_emulator.start("127.0.0.1", 0, {"delay": str(10**9), "unlogged": "0"})
     if answer == "undocumented":
         server.state.force("JobStatus", *[99] * 100)
     settings = faxde.Settings.model_validate({"account": "123456", "password": "secret",

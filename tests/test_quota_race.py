@@ -35,16 +35,8 @@ def password_hash() -> str:
 
 @pytest.fixture(scope="module")
 def postgres_url() -> Iterator[str]:
-    try:
-        server = pg.start_postgres()
-    except pg.PostgresUnavailable as error:
-        if pg.required():
-            pytest.fail(f"MAILFAX_REQUIRE_POSTGRES is set but: {error}")
-        pytest.skip(str(error))
-    try:
+    with pg.server_for_tests() as server:
         yield server.create_database()
-    finally:
-        server.stop()
 
 
 def settings_for(folder: Path, tls: tuple[Path, Path], password_hash: str,

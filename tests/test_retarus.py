@@ -26,7 +26,7 @@ from mailfax.providers.base import (
     ProviderContext,
     ProviderError,
     ProviderRef,
-    SendReceipt,
+    ResendHandling,
     SendRequest,
     StatusReport,
 )
@@ -276,7 +276,8 @@ async def test_acknowledge_deletes_reports_in_bulk_per_data_centre(
 
 
 async def test_awkward_but_valid_answers_are_understood(tmp_path: Path) -> None:
-    """The portal's mock wraps bulk answers in "value"; 409 may come without a body."""
+    """The portal's mock wraps bulk answers in "value"; 409 comes without a body, and is a
+    refusal, not "already sent"."""
     seen: list[httpx.Request] = []
     report = {"jobId": "FJ1", "pages": 1, "reference": {"customerDefinedId": "job1"},
               "recipientStatus": [{"number": "+4930123", "status": "OK", "reason": "OK",
@@ -294,8 +295,11 @@ async def test_awkward_but_valid_answers_are_understood(tmp_path: Path) -> None:
     adapter = retarus.create(ProviderContext("main", tmp_path), settings,
                              httpx.MockTransport(answer))
     try:
-        receipt = await adapter.send(fax("job1"))
-        assert receipt == SendReceipt("job1", "FJ1", pages=1, duplicate=True)
+        with pytest.raises(ProviderError) as refused:
+            await adapter.send(fax("job1"))
+        assert (refused.value.reason.code, refused.value.transient) == (
+            "duplicate_refused", False)
+        assert len(seen) == 1  # no report list consulted to guess what 409 meant
         reports = await adapter.status([ProviderRef("job1", "FJ1")])
     finally:
         await adapter.close()
@@ -309,76 +313,78 @@ async def test_awkward_but_valid_answers_are_understood(tmp_path: Path) -> None:
 
 # --- lost answers ----------------------------------------------------------------------------
 
-async def test_a_lost_answer_is_resolved_to_the_job_already_there(
-        emulator: RetarusEmulator, provider: retarus.RetarusProvider) -> None:
-    emulator.state.faults.append(Fault("send", kind="drop_after"))
-    with pytest.raises(ProviderError) as error:
-        await provider.send(fax("job1"))
-    assert error.value.transient
-    assert len(emulator.state.jobs) == 1  # stored, but the answer never came
-
-    receipt = await provider.send(fax("job1", attempt=2))
-    assert receipt.duplicate
-    assert receipt.provider_job_id == next(iter(emulator.state.jobs))
-    assert len(emulator.state.jobs) == 1
-
-
-async def test_a_lost_answer_of_a_finished_job_is_found_among_the_reports(
+async def test_a_lost_answer_is_unconfirmed_and_found_by_reference_when_it_completes(
         tmp_path: Path) -> None:
-    emu = await emulator_module.start("127.0.0.1", 0, {"delay": "0", "conflict_body": "empty"})
+    """Pessimistic emulator: the send is stored, its answer lost. The adapter says it may
+    have been sent; the job is then looked for by customerDefinedId, which GET /reports
+    shows only once the job is complete (not finding it before says nothing)."""
+    emu = await emulator_module.start("127.0.0.1", 0, {"delay": "0.3"})
+    adapter = make_provider(emu, tmp_path)
+    try:
+        emu.state.faults.append(Fault("send", kind="drop_after"))
+        with pytest.raises(ProviderError) as lost:
+            await adapter.send(fax("job1"))
+        assert lost.value.transient and lost.value.maybe_sent
+        assert adapter.resend_handling == ResendHandling.NOT_RECOGNISED
+        ref = ProviderRef("job1", adapter.unconfirmed_ref("job1") or "")
+        assert ref.provider_job_id == "ref:job1"
+        assert await adapter.status([ref]) == {}  # running: not listed yet
+        report = await final_report(adapter, ref)
+        [job] = emu.state.jobs.values()
+        assert report.state == JobState.DELIVERED and report.provider_job_id == job.job_id
+        assert emu.state.requests_to("HA", "send") == 1
+        await adapter.acknowledge([ref])
+        assert job.deleted
+    finally:
+        await adapter.close()
+        await emu.close()
+
+
+async def test_409_without_a_body_is_a_duplicate_refusal_and_no_second_fax(
+        tmp_path: Path) -> None:
+    """The optimistic guess (duplicates=reference) that a resend with the same reference is
+    refused: even then, a 409 is not taken as "sent" and nothing is sent again."""
+    emu = await emulator_module.start("127.0.0.1", 0, {"delay": "0",
+                                                       "duplicates": "reference"})
+    adapter = make_provider(emu, tmp_path)
+    try:
+        await adapter.send(fax("job1"))
+        with pytest.raises(ProviderError) as refused:
+            await adapter.send(fax("job1", attempt=2, earlier_may_have_arrived=True))
+        assert (refused.value.reason.code, refused.value.transient) == (
+            "duplicate_refused", False)
+        assert "409" in refused.value.reason.detail
+        assert len(emu.state.jobs) == 1 and emu.state.requests_to("HA", "send") == 2
+    finally:
+        await adapter.close()
+        await emu.close()
+
+
+async def test_409_naming_the_job_after_a_lost_answer_is_that_job_optimistic(
+        tmp_path: Path) -> None:
+    emu = await emulator_module.start("127.0.0.1", 0, {
+        "delay": "0", "duplicates": "reference", "conflict_body": "job"})
     adapter = make_provider(emu, tmp_path)
     try:
         emu.state.faults.append(Fault("send", kind="drop_after"))
         with pytest.raises(ProviderError):
             await adapter.send(fax("job1"))
-        receipt = await adapter.send(fax("job1", attempt=2))
+        receipt = await adapter.send(fax("job1", attempt=2, earlier_may_have_arrived=True))
         assert receipt.duplicate and receipt.provider_job_id in emu.state.jobs
-        assert emu.state.requests_to("HA", "send") == 1  # found before sending again
-        assert len(emu.state.jobs) == 1
-    finally:
-        await adapter.close()
-        await emu.close()
-
-
-async def test_resends_of_one_mail_look_for_earlier_sends_once(
-        emulator: RetarusEmulator, provider: retarus.RetarusProvider) -> None:
-    emulator.state.faults += [Fault("send", kind="drop_after"), Fault("send", kind="drop_after")]
-    for job_id in ("job1", "job2"):
-        with pytest.raises(ProviderError):
-            await provider.send(fax(job_id))
-    assert len(emulator.state.jobs) == 2
-    await asyncio.sleep(0.3)  # finished (delay 0.2), so listed among the reports
-    lists_before = {dc: emulator.state.requests_to(dc, "list") for dc in ("DE1", "DE2")}
-    sends_before = emulator.state.requests_to("HA", "send")
-    results = await provider.send_many([fax("job1", attempt=2), fax("job2", attempt=2),
-                                        fax("job3", attempt=2), fax("job4")])
-    assert [isinstance(result, SendReceipt) for result in results] == [True] * 4
-    receipts = [result for result in results if isinstance(result, SendReceipt)]
-    assert [receipt.duplicate for receipt in receipts] == [True, True, False, False]
-    assert len(emulator.state.jobs) == 4
-    assert emulator.state.requests_to("HA", "send") == sends_before + 2  # job3, job4
-    for dc in ("DE1", "DE2"):  # one listing per data centre, not one per resent job
-        assert emulator.state.requests_to(dc, "list") == lists_before[dc] + 1
-
-
-async def test_a_bare_409_for_a_running_job_is_tracked_by_reference(tmp_path: Path) -> None:
-    emu = await emulator_module.start("127.0.0.1", 0, {"delay": "0.3",
-                                                       "conflict_body": "empty"})
-    adapter = make_provider(emu, tmp_path)
-    try:
-        emu.state.faults.append(Fault("send", kind="drop_after"))
-        with pytest.raises(ProviderError):
+        with pytest.raises(ProviderError):  # the same 409 on a first attempt: a refusal
             await adapter.send(fax("job1"))
-        receipt = await adapter.send(fax("job1", attempt=2))
-        assert receipt.duplicate and receipt.provider_job_id == "ref:job1"
-        report = await final_report(adapter, ProviderRef("job1", receipt.provider_job_id))
-        assert report.state == JobState.DELIVERED
         assert len(emu.state.jobs) == 1
-        await adapter.acknowledge([ProviderRef("job1", receipt.provider_job_id)])
-        assert next(iter(emu.state.jobs.values())).deleted
     finally:
         await adapter.close()
         await emu.close()
+
+
+async def test_the_pessimistic_emulator_faxes_a_resend_again(
+        emulator: RetarusEmulator, provider: retarus.RetarusProvider) -> None:
+    """Why the dispatcher never resends a Retarus job whose answer was lost."""
+    await provider.send(fax("job1"))
+    again = await provider.send(fax("job1", attempt=2))
+    assert not again.duplicate and len(emulator.state.jobs) == 2
 
 
 # --- errors ----------------------------------------------------------------------------------
@@ -406,6 +412,8 @@ async def test_http_errors_are_typed(emulator: RetarusEmulator,
     with pytest.raises(ProviderError) as error:
         await provider.send(fax("job1"))
     assert (error.value.reason.code, error.value.transient) == (code, transient)
+    # 500 is documented as "Cannot accept job"; 520 "UNKNOWN_ERROR ... backend" may come late
+    assert error.value.maybe_sent == (status == 520)
 
 
 async def test_wrong_credentials_are_a_permanent_provider_auth_error(
@@ -428,14 +436,12 @@ async def test_a_stalled_or_garbled_answer_is_transient(
         emulator.state.faults.append(Fault("send", kind="timeout", seconds=2))
         with pytest.raises(ProviderError) as error:
             await adapter.send(fax("job1"))
-        assert error.value.transient
+        assert error.value.transient and error.value.maybe_sent
         emulator.state.faults.append(Fault("send", kind="malformed"))
         with pytest.raises(ProviderError) as error:
             await adapter.send(fax("job2"))
         assert error.value.transient and error.value.reason.code == "provider_error"
-        # both may have arrived: the next attempts find them instead of sending again
-        assert (await adapter.send(fax("job1", attempt=2))).duplicate
-        assert (await adapter.send(fax("job2", attempt=2))).duplicate
+        assert error.value.maybe_sent  # both arrived: never resent by the dispatcher
         assert len(emulator.state.jobs) == 2
     finally:
         await adapter.close()
@@ -627,6 +633,44 @@ async def test_mail_is_faxed_through_retarus_and_a_delivered_mail_comes_back(
             return job.deleted
 
         await until(acknowledged, timeout=10)  # the report is deleted once handled
+    finally:
+        await app.stop()
+        await emu.close()
+
+
+@pytest.mark.parametrize("trouble", ["409", "lost"])
+async def test_through_the_service_no_second_fax_after_a_409_or_a_lost_answer(
+        tmp_path: Path, corpus: Path, trouble: str) -> None:
+    """Pessimistic emulator. A 409 without a body on the first attempt: failed as a
+    duplicate refusal, not resent. A lost answer: unconfirmed, not resent, found by
+    reference once complete, and delivered."""
+    emu = await emulator_module.start("127.0.0.1", 0, {"delay": "0.3"})
+    emu.state.faults.append(Fault("send", status=409) if trouble == "409"
+                            else Fault("send", kind="drop_after"))
+    settings = make_settings(tmp_path, accounts={"main": {
+        "provider": "retarus", **emu.provider_settings()}}, default_account="main")
+    app = Application(settings)
+    await app.start()
+    try:
+        service = Service(app)
+        pdf = (corpus / "pdf" / "two-different-pages.pdf").read_bytes()
+        mail = fax_mail([("offer.pdf", pdf, "application/pdf")], to="004930123456@fax.local")
+        _, reply = await service.send(mail, "alice@example.org", ["004930123456@fax.local"])
+        job_id = reply.split()[-1]
+        state = "failed" if trouble == "409" else "delivered"
+        told = await service.wait_for_mail(lambda m: m["X-Mailfax-State"] == state)
+        assert told["X-Mailfax-Job"] == job_id
+        stored = await app.store.get_job(job_id)
+        assert stored is not None and stored.attempts == 1
+        await asyncio.sleep(1.0)  # retry intervals pass: still one send
+        assert emu.state.requests_to("HA", "send") == 1
+        assert len(emu.state.jobs) == (0 if trouble == "409" else 1)
+        if trouble == "409":
+            assert stored.reason is not None and stored.reason.code == "duplicate_refused"
+        else:
+            events = [event.state for event in await app.store.job_events(job_id)]
+            assert JobState.UNCONFIRMED in events
+            assert stored.provider_job_id == next(iter(emu.state.jobs))
     finally:
         await app.stop()
         await emu.close()

@@ -37,16 +37,8 @@ ONLY_POSTGRES = pytest.mark.parametrize("backend", ["postgresql"], indirect=True
 @pytest.fixture(scope="session")
 def postgres_server() -> Iterator[pg.PostgresServer]:
     """One PostgreSQL server for the session (each test gets a database of its own)."""
-    try:
-        server = pg.start_postgres()
-    except pg.PostgresUnavailable as error:
-        if pg.required():
-            pytest.fail(f"MAILFAX_REQUIRE_POSTGRES is set but: {error}")
-        pytest.skip(str(error))
-    try:
+    with pg.server_for_tests() as server:
         yield server
-    finally:
-        server.stop()
 
 
 @dataclass
@@ -900,6 +892,39 @@ async def test_the_emulator_network_records_a_fax_once_and_recognises_a_resend(
     finally:
         await first.close()
         await second.close()
+
+
+async def test_unconfirmed_state_its_repeated_mail_and_the_deliberate_retry(
+        store: Store) -> None:
+    """Both stores: the state ``unconfirmed``, an event logged without a state change
+    (``always_event``: the "may have been sent" mail after the search ran out), and
+    ``reopen_job`` for ``mailfax retry``."""
+    await add(store, jobs=("j1", "j2"))
+    [claimed] = await claim(store, "one", 1, 30, {"acct": 1})
+    assert await store.record(claimed.id, Transition(
+        state=JobState.UNCONFIRMED, reason=reasons.reason("answer_lost"),
+        provider_job_id=f"ref:{claimed.id}", notify=False))
+    assert [job.id for job in await store.tracked_jobs("acct")] == [claimed.id]
+    assert await store.record(claimed.id, Transition(
+        state=JobState.UNCONFIRMED, reason=reasons.reason("unconfirmed"), always_event=True),
+        expected=[JobState.UNCONFIRMED])
+    events = await store.job_events(claimed.id)
+    assert [event.state for event in events] == [JobState.QUEUED, JobState.UNCONFIRMED,
+                                                 JobState.UNCONFIRMED]
+    pending = [event.job_id for event in await store.pending_notifications(10)
+               if event.state == JobState.UNCONFIRMED]
+    assert pending == [claimed.id]  # only the second one is mailed
+
+    reopened = await store.reopen_job(claimed.id, "sent again with mailfax retry")
+    assert reopened is not None
+    assert (reopened.state, reopened.attempts, reopened.provider_job_id) == (
+        JobState.QUEUED, 0, None)
+    again = await claim(store, "two", 2, 30, {"acct": 2})
+    assert claimed.id in [job.id for job in again]  # due at once, for the dispatcher
+    other = "j2" if claimed.id == "j1" else "j1"
+    assert (await store.reopen_job(other, "x")) is not None  # queued: left as it is
+    assert [event.state for event in await store.job_events(other)] == [JobState.QUEUED]
+    assert await store.reopen_job("nosuchjob", "x") is None
 
 
 async def test_an_unchanged_state_logs_an_event_only_when_asked(store: Store) -> None:

@@ -6,9 +6,28 @@ WSDL declares (rpc or document), checks account and password, returns the docume
 codes, progresses jobs NEW → sending → done after ``delay`` seconds, fails numbers by prefix,
 builds StatusFile CSVs, calls STATURL when a job finishes, and keeps an inbox of received faxes.
 
+Documented (``shared/provider-docs/fax-de-soap-api.{en.md,de.txt}``), and so emulated as
+written: the five operations with their parameters and every result code; the WSDL at
+``xmlws.exe?wsdl/IntfXMLWS`` (the English doc) and the path form; the reference in ``[]``
+after the recipient coming back as REFID in the StatusFile CSV and as ``$CID`` in STATURL;
+STATURL "called, when the job is finished" with ``$JID``, ``$STAT``, ...; -77 "Identical job
+already established (duplicate?)"; CancelJob taking a JobId (so a bulk job is cancelled with
+all its recipients).
+
+Assumed, because the docs are silent, and by default the pessimistic reading:
+
+* What "identical" is for -77: the same recipients with the same references, files and
+  text. Every recipient needs a reference, or nothing is a duplicate.
+* -77 answers without a JobId (the docs name JobId only as "the id of the new job").
+  Option ``duplicate_job_id=1`` is the optimistic opposite: -77 with the existing JobId.
+* JobStatus of a job just placed: result 5 ("no log entry for this JobId") for
+  ``unlogged`` seconds (0.3) after SendJob, before 6 ("still in progress").
+* The SOAP style and namespace: those of the WSDL it serves (the real one is not public).
+
 Options (``mailfax emulate fax.de --option key=value``): ``account``, ``password``, ``delay``,
 ``fail`` (``+4930999:Busy,+4930998:No Answer``), ``wsdl`` (path of another WSDL to serve),
-``inbound`` (comma-separated TIFF paths to put in the inbox).
+``inbound`` (comma-separated TIFF paths to put in the inbox), ``unlogged``,
+``duplicate_job_id``.
 """
 
 from __future__ import annotations
@@ -68,6 +87,7 @@ class EmulatedJob:
     created: float
     fingerprint: str
     cancelled: bool = False
+    refused_resends: int = 0  # -77 answers for this job
 
 
 @dataclass
@@ -86,6 +106,8 @@ class EmulatorState:
     account: str = "123456"
     password: str = "secret"
     delay: float = 2.0
+    unlogged: float = 0.3  # JobStatus answers 5 this long after SendJob
+    duplicate_job_id: bool = False  # -77 with the existing JobId (optimistic)
     fail: dict[str, str] = field(default_factory=dict)  # number prefix -> SendResult
     jobs: dict[int, EmulatedJob] = field(default_factory=dict)
     inbox: list[InboxFax] = field(default_factory=list)
@@ -231,6 +253,9 @@ class Emulator:
                                            [data for _, data in files], text)).encode())
         duplicate = self._find_duplicate(fingerprint.hexdigest(), recipients)
         if duplicate is not None:
+            duplicate.refused_resends += 1
+            if not self.state.duplicate_job_id:
+                return {"return": -77}
             return {"return": -77, "JobId": duplicate.job_id,
                     "RecipientsCount": len(duplicate.recipients), "PageCount": duplicate.pages}
         job = EmulatedJob(job_id=next(self.state._ids), recipients=recipients,
@@ -256,7 +281,7 @@ class Emulator:
         if refused is not None:
             return {"return": refused}
         job = self.state.jobs.get(_int(parameters.get("JobId")))
-        if job is None:
+        if job is None or time.time() - job.created < self.state.unlogged:
             return {"return": 5}
         if not self.finished(job):
             return {"return": 6}
@@ -517,6 +542,8 @@ async def start(host: str, port: int, options: dict[str, str]) -> Emulator:
     state = EmulatorState(
         account=options.get("account", "123456"), password=options.get("password", "secret"),
         delay=float(options.get("delay", "2")),
+        unlogged=float(options.get("unlogged", "0.3")),
+        duplicate_job_id=options.get("duplicate_job_id", "0").lower() in ("1", "true", "yes"),
         fail=dict(item.split(":", 1) for item in options.get("fail", "").split(",")
                   if ":" in item),
     )

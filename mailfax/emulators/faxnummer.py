@@ -1,13 +1,25 @@
 """An emulator of Faxnummer.de's product-voip webrequests API: real HTTP on loopback.
 
-It speaks what the vendor documents (``SendFax``, ``GetSentFaxStatus``, the ``WR_*`` fields and
-``WR_Comment`` texts) and answers in one of the body formats the adapter accepts, picked with
-the ``format`` option, because the real one is not public. Jobs go NEW → RUNNING → DONE-OK (or
-DONE-ERROR with a Q.850 cause for numbers matching a ``fail`` prefix) within ``delay`` seconds.
+Documented (``shared/provider-docs/faxnummer-de-api.de.md``), and so emulated as written:
+the POST parameters of ``SendFax`` and ``GetSentFaxStatus``, ``WR_Status`` ok/failed with the
+six ``WR_Comment`` texts of the table, ``WR_Request_UUID`` ("Im Falle von WR_Status = OK wird
+zusätzlich eine WR_Request_UUID ... zurückgegeben"), the ``WR_DataList_X_`` entries and the
+statuses NEW, RUNNING, RETRY, DONE-OK, DONE-ERROR with ``StatusQ850Cause``. Jobs go NEW →
+RUNNING → DONE-OK (or DONE-ERROR with a Q.850 cause for numbers matching a ``fail`` prefix)
+within ``delay`` seconds.
 
-Beyond the vendor's API it detects resends: a ``sFaxFileName`` ending in ``[reference]`` that
-it has seen is answered with the first job's UUID and ``WR_Duplicate=1`` instead of a second
-fax. The real service does not do this.
+Assumed, because the docs are silent, and by default the pessimistic reading:
+
+* Duplicates: none are detected. ``sFaxFileName`` "hat keine besondere Funktion", so every
+  ``SendFax`` is a new fax, a resend too. Option ``duplicates=reference`` invents the
+  optimistic opposite: a ``sFaxFileName`` ending in ``[reference]`` already seen is answered
+  with the first job's UUID and ``WR_Duplicate=1`` (the real service is not known to do so).
+* The body format: not public, so the adapter must parse it tolerantly; ``format`` picks one
+  of several (``kv`` by default), and ``ok`` the spelling of ok (the table writes "ok", the
+  prose "OK").
+* The wording of a ``GetSentFaxStatus`` for an unknown UUID ("Job not found") and of an
+  unknown command: ours.
+* HTTP errors, slow answers, lost answers: only as faults (below), never by default.
 
 Options (``--option key=value``; all optional):
 
@@ -19,6 +31,7 @@ delay              seconds from NEW to DONE (1.0); RUNNING from half of it
 seconds_per_page   ConnectionDuration per page (20)
 fail               numbers that fail by prefix and Q.850 cause: +4930999:17,+4930998:19
 retry              numbers that pass through RETRY with that cause first: +4930997:17
+duplicates         none | reference (none): see above
 http_error         answer the next ``http_error_count`` (1) requests with this status,
 retry_after        ... and this Retry-After header, without processing them
 slow               seconds to wait before the next ``slow_count`` (1) answers
@@ -68,6 +81,7 @@ class Options:
     seconds_per_page: float = 20.0
     fail: Mapping[str, int] = field(default_factory=dict)  # dial prefix (00...) -> Q.850 cause
     retry: Mapping[str, int] = field(default_factory=dict)
+    duplicates: str = "none"  # or "reference": invented resend detection
 
 
 @dataclass
@@ -127,13 +141,16 @@ def parse_options(options: Mapping[str, str]) -> tuple[Options, Faults]:
         raise ValueError(f"unknown option(s) {', '.join(sorted(unknown))} (known: {known})")
     if options.get("format", "kv") not in FORMATS:
         raise ValueError(f"format must be one of {', '.join(FORMATS)}")
+    if options.get("duplicates", "none") not in ("none", "reference"):
+        raise ValueError("duplicates must be none or reference")
     parsed = Options(
         login=options.get("login", Options.login), code=options.get("code", Options.code),
         format=options.get("format", "kv"), ok=options.get("ok", "ok"),
         delay=float(options.get("delay", Options.delay)),
         seconds_per_page=float(options.get("seconds_per_page", Options.seconds_per_page)),
         fail=_prefix_causes(options.get("fail", "")),
-        retry=_prefix_causes(options.get("retry", "")))
+        retry=_prefix_causes(options.get("retry", "")),
+        duplicates=options.get("duplicates", "none"))
     faults = Faults(
         http_error=int(options.get("http_error", 503)),
         http_error_count=int(options.get("http_error_count", 1 if "http_error" in options else 0)),
@@ -196,7 +213,9 @@ def _send_fax(state: EmulatorState, form: Mapping[str, str], upload: Upload | No
     if upload is None or not pages:
         return _failed("Fax wrong format")
     reference = _reference(form.get("sFaxFileName", ""))
-    earlier = next((fax for fax in state.faxes if reference and fax.reference == reference), None)
+    earlier = None
+    if state.options.duplicates == "reference" and reference:
+        earlier = next((fax for fax in state.faxes if fax.reference == reference), None)
     if earlier is not None:
         earlier.send_calls += 1
         return {"WR_Status": state.options.ok, "WR_Request_UUID": earlier.uuid,

@@ -12,11 +12,30 @@ of the longest matching number prefix in ``results`` (``OK`` otherwise), and is 
 Faults are injected through ``state.faults`` (or the ``faults`` option): an HTTP status with
 Retry-After, a stall, a dropped connection before or after the job is stored, a malformed body.
 
+Documented (developers.retarus.com and docs.retarus.com, see ``shared/provider-docs/`` and
+``shared/research/providers.md``), and so emulated as written: the HA send URL and per data
+centre report URLs, where a job is known only in its own data centre; Basic auth; 200/201
+with ``{"jobId"}``; the report shape; ``GET /reports`` listing only *completed* jobs, the
+oldest 1000; bulk GET/DELETE; the HTTP status push.
+
+Assumed, because the docs are silent, and by default the pessimistic reading:
+
+* Duplicates: 409 "CONFLICT: Duplicate job" is documented, what counts as a duplicate is
+  not, so by default nothing is one: every send is a new fax, a resend with the same
+  ``customerDefinedId`` too. Option ``duplicates=reference`` answers 409 for a
+  ``customerDefinedId`` already seen (a guess, not a promise).
+* A 409 has "No Content" (the docs' word for error bodies): ``conflict_body=empty``.
+  ``conflict_body=job`` is the optimistic ``{"jobId": ...}`` of the job already there.
+* The status codes of a finished job beyond the documented first rows, and the push's JSON
+  shape (its XML follows the documented example).
+
 Options (``mailfax emulate retarus --option key=value``): ``customer`` (99999TE), ``username``
 (mailfax), ``password`` (secret), ``data_centres`` (DE1,DE2), ``delay`` (1.0 s), ``latency``
 (0 s per request), ``results`` (``+4930999=BUSY,+4930998=RING_TO:5``: prefix=STATUS[:delay]),
-``push`` (xml|json|off), ``accept_status`` (200 or 201), ``conflict_body`` (job|empty), ``faults``
-(``send:503:7,bulk:drop,send:drop_after,list:malformed,bulk:timeout:5``, each used once).
+``push`` (xml|json|off), ``accept_status`` (200 or 201), ``duplicates`` (none|reference),
+``conflict_body`` (empty|job), ``faults``
+(``send:503:7,send:409,bulk:drop,send:drop_after,list:malformed,bulk:timeout:5``, each used
+once).
 """
 
 from __future__ import annotations
@@ -143,7 +162,8 @@ class State:
     rules: list[Rule] = field(default_factory=list)
     push_format: str = "xml"
     accept_status: int = 200
-    conflict_body: str = "job"
+    conflict_body: str = "empty"
+    duplicates: str = "none"  # or "reference"
     jobs: dict[str, Job] = field(default_factory=dict)
     faults: list[Fault] = field(default_factory=list)
     requests: Counter[tuple[str, str]] = field(default_factory=Counter)  # (dc, operation)
@@ -323,7 +343,9 @@ class RetarusEmulator:
         if not documents:
             return _bad("no document data and no cover page")
         reference = (body.get("reference") or {}).get("customerDefinedId")
-        existing = self.state.by_reference(reference) if reference else None
+        existing = None
+        if reference and self.state.duplicates == "reference":
+            existing = self.state.by_reference(reference)
         if existing is not None:
             if self.state.conflict_body == "job":
                 return web.json_response({"jobId": existing.job_id}, status=409)
@@ -484,7 +506,8 @@ async def start(host: str, port: int, options: dict[str, str]) -> RetarusEmulato
         rules=parse_rules(options.get("results", DEFAULT_RESULTS)),
         push_format=options.get("push", "xml"),
         accept_status=int(options.get("accept_status", "200")),
-        conflict_body=options.get("conflict_body", "job"),
+        conflict_body=options.get("conflict_body", "empty"),
+        duplicates=options.get("duplicates", "none"),
         faults=parse_faults(options.get("faults", "")),
         latency=float(options.get("latency", "0")),
     )

@@ -283,6 +283,8 @@ class Intake:
         content = await self._with_cover(content, addresses, envelope_from)
         if not content.documents:
             raise nothing_to_fax(content, self._cover_address(recipients, addresses, content))
+        # Bounces are never faxed; one without documents is refused as such first (554).
+        self.refuse_unfaxable_sender(envelope_from)
         if user is not None:
             self._check_from_header(content.mail.from_address, user)
         return await self.store_jobs(envelope_from, addresses, content, client, account,

@@ -115,7 +115,6 @@ class FaxHandler:
         """The SMTP reply for the fax recipients, and the LMTP reply of each."""
         sender = envelope.mail_from or ""
         try:
-            self.intake.refuse_unfaxable_sender(sender)
             raw, user = await self.intake.authorize(sender, faxes, raw, _user(session))
             if user is None and envelope in self._deferred:
                 raise self._deferred[envelope]

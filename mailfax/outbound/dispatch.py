@@ -15,6 +15,7 @@ the live leases of all instances.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import random
 import time
@@ -30,8 +31,11 @@ from mailfax.providers.base import (
     FaxDocument,
     Provider,
     ProviderError,
+    ResendHandling,
     SendReceipt,
     SendRequest,
+    resend_handling,
+    unconfirmed_ref,
 )
 from mailfax.store.base import (
     OTHER_ACCOUNTS,
@@ -155,6 +159,63 @@ def held_transition(error: ProviderError, account: str, now: datetime,
         state=JobState.RETRYING, reason=error.reason,
         detail=f"held: account {account} paused: {error.reason.detail or error.reason.code}",
         next_attempt_at=now + timedelta(seconds=probe_seconds), notify=False)
+
+
+ANSWER_LOST = "answer_lost"  # reason code of a job whose last send answer was lost
+
+
+def outcome_unknown(job: Job, result: SendReceipt | ProviderError, provider: object,
+                    settings: DispatchSettings, now: datetime) -> Transition | None:
+    """What a send means whose outcome we do not know, or None when we do.
+
+    A send may have reached the provider though we got no (readable) answer, or the
+    provider has the job without telling us its id. Whether to send it again is the
+    provider's declaration (:class:`ResendHandling`), not a guess: where a resend is
+    recognised or refused as a duplicate, it is retried as usual (marked, so a duplicate
+    refusal is read as "you sent it already"); where it is not, the job is not resent but
+    ``unconfirmed``.
+    """
+    if isinstance(result, SendReceipt):
+        if result.confirmed:
+            return None
+        return unconfirmed_transition(result.provider_job_id or None,
+                                      f"{job.account} has it under an id it did not tell")
+    answer_lost_before = job.reason is not None and job.reason.code == ANSWER_LOST
+    if not (result.maybe_sent or (answer_lost_before and result.transient)):
+        return None  # (a later transient error does not make an earlier lost answer known)
+    detail = result.reason.detail or result.reason.code
+    if resend_handling(provider) != ResendHandling.NOT_RECOGNISED:
+        # Retried as any transient error (lifetime, backoff, the one "delayed" mail), marked.
+        retry = outcome_of_error(
+            result, job.attempts, settings, now, queued_at=job.created,
+            last_failure_at=job.updated if job.state == JobState.RETRYING else None)
+        if retry.state == JobState.RETRYING:
+            reason = retry.reason if retry.always_event else reasons.reason(ANSWER_LOST, detail)
+            return dataclasses.replace(
+                retry, reason=reason, detail=f"attempt {job.attempts}: answer lost ({detail}); "
+                                             "the provider recognises a resend")
+    return unconfirmed_transition(unconfirmed_ref(provider, job.id), detail)
+
+
+def interrupted_send(job: Job) -> bool:
+    """Whether an earlier claim of this job ended without a recorded outcome: an instance
+    died (or was stopped) while sending it. Only then is a queued job claimed a second time
+    (``mailfax retry`` starts over from attempt 0). A retrying job's interrupted attempt
+    cannot be told apart from its recorded failure: that one gap remains."""
+    return job.state == JobState.QUEUED and job.attempts > 1
+
+
+def unconfirmed_transition(placeholder: str | None, detail: str) -> Transition:
+    """The job goes ``unconfirmed``: looked for under ``placeholder`` (no mail yet: the
+    tracker mails when the search runs out, see ``dispatch.unconfirmed_hours``), or, when
+    the provider offers no way to find it, with the "may have been sent" mail at once."""
+    if placeholder:
+        return Transition(state=JobState.UNCONFIRMED, reason=reasons.reason(ANSWER_LOST, detail),
+                          detail=f"answer lost ({detail}); looking for it at the provider",
+                          provider_job_id=placeholder, notify=False)
+    return Transition(state=JobState.UNCONFIRMED, reason=reasons.reason("unconfirmed", detail),
+                      detail=f"answer lost ({detail}); the provider cannot be asked, "
+                             "not resent")
 
 
 class Dispatcher:
@@ -351,6 +412,14 @@ class Dispatcher:
             detail="cancelled before it was sent"), expected=WAITING)
             for job in work.jobs if job.cancel_requested]
         to_send = [job for job in work.jobs if not job.cancel_requested]
+        provider = self.providers.get(work.jobs[0].account) if work.jobs else None
+        if provider is not None and (
+                resend_handling(provider) == ResendHandling.NOT_RECOGNISED):
+            interrupted = [job for job in to_send if interrupted_send(job)]
+            outcomes += [Outcome(job.id, unconfirmed_transition(
+                unconfirmed_ref(provider, job.id),
+                "an earlier send was interrupted"), WAITING) for job in interrupted]
+            to_send = [job for job in to_send if job not in interrupted]
         if to_send:
             results = await self._results(to_send, work)
             await self._hold_refused_accounts(to_send, results)
@@ -371,10 +440,12 @@ class Dispatcher:
             return await provider.send_many(requests)
         except ProviderError as error:
             return [error] * len(requests)
-        except Exception as error:  # a bug or an unexpected answer: retry, never lose the job
+        except Exception as error:  # a bug or an unexpected answer: never lose the job
             log.exception("provider %s failed unexpectedly", account)
+            # It may have failed after a request went out: the provider's declaration
+            # decides whether it is sent again (see outcome_unknown).
             return [ProviderError(reasons.reason("provider_error", type(error).__name__),
-                                  transient=True)] * len(requests)
+                                  transient=True, maybe_sent=True)] * len(requests)
 
     async def _hold_refused_accounts(self, jobs: Sequence[Job],
                                      results: Sequence[SendReceipt | ProviderError]) -> None:
@@ -387,12 +458,20 @@ class Dispatcher:
         return SendRequest(
             job_id=job.id, number=job.number, documents=documents, pages=job.pages,
             subject=subject, sender=job.sender, attempt=job.attempts,
+            # Any earlier claim may have reached the provider unless its failure said
+            # otherwise; only a provider's duplicate refusal (FAX.de -77) reads this.
+            earlier_may_have_arrived=job.attempts > 1,
             station_id=job.options.get("station_id"), header=job.options.get("header"),
             cover_text=job.options.get("cover_text"),
         )
 
     def _transition(self, job: Job, result: SendReceipt | ProviderError,
                     now: datetime) -> Transition:
+        unknown = outcome_unknown(job, result, self.providers.get(job.account), self.settings,
+                                  now)
+        if unknown is not None:
+            log.warning("job %s: %s (%s)", job.id, unknown.detail, unknown.state)
+            return unknown
         if isinstance(result, SendReceipt):
             detail = f"accepted by {job.account} as {result.provider_job_id}"
             if result.duplicate:

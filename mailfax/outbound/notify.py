@@ -58,7 +58,11 @@ EVENT_KINDS: dict[JobState, str] = {
     JobState.DELIVERED: "delivered",
     JobState.FAILED: "failed",
     JobState.CANCELLED: "cancelled",
+    JobState.UNCONFIRMED: "unconfirmed",
 }
+# Always mailed, whatever ``notify.events`` says, and to the admin too: only a person can
+# decide whether to send the fax again (``mailfax retry``).
+ALWAYS_MAILED = frozenset({"unconfirmed"})
 
 
 DELAYED = "delayed"  # the reason code the dispatcher gives a job's one delay notice
@@ -173,8 +177,10 @@ class Notifier:
     def __init__(self, store: Store, settings: NotifySettings, renderer: Renderer,
                  on_queued: Callable[[], None] = lambda: None, poll_seconds: float = 5.0,
                  mails_per_hour: int = 60, fax_domain: str = "fax.local",
-                 hostname: str = "mailfax.localhost", owner: str = "mailfax"):
+                 hostname: str = "mailfax.localhost", owner: str = "mailfax",
+                 admin_address: str | None = None):
         self.owner = owner
+        self.admin_address = admin_address
         self.fax_domain = fax_domain
         self.hostname = hostname
         self.store = store
@@ -213,12 +219,14 @@ class Notifier:
 
     async def _mails_for(self, event: Event) -> list[OutgoingMail]:
         kind = event_kind(event)
-        if kind is None or kind not in self.settings.events:
+        if kind is None or (kind not in self.settings.events and kind not in ALWAYS_MAILED):
             return []
         job = await self.store.get_job(event.job_id)
         mail = await self.store.get_mail(job.mail_id) if job else None
         if job is None or mail is None:
             return []
+        if kind in ALWAYS_MAILED:
+            return self._unconfirmed_mail(kind, job, mail, event)
         if not status_mail_allowed(mail.envelope_from, mail.auto_submitted, mail.precedence):
             log.info("job %s: no status mail to <%s> (automatic or bounce)", job.id,
                      mail.envelope_from)
@@ -262,14 +270,36 @@ class Notifier:
         return OutgoingMail(envelope_from="", recipients=[mail.envelope_from],
                             message=report.as_bytes(), job_id=job.id, kind="dsn")
 
-    def _status_mail(self, kind: str, job: Job, mail: Mail, event: Event) -> OutgoingMail:
+    def _unconfirmed_mail(self, kind: str, job: Job, mail: Mail,
+                          event: Event) -> list[OutgoingMail]:
+        """The one "may have been sent" mail: to the sender (unless the mail was automatic
+        or a bounce) and, as a copy, to the admin."""
+        to_sender = status_mail_allowed(mail.envelope_from, mail.auto_submitted,
+                                        mail.precedence)
+        message = compose(self._render(kind, job, mail, event), job, mail, self.settings)
+        recipients = [mail.envelope_from] if to_sender else []
+        admin = self.admin_address
+        if admin and admin.lower() != mail.envelope_from.lower():
+            recipients.append(admin)
+            if to_sender:
+                message["Cc"] = admin
+            else:
+                message.replace_header("To", admin)
+        if not recipients:
+            return []
+        return [OutgoingMail(envelope_from="", recipients=recipients,
+                             message=message.as_bytes(), job_id=job.id, kind=kind)]
+
+    def _render(self, kind: str, job: Job, mail: Mail, event: Event) -> StatusMail:
         language = mail.language or self.settings.language
         try:
-            status = self.renderer.render(kind, job, mail, event, language, self.zone)
+            return self.renderer.render(kind, job, mail, event, language, self.zone)
         except jinja2.TemplateError:
             log.exception("status mail template for %s/%s failed", language, kind)
-            status = self.renderer.render(kind, job, mail, event, "en", self.zone)
-        message = compose(status, job, mail, self.settings)
+            return self.renderer.render(kind, job, mail, event, "en", self.zone)
+
+    def _status_mail(self, kind: str, job: Job, mail: Mail, event: Event) -> OutgoingMail:
+        message = compose(self._render(kind, job, mail, event), job, mail, self.settings)
         # The envelope sender of a status mail is empty, as for any automatic reply that
         # must not itself cause bounces to loop back (RFC 3834, 5321 §4.5.5).
         return OutgoingMail(envelope_from="", recipients=[mail.envelope_from],

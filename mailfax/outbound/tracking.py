@@ -44,8 +44,55 @@ def transition_for(job: Job, report: StatusReport) -> Transition | None:
         # A failed call reports 0 pages sent; the job keeps the page count of its documents.
         state=report.state, reason=report.reason, detail=detail, pages=report.pages or None,
         duration_seconds=report.duration_seconds, remote_id=report.remote_id,
+        provider_job_id=report.provider_job_id,
         notify=report.state not in TRACKED_STATES,
     )
+
+
+def unconfirmed_ran_out(job: Job, now: datetime, after: timedelta) -> Transition | None:
+    """The "may have been sent" mail for an unconfirmed job still looked for at its
+    provider (reason ``answer_lost``) longer than ``after``; None while the search goes on."""
+    if job.state != JobState.UNCONFIRMED or job.reason is None:
+        return None
+    if job.reason.code != "answer_lost" or now - job.updated < after:
+        return None
+    hours = after.total_seconds() / 3600
+    return Transition(
+        state=JobState.UNCONFIRMED, reason=reasons.reason("unconfirmed", job.reason.detail),
+        detail=f"not found at {job.account} within {hours:g} h; not resent", always_event=True)
+
+
+def cancel_groups(requested: Sequence[Job], tracked: Sequence[Job]
+                  ) -> tuple[list[list[Job]], dict[str, list[str]]]:
+    """Which cancel requests can be carried out. Jobs that share a provider job id (FAX.de's
+    bulk mode: one JobId, several recipients) are cancelled together, because the provider
+    cancels all its recipients at once, and so only when every one of them is being
+    cancelled. Returns the groups to cancel (the first job stands for the provider job) and,
+    for each job held back, the ids of the others that are not being cancelled."""
+    groups: list[list[Job]] = []
+    held: dict[str, list[str]] = {}
+    seen: set[str] = set()
+    for job in requested:
+        if job.id in seen:
+            continue
+        siblings = [other for other in tracked if other.provider_job_id == job.provider_job_id
+                    and other.id != job.id] if job.provider_job_id else []
+        group = [job, *siblings]
+        seen.update(member.id for member in group)
+        wanted = {member.id for member in requested}
+        waiting = [member.id for member in siblings
+                   if not member.cancel_requested and member.id not in wanted]
+        if waiting:
+            for member in group:
+                if member.cancel_requested or member.id in wanted:
+                    held[member.id] = waiting
+        else:
+            groups.append(group)
+    return groups, held
+
+
+def refs_of(jobs: Sequence[Job]) -> list[ProviderRef]:
+    return [ProviderRef(job.id, job.provider_job_id or "", since=job.updated) for job in jobs]
 
 
 TRACKING_DEADLINE = "tracking_deadline"  # the reason code of a job that ran out of time
@@ -85,7 +132,8 @@ class Tracker:
                  lifetime: timedelta = timedelta(days=5),
                  clock: Callable[[], datetime] = lambda: datetime.now(UTC),
                  on_deadline: Callable[[str], None] = lambda account: None,
-                 accounts: AccountHealth | None = None):
+                 accounts: AccountHealth | None = None,
+                 unconfirmed_after: timedelta = timedelta(hours=6)):
         self.accounts = accounts  # a status call refused for the account pauses it too
         self.on_change = on_change
         self.deadlines = dict(deadlines or {})
@@ -93,6 +141,7 @@ class Tracker:
         self.lifetime = lifetime
         self.clock = clock
         self.on_deadline = on_deadline
+        self.unconfirmed_after = unconfirmed_after
         self.store = store
         self.providers = providers
         self.interval = interval
@@ -142,6 +191,26 @@ class Tracker:
         self._fresh.clear()  # everything in flight is asked now
         await asyncio.gather(*(self._poll_safely(account, provider)
                                for account, provider in self.providers.items()))
+        try:
+            await self.settle_unconfirmed()
+        except Exception:
+            log.exception("checking unconfirmed jobs failed")
+
+    async def settle_unconfirmed(self) -> int:
+        """Mail the sender and the admin about unconfirmed jobs their provider did not turn
+        up within ``unconfirmed_after``; returns how many."""
+        now = self.clock()
+        mailed = 0
+        for job in await self.store.list_jobs(limit=1000, state=JobState.UNCONFIRMED):
+            transition = unconfirmed_ran_out(job, now, self.unconfirmed_after)
+            if transition is None:
+                continue
+            if await self.store.record(job.id, transition, expected=[JobState.UNCONFIRMED]):
+                log.warning("job %s: %s", job.id, transition.detail)
+                mailed += 1
+        if mailed:
+            self.on_change()
+        return mailed
 
     async def _poll_safely(self, account: str, provider: Provider) -> None:
         try:
@@ -166,7 +235,10 @@ class Tracker:
         now = self.clock()
         expired = 0
         for job in jobs:
-            at_provider = job.state in IN_FLIGHT and job.provider_job_id is not None
+            # An unconfirmed job has a bounded search of its own and its one mail
+            # (settle_unconfirmed); failing it later would say less, and mail again.
+            at_provider = (job.state in IN_FLIGHT and job.state != JobState.UNCONFIRMED
+                           and job.provider_job_id is not None)
             if not at_provider or not past_deadline(job, now, limit, self.lifetime):
                 continue
             reason = deadline_reason(provider.provider_name, limit)
@@ -204,14 +276,13 @@ class Tracker:
                     log.exception("status poll of account %s failed", account)
 
     async def _poll_jobs(self, account: str, provider: Provider, jobs: Sequence[Job]) -> None:
-        for job in jobs:
-            if job.cancel_requested:
-                await self._cancel(job, provider)
+        requested = [job for job in jobs if job.cancel_requested]
+        if requested:
+            await self._cancel_requested(account, provider, requested)
         if not jobs:
             return
         try:
-            reports = await provider.status(
-                [ProviderRef(job.id, job.provider_job_id or "") for job in jobs])
+            reports = await provider.status(refs_of(jobs))
         except ProviderError as error:
             log.warning("status of %d jobs at %s: %s", len(jobs), account, error)
             if error.kind == ErrorKind.ACCOUNT and self.accounts is not None:
@@ -237,19 +308,36 @@ class Tracker:
                 if transition.notify:
                     self.on_change()
 
-    async def _cancel(self, job: Job, provider: Provider) -> None:
+    async def _cancel_requested(self, account: str, provider: Provider,
+                                requested: Sequence[Job]) -> None:
+        shared = any(job.provider_job_id for job in requested)
+        tracked = await self.store.tracked_jobs(account) if shared else []
+        groups, held = cancel_groups(requested, tracked)
+        for job_id, waiting in held.items():
+            log.info("job %s: cancel waits: its provider job also sends %s, not being "
+                     "cancelled", job_id, ", ".join(waiting))
+        for first, *others in groups:
+            if await self._cancel(first, provider):
+                for other in others:
+                    await self.store.record(other.id, Transition(
+                        state=JobState.CANCELLED, reason=reasons.reason("cancelled"),
+                        detail="cancelled at the provider with the other recipients"),
+                        expected=IN_FLIGHT)
+
+    async def _cancel(self, job: Job, provider: Provider) -> bool:
         try:
             cancelled = await provider.cancel(ProviderRef(job.id, job.provider_job_id or ""))
         except ProviderError as error:
             log.warning("cancel of job %s failed: %s", job.id, error)
-            return
+            return False
         if not cancelled:
             log.warning("job %s could not be cancelled: it was already sent", job.id)
             await self.store.clear_cancel_request(job.id)
-            return
+            return False
         await self.store.record(job.id, Transition(
             state=JobState.CANCELLED, reason=reasons.reason("cancelled"),
             detail="cancelled at the provider"), expected=IN_FLIGHT)
+        return True
 
     async def _acknowledge(self, account: str, provider: Provider) -> None:
         jobs = await self.store.unacknowledged_final_jobs(account, limit=1000)

@@ -50,7 +50,10 @@ class SendRequest:
     header: str | None = None
     cover_text: str | None = None
     send_at: datetime | None = None  # UTC; None = now
-    attempt: int = 1  # > 1 means an earlier attempt may have reached the provider
+    attempt: int = 1  # > 1: this job was tried before
+    # An earlier attempt may have reached the provider (its answer was lost): only then does a
+    # provider's duplicate refusal (FAX.de -77) mean "you already sent this".
+    earlier_may_have_arrived: bool = False
 
 
 @dataclass(frozen=True)
@@ -61,6 +64,9 @@ class SendReceipt:
     provider_job_id: str
     pages: int | None = None
     duplicate: bool = False  # the provider already had this job (an earlier lost answer)
+    # False: the provider has the job but we do not know it under ``provider_job_id`` yet (a
+    # placeholder to look for it under, or "" when it cannot be looked for): unconfirmed.
+    confirmed: bool = True
 
 
 class ErrorKind(enum.StrEnum):
@@ -86,7 +92,7 @@ class ProviderError(Exception):
     (default: from ``transient`` and the reason) also tells account-wide refusals apart."""
 
     def __init__(self, reason: Reason, *, transient: bool, retry_after: float | None = None,
-                 kind: ErrorKind | None = None):
+                 kind: ErrorKind | None = None, maybe_sent: bool = False):
         super().__init__(reason.code)
         self.reason = reason
         self.transient = transient
@@ -94,6 +100,10 @@ class ProviderError(Exception):
         self.kind = kind or default_kind(reason, transient)
         # What a check_account learnt before it met this error, to print it all the same.
         self.facts: list[tuple[str, str]] = []
+        # The request may have reached the provider and been acted on (a lost or unreadable
+        # answer, a timeout after the upload began): whether a resend is safe is then the
+        # provider's :attr:`BaseProvider.resend_handling`, not ours to guess.
+        self.maybe_sent = maybe_sent
 
     def __str__(self) -> str:
         kind = "transient" if self.transient else "permanent"
@@ -145,6 +155,7 @@ class ProviderRef:
 
     job_id: str
     provider_job_id: str
+    since: datetime | None = None  # when the job entered its current state (UTC)
 
 
 @dataclass(frozen=True)
@@ -158,6 +169,9 @@ class StatusReport:
     reason: Reason | None = None
     finished_at: datetime | None = None
     detail: dict[str, Any] = field(default_factory=dict)
+    # The provider's id of the job, when this report is how we learn it (a job whose send
+    # answer was lost, found by reference or through a push).
+    provider_job_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -245,6 +259,36 @@ class ProviderContext:
         return hmac.compare_digest(token.encode("utf-8", "surrogateescape"), wanted)
 
 
+class ResendHandling(enum.StrEnum):
+    """What a provider documents about a second send of the same job.
+
+    The dispatcher decides from this whether a send whose answer was lost may be repeated.
+    Each adapter declares what its provider's docs say, never what an emulator does.
+    """
+
+    # A resend is answered with the job already there: resending is safe.
+    RECOGNISED = "recognised"
+    # A resend is refused as a duplicate (documented), perhaps without saying the job's id:
+    # resending is safe, but the refusal may leave the job to be found another way.
+    REFUSED = "refused"
+    # Nothing documented: a resend may be faxed again. Never resent automatically.
+    NOT_RECOGNISED = "not_recognised"
+
+
+def resend_handling(provider: object) -> ResendHandling:
+    """The provider's declaration; the pessimistic one for providers that make none."""
+    declared = getattr(provider, "resend_handling", ResendHandling.NOT_RECOGNISED)
+    return ResendHandling(declared)
+
+
+def unconfirmed_ref(provider: object, job_id: str) -> str | None:
+    """A provider job id under which the provider's ``status`` can look for a job whose send
+    answer was lost, or None when the provider offers no way to find it."""
+    find = getattr(provider, "unconfirmed_ref", None)
+    found = find(job_id) if callable(find) else None
+    return found if isinstance(found, str) else None
+
+
 class Provider(Protocol):
     """The async interface the dispatcher, tracker and inbound poller use."""
 
@@ -294,10 +338,17 @@ class BaseProvider:
     account: str
     provider_name: str = "base"
     supports_inbound: bool = False
+    # Pessimistic unless the adapter's provider documents better (see ResendHandling).
+    resend_handling: ResendHandling = ResendHandling.NOT_RECOGNISED
 
     def __init__(self, context: ProviderContext):
         self.context = context
         self.account = context.account
+
+    def unconfirmed_ref(self, job_id: str) -> str | None:
+        """The placeholder provider job id under which :meth:`status` looks for a job whose
+        send answer was lost (by reference, reports, pushes); None: it cannot be found."""
+        return None
 
     def push_token(self, job_id: str) -> str:
         """The token this provider gets for pushes about ``job_id`` (see ProviderContext)."""

@@ -46,6 +46,7 @@ from mailfax.providers.base import (
     ProviderContext,
     ProviderError,
     ProviderRef,
+    ResendHandling,
     SendReceipt,
     SendRequest,
     StatusReport,
@@ -298,6 +299,8 @@ def drop_received(folder: Path, image: bytes, to: str, sender: str = "",
 
 class EmulatorProvider(BaseProvider):
     provider_name = "emulator"
+    # Its ledger answers a resend with the same reference with the job already there.
+    resend_handling = ResendHandling.RECOGNISED
 
     def __init__(self, context: ProviderContext, settings: Settings):
         super().__init__(context)

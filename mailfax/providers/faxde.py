@@ -1,14 +1,32 @@
 """FAX.de over SOAP: SendJob, JobStatus, CancelJob, RequestReceived, DeleteReceived.
 
-Our job id travels as the recipient's reference (``+4930123456[k8x40c88txje]``), comes back as
-REFID in the StatusFile and as $CID in status pushes, and lets FAX.de refuse a resend after a
-lost answer with -77 instead of faxing twice.
+Our job id travels as the recipient's reference (``+4930123456[k8x40c88txje]``) and comes back
+as REFID in the StatusFile and as $CID in status pushes.
+
+What a resend means, from the docs (``shared/provider-docs/fax-de-soap-api.{en.md,de.txt}``):
+SendJob result -77 is "Identical job already established (duplicate?)" / "Ein gleicher
+Auftrag ist bereits eingerichtet (Doppelbeauftragung?)". So FAX.de documents that it refuses
+an identical job, and the adapter declares :attr:`ResendHandling.REFUSED`: after a lost
+answer the dispatcher sends the identical request again (same recipient, reference, files
+and options). What the docs do not say:
+
+* what "identical" is: we assume the same request is;
+* that -77 returns the JobId of the job already there. So -77 on a resend after a lost
+  answer, without a JobId, leaves the job ``unconfirmed``: the STATURL push FAX.de calls when
+  the first request's job finishes carries its id (``$JID``), which makes it trackable
+  (JobStatus, checked against REFID); without a push nothing can be asked, and the sender is
+  told at once. -77 on a first attempt is FAX.de refusing a duplicate of an earlier job, and
+  reported as that (permanent failure, reason ``duplicate_refused``).
+
+JobStatus 5 ("Job id not found" / "Kein Protokoll-Eintrag mit dieser JobId gefunden") within
+``status_grace_seconds`` of the job's submission means "not logged yet", not a failure.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import logging
 import re
 from collections.abc import Sequence
@@ -32,6 +50,7 @@ from mailfax.providers.base import (
     ProviderContext,
     ProviderError,
     ProviderRef,
+    ResendHandling,
     SendReceipt,
     SendRequest,
     SendResult,
@@ -68,10 +87,14 @@ class Settings(BaseModel):
     status_push: bool = Field(default=True, description="ask FAX.de to call STATURL when a "
                               "job finishes (needs [web])")
     inbound: bool = Field(default=True, description="fetch received faxes of this account")
+    status_grace_seconds: float = Field(
+        default=900.0, ge=0, description="JobStatus 5 (no log entry) this soon after SendJob "
+        "means 'not logged yet', not a failure")
 
 
 class FaxDeProvider(BaseProvider):
     provider_name = "fax.de"
+    resend_handling = ResendHandling.REFUSED  # -77, see the module's docstring
 
     def __init__(self, context: ProviderContext, settings: Settings):
         super().__init__(context)
@@ -81,6 +104,12 @@ class FaxDeProvider(BaseProvider):
             settings.wsdl_url, context.data_dir / "faxde" / f"{context.account}.wsdl",
             settings.endpoint_url, settings.timeout_seconds,
             allow_plain_http=context.allow_plain_http)
+        # our job id -> FAX.de JobId learnt from a STATURL push, for jobs whose id was unknown
+        self._pushed_ids: dict[str, str] = {}
+
+    def unconfirmed_ref(self, job_id: str) -> str | None:
+        """Only a STATURL push can turn up a job whose SendJob answer was lost."""
+        return UNKNOWN_JOB_PREFIX + job_id if self._status_url(job_id) else None
 
     # -- sending -----------------------------------------------------------------------------
 
@@ -137,11 +166,17 @@ class FaxDeProvider(BaseProvider):
         answer = await self._call("SendJob", parameters)
         result = int(answer["return"])
         code = codes.code_for("SendJob", result)
-        if code.kind in ("ok", "duplicate"):
-            if code.kind == "duplicate":
-                log.info("FAX.de already has job %s (-77): a resend after a lost answer",
-                         request.job_id)
-            answer["duplicate"] = code.kind == "duplicate"
+        if code.kind == "duplicate" and request.earlier_may_have_arrived:
+            log.info("FAX.de already has job %s (-77): a resend after a lost answer",
+                     request.job_id)
+            answer["duplicate"] = True
+            return answer
+        if code.kind == "duplicate":  # nothing of ours can be that job: FAX.de refuses this
+            log.warning("FAX.de refused job %s as a duplicate of an earlier job (-77)",
+                        request.job_id)
+            raise ProviderError(reasons.reason("duplicate_refused", detail=(
+                f"FAX.de SendJob {result}: {code.text}")), transient=False)
+        if code.kind == "ok":
             return answer
         if code.reason == "provider_auth":
             log.error("FAX.de refused account %s (SendJob %d: %s); check the credentials",
@@ -150,9 +185,11 @@ class FaxDeProvider(BaseProvider):
 
     def _receipt(self, job_id: str, answer: dict[str, Any]) -> SendReceipt:
         provider_job_id = str(answer.get("JobId") or "")
-        if not provider_job_id or provider_job_id == "0":
-            provider_job_id = UNKNOWN_JOB_PREFIX + job_id
         pages = answer.get("PageCount")
+        if not provider_job_id or provider_job_id == "0":  # accepted (or -77) without an id
+            return SendReceipt(job_id=job_id, provider_job_id=self.unconfirmed_ref(job_id) or "",
+                               pages=int(pages) if pages else None,
+                               duplicate=bool(answer.get("duplicate")), confirmed=False)
         return SendReceipt(job_id=job_id, provider_job_id=provider_job_id,
                            pages=int(pages) if pages else None,
                            duplicate=bool(answer.get("duplicate")))
@@ -185,9 +222,12 @@ class FaxDeProvider(BaseProvider):
 
     async def status(self, refs: Sequence[ProviderRef]) -> dict[str, StatusReport]:
         by_job: dict[str, list[ProviderRef]] = {}
+        learnt: dict[str, list[ProviderRef]] = {}  # unknown ids a push told us
         for ref in refs:
             if not ref.provider_job_id.startswith(UNKNOWN_JOB_PREFIX):
                 by_job.setdefault(ref.provider_job_id, []).append(ref)
+            elif ref.job_id in self._pushed_ids:
+                learnt.setdefault(self._pushed_ids[ref.job_id], []).append(ref)
         # One JobStatus per FAX.de job, concurrently, but no more at once than the client
         # has connections.
         slots = asyncio.Semaphore(MAX_CONNECTIONS)
@@ -199,6 +239,8 @@ class FaxDeProvider(BaseProvider):
 
         results = await asyncio.gather(*(job_status(provider_job_id, job_refs)
                                          for provider_job_id, job_refs in by_job.items()),
+                                       *(self._pushed_job_status(provider_job_id, job_refs)
+                                         for provider_job_id, job_refs in learnt.items()),
                                        return_exceptions=True)
         reports: dict[str, StatusReport] = {}
         for result in results:
@@ -214,12 +256,41 @@ class FaxDeProvider(BaseProvider):
         if result == codes.IN_PROGRESS:
             return {ref.job_id: StatusReport(state=JobState.SENDING) for ref in refs}
         if result == codes.JOB_NOT_FOUND:
-            reason = codes.reason_for_code("JobStatus", result)
-            return {ref.job_id: StatusReport(state=JobState.FAILED, reason=reason)
-                    for ref in refs}
+            return self._not_found(refs)
         if result != 0:
             raise codes.error_for("JobStatus", result)
         return reports_from_status(answer, refs)
+
+    def _not_found(self, refs: Sequence[ProviderRef]) -> dict[str, StatusReport]:
+        """JobStatus 5: "not logged yet" for jobs submitted within the grace period (left
+        out: no news), a failure for the others."""
+        now = datetime.now(UTC)
+        grace = self.settings.status_grace_seconds
+        reason = codes.reason_for_code("JobStatus", codes.JOB_NOT_FOUND)
+        # A ref without ``since`` (not from the tracker) is taken as fresh.
+        return {ref.job_id: StatusReport(state=JobState.FAILED, reason=reason) for ref in refs
+                if ref.since is not None and (now - ref.since).total_seconds() > grace}
+
+    async def _pushed_job_status(self, provider_job_id: str, refs: Sequence[ProviderRef]
+                                 ) -> dict[str, StatusReport]:
+        """Jobs whose JobId only a push told: believed only where the StatusFile's REFID
+        names them, and then known under that id from now on."""
+        if not provider_job_id.isdigit():
+            return {}
+        answer = await self._call("JobStatus", {"JobId": int(provider_job_id)})
+        if int(answer["return"]) != 0:
+            return {}  # a push comes when the job is done; anything else: ask again later
+        named = {row.reference for row in codes.parse_status_file(
+            _bytes(answer.get("StatusFile")))}
+        mine = [ref for ref in refs if ref.job_id in named]
+        for ref in refs:  # asked and answered: a JobId that is not the job's is forgotten
+            if ref not in mine:
+                log.warning("FAX.de job %s, pushed for job %s, does not name it", provider_job_id,
+                            ref.job_id)
+            self._pushed_ids.pop(ref.job_id, None)
+        reports = reports_from_status(answer, mine)
+        return {job_id: dataclasses.replace(report, provider_job_id=provider_job_id)
+                for job_id, report in reports.items()}
 
     # -- the account --------------------------------------------------------------------------
 
@@ -315,6 +386,12 @@ class FaxDeProvider(BaseProvider):
         if cid != job_id and re.fullmatch(r"[0-9a-z]{12}", cid) and await self._same_fax_de_job(
                 job, cid):
             job_ids.append(cid)  # another recipient of the same bulk job
+        jid = request.query.get("jid", "")
+        if re.fullmatch(r"[0-9]{1,18}", jid):
+            # The job's FAX.de id: what a job whose SendJob answer was lost lacks. Checked
+            # against the StatusFile's REFID before it is believed (_pushed_job_status).
+            for pushed in job_ids:
+                self._pushed_ids[pushed] = jid
         if self.context.wake_tracker is not None:
             await self.context.wake_tracker(job_ids)
         return web.Response(text="OK\n")
@@ -338,7 +415,8 @@ class FaxDeProvider(BaseProvider):
             return await self.soap.call(operation, **credentials, **parameters)
         except SoapError as error:
             raise ProviderError(reasons.reason("provider_unavailable", detail=str(error)),
-                                transient=True) from None
+                                transient=True, maybe_sent=(
+                                    operation == "SendJob" and error.may_have_arrived)) from None
 
 
 def reports_from_status(answer: dict[str, Any],

@@ -40,7 +40,9 @@ SEND_JOB: dict[int, Code] = {
     -14: Code("permanent", "document_rejected", "Error converting document"),
     -65: Code("transient", "provider_error", "Internal error handling the recipients file"),
     -66: Code("transient", "provider_error", "Internal error handling the document"),
-    -77: Code("duplicate", "delivered", "Identical job already established (duplicate?)"),
+    # Documented as a refusal; whether it means "yours, from a lost answer" only the caller
+    # can tell (SendRequest.earlier_may_have_arrived).
+    -77: Code("duplicate", "duplicate_refused", "Identical job already established (duplicate?)"),
     -1309: Code("permanent", "provider_account",
                 "Document with more than 3 pages while in evaluation period"),
     1: Code("permanent", "provider_auth", "Not authorized"),
@@ -112,7 +114,13 @@ SEND_RESULTS: dict[str, str | None] = {
     "CALLFAILED": "call_failed",
     "ISDNERR": "call_failed",
     "BLACKLIST": "blacklisted",
+    # The German doc's wordings (JobStatus SendResult): "busy", "No answer", "Call failed",
+    # "Send failed", "Blacklist", "Canceled"; the English one's "Send-Fail", "Black-List".
+    "SENDFAILED": "transmission_failed",
+    "CANCELED": "cancelled",
+    "CANCELLED": "cancelled",
 }
+CANCELLED_RESULTS = frozenset({"CANCELED", "CANCELLED"})
 
 
 def code_for(operation: str, result: int) -> Code:
@@ -147,6 +155,9 @@ def outcome_of_send_result(send_result: str) -> tuple[JobState, Reason | None]:
     key = "".join(char for char in send_result.upper() if char.isalpha())
     if key == "OK":
         return JobState.DELIVERED, None
+    if key in CANCELLED_RESULTS:
+        return JobState.CANCELLED, reasons.reason("cancelled",
+                                                  detail=f"FAX.de send result: {send_result}")
     code = SEND_RESULTS.get(key, "unknown")
     return JobState.FAILED, reasons.reason(code or "unknown",
                                            detail=f"FAX.de send result: {send_result}")

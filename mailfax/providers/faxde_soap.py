@@ -20,11 +20,13 @@ import httpx
 import zeep
 from lxml import etree
 from zeep.exceptions import Error as ZeepError
+from zeep.exceptions import Fault
 from zeep.helpers import serialize_object
 from zeep.proxy import AsyncServiceProxy
 from zeep.transports import AsyncTransport
 
 from mailfax.providers.base import is_loopback_url
+from mailfax.providers.http import request_may_have_arrived
 from mailfax.support import xmlsafe
 
 log = logging.getLogger(__name__)
@@ -67,7 +69,15 @@ def secure_address(address: str, allow_plain_http: bool) -> str:
 
 
 class SoapError(Exception):
-    """The call did not produce a readable answer (transport, fault, or unknown shape)."""
+    """The call did not produce a readable answer (transport, fault, or unknown shape).
+
+    ``may_have_arrived``: the request may have reached FAX.de and been acted on (the
+    connection broke or timed out after it was made, or the answer was unreadable); not for a
+    failure to connect or a SOAP fault (the server refused the request)."""
+
+    def __init__(self, message: str, may_have_arrived: bool = False):
+        super().__init__(message)
+        self.may_have_arrived = may_have_arrived
 
 
 def zeep_settings() -> zeep.Settings:
@@ -126,10 +136,15 @@ class SoapClient:
         try:
             answer = await getattr(service, operation)(**parameters)
         except httpx.HTTPError as error:
-            raise SoapError(f"{operation}: {type(error).__name__}: {error}") from None
+            raise SoapError(f"{operation}: {type(error).__name__}: {error}",
+                            request_may_have_arrived(error)) from None
         except ZeepError as error:
-            raise SoapError(f"{operation}: {type(error).__name__}: {error}") from None
-        return outputs(answer)
+            raise SoapError(f"{operation}: {type(error).__name__}: {error}",
+                            not isinstance(error, Fault)) from None
+        try:
+            return outputs(answer)
+        except SoapError as error:
+            raise SoapError(f"{operation}: {error}", may_have_arrived=True) from None
 
     async def load(self) -> None:
         """Load the WSDL now (else the first call does): ``wsdl_source`` and ``address`` say

@@ -12,11 +12,16 @@ What is *not* documented, and so assumed here:
   accepts ``key=value`` lines, ``key: value`` lines, one URL-encoded line, a JSON object or flat
   XML; keys and ``WR_Status`` are compared case-insensitively.
 * The time zone of ``LastChangeDateTime``: read as German local time.
-* Duplicate protection: the API has none. Our job id travels at the end of ``sFaxFileName``
-  (the only free-text "reference" field the docs offer, echoed in status answers and the
-  provider's status mails) as `` [job id]``. The bundled emulator treats that as an
-  idempotency key and answers a resend with the first job's UUID plus ``WR_Duplicate=1``; the
-  real service will fax a resend again.
+* Duplicate protection: the API has none. The docs say of ``sFaxFileName`` only "Diese
+  Zeichenkette hat keine besondere Funktion und wird lediglich bei Statusabfragen und
+  Status-Mails mit angegeben"; a resend is faxed again. So the adapter declares
+  :attr:`ResendHandling.NOT_RECOGNISED`, and a ``SendFax`` whose answer is lost, unreadable
+  or cut off after the upload began is never resent automatically: the job goes
+  ``unconfirmed``. Nothing can be asked about it either: ``GetSentFaxStatus`` needs the
+  ``WR_Request_UUID`` that did not come back. Our job id still travels at the end of
+  ``sFaxFileName`` as `` [job id]``, so Faxnummer.de's own status mails (to ``sEmail``, the
+  administrator) name it. (``WR_Duplicate`` is read only because the emulator can be told to
+  invent it, option ``duplicates=reference``; the real service is not known to send it.)
 """
 
 from __future__ import annotations
@@ -49,13 +54,14 @@ from mailfax.providers.base import (
     ProviderContext,
     ProviderError,
     ProviderRef,
+    ResendHandling,
     SendReceipt,
     SendRequest,
     SendResult,
     StatusReport,
     prepare_documents,
 )
-from mailfax.providers.http import status_error
+from mailfax.providers.http import request_may_have_arrived, status_error, status_may_have_acted
 from mailfax.support import xmlsafe
 from mailfax.support.text import to_ascii
 
@@ -258,9 +264,9 @@ def send_answer(fields: Mapping[str, str]) -> tuple[str, bool]:
     ``WR_Duplicate`` is the emulator's, not the vendor's: the real service never sets it.
     """
     uuid = fields.get("wr_request_uuid") or fields.get("jobuuid") or ""
-    if not uuid.strip():
+    if not uuid.strip():  # the job may exist, we cannot know its UUID
         raise ProviderError(reasons.reason("provider_error", "ok without WR_Request_UUID"),
-                            transient=True)
+                            transient=True, maybe_sent=True)
     duplicate = fields.get("wr_duplicate", "").strip().lower() in {"1", "true", "yes"}
     return uuid.strip(), duplicate
 
@@ -314,6 +320,19 @@ def _provider_time(text: str | None) -> datetime | None:
     except ValueError:
         return None
     return local.replace(tzinfo=PROVIDER_TIMEZONE).astimezone(UTC)
+
+
+def may_have_created_a_job(status: int, body: str) -> bool:
+    """Whether a ``SendFax`` answered with a transient error may still have created a job: a
+    5xx that may come after the work was done, or a 2xx that is unreadable or has no
+    ``WR_Status`` we know. Only ``WR_Status`` failed is a refusal that created nothing."""
+    if not 200 <= status < 300:
+        return status_may_have_acted(status)
+    try:
+        fields = parse_response(body)
+    except ResponseFormatError:
+        return True
+    return fields.get("wr_status", "").strip().lower() != "failed"
 
 
 def http_error(status: int, retry_after: str | None, command: str) -> ProviderError | None:
@@ -381,6 +400,8 @@ def make_client(settings: Settings) -> httpx.AsyncClient:
 
 class FaxnummerProvider(BaseProvider):
     provider_name = "faxnummer.de"
+    # No idempotency, no reference lookup: see the module's docstring.
+    resend_handling = ResendHandling.NOT_RECOGNISED
 
     def __init__(self, context: ProviderContext, settings: Settings,
                  client: httpx.AsyncClient | None = None):
@@ -418,7 +439,7 @@ class FaxnummerProvider(BaseProvider):
             raise result
         log.error("faxnummer.de send failed unexpectedly", exc_info=result)
         return ProviderError(reasons.reason("provider_error", type(result).__name__),
-                             transient=True)
+                             transient=True, maybe_sent=True)  # perhaps after the POST
 
     async def status(self, refs: Sequence[ProviderRef]) -> dict[str, StatusReport]:
         results = await asyncio.gather(*(self._status_one(ref) for ref in refs),
@@ -479,14 +500,19 @@ class FaxnummerProvider(BaseProvider):
                 "sProductCode": self.settings.product_code.get_secret_value(), **fields}
         try:
             response = await self.client.post(self.settings.url, data=data, files=files)
-        except httpx.HTTPError as error:  # the request may have arrived: see fax_reference
+        except httpx.HTTPError as error:
             raise ProviderError(reasons.reason(
                 "provider_unavailable", f"{command}: {type(error).__name__} {error}".strip()),
-                transient=True) from error
+                transient=True, maybe_sent=command == "SendFax" and request_may_have_arrived(
+                    error)) from error
         try:
             answer = self._answer(command, response)
         except ProviderError as error:
             self._log_refusal(command, error)
+            if command == "SendFax" and error.transient and may_have_created_a_job(
+                    response.status_code, response.text):
+                raise ProviderError(error.reason, transient=True, retry_after=error.retry_after,
+                                    maybe_sent=True) from None
             raise
         return answer
 

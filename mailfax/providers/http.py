@@ -6,6 +6,8 @@ from __future__ import annotations
 import time
 from email.utils import parsedate_to_datetime
 
+import httpx
+
 from mailfax import reasons
 from mailfax.providers.base import ProviderError
 
@@ -51,3 +53,21 @@ def status_error(status: int, retry_after: str | None, what: str,
         return ProviderError(reasons.reason("provider_error", detail), transient=True,
                              retry_after=parse_retry_after(retry_after))
     return ProviderError(reasons.reason("provider_error", detail), transient=False)
+
+
+# Statuses that say the request was not acted on: overload, a gateway that found no backend.
+NOT_ACTED_ON = frozenset({429, 502, 503})
+
+
+def request_may_have_arrived(error: httpx.HTTPError) -> bool:
+    """Whether a request that failed with ``error`` may still have reached the server and
+    been acted on: every failure after the connection was made (a timeout or a broken
+    connection while uploading or waiting for the answer), not a failure to connect."""
+    return not isinstance(error, httpx.ConnectError | httpx.ConnectTimeout | httpx.PoolTimeout
+                          | httpx.UnsupportedProtocol | httpx.InvalidURL)
+
+
+def status_may_have_acted(status: int) -> bool:
+    """Whether a 5xx answer may come after the request was acted on (500 and 504: an error or
+    a timeout behind the front end); 429, 502 and 503 say it was not."""
+    return status >= 500 and status not in NOT_ACTED_ON

@@ -9,9 +9,14 @@ mailfax's web endpoint is configured, by Retarus' HTTP status push to
 API documentation does not describe the push (nor how Retarus would authenticate itself), so
 a push is not taken as the job's outcome: it only makes the tracker poll the job now.
 
-A send whose answer was lost is resent with the same ``reference.customerDefinedId`` (our job
-id): it is first looked for among the reports, and Retarus' 409 "duplicate job" resolves to the
-job already there, so a fax is never sent twice.
+What a resend means, from the docs: the send answers 409 "CONFLICT: Duplicate job", with
+"No Content", and nothing says what counts as a duplicate (not that ``customerDefinedId`` is
+a key). So the adapter declares :attr:`ResendHandling.NOT_RECOGNISED`: a send whose answer
+was lost (or unreadable, or a 504/520 that may come after the job was taken) is not resent
+but goes ``unconfirmed``, looked for by its ``customerDefinedId`` (our job id) among the
+reports (``GET /reports`` lists only completed jobs, so not finding it there says nothing)
+and through the status push to ``/job/{job_id}``. A 409 is Retarus refusing the job as a
+duplicate of one it has: reported as that (``duplicate_refused``), never taken as "sent".
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import dataclasses
 import hmac
 import logging
 from collections.abc import Mapping, Sequence
@@ -38,11 +44,13 @@ from mailfax.providers.base import (
     ProviderContext,
     ProviderError,
     ProviderRef,
+    ResendHandling,
     SendReceipt,
     SendRequest,
     SendResult,
     StatusReport,
 )
+from mailfax.providers.http import http_detail, request_may_have_arrived
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +58,12 @@ HA_DE = "https://faxws-ha.de.retarus.com/rest/v1"
 DATA_CENTRES_DE = {"DE1": "https://faxws.de1.retarus.com/rest/v1",
                    "DE2": "https://faxws.de2.retarus.com/rest/v1"}
 PUSH_USER = "mailfax"
-# A duplicate whose Retarus id could not be learnt yet: polled by reference until found.
+# A job whose Retarus id could not be learnt yet: polled by reference until found.
 BY_REFERENCE = "ref:"
+# Send answers that may come after the job was taken: a timeout behind the front end, and
+# 520 "UNKNOWN_ERROR ... most likely with the backend adaptor". 500 "Cannot accept job",
+# 429, 502 and 503 say it was not taken.
+MAYBE_TAKEN = frozenset({504, 520})
 
 
 class Settings(BaseModel):
@@ -132,6 +144,7 @@ def send_body(request: SendRequest, documents: Sequence[tuple[str, str]], settin
 
 class RetarusProvider(BaseProvider):
     provider_name = "retarus"
+    resend_handling = ResendHandling.NOT_RECOGNISED  # 409's meaning is not documented
 
     def __init__(self, context: ProviderContext, settings: Settings,
                  transport: httpx.AsyncBaseTransport | None = None):
@@ -153,6 +166,10 @@ class RetarusProvider(BaseProvider):
         # our job id -> Retarus job id, for duplicates first known by reference only
         self._resolved: dict[str, str] = {}
 
+    def unconfirmed_ref(self, job_id: str) -> str | None:
+        """Looked for by customerDefinedId among the reports, and found by its push."""
+        return BY_REFERENCE + job_id
+
     def __repr__(self) -> str:
         return f"<RetarusProvider {self.account} customer {self.settings.customer_number}>"
 
@@ -169,7 +186,8 @@ class RetarusProvider(BaseProvider):
         except httpx.HTTPError as error:  # connect errors were already retried by the transport
             raise ProviderError(reasons.reason(
                 "provider_unavailable", f"Retarus {operation}: {type(error).__name__}"),
-                transient=True) from None
+                transient=True, maybe_sent=operation == "send" and request_may_have_arrived(
+                    error)) from None
 
     @staticmethod
     def _json(response: httpx.Response, operation: str) -> Any:
@@ -178,7 +196,7 @@ class RetarusProvider(BaseProvider):
         except ValueError:
             raise ProviderError(reasons.reason(
                 "provider_error", f"Retarus {operation}: unreadable answer"),
-                transient=True) from None
+                transient=True, maybe_sent=operation == "send") from None
 
     @staticmethod
     def _error(response: httpx.Response, operation: str) -> ProviderError:
@@ -189,31 +207,20 @@ class RetarusProvider(BaseProvider):
 
     async def send_many(self, requests: Sequence[SendRequest]) -> list[SendResult]:
         encoded: dict[int, str] = {}  # the jobs of one mail share their documents
-        earlier = await self._earlier_sends(requests)  # a data centre that fails is skipped
 
         async def one(request: SendRequest) -> SendResult:
             async with self._send_slots:
                 try:
-                    return await self._send(request, encoded, earlier)
+                    return await self._send(request, encoded)
                 except ProviderError as error:
                     return error
 
         return list(await asyncio.gather(*(one(request) for request in requests)))
 
     async def send(self, request: SendRequest) -> SendReceipt:
-        return await self._send(request, {}, await self._earlier_sends([request]))
+        return await self._send(request, {})
 
-    async def _earlier_sends(self, requests: Sequence[SendRequest]
-                             ) -> dict[str, tuple[str, dict[str, Any]]]:
-        """For the resends (attempt > 1) an earlier answer may have been lost: which of them
-        Retarus already has, looked up once for all of them."""
-        resent = [request.job_id for request in requests if request.attempt > 1]
-        return await self._find_by_reference(resent) if resent else {}
-
-    async def _send(self, request: SendRequest, encoded: dict[int, str],
-                    earlier: Mapping[str, tuple[str, dict[str, Any]]]) -> SendReceipt:
-        if request.job_id in earlier:
-            return self._duplicate(request, earlier[request.job_id])
+    async def _send(self, request: SendRequest, encoded: dict[int, str]) -> SendReceipt:
         names = codes.document_names([document.filename for document in request.documents])
         documents = [(name, _base64(document, encoded))
                      for name, document in zip(names, request.documents, strict=True)]
@@ -225,12 +232,17 @@ class RetarusProvider(BaseProvider):
             job_id = answer.get("jobId") if isinstance(answer, dict) else None
             if not isinstance(job_id, str) or not job_id:
                 raise ProviderError(reasons.reason(
-                    "provider_error", "Retarus send: answer without a jobId"), transient=True)
+                    "provider_error", "Retarus send: answer without a jobId"), transient=True,
+                    maybe_sent=True)
             return SendReceipt(job_id=request.job_id, provider_job_id=job_id,
                                pages=request.pages)
-        if response.status_code == 409:  # CONFLICT "Duplicate job": the earlier send arrived
-            return await self._resolve_duplicate(request, response)
-        raise self._error(response, "send")
+        if response.status_code == 409:  # CONFLICT "Duplicate job"
+            return self._conflict(request, response)
+        error = self._error(response, "send")
+        if response.status_code in MAYBE_TAKEN:
+            raise ProviderError(error.reason, transient=error.transient,
+                                retry_after=error.retry_after, maybe_sent=True)
+        raise error
 
     def _push_options(self, job_id: str) -> dict[str, str] | None:
         base = self.context.push_base_url
@@ -239,29 +251,21 @@ class RetarusProvider(BaseProvider):
         return {"targetUrl": f"{base}/job/{job_id}", "authMethod": "HTTP_BASIC",
                 "principal": PUSH_USER, "credentials": self.push_token(job_id)}
 
-    async def _resolve_duplicate(self, request: SendRequest,
-                                 response: httpx.Response) -> SendReceipt:
+    def _conflict(self, request: SendRequest, response: httpx.Response) -> SendReceipt:
+        """409 "Duplicate job": Retarus refuses the job as a duplicate of one it has. Only
+        after a lost answer of ours, and only when the answer names that job (not
+        documented: the docs say "No Content"), is it ours."""
         try:
             answer = response.json()
         except ValueError:
             answer = None
-        if isinstance(answer, dict) and isinstance(answer.get("jobId"), str):
-            return SendReceipt(job_id=request.job_id, provider_job_id=answer["jobId"],
+        job_id = answer.get("jobId") if isinstance(answer, dict) else None
+        if request.earlier_may_have_arrived and isinstance(job_id, str) and job_id:
+            return SendReceipt(job_id=request.job_id, provider_job_id=job_id,
                                pages=request.pages, duplicate=True)
-        found = await self._find_by_reference([request.job_id])
-        if request.job_id in found:
-            return self._duplicate(request, found[request.job_id])
-        # Still running (only finished jobs are listed): poll it by reference until it is.
-        log.info("job %s: Retarus already has it; its id follows with its report",
-                 request.job_id)
-        return SendReceipt(job_id=request.job_id, provider_job_id=BY_REFERENCE + request.job_id,
-                           pages=request.pages, duplicate=True)
-
-    def _duplicate(self, request: SendRequest, found: tuple[str, dict[str, Any]]) -> SendReceipt:
-        data_centre, report = found
-        self._home[report["jobId"]] = data_centre
-        return SendReceipt(job_id=request.job_id, provider_job_id=report["jobId"],
-                           pages=request.pages, duplicate=True)
+        log.warning("Retarus refused job %s as a duplicate (409)", request.job_id)
+        raise ProviderError(reasons.reason("duplicate_refused", http_detail(
+            "Retarus send", 409, "CONFLICT: Duplicate job")), transient=False)
 
     async def _find_by_reference(self, job_ids: Sequence[str]
                                  ) -> dict[str, tuple[str, dict[str, Any]]]:
@@ -336,12 +340,14 @@ class RetarusProvider(BaseProvider):
             else:
                 ours[provider_job_id] = ref.job_id
         found = await self._bulk("GET", list(ours))
+        learnt: set[str] = set()  # our job ids first known by reference now
         if by_reference:
             for job_id, (data_centre, report) in (
                     await self._find_by_reference(by_reference)).items():
                 self._resolved[job_id] = report["jobId"]
                 ours[report["jobId"]] = job_id
                 found.append((data_centre, report))
+                learnt.add(job_id)
         best: dict[str, dict[str, Any]] = {}
         for data_centre, report in found:
             owner = ours.get(report["jobId"])
@@ -355,7 +361,10 @@ class RetarusProvider(BaseProvider):
             self._home[report["jobId"]] = data_centre
             if owner not in best or not codes.is_final(best[owner]):
                 best[owner] = report
-        return {job_id: codes.status_report(report) for job_id, report in best.items()}
+        return {job_id: dataclasses.replace(codes.status_report(report),
+                                            provider_job_id=report["jobId"])
+                if job_id in learnt else codes.status_report(report)
+                for job_id, report in best.items()}
 
     async def _bulk(self, action: Literal["GET", "DELETE"], provider_job_ids: Sequence[str]
                     ) -> list[tuple[str, dict[str, Any]]]:

@@ -315,6 +315,14 @@ class Store(Protocol):
         """Jobs handed to the provider whose outcome is not known yet."""
         ...
 
+    async def reopen_job(self, job_id: str, detail: str) -> Job | None:
+        """The deliberate resend (``mailfax retry``): a job in one of
+        :data:`~mailfax.model.RETRYABLE_STATES` goes back to queued, due now, with its
+        provider job id, attempt count, cancel request and acknowledgement cleared, and an
+        event logged (not mailed). Returns the job as it is now (unchanged when its state is
+        not retryable), or None when there is no such job."""
+        ...
+
     async def get_job(self, job_id: str) -> Job | None: ...
 
     async def get_jobs(self, job_ids: Sequence[str]) -> list[Job]:

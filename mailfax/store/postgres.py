@@ -30,7 +30,7 @@ from psycopg.rows import DictRow, dict_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
-from mailfax.model import TRACKED_STATES, JobState, Reason, can_transition
+from mailfax.model import RETRYABLE_STATES, TRACKED_STATES, JobState, Reason, can_transition
 from mailfax.providers.base import (
     EmulatedTransmission,
     FaxDocument,
@@ -928,6 +928,26 @@ class PostgresStore:
                 (account, states),
             )
             return [_job(row) for row in await cur.fetchall()]
+
+    async def reopen_job(self, job_id: str, detail: str) -> Job | None:
+        async with self._cursor() as cur:
+            await cur.execute(
+                """
+                UPDATE jobs SET state = 'queued', updated = now(), next_attempt_at = now(),
+                    attempts = 0, provider_job_id = NULL, cancel_requested = false,
+                    acknowledged = false, lease_owner = NULL, lease_until = NULL
+                WHERE id = %s AND state = ANY(%s) RETURNING *
+                """, (job_id, [state.value for state in RETRYABLE_STATES]))
+            row = await cur.fetchone()
+            if row is not None:
+                await cur.execute(
+                    "INSERT INTO events (job_id, at, state, reason, detail, notify)"
+                    " VALUES (%s, now(), 'queued', NULL, %s, false)", (job_id, detail))
+                await cur.execute(f"NOTIFY {NOTIFY_CHANNEL}")  # delivered at commit
+                return _job(row)
+            await cur.execute("SELECT * FROM jobs WHERE id = %s", (job_id,))
+            row = await cur.fetchone()
+        return _job(row) if row else None
 
     async def unacknowledged_final_jobs(self, account: str, limit: int) -> list[Job]:
         async with self._cursor() as cur:

@@ -22,7 +22,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
-from mailfax.model import TRACKED_STATES, JobState, Reason, can_transition
+from mailfax.model import RETRYABLE_STATES, TRACKED_STATES, JobState, Reason, can_transition
 from mailfax.providers.base import (
     EmulatedTransmission,
     FaxDocument,
@@ -758,6 +758,24 @@ class SqliteStore(_InboundMixin, _EmulatorNetworkMixin):
                 (account, *states),
             ).fetchall()
             return [_job(r) for r in rows]
+
+        return await self._call(operation)
+
+    async def reopen_job(self, job_id: str, detail: str) -> Job | None:
+        def operation(conn: sqlite3.Connection) -> Job | None:
+            row = conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None or JobState(row["state"]) not in RETRYABLE_STATES:
+                return _job(row) if row else None
+            now = time.time()
+            conn.execute(
+                "UPDATE jobs SET state = ?, updated = ?, next_attempt_at = ?, attempts = 0,"
+                " provider_job_id = NULL, cancel_requested = 0, acknowledged = 0,"
+                " lease_owner = NULL, lease_until = NULL WHERE id = ?",
+                (JobState.QUEUED.value, now, now, job_id))
+            conn.execute(
+                "INSERT INTO events (job_id, at, state, reason, detail, notify)"
+                " VALUES (?, ?, ?, NULL, ?, 0)", (job_id, now, JobState.QUEUED.value, detail))
+            return _job(conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone())
 
         return await self._call(operation)
 
