@@ -17,18 +17,42 @@ import pytest
 
 from mailfax.app import Application
 from mailfax.config import Settings
+from tests.fixtures.build import build_corpus
+from tests.fixtures.locate import find_corpus
 
-# shared/corpus in the nearest folder above that has one (a worktree sits a level deeper)
-CORPUS = next((folder / "shared" / "corpus" for folder in Path(__file__).resolve().parents
-               if (folder / "shared" / "corpus").exists()),
-              Path(__file__).resolve().parents[2] / "shared" / "corpus")
+# The real-world corpus: $MAILFAX_CORPUS, else ../shared/corpus beside the repository (or beside
+# the main checkout of a git worktree). Without it the tests use a stand-in they make themselves
+# (tests/fixtures/build.py): same layout and names, files made to have the same properties.
+CORPUS = find_corpus()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "every_corpus: run a test that takes `corpus` against the real corpus and "
+        "against the generated stand-in (when the real one is there; else the stand-in only)")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if (CORPUS is not None and "corpus" in metafunc.fixturenames
+            and metafunc.definition.get_closest_marker("every_corpus")):
+        metafunc.parametrize("corpus", ["real", "generated"], indirect=True, scope="session")
 
 
 @pytest.fixture(scope="session")
-def corpus() -> Path:
-    if not CORPUS.exists():
-        pytest.skip(f"corpus not found at {CORPUS}")
-    return CORPUS
+def generated_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The stand-in corpus, written once per test session."""
+    return build_corpus(tmp_path_factory.mktemp("generated-corpus"))
+
+
+@pytest.fixture(scope="session")
+def corpus(request: pytest.FixtureRequest) -> Path:
+    """The real corpus when there is one, else the generated stand-in (both with a marker:
+    the one ``request.param`` names)."""
+    wanted = getattr(request, "param", "real" if CORPUS is not None else "generated")
+    if wanted == "real" and CORPUS is not None:
+        return CORPUS
+    generated: Path = request.getfixturevalue("generated_corpus")
+    return generated
 
 
 @pytest.fixture(scope="session")

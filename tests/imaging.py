@@ -20,14 +20,6 @@ HAVE_POPPLER = shutil.which("pdftoppm") is not None
 HAVE_LIBTIFF_TOOLS = shutil.which("tiffcp") is not None and shutil.which("tiffset") is not None
 
 
-def find_corpus() -> Path | None:
-    """``shared/corpus`` in the nearest folder above this checkout that has one."""
-    for folder in Path(__file__).resolve().parents:
-        if (folder / "shared" / "corpus" / "expected.json").is_file():
-            return folder / "shared" / "corpus"
-    return None
-
-
 def flag_picture(size: tuple[int, int], mode: str = "1") -> Image.Image:
     """White page, black ink: a flag "F" at the top left, an arrow pointing right at the
     bottom, a solid block in the top right corner. No rotation or mirror maps it onto itself."""

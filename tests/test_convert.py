@@ -8,6 +8,7 @@ TIFF, and rendered (``pdftoppm``) to see that ink is where it should be.
 from __future__ import annotations
 
 import io
+import json
 import resource
 import shutil
 import subprocess
@@ -20,6 +21,9 @@ import pytest
 from PIL import Image, ImageChops, ImageSequence
 
 from mailfax.inbound.convert import DEFAULT_DPI, DEFAULT_FAX_DPI, NotConvertible, tiff_to_pdf
+from tests.fixtures.locate import is_generated
+
+pytestmark = pytest.mark.every_corpus  # the real corpus, and the stand-in the tests make
 
 needs_poppler = pytest.mark.skipif(shutil.which("pdfimages") is None,
                                    reason="poppler-utils not installed")
@@ -64,9 +68,19 @@ PAGE_PT: dict[str, list[tuple[float, float]]] = {
 }
 
 
+def _wanted_page_pt(corpus: Path, expected: dict[str, Any], name: str
+                    ) -> list[tuple[float, float]]:
+    """The hand-worked table for the real corpus; for the stand-in, the pixels and resolution
+    its generator wrote (the documented 200 dpi where it wrote none)."""
+    if not is_generated(corpus):
+        return PAGE_PT[name]
+    return [(width, height) for width, height in expected["fax-tiff"][name]["page_pt_each"]]
+
+
 @pytest.mark.parametrize("name", FAXES)
-def test_media_box_is_pixels_over_dpi_in_each_direction(corpus: Path, name: str) -> None:
-    wanted = PAGE_PT[name]
+def test_media_box_is_pixels_over_dpi_in_each_direction(corpus: Path, expected: dict[str, Any],
+                                                        name: str) -> None:
+    wanted = _wanted_page_pt(corpus, expected, name)
     boxes = _media_boxes(tiff_to_pdf((corpus / "fax-tiff" / name).read_bytes()).pdf)
     assert len(boxes) == len(wanted)
     for (width, height), (want_w, want_h) in zip(boxes, wanted, strict=True):
@@ -184,3 +198,22 @@ def test_a_g4_strip_cut_off_is_decoded_and_encoded_again_not_kept() -> None:
     with Image.open(io.BytesIO(bytes(data))) as image:
         decoded = image.convert("L")
     assert decoded.getpixel((400, 70)) == 0  # the black block survived
+
+
+@needs_poppler
+def test_a_fine_mode_fax_in_msb_order_keeps_its_size_and_pixels(generated_corpus: Path,
+                                                                 tmp_path: Path) -> None:
+    """Not in the real corpus: fine mode (204×196 dpi), G3 2-D written MSB first."""
+    facts = json.loads((generated_corpus / "expected.json").read_text())["fax-tiff"]
+    want = facts["fine-mode-msb.tif"]
+    assert want["dpi"] == [204, 196]
+    path = generated_corpus / "fax-tiff" / "fine-mode-msb.tif"
+    converted = tiff_to_pdf(path.read_bytes())
+    assert converted.pages == 1
+    assert converted.page_sizes_pt[0] == pytest.approx(tuple(want["page_pt"]), abs=0.1)
+    (tmp_path / "fax.pdf").write_bytes(converted.pdf)
+    subprocess.run(["pdfimages", "-png", str(tmp_path / "fax.pdf"), str(tmp_path / "image")],
+                   check=True, capture_output=True)
+    [extracted] = sorted(tmp_path.glob("image-*.png"))
+    with Image.open(extracted) as decoded:
+        assert _differing(decoded, _tiff_pages(path)[0]) == 0

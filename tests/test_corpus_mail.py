@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import email
 import email.policy
+import json
 from email.utils import parseaddr
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,9 @@ import pytest
 from mailfax.intake.assemble import Refusal, assemble
 from mailfax.intake.mime import parse_mail, select_documents
 from tests.conftest import Service
+from tests.fixtures.build import EXTRA_MAILS
+
+pytestmark = pytest.mark.every_corpus  # the real corpus, and the stand-in the tests make
 
 MAILS = ["mutt-pdf-umlaut-name.eml", "mutt-two-pdfs-two-recipients.eml", "s-nail-pdf.eml",
          "swaks-octet-stream-pdf.eml", "attachment_with_quoted_filename.eml",
@@ -129,3 +133,16 @@ def test_an_inline_logo_of_the_html_body_is_not_faxed() -> None:
     assert len(mail.attachments) == 1
     assert select_documents(mail) == []
     assert mail.text == "Hi"
+
+
+@pytest.mark.parametrize("name", EXTRA_MAILS)
+def test_forwarded_documents_and_a_word_file_in_winmail_dat_are_faxed(
+        generated_corpus: Path, name: str) -> None:
+    """Only in the stand-in: a PDF inside a forwarded mail, a .doc inside a winmail.dat."""
+    want = json.loads((generated_corpus / "expected.json").read_text())["mime"]
+    if name not in want:
+        pytest.skip("writing a .doc needs LibreOffice (soffice), which is not installed")
+    content = assemble((generated_corpus / "mime" / name).read_bytes())
+    [job] = want[name]["jobs"]
+    assert [document.filename for document in content.documents] == job["documents"]
+    assert content.pages == job["pages"]

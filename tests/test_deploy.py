@@ -19,6 +19,7 @@ from pathlib import Path, PurePosixPath
 from typing import Annotated, Any
 
 import pytest
+import yaml  # PyYAML is in the test extra: without it these tests must fail, not skip
 from pydantic import BaseModel, TypeAdapter
 
 from mailfax.config import (
@@ -218,7 +219,6 @@ def test_dockerfile_copies_what_the_package_needs() -> None:
 # -- compose.yaml ----------------------------------------------------------------------------------
 
 def load_compose() -> dict[str, Any]:
-    yaml = pytest.importorskip("yaml")
     data: dict[str, Any] = yaml.safe_load(COMPOSE.read_text(encoding="utf-8"))
     return data
 

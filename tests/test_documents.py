@@ -21,6 +21,9 @@ from mailfax.documents.pdf import (
     place_picture,
     prepare_pdf,
 )
+from tests.fixtures import pdfs
+
+pytestmark = pytest.mark.every_corpus  # the real corpus, and the stand-in the tests make
 
 PDFS = ["crazyones.pdf", "VIA_Nytt_1402.pdf", "Seige_of_Vicksburg_Sample_OCR.pdf", "git.pdf",
         "two-different-pages.pdf", "AutoCad_Diagram.pdf", "r2-owner-password.pdf",
@@ -61,6 +64,12 @@ def test_what_is_not_a_readable_pdf_is_refused_by_name(data: bytes, words: str) 
     assert str(raised.value).startswith("letter.pdf ")
     assert words in str(raised.value)
     assert raised.value.status == "5.6.0"
+
+
+def test_a_cut_off_pdf_is_refused_as_incomplete() -> None:
+    with pytest.raises(DocumentError) as raised:
+        prepare_pdf("download.pdf", pdfs.truncated_pdf())
+    assert "download.pdf is incomplete" in str(raised.value)
 
 
 def test_merged_pdfs_keep_every_page_in_order(corpus: Path) -> None:

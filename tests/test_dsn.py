@@ -134,6 +134,7 @@ def test_bounce_has_the_structure_of_a_postfix_bounce() -> None:
            [part["Content-Description"] for part in postfix.iter_parts()]
 
 
+@pytest.mark.every_corpus
 def test_bounce_reads_like_the_real_sendmail_dsn_in_the_corpus(corpus: Path) -> None:
     real = (corpus / "mime" / "raw_email_with_mimepart_without_content_type.eml").read_bytes()
     sendmail = email.message_from_bytes(real, policy=email.policy.default)

@@ -30,6 +30,8 @@ from mailfax.store.sqlite import SqliteStore
 from tests import pg
 
 BACKENDS = ["sqlite", "postgresql"]
+# For what only PostgreSQL has: the test is not made for SQLite at all (rather than skipped).
+ONLY_POSTGRES = pytest.mark.parametrize("backend", ["postgresql"], indirect=True)
 
 
 @pytest.fixture(scope="session")
@@ -473,9 +475,8 @@ async def test_a_newer_schema_is_refused(backend: Backend) -> None:
     await store.close()
 
 
+@ONLY_POSTGRES
 async def test_postgres_wakes_waiters_when_another_instance_adds_jobs(backend: Backend) -> None:
-    if backend.name != "postgresql":
-        pytest.skip("LISTEN/NOTIFY is PostgreSQL's")
     from mailfax.store.postgres import PostgresStore
 
     waiter, adder = PostgresStore(backend.url), PostgresStore(backend.url)
@@ -587,9 +588,8 @@ async def test_outbox_mails_are_leased_to_one_instance(backend: Backend) -> None
         await second.close()
 
 
+@ONLY_POSTGRES
 async def test_postgres_singleton_moves_when_its_holder_goes(backend: Backend) -> None:
-    if backend.name != "postgresql":
-        pytest.skip("advisory locks are PostgreSQL's")
     from mailfax.store import postgres
 
     one, two = postgres.PostgresStore(backend.url), postgres.PostgresStore(backend.url)
@@ -721,11 +721,10 @@ async def test_concurrent_claim_work_never_exceeds_the_account_limit(backend: Ba
             await opened.close()
 
 
+@ONLY_POSTGRES
 async def test_postgres_pipeline_statements_share_one_transaction(backend: Backend) -> None:
     """PostgresStore.claim_work counts on psycopg not syncing inside a pipeline block in
     autocommit mode: the claim lock, the outcomes and the claim are then one transaction."""
-    if backend.name != "postgresql":
-        pytest.skip("psycopg's pipeline")
     import psycopg
 
     async with await psycopg.AsyncConnection.connect(backend.url, autocommit=True) as conn:
@@ -785,12 +784,11 @@ async def test_the_status_mail_limit_holds_over_two_instances(backend: Backend) 
             await opened.close()
 
 
+@ONLY_POSTGRES
 async def test_postgres_announces_submitted_jobs_to_the_tracking_instance(
         backend: Backend) -> None:
     """Jobs submitted on one instance are polled soon by the tracker on another, not only
     at its next full poll (interval 60 s here)."""
-    if backend.name != "postgresql":
-        pytest.skip("one instance per SQLite database")
     from mailfax.outbound.tracking import Tracker
     from mailfax.providers.base import BaseProvider, ProviderContext, ProviderRef, StatusReport
     from mailfax.store.postgres import PostgresStore
@@ -836,12 +834,11 @@ async def test_postgres_announces_submitted_jobs_to_the_tracking_instance(
         await sending.close()
 
 
+@ONLY_POSTGRES
 async def test_an_instance_without_the_tracker_announces_the_jobs_it_sent(
         backend: Backend, tmp_path: Path, corpus: Path) -> None:
     """mailfax serve on PostgreSQL while another instance holds the tracker: the jobs it
     hands to the provider are announced, so that instance polls them soon."""
-    if backend.name != "postgresql":
-        pytest.skip("one instance per SQLite database")
     from mailfax.app import Application
     from mailfax.store.postgres import PostgresStore
     from tests.conftest import Service, fax_mail, make_settings

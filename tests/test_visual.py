@@ -28,6 +28,8 @@ from mailfax.documents.office import OfficeLimits, convert_office
 from mailfax.documents.pdf import A4, LETTER, PageSetup, fit_to_paper, image_to_pdf, prepare_pdf
 from mailfax.inbound.convert import tiff_to_pdf
 from tests.conftest import Service, fax_mail, make_settings
+from tests.fixtures.build import FAXES
+from tests.fixtures.locate import find_corpus
 from tests.imaging import (
     HAVE_LIBTIFF_TOOLS,
     HAVE_POPPLER,
@@ -35,7 +37,6 @@ from tests.imaging import (
     block_corner,
     blurred_difference,
     differing_pixels,
-    find_corpus,
     ink_box,
     ink_share,
     marker_picture,
@@ -49,9 +50,10 @@ from tests.imaging import (
 pytestmark = pytest.mark.skipif(not HAVE_POPPLER, reason="poppler-utils not installed")
 needs_libtiff_tools = pytest.mark.skipif(not HAVE_LIBTIFF_TOOLS,
                                          reason="libtiff-tools not installed")
+# The real corpus's faxes, or (without it) those of the stand-in the tests make (conftest's corpus).
 CORPUS = find_corpus()
 CORPUS_FAXES = sorted(path.name for path in (CORPUS / "fax-tiff").iterdir()
-                      if path.suffix in (".tif", ".tiff")) if CORPUS else []
+                      if path.suffix in (".tif", ".tiff")) if CORPUS else sorted(FAXES)
 # The resolution each generated variant declares, as (x, y) dpi along its stored axes.
 VARIANT_DPI = {variant: (204.0, 98.0) for variant in VARIANTS}
 VARIANT_DPI.update({"g4-fine": (204.0, 196.0), "lzw-grey": (200.0, 200.0),
@@ -131,11 +133,10 @@ def test_a_rotated_single_strip_g4_is_not_blank_and_keeps_its_data(tmp_path: Pat
     assert 0.02 < ink_share(page) < 0.5
 
 
-@pytest.mark.skipif(CORPUS is None, reason="corpus not found")
 @pytest.mark.parametrize("name", CORPUS_FAXES)
-def test_a_corpus_fax_renders_as_pillow_decodes_it(tmp_path: Path, name: str) -> None:
-    assert CORPUS is not None
-    _assert_pages_look_like_the_tiff((CORPUS / "fax-tiff" / name).read_bytes(), tmp_path)
+def test_a_corpus_fax_renders_as_pillow_decodes_it(corpus: Path, tmp_path: Path,
+                                                   name: str) -> None:
+    _assert_pages_look_like_the_tiff((corpus / "fax-tiff" / name).read_bytes(), tmp_path)
 
 
 def test_a_page_beyond_the_pdf_size_limit_gets_a_user_unit_and_opens(tmp_path: Path) -> None:
@@ -265,18 +266,16 @@ def test_every_frame_of_a_gif_is_a_page_on_paper(tmp_path: Path) -> None:
         _assert_paper(size, A4.width, A4.height)
 
 
-@pytest.mark.skipif(CORPUS is None, reason="corpus not found")
 @pytest.mark.parametrize(("name", "setup", "paper", "landscape"), [
     ("crazyones.pdf", PageSetup(), LETTER, False),  # Letter stays Letter on an A4 account
     ("crazyones.pdf", PageSetup(A4, fit_to_paper=True), A4, False),
     ("Seige_of_Vicksburg_Sample_OCR.pdf", PageSetup(), A4, False),  # 6×9 inch onto A4
     ("AutoCad_Diagram.pdf", PageSetup(LETTER), LETTER, True),  # A3 turned 270°
 ])
-def test_pdf_pages_arrive_on_paper_with_their_content(tmp_path: Path, name: str,
+def test_pdf_pages_arrive_on_paper_with_their_content(corpus: Path, tmp_path: Path, name: str,
                                                       setup: PageSetup, paper: object,
                                                       landscape: bool) -> None:
-    assert CORPUS is not None
-    data = (CORPUS / "pdf" / name).read_bytes()
+    data = (corpus / "pdf" / name).read_bytes()
     document = prepare_pdf(name, data, setup)
     size, page = _rendered_page(document.data, tmp_path, name)
     width, height = (LETTER.width, LETTER.height) if paper is LETTER else (A4.width, A4.height)
@@ -302,13 +301,11 @@ def office_profiles(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     office.configure(OfficeLimits(profile_root=tmp_path_factory.mktemp("profiles")))
 
 
-@pytest.mark.skipif(CORPUS is None or shutil.which("soffice") is None,
-                    reason="corpus or LibreOffice missing")
+@pytest.mark.skipif(shutil.which("soffice") is None, reason="LibreOffice (soffice) missing")
 def test_a_letter_docx_keeps_letter_unless_fit_to_paper_puts_it_on_a4(
-        tmp_path: Path, office_profiles: None) -> None:
-    assert CORPUS is not None
+        corpus: Path, tmp_path: Path, office_profiles: None) -> None:
     name = "hdr-header-footer.docx"  # US Letter (12240×15840 twips)
-    converted = convert_office(name, (CORPUS / "office" / name).read_bytes())
+    converted = convert_office(name, (corpus / "office" / name).read_bytes())
     kept = fit_to_paper(converted, PageSetup(A4))
     assert kept is converted
     _assert_paper(_page_sizes(kept.data)[0], LETTER.width, LETTER.height)

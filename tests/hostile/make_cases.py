@@ -23,6 +23,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
 from collections.abc import Sequence
 from email.message import EmailMessage
 from pathlib import Path
@@ -32,9 +33,9 @@ import pikepdf
 from PIL import Image
 
 HERE = Path(__file__).resolve().parent
-CORPUS = HERE.parents[2] / "shared" / "corpus"
-if not CORPUS.exists():
-    CORPUS = HERE.parents[1].parent / "shared" / "corpus"
+# The corpus as tests/fixtures/locate.py finds it: $MAILFAX_CORPUS, else ../shared/corpus beside
+# the repository (set MAILFAX_CORPUS when running this in a git worktree).
+CORPUS = Path(os.environ.get("MAILFAX_CORPUS") or HERE.parents[2] / "shared" / "corpus")
 
 SENDER = "<alice@example.org>"
 FAX = "<030123456@fax.local>"
