@@ -16,9 +16,6 @@ FAX = "030123456@fax.local"
 
 needs_libreoffice = pytest.mark.skipif(shutil.which("soffice") is None,
                                        reason="LibreOffice (soffice) is not installed")
-# Office files with a relative data_dir (the defaults) got 451 4.3.0 (issue 14): LibreOffice's
-# profile path was made into a file URI while relative. Fixed on another branch.
-office_on_relative_data_dir = pytest.mark.xfail(strict=False, reason="fixed on branch h2")
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +64,6 @@ OFFICE_TYPES = {
 
 
 @needs_libreoffice
-@office_on_relative_data_dir
 @pytest.mark.parametrize("kind", list(OFFICE_TYPES))
 async def test_an_office_document_is_faxed_with_its_pages(
         mailfax: Mailfax, office_files: dict[str, bytes], kind: str) -> None:
@@ -76,14 +72,12 @@ async def test_an_office_document_is_faxed_with_its_pages(
 
 
 @needs_libreoffice
-@office_on_relative_data_dir
 async def test_a_text_file_is_faxed(mailfax: Mailfax) -> None:
     text = "\n".join(f"Line {n} of a plain text file." for n in range(1, 41)).encode()
     await expect_faxed(mailfax, attachment("notes.txt", "text/plain", text), 1)
 
 
 @needs_libreoffice
-@office_on_relative_data_dir
 async def test_a_winmail_dat_with_a_doc_inside_is_faxed(
         mailfax: Mailfax, office_files: dict[str, bytes]) -> None:
     tnef = documents.winmail_dat({"letter.doc": office_files["doc"]})
