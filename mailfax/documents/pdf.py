@@ -332,7 +332,7 @@ def _fax_mode(frame: Image.Image) -> Image.Image:
 def _image_xobject(pdf: pikepdf.Pdf, picture: Image.Image) -> pikepdf.Stream:
     """Bilevel pixels as CCITT G4, grey ones as JPEG, in an image XObject."""
     if picture.mode == "1":
-        data = _g4(picture)
+        data = encode_g4(picture)
         parms = pikepdf.Dictionary(K=-1, Columns=picture.width, Rows=picture.height)
         stream = pikepdf.Stream(pdf, data)
         stream.DecodeParms = parms
@@ -352,9 +352,13 @@ def _image_xobject(pdf: pikepdf.Pdf, picture: Image.Image) -> pikepdf.Stream:
     return stream
 
 
-def _g4(picture: Image.Image) -> bytes:
-    """Bilevel pixels → G4 data in which white is white (``BlackIs1`` false): Pillow writes
-    "1" as min-is-black, so the pixels are inverted first."""
+def encode_g4(picture: Image.Image) -> bytes:
+    """Bilevel pixels → one CCITT G4 stream in which white runs are white (``BlackIs1``
+    false), for images on fax pages and re-encoded received faxes alike.
+
+    Pillow writes mode "1" as min-is-black, so the pixels are inverted first: coding the real
+    white as white keeps the stream as small as a fax's own. ValueError if it is not one strip.
+    """
     out = io.BytesIO()
     ImageChops.invert(picture).save(out, format="TIFF", compression="group4",
                                     strip_size=(picture.width + 7) // 8 * picture.height + 1)

@@ -38,7 +38,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import pikepdf
-from PIL import Image, ImageChops, ImageSequence
+from PIL import Image, ImageSequence
+
+from mailfax.documents.pdf import encode_g4
 
 MAX_PAGES = 500
 MAX_PAGE_PIXELS = 40_000_000  # a 400 dpi A3 page is 31 megapixels; fax pages are ~4
@@ -230,22 +232,10 @@ def _ends_with_eofb(data: bytes) -> bool:
 
 
 def _encode_g4(page: Image.Image) -> bytes:
-    """Bilevel pixels → a G4 stream in which the white runs are white (``BlackIs1`` false).
-
-    Pillow writes mode "1" as min-is-black, so the pixels are inverted first: coding the real
-    white as white keeps the stream as small as the fax's own.
-    """
-    inverted = ImageChops.invert(page)
-    out = io.BytesIO()
-    inverted.save(out, format="TIFF", compression="group4",
-                  strip_size=(page.width + 7) // 8 * page.height + 1)
-    with Image.open(io.BytesIO(out.getvalue())) as encoded:
-        offsets = encoded.tag_v2[273]  # type: ignore[attr-defined]
-        counts = encoded.tag_v2[279]  # type: ignore[attr-defined]
-        if len(offsets) != 1:
-            raise NotConvertible("The page could not be encoded as one G4 strip.")
-        raw = out.getvalue()
-        return raw[int(offsets[0]):int(offsets[0]) + int(counts[0])]
+    try:
+        return encode_g4(page)
+    except ValueError:
+        raise NotConvertible("The page could not be encoded as one G4 strip.") from None
 
 
 def _ccitt_page(width: int, height: int, dpi: tuple[float, float], turn: int, data: bytes,
