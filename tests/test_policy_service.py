@@ -464,3 +464,12 @@ def test_a_refusal_never_leaves_the_policy_answer_multi_line() -> None:
     assert refusal_action(Refusal(452, "4.7.1", "Quota\nreached")) == \
         "DEFER_IF_PERMIT 4.7.1 Quota reached"
     assert refusal_action(Refusal(550, "5.1.1", "bad\x00number")) == "550 5.1.1 bad number"
+
+
+def test_only_the_header_section_is_searched_and_a_plain_mail_is_left_as_it_is() -> None:
+    plain = b"Subject: hi\r\n\r\nX-Mailfax-Authorized: quoted in the body\r\n"
+    assert strip_headers(plain) == (plain, [])
+    assert strip_headers(plain)[0] is plain  # not split and joined again
+    signed = b"X-Mailfax-Authorized: a=1\r\n b=2\r\nSubject: hi\r\n\r\nX-Mailfax-Authorized: x\r\n"
+    assert strip_headers(signed) == (b"Subject: hi\r\n\r\nX-Mailfax-Authorized: x\r\n",
+                                     ["a=1 b=2"])

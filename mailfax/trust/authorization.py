@@ -131,8 +131,17 @@ def authorized_user(secret: bytes | None, values: Sequence[str], envelope_from: 
 
 def strip_headers(raw: bytes) -> tuple[bytes, list[str]]:
     """The mail without its top-level ``X-Mailfax-Authorized`` fields, and their unfolded
-    values. Only the header section is touched; line endings stay as they were."""
-    lines = raw.splitlines(keepends=True)
+    values. Only the header section is touched; line endings stay as they were.
+
+    Runs on every mail, on the event loop: a mail without the field (nearly all) is returned
+    as it is, and only the header section is ever split into lines, not a 30 MB body.
+    """
+    ends = [found for found in (raw.find(b"\r\n\r\n"), raw.find(b"\n\n")) if found >= 0]
+    header_end = min(ends) if ends else len(raw)
+    if HEADER.lower().encode() not in raw[:header_end].lower():
+        return raw, []
+    body_start = raw.index(b"\n", header_end) + 1 if ends else len(raw)  # the blank line's start
+    lines = raw[:body_start].splitlines(keepends=True)
     kept: list[bytes] = []
     values: list[str] = []
     current: list[bytes] | None = None
@@ -152,7 +161,7 @@ def strip_headers(raw: bytes) -> tuple[bytes, list[str]]:
             kept.append(line)
     if current is not None:
         values.append(_unfold(current))
-    return b"".join(kept), values
+    return b"".join(kept) + raw[body_start:], values
 
 
 def _unfold(lines: list[bytes]) -> str:
