@@ -494,9 +494,11 @@ def cmd_send(args: argparse.Namespace) -> int:
             return 1
 
     async def action(store: Store) -> int:
+        from mailfax.outbound.notify import CLI_CLIENT  # its status mails name the file
+
         intake = Intake(settings, store)
         accepted = await intake.store_documents(args.sender, addresses, documents,
-                                                args.subject or args.files[0].name, "cli")
+                                                args.subject or args.files[0].name, CLI_CLIENT)
         for job_id in accepted.job_ids:
             print(job_id)
         return 0
