@@ -77,6 +77,25 @@ class Connections:
 
 
 @dataclass
+class RefusalLog:
+    """When to log refused connections: the first at once, then one line per ``interval``
+    seconds at most, with the count since the last line (a flood of connections must not
+    become a flood of log lines)."""
+
+    interval: float = 10.0
+    last: float | None = None
+    unlogged: int = 0
+
+    def refused(self, now: float) -> int | None:
+        """Count a refusal at ``now``; how many to log now (None: not yet)."""
+        self.unlogged += 1
+        if self.last is not None and now - self.last < self.interval:
+            return None
+        self.last, count, self.unlogged = now, self.unlogged, 0
+        return count
+
+
+@dataclass
 class Progress:
     """Whether received bytes are progress that restarts the idle timer: since the timer was
     last restarted, the client must have sent at least ``min_rate`` bytes a second."""

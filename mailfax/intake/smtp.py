@@ -12,6 +12,7 @@ import functools
 import logging
 import secrets
 import ssl
+import time
 import weakref
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -22,7 +23,14 @@ from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
 from mailfax.config import ListenAddress, SmtpSettings, UserSettings
 from mailfax.intake.assemble import Refusal
-from mailfax.intake.limits import Connections, Progress, SessionCounters, SessionLimits, Slot
+from mailfax.intake.limits import (
+    Connections,
+    Progress,
+    RefusalLog,
+    SessionCounters,
+    SessionLimits,
+    Slot,
+)
 from mailfax.intake.service import Intake, StoreUnavailable
 from mailfax.trust.auth import LoginThrottle, hash_password, verify_password
 
@@ -402,14 +410,20 @@ def tls_context(settings: SmtpSettings) -> ssl.SSLContext | None:
     return context
 
 
+# A burst of new connections waits in the kernel's accept queue (capped by net.core.somaxconn)
+# and is answered at once, 220 or 421, instead of being dropped and retried by TCP timers.
+LISTEN_BACKLOG = 1024
+
+
 class _Gate(asyncio.Protocol):
     """The protocol a new connection starts with: it asks :class:`Connections` for a slot
     and only then sets up the SMTP session and hands the transport to it. Beyond the limits
     the connection costs a ``421 4.7.0`` line and is closed, with no session made."""
 
-    def __init__(self, connections: Connections, hostname: str,
+    def __init__(self, connections: Connections, refusals: RefusalLog, hostname: str,
                  make_session: Callable[[], SMTP]):
         self.connections = connections
+        self.refusals = refusals
         self.hostname = hostname
         self.make_session = make_session
 
@@ -419,8 +433,10 @@ class _Gate(asyncio.Protocol):
         client = str(peer[0]) if isinstance(peer, tuple) and peer else "?"
         slot = self.connections.admit(client)
         if isinstance(slot, str):
-            log.warning("refused a connection from %s: %s (%d open)",
-                        client, slot, self.connections.open)
+            count = self.refusals.refused(time.monotonic())
+            if count is not None:
+                log.warning("refused %d connection(s), the last from %s: %s (%d open)",
+                            count, client, slot, self.connections.open)
             transport.write(f"421 4.7.0 {self.hostname} {slot}\r\n".encode())
             transport.close()
             return
@@ -467,11 +483,12 @@ async def start_listeners(intake: Intake, settings: SmtpSettings,
     ]
     servers = []
     connections = Connections(settings.max_connections, settings.max_connections_per_client)
+    refusals = RefusalLog()
     for listen, protocol, protocol_options, server_tls in listeners:
         address = ListenAddress(listen)
         make_session = functools.partial(protocol, handler, loop=loop, **protocol_options)
         server = await loop.create_server(
-            functools.partial(_Gate, connections, settings.hostname, make_session),
-            host=address.host, port=address.port, ssl=server_tls)
+            functools.partial(_Gate, connections, refusals, settings.hostname, make_session),
+            host=address.host, port=address.port, ssl=server_tls, backlog=LISTEN_BACKLOG)
         servers.append(server)
     return servers
