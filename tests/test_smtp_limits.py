@@ -27,6 +27,7 @@ from mailfax.intake.limits import (
 from tests.conftest import Service, fax_mail, make_settings
 from tests.ports import free_port
 from tests.test_hostile import RawSmtp
+from tests.test_security import self_signed_certificate
 
 # -- the pure counters -------------------------------------------------------------------------
 
@@ -126,6 +127,36 @@ async def test_connections_beyond_the_total_limit_get_421(tmp_path: Path) -> Non
         again = await connect("127.0.0.1", service.port)
         assert (await banner(again)).startswith("220 ")  # the closed one's place is free
         for client in [*clients, again]:
+            client.writer.close()
+
+
+async def test_every_way_a_session_ends_gives_its_place_back(tmp_path: Path) -> None:
+    cert, key = self_signed_certificate(tmp_path)
+    async with running(tmp_path, implicit_tls_listen=["127.0.0.1:0"], tls_cert=str(cert),
+                       tls_key=str(key), max_connections=2, data_timeout=0.5,
+                       junk_command_limit=3) as service:
+        plain, implicit = (server.sockets[0].getsockname()[1]
+                           for server in service.app.smtp_servers)
+        for _ in range(3):
+            async with aiosmtplib.SMTP(hostname="127.0.0.1", port=plain, start_tls=True,
+                                       validate_certs=False) as client:  # STARTTLS, QUIT
+                assert client.get_transport_info("sslcontext") is not None
+            async with aiosmtplib.SMTP(hostname="127.0.0.1", port=implicit, use_tls=True,
+                                       validate_certs=False) as client:  # implicit TLS
+                await client.noop()
+            abrupt = await connect("127.0.0.1", plain)  # closed by the client
+            await abrupt.reply()
+            abrupt.writer.close()
+            junk = await connect("127.0.0.1", plain)  # closed by the junk limit
+            await junk.reply()
+            assert [(await junk.command("NOOP")).code for _ in range(4)] == [250, 250, 250, 421]
+            idle = await connect("127.0.0.1", plain)  # closed by the idle timeout
+            await idle.reply()
+            assert await idle.closed(3)
+        await asyncio.sleep(0.2)
+        clients = [await connect("127.0.0.1", plain) for _ in range(3)]
+        assert [(await client.reply()).code for client in clients] == [220, 220, 421]
+        for client in clients:
             client.writer.close()
 
 
