@@ -410,11 +410,6 @@ def tls_context(settings: SmtpSettings) -> ssl.SSLContext | None:
     return context
 
 
-# A burst of new connections waits in the kernel's accept queue (capped by net.core.somaxconn)
-# and is answered at once, 220 or 421, instead of being dropped and retried by TCP timers.
-LISTEN_BACKLOG = 1024
-
-
 class _Gate(asyncio.Protocol):
     """The protocol a new connection starts with: it asks :class:`Connections` for a slot
     and only then sets up the SMTP session and hands the transport to it. Beyond the limits
@@ -489,6 +484,6 @@ async def start_listeners(intake: Intake, settings: SmtpSettings,
         make_session = functools.partial(protocol, handler, loop=loop, **protocol_options)
         server = await loop.create_server(
             functools.partial(_Gate, connections, refusals, settings.hostname, make_session),
-            host=address.host, port=address.port, ssl=server_tls, backlog=LISTEN_BACKLOG)
+            host=address.host, port=address.port, ssl=server_tls)
         servers.append(server)
     return servers
