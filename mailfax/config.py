@@ -177,7 +177,7 @@ class SmtpSettings(Strict):
     junk_command_limit: int = Field(default=100, ge=1)  # NOOP, RSET, VRFY, HELO, ...
     hard_error_limit: int = Field(default=20, ge=1)  # 5xx replies in one session
     # Bytes a second a client must keep up, on average, for its data to count as progress
-    # that restarts data_timeout (a complete command line always does).
+    # that restarts data_timeout (a complete command line always does); 0: any data does.
     min_data_rate: float = Field(default=500.0, ge=0)
     # Pipelined commands answered before a session lets the other sessions run.
     commands_per_turn: int = Field(default=10, ge=1)
