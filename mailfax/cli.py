@@ -166,8 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     command("retry", "send failed, cancelled or unconfirmed jobs again",
             cmd_retry, description=RETRY_DESCRIPTION).add_argument(
         "jobs", nargs="+", metavar="JOB")
-    command("health", "exit 0 if the SMTP listener answers 220 and the store takes a write, "
-            "else 1 (one line; for container health checks)", cmd_health)
+    command("health", "SMTP banner and a store write: exit 0 (healthy) or 1",
+            cmd_health)
     return parser
 
 

@@ -74,6 +74,10 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
         done = subprocess.run(line.replace(DOCUMENTED_PREFIX, str(prefix)), shell=True,
                               cwd=source, capture_output=True, text=True, timeout=900)
         assert done.returncode == 0, f"{line}\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
+    wheel = subprocess.run([str(prefix / "bin" / "pip"), "wheel", ".", "--no-deps", "-q",
+                            "-w", str(base / "wheels")], cwd=source, capture_output=True,
+                           text=True, timeout=900)
+    assert wheel.returncode == 0, wheel.stderr[-3000:]
     shutil.rmtree(source)  # nothing of the checkout is left to be found
     return prefix
 
@@ -113,6 +117,43 @@ def test_the_installed_package_carries_its_templates(installed: Path, tmp_path: 
     for language in ("en", "de"):
         shipped = sorted(path.name for path in (ROOT / "templates" / language).iterdir())
         assert sorted(path.name for path in (Path(templates) / language).iterdir()) == shipped
+
+
+COVER = """
+import sys
+from datetime import datetime, timezone
+import mailfax
+from mailfax.documents.cover import CoverInfo, render_cover
+from mailfax.outbound.notify import TEMPLATES_DIR
+print(mailfax.__file__)
+print(TEMPLATES_DIR)
+info = CoverInfo("alice@example.org", "+49 30 123456", "Installed with --target",
+                 datetime(2026, 12, 1, 9, 30, tzinfo=timezone.utc), "Cover text here.", 1)
+sys.stdout.flush()
+sys.stdout.buffer.write(render_cover(info, "de", TEMPLATES_DIR).data)
+"""
+
+
+def test_a_wheel_installed_with_target_renders_a_cover_from_its_own_templates(
+        installed: Path, tmp_path: Path) -> None:
+    """``pip wheel . --no-deps``, then ``pip install --target``: the templates come along."""
+    [wheel] = (installed.parent.parent / "wheels").glob("mailfax-*.whl")
+    target = tmp_path / "target"
+    subprocess.run([str(installed / "bin" / "pip"), "install", "-q", "--no-deps", "--target",
+                    str(target), str(wheel)], check=True, capture_output=True, timeout=300)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    done = subprocess.run([str(installed / "bin" / "python"), "-c", COVER], cwd=empty,
+                          env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(target)},
+                          capture_output=True, check=True, timeout=120)
+    package, templates, pdf = done.stdout.split(b"\n", 2)
+    assert Path(package.decode()).is_relative_to(target)
+    assert Path(templates.decode()) == target / "mailfax" / "templates"
+    (tmp_path / "cover.pdf").write_bytes(pdf)
+    text = subprocess.run(["pdftotext", str(tmp_path / "cover.pdf"), "-"], capture_output=True,
+                          text=True, check=True).stdout
+    assert "Installed with --target" in text and "Cover text here." in text
+    assert "+49 30 123456" in text
 
 
 @pytest.fixture
