@@ -6,6 +6,7 @@ file; a user outside the ACL sees nothing; Dovecot logs no error."""
 
 from __future__ import annotations
 
+import contextlib
 import imaplib
 import re
 import shlex
@@ -18,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from mailfax.config import ImapDeliverySettings
+from mailfax.imap.client import ImapError
 from mailfax.imap.delivery import ImapDeliverySink
 from mailfax.outbound.outbox import MaildirSink
 from mailfax.providers.base import InboundFax
@@ -42,14 +44,20 @@ def readme_block(language: str, after: str = "") -> str:
     return match.group(1)
 
 
-@pytest.fixture(scope="module")
-def dovecot() -> Iterator[Dovecot]:
+@contextlib.contextmanager
+def dovecot_with_the_acl() -> Iterator[Dovecot]:
     acl_conf = (DEPLOY_DOVECOT / "faxes-acl.conf").read_text(encoding="utf-8")
     assert INSTALLED_ACL in acl_conf
     extra = acl_conf.replace(INSTALLED_ACL, "{root}/mailfax.acl")
     with running_dovecot([FAX, OFFICE, OUTSIDER], extra,
                          {OFFICE: "userdb_acl_groups=office"}) as server:
         (server.root / "mailfax.acl").write_bytes(ACL_FILE.read_bytes())
+        yield server
+
+
+@pytest.fixture(scope="module")
+def dovecot() -> Iterator[Dovecot]:
+    with dovecot_with_the_acl() as server:
         yield server
 
 
@@ -135,3 +143,32 @@ async def test_mailfax_files_faxes_the_office_reads_them_outsiders_see_nothing(
     assert dovecot.messages(OUTSIDER, "Public/Faxes") == []
     log = dovecot.log_text()
     assert "Error:" not in log and "Unknown ID" not in log, log[-2000:]
+
+
+async def test_without_the_top_folder_mailfax_says_it_cannot_create_it(tmp_path: Path) -> None:
+    """Skipping the doveadm line: once a folder below exists, Dovecot lists Public/Faxes as a
+    \\Noselect parent. mailfax must not take that for the folder (every APPEND would then fail
+    with TRYCREATE) but name the refusal."""
+    with dovecot_with_the_acl() as server:
+        connection = login(server, FAX)
+        try:
+            assert connection.create('"Public/Faxes/Sales"')[0] == "OK"  # k on Public/Faxes/*
+        finally:
+            connection.logout()
+        settings = ImapDeliverySettings.model_validate(
+            {"host": "127.0.0.1", "port": server.imap_port, "username": FAX,
+             "password": PASSWORD, "folder": "Public/Faxes"})
+        store = SqliteStore(tmp_path / "s.sqlite3")
+        await store.open()
+        try:
+            await store.add_inbound_fax("a", InboundFax("1", "+49301111111", datetime.now(UTC),
+                                                        "", "", 1, b"II*\0"))
+            await store.queue_inbound_mails("a", "1", [OutgoingMail(
+                "", [OFFICE], b"Subject: fax\r\n\r\nfax\r\n", kind="inbound",
+                inbound=("a", "1"))])
+            [item] = await store.due_outbox(10)
+            sink = ImapDeliverySink(settings, MaildirSink(tmp_path / "md"), store, "DE")
+            with pytest.raises(ImapError, match=r"cannot create folder Public/Faxes: .*NOPERM"):
+                await sink.deliver(item)
+        finally:
+            await store.close()
