@@ -12,8 +12,12 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import psycopg
 import pytest
 
+from mailfax.health import Health, check_health
+from tests import pg
+from tests.conftest import make_settings
 from tests.ports import free_port
 from tests.test_crash_recovery import wait_for_port
 
@@ -104,3 +108,44 @@ async def test_unhealthy_when_the_listener_does_not_greet_with_220(tmp_path: Pat
     assert process.returncode == 1
     assert out.decode().splitlines() == [
         f"unhealthy: smtp 127.0.0.1:{port}: banner '554 5.3.2 not accepting mail', not 220"]
+
+
+async def greeting_server() -> asyncio.Server:
+    async def greet(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 mailfax.test ESMTP\r\n")
+        await writer.drain()
+        await reader.readline()  # QUIT
+        writer.close()
+
+    return await asyncio.start_server(greet, "127.0.0.1", 0)
+
+
+@pytest.fixture(scope="module")
+def postgres() -> Iterator[pg.PostgresServer]:
+    with pg.server_for_tests() as server:
+        yield server
+
+
+async def test_unhealthy_when_postgresql_takes_no_writes(
+        tmp_path: Path, postgres: pg.PostgresServer) -> None:
+    """The store check writes: a database that only answers reads is unhealthy."""
+    url = postgres.create_database()
+    server = await greeting_server()
+    port = server.sockets[0].getsockname()[1]
+    settings = make_settings(tmp_path, store={"url": url},
+                             smtp={"listen": [f"127.0.0.1:{port}"]})
+    try:
+        async with server:
+            healthy = await check_health(settings)
+            assert healthy == Health(True, f"healthy: smtp 127.0.0.1:{port} answers 220, "
+                                           "store writable")
+            name = url.rsplit("/", 1)[1]
+            with psycopg.connect(postgres.url(), autocommit=True) as conn:
+                conn.execute(f'ALTER DATABASE "{name}" SET default_transaction_read_only = on')
+            unhealthy = await check_health(settings)
+    finally:
+        postgres.drop_database(url)
+    assert not unhealthy.ok
+    assert unhealthy.line.startswith("unhealthy: store: ")
+    assert "read-only transaction" in unhealthy.line
+    assert "\n" not in unhealthy.line
