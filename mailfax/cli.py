@@ -163,6 +163,10 @@ def build_parser() -> argparse.ArgumentParser:
     emulate.add_argument("--remote-id", default="", help="receive: the caller's station id")
     emulate.add_argument("--account", help="receive: the emulator account (default: the "
                                            "default account, if it is an emulator)")
+    purge = command("purge", "delete what [retention] says is old: documents, mails, history",
+                    cmd_purge)
+    purge.add_argument("--dry-run", action="store_true", help="only count what would go")
+    purge.add_argument("--json", action="store_true")
     command("retry", "send failed, cancelled or unconfirmed jobs again",
             cmd_retry, description=RETRY_DESCRIPTION).add_argument(
         "jobs", nargs="+", metavar="JOB")
@@ -426,6 +430,11 @@ def cmd_retry(args: argparse.Namespace) -> int:
                 print(f"mailfax: no job {job_id}", file=sys.stderr)
                 refused += 1
                 continue
+            if job.state in RETRYABLE_STATES and not await store.load_documents(job.mail_id):
+                print(f"mailfax: job {job_id}: its documents were deleted ([retention] "
+                      "documents_days); send the fax again by mail", file=sys.stderr)
+                refused += 1
+                continue
             if job.state in RETRYABLE_STATES:
                 job = await store.reopen_job(job_id, "sent again with mailfax retry") or job
                 if job.state == JobState.QUEUED:
@@ -559,11 +568,32 @@ def cmd_redeliver(args: argparse.Namespace) -> int:
             return 1
         mailer = inbound_mailer(settings)
         for record in found:
+            if not await store.inbound_image(record.account, record.fax_id):
+                print(f"mailfax: fax {record.fax_id} ({record.account}): its image was "
+                      "deleted ([retention] received_faxes_days)", file=sys.stderr)
+                return 1
             await queue_fax_mail(store, record, settings.inbound, mailer,
                                  settings.numbers.default_country)
             print(f"fax {record.fax_id} ({record.account}) queued for delivery again; "
                   f"a running mailfax serve sends it within 30 s (see mailfax inbox)")
         return 0
+
+    return _run_with_store(args, action)
+
+
+def cmd_purge(args: argparse.Namespace) -> int:
+    """Per kind, what was (``--dry-run``: would be) deleted: items and bytes."""
+    from mailfax.store.retention import purge, report_lines
+
+    settings = _settings(args)
+
+    async def action(store: Store) -> int:
+        report = await purge(settings, store, dry_run=args.dry_run)
+        if args.json:
+            print(json.dumps(report.as_json(settings.retention), indent=1))
+        else:
+            print("\n".join(report_lines(report, settings.retention)))
+        return EXIT_FAILED if report.store_busy else EXIT_OK
 
     return _run_with_store(args, action)
 
