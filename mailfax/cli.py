@@ -163,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     emulate.add_argument("--remote-id", default="", help="receive: the caller's station id")
     emulate.add_argument("--account", help="receive: the emulator account (default: the "
                                            "default account, if it is an emulator)")
-    purge = command("purge", "delete what [retention] says is old: documents, mails, history",
+    purge = command("purge", "delete data older than [retention] allows",
                     cmd_purge)
     purge.add_argument("--dry-run", action="store_true", help="only count what would go")
     purge.add_argument("--json", action="store_true")
