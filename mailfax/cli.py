@@ -512,7 +512,7 @@ def cmd_send(args: argparse.Namespace) -> int:
             print(job_id)
         return 0
 
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    settings.data_dir.mkdir(0o750, parents=True, exist_ok=True)
     return asyncio.run(_with_store(settings, action))
 
 
@@ -603,7 +603,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     from mailfax.store import migrate
 
     settings = _settings(args)
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    settings.data_dir.mkdir(0o750, parents=True, exist_ok=True)
     where = redact_url(settings.store_url)  # no credentials in the output
     try:
         applied = asyncio.run(migrate(settings.store_url))

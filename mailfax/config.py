@@ -418,7 +418,8 @@ class RetentionSettings(Strict):
     # The images of received faxes whose mail was handed off and that are deleted at the
     # provider, with the copies of their mails in the outbox. Counted from when fetched.
     received_faxes_days: float = Field(default=30.0, ge=0)
-    # Sent (or given-up) status mails, alerts and postmaster forwards in the outbox table.
+    # Sent (or given-up) mails in the outbox table other than bounces and received faxes:
+    # status mails, alerts, postmaster forwards, replies to refused IMAP mails.
     outbox_days: float = Field(default=7.0, ge=0)
     # Sent (or given-up) RFC 3464 bounces (notify.failure_format "dsn"/"both").
     dsn_days: float = Field(default=30.0, ge=0)
