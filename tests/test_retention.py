@@ -424,3 +424,20 @@ def test_the_purge_command_and_a_retry_after_it(tmp_path: Path,
     assert "-- deleted 1 items" in out, out
     assert cli.main(["retry", job_id, "-c", str(config)]) == 1
     assert "documents were deleted" in capsys.readouterr().err
+
+
+async def test_a_failing_purge_is_logged_and_tried_again_not_a_crash(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    store = sqlite_backend(tmp_path).make()  # never opened: every call fails
+    settings = Settings(data_dir=tmp_path, retention={"interval_hours": 0.05 / 3600})
+    loop = RetentionLoop(settings, store)
+    task = asyncio.create_task(loop.run())
+    try:
+        await asyncio.sleep(0.3)
+        assert not task.done()
+        failures = [r for r in caplog.records if "purge failed" in r.getMessage()]
+        assert len(failures) >= 2 and "store is not open" in failures[0].getMessage()
+        assert not loop.round_done.is_set()
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)

@@ -25,6 +25,7 @@ from mailfax.store.base import PURGE_KINDS, Purged, PurgeKind, Store
 
 log = logging.getLogger(__name__)
 
+RETRY_SECONDS = 3600.0  # after a failed purge (not every few seconds, as a crashed loop)
 MAILDIR_TMP_SECONDS = 36 * 3600  # a tmp/ file this old is a crashed write (the Maildir rule)
 DAYS_SETTING: dict[str, str] = {
     "documents": "documents_days", "received_faxes": "received_faxes_days",
@@ -152,7 +153,13 @@ class RetentionLoop:
         interval = self.settings.retention.interval_hours * 3600
         while True:
             started = time.monotonic()
-            report = await purge(self.settings, self.store, now=self.clock())
+            try:
+                report = await purge(self.settings, self.store, now=self.clock())
+            except Exception as error:  # the store is down, the disk full: try again later
+                log.warning("retention: purge failed (%s); trying again in %.0f s", error,
+                            min(interval, RETRY_SECONDS))
+                await asyncio.sleep(min(interval, RETRY_SECONDS))
+                continue
             self.round_done.set()
             self._log(report, time.monotonic() - started)
             await asyncio.sleep(interval)
