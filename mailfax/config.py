@@ -426,6 +426,7 @@ class RetentionSettings(Strict):
     # Files mailfax wrote into the outbox Maildir (no relay), by modification time.
     maildir_days: float = Field(default=30.0, ge=0)
     interval_hours: float = Field(default=24.0, gt=0)
+    # Rows per transaction (SQLite: also at most about 4 MB of content per transaction).
     batch_size: int = Field(default=200, ge=1, le=1000)
 
 

@@ -26,6 +26,7 @@ from mailfax.providers.base import FaxDocument, InboundFax
 from mailfax.store import migrate
 from mailfax.store.base import NewJob, OutboxItem, OutgoingMail, Store, Transition
 from mailfax.store.retention import RetentionLoop, purge, purge_maildir, purge_store
+from mailfax.store.sqlite import SqliteStore
 
 # test_store's fixtures, used by name (as test parameters, which ruff sees as redefinitions)
 from tests.test_store import Backend, backend, new_mail, postgres_server, store  # noqa: F401
@@ -245,6 +246,10 @@ async def test_the_sqlite_file_gets_smaller_after_purge_and_vacuum(tmp_path: Pat
         age_mail(backend, f"old{index}", 40)
 
     await store.open()
+    commits = store.commits if isinstance(store, SqliteStore) else 0
+    assert (await store.purge("documents", datetime.now(UTC), dry_run=True)).items == 7
+    assert isinstance(store, SqliteStore) and store.commits - commits >= 2, \
+        "6 MB of documents are not one transaction"
     report = await purge(Settings(data_dir=tmp_path), store)
     documents = next(p for p in report.purged if p.kind == "documents")
     assert (documents.items, documents.bytes) == (6, 6 * 1_000_005)

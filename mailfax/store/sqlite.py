@@ -528,7 +528,8 @@ class _EmulatorNetworkMixin:
 
 
 PRIVATE_FILE_MODE = 0o600  # the database and its -wal and -shm files, whatever the umask
-VACUUM_PAGES_PER_STEP = 2000  # one short transaction frees this many pages (8 MB at 4 KiB)
+BATCH_BYTES = 4_000_000  # content deleted per transaction, at most about (batch_size or this)
+VACUUM_PAGES_PER_STEP = 500  # one short transaction frees this many pages (2 MB at 4 KiB)
 ENDED = tuple(sorted(state.value for state in (*FINAL_STATES, JobState.UNCONFIRMED)))
 
 
@@ -579,14 +580,21 @@ def _drop_documents(conn: sqlite3.Connection, mail_ids: Sequence[str], digests: 
         conn.execute(f"DELETE FROM blobs WHERE sha256 IN ({_marks(digests)})", digests)
 
 
+# Purge candidates: rowid, id, and the bytes of the mail's documents (for _within_budget).
+_MAILS_WITH_SIZE = ("SELECT m.rowid, m.id, (SELECT COALESCE(SUM(length(b.data)), 0)"
+                    " FROM documents d JOIN blobs b ON b.sha256 = d.blob"
+                    " WHERE d.mail_id = m.id) FROM mails m")
+
+
 def _purge_documents(conn: sqlite3.Connection, before: float, after: int, limit: int,
                      dry_run: bool) -> tuple[Purged, int, int]:
     """One batch of documents (mails after rowid ``after``): (purged, last rowid, rows)."""
-    rows = conn.execute(
-        "SELECT m.rowid, m.id FROM mails m WHERE m.rowid > ? AND m.received_at < ?"
+    fetched = conn.execute(
+        f"{_MAILS_WITH_SIZE} WHERE m.rowid > ? AND m.received_at < ?"
         " AND m.documents_purged_at IS NULL AND NOT EXISTS (SELECT 1 FROM jobs j"
         f" WHERE j.mail_id = m.id AND (j.state NOT IN ({_marks(ENDED)}) OR j.updated >= ?))"
         " ORDER BY m.rowid LIMIT ?", (after, before, *ENDED, before, limit)).fetchall()
+    rows = _within_budget(fetched, 2)
     if not rows:
         return Purged("documents"), after, 0
     mail_ids = [str(row[1]) for row in rows]
@@ -597,7 +605,8 @@ def _purge_documents(conn: sqlite3.Connection, before: float, after: int, limit:
         _drop_documents(conn, mail_ids, digests)
         conn.execute(f"UPDATE mails SET documents_purged_at = ? WHERE id IN"
                      f" ({_marks(mail_ids)})", (time.time(), *mail_ids))
-    return Purged("documents", int(documents), size), int(rows[-1][0]), len(rows)
+    return (Purged("documents", int(documents), size), int(rows[-1][0]),
+            _scanned(fetched, rows, limit))
 
 
 def _handed_off_faxes(conn: sqlite3.Connection, before: float, after: int, limit: int,
@@ -616,11 +625,29 @@ def _handed_off_faxes(conn: sqlite3.Connection, before: float, after: int, limit
     return [(int(row[0]), str(row[1]), str(row[2]), int(row[3])) for row in rows]
 
 
+def _within_budget(rows: list[Any], size_at: int) -> list[Any]:
+    """The first of ``rows`` whose content (column ``size_at``) stays within BATCH_BYTES
+    together (at least one row), so one transaction never writes much more than that."""
+    total = 0
+    for count, row in enumerate(rows):
+        total += int(row[size_at])
+        if total > BATCH_BYTES and count:
+            return rows[:count]
+    return rows
+
+
+def _scanned(fetched: list[Any], rows: list[Any], limit: int) -> int:
+    """How many rows a batch counts as: ``limit`` when the budget cut it short (so the purge
+    goes on), else how many were found (fewer than ``limit``: it was the last batch)."""
+    return limit if len(rows) < len(fetched) else len(fetched)
+
+
 def _purge_faxes(conn: sqlite3.Connection, before: float, after: int, limit: int,
                  dry_run: bool, *, history: bool) -> tuple[Purged, int, int]:
     """Images of handed-off faxes and the copies in their sent mails; with ``history``,
     their records and mails altogether."""
-    rows = _handed_off_faxes(conn, before, after, limit, only_with_image=not history)
+    fetched = _handed_off_faxes(conn, before, after, limit, only_with_image=not history)
+    rows = _within_budget(fetched, 3)
     for _, account, fax_id, _ in rows if not dry_run else ():
         if history:
             conn.execute("DELETE FROM outbox WHERE inbound_account = ? AND inbound_fax_id = ?",
@@ -633,36 +660,39 @@ def _purge_faxes(conn: sqlite3.Connection, before: float, after: int, limit: int
             conn.execute("UPDATE outbox SET message = x'' WHERE inbound_account = ?"
                          " AND inbound_fax_id = ?", (account, fax_id))
     return (Purged("history" if history else "received_faxes", len(rows),
-                   sum(row[3] for row in rows)), rows[-1][0] if rows else after, len(rows))
+                   sum(row[3] for row in rows)), rows[-1][0] if rows else after,
+            _scanned(fetched, rows, limit))
 
 
 def _purge_outbox(kind: str, conn: sqlite3.Connection, before: float, after: int, limit: int,
                   dry_run: bool) -> tuple[Purged, int, int]:
     """Sent or given-up mails in the outbox: DSNs (``kind`` "dsn") or all others."""
-    rows = conn.execute(
+    fetched = conn.execute(
         "SELECT id, length(message) FROM outbox WHERE id > ? AND created < ?"
         " AND state <> 'pending' AND inbound_fax_id IS NULL"
         f" AND kind {'=' if kind == 'dsn' else '<>'} 'dsn' ORDER BY id LIMIT ?",
         (after, before, limit)).fetchall()
+    rows = _within_budget(fetched, 1)
     ids = [int(row[0]) for row in rows]
     if ids and not dry_run:
         conn.execute(f"DELETE FROM outbox WHERE id IN ({_marks(ids)})", ids)
     return (Purged(kind, len(rows), sum(int(row[1]) for row in rows)),
-            ids[-1] if ids else after, len(rows))
+            ids[-1] if ids else after, _scanned(fetched, rows, limit))
 
 
 def _purge_job_history(conn: sqlite3.Connection, before: float, after: int, limit: int,
                        dry_run: bool) -> tuple[Purged, int, int]:
     """Mails whose jobs all ended before ``before``, nothing of them waiting to be mailed:
     the jobs, their events and outbox mails, the documents, the mail."""
-    rows = conn.execute(
-        "SELECT m.rowid, m.id FROM mails m WHERE m.rowid > ? AND m.received_at < ?"
+    fetched = conn.execute(
+        f"{_MAILS_WITH_SIZE} WHERE m.rowid > ? AND m.received_at < ?"
         " AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.mail_id = m.id"
         f" AND (j.state NOT IN ({_marks(ENDED)}) OR j.updated >= ?"
         "      OR EXISTS (SELECT 1 FROM events e WHERE e.job_id = j.id AND e.notify = 1)"
         "      OR EXISTS (SELECT 1 FROM outbox o WHERE o.job_id = j.id"
         "                 AND o.state = 'pending')))"
         " ORDER BY m.rowid LIMIT ?", (after, before, *ENDED, before, limit)).fetchall()
+    rows = _within_budget(fetched, 2)
     if not rows:
         return Purged("history"), after, 0
     mail_ids = [str(row[1]) for row in rows]
@@ -677,7 +707,7 @@ def _purge_job_history(conn: sqlite3.Connection, before: float, after: int, limi
         conn.execute(f"DELETE FROM jobs WHERE mail_id IN ({_marks(mail_ids)})", mail_ids)
         _drop_documents(conn, mail_ids, digests)
         conn.execute(f"DELETE FROM mails WHERE id IN ({_marks(mail_ids)})", mail_ids)
-    return Purged("history", jobs, size), int(rows[-1][0]), len(rows)
+    return Purged("history", jobs, size), int(rows[-1][0]), _scanned(fetched, rows, limit)
 
 
 PurgeBatch = Callable[[sqlite3.Connection, float, int, int, bool], tuple[Purged, int, int]]
