@@ -446,3 +446,26 @@ async def test_a_failing_purge_is_logged_and_tried_again_not_a_crash(
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+
+def test_redeliver_refuses_a_fax_whose_image_was_purged(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "mailfax.toml"
+    config.write_text('data_dir = "data"\n')
+    backend = Backend("sqlite", f"sqlite:///{tmp_path / 'data' / 'mailfax.sqlite3'}",
+                      lambda version: None)
+
+    async def prepare() -> None:
+        store = backend.make()
+        await store.open()
+        try:
+            await received(store, "fax1")
+        finally:
+            await store.close()
+
+    asyncio.run(prepare())
+    backdate(backend, "inbound_faxes", ("fetched_at",), "fax_id = ?", 40, "fax1")
+    assert cli.main(["purge", "-c", str(config)]) == 0
+    assert "received_faxes        1" in capsys.readouterr().out
+    assert cli.main(["redeliver", "fax1", "-c", str(config)]) == 1
+    assert "its image was deleted" in capsys.readouterr().err
