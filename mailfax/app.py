@@ -44,6 +44,7 @@ from mailfax.providers import provider_module
 from mailfax.providers.base import Provider, ProviderContext, StatusReport
 from mailfax.store import open_store
 from mailfax.store.base import Store
+from mailfax.store.retention import RetentionLoop
 from mailfax.trust.policy import exposure_problem
 from mailfax.trust.policy_service import PolicyDecider, PolicyService
 from mailfax.web.metrics import InstrumentedProvider, Metrics
@@ -150,7 +151,7 @@ class Application:
     async def start(self) -> None:
         settings = self.settings
         await asyncio.to_thread(preflight, settings)  # reads secret files, TLS keys
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        settings.data_dir.mkdir(0o750, parents=True, exist_ok=True)  # data: not for others
         documents = settings.documents
         office.configure(office.OfficeLimits(
             soffice="soffice" if documents.office else "",  # "": refused as not enabled
@@ -201,7 +202,8 @@ class Application:
             ("dispatcher", self.dispatcher.run),
             ("tracker", self._singleton("tracker", self.tracker.run)),
             ("notifier", self.notifier.run), ("outbox", self.outbox.run),
-            ("account probes", lambda: self.accounts.run(self.providers))]
+            ("account probes", lambda: self.accounts.run(self.providers)),
+            ("retention", RetentionLoop(settings, self.store).run)]
         self.inbound_pollers = {
             name: InboundPoller(name, provider, self.store, settings.inbound,
                                 inbound_mailer(settings), settings.numbers.default_country,

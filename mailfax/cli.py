@@ -163,6 +163,10 @@ def build_parser() -> argparse.ArgumentParser:
     emulate.add_argument("--remote-id", default="", help="receive: the caller's station id")
     emulate.add_argument("--account", help="receive: the emulator account (default: the "
                                            "default account, if it is an emulator)")
+    purge = command("purge", "delete data older than [retention] allows",
+                    cmd_purge)
+    purge.add_argument("--dry-run", action="store_true", help="only count what would go")
+    purge.add_argument("--json", action="store_true")
     command("retry", "send failed, cancelled or unconfirmed jobs again",
             cmd_retry, description=RETRY_DESCRIPTION).add_argument(
         "jobs", nargs="+", metavar="JOB")
@@ -428,6 +432,11 @@ def cmd_retry(args: argparse.Namespace) -> int:
                 print(f"mailfax: no job {job_id}", file=sys.stderr)
                 refused += 1
                 continue
+            if job.state in RETRYABLE_STATES and not await store.load_documents(job.mail_id):
+                print(f"mailfax: job {job_id}: its documents were deleted ([retention] "
+                      "documents_days); send the fax again by mail", file=sys.stderr)
+                refused += 1
+                continue
             if job.state in RETRYABLE_STATES:
                 job = await store.reopen_job(job_id, "sent again with mailfax retry") or job
                 if job.state == JobState.QUEUED:
@@ -505,7 +514,7 @@ def cmd_send(args: argparse.Namespace) -> int:
             print(job_id)
         return 0
 
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    settings.data_dir.mkdir(0o750, parents=True, exist_ok=True)
     return asyncio.run(_with_store(settings, action))
 
 
@@ -561,6 +570,10 @@ def cmd_redeliver(args: argparse.Namespace) -> int:
             return 1
         mailer = inbound_mailer(settings)
         for record in found:
+            if not await store.inbound_image(record.account, record.fax_id):
+                print(f"mailfax: fax {record.fax_id} ({record.account}): its image was "
+                      "deleted ([retention] received_faxes_days)", file=sys.stderr)
+                return 1
             await queue_fax_mail(store, record, settings.inbound, mailer,
                                  settings.numbers.default_country)
             print(f"fax {record.fax_id} ({record.account}) queued for delivery again; "
@@ -570,12 +583,29 @@ def cmd_redeliver(args: argparse.Namespace) -> int:
     return _run_with_store(args, action)
 
 
+def cmd_purge(args: argparse.Namespace) -> int:
+    """Per kind, what was (``--dry-run``: would be) deleted: items and bytes."""
+    from mailfax.store.retention import purge, report_lines
+
+    settings = _settings(args)
+
+    async def action(store: Store) -> int:
+        report = await purge(settings, store, dry_run=args.dry_run)
+        if args.json:
+            print(json.dumps(report.as_json(settings.retention), indent=1))
+        else:
+            print("\n".join(report_lines(report, settings.retention)))
+        return EXIT_FAILED if report.store_busy else EXIT_OK
+
+    return _run_with_store(args, action)
+
+
 def cmd_migrate(args: argparse.Namespace) -> int:
     from mailfax.app import redact_url
     from mailfax.store import migrate
 
     settings = _settings(args)
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    settings.data_dir.mkdir(0o750, parents=True, exist_ok=True)
     where = redact_url(settings.store_url)  # no credentials in the output
     try:
         applied = asyncio.run(migrate(settings.store_url))

@@ -411,6 +411,36 @@ class WebSettings(Strict):
         return value
 
 
+class RetentionSettings(Strict):
+    """``[retention]``: how long each kind of data is kept, in days; 0 keeps it forever.
+
+    Purged daily by ``serve`` (every ``interval_hours``) and on demand by ``mailfax purge``,
+    in batches of ``batch_size`` rows, each its own short transaction. The why of each
+    default is in deploy/OPERATIONS.md ("Retention").
+    """
+
+    # The faxed documents (PDFs) of a mail whose jobs all ended (delivered, failed,
+    # cancelled, unconfirmed), counted from the last job's last change. `mailfax retry`
+    # needs them: after this a job can no longer be sent again.
+    documents_days: float = Field(default=30.0, ge=0)
+    # Job rows, their events, their mail's headers and their status mails; and received
+    # faxes' records (caller, called number, time). Counted from the last change.
+    history_days: float = Field(default=365.0, ge=0)
+    # The images of received faxes whose mail was handed off and that are deleted at the
+    # provider, with the copies of their mails in the outbox. Counted from when fetched.
+    received_faxes_days: float = Field(default=30.0, ge=0)
+    # Sent (or given-up) mails in the outbox table other than bounces and received faxes:
+    # status mails, alerts, postmaster forwards, replies to refused IMAP mails.
+    outbox_days: float = Field(default=7.0, ge=0)
+    # Sent (or given-up) RFC 3464 bounces (notify.failure_format "dsn"/"both").
+    dsn_days: float = Field(default=30.0, ge=0)
+    # Files mailfax wrote into the outbox Maildir (no relay), by modification time.
+    maildir_days: float = Field(default=30.0, ge=0)
+    interval_hours: float = Field(default=24.0, gt=0)
+    # Rows per transaction (SQLite: also at most about 4 MB of content per transaction).
+    batch_size: int = Field(default=200, ge=1, le=1000)
+
+
 class InboundSettings(Strict):
     """Received faxes: where they go and how they are mailed."""
 
@@ -572,6 +602,7 @@ class Settings(Strict):
     quotas: QuotaSettings = QuotaSettings()
     documents: DocumentSettings = DocumentSettings()
     policy_service: PolicyServiceSettings = PolicyServiceSettings()
+    retention: RetentionSettings = RetentionSettings()
 
     @field_validator("fax_domains")
     @classmethod

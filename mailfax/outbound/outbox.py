@@ -30,6 +30,10 @@ from mailfax.support.waiting import wait_for_event
 log = logging.getLogger(__name__)
 
 OUTBOX_LEASE_SECONDS = 30.0
+# Mails hold faxes and addresses: the owner writes, its group (a mail reader such as
+# Dovecot, if put in it) may read, nobody else.
+MAILDIR_FILE_MODE = 0o640
+MAILDIR_FOLDER_MODE = 0o750
 
 
 class PermanentRefusal(Exception):
@@ -62,11 +66,13 @@ class MaildirSink(MailSink):
 
     def _write(self, item: OutboxItem) -> None:
         for folder in ("tmp", "new", "cur"):
-            (self.path / folder).mkdir(parents=True, exist_ok=True)
+            (self.path / folder).mkdir(MAILDIR_FOLDER_MODE, parents=True, exist_ok=True)
         name = self.file_name(item)
         target = self.path / "new" / name
         temporary = self.path / "tmp" / f"{name}.{os.getpid()}.{secrets.token_hex(4)}"
-        with open(temporary, "wb") as handle:
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, MAILDIR_FILE_MODE)
+        with os.fdopen(fd, "wb") as handle:
+            os.fchmod(handle.fileno(), MAILDIR_FILE_MODE)  # whatever the umask
             handle.write(item.message)
             handle.flush()
             # A mail counts as handed off only once it is on disk.

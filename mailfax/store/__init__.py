@@ -7,12 +7,14 @@ or ``postgresql://user@host/db`` (also ``postgres://``; any number of instances 
 from __future__ import annotations
 
 import asyncio
+import logging
 import sqlite3
 from pathlib import Path
 
 from mailfax.store.base import Store
 
 POSTGRES_SCHEMES = ("postgresql://", "postgres://")
+log = logging.getLogger(__name__)
 
 
 def open_store(url: str) -> Store:
@@ -34,13 +36,16 @@ async def migrate(url: str) -> list[int]:
     Raises ``RuntimeError`` when the database's schema is newer than this mailfax.
     """
     if url.startswith("sqlite:///"):
-        from mailfax.store.sqlite import SCHEMA_VERSION
+        from mailfax.store.sqlite import SCHEMA_VERSION, enable_incremental_vacuum
 
         path = Path(url.removeprefix("sqlite:///"))
         before = await asyncio.to_thread(_sqlite_schema_version, path)
         store = open_store(url)
         await store.open()  # migrates (and refuses a newer schema)
         await store.close()
+        if await asyncio.to_thread(enable_incremental_vacuum, path):
+            log.info("%s: switched to incremental vacuum (a one-off VACUUM), so purges "
+                     "shrink the file", path)
         return list(range(before + 1, SCHEMA_VERSION + 1))
     if url.startswith(POSTGRES_SCHEMES):
         from mailfax.store import postgres

@@ -6,6 +6,7 @@ best way. Every method returns only after its change is durable.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal, Protocol
@@ -251,6 +252,24 @@ def first_exceeded(quotas: Sequence[Quota], used: Sequence[int], jobs: int,
     return None
 
 
+PurgeKind = Literal["documents", "received_faxes", "outbox", "dsn", "history"]
+PURGE_KINDS: tuple[PurgeKind, ...] = ("documents", "received_faxes", "outbox", "dsn",
+                                      "history")  # the order a purge runs them in
+
+
+@dataclass(frozen=True)
+class Purged:
+    """What a purge of one kind deleted (or, in a dry run, would delete): ``items`` of it
+    (documents, faxes, mails, jobs and fax records) and the ``bytes`` of content they held."""
+
+    kind: str
+    items: int = 0
+    bytes: int = 0
+
+    def __add__(self, other: Purged) -> Purged:
+        return Purged(self.kind, self.items + other.items, self.bytes + other.bytes)
+
+
 class Store(Protocol):
     async def open(self) -> None: ...
 
@@ -425,6 +444,24 @@ class Store(Protocol):
     async def list_inbound(self, limit: int = 1000) -> list[InboundRecord]: ...
 
     async def find_inbound(self, fax_id: str) -> list[InboundRecord]: ...
+
+    # -- retention ---------------------------------------------------------------------------
+
+    async def purge(self, kind: PurgeKind, before: datetime, *, dry_run: bool = False,
+                    batch_size: int = 200) -> Purged:
+        """Delete the data of ``kind`` that is older than ``before`` (see
+        :class:`~mailfax.config.RetentionSettings`), ``batch_size`` rows per transaction so
+        no lock is held for long; with ``dry_run``, only count it."""
+        ...
+
+    async def reclaim_space(self) -> int:
+        """Give the space freed by purges back to the file system where the backend does not
+        reuse it by itself (SQLite: incremental vacuum); the bytes given back."""
+        ...
+
+    def retention_lock(self) -> AbstractAsyncContextManager[bool]:
+        """Held while purging: yields False when another instance holds it (then skip)."""
+        ...
 
     # -- the bundled emulator's fax network (providers.base.EmulatorNetwork) -----------------
 

@@ -21,7 +21,7 @@ import contextlib
 import hashlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -50,6 +50,8 @@ from mailfax.store.base import (
     OutboxItem,
     Outcome,
     OutgoingMail,
+    Purged,
+    PurgeKind,
     Quota,
     Transition,
     Work,
@@ -213,6 +215,15 @@ MIGRATIONS: dict[int, str] = {
     CREATE INDEX jobs_unacknowledged ON jobs (account)
         WHERE NOT acknowledged AND provider_job_id IS NOT NULL;
     CREATE INDEX jobs_state_created ON jobs (state, created);
+    """,
+    # Retention (mailfax.store.retention): what was purged, and the indexes purges look up.
+    6: """
+    ALTER TABLE mails ADD COLUMN documents_purged_at timestamptz;
+    ALTER TABLE inbound_faxes ADD COLUMN image_purged_at timestamptz;
+    CREATE INDEX mails_received ON mails (received_at, id);
+    CREATE INDEX documents_blob ON documents (blob);
+    CREATE INDEX outbox_done ON outbox (created) WHERE state <> 'pending';
+    CREATE INDEX inbound_fetched ON inbound_faxes (fetched_at, account, fax_id);
     """,
 }
 SCHEMA_VERSION = max(MIGRATIONS)
@@ -562,6 +573,220 @@ async def _check_quotas(cur: psycopg.AsyncCursor[DictRow], quotas: Sequence[Quot
     exceeded = first_exceeded(quotas, used, jobs, pages)
     if exceeded is not None:
         raise exceeded
+
+
+# -- retention -------------------------------------------------------------------------------
+
+RETENTION_LOCK = 0x6D61696C66617872  # pg_try_advisory_lock key: one instance purges at a time
+ENDED = sorted([*FINAL, JobState.UNCONFIRMED.value])
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+Cursor = psycopg.AsyncCursor[DictRow]
+Key = tuple[Any, ...]
+
+
+async def _still_ended(cur: Cursor, mail_ids: list[str], before: datetime,
+                       events_and_outbox: bool) -> list[str]:
+    """Of these mails, those whose jobs all still ended before ``before``, their jobs locked
+    first, so a ``mailfax retry`` running meanwhile either waits or is seen here."""
+    await cur.execute("SELECT id FROM jobs WHERE mail_id = ANY(%s) ORDER BY id FOR UPDATE",
+                      (mail_ids,))
+    await cur.execute(
+        f"""
+        SELECT DISTINCT j.mail_id FROM jobs j WHERE j.mail_id = ANY(%(mails)s)
+          AND (j.state <> ALL(%(ended)s) OR j.updated >= %(before)s
+               {'''OR EXISTS (SELECT 1 FROM events e WHERE e.job_id = j.id AND e.notify)
+               OR EXISTS (SELECT 1 FROM outbox o WHERE o.job_id = j.id
+                          AND o.state = 'pending')''' if events_and_outbox else ''})
+        """, {"mails": mail_ids, "ended": ENDED, "before": before})
+    busy = {row["mail_id"] for row in await cur.fetchall()}
+    return [mail_id for mail_id in mail_ids if mail_id not in busy]
+
+
+async def _documents_of(cur: Cursor, mail_ids: list[str], dry_run: bool
+                        ) -> tuple[int, int, list[str]]:
+    """(documents, bytes of the blobs no other mail uses, their digests); locked unless
+    ``dry_run``: an intake storing the same document waits, then finds it gone and fails
+    with a transient error (451), and its sender tries again."""
+    await cur.execute("SELECT count(*) AS n FROM documents WHERE mail_id = ANY(%s)",
+                      (mail_ids,))
+    row = await cur.fetchone()
+    documents = int(row["n"]) if row else 0
+    await cur.execute(
+        f"""
+        SELECT b.sha256, octet_length(b.data) AS n FROM blobs b
+        WHERE b.sha256 IN (SELECT blob FROM documents WHERE mail_id = ANY(%(m)s))
+          AND NOT EXISTS (SELECT 1 FROM documents d WHERE d.blob = b.sha256
+                          AND NOT d.mail_id = ANY(%(m)s))
+        {'' if dry_run else 'FOR UPDATE OF b'}
+        """, {"m": mail_ids})
+    rows = await cur.fetchall()
+    return documents, sum(int(r["n"]) for r in rows), [str(r["sha256"]) for r in rows]
+
+
+async def _drop_documents(cur: Cursor, mail_ids: list[str], digests: list[str]) -> None:
+    await cur.execute("DELETE FROM documents WHERE mail_id = ANY(%s)", (mail_ids,))
+    await cur.execute("DELETE FROM blobs b WHERE sha256 = ANY(%s) AND NOT EXISTS"
+                      " (SELECT 1 FROM documents d WHERE d.blob = b.sha256)", (digests,))
+
+
+def _lock(dry_run: bool, of: str) -> str:
+    return "" if dry_run else f"FOR UPDATE OF {of} SKIP LOCKED"
+
+
+async def _purge_documents(cur: Cursor, before: datetime, after: Key, limit: int,
+                           dry_run: bool) -> tuple[Purged, Key, int]:
+    await cur.execute(
+        f"""
+        SELECT m.id, m.received_at FROM mails m
+        WHERE m.received_at < %(before)s AND m.documents_purged_at IS NULL
+          AND (m.received_at, m.id) > (%(k0)s, %(k1)s)
+          AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.mail_id = m.id
+                          AND (j.state <> ALL(%(ended)s) OR j.updated >= %(before)s))
+        ORDER BY m.received_at, m.id LIMIT %(n)s {_lock(dry_run, 'm')}
+        """, {"before": before, "k0": after[0], "k1": after[1], "ended": ENDED, "n": limit})
+    rows = await cur.fetchall()
+    if not rows:
+        return Purged("documents"), after, 0
+    last = (rows[-1]["received_at"], rows[-1]["id"])
+    mail_ids = [str(row["id"]) for row in rows]
+    if not dry_run:
+        mail_ids = await _still_ended(cur, mail_ids, before, events_and_outbox=False)
+    if not mail_ids:
+        return Purged("documents"), last, len(rows)
+    documents, size, digests = await _documents_of(cur, mail_ids, dry_run)
+    if not dry_run:
+        await _drop_documents(cur, mail_ids, digests)
+        await cur.execute("UPDATE mails SET documents_purged_at = now() WHERE id = ANY(%s)",
+                          (mail_ids,))
+    return Purged("documents", documents, size), last, len(rows)
+
+
+async def _handed_off_faxes(cur: Cursor, before: datetime, after: Key, limit: int,
+                            dry_run: bool, only_with_image: bool) -> list[DictRow]:
+    """Received faxes deleted at the provider before ``before``, none of their mails
+    pending, each with the bytes of its image and of its mails."""
+    await cur.execute(
+        f"""
+        SELECT f.fetched_at, f.account, f.fax_id,
+               octet_length(f.image) + COALESCE((SELECT sum(octet_length(o.message))
+                   FROM outbox o WHERE o.inbound_account = f.account
+                   AND o.inbound_fax_id = f.fax_id), 0) AS n
+        FROM inbound_faxes f
+        WHERE f.fetched_at < %(before)s AND f.state = 'deleted'
+          {'AND f.image_purged_at IS NULL' if only_with_image else ''}
+          AND (f.fetched_at, f.account, f.fax_id) > (%(k0)s, %(k1)s, %(k2)s)
+          AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.inbound_account = f.account
+                          AND o.inbound_fax_id = f.fax_id AND o.state = 'pending')
+        ORDER BY f.fetched_at, f.account, f.fax_id LIMIT %(n)s {_lock(dry_run, 'f')}
+        """, {"before": before, "k0": after[0], "k1": after[1], "k2": after[2], "n": limit})
+    return await cur.fetchall()
+
+
+def _fax_key(rows: Sequence[DictRow], after: Key) -> Key:
+    return (rows[-1]["fetched_at"], rows[-1]["account"], rows[-1]["fax_id"]) if rows else after
+
+
+async def _purge_received_images(cur: Cursor, before: datetime, after: Key, limit: int,
+                                 dry_run: bool) -> tuple[Purged, Key, int]:
+    rows = await _handed_off_faxes(cur, before, after, limit, dry_run, only_with_image=True)
+    if rows and not dry_run:
+        faxes = {"accounts": [r["account"] for r in rows], "ids": [r["fax_id"] for r in rows]}
+        where = ("(account, fax_id) IN (SELECT * FROM unnest(%(accounts)s::text[],"
+                 " %(ids)s::text[]))")
+        await cur.execute("UPDATE inbound_faxes SET image = ''::bytea, image_purged_at = now()"
+                          f" WHERE {where}", faxes)
+        await cur.execute("UPDATE outbox SET message = ''::bytea WHERE"
+                          f" {where.replace('account, fax_id', 'inbound_account, inbound_fax_id')}",
+                          faxes)
+    return (Purged("received_faxes", len(rows), sum(int(r["n"]) for r in rows)),
+            _fax_key(rows, after), len(rows))
+
+
+async def _purge_fax_history(cur: Cursor, before: datetime, after: Key, limit: int,
+                             dry_run: bool) -> tuple[Purged, Key, int]:
+    rows = await _handed_off_faxes(cur, before, after, limit, dry_run, only_with_image=False)
+    if rows and not dry_run:
+        faxes = {"accounts": [r["account"] for r in rows], "ids": [r["fax_id"] for r in rows]}
+        pairs = "SELECT * FROM unnest(%(accounts)s::text[], %(ids)s::text[])"
+        await cur.execute(f"DELETE FROM outbox WHERE (inbound_account, inbound_fax_id) IN"
+                          f" ({pairs})", faxes)
+        await cur.execute(f"DELETE FROM inbound_faxes WHERE (account, fax_id) IN ({pairs})",
+                          faxes)
+    return (Purged("history", len(rows), sum(int(r["n"]) for r in rows)),
+            _fax_key(rows, after), len(rows))
+
+
+def _outbox_purge(kind: str) -> Callable[..., Awaitable[tuple[Purged, Key, int]]]:
+    """Sent or given-up mails in the outbox: DSNs (``kind`` "dsn") or all others."""
+
+    async def purge(cur: Cursor, before: datetime, after: Key, limit: int,
+                    dry_run: bool) -> tuple[Purged, Key, int]:
+        await cur.execute(
+            f"""
+            SELECT id, octet_length(message) AS n FROM outbox
+            WHERE created < %s AND state <> 'pending' AND inbound_fax_id IS NULL
+              AND kind {'=' if kind == 'dsn' else '<>'} 'dsn' AND id > %s
+            ORDER BY id LIMIT %s {'' if dry_run else 'FOR UPDATE SKIP LOCKED'}
+            """, (before, after[0], limit))
+        rows = await cur.fetchall()
+        if rows and not dry_run:
+            await cur.execute("DELETE FROM outbox WHERE id = ANY(%s)",
+                              ([row["id"] for row in rows],))
+        return (Purged(kind, len(rows), sum(int(r["n"]) for r in rows)),
+                (rows[-1]["id"],) if rows else after, len(rows))
+
+    return purge
+
+
+async def _purge_job_history(cur: Cursor, before: datetime, after: Key, limit: int,
+                             dry_run: bool) -> tuple[Purged, Key, int]:
+    await cur.execute(
+        f"""
+        SELECT m.id, m.received_at FROM mails m
+        WHERE m.received_at < %(before)s AND (m.received_at, m.id) > (%(k0)s, %(k1)s)
+          AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.mail_id = m.id
+                          AND (j.state <> ALL(%(ended)s) OR j.updated >= %(before)s
+                               OR EXISTS (SELECT 1 FROM events e
+                                          WHERE e.job_id = j.id AND e.notify)
+                               OR EXISTS (SELECT 1 FROM outbox o WHERE o.job_id = j.id
+                                          AND o.state = 'pending')))
+        ORDER BY m.received_at, m.id LIMIT %(n)s {_lock(dry_run, 'm')}
+        """, {"before": before, "k0": after[0], "k1": after[1], "ended": ENDED, "n": limit})
+    rows = await cur.fetchall()
+    if not rows:
+        return Purged("history"), after, 0
+    last = (rows[-1]["received_at"], rows[-1]["id"])
+    mail_ids = [str(row["id"]) for row in rows]
+    if not dry_run:
+        mail_ids = await _still_ended(cur, mail_ids, before, events_and_outbox=True)
+    if not mail_ids:
+        return Purged("history"), last, len(rows)
+    jobs_of_mails = "SELECT id FROM jobs WHERE mail_id = ANY(%(m)s)"
+    await cur.execute(
+        f"SELECT (SELECT count(*) FROM jobs WHERE mail_id = ANY(%(m)s)) AS jobs,"
+        f" (SELECT COALESCE(sum(octet_length(message)), 0) FROM outbox"
+        f"  WHERE job_id IN ({jobs_of_mails})) AS n", {"m": mail_ids})
+    counted = await cur.fetchone()
+    assert counted is not None
+    _, size, digests = await _documents_of(cur, mail_ids, dry_run)
+    if not dry_run:
+        for table in ("outbox", "events"):
+            await cur.execute(f"DELETE FROM {table} WHERE job_id IN ({jobs_of_mails})",
+                              {"m": mail_ids})
+        await cur.execute("DELETE FROM jobs WHERE mail_id = ANY(%s)", (mail_ids,))
+        await _drop_documents(cur, mail_ids, digests)
+        await cur.execute("DELETE FROM mails WHERE id = ANY(%s)", (mail_ids,))
+    return Purged("history", int(counted["jobs"]), size + int(counted["n"])), last, len(rows)
+
+
+PurgeBatch = Callable[[Cursor, datetime, Key, int, bool], Awaitable[tuple[Purged, Key, int]]]
+PURGE_BATCHES: dict[PurgeKind, tuple[tuple[PurgeBatch, Key], ...]] = {
+    "documents": ((_purge_documents, (EPOCH, "")),),
+    "received_faxes": ((_purge_received_images, (EPOCH, "", "")),),
+    "outbox": ((_outbox_purge("outbox"), (0,)),),
+    "dsn": ((_outbox_purge("dsn"), (0,)),),
+    "history": ((_purge_job_history, (EPOCH, "")), (_purge_fax_history, (EPOCH, "", ""))),
+}
 
 
 class PostgresStore:
@@ -1276,6 +1501,33 @@ class PostgresStore:
             await cur.execute(
                 f"SELECT {_INBOUND_COLUMNS} FROM inbound_faxes WHERE fax_id = %s", (fax_id,))
             return [_inbound(row) for row in await cur.fetchall()]
+
+    # -- retention -------------------------------------------------------------------------
+
+    async def purge(self, kind: PurgeKind, before: datetime, *, dry_run: bool = False,
+                    batch_size: int = 200) -> Purged:
+        total = Purged(kind)
+        for batch, start in PURGE_BATCHES[kind]:
+            after = start
+            while True:
+                async with self._cursor() as cur:  # one short transaction per batch
+                    purged, after, rows = await batch(cur, before, after, batch_size, dry_run)
+                total += purged
+                if rows < batch_size:
+                    break
+        return total
+
+    async def reclaim_space(self) -> int:
+        return 0  # PostgreSQL's autovacuum makes the space of deleted rows reusable
+
+    @contextlib.asynccontextmanager
+    async def retention_lock(self) -> AsyncIterator[bool]:
+        """A session-level ``pg_try_advisory_lock`` on a connection of its own: a second
+        instance (or ``mailfax purge`` beside ``serve``) is told at once, not made to wait."""
+        async with await psycopg.AsyncConnection.connect(self.url, autocommit=True) as conn:
+            cursor = await conn.execute("SELECT pg_try_advisory_lock(%s)", (RETENTION_LOCK,))
+            row = await cursor.fetchone()
+            yield bool(row and row[0])  # closing the connection frees it
 
     # -- the bundled emulator's fax network -----------------------------------------------
 

@@ -10,19 +10,29 @@ others of its batch down with it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import hashlib
 import json
 import logging
+import os
 import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
-from mailfax.model import RETRYABLE_STATES, TRACKED_STATES, JobState, Reason, can_transition
+from mailfax.model import (
+    FINAL_STATES,
+    RETRYABLE_STATES,
+    TRACKED_STATES,
+    JobState,
+    Reason,
+    can_transition,
+)
 from mailfax.providers.base import (
     EmulatedTransmission,
     FaxDocument,
@@ -42,6 +52,8 @@ from mailfax.store.base import (
     OutboxItem,
     Outcome,
     OutgoingMail,
+    Purged,
+    PurgeKind,
     Quota,
     Transition,
     Work,
@@ -54,7 +66,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 Operation = Callable[[sqlite3.Connection], Any]
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 MIGRATIONS: dict[int, str] = {
     1: """
     CREATE TABLE mails (
@@ -191,6 +203,15 @@ MIGRATIONS: dict[int, str] = {
     CREATE TRIGGER job_counts_delete AFTER DELETE ON jobs BEGIN
         UPDATE job_state_counts SET jobs = jobs - 1 WHERE state = old.state;
     END;
+    """,
+    # Retention (mailfax.store.retention): what was purged, and the indexes purges look up.
+    5: """
+    ALTER TABLE mails ADD COLUMN documents_purged_at REAL;
+    ALTER TABLE inbound_faxes ADD COLUMN image_purged_at REAL;
+    CREATE INDEX jobs_mail ON jobs (mail_id);
+    CREATE INDEX documents_blob ON documents (blob);
+    CREATE INDEX outbox_inbound ON outbox (inbound_account, inbound_fax_id)
+        WHERE inbound_fax_id IS NOT NULL;
     """,
 }
 
@@ -506,7 +527,249 @@ class _EmulatorNetworkMixin:
             " AND provider_job_id = ?", (account, provider_job_id)))
 
 
-class SqliteStore(_InboundMixin, _EmulatorNetworkMixin):
+PRIVATE_FILE_MODE = 0o600  # the database and its -wal and -shm files, whatever the umask
+BATCH_BYTES = 4_000_000  # content deleted per transaction, at most about (batch_size or this)
+VACUUM_PAGES_PER_STEP = 500  # one short transaction frees this many pages (2 MB at 4 KiB)
+ENDED = tuple(sorted(state.value for state in (*FINAL_STATES, JobState.UNCONFIRMED)))
+
+
+def private_database(path: Path) -> None:
+    """Create the database file 0600 before SQLite does (SQLite gives its -wal and -shm
+    files the database file's mode), and take group and other rights from an older one."""
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_FILE_MODE))
+    for name in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        with contextlib.suppress(FileNotFoundError):
+            if name.stat().st_mode & 0o077:
+                os.chmod(name, PRIVATE_FILE_MODE)
+
+
+def enable_incremental_vacuum(path: Path) -> bool:
+    """Switch a database made before incremental vacuum to ``auto_vacuum=INCREMENTAL``: a
+    one-off VACUUM, which rewrites the whole file and holds it locked meanwhile (run by
+    ``mailfax migrate``, with mailfax stopped). False when it already was (blocking)."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        if conn.execute("PRAGMA auto_vacuum").fetchone()[0] == 2:
+            return False
+        conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
+        conn.execute("VACUUM")
+        return True
+    finally:
+        conn.close()
+
+
+def _marks(values: Sequence[Any]) -> str:
+    return ",".join("?" * len(values))
+
+
+def _orphan_bytes(conn: sqlite3.Connection, mail_ids: Sequence[str]) -> tuple[int, list[str]]:
+    """The documents of these mails: the bytes and digests of the blobs no other mail uses."""
+    rows = conn.execute(
+        f"SELECT b.sha256, length(b.data) FROM blobs b WHERE b.sha256 IN (SELECT blob FROM"
+        f" documents WHERE mail_id IN ({_marks(mail_ids)})) AND NOT EXISTS (SELECT 1 FROM"
+        f" documents d WHERE d.blob = b.sha256 AND d.mail_id NOT IN ({_marks(mail_ids)}))",
+        [*mail_ids, *mail_ids]).fetchall()
+    return sum(int(row[1]) for row in rows), [str(row[0]) for row in rows]
+
+
+def _drop_documents(conn: sqlite3.Connection, mail_ids: Sequence[str], digests: Sequence[str]
+                    ) -> None:
+    conn.execute(f"DELETE FROM documents WHERE mail_id IN ({_marks(mail_ids)})", mail_ids)
+    if digests:
+        conn.execute(f"DELETE FROM blobs WHERE sha256 IN ({_marks(digests)})", digests)
+
+
+# Purge candidates: rowid, id, and the bytes of the mail's documents (for _within_budget).
+_MAILS_WITH_SIZE = ("SELECT m.rowid, m.id, (SELECT COALESCE(SUM(length(b.data)), 0)"
+                    " FROM documents d JOIN blobs b ON b.sha256 = d.blob"
+                    " WHERE d.mail_id = m.id) FROM mails m")
+
+
+def _purge_documents(conn: sqlite3.Connection, before: float, after: int, limit: int,
+                     dry_run: bool) -> tuple[Purged, int, int]:
+    """One batch of documents (mails after rowid ``after``): (purged, last rowid, rows)."""
+    fetched = conn.execute(
+        f"{_MAILS_WITH_SIZE} WHERE m.rowid > ? AND m.received_at < ?"
+        " AND m.documents_purged_at IS NULL AND NOT EXISTS (SELECT 1 FROM jobs j"
+        f" WHERE j.mail_id = m.id AND (j.state NOT IN ({_marks(ENDED)}) OR j.updated >= ?))"
+        " ORDER BY m.rowid LIMIT ?", (after, before, *ENDED, before, limit)).fetchall()
+    rows = _within_budget(fetched, 2)
+    if not rows:
+        return Purged("documents"), after, 0
+    mail_ids = [str(row[1]) for row in rows]
+    documents = conn.execute(f"SELECT count(*) FROM documents WHERE mail_id IN"
+                             f" ({_marks(mail_ids)})", mail_ids).fetchone()[0]
+    size, digests = _orphan_bytes(conn, mail_ids)
+    if not dry_run:
+        _drop_documents(conn, mail_ids, digests)
+        conn.execute(f"UPDATE mails SET documents_purged_at = ? WHERE id IN"
+                     f" ({_marks(mail_ids)})", (time.time(), *mail_ids))
+    return (Purged("documents", int(documents), size), int(rows[-1][0]),
+            _scanned(fetched, rows, limit))
+
+
+def _handed_off_faxes(conn: sqlite3.Connection, before: float, after: int, limit: int,
+                      only_with_image: bool) -> list[tuple[int, str, str, int]]:
+    """Received faxes deleted at the provider before ``before`` (after rowid ``after``),
+    none of their mails pending: (rowid, account, fax id, bytes of image and mails)."""
+    rows = conn.execute(
+        "SELECT f.rowid, f.account, f.fax_id, length(f.image) + COALESCE((SELECT"
+        " SUM(length(o.message)) FROM outbox o WHERE o.inbound_account = f.account"
+        " AND o.inbound_fax_id = f.fax_id), 0) FROM inbound_faxes f"
+        " WHERE f.rowid > ? AND f.fetched_at < ? AND f.state = 'deleted'"
+        f" {'AND f.image_purged_at IS NULL' if only_with_image else ''}"
+        " AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.inbound_account = f.account"
+        " AND o.inbound_fax_id = f.fax_id AND o.state = 'pending')"
+        " ORDER BY f.rowid LIMIT ?", (after, before, limit)).fetchall()
+    return [(int(row[0]), str(row[1]), str(row[2]), int(row[3])) for row in rows]
+
+
+def _within_budget(rows: list[Any], size_at: int) -> list[Any]:
+    """The first of ``rows`` whose content (column ``size_at``) stays within BATCH_BYTES
+    together (at least one row), so one transaction never writes much more than that."""
+    total = 0
+    for count, row in enumerate(rows):
+        total += int(row[size_at])
+        if total > BATCH_BYTES and count:
+            return rows[:count]
+    return rows
+
+
+def _scanned(fetched: list[Any], rows: list[Any], limit: int) -> int:
+    """How many rows a batch counts as: ``limit`` when the budget cut it short (so the purge
+    goes on), else how many were found (fewer than ``limit``: it was the last batch)."""
+    return limit if len(rows) < len(fetched) else len(fetched)
+
+
+def _purge_faxes(conn: sqlite3.Connection, before: float, after: int, limit: int,
+                 dry_run: bool, *, history: bool) -> tuple[Purged, int, int]:
+    """Images of handed-off faxes and the copies in their sent mails; with ``history``,
+    their records and mails altogether."""
+    fetched = _handed_off_faxes(conn, before, after, limit, only_with_image=not history)
+    rows = _within_budget(fetched, 3)
+    for _, account, fax_id, _ in rows if not dry_run else ():
+        if history:
+            conn.execute("DELETE FROM outbox WHERE inbound_account = ? AND inbound_fax_id = ?",
+                         (account, fax_id))
+            conn.execute("DELETE FROM inbound_faxes WHERE account = ? AND fax_id = ?",
+                         (account, fax_id))
+        else:
+            conn.execute("UPDATE inbound_faxes SET image = x'', image_purged_at = ?"
+                         " WHERE account = ? AND fax_id = ?", (time.time(), account, fax_id))
+            conn.execute("UPDATE outbox SET message = x'' WHERE inbound_account = ?"
+                         " AND inbound_fax_id = ?", (account, fax_id))
+    return (Purged("history" if history else "received_faxes", len(rows),
+                   sum(row[3] for row in rows)), rows[-1][0] if rows else after,
+            _scanned(fetched, rows, limit))
+
+
+def _purge_outbox(kind: str, conn: sqlite3.Connection, before: float, after: int, limit: int,
+                  dry_run: bool) -> tuple[Purged, int, int]:
+    """Sent or given-up mails in the outbox: DSNs (``kind`` "dsn") or all others."""
+    fetched = conn.execute(
+        "SELECT id, length(message) FROM outbox WHERE id > ? AND created < ?"
+        " AND state <> 'pending' AND inbound_fax_id IS NULL"
+        f" AND kind {'=' if kind == 'dsn' else '<>'} 'dsn' ORDER BY id LIMIT ?",
+        (after, before, limit)).fetchall()
+    rows = _within_budget(fetched, 1)
+    ids = [int(row[0]) for row in rows]
+    if ids and not dry_run:
+        conn.execute(f"DELETE FROM outbox WHERE id IN ({_marks(ids)})", ids)
+    return (Purged(kind, len(rows), sum(int(row[1]) for row in rows)),
+            ids[-1] if ids else after, _scanned(fetched, rows, limit))
+
+
+def _purge_job_history(conn: sqlite3.Connection, before: float, after: int, limit: int,
+                       dry_run: bool) -> tuple[Purged, int, int]:
+    """Mails whose jobs all ended before ``before``, nothing of them waiting to be mailed:
+    the jobs, their events and outbox mails, the documents, the mail."""
+    fetched = conn.execute(
+        f"{_MAILS_WITH_SIZE} WHERE m.rowid > ? AND m.received_at < ?"
+        " AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.mail_id = m.id"
+        f" AND (j.state NOT IN ({_marks(ENDED)}) OR j.updated >= ?"
+        "      OR EXISTS (SELECT 1 FROM events e WHERE e.job_id = j.id AND e.notify = 1)"
+        "      OR EXISTS (SELECT 1 FROM outbox o WHERE o.job_id = j.id"
+        "                 AND o.state = 'pending')))"
+        " ORDER BY m.rowid LIMIT ?", (after, before, *ENDED, before, limit)).fetchall()
+    rows = _within_budget(fetched, 2)
+    if not rows:
+        return Purged("history"), after, 0
+    mail_ids = [str(row[1]) for row in rows]
+    jobs_of_mails = f"SELECT id FROM jobs WHERE mail_id IN ({_marks(mail_ids)})"
+    jobs = int(conn.execute(f"SELECT count(*) FROM ({jobs_of_mails})", mail_ids).fetchone()[0])
+    size, digests = _orphan_bytes(conn, mail_ids)
+    size += int(conn.execute(f"SELECT COALESCE(SUM(length(message)), 0) FROM outbox"
+                             f" WHERE job_id IN ({jobs_of_mails})", mail_ids).fetchone()[0])
+    if not dry_run:
+        for table in ("outbox", "events"):
+            conn.execute(f"DELETE FROM {table} WHERE job_id IN ({jobs_of_mails})", mail_ids)
+        conn.execute(f"DELETE FROM jobs WHERE mail_id IN ({_marks(mail_ids)})", mail_ids)
+        _drop_documents(conn, mail_ids, digests)
+        conn.execute(f"DELETE FROM mails WHERE id IN ({_marks(mail_ids)})", mail_ids)
+    return Purged("history", jobs, size), int(rows[-1][0]), _scanned(fetched, rows, limit)
+
+
+PurgeBatch = Callable[[sqlite3.Connection, float, int, int, bool], tuple[Purged, int, int]]
+
+PURGE_BATCHES: dict[PurgeKind, tuple[PurgeBatch, ...]] = {
+    "documents": (_purge_documents,),
+    "received_faxes": (functools.partial(_purge_faxes, history=False),),
+    "outbox": (lambda *args: _purge_outbox("outbox", *args),),
+    "dsn": (lambda *args: _purge_outbox("dsn", *args),),
+    "history": (_purge_job_history, functools.partial(_purge_faxes, history=True)),
+}
+
+
+def _vacuum_step(conn: sqlite3.Connection) -> tuple[int, int]:
+    """Give up to VACUUM_PAGES_PER_STEP free pages back: (bytes given back, pages left)."""
+    if conn.execute("PRAGMA auto_vacuum").fetchone()[0] != 2:
+        return 0, 0  # an older database: free pages are reused, the file does not shrink
+    free = int(conn.execute("PRAGMA freelist_count").fetchone()[0])
+    step = min(free, VACUUM_PAGES_PER_STEP)
+    for _ in range(step):
+        # One page per statement: Python's sqlite3 steps a PRAGMA once, and
+        # incremental_vacuum frees one page per step.
+        conn.execute("PRAGMA incremental_vacuum(1)")
+    page_size = int(conn.execute("PRAGMA page_size").fetchone()[0])
+    left = int(conn.execute("PRAGMA freelist_count").fetchone()[0])
+    return (free - left) * page_size, left if left < free else 0
+
+
+class _RetentionMixin:
+    """Purges in batches, each one short transaction of the writer thread, so intake and the
+    dispatcher get their turn in between; then incremental vacuum in steps."""
+
+    _call: Callable[..., Any]
+
+    async def purge(self, kind: PurgeKind, before: datetime, *, dry_run: bool = False,
+                    batch_size: int = 200) -> Purged:
+        total = Purged(kind)
+        for batch in PURGE_BATCHES[kind]:
+            after = 0
+            while True:
+                purged, after, rows = await self._call(
+                    lambda conn, after=after, batch=batch: batch(
+                        conn, before.timestamp(), after, batch_size, dry_run))
+                total += purged
+                if rows < batch_size:
+                    break
+        return total
+
+    async def reclaim_space(self) -> int:
+        given_back = 0
+        while True:
+            size, left = await self._call(_vacuum_step)
+            given_back += int(size)
+            if not left:
+                return given_back
+
+    @contextlib.asynccontextmanager
+    async def retention_lock(self) -> AsyncIterator[bool]:
+        yield True  # one instance per SQLite database
+
+
+class SqliteStore(_InboundMixin, _EmulatorNetworkMixin, _RetentionMixin):
     """The :class:`~mailfax.store.base.Store` on SQLite (single instance)."""
 
     def __init__(self, path: Path, *, max_batch: int = 512):
@@ -522,7 +785,7 @@ class SqliteStore(_InboundMixin, _EmulatorNetworkMixin):
     # -- the worker thread -------------------------------------------------------------------
 
     async def open(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.parent.mkdir(0o750, parents=True, exist_ok=True)
         self._loop = asyncio.get_running_loop()
         ready: asyncio.Future[None] = self._loop.create_future()
         self._thread = threading.Thread(
@@ -539,8 +802,12 @@ class SqliteStore(_InboundMixin, _EmulatorNetworkMixin):
             self._thread = None
 
     def _connect(self) -> sqlite3.Connection:
+        private_database(self.path)
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         conn.row_factory = sqlite3.Row
+        # Takes effect on a new database (before its first table); an older one keeps
+        # auto_vacuum=NONE until `mailfax migrate` VACUUMs it once (enable_incremental_vacuum).
+        conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=FULL")
         conn.execute("PRAGMA foreign_keys=ON")
@@ -640,7 +907,9 @@ class SqliteStore(_InboundMixin, _EmulatorNetworkMixin):
             if quotas:
                 _check_quotas(conn, quotas, now, len(jobs), pages)
             conn.execute(
-                "INSERT INTO mails VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                "INSERT INTO mails (id, received_at, envelope_from, message_id, subject, refs,"
+                " from_header, client_address, auto_submitted, precedence, language)"
+                " VALUES (?,?,?,?,?,?,?,?,?,?,?)",
                 (mail.mail_id, now, mail.envelope_from, mail.message_id, mail.subject,
                  json.dumps(mail.references), mail.from_header, mail.client_address,
                  mail.auto_submitted, mail.precedence, mail.language),
