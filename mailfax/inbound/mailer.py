@@ -21,6 +21,7 @@ from zoneinfo import ZoneInfo
 import jinja2
 from PIL import Image
 
+from mailfax.config import InboundFormat, InboundRoute
 from mailfax.inbound.convert import MAX_PAGE_PIXELS, NotConvertible, display_resolution, tiff_to_pdf
 from mailfax.inbound.routing import normalise_number
 from mailfax.numbers import format_international
@@ -61,6 +62,10 @@ class FaxFiles:
 
 def prepare_files(image: bytes) -> FaxFiles:
     """Convert the TIFF (CPU-bound: run in a thread)."""
+    if not image:
+        return FaxFiles(pdf=None, pages=0, preview_png=None, note=(
+            "The provider delivered this fax without any image (0 bytes), so it has no "
+            "pages; the call may have ended before the first page."))
     try:
         converted = tiff_to_pdf(image)
     except NotConvertible as error:
@@ -101,10 +106,19 @@ class InboundMailer:
         self.attach_tiff = attach_tiff
 
     def compose(self, record: InboundRecord, files: FaxFiles, image: bytes,
-                recipients: list[str]) -> EmailMessage:
+                recipients: list[str], route: InboundRoute | None = None) -> EmailMessage:
+        """The fax mail; ``recipients`` are its To header unless a ``route`` says To and Cc
+        (Bcc stays in the envelope). The route's format, language and template apply."""
+        route = route or InboundRoute(to=recipients)
+        form = self.format_of(route)
+        privacy = form == "none"
+        language = route.language or self.language
         local_time = record.received_at.astimezone(self.zone)
         originator = display_number(record.originator, self.default_country) if (
             record.originator.strip()) else ""
+        raw_attached = bool(image) and not privacy and (
+            files.pdf is None or form in ("tiff", "pdf+tiff"))
+        pdf_attached = files.pdf is not None and form in ("pdf", "pdf+tiff")
         context = {
             "originator": originator,
             "remote_id": clean(record.remote_id, 20),
@@ -114,38 +128,54 @@ class InboundMailer:
             "received_text": local_time.strftime("%Y-%m-%d %H:%M %Z"),
             "fax_id": clean(record.fax_id, 64),
             "note": files.note,
-            "text_lines": [clean(line, 120) for line in files.text_lines],
-            "ocr_note": files.ocr_note,
-            "has_preview": files.preview_png is not None,
+            "text_lines": [] if privacy else [clean(line, 120) for line in files.text_lines],
+            "ocr_note": "" if privacy else files.ocr_note,
+            "has_preview": files.preview_png is not None and not privacy,
             "preview_cid": "page1",
+            "privacy": privacy,
+            "show_command": f"mailfax inbox show {clean(record.fax_id, 64)} --pdf",
+            "format": form,
+            "pdf_attached": pdf_attached,
+            "raw_attached": raw_attached,
         }
-        subject = self.text_env.get_template(f"{self.language}/inbound.subject").render(context)
+        template = f"{language}/{route.template}"
+        subject = (self.text_env.from_string(route.subject) if route.subject is not None
+                   else self.text_env.get_template(f"{template}.subject")).render(context)
         message = EmailMessage()
         message["From"] = Address(self.from_name, addr_spec=self.from_address)
-        message["To"] = ", ".join(recipients)
+        message["To"] = ", ".join(route.to)
+        if route.cc:
+            message["Cc"] = ", ".join(route.cc)
         message["Subject"] = " ".join(subject.split())
         message["Date"] = format_datetime(record.received_at)
         message["Message-ID"] = make_msgid(idstring="fax", domain=self.from_address.rpartition(
             "@")[2] or "mailfax")
         message["Auto-Submitted"] = "auto-generated"
         message["X-Mailfax-Fax-Id"] = context["fax_id"]
-        message.set_content(self.text_env.get_template(
-            f"{self.language}/inbound.txt").render(context))
-        message.add_alternative(self.html_env.get_template(
-            f"{self.language}/inbound.html").render(context), subtype="html")
-        if files.preview_png is not None:
+        message.set_content(self.text_env.get_template(f"{template}.txt").render(context))
+        message.add_alternative(self.html_env.get_template(f"{template}.html").render(context),
+                                subtype="html")
+        if context["has_preview"]:
+            assert files.preview_png is not None
             html_part = message.get_body(("html",))
             assert isinstance(html_part, EmailMessage)
             html_part.add_related(files.preview_png, maintype="image", subtype="png",
                                   cid="<page1>", filename="page1.png")
         name = self.file_stem(record, local_time)
-        if files.pdf is not None:
+        if pdf_attached:
+            assert files.pdf is not None
             message.add_attachment(files.pdf, maintype="application", subtype="pdf",
                                    filename=f"{name}.pdf")
-        if files.pdf is None or self.attach_tiff:
+        if raw_attached:
             message.add_attachment(image, maintype="image", subtype="tiff",
                                    filename=f"{name}.tif")
         return message
+
+    def format_of(self, route: InboundRoute) -> InboundFormat:
+        """The route's attachment format; unset: PDF, and the TIFF too with attach_tiff."""
+        if route.format is not None:
+            return route.format
+        return "pdf+tiff" if self.attach_tiff else "pdf"
 
     def file_stem(self, record: InboundRecord, local_time: datetime) -> str:
         digits = "".join(ch for ch in record.originator if ch.isdigit())[:20]

@@ -1262,6 +1262,13 @@ class PostgresStore:
                 (account, fax_id),
             )
 
+    async def mark_inbound_screened(self, account: str, fax_id: str, state: str) -> None:
+        async with self._cursor() as cur:
+            await cur.execute(
+                "UPDATE inbound_faxes SET state = %s WHERE account = %s AND fax_id = %s",
+                (state, account, fax_id),
+            )
+
     async def list_inbound(self, limit: int = 1000) -> list[InboundRecord]:
         async with self._cursor() as cur:
             await cur.execute(

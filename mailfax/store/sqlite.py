@@ -445,6 +445,11 @@ class _InboundMixin:
             "UPDATE inbound_faxes SET state = 'deleted' WHERE account = ? AND fax_id = ?",
             (account, fax_id)))
 
+    async def mark_inbound_screened(self, account: str, fax_id: str, state: str) -> None:
+        await self._call(lambda conn: conn.execute(
+            "UPDATE inbound_faxes SET state = ? WHERE account = ? AND fax_id = ?",
+            (state, account, fax_id)))
+
     async def list_inbound(self, limit: int = 1000) -> list[InboundRecord]:
         def operation(conn: sqlite3.Connection) -> list[InboundRecord]:
             rows = conn.execute(
