@@ -449,6 +449,18 @@ class InboundRoute(Strict):
     def _prefixes(cls, values: list[str]) -> list[str]:
         return e164_prefixes([value.replace(" ", "") for value in values])
 
+    @field_validator("subject")
+    @classmethod
+    def _subject_template(cls, value: str | None) -> str | None:
+        if value is not None:
+            import jinja2
+
+            try:
+                jinja2.Environment().parse(value)
+            except jinja2.TemplateSyntaxError as error:
+                raise ValueError(f"{value!r} is not a Jinja template: {error}") from None
+        return value
+
     @property
     def matches_everything(self) -> bool:
         return not (self.called or self.called_prefix or self.caller or self.caller_prefix

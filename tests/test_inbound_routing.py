@@ -8,6 +8,7 @@ import asyncio
 import email
 import email.policy
 import io
+import json
 import mailbox
 import subprocess
 import sys
@@ -118,6 +119,7 @@ def test_the_old_routes_form_still_works() -> None:
     ('[[inbound.rules]]\ncalled_prefix = ["030"]\nto = ["a@x"]\n', "not an E.164 prefix"),
     ('[[inbound.rules]]\nformat = "png"\nto = ["a@x"]\n', "inbound.rules.0.format"),
     ('[[inbound.rules]]\ncalled = ["030 1"]\n', "inbound.rules.0.to"),
+    ('[[inbound.rules]]\nsubject = "{{ pages"\nto = ["a@x"]\n', "not a Jinja template"),
 ])
 def test_bad_rules_are_refused_with_the_field_named(tmp_path: Path, toml: str,
                                                      message: str) -> None:
@@ -177,6 +179,16 @@ async def until(condition: Callable[[], bool], timeout: float = 30.0) -> None:
         await asyncio.sleep(0.1)
 
 
+async def run_until(settings: Any, condition: Callable[[], bool]) -> None:
+    """Run the whole service until ``condition`` holds."""
+    app = Application(settings)
+    await app.start()
+    try:
+        await until(condition)
+    finally:
+        await app.stop()
+
+
 def attachments(message: EmailMessage) -> list[tuple[str, bytes]]:
     found = []
     for part in message.iter_attachments():
@@ -211,12 +223,7 @@ async def test_each_rule_sets_its_recipients_format_language_and_subject(
         originator="+4989111", remote_id="OTHER")
     settings = settings_for(tmp_path, faxde, extra={"relay": {"host": "127.0.0.1",
                                                               "port": port}})
-    app = Application(settings)
-    await app.start()
-    try:
-        await until(lambda: len(keeper.received) == 4 and not faxde.state.inbox)
-    finally:
-        await app.stop()
+    await run_until(settings, lambda: len(keeper.received) == 4 and not faxde.state.inbox)
     mails = by_fax_id(keeper.received)
 
     rcpts, message = mails[str(boss)]
@@ -269,13 +276,8 @@ async def test_privacy_mode_mails_no_document_and_it_stays_retrievable(
     health = faxde.state.add_inbound(multi, called_number="+49301234569", originator="+4940555123",
                                remote_id="PRAXIS DR. M")
     settings = settings_for(tmp_path, faxde)
-    app = Application(settings)
-    await app.start()
-    try:
-        await until(lambda: len(maildir_mails(settings.maildir_path)) == 1
+    await run_until(settings, lambda: len(maildir_mails(settings.maildir_path)) == 1
                     and not faxde.state.inbox)
-    finally:
-        await app.stop()
     [message] = maildir_mails(settings.maildir_path)
     assert message["To"] == "health@example.org"
     assert message["Subject"] == "Fax von +49 40 555123 (PRAXIS DR. M), 3 Seiten"
@@ -303,24 +305,20 @@ async def test_a_duplicate_is_mailed_once_and_a_blocked_caller_never(
     again = faxde.state.add_inbound(tiff, called_number="+4930555", originator="+4989111")
     junk = faxde.state.add_inbound(tiff, called_number="+4930555", originator="+49180512345")
     junk_tsi = faxde.state.add_inbound((corpus / "fax-tiff" / "g3test.tif").read_bytes(),
-                                 called_number="+4930555", remote_id="Werbung GmbH")
-    app = Application(settings)
-    await app.start()
-    try:
-        await until(lambda: len(faxde.state.deleted) == 4)
-        records = {record.fax_id: record.state for record in await app.store.list_inbound()}
-        counts = await app.store.counts()
-    finally:
-        await app.stop()
+                                       called_number="+4930555", remote_id="Werbung GmbH")
+    await run_until(settings, lambda: len(faxde.state.deleted) == 4)
+    listed = json.loads(run_cli(tmp_path, settings, "inbox", "--json").stdout)
+    records = {fax["fax_id"]: fax["state"] for fax in listed}
     assert faxde.state.deleted == [first, again, junk, junk_tsi]
     [message] = maildir_mails(settings.maildir_path)
     assert message["X-Mailfax-Fax-Id"] == str(first)
-    assert records == {str(first): "deleted", str(again): "duplicate", str(junk): "blocked",
+    assert records == {str(first): "mailed", str(again): "duplicate", str(junk): "blocked",
                        str(junk_tsi): "blocked"}
-    assert counts["inbound"] == {"deleted": 1, "duplicate": 1, "blocked": 2}
     assert f"fax {again} from +4989111 is a duplicate of fax {first}" in caplog.text
     listing = run_cli(tmp_path, settings, "inbox").stdout.decode()
-    assert "2 blocked" in listing and "1 duplicate" in listing
+    summary, _, counted = listing.splitlines()[-1].partition(": ")
+    assert summary == "-- 4 received faxes"
+    assert set(counted.split(", ")) == {"2 blocked", "1 duplicate", "1 mailed"}
 
 
 async def test_duplicates_are_mailed_when_the_window_is_zero(
@@ -329,12 +327,7 @@ async def test_duplicates_are_mailed_when_the_window_is_zero(
     for _ in range(2):
         faxde.state.add_inbound(tiff, called_number="+4930555", originator="+4989111")
     settings = settings_for(tmp_path, faxde, duplicate_window_minutes=0)
-    app = Application(settings)
-    await app.start()
-    try:
-        await until(lambda: len(maildir_mails(settings.maildir_path)) == 2)
-    finally:
-        await app.stop()
+    await run_until(settings, lambda: len(maildir_mails(settings.maildir_path)) == 2)
 
 
 def test_the_same_pages_encoded_otherwise_hash_the_same(corpus: Path) -> None:
@@ -358,12 +351,7 @@ async def test_empty_and_broken_faxes_reach_the_route_and_the_postmaster(
     bad = faxde.state.add_inbound(broken, called_number="030 1234571", originator="+4989222",
                             pages=1)
     settings = settings_for(tmp_path, faxde)
-    app = Application(settings)
-    await app.start()
-    try:
-        await until(lambda: len(faxde.state.deleted) == 2)
-    finally:
-        await app.stop()
+    await run_until(settings, lambda: len(faxde.state.deleted) == 2)
     mails = {str(m["X-Mailfax-Fax-Id"]): m for m in maildir_mails(settings.maildir_path)}
     for fax_id in (empty, bad):
         message = mails[str(fax_id)]
@@ -384,12 +372,7 @@ async def test_broken_fax_envelope_includes_the_postmaster(
     faxde.state.add_inbound(b"", called_number="030 1234571", originator="", pages=0)
     settings = settings_for(tmp_path, faxde, extra={"relay": {"host": "127.0.0.1",
                                                               "port": port}})
-    app = Application(settings)
-    await app.start()
-    try:
-        await until(lambda: len(keeper.received) == 1)
-    finally:
-        await app.stop()
+    await run_until(settings, lambda: len(keeper.received) == 1)
     [(rcpts, _)] = keeper.received
     assert rcpts == ["accounts@example.org", "boss@example.org", "pm@example.org"]
 
@@ -422,3 +405,48 @@ def test_mailfax_route_prints_the_rule_and_why(tmp_path: Path) -> None:
     out = mailfax_route("+4930555", "--caller", "+4918099")
     assert out.splitlines()[0].startswith("blocked: caller +4918099 starts with the blocked")
     assert "the implicit default 'postmaster': no rule matched" in out
+
+
+async def test_a_rule_names_its_own_template(tmp_path: Path, corpus: Path,
+                                             faxde: emulator.Emulator) -> None:
+    import shutil
+
+    from mailfax.outbound.notify import TEMPLATES_DIR
+
+    templates = tmp_path / "templates"
+    shutil.copytree(TEMPLATES_DIR, templates)
+    (templates / "en" / "brief.subject").write_text("Fax {{ fax_id }} for the lab")
+    (templates / "en" / "brief.txt").write_text("{{ pages }} page(s) from {{ originator }}.\n")
+    (templates / "en" / "brief.html").write_text("<p>{{ pages }} page(s)</p>\n")
+    rules = [{"name": "lab", "caller": ["+4989111"], "to": ["lab@example.org"],
+              "template": "brief"}, {"to": ["reception@example.org"]}]
+    fax_id = faxde.state.add_inbound((corpus / "fax-tiff" / "fax2d.tif").read_bytes(),
+                                     called_number="+4930555", originator="+4989111")
+    settings = settings_for(tmp_path, faxde, rules=rules,
+                            extra={"templates_dir": str(templates)})
+    await run_until(settings, lambda: len(maildir_mails(settings.maildir_path)) == 1)
+    [message] = maildir_mails(settings.maildir_path)
+    assert message["Subject"] == f"Fax {fax_id} for the lab"
+    plain = message.get_body(("plain",))
+    assert plain is not None and plain.get_content() == "1 page(s) from +49 89 111.\n"
+    assert [kind for kind, _ in attachments(message)] == ["application/pdf"]
+
+
+def test_a_missing_template_falls_back_to_the_standard_one(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from datetime import UTC, datetime
+
+    from mailfax.app import inbound_mailer
+    from mailfax.config import InboundRoute
+    from mailfax.inbound.mailer import FaxFiles
+    from mailfax.store.base import InboundRecord
+
+    mailer = inbound_mailer(make_settings(tmp_path))
+    received = datetime(2026, 12, 1, 9, 0, tzinfo=UTC)
+    record = InboundRecord("main", "77", received, "+4930555", received, "", "", 1,
+                           "received", 0)
+    message = mailer.compose(record, FaxFiles(pdf=b"%PDF-", pages=1, note="",
+                                              preview_png=None), b"II*\0", [],
+                             InboundRoute(to=["a@example.org"], template="typo"))
+    assert str(message["Subject"]).startswith("Fax from unknown sender")
+    assert "template en/typo.txt is missing" in caplog.text

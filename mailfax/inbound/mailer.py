@@ -9,6 +9,7 @@ email package's encoder, and into templates only as values (HTML autoescaped).
 from __future__ import annotations
 
 import io
+import logging
 import re
 from dataclasses import dataclass
 from datetime import datetime
@@ -29,6 +30,7 @@ from mailfax.store.base import InboundRecord
 
 CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u200b-\u200f\u202a-\u202e\u2066-\u2069]")
 PREVIEW_WIDTH = 480
+log = logging.getLogger(__name__)
 
 
 def clean(value: str, limit: int = 64) -> str:
@@ -138,7 +140,7 @@ class InboundMailer:
             "pdf_attached": pdf_attached,
             "raw_attached": raw_attached,
         }
-        template = f"{language}/{route.template}"
+        template = self.template_base(language, route.template)
         subject = (self.text_env.from_string(route.subject) if route.subject is not None
                    else self.text_env.get_template(f"{template}.subject")).render(context)
         message = EmailMessage()
@@ -170,6 +172,19 @@ class InboundMailer:
             message.add_attachment(image, maintype="image", subtype="tiff",
                                    filename=f"{name}.tif")
         return message
+
+    def template_base(self, language: str, name: str) -> str:
+        """``language/name``; the standard ``inbound`` templates when a rule's are missing,
+        so a typo in the config costs the wording, never the fax."""
+        base = f"{language}/{name}"
+        try:
+            for suffix in (".txt", ".html") + (() if name == "inbound" else (".subject",)):
+                self.text_env.get_template(base + suffix)
+        except jinja2.TemplateNotFound as missing:
+            log.error("template %s is missing: the fax is mailed with %s/inbound instead",
+                      missing.name, language)
+            return f"{language}/inbound"
+        return base
 
     def format_of(self, route: InboundRoute) -> InboundFormat:
         """The route's attachment format; unset: PDF, and the TIFF too with attach_tiff."""
