@@ -403,7 +403,8 @@ def test_mailfax_route_prints_the_rule_and_why(tmp_path: Path) -> None:
     assert "  cc:         assistant@example.org" in out
     assert "  bcc:        archive@example.org" in out
     out = mailfax_route("+4930555", "--caller", "+4918099")
-    assert out.splitlines()[0].startswith("blocked: caller +4918099 starts with the blocked")
+    assert out.splitlines()[0] == ("blocked (caller +4918099 starts with the blocked +49180): "
+                                   "deleted at the provider, never mailed; without the block:")
     assert "the implicit default 'postmaster': no rule matched" in out
 
 
@@ -450,3 +451,43 @@ def test_a_missing_template_falls_back_to_the_standard_one(
                              InboundRoute(to=["a@example.org"], template="typo"))
     assert str(message["Subject"]).startswith("Fax from unknown sender")
     assert "template en/typo.txt is missing" in caplog.text
+
+
+def test_the_example_configs_rules_load_and_route(tmp_path: Path) -> None:
+    """The commented [[inbound.rules]] of deploy/mailfax.example.toml, uncommented, are a
+    config that loads and routes as their comments say."""
+    example = (Path(__file__).parents[1] / "deploy" / "mailfax.example.toml").read_text()
+    block = example.split("# rules = []\n# example:\n", 1)[1].split("\n\n", 1)[0]
+    rules = "\n".join(line.removeprefix("#").strip() for line in block.splitlines())
+    config = tmp_path / "mailfax.toml"
+    config.write_text(
+        'default_account = "faxde"\n[accounts.faxde]\nprovider = "emulator"\n[inbound]\n'
+        + rules + "\n")
+    inbound_settings = load_settings(config).inbound
+    assert [rule.name for rule in inbound_settings.rules] == ["health", "accounts",
+                                                              "reception"]
+
+    def name(called: str, tsi: str = "") -> str:
+        return choose_route(FaxFacts(called, "", tsi, "faxde"), inbound_settings,
+                            "DE").rule.name
+
+    assert name("030 1234569") == "health"
+    assert name("030 1234563", tsi="ACME") == "accounts"
+    assert name("030 1234563") == "reception"  # no station id
+
+
+def test_mailfax_block_adds_once_lists_and_refuses_a_bad_regex(tmp_path: Path) -> None:
+    config = tmp_path / "mailfax.toml"
+    config.write_text(f'data_dir = "{tmp_path / "data"}"\n[inbound]\nblock_tsi = ["^SPAM"]\n')
+
+    def mailfax_block(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "mailfax", "-c", str(config), "block",
+                               *args], capture_output=True, text=True, timeout=60, check=False)
+
+    assert mailfax_block("0190", "1").stdout.startswith("blocked: caller 0190 1 (")
+    assert mailfax_block("0190", "1").stdout.startswith("already blocked: caller 0190 1")
+    assert mailfax_block("--tsi", "(open").returncode == 2
+    listed = mailfax_block()
+    assert listed.stdout.splitlines() == ["caller 0190 1", "tsi ^SPAM"]
+    lines = (tmp_path / "data" / "inbound-blocklist").read_text().splitlines()
+    assert lines[1:] == ["caller 0190 1"]

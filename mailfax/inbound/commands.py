@@ -42,8 +42,8 @@ def add_commands(command: Command, inbox: argparse.ArgumentParser) -> None:
 
     block = command("block", "delete faxes from this caller (or station id) unread",
                     cmd_block, description=BLOCK_DESCRIPTION)
-    block.add_argument("caller", nargs="?", metavar="CALLER",
-                       help="a caller number or number prefix, any spelling")
+    block.add_argument("caller", nargs="*", metavar="CALLER",
+                       help="a caller number or number prefix, any spelling (0190 1 is one)")
     block.add_argument("--tsi", metavar="REGEX", help="a station id, as a regular expression")
 
     inbox.add_argument("action", nargs="?", choices=["show"],
@@ -77,9 +77,13 @@ def cmd_route(args: argparse.Namespace) -> int:
     blocked = blocked_by(facts, blocks, settings.numbers.default_country)
     choice = choose_route(facts, settings.inbound, settings.numbers.default_country)
     if args.json:
-        json.dump({"blocked": blocked, "rule": choice.number, "name": choice.rule.name,
+        rule = choice.rule
+        json.dump({"blocked": blocked, "rule": choice.number, "name": rule.name,
                    "reasons": list(choice.reasons),
-                   **choice.rule.model_dump(include=set(ROUTE_FIELDS))}, sys.stdout, indent=1)
+                   **rule.model_dump(include=set(ROUTE_FIELDS)),
+                   "format": effective_format(rule, settings),
+                   "language": rule.language or settings.inbound.language},
+                  sys.stdout, indent=1)
         print()
         return 0
     print(describe_route(choice, blocked, settings))
@@ -90,16 +94,20 @@ ROUTE_FIELDS = ("to", "cc", "bcc", "format", "language", "template", "subject", 
                 "notify_postmaster")
 
 
+def effective_format(rule: InboundRoute, settings: Settings) -> str:
+    return rule.format or ("pdf+tiff" if settings.inbound.attach_tiff else "pdf")
+
+
 def describe_route(choice: RouteChoice, blocked: str | None, settings: Settings) -> str:
     """What ``mailfax route`` prints: the rule, why it matched, and what it sets."""
     rule: InboundRoute = choice.rule
     inbound = settings.inbound
     lines = []
     if blocked is not None:
-        lines.append(f"blocked: {blocked}; deleted at the provider, never mailed "
-                     f"(otherwise:)")
+        lines.append(f"blocked ({blocked}): deleted at the provider, never mailed; "
+                     f"without the block:")
     lines.append(f"{choice.label}: {'; '.join(choice.reasons)}")
-    form = rule.format or ("pdf+tiff" if inbound.attach_tiff else "pdf")
+    form = effective_format(rule, settings)
     values: list[tuple[str, Any]] = [
         ("to", ", ".join(rule.to)), ("cc", ", ".join(rule.cc) or "-"),
         ("bcc", ", ".join(rule.bcc) or "-"),
@@ -122,7 +130,7 @@ def cmd_block(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     path = block_file(settings.data_dir)
-    entries = [("caller", args.caller)] if args.caller else []
+    entries = [("caller", " ".join(args.caller))] if args.caller else []
     if args.tsi:
         entries.append(("tsi", args.tsi))
     if not entries:
