@@ -437,6 +437,8 @@ class InboundRoute(Strict):
     # document stays in the store (`mailfax inbox show FAXID --pdf`) or the IMAP folder.
     # None: "pdf", or "pdf+tiff" with inbound.attach_tiff.
     format: InboundFormat | None = None
+    # Privacy mode: the first text lines of page 1 (OCR) in the mail all the same.
+    privacy_first_lines: bool = False
     language: Literal["en", "de"] | None = None  # None: inbound.language
     # Templates <language>/<template>.subject|.txt|.html in the templates folder.
     template: str = Field(default="inbound", pattern=r"^[A-Za-z0-9_-]+$")

@@ -433,6 +433,31 @@ async def test_a_rule_names_its_own_template(tmp_path: Path, corpus: Path,
     assert [kind for kind, _ in attachments(message)] == ["application/pdf"]
 
 
+@pytest.mark.parametrize(("first_lines", "shown"), [(False, False), (True, True)])
+def test_privacy_mode_shows_the_first_lines_only_if_the_rule_allows(
+        tmp_path: Path, first_lines: bool, shown: bool) -> None:
+    from datetime import UTC, datetime
+
+    from mailfax.app import inbound_mailer
+    from mailfax.config import InboundRoute
+    from mailfax.inbound.mailer import FaxFiles
+    from mailfax.store.base import InboundRecord
+
+    received = datetime(2026, 12, 1, 9, 0, tzinfo=UTC)
+    record = InboundRecord("main", "78", received, "+4930555", received, "", "", 1,
+                           "received", 0)
+    files = FaxFiles(pdf=b"%PDF-", pages=1, note="", preview_png=b"png",
+                     text_lines=("Befund Patient Muster",))
+    message = inbound_mailer(make_settings(tmp_path)).compose(
+        record, files, b"II*\0", [], InboundRoute(to=["a@example.org"], format="none",
+                                                 privacy_first_lines=first_lines))
+    plain = message.get_body(("plain",))
+    assert plain is not None
+    assert ("Befund Patient Muster" in plain.get_content()) is shown
+    assert attachments(message) == [] and "image/png" not in {
+        part.get_content_type() for part in message.walk()}
+
+
 def test_a_missing_template_falls_back_to_the_standard_one(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     from datetime import UTC, datetime

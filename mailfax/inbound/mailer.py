@@ -130,7 +130,8 @@ class InboundMailer:
             "received_text": local_time.strftime("%Y-%m-%d %H:%M %Z"),
             "fax_id": clean(record.fax_id, 64),
             "note": files.note,
-            "text_lines": [] if privacy else [clean(line, 120) for line in files.text_lines],
+            "text_lines": [] if privacy and not route.privacy_first_lines else [
+                clean(line, 120) for line in files.text_lines],
             "ocr_note": "" if privacy else files.ocr_note,
             "has_preview": files.preview_png is not None and not privacy,
             "preview_cid": "page1",

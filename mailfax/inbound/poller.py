@@ -45,12 +45,13 @@ async def queue_fax_mail(store: Store, record: InboundRecord, settings: InboundS
     goes to the route's recipients with the raw file and a sentence, and to the postmaster."""
     image = await store.inbound_image(record.account, record.fax_id)
     choice = choose_route(facts_of(record), settings, default_country)
-    privacy = mailer.format_of(choice.rule) == "none"
+    # Privacy mode mails neither the PDF nor its text, unless the rule allows the first lines.
+    text_unused = mailer.format_of(choice.rule) == "none" and not choice.rule.privacy_first_lines
     files = await asyncio.to_thread(prepare_files, image)
     if files.note:
         log.warning("fax %s could not be converted (%s): delivered as it came, the postmaster"
                     " told", record.fax_id, files.note)
-    elif files.pdf is not None and not privacy and await ocr_wanted(settings):
+    elif files.pdf is not None and not text_unused and await ocr_wanted(settings):
         files = await with_text_layer(files, settings)
     recipients = envelope_recipients(choice.rule, settings.postmaster,
                                      tell_postmaster=bool(files.note))
