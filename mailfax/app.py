@@ -207,7 +207,8 @@ class Application:
             name: InboundPoller(name, provider, self.store, settings.inbound,
                                 inbound_mailer(settings), settings.numbers.default_country,
                                 wake_outbox=self.outbox.wake,
-                                block_file=block_file(settings.data_dir))
+                                block_file=block_file(settings.data_dir),
+                                imap_delivery=settings.imap_delivery is not None)
             for name, provider in self.providers.items() if provider.supports_inbound}
         loops += [(f"inbound {name}", self._singleton(f"inbound {name}", poller.run))
                   for name, poller in self.inbound_pollers.items()]

@@ -571,7 +571,8 @@ def cmd_redeliver(args: argparse.Namespace) -> int:
         mailer = inbound_mailer(settings)
         for record in found:
             await queue_fax_mail(store, record, settings.inbound, mailer,
-                                 settings.numbers.default_country)
+                                 settings.numbers.default_country,
+                                 imap_delivery=settings.imap_delivery is not None)
             print(f"fax {record.fax_id} ({record.account}) queued for delivery again; "
                   f"a running mailfax serve sends it within 30 s (see mailfax inbox)")
         return 0

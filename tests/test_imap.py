@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import email
+import email.policy
 import time
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
@@ -331,7 +333,8 @@ async def test_delivery_folder_is_chosen_by_account_and_fax_id(tmp_path: Path) -
 async def test_routing_rules_choose_the_imap_folder_by_caller_and_station_id(
         tmp_path: Path, dovecot: Dovecot, corpus: Path) -> None:
     """[[inbound.rules]] folder: before imap_delivery.folders (by called number) and the
-    default folder; a privacy-mode rule's fax lands there without its document."""
+    default folder. A privacy-mode rule's fax goes there with its document, and its
+    recipients get a notice without it through the relay (here: the outbox Maildir)."""
     server = await emulator.start("127.0.0.1", 0, {"password": FAXDE_PASSWORD})
     doctor = server.state.add_inbound((corpus / "fax-tiff" / "fax2d.tif").read_bytes(),
                                       called_number="+4930555", originator="+4940111",
@@ -348,16 +351,26 @@ async def test_routing_rules_choose_the_imap_folder_by_caller_and_station_id(
                        "password": PASSWORD, "timeout": 10, "folder": "Routed/Other",
                        "folders": {"+4930555": "Routed/ByNumber"}})
     try:
-        async with running(settings):
+        async with running(settings) as app:
             [health] = await dovecot.wait_for(FAX3, "Routed/Health")
+            notice = await Service(app).wait_for_mail(lambda message: True)
             [rest] = await dovecot.wait_for(FAX3, "Routed/ByNumber")
             deadline = time.monotonic() + 20
             while time.monotonic() < deadline:
                 if len(server.state.deleted) == 2:
                     break
                 await asyncio.sleep(0.1)
+            assert len(Service(app).outbox_messages()) == 1  # the notice; the faxes: IMAP
         assert health["X-Mailfax-Fax-Id"] == str(doctor)
-        assert list(health.iter_attachments()) == []  # privacy mode
+        assert [part.get_content_type() for part in health.iter_attachments()] == [
+            "application/pdf"]
+        parsed = email.message_from_bytes(bytes(notice), policy=email.policy.default)
+        assert isinstance(parsed, EmailMessage)
+        assert parsed["X-Mailfax-Fax-Id"] == str(doctor) and parsed["To"] == FAX3
+        assert list(parsed.iter_attachments()) == []
+        body = parsed.get_body(("plain",))
+        assert body is not None and "It is in the\nmail folder Routed/Health." in (
+            body.get_content())
         assert rest["X-Mailfax-Fax-Id"] == str(other)
         assert [part.get_content_type() for part in rest.iter_attachments()] == [
             "application/pdf"]

@@ -108,9 +108,11 @@ class InboundMailer:
         self.attach_tiff = attach_tiff
 
     def compose(self, record: InboundRecord, files: FaxFiles, image: bytes,
-                recipients: list[str], route: InboundRoute | None = None) -> EmailMessage:
+                recipients: list[str], route: InboundRoute | None = None,
+                document_folder: str = "") -> EmailMessage:
         """The fax mail; ``recipients`` are its To header unless a ``route`` says To and Cc
-        (Bcc stays in the envelope). The route's format, language and template apply."""
+        (Bcc stays in the envelope). The route's format, language and template apply.
+        ``document_folder``: the IMAP folder a privacy-mode fax's document went to."""
         route = route or InboundRoute(to=recipients)
         form = self.format_of(route)
         privacy = form == "none"
@@ -137,6 +139,7 @@ class InboundMailer:
             "preview_cid": "page1",
             "privacy": privacy,
             "show_command": f"mailfax inbox show {clean(record.fax_id, 64)} --pdf",
+            "document_folder": document_folder,
             "format": form,
             "pdf_attached": pdf_attached,
             "raw_attached": raw_attached,

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 
-from mailfax.config import InboundSettings
+from mailfax.config import InboundRoute, InboundSettings
 from mailfax.inbound import ocr
 from mailfax.inbound.mailer import FaxFiles, InboundMailer, prepare_files
 from mailfax.inbound.routing import FaxFacts, choose_route, envelope_recipients, normalise_number
@@ -38,35 +38,49 @@ MAX_FAXES_PER_ROUND = 500
 
 
 async def queue_fax_mail(store: Store, record: InboundRecord, settings: InboundSettings,
-                         mailer: InboundMailer, default_country: str) -> None:
+                         mailer: InboundMailer, default_country: str,
+                         imap_delivery: bool = False) -> None:
     """Convert a stored fax, route it, and put its mail into the outbox.
 
     A fax that cannot be read (no pages, an image that does not decode) is never silent: it
-    goes to the route's recipients with the raw file and a sentence, and to the postmaster."""
+    goes to the route's recipients with the raw file and a sentence, and to the postmaster.
+
+    With ``imap_delivery``, a privacy-mode rule with a ``folder`` gets two mails: the fax with
+    its document, APPENDed to that folder (the fax is deleted at the provider after that), and
+    a notice without it, through the relay to the rule's recipients."""
     image = await store.inbound_image(record.account, record.fax_id)
     choice = choose_route(facts_of(record), settings, default_country)
-    # Privacy mode mails neither the PDF nor its text, unless the rule allows the first lines.
-    text_unused = mailer.format_of(choice.rule) == "none" and not choice.rule.privacy_first_lines
+    rule = choice.rule
+    privacy = mailer.format_of(rule) == "none"
+    split = privacy and imap_delivery and rule.folder is not None
     files = await asyncio.to_thread(prepare_files, image)
+    # Privacy mode mails neither the PDF nor its text, unless the rule allows the first lines.
+    wants_text = not privacy or split or rule.privacy_first_lines
     if files.note:
         log.warning("fax %s could not be converted (%s): delivered as it came, the postmaster"
                     " told", record.fax_id, files.note)
-    elif files.pdf is not None and not text_unused and await ocr_wanted(settings):
+    elif files.pdf is not None and wants_text and await ocr_wanted(settings):
         files = await with_text_layer(files, settings)
-    recipients = envelope_recipients(choice.rule, settings.postmaster,
+    recipients = envelope_recipients(rule, settings.postmaster,
                                      tell_postmaster=bool(files.note))
     log.info("fax %s from %s to %s: %s (%s)", record.fax_id, record.originator or "unknown",
              record.called_number, choice.label, "; ".join(choice.reasons))
 
-    def render() -> bytes:  # base64 of a multi-page PDF and a preview: off the event loop
-        return mailer.compose(record, files, image, list(choice.rule.to),
-                              choice.rule).as_bytes()
+    def render(route: InboundRoute, folder: str = "") -> bytes:  # base64: off the loop
+        return mailer.compose(record, files, image, list(route.to), route,
+                              document_folder=folder).as_bytes()
 
-    message = await asyncio.to_thread(render)
-    await store.queue_inbound_mails(record.account, record.fax_id, [OutgoingMail(
-        envelope_from=settings.from_address, recipients=recipients,
-        message=message, kind="inbound", inbound=(record.account, record.fax_id))],
-        pages=files.pages or None)  # the pages it has, whatever the provider said
+    fax_mail = rule.model_copy(update={"format": None}) if split else rule
+    mails = [OutgoingMail(envelope_from=settings.from_address, recipients=recipients,
+                          message=await asyncio.to_thread(render, fax_mail), kind="inbound",
+                          inbound=(record.account, record.fax_id))]
+    if split:  # not marked as the fax's: the outbox sends it through the relay, not IMAP
+        mails.append(OutgoingMail(envelope_from=settings.from_address, recipients=recipients,
+                                  message=await asyncio.to_thread(render, rule,
+                                                                  rule.folder or ""),
+                                  kind="inbound"))
+    await store.queue_inbound_mails(record.account, record.fax_id, mails,
+                                    pages=files.pages or None)  # whatever the provider said
 
 
 def facts_of(record: InboundRecord) -> FaxFacts:
@@ -98,9 +112,10 @@ class InboundPoller:
     def __init__(self, account: str, provider: Provider, store: Store,
                  settings: InboundSettings, mailer: InboundMailer, default_country: str,
                  wake_outbox: Callable[[], None] = lambda: None,
-                 block_file: Path | None = None):
+                 block_file: Path | None = None, imap_delivery: bool = False):
         self.account = account
         self.block_file = block_file  # mailfax block's entries, beside the config's
+        self.imap_delivery = imap_delivery  # fax mails are APPENDed ([imap_delivery])
         self.provider = provider
         self.store = store
         self.settings = settings
@@ -215,7 +230,7 @@ class InboundPoller:
 
     async def queue_mail(self, record: InboundRecord) -> None:
         await queue_fax_mail(self.store, record, self.settings, self.mailer,
-                             self.default_country)
+                             self.default_country, self.imap_delivery)
 
     async def _wait_for_handoff(self, record: InboundRecord) -> Handoff:
         """Until the fax's mail was handed off or refused for good, or ``handoff_timeout``."""
