@@ -538,3 +538,33 @@ async def test_keep_days_removes_a_mailed_fax_from_the_store(
         await app.stop()
     shown = run_cli(tmp_path, settings, "inbox", "show", str(fax_id), "--pdf")
     assert shown.returncode == 1 and b"no received fax" in shown.stderr
+
+
+async def test_screened_faxes_are_counted_in_the_metrics_not_as_pending(
+        tmp_path: Path) -> None:
+    from datetime import UTC, datetime
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from mailfax.providers.base import InboundFax
+    from mailfax.store.sqlite import SqliteStore
+    from mailfax.web.metrics import Metrics
+
+    store = SqliteStore(tmp_path / "s.sqlite3")
+    await store.open()
+    try:
+        received = datetime(2026, 12, 1, tzinfo=UTC)
+        for fax_id, state in (("1", "blocked"), ("2", "blocked"), ("3", "duplicate"),
+                              ("4", "")):
+            await store.add_inbound_fax("main", InboundFax(fax_id, "+4930555", received, "",
+                                                           "", 1, b"II*\0"))
+            if state:
+                await store.mark_inbound_screened("main", fax_id, state)
+        text = (await Metrics().render(store)).decode()
+    finally:
+        await store.close()
+    samples = {(sample.name, tuple(sample.labels.values())): sample.value
+               for family in text_string_to_metric_families(text) for sample in family.samples}
+    assert samples[("mailfax_inbound_screened", ("blocked",))] == 2
+    assert samples[("mailfax_inbound_screened", ("duplicate",))] == 1
+    assert samples[("mailfax_inbound_pending", ())] == 1
