@@ -40,6 +40,11 @@ def recipients_for(called_number: str, routes: Mapping[str, Sequence[str]],
 # -- routing rules ([[inbound.rules]]) -------------------------------------------------------
 
 
+# A station id is at most 20 characters (T.30); only this much of what a provider says is
+# searched, so a configured regular expression never runs long on a hostile value.
+MAX_TSI = 64
+
+
 @dataclass(frozen=True)
 class FaxFacts:
     """What a received fax is routed on (as the provider said; untrusted, only compared)."""
@@ -115,7 +120,7 @@ def rule_reasons(rule: InboundRoute, facts: FaxFacts, default_country: str
             return None
         reasons.append(f"account {facts.account}")
     if rule.tsi is not None:
-        found = re.search(rule.tsi, facts.tsi, re.IGNORECASE)
+        found = re.search(rule.tsi, facts.tsi[:MAX_TSI], re.IGNORECASE)
         if found is None:
             return None
         reasons.append(f"station id {facts.tsi!r} matches /{rule.tsi}/")

@@ -24,7 +24,7 @@ from PIL import Image
 
 from mailfax.config import InboundSettings
 from mailfax.inbound.convert import MAX_PAGE_PIXELS
-from mailfax.inbound.routing import FaxFacts, normalise_number
+from mailfax.inbound.routing import MAX_TSI, FaxFacts, normalise_number
 
 BLOCK_FILE = "inbound-blocklist"
 SCREENED_STATES = ("blocked", "duplicate")  # stored, deleted at the provider, never mailed
@@ -115,7 +115,7 @@ def blocked_by(facts: FaxFacts, blocks: BlockList, default_country: str) -> str 
         if caller and prefix and caller.startswith(prefix):
             return f"caller {caller} starts with the blocked {prefix}"
     for pattern in blocks.station_ids:
-        if facts.tsi and re.search(pattern, facts.tsi, re.IGNORECASE):
+        if facts.tsi and re.search(pattern, facts.tsi[:MAX_TSI], re.IGNORECASE):
             return f"station id {facts.tsi!r} matches the blocked /{pattern}/"
     return None
 
