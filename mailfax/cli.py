@@ -511,7 +511,7 @@ def cmd_send(args: argparse.Namespace) -> int:
 
 
 def cmd_inbox(args: argparse.Namespace) -> int:
-    if args.action == "show":
+    if args.action == "show" or args.pdf is not None or args.tiff is not None:
         from mailfax.inbound.commands import cmd_inbox_show
 
         return cmd_inbox_show(args)

@@ -291,6 +291,11 @@ async def test_privacy_mode_mails_no_document_and_it_stays_retrievable(
     shown = run_cli(tmp_path, settings, "inbox", "show", str(health), "--pdf")
     assert shown.returncode == 0, shown.stderr
     assert shown.stdout.startswith(b"%PDF") and pdf_pages(shown.stdout) == 3
+    raw = tmp_path / "fax.tif"
+    assert run_cli(tmp_path, settings, "inbox", "show", str(health), "--tiff",
+                   str(raw)).returncode == 0
+    assert raw.read_bytes() == multi  # as received
+    assert run_cli(tmp_path, settings, "inbox", "--pdf").returncode == 2  # show FAXID missing
     listed = run_cli(tmp_path, settings, "inbox", "show", str(health))
     assert b"pages:       3" in listed.stdout and b"state:       deleted" in listed.stdout
 

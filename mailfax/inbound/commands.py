@@ -158,8 +158,9 @@ def cmd_block(args: argparse.Namespace) -> int:
 def cmd_inbox_show(args: argparse.Namespace) -> int:
     from mailfax.cli import _run_with_store
 
-    if not args.fax_id:
-        print("mailfax: inbox show needs a FAXID (see mailfax inbox)", file=sys.stderr)
+    if args.action != "show" or not args.fax_id:
+        print("mailfax: write mailfax inbox show FAXID [--pdf [FILE]] [--tiff [FILE]] (the "
+              "FAXID from mailfax inbox)", file=sys.stderr)
         return 2
 
     async def action(store: Store) -> int:
