@@ -501,9 +501,6 @@ class InboundSettings(Strict):
     # block file <data_dir>/inbound-blocklist instead.
     block_callers: list[str] = Field(default_factory=list)
     block_tsi: list[Annotated[str, AfterValidator(_regex)]] = Field(default_factory=list)
-    # Received faxes (their documents too, also privacy mode's) are removed from the store this
-    # many days after they were received, once deleted at the provider and mailed; 0: kept.
-    keep_days: float = Field(default=0.0, ge=0)
 
     @model_validator(mode="after")
     def _one_routing_form(self) -> InboundSettings:

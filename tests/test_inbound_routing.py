@@ -523,28 +523,6 @@ def test_mailfax_block_adds_once_lists_and_refuses_a_bad_regex(tmp_path: Path) -
     assert lines[1:] == ["caller 0190 1"]
 
 
-async def test_keep_days_removes_a_mailed_fax_from_the_store(
-        tmp_path: Path, corpus: Path, faxde: emulator.Emulator) -> None:
-    fax_id = faxde.state.add_inbound((corpus / "fax-tiff" / "fax2d.tif").read_bytes(),
-                                     called_number="+49301234569")
-    settings = settings_for(tmp_path, faxde, keep_days=8 / 86400)  # eight seconds
-    app = Application(settings)
-    await app.start()
-    try:
-        await until(lambda: len(maildir_mails(settings.maildir_path)) == 1)
-        assert [record.fax_id for record in await app.store.list_inbound()] == [str(fax_id)]
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if not await app.store.list_inbound():
-                break
-            await asyncio.sleep(0.2)
-        assert await app.store.list_inbound() == []
-    finally:
-        await app.stop()
-    shown = run_cli(tmp_path, settings, "inbox", "show", str(fax_id), "--pdf")
-    assert shown.returncode == 1 and b"no received fax" in shown.stderr
-
-
 async def test_screened_faxes_are_counted_in_the_metrics_not_as_pending(
         tmp_path: Path) -> None:
     from datetime import UTC, datetime

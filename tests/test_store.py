@@ -441,29 +441,6 @@ async def test_a_screened_fax_keeps_its_state_and_is_counted(store: Store) -> No
     assert (await store.counts())["inbound"] == {"blocked": 1, "duplicate": 1}
 
 
-async def test_purge_removes_only_old_faxes_that_are_done(store: Store) -> None:
-    old, new = datetime(2024, 5, 1, tzinfo=UTC), datetime(2024, 6, 1, tzinfo=UTC)
-    faxes = {"done": ("acct", old), "pending": ("acct", old), "kept": ("acct", old),
-             "young": ("acct", new), "junk": ("acct", old), "other": ("elsewhere", old)}
-    for fax_id, (account, received) in faxes.items():
-        await store.add_inbound_fax(account, InboundFax(fax_id, "+4930999", received, "", "",
-                                                        1, b"II*\0"))
-    for fax_id in ("done", "pending", "young", "other"):
-        account = faxes[fax_id][0]
-        await store.queue_inbound_mails(account, fax_id, [OutgoingMail(
-            "", ["x@y"], b"fax", kind="inbound", inbound=(account, fax_id))])
-        await store.mark_inbound_deleted(account, fax_id)
-    await store.mark_inbound_screened("acct", "junk", "blocked")
-    for item in await store.due_outbox(10):
-        if item.inbound != ("acct", "pending"):
-            await store.outbox_sent(item.id)
-    assert await store.purge_inbound("acct", datetime(2024, 5, 15, tzinfo=UTC)) == 2
-    assert sorted(r.fax_id for r in await store.list_inbound()) == [
-        "kept", "other", "pending", "young"]
-    with pytest.raises(KeyError):
-        await store.inbound_image("acct", "done")
-
-
 async def test_two_instances_claiming_concurrently_get_disjoint_jobs(backend: Backend) -> None:
     first, second = backend.make(), backend.make()
     await first.open()

@@ -15,7 +15,7 @@ import dataclasses
 import logging
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 
 from mailfax.config import InboundRoute, InboundSettings
@@ -129,7 +129,6 @@ class InboundPoller:
                 await self.poll_once()
             except ProviderError as error:
                 log.warning("inbound poll of %s: %s", self.account, error)
-            await self.purge_old()
             await asyncio.sleep(self.poll_interval)
 
     @property
@@ -140,18 +139,6 @@ class InboundPoller:
         if isinstance(hint, int | float) and hint > 0:
             return float(hint)
         return self.settings.poll_seconds
-
-    async def purge_old(self) -> int:
-        """Remove the faxes older than ``keep_days`` that are done (see Store.purge_inbound)."""
-        if not self.settings.keep_days:
-            return 0
-        before = datetime.now(UTC) - timedelta(days=self.settings.keep_days)
-        removed = await self.store.purge_inbound(self.account, before)
-        if removed:
-            log.info("%d received fax%s of %s older than %g days removed from the store",
-                     removed, "" if removed == 1 else "es", self.account,
-                     self.settings.keep_days)
-        return removed
 
     async def poll_once(self) -> int:
         """Fetch until the provider's inbox is empty; returns how many faxes were deleted."""

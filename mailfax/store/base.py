@@ -422,12 +422,6 @@ class Store(Protocol):
 
     async def mark_inbound_deleted(self, account: str, fax_id: str) -> None: ...
 
-    async def purge_inbound(self, account: str, received_before: datetime) -> int:
-        """Remove ``account``'s received faxes (and their images) received before then that
-        are done: deleted at the provider (or screened) with no mail of theirs pending.
-        Returns how many."""
-        ...
-
     async def mark_inbound_screened(self, account: str, fax_id: str, state: str) -> None:
         """``blocked`` or ``duplicate``: a fax that is not mailed (it is deleted at the
         provider next, and keeps this state after)."""

@@ -1262,17 +1262,6 @@ class PostgresStore:
                 (account, fax_id),
             )
 
-    async def purge_inbound(self, account: str, received_before: datetime) -> int:
-        async with self._cursor() as cur:
-            await cur.execute(
-                "DELETE FROM inbound_faxes WHERE account = %s AND received_at < %s"
-                " AND state IN ('deleted', 'blocked', 'duplicate') AND NOT EXISTS (SELECT 1"
-                " FROM outbox WHERE outbox.inbound_account = inbound_faxes.account AND"
-                " outbox.inbound_fax_id = inbound_faxes.fax_id AND outbox.state = 'pending')",
-                (account, received_before),
-            )
-            return cur.rowcount
-
     async def mark_inbound_screened(self, account: str, fax_id: str, state: str) -> None:
         async with self._cursor() as cur:
             await cur.execute(

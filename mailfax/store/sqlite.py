@@ -445,18 +445,6 @@ class _InboundMixin:
             "UPDATE inbound_faxes SET state = 'deleted' WHERE account = ? AND fax_id = ?",
             (account, fax_id)))
 
-    async def purge_inbound(self, account: str, received_before: datetime) -> int:
-        def operation(conn: sqlite3.Connection) -> int:
-            return conn.execute(
-                "DELETE FROM inbound_faxes WHERE account = ? AND received_at < ?"
-                " AND state IN ('deleted', 'blocked', 'duplicate') AND NOT EXISTS (SELECT 1"
-                " FROM outbox WHERE outbox.inbound_account = inbound_faxes.account AND"
-                " outbox.inbound_fax_id = inbound_faxes.fax_id AND outbox.state = 'pending')",
-                (account, received_before.timestamp())).rowcount
-
-        removed: int = await self._call(operation)
-        return removed
-
     async def mark_inbound_screened(self, account: str, fax_id: str, state: str) -> None:
         await self._call(lambda conn: conn.execute(
             "UPDATE inbound_faxes SET state = ? WHERE account = ? AND fax_id = ?",
