@@ -352,9 +352,9 @@ async def test_empty_and_broken_faxes_reach_the_route_and_the_postmaster(
         tmp_path: Path, corpus: Path, faxde: emulator.Emulator) -> None:
     broken = (corpus / "fax-tiff" / "hostile" / "crash-2020-10-test.tif").read_bytes()
     empty = faxde.state.add_inbound(b"", called_number="030 1234571", originator="+4989111",
-                              pages=0)
+                                    pages=0)
     bad = faxde.state.add_inbound(broken, called_number="030 1234571", originator="+4989222",
-                            pages=1)
+                                  pages=1)
     settings = settings_for(tmp_path, faxde)
     await run_until(settings, lambda: len(faxde.state.deleted) == 2)
     mails = {str(m["X-Mailfax-Fax-Id"]): m for m in maildir_mails(settings.maildir_path)}
@@ -369,17 +369,21 @@ async def test_empty_and_broken_faxes_reach_the_route_and_the_postmaster(
     assert attachments(mails[str(bad)]) == [("image/tiff", broken)]
     bad_text = mails[str(bad)].get_body(("plain",))
     assert bad_text is not None and "could not be converted" in bad_text.get_content()
+    shown = run_cli(tmp_path, settings, "inbox", "show", str(empty), "--pdf")
+    assert shown.returncode == 1 and b"has no image stored" in shown.stderr
 
 
 async def test_broken_fax_envelope_includes_the_postmaster(
         tmp_path: Path, corpus: Path, faxde: emulator.Emulator, relay: Any) -> None:
     keeper, port = relay
-    faxde.state.add_inbound(b"", called_number="030 1234571", originator="", pages=0)
+    for _ in range(2):  # the second empty fax is no "duplicate": each is told
+        faxde.state.add_inbound(b"", called_number="030 1234571", originator="", pages=0)
     settings = settings_for(tmp_path, faxde, extra={"relay": {"host": "127.0.0.1",
                                                               "port": port}})
-    await run_until(settings, lambda: len(keeper.received) == 1)
-    [(rcpts, _)] = keeper.received
-    assert rcpts == ["accounts@example.org", "boss@example.org", "pm@example.org"]
+    await run_until(settings, lambda: len(keeper.received) == 2)
+    for rcpts, _ in keeper.received:
+        assert rcpts == ["accounts@example.org", "boss@example.org", "pm@example.org"]
+    assert len(faxde.state.deleted) == 2
 
 
 def test_mailfax_route_prints_the_rule_and_why(tmp_path: Path) -> None:

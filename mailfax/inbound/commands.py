@@ -184,6 +184,10 @@ def cmd_inbox_show(args: argparse.Namespace) -> int:
                 print(f"{name + ':':<12} {value}")
             return 0
         image = await store.inbound_image(record.account, record.fax_id)
+        if not image:
+            print(f"mailfax: fax {record.fax_id} ({record.account}) has no image stored: the "
+                  "provider delivered none, or retention deleted it", file=sys.stderr)
+            return 1
         if args.tiff is not None:
             return await write_out(image, args.tiff)
         return await write_pdf(image, args.pdf)

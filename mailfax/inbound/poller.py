@@ -210,7 +210,7 @@ class InboundPoller:
         """The id of an earlier fax to the same number with the same pages, received within
         ``duplicate_window_minutes`` of this one; None if there is none (or the check is off)."""
         window = timedelta(minutes=self.settings.duplicate_window_minutes)
-        if not window:
+        if not window or not image:  # an empty fax is told every time, never dropped
             return None
         called = normalise_number(record.called_number, self.default_country)
         candidates = [
@@ -222,9 +222,8 @@ class InboundPoller:
             return None
         mine = await asyncio.to_thread(page_hashes, image)
         for other in candidates:
-            theirs = await asyncio.to_thread(
-                page_hashes, await self.store.inbound_image(other.account, other.fax_id))
-            if same_fax(mine, theirs):
+            earlier = await self.store.inbound_image(other.account, other.fax_id)
+            if earlier and same_fax(mine, await asyncio.to_thread(page_hashes, earlier)):
                 return other.fax_id
         return None
 
