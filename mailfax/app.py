@@ -33,6 +33,7 @@ from mailfax.imap.delivery import ImapDeliverySink
 from mailfax.imap.intake import ImapIntake
 from mailfax.inbound.mailer import InboundMailer
 from mailfax.inbound.poller import InboundPoller
+from mailfax.inbound.screening import block_file
 from mailfax.intake.service import Intake
 from mailfax.intake.smtp import start_listeners, tls_context
 from mailfax.outbound.accounts import AccountHealth
@@ -207,7 +208,9 @@ class Application:
         self.inbound_pollers = {
             name: InboundPoller(name, provider, self.store, settings.inbound,
                                 inbound_mailer(settings), settings.numbers.default_country,
-                                wake_outbox=self.outbox.wake)
+                                wake_outbox=self.outbox.wake,
+                                block_file=block_file(settings.data_dir),
+                                imap_delivery=settings.imap_delivery is not None)
             for name, provider in self.providers.items() if provider.supports_inbound}
         loops += [(f"inbound {name}", self._singleton(f"inbound {name}", poller.run))
                   for name, poller in self.inbound_pollers.items()]
@@ -343,7 +346,8 @@ class Application:
             sink = MaildirSink(self.settings.maildir_path)
         if self.settings.imap_delivery is not None:
             sink = ImapDeliverySink(self.settings.imap_delivery, sink, self.store,
-                                    self.settings.numbers.default_country)
+                                    self.settings.numbers.default_country,
+                                    inbound=self.settings.inbound)
         return sink
 
     def _log_startup(self) -> None:

@@ -131,6 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
                     cmd_inbox)
     inbox.add_argument("--json", action="store_true")
     inbox.add_argument("--limit", type=int, default=100)
+    from mailfax.inbound.commands import add_commands as add_inbound_commands
+
+    add_inbound_commands(command, inbox)  # route, block, inbox show
 
     redeliver = command("redeliver", "mail a received fax again", cmd_redeliver)
     redeliver.add_argument("fax_id", metavar="FAXID")
@@ -519,6 +522,11 @@ def cmd_send(args: argparse.Namespace) -> int:
 
 
 def cmd_inbox(args: argparse.Namespace) -> int:
+    if args.action == "show" or args.pdf is not None or args.tiff is not None:
+        from mailfax.inbound.commands import cmd_inbox_show
+
+        return cmd_inbox_show(args)
+
     async def action(store: Store) -> int:
         faxes = await store.list_inbound(limit=args.limit)
         rows = [(fax, inbox_state(fax, await store.inbound_handoff(fax.account, fax.fax_id)))
@@ -551,7 +559,10 @@ def cmd_inbox(args: argparse.Namespace) -> int:
 def inbox_state(fax: InboundRecord, handoff: Handoff) -> str:
     """Where a received fax's mail is: ``received`` (no mail yet), ``queued`` (in the outbox),
     ``mailed`` (the relay took it or the Maildir has it), ``refused`` (the relay refused it
-    for good: fix the cause, then ``mailfax redeliver``)."""
+    for good: fix the cause, then ``mailfax redeliver``), ``blocked`` (junk) or ``duplicate``
+    (received before): deleted at the provider, never mailed."""
+    if fax.state in ("blocked", "duplicate") and fax.deliveries == 0:
+        return fax.state
     if fax.state == "received" and fax.deliveries == 0:
         return "received"
     return {"waiting": "queued", "handed_off": "mailed", "failed": "refused"}[handoff]
@@ -575,7 +586,8 @@ def cmd_redeliver(args: argparse.Namespace) -> int:
                       "deleted ([retention] received_faxes_days)", file=sys.stderr)
                 return 1
             await queue_fax_mail(store, record, settings.inbound, mailer,
-                                 settings.numbers.default_country)
+                                 settings.numbers.default_country,
+                                 imap_delivery=settings.imap_delivery is not None)
             print(f"fax {record.fax_id} ({record.account}) queued for delivery again; "
                   f"a running mailfax serve sends it within 30 s (see mailfax inbox)")
         return 0

@@ -441,6 +441,75 @@ class RetentionSettings(Strict):
     batch_size: int = Field(default=200, ge=1, le=1000)
 
 
+InboundFormat = Literal["pdf", "tiff", "pdf+tiff", "none"]
+
+
+def _regex(value: str | None) -> str | None:
+    if value is not None:
+        try:
+            re.compile(value)
+        except re.error as error:
+            raise ValueError(f"{value!r} is not a regular expression: {error}") from None
+    return value
+
+
+class InboundRoute(Strict):
+    """``[[inbound.rules]]``: one routing rule for received faxes (mailfax.inbound.routing).
+
+    Rules are tried in order, the first that matches wins. Every match field a rule sets must
+    match (a list matches when one entry does); a rule that sets none matches every fax, so it
+    belongs at the end, as the default route.
+    """
+
+    name: str = ""  # shown by `mailfax route` and in the log
+    # -- what it matches --
+    called: list[str] = Field(default_factory=list)  # numbers, any spelling, exactly
+    called_prefix: list[str] = Field(default_factory=list)  # E.164 prefixes, e.g. "+4930123"
+    caller: list[str] = Field(default_factory=list)  # the sender's caller id, exactly
+    caller_prefix: list[str] = Field(default_factory=list)
+    # The remote station id (TSI), a regular expression searched for, in any case.
+    tsi: Annotated[str | None, AfterValidator(_regex)] = None
+    account: list[str] = Field(default_factory=list)  # [accounts.NAME] the fax came in at
+    # -- what it sets --
+    to: list[str] = Field(min_length=1)
+    cc: list[str] = Field(default_factory=list)
+    bcc: list[str] = Field(default_factory=list)  # in the envelope only, never in a header
+    # What is attached; "none" is privacy mode: the mail only says that a fax arrived, the
+    # document stays in the store (`mailfax inbox show FAXID --pdf`) or the IMAP folder.
+    # None: "pdf", or "pdf+tiff" with inbound.attach_tiff.
+    format: InboundFormat | None = None
+    # Privacy mode: the first text lines of page 1 (OCR) in the mail all the same.
+    privacy_first_lines: bool = False
+    language: Literal["en", "de"] | None = None  # None: inbound.language
+    # Templates <language>/<template>.subject|.txt|.html in the templates folder.
+    template: str = Field(default="inbound", pattern=r"^[A-Za-z0-9_-]+$")
+    subject: str | None = None  # a Jinja template for the subject, instead of the template's
+    folder: str | None = None  # [imap_delivery] folder for these faxes
+    notify_postmaster: bool = False  # the postmaster gets the mail too (in the envelope)
+
+    @field_validator("called_prefix", "caller_prefix")
+    @classmethod
+    def _prefixes(cls, values: list[str]) -> list[str]:
+        return e164_prefixes([value.replace(" ", "") for value in values])
+
+    @field_validator("subject")
+    @classmethod
+    def _subject_template(cls, value: str | None) -> str | None:
+        if value is not None:
+            import jinja2
+
+            try:
+                jinja2.Environment().parse(value)
+            except jinja2.TemplateSyntaxError as error:
+                raise ValueError(f"{value!r} is not a Jinja template: {error}") from None
+        return value
+
+    @property
+    def matches_everything(self) -> bool:
+        return not (self.called or self.called_prefix or self.caller or self.caller_prefix
+                    or self.tsi is not None or self.account)
+
+
 class InboundSettings(Strict):
     """Received faxes: where they go and how they are mailed."""
 
@@ -463,6 +532,29 @@ class InboundSettings(Strict):
     ocr: Literal["auto", "on", "off"] = "auto"
     ocr_languages: str = Field(default="deu+eng", pattern=r"^[a-z_]+(\+[a-z_]+)*$")
     ocr_seconds_per_page: float = Field(default=20.0, gt=0)
+    # Routing rules, first match wins (InboundRoute); instead of routes/default_route.
+    rules: list[InboundRoute] = Field(default_factory=list)
+    # The same fax again (the same pages, by content, to the same number) within this many
+    # minutes is not mailed a second time, only logged and deleted; 0: every fax is mailed.
+    duplicate_window_minutes: float = Field(default=60.0, ge=0)
+    # Junk faxes: deleted at the provider and counted (state "blocked"), never mailed. Caller
+    # numbers by prefix (any spelling) and station ids by regex; `mailfax block` adds to the
+    # block file <data_dir>/inbound-blocklist instead.
+    block_callers: list[str] = Field(default_factory=list)
+    block_tsi: list[Annotated[str, AfterValidator(_regex)]] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _one_routing_form(self) -> InboundSettings:
+        if self.rules and (self.routes or self.default_route):
+            raise ValueError("[[inbound.rules]] replace inbound.routes and "
+                             "inbound.default_route: move each route into a rule (called = "
+                             "[NUMBER], to = [...]) and the default route into a last rule "
+                             "without match fields")
+        for index, rule in enumerate(self.rules[:-1], start=1):
+            if rule.matches_everything:
+                raise ValueError(f"rules: rule {index} {rule.name!r} matches every fax, so "
+                                 f"the rules after it can never match; put it last")
+        return self
 
     @field_validator("timezone")
     @classmethod

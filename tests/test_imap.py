@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import email
+import email.policy
 import time
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
@@ -239,17 +241,23 @@ async def proxy(listen_port: int, target_port: int) -> asyncio.Server:
     return await asyncio.start_server(handle, "127.0.0.1", listen_port)
 
 
+def faxde_settings(tmp_path: Path, server: emulator.Emulator, **overrides: Any) -> Any:
+    """Settings whose default account is the FAX.de emulator ``server``."""
+    return make_settings(
+        tmp_path, accounts={"main": {"provider": "fax.de", "account": "123456",
+                                     "password": FAXDE_PASSWORD,
+                                     "wsdl_url": server.wsdl_url}},
+        default_account="main", **overrides)
+
+
 async def test_received_fax_is_appended_to_the_shared_folder_then_deleted_at_the_provider(
         tmp_path: Path, dovecot: Dovecot, corpus: Path) -> None:
     server = await emulator.start("127.0.0.1", 0, {"password": FAXDE_PASSWORD})
     sales = server.state.add_inbound((corpus / "fax-tiff" / "fax2d.tif").read_bytes(),
                                      called_number="030 1234567", originator="+4940555123")
     imap_port = free_port()  # nothing listens here until the proxy starts
-    settings = make_settings(
-        tmp_path, accounts={"main": {"provider": "fax.de", "account": "123456",
-                                     "password": FAXDE_PASSWORD,
-                                     "wsdl_url": server.wsdl_url}},
-        default_account="main",
+    settings = faxde_settings(
+        tmp_path, server,
         inbound={"poll_seconds": 0.2, "handoff_timeout": 1.0, "from_address": FAX,
                  "routes": {"+49301234567": ["sales@example.org"]}},
         outbox={"retry_initial_seconds": 0.2, "retry_max_seconds": 1.0},
@@ -320,3 +328,53 @@ async def test_delivery_folder_is_chosen_by_account_and_fax_id(tmp_path: Path) -
         assert item.inbound == ("b", "42")  # what deliver() passes to folder_for
     finally:
         await store.close()
+
+
+async def test_routing_rules_choose_the_imap_folder_by_caller_and_station_id(
+        tmp_path: Path, dovecot: Dovecot, corpus: Path) -> None:
+    """[[inbound.rules]] folder: before imap_delivery.folders (by called number) and the
+    default folder. A privacy-mode rule's fax goes there with its document, and its
+    recipients get a notice without it through the relay (here: the outbox Maildir)."""
+    server = await emulator.start("127.0.0.1", 0, {"password": FAXDE_PASSWORD})
+    doctor = server.state.add_inbound((corpus / "fax-tiff" / "fax2d.tif").read_bytes(),
+                                      called_number="+4930555", originator="+4940111",
+                                      remote_id="PRAXIS")
+    other = server.state.add_inbound((corpus / "fax-tiff" / "g3test.tif").read_bytes(),
+                                     called_number="+4930555", originator="+4989222")
+    settings = faxde_settings(
+        tmp_path, server,
+        inbound={"poll_seconds": 0.2, "handoff_timeout": 5.0, "from_address": FAX3,
+                 "rules": [{"name": "doctor", "tsi": "^praxis", "caller_prefix": ["+4940"],
+                            "to": [FAX3], "folder": "Routed/Health", "format": "none"},
+                           {"name": "rest", "to": [FAX3]}]},
+        imap_delivery={"host": "127.0.0.1", "port": dovecot.imap_port, "username": FAX3,
+                       "password": PASSWORD, "timeout": 10, "folder": "Routed/Other",
+                       "folders": {"+4930555": "Routed/ByNumber"}})
+    try:
+        async with running(settings) as app:
+            [health] = await dovecot.wait_for(FAX3, "Routed/Health")
+            notice = await Service(app).wait_for_mail(lambda message: True)
+            [rest] = await dovecot.wait_for(FAX3, "Routed/ByNumber")
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:
+                if len(server.state.deleted) == 2:
+                    break
+                await asyncio.sleep(0.1)
+            assert len(Service(app).outbox_messages()) == 1  # the notice; the faxes: IMAP
+        assert health["X-Mailfax-Fax-Id"] == str(doctor)
+        assert [part.get_content_type() for part in health.iter_attachments()] == [
+            "application/pdf"]
+        parsed = email.message_from_bytes(bytes(notice), policy=email.policy.default)
+        assert isinstance(parsed, EmailMessage)
+        assert parsed["X-Mailfax-Fax-Id"] == str(doctor) and parsed["To"] == FAX3
+        assert list(parsed.iter_attachments()) == []
+        body = parsed.get_body(("plain",))
+        assert body is not None and "It is in the\nmail folder Routed/Health." in (
+            body.get_content())
+        assert rest["X-Mailfax-Fax-Id"] == str(other)
+        assert [part.get_content_type() for part in rest.iter_attachments()] == [
+            "application/pdf"]
+        assert await count(dovecot, "Routed/Other", FAX3) == 0
+        assert server.state.deleted == [doctor, other]
+    finally:
+        await server.close()

@@ -197,6 +197,21 @@ async def test_received_fax_images_go_after_hand_off_the_record_stays(
                    "old") == [(0,)]
 
 
+async def test_images_of_screened_faxes_go_too(backend: Backend, store: Store) -> None:
+    """Junk and duplicate faxes are never mailed: their images go after the same days."""
+    for fax_id, state in (("junk", "blocked"), ("again", "duplicate")):
+        await store.add_inbound_fax("acct", InboundFax(
+            fax_id=fax_id, called_number="+4930123456", received_at=datetime.now(UTC),
+            originator="+4990055", remote_id="", pages=1, image=b"II*\0" + os.urandom(4000)))
+        await store.mark_inbound_screened("acct", fax_id, state)
+    backdate(backend, "inbound_faxes", ("fetched_at",), "fax_id = 'junk'", 40)
+
+    purged = await store.purge("received_faxes", datetime.now(UTC) - timedelta(days=30))
+    assert (purged.items, purged.bytes) == (1, 4004)
+    assert await store.inbound_image("acct", "junk") == b""
+    assert len(await store.inbound_image("acct", "again")) == 4004, "not old enough yet"
+
+
 async def test_sent_outbox_mails_and_dsns_go_each_after_their_days(
         backend: Backend, store: Store) -> None:
     for kind in ("status", "dsn", "admin"):

@@ -428,6 +428,19 @@ async def test_inbound_faxes_are_stored_once_and_handed_off(store: Store) -> Non
     assert await store.inbound_handoff("acct", "F1") == "waiting"
 
 
+async def test_a_screened_fax_keeps_its_state_and_is_counted(store: Store) -> None:
+    received = datetime(2024, 5, 1, 12, 30, tzinfo=UTC)
+    for fax_id in ("J1", "D1"):
+        await store.add_inbound_fax("acct", InboundFax(fax_id, "+4930999", received, "+49180",
+                                                       "", 1, b"II*\0"))
+    await store.mark_inbound_screened("acct", "J1", "blocked")
+    await store.mark_inbound_screened("acct", "D1", "duplicate")
+    again = await store.add_inbound_fax("acct", InboundFax("J1", "+4930999", received, "", "",
+                                                           1, b"II*\0"))
+    assert again.state == "blocked"  # fetched again (the delete was lost): still not mailed
+    assert (await store.counts())["inbound"] == {"blocked": 1, "duplicate": 1}
+
+
 async def test_two_instances_claiming_concurrently_get_disjoint_jobs(backend: Backend) -> None:
     first, second = backend.make(), backend.make()
     await first.open()

@@ -13,9 +13,9 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from mailfax.config import ImapDeliverySettings
+from mailfax.config import ImapDeliverySettings, InboundSettings
 from mailfax.imap.client import ImapError, ImapSession
-from mailfax.inbound.routing import normalise_number
+from mailfax.inbound.routing import FaxFacts, choose_route, normalise_number
 from mailfax.outbound.outbox import MailSink
 from mailfax.store.base import OutboxItem, Store
 
@@ -23,8 +23,9 @@ log = logging.getLogger(__name__)
 
 class ImapDeliverySink(MailSink):
     def __init__(self, settings: ImapDeliverySettings, fallback: MailSink, store: Store,
-                 default_country: str):
+                 default_country: str, inbound: InboundSettings | None = None):
         self.settings = settings
+        self.inbound = inbound  # its rules' ``folder`` comes before ``folders``
         self.fallback = fallback
         self.store = store
         self.default_country = default_country
@@ -39,11 +40,18 @@ class ImapDeliverySink(MailSink):
                 f"(folder {settings.folder}), otherwise {self.fallback.describe()}")
 
     async def folder_for(self, fax_id: str, account: str) -> str:
-        """The folder for the called number of ``account``'s fax ``fax_id`` (fax ids are the
-        provider's, so two accounts may each have one with the same id)."""
+        """The folder for ``account``'s fax ``fax_id``: its routing rule's ``folder``, else the
+        one for its called number, else the default (fax ids are the provider's, so two
+        accounts may each have one with the same id)."""
         for record in await self.store.find_inbound(fax_id):
             if record.account != account:
                 continue
+            if self.inbound is not None:
+                rule = choose_route(FaxFacts(record.called_number, record.originator,
+                                             record.remote_id, record.account),
+                                    self.inbound, self.default_country).rule
+                if rule.folder:
+                    return rule.folder
             called = normalise_number(record.called_number, self.default_country)
             if called in self.folders:
                 return self.folders[called]

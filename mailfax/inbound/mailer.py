@@ -9,6 +9,7 @@ email package's encoder, and into templates only as values (HTML autoescaped).
 from __future__ import annotations
 
 import io
+import logging
 import re
 from dataclasses import dataclass
 from datetime import datetime
@@ -21,6 +22,7 @@ from zoneinfo import ZoneInfo
 import jinja2
 from PIL import Image
 
+from mailfax.config import InboundFormat, InboundRoute
 from mailfax.inbound.convert import MAX_PAGE_PIXELS, NotConvertible, display_resolution, tiff_to_pdf
 from mailfax.inbound.routing import normalise_number
 from mailfax.numbers import format_international
@@ -28,6 +30,7 @@ from mailfax.store.base import InboundRecord
 
 CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u200b-\u200f\u202a-\u202e\u2066-\u2069]")
 PREVIEW_WIDTH = 480
+log = logging.getLogger(__name__)
 
 
 def clean(value: str, limit: int = 64) -> str:
@@ -61,6 +64,10 @@ class FaxFiles:
 
 def prepare_files(image: bytes) -> FaxFiles:
     """Convert the TIFF (CPU-bound: run in a thread)."""
+    if not image:
+        return FaxFiles(pdf=None, pages=0, preview_png=None, note=(
+            "The provider delivered this fax without any image (0 bytes), so it has no "
+            "pages; the call may have ended before the first page."))
     try:
         converted = tiff_to_pdf(image)
     except NotConvertible as error:
@@ -101,10 +108,21 @@ class InboundMailer:
         self.attach_tiff = attach_tiff
 
     def compose(self, record: InboundRecord, files: FaxFiles, image: bytes,
-                recipients: list[str]) -> EmailMessage:
+                recipients: list[str], route: InboundRoute | None = None,
+                document_folder: str = "") -> EmailMessage:
+        """The fax mail; ``recipients`` are its To header unless a ``route`` says To and Cc
+        (Bcc stays in the envelope). The route's format, language and template apply.
+        ``document_folder``: the IMAP folder a privacy-mode fax's document went to."""
+        route = route or InboundRoute(to=recipients)
+        form = self.format_of(route)
+        privacy = form == "none"
+        language = route.language or self.language
         local_time = record.received_at.astimezone(self.zone)
         originator = display_number(record.originator, self.default_country) if (
             record.originator.strip()) else ""
+        raw_attached = bool(image) and not privacy and (
+            files.pdf is None or form in ("tiff", "pdf+tiff"))
+        pdf_attached = files.pdf is not None and form in ("pdf", "pdf+tiff")
         context = {
             "originator": originator,
             "remote_id": clean(record.remote_id, 20),
@@ -114,38 +132,69 @@ class InboundMailer:
             "received_text": local_time.strftime("%Y-%m-%d %H:%M %Z"),
             "fax_id": clean(record.fax_id, 64),
             "note": files.note,
-            "text_lines": [clean(line, 120) for line in files.text_lines],
-            "ocr_note": files.ocr_note,
-            "has_preview": files.preview_png is not None,
+            "text_lines": [] if privacy and not route.privacy_first_lines else [
+                clean(line, 120) for line in files.text_lines],
+            "ocr_note": "" if privacy else files.ocr_note,
+            "has_preview": files.preview_png is not None and not privacy,
             "preview_cid": "page1",
+            "privacy": privacy,
+            "show_command": f"mailfax inbox show {clean(record.fax_id, 64)} --pdf",
+            "document_folder": document_folder,
+            "format": form,
+            "pdf_attached": pdf_attached,
+            "raw_attached": raw_attached,
         }
-        subject = self.text_env.get_template(f"{self.language}/inbound.subject").render(context)
+        template = self.template_base(language, route.template)
+        subject = (self.text_env.from_string(route.subject) if route.subject is not None
+                   else self.text_env.get_template(f"{template}.subject")).render(context)
         message = EmailMessage()
         message["From"] = Address(self.from_name, addr_spec=self.from_address)
-        message["To"] = ", ".join(recipients)
+        message["To"] = ", ".join(route.to)
+        if route.cc:
+            message["Cc"] = ", ".join(route.cc)
         message["Subject"] = " ".join(subject.split())
         message["Date"] = format_datetime(record.received_at)
         message["Message-ID"] = make_msgid(idstring="fax", domain=self.from_address.rpartition(
             "@")[2] or "mailfax")
         message["Auto-Submitted"] = "auto-generated"
         message["X-Mailfax-Fax-Id"] = context["fax_id"]
-        message.set_content(self.text_env.get_template(
-            f"{self.language}/inbound.txt").render(context))
-        message.add_alternative(self.html_env.get_template(
-            f"{self.language}/inbound.html").render(context), subtype="html")
-        if files.preview_png is not None:
+        message.set_content(self.text_env.get_template(f"{template}.txt").render(context))
+        message.add_alternative(self.html_env.get_template(f"{template}.html").render(context),
+                                subtype="html")
+        if context["has_preview"]:
+            assert files.preview_png is not None
             html_part = message.get_body(("html",))
             assert isinstance(html_part, EmailMessage)
             html_part.add_related(files.preview_png, maintype="image", subtype="png",
                                   cid="<page1>", filename="page1.png")
         name = self.file_stem(record, local_time)
-        if files.pdf is not None:
+        if pdf_attached:
+            assert files.pdf is not None
             message.add_attachment(files.pdf, maintype="application", subtype="pdf",
                                    filename=f"{name}.pdf")
-        if files.pdf is None or self.attach_tiff:
+        if raw_attached:
             message.add_attachment(image, maintype="image", subtype="tiff",
                                    filename=f"{name}.tif")
         return message
+
+    def template_base(self, language: str, name: str) -> str:
+        """``language/name``; the standard ``inbound`` templates when a rule's are missing,
+        so a typo in the config costs the wording, never the fax."""
+        base = f"{language}/{name}"
+        try:
+            for suffix in (".txt", ".html") + (() if name == "inbound" else (".subject",)):
+                self.text_env.get_template(base + suffix)
+        except jinja2.TemplateNotFound as missing:
+            log.error("template %s is missing: the fax is mailed with %s/inbound instead",
+                      missing.name, language)
+            return f"{language}/inbound"
+        return base
+
+    def format_of(self, route: InboundRoute) -> InboundFormat:
+        """The route's attachment format; unset: PDF, and the TIFF too with attach_tiff."""
+        if route.format is not None:
+            return route.format
+        return "pdf+tiff" if self.attach_tiff else "pdf"
 
     def file_stem(self, record: InboundRecord, local_time: datetime) -> str:
         digits = "".join(ch for ch in record.originator if ch.isdigit())[:20]

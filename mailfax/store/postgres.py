@@ -672,7 +672,7 @@ async def _handed_off_faxes(cur: Cursor, before: datetime, after: Key, limit: in
                    FROM outbox o WHERE o.inbound_account = f.account
                    AND o.inbound_fax_id = f.fax_id), 0) AS n
         FROM inbound_faxes f
-        WHERE f.fetched_at < %(before)s AND f.state = 'deleted'
+        WHERE f.fetched_at < %(before)s AND f.state IN ('deleted', 'blocked', 'duplicate')
           {'AND f.image_purged_at IS NULL' if only_with_image else ''}
           AND (f.fetched_at, f.account, f.fax_id) > (%(k0)s, %(k1)s, %(k2)s)
           AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.inbound_account = f.account
@@ -1485,6 +1485,13 @@ class PostgresStore:
             await cur.execute(
                 "UPDATE inbound_faxes SET state = 'deleted' WHERE account = %s AND fax_id = %s",
                 (account, fax_id),
+            )
+
+    async def mark_inbound_screened(self, account: str, fax_id: str, state: str) -> None:
+        async with self._cursor() as cur:
+            await cur.execute(
+                "UPDATE inbound_faxes SET state = %s WHERE account = %s AND fax_id = %s",
+                (state, account, fax_id),
             )
 
     async def list_inbound(self, limit: int = 1000) -> list[InboundRecord]:

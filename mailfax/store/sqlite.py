@@ -466,6 +466,11 @@ class _InboundMixin:
             "UPDATE inbound_faxes SET state = 'deleted' WHERE account = ? AND fax_id = ?",
             (account, fax_id)))
 
+    async def mark_inbound_screened(self, account: str, fax_id: str, state: str) -> None:
+        await self._call(lambda conn: conn.execute(
+            "UPDATE inbound_faxes SET state = ? WHERE account = ? AND fax_id = ?",
+            (state, account, fax_id)))
+
     async def list_inbound(self, limit: int = 1000) -> list[InboundRecord]:
         def operation(conn: sqlite3.Connection) -> list[InboundRecord]:
             rows = conn.execute(
@@ -611,13 +616,15 @@ def _purge_documents(conn: sqlite3.Connection, before: float, after: int, limit:
 
 def _handed_off_faxes(conn: sqlite3.Connection, before: float, after: int, limit: int,
                       only_with_image: bool) -> list[tuple[int, str, str, int]]:
-    """Received faxes deleted at the provider before ``before`` (after rowid ``after``),
-    none of their mails pending: (rowid, account, fax id, bytes of image and mails)."""
+    """Received faxes deleted at the provider, or screened out (junk, duplicates), before
+    ``before`` (after rowid ``after``), none of their mails pending: (rowid, account, fax
+    id, bytes of image and mails)."""
     rows = conn.execute(
         "SELECT f.rowid, f.account, f.fax_id, length(f.image) + COALESCE((SELECT"
         " SUM(length(o.message)) FROM outbox o WHERE o.inbound_account = f.account"
         " AND o.inbound_fax_id = f.fax_id), 0) FROM inbound_faxes f"
-        " WHERE f.rowid > ? AND f.fetched_at < ? AND f.state = 'deleted'"
+        " WHERE f.rowid > ? AND f.fetched_at < ?"
+        " AND f.state IN ('deleted', 'blocked', 'duplicate')"
         f" {'AND f.image_purged_at IS NULL' if only_with_image else ''}"
         " AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.inbound_account = f.account"
         " AND o.inbound_fax_id = f.fax_id AND o.state = 'pending')"

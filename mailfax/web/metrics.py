@@ -14,6 +14,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from mailfax.inbound.screening import SCREENED_STATES
 from mailfax.model import JobState
 from mailfax.providers.base import (
     AccountCheck,
@@ -57,6 +58,9 @@ class Metrics:
         self.inbound_pending = Gauge(
             "mailfax_inbound_pending", "Received faxes not yet deleted at the provider",
             registry=self.registry)
+        self.inbound_screened = Gauge(
+            "mailfax_inbound_screened", "Received faxes deleted unmailed: blocked (junk) or "
+            "duplicate, as the store holds them", ["reason"], registry=self.registry)
 
     @asynccontextmanager
     async def provider_call(self, provider: str, operation: str) -> AsyncIterator[None]:
@@ -77,7 +81,9 @@ class Metrics:
             self.jobs.labels(state.value).set(counts["jobs"].get(state.value, 0))
         self.outbox_depth.set(await store.outbox_depth())
         self.inbound_pending.set(sum(number for state, number in counts["inbound"].items()
-                                     if state != "deleted"))
+                                     if state not in ("deleted", *SCREENED_STATES)))
+        for screened in SCREENED_STATES:
+            self.inbound_screened.labels(screened).set(counts["inbound"].get(screened, 0))
         return bytes(generate_latest(self.registry))
 
 
