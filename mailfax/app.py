@@ -46,6 +46,7 @@ from mailfax.store import open_store
 from mailfax.store.base import Store
 from mailfax.trust.policy import exposure_problem
 from mailfax.trust.policy_service import PolicyDecider, PolicyService
+from mailfax.web.health import folder_problem, listener_problem, store_problem
 from mailfax.web.metrics import InstrumentedProvider, Metrics
 from mailfax.web.server import build_web_app, start_web
 
@@ -144,6 +145,7 @@ class Application:
         self.smtp_servers: list[asyncio.Server] = []
         self.policy_service: PolicyService | None = None
         self.web_runner: web.AppRunner | None = None
+        self.health_runner: web.AppRunner | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._announcing: set[asyncio.Task[None]] = set()
 
@@ -216,11 +218,7 @@ class Application:
             loops.append(("imap intake", self.imap_intake.run))
         for name, loop in loops:
             self._tasks.append(asyncio.create_task(supervise(name, loop), name=name))
-        if settings.web.listen:
-            address = ListenAddress(settings.web.listen)
-            self.web_runner = await start_web(
-                build_web_app(self.providers, self.store, self.metrics, self.warnings),
-                address.host, address.port)
+        await self._start_web()
         if settings.policy_service.listen:
             address = ListenAddress(settings.policy_service.listen)
             self.policy_service = PolicyService(PolicyDecider(self.intake, secret_key))
@@ -228,6 +226,35 @@ class Application:
         self._prepare_providers()
         self.smtp_servers = await start_listeners(self.intake, settings.smtp, settings.users)
         self._log_startup()
+
+    async def _start_web(self) -> None:
+        """The push listener (``[web] listen``) and the health listener (``health_listen``);
+        without the latter the health checks and metrics are on the push listener."""
+        web_settings = self.settings.web
+        apart = web_settings.health_listen is not None
+        if web_settings.listen:
+            address = ListenAddress(web_settings.listen)
+            self.web_runner = await start_web(
+                build_web_app(self.providers, self.store, self.metrics, self.warnings,
+                              self.readiness_problems, health_routes=not apart),
+                address.host, address.port)
+        if web_settings.health_listen:
+            address = ListenAddress(web_settings.health_listen)
+            self.health_runner = await start_web(
+                build_web_app(self.providers, self.store, self.metrics, self.warnings,
+                              self.readiness_problems, push_routes=False),
+                address.host, address.port)
+
+    async def readiness_problems(self) -> list[str]:
+        """Why ``/readyz`` answers 503: the store or the data dir cannot be written, the
+        SMTP listeners are not up, an account is paused (its faxes are only held)."""
+        checks = await asyncio.gather(store_problem(self.store),
+                                      folder_problem("data_dir", self.settings.data_dir))
+        found = [problem for problem in checks if problem]
+        listeners = listener_problem(self.smtp_servers)
+        if listeners:
+            found.append(listeners)
+        return found + self.accounts.describe()
 
     def _account_health(self, renderer: Renderer) -> AccountHealth:
         """Paused accounts: the admin alert goes through the outbox, like status mails."""
@@ -253,8 +280,9 @@ class Application:
                                                               "tracking_deadline").inc()}
 
     def warnings(self) -> list[str]:
-        """What /readyz reports below "ready": paused accounts, reconstructed WSDLs."""
-        found = self.accounts.describe()
+        """What /readyz reports below "ready": reconstructed WSDLs (paused accounts are
+        problems: :meth:`readiness_problems`)."""
+        found: list[str] = []
         for provider in self.providers.values():
             found += provider.warnings()
         return found
@@ -386,8 +414,9 @@ class Application:
             # (a half-closed TLS connection, a staller) must not keep mailfax from stopping.
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(server.wait_closed(), timeout=5)
-        if self.web_runner is not None:
-            await self.web_runner.cleanup()
+        for runner in (self.web_runner, self.health_runner):
+            if runner is not None:
+                await runner.cleanup()
         for task in (*self._tasks, *self._announcing):
             task.cancel()
         await asyncio.gather(*self._tasks, *self._announcing, return_exceptions=True)

@@ -1181,6 +1181,13 @@ class PostgresStore:
             row = await cur.fetchone()
         return int(row["n"]) if row else 0
 
+    async def probe_write(self) -> None:
+        # A transaction id is only given to a transaction that may write (a read-only
+        # transaction or a standby refuses), and its commit record goes to the WAL and is
+        # flushed: a full disk makes this fail as it would any other write.
+        async with self._cursor() as cur:
+            await cur.execute("SELECT txid_current()")
+
     async def counts(self) -> dict[str, dict[str, int]]:
         result: dict[str, dict[str, int]] = {}
         async with self._cursor() as cur:
