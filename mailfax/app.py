@@ -44,6 +44,7 @@ from mailfax.providers import provider_module
 from mailfax.providers.base import Provider, ProviderContext, StatusReport
 from mailfax.store import open_store
 from mailfax.store.base import Store
+from mailfax.support.failing import RepeatedFailure
 from mailfax.trust.policy import exposure_problem
 from mailfax.trust.policy_service import PolicyDecider, PolicyService
 from mailfax.web.health import folder_problem, listener_problem, store_problem
@@ -53,6 +54,7 @@ from mailfax.web.server import build_web_app, start_web
 log = logging.getLogger("mailfax")
 
 RESTART_DELAY = 2.0
+STEADY_SECONDS = 30.0  # a restarted loop that runs this long is taken to work again
 
 
 def load_secret_key(data_dir: Path) -> bytes:
@@ -463,14 +465,25 @@ async def _await(loop: Callable[[], Awaitable[None]]) -> None:
 
 
 async def supervise(name: str, loop: Callable[[], Awaitable[None]]) -> None:
+    """Run ``loop``, restarting it when it crashes. A loop that crashes again and again logs
+    its traceback once, then a count now and then (:class:`RepeatedFailure`); once it has run
+    for :data:`STEADY_SECONDS` after a restart it counts as working again."""
+    failures = RepeatedFailure(log, name)
     while True:
+        task = asyncio.create_task(_await(loop), name=name)
         try:
-            await loop()
+            if failures.failures:
+                done, _ = await asyncio.wait({task}, timeout=STEADY_SECONDS)
+                if not done:
+                    failures.succeeded()
+            await task
             return
         except asyncio.CancelledError:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
             raise
         except Exception:
-            log.exception("%s crashed; restarting in %.0f s", name, RESTART_DELAY)
+            failures.failed(f"restarting in {RESTART_DELAY:.0f} s")
             await asyncio.sleep(RESTART_DELAY)
 
 

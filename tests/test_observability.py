@@ -3,7 +3,12 @@ metrics on a listener of their own, process metrics, failing loops logged at a c
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import re
 import sqlite3
+import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import aiohttp
@@ -11,8 +16,18 @@ import aiosmtplib
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from mailfax import app as app_module
 from mailfax.app import Application
+from mailfax.config import DispatchSettings
+from mailfax.model import JobState
+from mailfax.outbound import dispatch
+from mailfax.outbound.dispatch import Dispatcher
+from mailfax.providers import emulator
+from mailfax.providers.base import FaxDocument, ProviderContext
+from mailfax.store.base import NewJob, NewMail, Outcome, Work
 from mailfax.store.sqlite import SqliteStore
+from mailfax.support import failing
+from mailfax.support.failing import RepeatedFailure
 from tests.conftest import Service, fax_mail, make_settings
 from tests.ports import free_port
 
@@ -105,3 +120,132 @@ async def test_health_and_metrics_are_on_their_own_listener(tmp_path: Path) -> N
         assert len(jobs) > 5 and all(sample.value == 0 for sample in jobs)
     finally:
         await app.stop()
+
+
+# -- a failing loop: its traceback once, then a count at a capped rate, then its recovery ----
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_repeated_failure_logs_one_traceback_then_counts(
+        caplog: pytest.LogCaptureFixture) -> None:
+    clock, logger = FakeClock(), logging.getLogger("mailfax.test.failing")
+    failures = RepeatedFailure(logger, "dispatcher: claiming work", interval=60, clock=clock)
+    with caplog.at_level(logging.INFO, logger="mailfax.test.failing"):
+        for _ in range(121):  # every 0.5 s for 60 s, as the dispatcher on a full disk did
+            try:
+                raise sqlite3.OperationalError("database or disk is full")
+            except sqlite3.OperationalError:
+                failures.failed()
+            clock.now += 0.5
+        clock.now += 14.5
+        failures.succeeded()
+        failures.succeeded()  # working on: nothing more to say
+    lines = [(record.levelname, record.getMessage(), record.exc_info is not None)
+             for record in caplog.records]
+    assert lines == [
+        ("ERROR", "dispatcher: claiming work failed", True),
+        ("ERROR", "dispatcher: claiming work still failing, 120 times in the last 60 s: "
+                  "OperationalError: database or disk is full", False),
+        ("WARNING", "dispatcher: claiming work works again, after 121 failures in 75 s", False)]
+    assert "Traceback" in caplog.text and caplog.text.count("Traceback") == 1
+
+
+class BrokenClaims(SqliteStore):
+    """A store on a full disk: reads work, the dispatcher's claim (a write) fails while
+    ``broken`` is set."""
+
+    broken = True
+    claims_failed = 0
+
+    async def claim_work(self, owner: str, limit: int, lease_seconds: float,
+                         account_limits: Mapping[str, int],
+                         finished: Sequence[Outcome] = ()) -> list[Work]:
+        if self.broken:
+            self.claims_failed += 1
+            raise sqlite3.OperationalError("database or disk is full")
+        return await super().claim_work(owner, limit, lease_seconds, account_limits, finished)
+
+
+async def test_the_dispatcher_on_a_failing_store_logs_once_then_counts_then_recovers(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(failing, "REPORT_EVERY_SECONDS", 1.0)
+    monkeypatch.setattr(dispatch, "BLOCKED_POLL_SECONDS", 0.05)  # fail often, test quickly
+    store = BrokenClaims(tmp_path / "store.sqlite3")
+    await store.open()
+    fax = emulator.EmulatorProvider(ProviderContext(account="emu", data_dir=tmp_path),
+                                    emulator.Settings(delay_seconds=3600, fail=[]))
+    mail = NewMail(mail_id="m1", envelope_from="a@example.org", message_id=None, subject="s",
+                   references=[], from_header="", client_address="::1")
+    await store.add_mail_jobs(mail, [NewJob("j1", "+4930123456", "emu")],
+                              [FaxDocument("a.pdf", b"%PDF-1.4 test", 1)])
+    dispatcher = Dispatcher(store, {"emu": fax}, DispatchSettings(), "one")
+    caplog.set_level(logging.INFO, logger="mailfax.outbound.dispatch")
+    task = asyncio.create_task(dispatcher.run())
+    try:
+        await asyncio.sleep(2.5)
+        store.broken = False
+        dispatcher.wake()
+        deadline = time.monotonic() + 20
+        while (await store.get_job("j1")).state != JobState.SUBMITTED:  # type: ignore[union-attr]
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await fax.close()
+        await store.close()
+    records = [record for record in caplog.records
+               if record.name == "mailfax.outbound.dispatch"]
+    messages = [record.getMessage() for record in records]
+    assert store.claims_failed > 20  # it kept trying ...
+    assert len(records) <= 6  # ... and said so in a few lines, not one per failure
+    assert [record.exc_info is not None for record in records].count(True) == 1
+    assert messages[0].startswith("dispatcher: recording results and claiming work failed")
+    counted = [int(found.group(1)) for message in messages
+               if (found := re.search(r"still failing, (\d+) times in the last 1 s", message))]
+    assert len(counted) >= 2 and sum(counted) < store.claims_failed
+    recovered = [message for message in messages if "works again" in message]
+    assert len(recovered) == 1 and re.fullmatch(
+        f"dispatcher: recording results and claiming work works again, after "
+        f"{store.claims_failed} failures in [2-4] s", recovered[0])
+
+
+async def test_a_loop_that_keeps_crashing_is_restarted_and_logged_at_a_capped_rate(
+        caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(failing, "REPORT_EVERY_SECONDS", 0.3)
+    monkeypatch.setattr(app_module, "RESTART_DELAY", 0.01)
+    monkeypatch.setattr(app_module, "STEADY_SECONDS", 0.3)
+    runs, until = 0, time.monotonic() + 1.0
+
+    async def notifier() -> None:
+        nonlocal runs
+        runs += 1
+        if time.monotonic() < until:
+            raise ConnectionResetError("outbox relay went away")
+        await asyncio.Event().wait()  # then it works, and keeps working
+
+    caplog.set_level(logging.INFO, logger="mailfax")
+    task = asyncio.create_task(app_module.supervise("notifier", notifier))
+    try:
+        deadline = time.monotonic() + 10
+        while "works again" not in caplog.text:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    messages = [record.getMessage() for record in caplog.records if record.name == "mailfax"]
+    assert runs > 20
+    assert messages[0] == "notifier failed; restarting in 0 s"
+    assert caplog.text.count("Traceback") == 1
+    counted = [int(found.group(1)) for message in messages
+               if (found := re.search(r"notifier still failing, (\d+) times", message))]
+    assert 2 <= len(counted) <= 5
+    assert messages[-1].startswith(f"notifier works again, after {runs - 1} failures in ")

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from mailfax.store.base import Store
+from mailfax.support.failing import describe
 
 CHECK_TIMEOUT = 5.0
 
@@ -22,7 +23,7 @@ async def store_problem(store: Store) -> str | None:
     try:
         await asyncio.wait_for(store.probe_write(), timeout=CHECK_TIMEOUT)
     except Exception as error:  # any failure means: not ready
-        return f"store cannot write: {describe_error(error)}"
+        return f"store cannot write: {describe(error)}"
     return None
 
 
@@ -30,7 +31,7 @@ async def folder_problem(name: str, folder: Path) -> str | None:
     try:
         await asyncio.wait_for(asyncio.to_thread(write_probe, folder), timeout=CHECK_TIMEOUT)
     except (OSError, TimeoutError) as error:
-        return f"{name} {folder} cannot be written: {describe_error(error)}"
+        return f"{name} {folder} cannot be written: {describe(error)}"
     return None
 
 
@@ -53,13 +54,6 @@ def listener_problem(servers: Sequence[asyncio.Server]) -> str | None:
     if down:
         return f"{len(down)} of {len(servers)} SMTP listeners are not serving"
     return None
-
-
-def describe_error(error: BaseException) -> str:
-    """The error's type and first line (a driver's message can run over many lines)."""
-    text = str(error).strip().splitlines()
-    first = text[0][:200] if text else ""
-    return f"{type(error).__name__}: {first}" if first else type(error).__name__
 
 
 def not_ready_text(problems: Sequence[str]) -> str:
