@@ -17,9 +17,10 @@ import contextlib
 import logging
 import os
 import secrets
+import signal
 import socket
 import ssl
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from datetime import timedelta
 from pathlib import Path
@@ -27,7 +28,7 @@ from typing import Any, Protocol, cast, runtime_checkable
 
 from aiohttp import web
 
-from mailfax.config import ConfigError, ListenAddress, Settings, check_secrets
+from mailfax.config import ConfigError, ListenAddress, Settings, UserSettings, check_secrets
 from mailfax.documents import office
 from mailfax.imap.delivery import ImapDeliverySink
 from mailfax.imap.intake import ImapIntake
@@ -44,6 +45,7 @@ from mailfax.providers import provider_module
 from mailfax.providers.base import Provider, ProviderContext, StatusReport
 from mailfax.store import open_store
 from mailfax.store.base import Store
+from mailfax.support import systemd
 from mailfax.support.failing import RepeatedFailure
 from mailfax.trust.policy import exposure_problem
 from mailfax.trust.policy_service import PolicyDecider, PolicyService
@@ -226,8 +228,18 @@ class Application:
             self.policy_service = PolicyService(PolicyDecider(self.intake, secret_key))
             await self.policy_service.start(address.host, address.port)
         self._prepare_providers()
-        self.smtp_servers = await start_listeners(self.intake, settings.smtp, settings.users)
+        self.smtp_servers = await start_listeners(self.intake, settings.smtp,
+                                                  _CurrentUsers(self.intake))
         self._log_startup()
+
+    def apply_settings(self, settings: Settings) -> None:
+        """Take reloaded users and policy (:func:`reloaded_settings`): read per mail and per
+        login, so open sessions simply see them from their next command."""
+        self.settings = settings
+        self.intake.settings = settings
+        self.intake.check_recipient.cache_clear()
+        if self.imap_intake is not None:
+            self.imap_intake.settings = settings
 
     async def _start_web(self) -> None:
         """The push listener (``[web] listen``) and the health listener (``health_listen``);
@@ -502,10 +514,89 @@ def redact_url(url: str) -> str:
     return url
 
 
-async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
+# -- serve: systemd readiness and reload -----------------------------------------------------
+
+# What a reload (SIGHUP) takes from the config file; everything else needs a restart.
+RELOADED_SECTIONS = ("users", "senders", "dial", "quotas")
+
+
+def reloaded_settings(current: Settings, fresh: Settings) -> tuple[Settings, list[str]]:
+    """``current`` with ``fresh``'s :data:`RELOADED_SECTIONS`, and the other sections in
+    which ``fresh`` differs (they wait for a restart). ConfigError if the result would not
+    be allowed to start (a user's unknown account, an open relay)."""
+    merged = current.model_copy(update={name: getattr(fresh, name)
+                                        for name in RELOADED_SECTIONS})
+    for name, user in merged.users.items():
+        if user.account is not None and user.account not in current.accounts:
+            raise ConfigError(f"users.{name}.account {user.account!r} is not one of the "
+                              "running accounts (new accounts need a restart)")
+    problem = startup_problem(merged)
+    if problem:
+        raise ConfigError(problem)
+    waiting = [name for name in type(current).model_fields
+               if name not in RELOADED_SECTIONS and getattr(current, name) != getattr(fresh, name)]
+    return merged, waiting
+
+
+class _CurrentUsers(Mapping[str, UserSettings]):
+    """``[users.*]`` as the intake has them now, so SMTP AUTH sees a reload too."""
+
+    def __init__(self, intake: Intake):
+        self.intake = intake
+
+    def __getitem__(self, name: str) -> UserSettings:
+        return self.intake.settings.users[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.intake.settings.users)
+
+    def __len__(self) -> int:
+        return len(self.intake.settings.users)
+
+
+async def reload(app: Application, load: Callable[[], Settings]) -> bool:
+    """Read the config again (``load``) and apply its users and policy; sessions, listeners
+    and jobs carry on. A config that does not load or would not start is logged and the
+    running one kept."""
+    systemd.notify(*systemd.reloading_fields())
+    try:
+        fresh = await asyncio.to_thread(load)
+        merged, waiting = await asyncio.to_thread(reloaded_settings, app.settings, fresh)
+    except Exception as error:  # ConfigError, or anything else: the service carries on
+        log.error("reload refused, the running config is kept: %s", error)
+        systemd.notify("READY=1", "STATUS=reload refused; running on the previous config")
+        return False
+    app.apply_settings(merged)
+    log.info("config reloaded: %s (%d users)", ", ".join(RELOADED_SECTIONS),
+             len(merged.users))
+    if waiting:
+        log.warning("config changes in %s take effect at the next restart",
+                    ", ".join(waiting))
+    systemd.notify("READY=1", "STATUS=config reloaded")
+    return True
+
+
+async def serve(settings: Settings, stop: asyncio.Event | None = None,
+                load: Callable[[], Settings] | None = None) -> None:
+    """Run until ``stop``. Under systemd (``Type=notify``) READY=1 is sent once the SMTP
+    listeners accept, STOPPING=1 when stopping. With ``load``, SIGHUP reloads the config."""
     app = Application(settings)
     await app.start()
+    reloads: set[asyncio.Task[bool]] = set()
+    loop = asyncio.get_running_loop()
+    if load is not None:
+        def on_hangup() -> None:
+            task = loop.create_task(reload(app, load), name="reload")
+            reloads.add(task)
+            task.add_done_callback(reloads.discard)
+        loop.add_signal_handler(signal.SIGHUP, on_hangup)
+    systemd.notify("READY=1", f"STATUS=listening on {', '.join(map(_bound, app.smtp_servers))}")
     try:
         await (stop.wait() if stop else asyncio.Event().wait())
     finally:
+        systemd.notify("STOPPING=1")
+        if load is not None:
+            loop.remove_signal_handler(signal.SIGHUP)
+        for task in reloads:
+            task.cancel()
         await app.stop()
