@@ -249,3 +249,33 @@ async def test_a_loop_that_keeps_crashing_is_restarted_and_logged_at_a_capped_ra
                if (found := re.search(r"notifier still failing, (\d+) times", message))]
     assert 2 <= len(counted) <= 5
     assert messages[-1].startswith(f"notifier works again, after {runs - 1} failures in ")
+
+
+async def test_metrics_show_zero_for_a_state_once_its_last_job_left_it(
+        tmp_path: Path, corpus: Path) -> None:
+    """Against the real store and HTTP: a job is seen as submitted, then delivered, and the
+    submitted gauge is back at 0 (not left at 1, which a "stuck" alert would fire on)."""
+    app, _, health = apart(tmp_path)
+    await app.start()
+
+    async def jobs() -> dict[str, float]:
+        status, text = await get(f"{health}/metrics")
+        assert status == 200
+        return {sample.labels["state"]: sample.value
+                for family in text_string_to_metric_families(text)
+                if family.name == "mailfax_jobs" for sample in family.samples}
+
+    try:
+        pdf = (corpus / "pdf" / "two-different-pages.pdf").read_bytes()
+        await Service(app).send(fax_mail([("a.pdf", pdf, "application/pdf")]),
+                                "a@example.org", ["030123456@fax.local"])
+        seen: set[str] = set()
+        deadline = time.monotonic() + 30
+        while (now := await jobs())["delivered"] != 1:
+            seen |= {state for state, count in now.items() if count}
+            assert time.monotonic() < deadline, now
+            await asyncio.sleep(0.02)
+        assert "submitted" in seen or "sending" in seen  # it was counted on its way
+        assert now["submitted"] == 0 and now["sending"] == 0 and now["queued"] == 0
+    finally:
+        await app.stop()
