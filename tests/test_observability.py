@@ -56,7 +56,8 @@ def apart(tmp_path: Path) -> tuple[Application, str, str]:
 
 
 async def test_readyz_is_503_while_the_store_cannot_write(
-        tmp_path: Path, corpus: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, corpus: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
     app, _, health = apart(tmp_path)
     await app.start()
     try:
@@ -73,6 +74,10 @@ async def test_readyz_is_503_while_the_store_cannot_write(
         assert body.startswith("not ready\n")
         assert "problem: store cannot write: OperationalError: attempt to write a readonly " \
                "database" in body
+        assert (await get(f"{health}/readyz"))[0] == 503
+        not_ready = [record for record in caplog.records
+                     if record.getMessage().startswith("not ready: ")]
+        assert len(not_ready) == 1  # logged when it became so, not at every probe
         # And that is the truth: a fax mail is not taken now (4xx: it may work later).
         with pytest.raises(aiosmtplib.SMTPResponseException) as refused:
             pdf = (corpus / "pdf" / "two-different-pages.pdf").read_bytes()

@@ -48,12 +48,19 @@ def build_web_app(providers: Mapping[str, Provider], store: Store | None = None,
         """The process answers."""
         return web.Response(text="ok\n")
 
+    reported: list[str] = []  # the problems last logged
+
     async def readyz(request: web.Request) -> web.Response:
         """Mail can be taken and faxed (503 with the reasons otherwise)."""
         if problems is not None:
             found = await problems()
+            if found != reported:  # logged when it changes, not at every probe
+                if found:
+                    log.warning("not ready: %s", "; ".join(found))
+                else:
+                    log.info("ready again")
+                reported[:] = found
             if found:
-                log.warning("not ready: %s", "; ".join(found))
                 return web.Response(status=503, text=not_ready_text(found))
             return web.Response(text=ready_text(warnings()))
         if store is None:
