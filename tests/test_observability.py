@@ -8,11 +8,12 @@ import logging
 import re
 import sqlite3
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import aiohttp
 import aiosmtplib
+import psycopg
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -25,9 +26,12 @@ from mailfax.outbound.dispatch import Dispatcher
 from mailfax.providers import emulator
 from mailfax.providers.base import FaxDocument, ProviderContext
 from mailfax.store.base import NewJob, NewMail, Outcome, Work
+from mailfax.store.postgres import PostgresStore
 from mailfax.store.sqlite import SqliteStore
 from mailfax.support import failing
 from mailfax.support.failing import RepeatedFailure
+from mailfax.web.health import store_problem
+from tests import pg
 from tests.conftest import Service, fax_mail, make_settings
 from tests.ports import free_port
 
@@ -284,3 +288,43 @@ async def test_metrics_show_zero_for_a_state_once_its_last_job_left_it(
         assert now["submitted"] == 0 and now["sending"] == 0 and now["queued"] == 0
     finally:
         await app.stop()
+
+
+@pytest.fixture(scope="module")
+def postgres_server() -> Iterator[pg.PostgresServer]:
+    with pg.server_for_tests() as server:
+        yield server
+
+
+async def test_the_postgres_write_probe_fails_on_a_read_only_database(
+        postgres_server: pg.PostgresServer) -> None:
+    """What /readyz asks PostgreSQL: a read-only database (as a standby, or one set
+    read-only by the admin) still answers reads, and the probe says it cannot write."""
+    url = postgres_server.create_database()
+    store = PostgresStore(url, listen=False)
+    await store.open()
+    try:
+        await store.probe_write()
+        database = url.rsplit("/", 1)[1]
+        async with await psycopg.AsyncConnection.connect(postgres_server.url(),
+                                                         autocommit=True) as admin:
+            await admin.execute(f'ALTER DATABASE "{database}" SET default_transaction_read_only'
+                                " = on")
+            await admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                                "WHERE datname = %s AND pid <> pg_backend_pid()", (database,))
+        deadline = time.monotonic() + 30
+        while True:  # the pool replaces the connections that were ended
+            try:
+                assert await store.outbox_depth() == 0  # reads work ...
+                break
+            except psycopg.OperationalError:
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.1)
+        with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):  # ... the probe does not
+            await store.probe_write()
+        assert await store_problem(store) == (
+            "store cannot write: ReadOnlySqlTransaction: cannot execute UPDATE in a read-only "
+            "transaction")
+    finally:
+        await store.close()
+        postgres_server.drop_database(url)
