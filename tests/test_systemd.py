@@ -135,12 +135,12 @@ def test_no_ready_when_the_smtp_port_cannot_be_bound(tmp_path: Path) -> None:
             served.stop()
 
 
-async def logged_in(port: int) -> aiosmtplib.SMTP:
+async def logged_in(port: int, user: str = "alice") -> aiosmtplib.SMTP:
     client = aiosmtplib.SMTP(hostname="127.0.0.1", port=port, timeout=30,
                              validate_certs=False, start_tls=False)
     await client.connect()
     await client.starttls()
-    await client.login("alice", PASSWORD)
+    await client.login(user, PASSWORD)
     return client
 
 
@@ -170,11 +170,17 @@ async def test_sighup_reloads_a_users_numbers_and_keeps_open_sessions(
     assert refused.value.recipients[0].code == 550
     await before.rset()
     open_session = await logged_in(served.port)  # stays open across the reload
+    with pytest.raises(aiosmtplib.SMTPAuthenticationError):
+        await logged_in(served.port, "bob")  # not a user yet
 
-    config.write_text(config.read_text().replace('allowed_prefixes = ["+4940"]',
-                                                 'allowed_prefixes = ["+4930", "+4940"]'))
+    text = config.read_text()
+    bob = text[text.index("[users.alice]"):text.index("[notify]")].replace(
+        "[users.alice]", "[users.bob]").replace("alice@", "bob@")
+    config.write_text(text.replace('allowed_prefixes = ["+4940"]',
+                                   'allowed_prefixes = ["+4930", "+4940"]') + bob)
     assert (await reloaded(served))["STATUS"] == "config reloaded"
-    assert "config reloaded: users, senders, dial, quotas (1 users)" in served.log()
+    assert "config reloaded: users, senders, dial, quotas (2 users)" in served.log()
+    await (await logged_in(served.port, "bob")).quit()  # a new user logs in
     assert "next restart" not in served.log()  # nothing else changed
 
     errors, reply = await open_session.sendmail("alice@example.org", berlin, letter(corpus))
