@@ -102,7 +102,10 @@ async def main() -> None:
         config = Path(folder) / "mailfax.toml"
         # A long emulator delay keeps the dispatcher's status polling out of the measurement;
         # the dispatcher itself still submits every job while the intake runs.
+        # All the clients come from one address: the per-client limit must let them in.
         config.write_text(f'data_dir = "data"\n[smtp]\nlisten = ["127.0.0.1:{mailfax_port}"]\n'
+                          f'max_connections_per_client = {max(20, args.clients)}\n'
+                          f'max_connections = {max(200, args.clients)}\n'
                           f'[accounts.emulator]\nprovider = "emulator"\ndelay_seconds = 3600\n')
         servers = [
             subprocess.Popen([sys.executable, "-m", "mailfax", "-c", str(config), "serve"],

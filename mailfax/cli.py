@@ -166,6 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     command("retry", "send failed, cancelled or unconfirmed jobs again",
             cmd_retry, description=RETRY_DESCRIPTION).add_argument(
         "jobs", nargs="+", metavar="JOB")
+    command("health", "SMTP banner and a store write: exit 0 (healthy) or 1",
+            cmd_health)
     return parser
 
 
@@ -629,6 +631,16 @@ def cmd_check_config(args: argparse.Namespace) -> int:
           f"{', '.join(settings.fax_domains)}, store {settings.store_url.split('://')[0]}, "
           f"data in {settings.data_dir})")
     return 0
+
+
+def cmd_health(args: argparse.Namespace) -> int:
+    """The service as its clients see it: the first listener's banner, a store write (see
+    :mod:`mailfax.health`). Reads the same config as serve (-c or $MAILFAX_CONFIG)."""
+    from mailfax.health import check_health
+
+    health = asyncio.run(check_health(_settings(args)))
+    print(health.line)
+    return EXIT_OK if health.ok else EXIT_FAILED
 
 
 def cmd_check_account(args: argparse.Namespace) -> int:

@@ -97,9 +97,12 @@ def run_daemon(argv: list[str], root: Path) -> tuple[int, str]:
 class Dovecot:
     """Dovecot with IMAP and LMTP on loopback, users in a passwd-file, Maildirs under root."""
 
-    def __init__(self, root: Path, users: list[str]):
+    def __init__(self, root: Path, users: list[str], extra_config: str = "",
+                 user_fields: dict[str, str] | None = None):
         self.root = root
         self.users = users
+        self.extra_config = extra_config  # appended to dovecot.conf ({root}: this root)
+        self.user_fields = user_fields or {}  # user -> passwd-file extra fields
         self.imap_port = free_port()
         self.lmtp_port = free_port()
         self.auth_port = free_port()  # SASL for Postfix (smtpd_sasl_type = dovecot)
@@ -114,8 +117,9 @@ class Dovecot:
         for folder in (mail, public):
             folder.mkdir()
             shutil.chown(folder, "dovecot", "dovecot")
-        (root / "users").write_text("".join(f"{user}:{{PLAIN}}{PASSWORD}::::::\n"
-                                            for user in self.users))
+        (root / "users").write_text("".join(
+            f"{user}:{{PLAIN}}{PASSWORD}::::::{self.user_fields.get(user, '')}\n"
+            for user in self.users))
         # The shared Faxes folder: deploy/dovecot/faxes-namespace.conf, paths substituted.
         namespace = (DEPLOY_DOVECOT / "faxes-namespace.conf").read_text().replace(
             "/var/mail/public", str(public))
@@ -175,6 +179,7 @@ protocol lmtp {{
   postmaster_address = postmaster@{MAIL_DOMAIN}
 }}
 {namespace}
+{self.extra_config.replace("{root}", str(root))}
 """)
 
     def start(self) -> None:
@@ -259,14 +264,15 @@ def _quote(folder: str) -> str:
 
 
 @contextlib.contextmanager
-def running_dovecot(users: list[str]) -> Iterator[Dovecot]:
+def running_dovecot(users: list[str], extra_config: str = "",
+                    user_fields: dict[str, str] | None = None) -> Iterator[Dovecot]:
     require("dovecot")
     try:
         pwd.getpwnam("dovecot")
     except KeyError:
         pytest.skip("no dovecot system user (Debian package dovecot-core)")
     root = make_root("mailfax-dovecot-")
-    dovecot = Dovecot(root, users)
+    dovecot = Dovecot(root, users, extra_config, user_fields)
     try:
         dovecot.start()
         yield dovecot

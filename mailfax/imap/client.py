@@ -159,9 +159,7 @@ class ImapSession:
             log.info("created IMAP folder %s on %s", name, self.describe())
             return
         lines = await self._ok(self._client.list('""', mailbox_argument(name)), f"LIST {name}")
-        # aioimaplib strips "* LIST": a listed mailbox is a line "(\\flags) "/" name".
-        if not any(isinstance(line, bytes | bytearray) and line.lstrip(b"* LIST").startswith(
-                b"(") for line in lines):
+        if not any(_selectable(line) for line in lines):
             raise ImapError(f"cannot create folder {name}: {_text(response)}")
 
     async def uid_search(self, *criteria: str) -> list[int]:
@@ -247,6 +245,19 @@ class ImapSession:
             transport.close()
         if not self._lost.done():
             self._lost.set_result(None)
+
+
+def _selectable(line: Any) -> bool:
+    """A LIST line naming a mailbox one can APPEND to. aioimaplib strips "* LIST": a listed
+    mailbox is a line "(\\flags) "/" name". A \\Noselect one is only the parent of others
+    (Dovecot lists Public/Faxes so when only Public/Faxes/Sales exists)."""
+    if not isinstance(line, bytes | bytearray):
+        return False
+    line = bytes(line).lstrip(b"* LIST")
+    if not line.startswith(b"("):
+        return False
+    flags = line[1:line.find(b")")].lower().split()
+    return b"\\noselect" not in flags and b"\\nonexistent" not in flags
 
 
 def _text(response: Any) -> str:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import email.policy
 import logging
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -41,12 +40,14 @@ NOTIFY_LEASE_SECONDS = 30.0
 
 
 def _templates_dir() -> Path:
-    """The repository's templates/ (a checkout or editable install), else the copy that
-    ``pip install .`` puts under ``<prefix>/share/mailfax/templates``."""
-    beside = Path(__file__).resolve().parents[2] / "templates"
-    if beside.is_dir():
-        return beside
-    return Path(sys.prefix) / "share" / "mailfax" / "templates"
+    """The templates installed inside the package (``mailfax/templates``: setup.py maps the
+    repository's templates/ there, so a wheel carries them in any prefix, venv or --target
+    directory), else the repository's templates/ (a checkout or an editable install)."""
+    package = Path(__file__).resolve().parents[1]
+    installed = package / "templates"
+    if installed.is_dir():
+        return installed
+    return package.parent / "templates"
 
 
 TEMPLATES_DIR = _templates_dir()
