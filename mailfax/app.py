@@ -17,9 +17,10 @@ import contextlib
 import logging
 import os
 import secrets
+import signal
 import socket
 import ssl
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from datetime import timedelta
 from pathlib import Path
@@ -27,7 +28,7 @@ from typing import Any, Protocol, cast, runtime_checkable
 
 from aiohttp import web
 
-from mailfax.config import ConfigError, ListenAddress, Settings, check_secrets
+from mailfax.config import ConfigError, ListenAddress, Settings, UserSettings, check_secrets
 from mailfax.documents import office
 from mailfax.imap.delivery import ImapDeliverySink
 from mailfax.imap.intake import ImapIntake
@@ -46,14 +47,18 @@ from mailfax.providers.base import Provider, ProviderContext, StatusReport
 from mailfax.store import open_store
 from mailfax.store.base import Store
 from mailfax.store.retention import RetentionLoop
+from mailfax.support import systemd
+from mailfax.support.failing import RepeatedFailure
 from mailfax.trust.policy import exposure_problem
 from mailfax.trust.policy_service import PolicyDecider, PolicyService
+from mailfax.web.health import folder_problem, listener_problem, store_problem
 from mailfax.web.metrics import InstrumentedProvider, Metrics
 from mailfax.web.server import build_web_app, start_web
 
 log = logging.getLogger("mailfax")
 
 RESTART_DELAY = 2.0
+STEADY_SECONDS = 30.0  # a restarted loop that runs this long is taken to work again
 
 
 def load_secret_key(data_dir: Path) -> bytes:
@@ -146,6 +151,7 @@ class Application:
         self.smtp_servers: list[asyncio.Server] = []
         self.policy_service: PolicyService | None = None
         self.web_runner: web.AppRunner | None = None
+        self.health_runner: web.AppRunner | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._announcing: set[asyncio.Task[None]] = set()
 
@@ -221,18 +227,53 @@ class Application:
             loops.append(("imap intake", self.imap_intake.run))
         for name, loop in loops:
             self._tasks.append(asyncio.create_task(supervise(name, loop), name=name))
-        if settings.web.listen:
-            address = ListenAddress(settings.web.listen)
-            self.web_runner = await start_web(
-                build_web_app(self.providers, self.store, self.metrics, self.warnings),
-                address.host, address.port)
+        await self._start_web()
         if settings.policy_service.listen:
             address = ListenAddress(settings.policy_service.listen)
             self.policy_service = PolicyService(PolicyDecider(self.intake, secret_key))
             await self.policy_service.start(address.host, address.port)
         self._prepare_providers()
-        self.smtp_servers = await start_listeners(self.intake, settings.smtp, settings.users)
+        self.smtp_servers = await start_listeners(self.intake, settings.smtp,
+                                                  _CurrentUsers(self.intake))
         self._log_startup()
+
+    def apply_settings(self, settings: Settings) -> None:
+        """Take reloaded users and policy (:func:`reloaded_settings`): read per mail and per
+        login, so open sessions simply see them from their next command."""
+        self.settings = settings
+        self.intake.settings = settings
+        self.intake.check_recipient.cache_clear()
+        if self.imap_intake is not None:
+            self.imap_intake.settings = settings
+
+    async def _start_web(self) -> None:
+        """The push listener (``[web] listen``) and the health listener (``health_listen``);
+        without the latter the health checks and metrics are on the push listener."""
+        web_settings = self.settings.web
+        apart = web_settings.health_listen is not None
+        if web_settings.listen:
+            address = ListenAddress(web_settings.listen)
+            self.web_runner = await start_web(
+                build_web_app(self.providers, self.store, self.metrics, self.warnings,
+                              self.readiness_problems, health_routes=not apart),
+                address.host, address.port)
+        if web_settings.health_listen:
+            address = ListenAddress(web_settings.health_listen)
+            self.health_runner = await start_web(
+                build_web_app(self.providers, self.store, self.metrics, self.warnings,
+                              self.readiness_problems, push_routes=False),
+                address.host, address.port)
+
+    async def readiness_problems(self) -> list[str]:
+        """Why ``/readyz`` answers 503: the store or the data dir cannot be written, the
+        SMTP listeners are not up, an account is paused (its faxes are only held)."""
+        checks = await asyncio.gather(store_problem(self.store),
+                                      folder_problem("data_dir", self.settings.data_dir))
+        found = [problem for problem in checks if problem]
+        listeners = listener_problem(self.smtp_servers)
+        if listeners:
+            found.append(listeners)
+        return found + self.accounts.describe()
 
     def _account_health(self, renderer: Renderer) -> AccountHealth:
         """Paused accounts: the admin alert goes through the outbox, like status mails."""
@@ -258,8 +299,9 @@ class Application:
                                                               "tracking_deadline").inc()}
 
     def warnings(self) -> list[str]:
-        """What /readyz reports below "ready": paused accounts, reconstructed WSDLs."""
-        found = self.accounts.describe()
+        """What /readyz reports below "ready": reconstructed WSDLs (paused accounts are
+        problems: :meth:`readiness_problems`)."""
+        found: list[str] = []
         for provider in self.providers.values():
             found += provider.warnings()
         return found
@@ -392,8 +434,9 @@ class Application:
             # (a half-closed TLS connection, a staller) must not keep mailfax from stopping.
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(server.wait_closed(), timeout=5)
-        if self.web_runner is not None:
-            await self.web_runner.cleanup()
+        for runner in (self.web_runner, self.health_runner):
+            if runner is not None:
+                await runner.cleanup()
         for task in (*self._tasks, *self._announcing):
             task.cancel()
         await asyncio.gather(*self._tasks, *self._announcing, return_exceptions=True)
@@ -440,14 +483,25 @@ async def _await(loop: Callable[[], Awaitable[None]]) -> None:
 
 
 async def supervise(name: str, loop: Callable[[], Awaitable[None]]) -> None:
+    """Run ``loop``, restarting it when it crashes. A loop that crashes again and again logs
+    its traceback once, then a count now and then (:class:`RepeatedFailure`); once it has run
+    for :data:`STEADY_SECONDS` after a restart it counts as working again."""
+    failures = RepeatedFailure(log, name)
     while True:
+        task = asyncio.create_task(_await(loop), name=name)
         try:
-            await loop()
+            if failures.failures:
+                done, _ = await asyncio.wait({task}, timeout=STEADY_SECONDS)
+                if not done:
+                    failures.succeeded()
+            await task
             return
         except asyncio.CancelledError:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
             raise
         except Exception:
-            log.exception("%s crashed; restarting in %.0f s", name, RESTART_DELAY)
+            failures.failed(f"restarting in {RESTART_DELAY:.0f} s")
             await asyncio.sleep(RESTART_DELAY)
 
 
@@ -466,10 +520,89 @@ def redact_url(url: str) -> str:
     return url
 
 
-async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
+# -- serve: systemd readiness and reload -----------------------------------------------------
+
+# What a reload (SIGHUP) takes from the config file; everything else needs a restart.
+RELOADED_SECTIONS = ("users", "senders", "dial", "quotas")
+
+
+def reloaded_settings(current: Settings, fresh: Settings) -> tuple[Settings, list[str]]:
+    """``current`` with ``fresh``'s :data:`RELOADED_SECTIONS`, and the other sections in
+    which ``fresh`` differs (they wait for a restart). ConfigError if the result would not
+    be allowed to start (a user's unknown account, an open relay)."""
+    merged = current.model_copy(update={name: getattr(fresh, name)
+                                        for name in RELOADED_SECTIONS})
+    for name, user in merged.users.items():
+        if user.account is not None and user.account not in current.accounts:
+            raise ConfigError(f"users.{name}.account {user.account!r} is not one of the "
+                              "running accounts (new accounts need a restart)")
+    problem = startup_problem(merged)
+    if problem:
+        raise ConfigError(problem)
+    waiting = [name for name in type(current).model_fields
+               if name not in RELOADED_SECTIONS and getattr(current, name) != getattr(fresh, name)]
+    return merged, waiting
+
+
+class _CurrentUsers(Mapping[str, UserSettings]):
+    """``[users.*]`` as the intake has them now, so SMTP AUTH sees a reload too."""
+
+    def __init__(self, intake: Intake):
+        self.intake = intake
+
+    def __getitem__(self, name: str) -> UserSettings:
+        return self.intake.settings.users[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.intake.settings.users)
+
+    def __len__(self) -> int:
+        return len(self.intake.settings.users)
+
+
+async def reload(app: Application, load: Callable[[], Settings]) -> bool:
+    """Read the config again (``load``) and apply its users and policy; sessions, listeners
+    and jobs carry on. A config that does not load or would not start is logged and the
+    running one kept."""
+    systemd.notify(*systemd.reloading_fields())
+    try:
+        fresh = await asyncio.to_thread(load)
+        merged, waiting = await asyncio.to_thread(reloaded_settings, app.settings, fresh)
+    except Exception as error:  # ConfigError, or anything else: the service carries on
+        log.error("reload refused, the running config is kept: %s", error)
+        systemd.notify("READY=1", "STATUS=reload refused; running on the previous config")
+        return False
+    app.apply_settings(merged)
+    log.info("config reloaded: %s (%d users)", ", ".join(RELOADED_SECTIONS),
+             len(merged.users))
+    if waiting:
+        log.warning("config changes in %s take effect at the next restart",
+                    ", ".join(waiting))
+    systemd.notify("READY=1", "STATUS=config reloaded")
+    return True
+
+
+async def serve(settings: Settings, stop: asyncio.Event | None = None,
+                load: Callable[[], Settings] | None = None) -> None:
+    """Run until ``stop``. Under systemd (``Type=notify``) READY=1 is sent once the SMTP
+    listeners accept, STOPPING=1 when stopping. With ``load``, SIGHUP reloads the config."""
     app = Application(settings)
     await app.start()
+    reloads: set[asyncio.Task[bool]] = set()
+    loop = asyncio.get_running_loop()
+    if load is not None:
+        def on_hangup() -> None:
+            task = loop.create_task(reload(app, load), name="reload")
+            reloads.add(task)
+            task.add_done_callback(reloads.discard)
+        loop.add_signal_handler(signal.SIGHUP, on_hangup)
+    systemd.notify("READY=1", f"STATUS=listening on {', '.join(map(_bound, app.smtp_servers))}")
     try:
         await (stop.wait() if stop else asyncio.Event().wait())
     finally:
+        systemd.notify("STOPPING=1")
+        if load is not None:
+            loop.remove_signal_handler(signal.SIGHUP)
+        for task in reloads:
+            task.cancel()
         await app.stop()

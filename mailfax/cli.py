@@ -227,9 +227,7 @@ def _settings(args: argparse.Namespace) -> Settings:
 def cmd_serve(args: argparse.Namespace) -> int:
     from mailfax.app import serve
 
-    settings = _settings(args)
-    if args.listen:
-        settings = _with_listeners(settings, args.listen)
+    settings = _serve_settings(args)
     if args.config is None and not _config_from_env():
         log.info("no config file: running on embedded defaults")
 
@@ -238,10 +236,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        await serve(settings, stop)
+        await serve(settings, stop, load=lambda: _serve_settings(args))
 
     asyncio.run(run())
     return 0
+
+
+def _serve_settings(args: argparse.Namespace) -> Settings:
+    """The config as ``serve`` runs it (also on a reload): the file, and ``--listen``."""
+    settings = _settings(args)
+    if args.listen:
+        settings = _with_listeners(settings, args.listen)
+    return settings
 
 
 def _with_listeners(settings: Settings, listen: list[str]) -> Settings:

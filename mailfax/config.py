@@ -401,8 +401,11 @@ class WebSettings(Strict):
 
     listen: Listen | None = None  # e.g. "127.0.0.1:8025"; None: no HTTP endpoint
     public_url: str | None = None  # how providers reach it, e.g. "https://fax.example.com"
+    # /healthz, /readyz and /metrics on a listener of their own (e.g. "127.0.0.1:8026"), and
+    # no longer on `listen`; None: they are served on `listen` with the pushes.
+    health_listen: Listen | None = None
 
-    @field_validator("listen")
+    @field_validator("listen", "health_listen")
     @classmethod
     def _needs_port(cls, value: str | None) -> str | None:
         if value is not None and not re.search(r"(^[^:]+|\])(:[0-9]+)$", value.strip()):

@@ -356,11 +356,12 @@ async def test_a_refused_login_holds_the_faxes_alerts_once_and_a_restart_sends_t
         assert await both_held()
         async with aiohttp.ClientSession() as http:
             async with http.get(f"{web_url(app)}/readyz") as response:
-                assert response.status == 200  # mail is still taken
+                # Mail is still taken, but faxes are only held: not ready, and why.
+                assert response.status == 503
                 ready = await response.text()
             async with http.get(f"{web_url(app)}/metrics") as response:
                 metrics = await response.text()
-        assert "warning: account fn paused since" in ready and "Productcode invalid" in ready
+        assert "problem: account fn paused since" in ready and "Productcode invalid" in ready
         assert 'mailfax_account_paused{account="fn"} 1.0' in metrics
         admins = [m for m in outbox(service) if m["To"] == "postmaster@mailfax.test"]
         assert len(admins) == 1

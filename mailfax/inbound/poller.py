@@ -31,6 +31,7 @@ from mailfax.inbound.screening import (
 )
 from mailfax.providers.base import InboundFax, Provider, ProviderError
 from mailfax.store.base import Handoff, InboundRecord, OutgoingMail, Store
+from mailfax.support.failing import RepeatedFailure
 
 log = logging.getLogger(__name__)
 
@@ -124,11 +125,15 @@ class InboundPoller:
         self.wake_outbox = wake_outbox
 
     async def run(self) -> None:
+        failures = RepeatedFailure(log, f"inbound poll of {self.account}",
+                                   level=logging.WARNING, traceback=False)
         while True:
             try:
                 await self.poll_once()
-            except ProviderError as error:
-                log.warning("inbound poll of %s: %s", self.account, error)
+            except ProviderError:
+                failures.failed()
+            else:
+                failures.succeeded()
             await asyncio.sleep(self.poll_interval)
 
     @property

@@ -46,6 +46,7 @@ from mailfax.store.base import (
     Transition,
     Work,
 )
+from mailfax.support.failing import RepeatedFailure
 
 log = logging.getLogger(__name__)
 
@@ -248,6 +249,9 @@ class Dispatcher:
         self._tasks: dict[asyncio.Task[None], list[Job]] = {}  # sends in flight and their jobs
         self._finished: list[Outcome] = []  # outcomes of ended sends, not recorded yet
         self._next_sweep = 0.0
+        self._claim_failures = RepeatedFailure(log, "dispatcher: recording results and "
+                                               "claiming work")
+        self._renew_failures = RepeatedFailure(log, "dispatcher: renewing leases")
 
     def wake(self) -> None:
         self._wake.set()
@@ -306,10 +310,12 @@ class Dispatcher:
             work = await self.store.claim_work(self.owner, max(0, free), LEASE_SECONDS, limits,
                                                finished=finished)
         except Exception:
-            log.exception("recording %d send results and claiming failed", len(finished))
+            self._claim_failures.failed(
+                f"{len(finished)} send results wait to be recorded" if finished else "")
             self._finished[:0] = finished
             await self._record_one_by_one()
             return False
+        self._claim_failures.succeeded()
         self._submitted(finished)
         for unit in work:
             task = asyncio.create_task(self._send(unit))
@@ -366,8 +372,9 @@ class Dispatcher:
             try:
                 held = await self.store.renew_leases(self.owner, job_ids, LEASE_SECONDS)
             except Exception:
-                log.exception("renewing the leases of %d jobs failed", len(job_ids))
+                self._renew_failures.failed(f"{len(job_ids)} jobs")
                 continue
+            self._renew_failures.succeeded()
             if held < len(job_ids):
                 # Recorded meanwhile (normal), or the lease ran out and another instance may
                 # send too: the provider's duplicate protection keeps that to one fax.

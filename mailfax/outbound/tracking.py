@@ -25,6 +25,7 @@ from mailfax.providers.base import (
     StatusReport,
 )
 from mailfax.store.base import Job, Store, Transition
+from mailfax.support.failing import RepeatedFailure
 from mailfax.support.waiting import wait_for_event
 
 log = logging.getLogger(__name__)
@@ -149,6 +150,8 @@ class Tracker:
         self._fresh: dict[str, tuple[float, float]] = {}  # job id -> (due at, current delay)
         self._full_poll_due = 0.0
         self._running = False
+        self._failures: dict[str, RepeatedFailure] = {}  # per account
+        self._unconfirmed_failures = RepeatedFailure(log, "tracker: checking unconfirmed jobs")
 
     @property
     def running(self) -> bool:
@@ -194,7 +197,9 @@ class Tracker:
         try:
             await self.settle_unconfirmed()
         except Exception:
-            log.exception("checking unconfirmed jobs failed")
+            self._unconfirmed_failures.failed()
+        else:
+            self._unconfirmed_failures.succeeded()
 
     async def settle_unconfirmed(self) -> int:
         """Mail the sender and the admin about unconfirmed jobs their provider did not turn
@@ -216,7 +221,15 @@ class Tracker:
         try:
             await self.poll_account(account, provider)
         except Exception:
-            log.exception("status poll of account %s failed", account)
+            self._poll_failures(account).failed()
+        else:
+            self._poll_failures(account).succeeded()
+
+    def _poll_failures(self, account: str) -> RepeatedFailure:
+        if account not in self._failures:
+            self._failures[account] = RepeatedFailure(
+                log, f"tracker: status poll of account {account}")
+        return self._failures[account]
 
     async def poll_account(self, account: str, provider: Provider) -> None:
         jobs = await self.store.tracked_jobs(account)
@@ -273,7 +286,9 @@ class Tracker:
                 try:
                     await self._poll_jobs(account, provider, account_jobs)
                 except Exception:
-                    log.exception("status poll of account %s failed", account)
+                    self._poll_failures(account).failed()
+                else:
+                    self._poll_failures(account).succeeded()
 
     async def _poll_jobs(self, account: str, provider: Provider, jobs: Sequence[Job]) -> None:
         requested = [job for job in jobs if job.cancel_requested]

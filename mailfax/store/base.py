@@ -407,6 +407,11 @@ class Store(Protocol):
 
     async def outbox_depth(self) -> int: ...
 
+    async def probe_write(self) -> None:
+        """Commit one small write (raises when the store cannot write: read-only, disk
+        full, a standby server): what ``/readyz`` asks, as a read succeeds in those cases."""
+        ...
+
     async def counts(self) -> dict[str, dict[str, int]]:
         """{"jobs": {state: n}, "inbound": {state: n}}, for metrics."""
         ...

@@ -1406,6 +1406,15 @@ class PostgresStore:
             row = await cur.fetchone()
         return int(row["n"]) if row else 0
 
+    async def probe_write(self) -> None:
+        # A real row written again as it is (schema_migrations' first: always there, and no
+        # job's): refused by a read-only transaction or a standby, and its WAL record is
+        # flushed at commit, so a full disk fails it as it would any other write.
+        async with self._cursor(atomic=False) as cur:
+            await cur.execute(
+                "UPDATE schema_migrations SET version = version"
+                " WHERE version = (SELECT min(version) FROM schema_migrations)")
+
     async def counts(self) -> dict[str, dict[str, int]]:
         result: dict[str, dict[str, int]] = {}
         async with self._cursor() as cur:

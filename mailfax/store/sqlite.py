@@ -1231,6 +1231,11 @@ class SqliteStore(_InboundMixin, _EmulatorNetworkMixin, _RetentionMixin):
 
         return await self._call(operation)
 
+    async def probe_write(self) -> None:
+        await self._call(lambda conn: conn.execute(
+            "INSERT OR REPLACE INTO meta (key, value) VALUES ('write_probe', ?)",
+            (datetime.now(UTC).isoformat(),)))
+
     async def counts(self) -> dict[str, dict[str, int]]:
         def operation(conn: sqlite3.Connection) -> dict[str, dict[str, int]]:
             jobs = dict(conn.execute("SELECT state, jobs FROM job_state_counts"))

@@ -12,7 +12,16 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
 
 from mailfax.inbound.screening import SCREENED_STATES
 from mailfax.model import JobState
@@ -33,6 +42,11 @@ LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        # process_* (resident memory, CPU seconds, open and max fds, start time; read from
+        # /proc/self), python_gc_* and python_info, as every Python exporter has them.
+        ProcessCollector(registry=self.registry)
+        GCCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
         self.mails_accepted = Counter(
             "mailfax_mails_accepted", "Mails accepted as fax jobs", registry=self.registry)
         self.mails_refused = Counter(

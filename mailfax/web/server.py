@@ -1,16 +1,21 @@
-"""mailfax's small HTTP endpoint: provider status pushes and health checks."""
+"""mailfax's small HTTP endpoints: provider status pushes, and health checks with metrics.
+
+Both can be served by one listener (``[web] listen``), or the health checks and metrics by a
+listener of their own (``[web] health_listen``) so the public push listener, behind a
+reverse proxy, serves pushes only."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from mailfax.providers.base import Provider
 from mailfax.store.base import Store
+from mailfax.web.health import not_ready_text
 from mailfax.web.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -18,9 +23,13 @@ log = logging.getLogger(__name__)
 
 def build_web_app(providers: Mapping[str, Provider], store: Store | None = None,
                   metrics: Metrics | None = None,
-                  warnings: Callable[[], list[str]] = lambda: []) -> web.Application:
-    """``warnings``: what /readyz adds below "ready" (paused accounts, a reconstructed
-    WSDL): the service still takes mail, but an operator should look."""
+                  warnings: Callable[[], list[str]] = lambda: [],
+                  problems: Callable[[], Awaitable[list[str]]] | None = None, *,
+                  push_routes: bool = True, health_routes: bool = True) -> web.Application:
+    """``warnings``: what /readyz adds below "ready" (a reconstructed WSDL): the service
+    works, but an operator should look. ``problems``: why it is not ready (503); without
+    it, /readyz asks the store only. ``push_routes``/``health_routes``: which of the two
+    sets of routes this listener serves."""
 
     async def push(request: web.Request) -> web.StreamResponse:
         """``/push/{account}/…``: the account's adapter checks the token (bound to its
@@ -39,8 +48,21 @@ def build_web_app(providers: Mapping[str, Provider], store: Store | None = None,
         """The process answers."""
         return web.Response(text="ok\n")
 
+    reported: list[str] = []  # the problems last logged
+
     async def readyz(request: web.Request) -> web.Response:
-        """The store answers, so mail can be taken (503 otherwise)."""
+        """Mail can be taken and faxed (503 with the reasons otherwise)."""
+        if problems is not None:
+            found = await problems()
+            if found != reported:  # logged when it changes, not at every probe
+                if found:
+                    log.warning("not ready: %s", "; ".join(found))
+                else:
+                    log.info("ready again")
+                reported[:] = found
+            if found:
+                return web.Response(status=503, text=not_ready_text(found))
+            return web.Response(text=ready_text(warnings()))
         if store is None:
             return web.Response(text="ready\n")
         try:
@@ -57,10 +79,12 @@ def build_web_app(providers: Mapping[str, Provider], store: Store | None = None,
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     app = web.Application(client_max_size=8 * 1024 * 1024)
-    app.router.add_route("*", "/push/{account}/{tail:.*}", push)
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", prometheus)
+    if push_routes:
+        app.router.add_route("*", "/push/{account}/{tail:.*}", push)
+    if health_routes:
+        app.router.add_get("/healthz", healthz)
+        app.router.add_get("/readyz", readyz)
+        app.router.add_get("/metrics", prometheus)
     return app
 
 
