@@ -6,7 +6,11 @@ both alike. Prints each command's median wall time and its ratio to ``python -c 
 The store has a few hundred jobs (made with the store's own calls, not through SMTP), so
 ``jobs`` reads and prints a real listing.
 
-    python bench/cli.py [--runs 9] [--jobs 300]
+    python bench/cli.py [--runs 9] [--jobs 300] [--before /path/to/older/checkout]
+
+``--before`` measures the same commands with another checkout's ``mailfax`` package first on
+``PYTHONPATH`` (e.g. ``git archive c929184 | tar -x -C /tmp/before``), in the same rounds,
+and prints after/before ratios.
 """
 
 from __future__ import annotations
@@ -96,6 +100,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=9)
     parser.add_argument("--jobs", type=int, default=300)
+    parser.add_argument("--before", type=Path, help="an older checkout to compare with")
     args = parser.parse_args()
     python = sys.executable
     with tempfile.TemporaryDirectory(prefix="mailfax-bench-cli-") as name:
@@ -103,7 +108,11 @@ def main() -> None:
         port = free_port()
         config = write_config(folder, port)
         (folder / "data").mkdir()
-        env = {**os.environ, "MAILFAX_CONFIG": str(config)}
+        env = {**os.environ, "MAILFAX_CONFIG": str(config),
+               # compiled modules cached as an installed package has them (pip compiles
+               # on install), not compiled again on every start
+               "PYTHONPYCACHEPREFIX": str(folder / "pycache")}
+        env.pop("PYTHONDONTWRITEBYTECODE", None)
         script = Path(python).with_name("mailfax")  # the console script a user runs
         mailfax = [str(script)] if script.exists() else [python, "-m", "mailfax"]
         run_command([*mailfax, "migrate"], env)
@@ -116,16 +125,33 @@ def main() -> None:
             "mailfax serve (port accepts)": lambda: serve_until_accepting(
                 [*mailfax, "serve"], env, port),
         }
+        for case in cases.values():  # the first start compiles the modules: not counted
+            case()
+        if args.before:
+            old = {**env, "PYTHONPATH": str(args.before.resolve())}
+            cases |= {
+                "before: mailfax --version": lambda: run_command([*mailfax, "--version"], old),
+                "before: mailfax jobs": lambda: run_command([*mailfax, "jobs"], old),
+                "before: mailfax jobs --json": lambda: run_command(
+                    [*mailfax, "jobs", "--json"], old),
+                "before: mailfax serve (port accepts)": lambda: serve_until_accepting(
+                    [*mailfax, "serve"], old, port),
+            }
         times = measure(args.runs, cases)
     base = statistics.median(times["python -c pass"])
     print(f"{args.runs} runs each, alternating; {args.jobs} jobs in the store; medians")
-    print(f"{'command':<30} {'median':>9} {'vs python -c pass':>18} {'goal':>7}")
+    print(f"{'command':<38} {'median':>9} {'vs python -c pass':>18} {'goal':>7}")
     for name, values in times.items():
         median = statistics.median(values)
+        if name.startswith("before: "):
+            now = statistics.median(times[name.removeprefix("before: ")])
+            print(f"{name:<38} {median * 1000:7.0f} ms {median / base:17.1f}x "
+                  f"(now {now / median:.2f} of before)")
+            continue
         goal = GOALS.get(name)
         verdict = "" if goal is None else (
             f"{goal * 1000:5.0f} ms {'ok' if median <= goal else 'MISSED'}")
-        print(f"{name:<30} {median * 1000:7.0f} ms {median / base:17.1f}x {verdict}")
+        print(f"{name:<38} {median * 1000:7.0f} ms {median / base:17.1f}x {verdict}")
 
 
 if __name__ == "__main__":

@@ -64,5 +64,6 @@ def test_version_loads_no_heavy_library(cli_env: dict[str, str]) -> None:
 
 
 def test_the_check_sees_a_heavy_import(cli_env: dict[str, str]) -> None:
-    """The report is real: a command that needs aiohttp (serve's app) shows it."""
-    assert "aiohttp" in loaded_after("import mailfax.app", cli_env)
+    """The report is real: what needs aiohttp (the web endpoint) and ReportLab shows them."""
+    assert loaded_after("import mailfax.web.server, mailfax.documents.cover_pdf",
+                        cli_env) == ["PIL", "aiohttp", "jinja2", "reportlab"]
