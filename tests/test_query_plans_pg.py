@@ -5,7 +5,6 @@ jobs and a few live ones, then ``EXPLAIN``ed with the same parameters."""
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -16,10 +15,13 @@ from mailfax.model import JobState
 from mailfax.providers.base import FaxDocument
 from mailfax.store.base import NewJob, NewMail
 from mailfax.store.postgres import PostgresStore
-from tests import pg
+from tests import test_multi_instance
 
 FINISHED_JOBS = 50_000
 SEQ_SCAN_ON_JOBS = re.compile(r"Seq Scan on jobs\b")
+# The server for the module and a database of its own per test, as the multi-instance tests
+postgres_server = test_multi_instance.postgres_server
+database = test_multi_instance.database
 
 HISTORY = """
 INSERT INTO mails (id, received_at, envelope_from, message_id, subject, refs, from_header,
@@ -32,17 +34,6 @@ SELECT 'h' || i, 'history', 'main', '+4930' || (1000000 + i), 'delivered', 1,
        now() - interval '2 days' - i * interval '1 min', 1, 'P' || i, true
 FROM generate_series(1, %s) AS i;
 """
-
-
-@pytest.fixture(scope="module")
-def postgres_server() -> Iterator[pg.PostgresServer]:
-    with pg.server_for_tests() as server:
-        yield server
-
-
-@pytest.fixture
-def database(postgres_server: pg.PostgresServer) -> str:
-    return postgres_server.create_database()
 
 
 def captured_statements(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, Any]]:
