@@ -74,12 +74,14 @@ async def test_postgres_hot_queries_use_indexes_on_a_big_jobs_table(
         await store.claim_work("me", 10, 20.0, {"main": 5, "*": 5})
         await store.unacknowledged_final_jobs("main", 100)
         await store.tracked_jobs("main")
+        kept = await store.counts()
         await store.list_jobs(limit=50, state=JobState.QUEUED)
         await store.list_jobs(limit=50, state=JobState.DELIVERED)
         await store.usage_since(datetime.now(UTC) - timedelta(hours=1), ["user1@example.org"])
         monkeypatch.undo()
     finally:
         await store.close()
+    assert kept["jobs"] == {"delivered": FINISHED_JOBS, "queued": 5}
 
     reads = [(query, params) for query, params in statements
              if re.search(r"\b(FROM|UPDATE) jobs\b", query)]
@@ -90,3 +92,32 @@ async def test_postgres_hot_queries_use_indexes_on_a_big_jobs_table(
         scans = {query: text for query, params in reads
                  if SEQ_SCAN_ON_JOBS.search(text := plan(conn, query, params))}
     assert scans == {}
+
+
+async def test_postgres_job_counts_follow_every_state_change(database: str) -> None:
+    """/metrics' per-state counts come from the triggers' rows, folded on each read: they
+    must equal a count of the table after inserts, transitions and a deletion."""
+    from mailfax.store.base import Transition
+    from tests.test_store import add
+
+    store = PostgresStore(database, listen=False)
+    await store.open()
+    try:
+        await add(store, "m1", ("j1", "j2", "j3"))
+        await store.record("j1", Transition(JobState.SUBMITTED, provider_job_id="P1"))
+        assert (await store.counts())["jobs"] == {"queued": 2, "submitted": 1}
+        await store.record("j1", Transition(JobState.DELIVERED))
+        await store.record("j2", Transition(JobState.SUBMITTED, provider_job_id="P2"))
+        first, again = await store.counts(), await store.counts()  # folding twice is the same
+        with psycopg.connect(database, autocommit=True) as conn:
+            counted = dict(conn.execute(
+                "SELECT state, count(*) FROM jobs GROUP BY state").fetchall())
+            conn.execute("DELETE FROM events WHERE job_id = 'j3'")
+            conn.execute("DELETE FROM jobs WHERE id = 'j3'")
+            folded_rows = conn.execute("SELECT count(*) FROM job_state_counts").fetchone()
+        assert counted == {"delivered": 1, "submitted": 1, "queued": 1}
+        assert first["jobs"] == again["jobs"] == counted
+        assert folded_rows is not None and folded_rows[0] <= 4  # 3 folded + the deletion's -1
+        assert (await store.counts())["jobs"] == {"delivered": 1, "submitted": 1}
+    finally:
+        await store.close()
