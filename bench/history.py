@@ -18,7 +18,7 @@ over the past year), not through SMTP. Then, on that store:
 ``COUNT(*) ... GROUP BY`` (what main did before migration 4), in the same run. Ratios are to
 the empty store of the same variant.
 
-    python bench/history.py [--sizes 0,100000,1000000] [--jobs 2000] [--before]
+    python bench/history.py [--sizes 0,100000,1000000] [--jobs 1000] [--rounds 3] [--before]
 """
 
 from __future__ import annotations
@@ -185,30 +185,49 @@ async def hot_queries(store: SqliteStore, repeat: int, before: bool) -> dict[str
 @dataclass
 class Result:
     size: int
-    build_seconds: float
-    intake_rate: float
-    dispatch_rate: float
+    before: bool
+    path: Path
+    build_seconds: float = 0.0
+    intake_rates: list[float] = field(default_factory=list)
+    dispatch_rates: list[float] = field(default_factory=list)
     queries: dict[str, float] = field(default_factory=dict)
 
+    @property
+    def intake_rate(self) -> float:
+        return statistics.median(self.intake_rates)
 
-async def run_size(size: int, jobs: int, repeat: int, before: bool, folder: Path) -> Result:
-    path = folder / f"history-{size}-{'before' if before else 'now'}.sqlite3"
-    store = SqliteStore(path)
+    @property
+    def dispatch_rate(self) -> float:
+        return statistics.median(self.dispatch_rates)
+
+
+async def build_store(result: Result) -> None:
+    store = SqliteStore(result.path)
     await store.open()  # the schema, all migrations
     await store.close()
-    build = build_history(path, size)
-    if before:
-        drop_migration_4_indexes(path)
-    store = SqliteStore(path)
+    result.build_seconds = build_history(result.path, result.size)
+    if result.before:
+        drop_migration_4_indexes(result.path)
+
+
+async def run_round(result: Result, jobs: int, round_number: int, folder: Path) -> None:
+    """One round on one store: ``jobs`` mails in, then dispatched."""
+    store = SqliteStore(result.path)
     await store.open()
     try:
-        intake_rate = await intake(store, jobs, "a")
-        dispatch_rate = await dispatch(store, jobs, folder)
-        queries = await hot_queries(store, repeat, before)
+        result.intake_rates.append(await intake(store, jobs, f"r{round_number}"))
+        result.dispatch_rates.append(await dispatch(store, jobs, folder))
     finally:
         await store.close()
-    path.unlink()
-    return Result(size, build, intake_rate, dispatch_rate, queries)
+
+
+async def time_queries(result: Result, repeat: int) -> None:
+    store = SqliteStore(result.path)
+    await store.open()
+    try:
+        result.queries = await hot_queries(store, repeat, result.before)
+    finally:
+        await store.close()
 
 
 def report(title: str, results: list[Result]) -> None:
@@ -229,7 +248,11 @@ def report(title: str, results: list[Result]) -> None:
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="0,100000,1000000")
-    parser.add_argument("--jobs", type=int, default=2000, help="mails taken in and dispatched")
+    parser.add_argument("--jobs", type=int, default=1000,
+                        help="mails taken in and dispatched per store and round")
+    parser.add_argument("--before-jobs", type=int, default=200,
+                        help="the same for the before variant (13 jobs/s at 1M)")
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--repeat", type=int, default=21, help="runs of each hot query")
     parser.add_argument("--before", action="store_true",
                         help="also without migration 4's indexes (main before issue 19)")
@@ -239,12 +262,24 @@ async def main() -> None:
     variants = [False, True] if args.before else [False]
     results: dict[bool, list[Result]] = {variant: [] for variant in variants}
     with tempfile.TemporaryDirectory(prefix="mailfax-bench-history-", dir=args.dir) as name:
-        for size in sizes:  # both variants of a size one after the other: the same load
+        folder = Path(name)
+        for size in sizes:
             for variant in variants:
-                results[variant].append(
-                    await run_size(size, args.jobs, args.repeat, variant, Path(name)))
-    print(f"{args.jobs} mails taken in ({WRITERS} writers, quotas checked) and dispatched "
-          f"per store; hot queries: median of {args.repeat}")
+                result = Result(size, variant, folder / f"history-{size}-{variant}.sqlite3")
+                await build_store(result)
+                results[variant].append(result)
+        # Rounds over every store in turn: a change in the machine's load hits every size.
+        for round_number in range(args.rounds):
+            for variant in variants:
+                for result in results[variant]:
+                    jobs = args.before_jobs if variant else args.jobs
+                    await run_round(result, jobs, round_number, folder)
+        for variant in variants:
+            for result in results[variant]:
+                await time_queries(result, args.repeat)
+    print(f"{args.jobs} mails ({args.before_jobs} before) taken in ({WRITERS} writers, quotas "
+          f"checked) and dispatched per store and round, {args.rounds} rounds over all stores "
+          f"in turn (medians); hot queries: median of {args.repeat}")
     report("now (migration 4: partial indexes, counts kept by triggers)", results[False])
     if args.before:
         report("before (migration 4's indexes dropped, counts() as COUNT(*) GROUP BY)",
