@@ -20,7 +20,6 @@ from typing import Any
 from mailfax import __version__, logs
 from mailfax.config import ConfigError, ListenAddress, Settings, config_path, load_settings
 from mailfax.model import FINAL_STATES, RETRYABLE_STATES, JobState
-from mailfax.outbound.notify import format_duration
 from mailfax.providers.base import ProviderContext, ProviderRef
 from mailfax.store import open_store
 from mailfax.store.base import Handoff, InboundRecord, Job, Store, Transition
@@ -348,6 +347,8 @@ def cmd_show(args: argparse.Namespace) -> int:
         print(f"  from <{job.sender}>, account {job.account}, "
               f"provider job {job.provider_job_id or '-'}, attempts {job.attempts}")
         if job.duration_seconds is not None:
+            from mailfax.outbound.notify import format_duration  # jinja2: not for every command
+
             print(f"  duration {format_duration(job.duration_seconds)}")
         if job.reason:
             print(f"  reason: {job.reason.for_language('en')}")

@@ -63,3 +63,34 @@ async def test_sqlite_job_counts_follow_every_state_change(tmp_path: Path) -> No
         assert kept["queued"] == 1  # queued → submitted → delivered moved j1 along
     finally:
         await store.close()
+
+
+async def test_sqlite_unacknowledged_jobs_are_found_without_walking_the_history(
+        tmp_path: Path) -> None:
+    """Not only no SCAN: with many finished, acknowledged jobs of the account the tracker's
+    query walks only the unacknowledged ones (the planner alone picks jobs_tracked, which
+    holds every finished job of the account)."""
+    path = tmp_path / "store.sqlite3"
+    store = SqliteStore(path)
+    await store.open()
+    statements: list[str] = []
+    try:
+        await store._call(lambda conn: conn.execute(
+            "INSERT INTO mails VALUES ('m', 0, 'a@example.org', NULL, 's', '[]', '', '::1',"
+            " NULL, NULL, 'en')"))
+        await store._call(lambda conn: conn.execute("""
+            INSERT INTO jobs (id, mail_id, account, number, state, pages, sender, created,
+                              updated, provider_job_id, acknowledged)
+            WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 5000)
+            SELECT 'h' || i, 'm', 'main', '+4930123456', 'delivered', 1, 'a@example.org',
+                   i, i, 'P' || i, i > 3 FROM n"""))
+        await store._call(lambda conn: conn.set_trace_callback(statements.append))
+        found = await store.unacknowledged_final_jobs("main", 100)
+        await store._call(lambda conn: conn.set_trace_callback(None))
+    finally:
+        await store.close()
+    assert sorted(job.id for job in found) == ["h1", "h2", "h3"]
+    query = next(sql for sql in statements if "acknowledged = 0" in sql)
+    conn = sqlite3.connect(path)
+    plan = [row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + query)]
+    assert any("USING INDEX jobs_unacknowledged" in step for step in plan), plan

@@ -11,8 +11,6 @@ import importlib
 import io
 from types import ModuleType
 
-import pikepdf
-
 EMULATOR_MODULES: dict[str, str] = {
     "fax.de": "mailfax.emulators.faxde",
     "faxnummer.de": "mailfax.emulators.faxnummer",
@@ -30,6 +28,8 @@ def emulator_module(name: str) -> ModuleType:
 
 def pdf_pages(data: bytes) -> int | None:
     """How many pages the PDF ``data`` has, or None when it does not open as a PDF."""
+    import pikepdf  # here: config loads this package (the emulator account), the CLI need not
+
     try:
         with pikepdf.open(io.BytesIO(data)) as pdf:
             return len(pdf.pages)

@@ -12,8 +12,10 @@ import subprocess
 import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from PIL import Image, ImageDraw, ImageFont, ImageSequence
+if TYPE_CHECKING:  # Pillow is imported where used: the config loads this module, the CLI
+    from PIL import Image  # need not pay for Pillow
 
 FINE = (204, 196)  # dpi: horizontal, vertical
 FAX_WIDTH = 1728  # pixels: an A4 line at 204 dpi, as fax machines scan it
@@ -28,6 +30,8 @@ class FaxImageError(Exception):
 
 def tiff_pages(image: bytes) -> int:
     """How many pages a TIFF holds; 0 when it does not open."""
+    from PIL import Image
+
     try:
         with Image.open(io.BytesIO(image)) as picture:
             return int(getattr(picture, "n_frames", 1))
@@ -42,6 +46,8 @@ def fax_image_of(path: Path) -> bytes:
         data = path.read_bytes()
     except OSError as error:
         raise FaxImageError(f"{path}: {error.strerror}") from None
+    from PIL import Image, ImageSequence
+
     if suffix in TIFF_SUFFIXES:
         if not tiff_pages(data):
             raise FaxImageError(f"{path}: not a TIFF that opens")
@@ -58,6 +64,8 @@ def fax_image_of(path: Path) -> bytes:
 
 def sample_fax(called: str, pages: int = 2) -> bytes:
     """A fax of ``pages`` pages that says what it is, for trying fax → mail without a file."""
+    from PIL import Image, ImageDraw, ImageFont
+
     font = ImageFont.load_default(size=56)
     small = ImageFont.load_default(size=36)
     sheets = []
@@ -75,6 +83,8 @@ def sample_fax(called: str, pages: int = 2) -> bytes:
 
 
 def _pdf_pages(path: Path) -> list[Image.Image]:
+    from PIL import Image
+
     if shutil.which("pdftoppm") is None:
         raise FaxImageError("rendering a PDF needs pdftoppm (Debian: poppler-utils); "
                             "give a TIFF or an image instead")

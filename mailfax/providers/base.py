@@ -20,11 +20,11 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
-from aiohttp import web
-
 from mailfax.model import JobState, Reason
 
 if TYPE_CHECKING:
+    from aiohttp import web
+
     from mailfax.store.base import Job
 
 
@@ -405,6 +405,8 @@ class BaseProvider:
 
     async def handle_push(self, request: web.Request, subpath: str) -> web.StreamResponse:
         """A provider's status push to ``{push_base_url}/{subpath}``; 404 unless overridden."""
+        from aiohttp import web  # only serve's web server calls this: the CLI starts without it
+
         raise web.HTTPNotFound()
 
     async def close(self) -> None:

@@ -225,6 +225,28 @@ MIGRATIONS: dict[int, str] = {
     CREATE INDEX outbox_done ON outbox (created) WHERE state <> 'pending';
     CREATE INDEX inbound_fetched ON inbound_faxes (fetched_at, account, fax_id);
     """,
+    # Job counts per state for /metrics without counting the table (a Seq Scan: ~0.1 s at 1M
+    # jobs, on every scrape). Triggers append +1/-1 rows, so writers on several instances
+    # never wait for one counter row; counts() folds them into one row per state.
+    7: """
+    CREATE TABLE job_state_counts (state text NOT NULL, jobs bigint NOT NULL);
+    INSERT INTO job_state_counts SELECT state, count(*) FROM jobs GROUP BY state;
+    CREATE FUNCTION job_state_count() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        IF TG_OP IN ('UPDATE', 'DELETE') THEN
+            INSERT INTO job_state_counts VALUES (OLD.state, -1);
+        END IF;
+        IF TG_OP IN ('UPDATE', 'INSERT') THEN
+            INSERT INTO job_state_counts VALUES (NEW.state, 1);
+        END IF;
+        RETURN NULL;
+    END $$;
+    CREATE TRIGGER job_state_count_insert_delete AFTER INSERT OR DELETE ON jobs
+        FOR EACH ROW EXECUTE FUNCTION job_state_count();
+    CREATE TRIGGER job_state_count_update AFTER UPDATE OF state ON jobs
+        FOR EACH ROW WHEN (OLD.state IS DISTINCT FROM NEW.state)
+        EXECUTE FUNCTION job_state_count();
+    """,
 }
 SCHEMA_VERSION = max(MIGRATIONS)
 
@@ -1418,9 +1440,19 @@ class PostgresStore:
     async def counts(self) -> dict[str, dict[str, int]]:
         result: dict[str, dict[str, int]] = {}
         async with self._cursor() as cur:
-            for name, table in (("jobs", "jobs"), ("inbound", "inbound_faxes")):
-                await cur.execute(f"SELECT state, count(*) AS n FROM {table} GROUP BY state")
-                result[name] = {str(row["state"]): int(row["n"]) for row in await cur.fetchall()}
+            # Fold the triggers' +1/-1 rows (those this statement sees: a concurrent fold
+            # skips the rows this one deleted) into one row per state, then read them.
+            await cur.execute("""
+                WITH folded AS (DELETE FROM job_state_counts RETURNING state, jobs)
+                INSERT INTO job_state_counts
+                SELECT state, sum(jobs) FROM folded GROUP BY state HAVING sum(jobs) <> 0
+                """)
+            await cur.execute("SELECT state, sum(jobs) AS n FROM job_state_counts"
+                              " GROUP BY state HAVING sum(jobs) <> 0")
+            result["jobs"] = {str(row["state"]): int(row["n"]) for row in await cur.fetchall()}
+            await cur.execute("SELECT state, count(*) AS n FROM inbound_faxes GROUP BY state")
+            result["inbound"] = {str(row["state"]): int(row["n"])
+                                 for row in await cur.fetchall()}
         return result
 
     # -- received faxes ----------------------------------------------------------------------

@@ -1058,7 +1058,11 @@ class SqliteStore(_InboundMixin, _EmulatorNetworkMixin, _RetentionMixin):
     async def unacknowledged_final_jobs(self, account: str, limit: int) -> list[Job]:
         def operation(conn: sqlite3.Connection) -> list[Job]:
             rows = conn.execute(
-                "SELECT * FROM jobs j WHERE account = ? AND acknowledged = 0"
+                # INDEXED BY: left to itself the planner walks jobs_tracked, every finished
+                # job of the account (40 ms at 100k jobs); this index holds only the few
+                # unacknowledged ones.
+                "SELECT * FROM jobs j INDEXED BY jobs_unacknowledged WHERE account = ?"
+                " AND acknowledged = 0"
                 " AND provider_job_id IS NOT NULL AND state IN ('delivered','failed','cancelled')"
                 " AND NOT EXISTS (SELECT 1 FROM events e WHERE e.job_id = j.id AND e.notify = 1)"
                 " AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.job_id = j.id"

@@ -1,0 +1,123 @@
+"""PostgreSQL: the hot queries run on indexes once the jobs table is big (issue 19). The SQL is
+captured from the store's own cursors while its methods run on a table of 50,000 finished
+jobs and a few live ones, then ``EXPLAIN``ed with the same parameters."""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import psycopg
+import pytest
+
+from mailfax.model import JobState
+from mailfax.providers.base import FaxDocument
+from mailfax.store.base import NewJob, NewMail
+from mailfax.store.postgres import PostgresStore
+from tests import test_multi_instance
+
+FINISHED_JOBS = 50_000
+SEQ_SCAN_ON_JOBS = re.compile(r"Seq Scan on jobs\b")
+# The server for the module and a database of its own per test, as the multi-instance tests
+postgres_server = test_multi_instance.postgres_server
+database = test_multi_instance.database
+
+HISTORY = """
+INSERT INTO mails (id, received_at, envelope_from, message_id, subject, refs, from_header,
+                   client_address, language)
+VALUES ('history', now(), 'history@example.org', NULL, 'history', '[]', '', '::1', 'en');
+INSERT INTO jobs (id, mail_id, account, number, state, pages, sender, created, updated,
+                  attempts, provider_job_id, acknowledged)
+SELECT 'h' || i, 'history', 'main', '+4930' || (1000000 + i), 'delivered', 1,
+       'user' || (i % 50) || '@example.org', now() - interval '2 days' - i * interval '1 min',
+       now() - interval '2 days' - i * interval '1 min', 1, 'P' || i, true
+FROM generate_series(1, %s) AS i;
+"""
+
+
+def captured_statements(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, Any]]:
+    """Every (query, params) the store's cursors execute from now on."""
+    statements: list[tuple[str, Any]] = []
+    original = psycopg.AsyncCursor.execute
+
+    async def execute(self: Any, query: Any, params: Any = None, **kwargs: Any) -> Any:
+        statements.append((str(query), params))
+        return await original(self, query, params, **kwargs)
+
+    monkeypatch.setattr(psycopg.AsyncCursor, "execute", execute)
+    return statements
+
+
+def plan(conn: psycopg.Connection[Any], query: str, params: Any) -> str:
+    rows = conn.execute(f"EXPLAIN {query}", params).fetchall()  # type: ignore[call-overload]
+    return "\n".join(row[0] for row in rows)
+
+
+async def test_postgres_hot_queries_use_indexes_on_a_big_jobs_table(
+        database: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = PostgresStore(database, listen=False)
+    await store.open()  # the schema, every migration
+    try:
+        with psycopg.connect(database, autocommit=True) as conn:
+            for statement in HISTORY.split(";\n")[:2]:
+                conn.execute(statement.replace("%s", str(FINISHED_JOBS)))
+        for index in range(5):  # a few live jobs
+            mail = NewMail(mail_id=f"m{index}", envelope_from="a@example.org", message_id=None,
+                           subject="s", references=[], from_header="", client_address="::1")
+            await store.add_mail_jobs(mail, [NewJob(f"j{index}", "+4930123456", "main")],
+                                      [FaxDocument("a.pdf", b"%PDF-1.4", 1)])
+        with psycopg.connect(database, autocommit=True) as conn:
+            conn.execute("ANALYZE")  # what autovacuum does after such a bulk insert
+
+        statements = captured_statements(monkeypatch)
+        await store.claim_work("me", 10, 20.0, {"main": 5, "*": 5})
+        await store.unacknowledged_final_jobs("main", 100)
+        await store.tracked_jobs("main")
+        kept = await store.counts()
+        await store.list_jobs(limit=50, state=JobState.QUEUED)
+        await store.list_jobs(limit=50, state=JobState.DELIVERED)
+        await store.usage_since(datetime.now(UTC) - timedelta(hours=1), ["user1@example.org"])
+        monkeypatch.undo()
+    finally:
+        await store.close()
+    assert kept["jobs"] == {"delivered": FINISHED_JOBS, "queued": 5}
+
+    reads = [(query, params) for query, params in statements
+             if re.search(r"\b(FROM|UPDATE) jobs\b", query)]
+    assert len(reads) >= 6, statements
+    with psycopg.connect(database, autocommit=True) as conn:
+        # The table is big enough for the planner to care: an unindexed filter scans it.
+        assert SEQ_SCAN_ON_JOBS.search(plan(conn, "SELECT * FROM jobs WHERE pages = %s", (3,)))
+        scans = {query: text for query, params in reads
+                 if SEQ_SCAN_ON_JOBS.search(text := plan(conn, query, params))}
+    assert scans == {}
+
+
+async def test_postgres_job_counts_follow_every_state_change(database: str) -> None:
+    """/metrics' per-state counts come from the triggers' rows, folded on each read: they
+    must equal a count of the table after inserts, transitions and a deletion."""
+    from mailfax.store.base import Transition
+    from tests.test_store import add
+
+    store = PostgresStore(database, listen=False)
+    await store.open()
+    try:
+        await add(store, "m1", ("j1", "j2", "j3"))
+        await store.record("j1", Transition(JobState.SUBMITTED, provider_job_id="P1"))
+        assert (await store.counts())["jobs"] == {"queued": 2, "submitted": 1}
+        await store.record("j1", Transition(JobState.DELIVERED))
+        await store.record("j2", Transition(JobState.SUBMITTED, provider_job_id="P2"))
+        first, again = await store.counts(), await store.counts()  # folding twice is the same
+        with psycopg.connect(database, autocommit=True) as conn:
+            counted = dict(conn.execute(
+                "SELECT state, count(*) FROM jobs GROUP BY state").fetchall())
+            conn.execute("DELETE FROM events WHERE job_id = 'j3'")
+            conn.execute("DELETE FROM jobs WHERE id = 'j3'")
+            folded_rows = conn.execute("SELECT count(*) FROM job_state_counts").fetchone()
+        assert counted == {"delivered": 1, "submitted": 1, "queued": 1}
+        assert first["jobs"] == again["jobs"] == counted
+        assert folded_rows is not None and folded_rows[0] <= 4  # 3 folded + the deletion's -1
+        assert (await store.counts())["jobs"] == {"delivered": 1, "submitted": 1}
+    finally:
+        await store.close()
