@@ -69,8 +69,10 @@ def build_history(path: Path, count: int) -> float:
     conn = sqlite3.connect(path)
     with conn:
         now = time.time()
-        conn.execute("INSERT INTO mails VALUES ('history', ?, 'history@example.org', NULL,"
-                     " 'history', '[]', '', '::1', NULL, NULL, 'en')", (now,))
+        conn.execute("INSERT INTO mails (id, received_at, envelope_from, message_id, subject,"
+                     " refs, from_header, client_address, auto_submitted, precedence, language)"
+                     " VALUES ('history', ?, 'history@example.org', NULL, 'history', '[]', '',"
+                     " '::1', NULL, NULL, 'en')", (now,))
         if count:
             conn.execute(FILL_HISTORY, {"count": count, "account": ACCOUNT, "now": now})
     conn.close()

@@ -76,7 +76,9 @@ async def test_sqlite_unacknowledged_jobs_are_found_without_walking_the_history(
     statements: list[str] = []
     try:
         await store._call(lambda conn: conn.execute(
-            "INSERT INTO mails VALUES ('m', 0, 'a@example.org', NULL, 's', '[]', '', '::1',"
+            "INSERT INTO mails (id, received_at, envelope_from, message_id, subject, refs,"
+            " from_header, client_address, auto_submitted, precedence, language)"
+            " VALUES ('m', 0, 'a@example.org', NULL, 's', '[]', '', '::1',"
             " NULL, NULL, 'en')"))
         await store._call(lambda conn: conn.execute("""
             INSERT INTO jobs (id, mail_id, account, number, state, pages, sender, created,

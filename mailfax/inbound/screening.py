@@ -20,10 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from PIL import Image
-
 from mailfax.config import InboundSettings
-from mailfax.inbound.convert import MAX_PAGE_PIXELS
 from mailfax.inbound.routing import MAX_TSI, FaxFacts, normalise_number
 
 BLOCK_FILE = "inbound-blocklist"
@@ -123,6 +120,10 @@ def blocked_by(facts: FaxFacts, blocks: BlockList, default_country: str) -> str 
 def page_hashes(image: bytes) -> tuple[str, ...]:
     """One SHA-256 per page of the decoded picture (so the same pages encoded another way are
     the same fax); the file's own hash when it cannot be decoded. CPU-bound: run in a thread."""
+    from PIL import Image  # only here: the CLI (`mailfax block`, `route`) never decodes
+
+    from mailfax.inbound.convert import MAX_PAGE_PIXELS
+
     try:
         with Image.open(io.BytesIO(image)) as picture:
             hashes = []
