@@ -36,6 +36,7 @@ from bench.intake import BARE_SERVER, free_port, wait_for  # noqa: E402
 
 MB = 1_000_000
 MEMORY_PER_BYTE = 3  # mailfax.intake.spool.MEMORY_PER_BYTE, read from the module in main()
+HAS_BUDGET = True  # False: measuring a mailfax from before smtp.receiving_budget
 
 
 
@@ -104,8 +105,9 @@ class Server:
             config = folder / "mailfax.toml"
             config.write_text(
                 f'data_dir = "data"\n[smtp]\nlisten = ["127.0.0.1:{self.port}"]\n'
-                f'max_message_size = {max_size}\nreceiving_budget = {budget}\n'
-                f'[accounts.emulator]\nprovider = "emulator"\ndelay_seconds = 3600\n')
+                f'max_message_size = {max_size}\n'
+                + (f'receiving_budget = {budget}\n' if HAS_BUDGET else '') +
+                '[accounts.emulator]\nprovider = "emulator"\ndelay_seconds = 3600\n')
             command = [sys.executable, "-m", "mailfax", "-c", str(config), "serve"]
         else:
             command = [sys.executable, "-c", BARE_SERVER, str(self.port), str(max_size)]
@@ -159,18 +161,20 @@ def replies(result: Result) -> str:
 
 
 async def main() -> None:
-    global MEMORY_PER_BYTE
+    global MEMORY_PER_BYTE, HAS_BUDGET
     parser = argparse.ArgumentParser()
     parser.add_argument("--sizes", default="1,10,30", help="message sizes in MB")
     parser.add_argument("--parallel", type=int, default=10)
     parser.add_argument("--budget-mails", type=int, default=4,
                         help="receiving_budget: room for this many mails of the largest size")
     args = parser.parse_args()
-    try:
-        from mailfax.intake import spool
-        MEMORY_PER_BYTE = spool.MEMORY_PER_BYTE
-    except ImportError:  # measuring a mailfax from before the spool
-        pass
+    # The mailfax that `serve` runs (PYTHONPATH may point at an older one to compare with).
+    probe = subprocess.run([sys.executable, "-c", "from mailfax.intake import spool; "
+                            "print(spool.MEMORY_PER_BYTE)"], cwd=tempfile.gettempdir(),
+                           capture_output=True, text=True)
+    HAS_BUDGET = probe.returncode == 0
+    if HAS_BUDGET:
+        MEMORY_PER_BYTE = int(probe.stdout)
     sizes = [int(float(size) * MB) for size in args.sizes.split(",")]
     warm_up = pdf_mail(100_000)
     largest = max(sizes)

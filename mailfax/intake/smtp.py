@@ -24,7 +24,14 @@ from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 from mailfax.config import ListenAddress, SmtpSettings, UserSettings
 from mailfax.intake.assemble import Refusal
 from mailfax.intake.service import Intake, StoreUnavailable
-from mailfax.intake.spool import BUDGET_SPENT, MailBytes, ReceivingBudget, Spool, declared_size
+from mailfax.intake.spool import (
+    BUDGET_SPENT,
+    MailBytes,
+    ReceivingBudget,
+    Reservation,
+    Spool,
+    declared_size,
+)
 from mailfax.trust.auth import LoginThrottle, hash_password, verify_password
 
 log = logging.getLogger(__name__)
@@ -265,35 +272,39 @@ class SpooledData:
             await server.push("501 Syntax: DATA")
             return
         budget = self.event_handler.budget
-        if budget.spent(declared_size(self.envelope.mail_options)):
+        reservation = budget.reserve(declared_size(self.envelope.mail_options))
+        if reservation is None:
             log.warning("DATA refused: the receiving budget (%d bytes) is spent", budget.limit)
             server._set_post_data_state()
             await server.push(BUDGET_SPENT)
             return
+        try:
+            status = await self._receive_and_handle(reservation)
+        finally:
+            reservation.release()
+        server._set_post_data_state()
+        await server.push(status)
+
+    async def _receive_and_handle(self, reservation: Reservation) -> str:
+        """The reply to the mail: refused as it came, or the handler's."""
+        server: Any = self
         await server.push("354 End data with <CR><LF>.<CR><LF>")
         spool = Spool(self.event_handler.spool_folder)
         try:
             refusal = await self._receive(spool)
             if refusal is not None:
-                server._set_post_data_state()
-                await server.push(refusal)
-                return
-            content = await spool.content()
-            with budget.reserved(spool.size) as fits:
-                if not fits:
-                    log.warning("mail of %d bytes refused: the receiving budget is spent",
-                                spool.size)
-                    server._set_post_data_state()
-                    await server.push(BUDGET_SPENT)
-                    return
-                envelope: Any = self.envelope  # aiosmtpd types its content as bytes | str
-                envelope.content = envelope.original_content = content
-                status = await server._call_handler_hook("DATA")
-                envelope.content = envelope.original_content = None
+                return refusal
+            if not reservation.grow_to(spool.size):
+                log.warning("mail of %d bytes refused: the receiving budget is spent",
+                            spool.size)
+                return BUDGET_SPENT
+            envelope: Any = self.envelope  # aiosmtpd types its content as bytes | str
+            envelope.content = envelope.original_content = await spool.content()
+            status: str = await server._call_handler_hook("DATA")
+            envelope.content = envelope.original_content = None
+            return status
         finally:
             spool.close()
-        server._set_post_data_state()
-        await server.push(status)
 
     async def _receive(self, spool: Spool) -> str | None:
         """Read the mail up to its final dot into ``spool``; the refusal if it is not

@@ -56,27 +56,38 @@ class ReceivingBudget:
         self.limit = limit
         self.in_use = 0
 
-    def spent(self, declared_size: int = 0) -> bool:
-        """Whether a new DATA is to be refused now: nothing is left, or the size the client
-        declared (``MAIL FROM ... SIZE=``) does not fit."""
-        return self.in_use >= self.limit or not self.fits(declared_size)
+    def reserve(self, declared_size: int = 0) -> Reservation | None:
+        """A reservation for a new DATA, holding the cost of the size the client declared
+        (``MAIL FROM ... SIZE=``); None (refuse it) when the budget is spent or that size
+        does not fit."""
+        if self.in_use >= self.limit:
+            return None
+        reservation = Reservation(self)
+        return reservation if reservation.grow_to(declared_size) else None
 
-    def fits(self, size: int) -> bool:
-        return self.in_use + memory_cost(size) <= self.limit
 
-    @contextlib.contextmanager
-    def reserved(self, size: int) -> Iterator[bool]:
-        """Holds the cost of a mail of ``size`` bytes while the block runs; yields False (and
-        holds nothing) when it does not fit."""
-        if not self.fits(size):
-            yield False
-            return
-        cost = memory_cost(size)
-        self.in_use += cost
-        try:
-            yield True
-        finally:
-            self.in_use -= cost
+class Reservation:
+    """What one mail holds of a :class:`ReceivingBudget`; give it back with :meth:`release`."""
+
+    def __init__(self, budget: ReceivingBudget):
+        self.budget = budget
+        self.held = 0
+
+    def grow_to(self, size: int) -> bool:
+        """Hold the cost of a mail of ``size`` bytes (a mail larger than it declared); False
+        if that does not fit, holding what it held."""
+        extra = memory_cost(size) - self.held
+        if extra <= 0:
+            return True
+        if self.budget.in_use + extra > self.budget.limit:
+            return False
+        self.budget.in_use += extra
+        self.held += extra
+        return True
+
+    def release(self) -> None:
+        self.budget.in_use -= self.held
+        self.held = 0
 
 
 def declared_size(mail_options: list[str]) -> int:
