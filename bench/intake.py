@@ -35,7 +35,7 @@ class Nothing:
 async def main():
     loop = asyncio.get_running_loop()
     server = await loop.create_server(lambda: SMTP(Nothing(), loop=loop, decode_data=False,
-                                                   data_size_limit=33554432),
+                                                   data_size_limit=int(sys.argv[2])),
                                       "127.0.0.1", int(sys.argv[1]))
     await server.serve_forever()
 
@@ -110,7 +110,7 @@ async def main() -> None:
         servers = [
             subprocess.Popen([sys.executable, "-m", "mailfax", "-c", str(config), "serve"],
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=folder),
-            subprocess.Popen([sys.executable, "-c", BARE_SERVER, str(bare_port)]),
+            subprocess.Popen([sys.executable, "-c", BARE_SERVER, str(bare_port), "33554432"]),
         ]
         try:
             await wait_for(mailfax_port)

@@ -153,6 +153,9 @@ def _listen(value: Any) -> Any:
 Listen = Annotated[str, BeforeValidator(_listen)]
 
 
+RECEIVING_MAILS = 4  # smtp.receiving_budget's default: this many mails of the largest size
+
+
 class SmtpSettings(Strict):
     listen: list[Listen] = Field(default_factory=lambda: ["127.0.0.1:2525"])
     lmtp_listen: list[Listen] = Field(default_factory=list)
@@ -181,6 +184,29 @@ class SmtpSettings(Strict):
     min_data_rate: float = Field(default=500.0, ge=0)
     # Pipelined commands answered before a session lets the other sessions run.
     commands_per_turn: int = Field(default=10, ge=1)
+
+    # Memory (bytes) the mails being received at once may take; each is charged
+    # intake.spool.MEMORY_PER_BYTE times its size. Beyond it a new DATA gets 452 4.3.1.
+    # Unset: room for RECEIVING_MAILS mails of max_message_size.
+    receiving_budget: int | None = Field(default=None, ge=1024)
+
+    @property
+    def receiving_budget_bytes(self) -> int:
+        from mailfax.intake.spool import memory_cost
+
+        if self.receiving_budget is not None:
+            return self.receiving_budget
+        return RECEIVING_MAILS * memory_cost(self.max_message_size)
+
+    @model_validator(mode="after")
+    def _budget_takes_a_mail(self) -> SmtpSettings:
+        from mailfax.intake.spool import memory_cost
+
+        if self.receiving_budget is not None and \
+                self.receiving_budget < memory_cost(self.max_message_size):
+            raise ValueError(f"receiving_budget must hold at least one mail of "
+                             f"max_message_size ({memory_cost(self.max_message_size)} bytes)")
+        return self
 
     @model_validator(mode="after")
     def _tls_pair(self) -> SmtpSettings:

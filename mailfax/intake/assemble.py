@@ -28,6 +28,7 @@ from mailfax.intake.mime import (
     parse_mail,
     select_documents,
 )
+from mailfax.intake.spool import MailBytes
 from mailfax.providers.base import FaxDocument
 
 EXPECTED = ("Attach the document to fax as a PDF file, an image (JPEG, PNG, GIF, TIFF) or an "
@@ -64,7 +65,7 @@ class FaxContent:
         return sum(document.pages for document in self.documents)
 
 
-def assemble(raw: bytes, *, allow_empty: bool = False,
+def assemble(raw: MailBytes, *, allow_empty: bool = False,
              setup: PageSetup = DEFAULT_SETUP) -> FaxContent:
     """The mail's documents as fax-ready PDFs, in mail order.
 
@@ -78,7 +79,7 @@ def assemble(raw: bytes, *, allow_empty: bool = False,
     return content
 
 
-def read_mail(raw: bytes) -> ParsedMail:
+def read_mail(raw: MailBytes) -> ParsedMail:
     try:
         return parse_mail(raw)
     except MailFormatError as error:

@@ -26,6 +26,7 @@ from mailfax.intake.assemble import (
     nothing_to_fax,
     read_mail,
 )
+from mailfax.intake.spool import MailBytes
 from mailfax.model import new_job_id
 from mailfax.numbers import FaxAddress, InvalidNumber, format_international, parse_fax_local_part
 from mailfax.outbound.notify import TEMPLATES_DIR
@@ -230,11 +231,12 @@ class Intake:
             not domain or is_fax_domain(domain, self.settings.fax_domains))
 
     async def forward_to_postmaster(self, envelope_from: str, recipients: Sequence[str],
-                                    raw: bytes) -> None:
+                                    raw: MailBytes) -> None:
         """Into the outbox, to ``inbound.postmaster``, with the null sender (no bounce of it
         can loop back); a mail that already passed here is refused as a loop."""
         raw, _ = strip_headers(raw)
-        head = raw.split(b"\n\n", 1)[0].split(b"\r\n\r\n", 1)[0].lower()
+        ends = [found for found in (raw.find(b"\r\n\r\n"), raw.find(b"\n\n")) if found >= 0]
+        head = raw[:min(ends) if ends else len(raw)].lower()
         if head.startswith(b"x-mailfax-postmaster:") or b"\nx-mailfax-postmaster:" in head:
             raise Refusal(554, "5.4.6", "Mail loop: this mail was already forwarded to the "
                           "postmaster.")
@@ -247,8 +249,8 @@ class Intake:
         log.info("mail from <%s> to %s forwarded to %s", envelope_from, ", ".join(recipients),
                  self.settings.inbound.postmaster)
 
-    async def authorize(self, envelope_from: str, recipients: Sequence[str], raw: bytes,
-                        user: str | None) -> tuple[bytes, str | None]:
+    async def authorize(self, envelope_from: str, recipients: Sequence[str], raw: MailBytes,
+                        user: str | None) -> tuple[MailBytes, str | None]:
         """The mail without the policy service's headers, and the user it names (else
         ``user``); a header mailfax did not make, or a stale one, refuses the mail. For
         that user the RCPT stage's checks run again (the quota may have filled meanwhile)."""
@@ -267,7 +269,7 @@ class Intake:
         await self.check_rate(envelope_from, named, len(numbers) - 1)
         return raw, named
 
-    async def accept_mail(self, envelope_from: str, recipients: Sequence[str], raw: bytes,
+    async def accept_mail(self, envelope_from: str, recipients: Sequence[str], raw: MailBytes,
                           client: str, user: str | None = None) -> Accepted:
         """Turn a mail into one job per fax number; durable when this returns."""
         addresses = [self.check_recipient(address) for address in recipients]

@@ -10,6 +10,7 @@ import contextlib
 import errno
 import functools
 import logging
+import mmap
 import secrets
 import ssl
 import time
@@ -32,6 +33,14 @@ from mailfax.intake.limits import (
     Slot,
 )
 from mailfax.intake.service import Intake, StoreUnavailable
+from mailfax.intake.spool import (
+    BUDGET_SPENT,
+    MailBytes,
+    ReceivingBudget,
+    Reservation,
+    Spool,
+    declared_size,
+)
 from mailfax.trust.auth import LoginThrottle, hash_password, verify_password
 
 log = logging.getLogger(__name__)
@@ -40,9 +49,12 @@ log = logging.getLogger(__name__)
 class FaxHandler:
     """aiosmtpd handler hooks."""
 
-    def __init__(self, intake: Intake, max_recipients: int):
+    def __init__(self, intake: Intake, max_recipients: int,
+                 budget: ReceivingBudget | None = None):
         self.intake = intake
         self.max_recipients = max_recipients
+        self.budget = budget or ReceivingBudget(intake.settings.smtp.receiving_budget_bytes)
+        self.spool_folder = intake.settings.data_dir / "spool"
         # Per envelope (aiosmtpd makes a new one for each mail): the hourly counts read at
         # its first RCPT, so later RCPTs count on from them instead of asking the store again.
         self._usage: weakref.WeakKeyDictionary[Envelope, dict[str, int]] = \
@@ -101,6 +113,7 @@ class FaxHandler:
         raw = envelope.original_content or envelope.content or b""
         if isinstance(raw, str):
             raw = raw.encode("utf-8", "surrogateescape")
+        assert isinstance(raw, bytes | mmap.mmap)
         recipients = list(envelope.rcpt_tos)
         per_recipient = isinstance(server, LMTP)
         to_postmaster = [address for address in recipients if self.intake.is_postmaster(address)]
@@ -120,7 +133,7 @@ class FaxHandler:
         return "\r\n".join(replies[address] for address in recipients)
 
     async def _store_faxes(self, server: SMTP, session: Session, envelope: Envelope,
-                           faxes: list[str], raw: bytes) -> tuple[str, dict[str, str]]:
+                           faxes: list[str], raw: MailBytes) -> tuple[str, dict[str, str]]:
         """The SMTP reply for the fax recipients, and the LMTP reply of each."""
         sender = envelope.mail_from or ""
         try:
@@ -156,7 +169,7 @@ class FaxHandler:
             replies[address] = f"250 2.0.0 <{address}> queued as {accepted.job_for_number[number]}"
         return f"250 2.0.0 queued as {' '.join(accepted.job_ids)}", replies
 
-    async def _forward(self, envelope: Envelope, recipients: list[str], raw: bytes) -> str:
+    async def _forward(self, envelope: Envelope, recipients: list[str], raw: MailBytes) -> str:
         try:
             await self.intake.forward_to_postmaster(envelope.mail_from or "", recipients, raw)
         except Refusal as refusal:
@@ -301,7 +314,107 @@ class _Deferred:
     auth_data: Any
 
 
-class FaxSMTP(StrictPaths, SMTP):
+class SpooledData:
+    """DATA as aiosmtpd reads it (line by line, dot-unstuffing, ``500`` for a line over
+    1000 bytes, ``552`` over ``data_size_limit``, both only after the final dot), but kept
+    in a :class:`~mailfax.intake.spool.Spool` instead of a list of lines joined at the end,
+    and within the handler's :class:`~mailfax.intake.spool.ReceivingBudget`: a DATA while
+    it is spent, or a mail whose cost does not fit, is answered ``452 4.3.1``."""
+
+    envelope: Envelope | None
+    event_handler: FaxHandler
+    data_size_limit: int | None
+    line_length_limit: int
+    transport: asyncio.BaseTransport | None
+    _reader: asyncio.StreamReader
+    _writer: asyncio.StreamWriter
+
+    async def smtp_DATA(self, arg: str) -> None:
+        server: Any = self  # aiosmtpd's SMTP, which this is mixed into
+        if await server.check_helo_needed() or await server.check_auth_needed("DATA"):
+            return
+        assert self.envelope is not None
+        if not self.envelope.rcpt_tos:
+            await server.push("503 Error: need RCPT command")
+            return
+        if arg:
+            await server.push("501 Syntax: DATA")
+            return
+        budget = self.event_handler.budget
+        reservation = budget.reserve(declared_size(self.envelope.mail_options))
+        if reservation is None:
+            log.warning("DATA refused: the receiving budget (%d bytes) is spent", budget.limit)
+            server._set_post_data_state()
+            await server.push(BUDGET_SPENT)
+            return
+        try:
+            status = await self._receive_and_handle(reservation)
+        finally:
+            reservation.release()
+        server._set_post_data_state()
+        await server.push(status)
+
+    async def _receive_and_handle(self, reservation: Reservation) -> str:
+        """The reply to the mail: refused as it came, or the handler's."""
+        server: Any = self
+        await server.push("354 End data with <CR><LF>.<CR><LF>")
+        spool = Spool(self.event_handler.spool_folder)
+        try:
+            refusal = await self._receive(spool)
+            if refusal is not None:
+                return refusal
+            if not reservation.grow_to(spool.size):
+                log.warning("mail of %d bytes refused: the receiving budget is spent",
+                            spool.size)
+                return BUDGET_SPENT
+            envelope: Any = self.envelope  # aiosmtpd types its content as bytes | str
+            envelope.content = envelope.original_content = await spool.content()
+            status: str = await server._call_handler_hook("DATA")
+            envelope.content = envelope.original_content = None
+            return status
+        finally:
+            spool.close()
+
+    async def _receive(self, spool: Spool) -> str | None:
+        """Read the mail up to its final dot into ``spool``; the refusal if it is not
+        taken (too large, a line too long)."""
+        received = 0
+        limit = self.data_size_limit
+        refusal: str | None = None
+        fragments: list[bytes] = []
+        while self.transport is not None:
+            try:
+                line = await self._reader.readuntil(b"\r\n")
+            except asyncio.CancelledError:  # the connection was reset during DATA
+                log.info("Connection lost during DATA")
+                self._writer.close()
+                raise
+            except asyncio.LimitOverrunError as error:  # a line over the stream's limit
+                refusal = refusal or "500 Line too long (see RFC5321 4.5.3.1.6)"
+                spool.discard()
+                line = await self._reader.read(error.consumed)
+            if not fragments and line == b".\r\n":
+                break
+            received += len(line)
+            if refusal is None and limit and received > limit:
+                refusal = "552 Error: Too much mail data"
+                spool.discard()
+            fragments.append(line)
+            if not line.endswith(b"\r\n"):
+                continue
+            whole = b"".join(fragments) if len(fragments) > 1 else line
+            fragments.clear()
+            if refusal is not None:
+                continue
+            if len(whole) > self.line_length_limit:
+                refusal = "500 Line too long (see RFC5321 4.5.3.1.6)"
+                spool.discard()
+                continue
+            await spool.write(whole[1:] if whole.startswith(b".") else whole)
+        return refusal
+
+
+class FaxSMTP(SpooledData, StrictPaths, SMTP):
     """aiosmtpd's AUTH PLAIN and LOGIN (challenges, base64, splitting) as they are, but the
     password check (scrypt, ~44 ms) runs in a worker thread: aiosmtpd calls the authenticator
     synchronously, which would stall every other session on the loop meanwhile."""
@@ -330,7 +443,7 @@ class FaxSMTP(StrictPaths, SMTP):
                                        deferred.auth_data)
 
 
-class FaxLMTP(StrictPaths, LMTP):
+class FaxLMTP(SpooledData, StrictPaths, LMTP):
     pass
 
 
@@ -453,7 +566,8 @@ async def start_listeners(intake: Intake, settings: SmtpSettings,
                           users: Mapping[str, UserSettings] | None = None
                           ) -> list[asyncio.Server]:
     """Start the SMTP (and LMTP, and implicit-TLS SMTP) listeners on the running loop."""
-    handler = FaxHandler(intake, settings.max_recipients)
+    handler = FaxHandler(intake, settings.max_recipients,
+                         ReceivingBudget(settings.receiving_budget_bytes))
     loop = asyncio.get_running_loop()
     context = tls_context(settings)
     options: dict[str, Any] = {

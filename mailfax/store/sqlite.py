@@ -216,6 +216,9 @@ MIGRATIONS: dict[int, str] = {
 }
 
 DISPATCHABLE = (JobState.QUEUED.value, JobState.RETRYING.value)
+# Documents up to this size go in and out of the blobs table as values; larger ones through
+# SQLite's incremental blob I/O, in pieces of this size.
+BLOB_IN_ROW_BYTES = 1024 * 1024
 
 
 def _ts(value: float | None) -> datetime | None:
@@ -289,14 +292,36 @@ def _documents(conn: sqlite3.Connection, mail_ids: Sequence[str]
     if not mail_ids:
         return found
     rows = conn.execute(
-        "SELECT d.mail_id, d.filename, d.content_type, d.pages, b.data FROM documents d"
+        "SELECT d.mail_id, d.filename, d.content_type, d.pages, b.rowid AS blob_row,"
+        " CASE WHEN length(b.data) <= ? THEN b.data END AS data FROM documents d"
         f" JOIN blobs b ON b.sha256 = d.blob WHERE d.mail_id IN ({','.join('?' * len(mail_ids))})"
-        " ORDER BY d.mail_id, d.position", list(mail_ids)).fetchall()
+        " ORDER BY d.mail_id, d.position", [BLOB_IN_ROW_BYTES, *mail_ids]).fetchall()
     for r in rows:
+        data = r["data"]
+        if data is None:  # a large document: read straight into one bytes object
+            with conn.blobopen("blobs", "data", r["blob_row"], readonly=True) as blob:
+                data = blob.read()
         found.setdefault(r["mail_id"], []).append(FaxDocument(
-            filename=r["filename"], data=r["data"], pages=r["pages"],
+            filename=r["filename"], data=data, pages=r["pages"],
             content_type=r["content_type"]))
     return found
+
+
+def _put_blob(conn: sqlite3.Connection, digest: str, data: bytes) -> None:
+    """Store a document's bytes once. A large one is written in pieces into a zeroblob: bound
+    as a parameter, SQLite would copy it twice (the bound value, then the row's record)."""
+    if len(data) <= BLOB_IN_ROW_BYTES:
+        conn.execute("INSERT OR IGNORE INTO blobs VALUES (?, ?)", (digest, data))
+        return
+    cursor = conn.execute("INSERT OR IGNORE INTO blobs VALUES (?, zeroblob(?))",
+                          (digest, len(data)))
+    if not cursor.rowcount:  # the same document is stored already
+        return
+    assert cursor.lastrowid is not None
+    view = memoryview(data)
+    with conn.blobopen("blobs", "data", cursor.lastrowid) as blob:
+        for start in range(0, len(view), BLOB_IN_ROW_BYTES):
+            blob.write(view[start:start + BLOB_IN_ROW_BYTES])
 
 
 def _claim(conn: sqlite3.Connection, owner: str, limit: int, lease_seconds: float,
@@ -940,7 +965,7 @@ class SqliteStore(_InboundMixin, _EmulatorNetworkMixin, _RetentionMixin):
             )
             for position, document in enumerate(documents):
                 digest = hashlib.sha256(document.data).hexdigest()
-                conn.execute("INSERT OR IGNORE INTO blobs VALUES (?, ?)", (digest, document.data))
+                _put_blob(conn, digest, document.data)
                 conn.execute(
                     "INSERT INTO documents VALUES (?,?,?,?,?,?)",
                     (mail.mail_id, position, document.filename, document.content_type,

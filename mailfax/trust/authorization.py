@@ -25,7 +25,11 @@ import hmac
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 from urllib.parse import quote, unquote
+
+if TYPE_CHECKING:
+    from mailfax.intake.spool import MailBytes
 
 HEADER = "X-Mailfax-Authorized"
 VERSION = "1"
@@ -129,7 +133,7 @@ def authorized_user(secret: bytes | None, values: Sequence[str], envelope_from: 
     return users.pop()
 
 
-def strip_headers(raw: bytes) -> tuple[bytes, list[str]]:
+def strip_headers(raw: MailBytes) -> tuple[MailBytes, list[str]]:
     """The mail without its top-level ``X-Mailfax-Authorized`` fields, and their unfolded
     values. Only the header section is touched; line endings stay as they were.
 
@@ -140,7 +144,7 @@ def strip_headers(raw: bytes) -> tuple[bytes, list[str]]:
     header_end = min(ends) if ends else len(raw)
     if HEADER.lower().encode() not in raw[:header_end].lower():
         return raw, []
-    body_start = raw.index(b"\n", header_end) + 1 if ends else len(raw)  # the blank line's start
+    body_start = raw.find(b"\n", header_end) + 1 if ends else len(raw)  # the blank line's start
     lines = raw[:body_start].splitlines(keepends=True)
     kept: list[bytes] = []
     values: list[str] = []

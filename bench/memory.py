@@ -1,0 +1,205 @@
+"""Peak memory per mail: `mailfax serve` next to a bare aiosmtpd that does nothing.
+
+For each size, a fresh process of each (so the peak is that mail's), one mail with a PDF of
+random pages sent over real SMTP; the growth is the process's peak (``VmHWM`` in
+/proc/<pid>/status, reset after a warm-up mail) after the reply minus its memory (``VmRSS``)
+before it. Then ten mails
+of the largest size at once: mailfax's ``smtp.receiving_budget`` answers those that do not
+fit with 452, and its peak stays within the budget. Which server goes first alternates.
+
+    python bench/memory.py [--sizes 1,10,30] [--parallel 10] [--budget-mails 4]
+
+Goal (issue 19): growth <= 2x the message for one mail; within the budget for many.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import random
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from email.message import EmailMessage
+from pathlib import Path
+
+import aiosmtplib
+import pikepdf
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from bench.intake import BARE_SERVER, free_port, wait_for  # noqa: E402
+
+MB = 1_000_000
+MEMORY_PER_BYTE = 4  # mailfax.intake.spool.MEMORY_PER_BYTE, read from the module in main()
+HAS_BUDGET = True  # False: measuring a mailfax from before smtp.receiving_budget
+
+
+
+def random_pdf(size: int, pages: int = 4) -> bytes:
+    """A PDF of about ``size`` bytes: pages of incompressible grey noise."""
+    pdf = pikepdf.new()
+    side = max(8, int((size / pages) ** 0.5))
+    noise = random.Random(size)
+    for _ in range(pages):
+        page = pdf.add_blank_page(page_size=(595, 842))
+        image = pikepdf.Stream(pdf, noise.randbytes(side * side))
+        image.Type, image.Subtype = pikepdf.Name.XObject, pikepdf.Name.Image
+        image.Width, image.Height, image.BitsPerComponent = side, side, 8
+        image.ColorSpace = pikepdf.Name.DeviceGray
+        page.Resources = pikepdf.Dictionary(XObject=pikepdf.Dictionary(Im0=image))
+        page.Contents = pikepdf.Stream(pdf, b"q 595 0 0 842 0 0 cm /Im0 Do Q")
+    out = io.BytesIO()
+    pdf.save(out)
+    return out.getvalue()
+
+
+def pdf_mail(message_size: int) -> bytes:
+    """A mail of about ``message_size`` bytes on the wire (base64: 4/3 of the PDF)."""
+    mail = EmailMessage()
+    mail["From"] = "bench@example.org"
+    mail["To"] = "030123456@fax.local"
+    mail["Subject"] = f"memory {message_size}"
+    mail.set_content("Please fax the attachment.")
+    mail.add_attachment(random_pdf(message_size * 3 // 4 - 4096), maintype="application",
+                        subtype="pdf", filename="scan.pdf")
+    return mail.as_bytes()
+
+
+def memory(pid: int) -> tuple[int, int]:
+    """(VmRSS, VmHWM) of a process, bytes."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    found = dict(re.findall(r"^(VmRSS|VmHWM):\s+(\d+) kB", status, re.MULTILINE))
+    return int(found["VmRSS"]) * 1024, int(found["VmHWM"]) * 1024
+
+
+def reset_peak(pid: int) -> None:
+    """Start the process's VmHWM afresh from its VmRSS (Linux: clear_refs 5), so a peak at
+    start-up is not taken for the mail's."""
+    Path(f"/proc/{pid}/clear_refs").write_text("5")
+
+
+@dataclass
+class Result:
+    before: int
+    peak: int
+    replies: list[int]
+
+    @property
+    def growth(self) -> int:
+        return self.peak - self.before
+
+
+async def send(port: int, raw: bytes) -> int:
+    try:
+        async with aiosmtplib.SMTP(hostname="127.0.0.1", port=port, timeout=300) as smtp:
+            await smtp.sendmail("bench@example.org", ["030123456@fax.local"], raw)
+    except aiosmtplib.SMTPResponseException as error:
+        return error.code
+    return 250
+
+
+class Server:
+    def __init__(self, name: str, folder: Path, budget: int, max_size: int):
+        self.name = name
+        self.port = free_port()
+        if name == "mailfax":
+            config = folder / "mailfax.toml"
+            config.write_text(
+                f'data_dir = "data"\n[smtp]\nlisten = ["127.0.0.1:{self.port}"]\n'
+                f'max_message_size = {max_size}\n'
+                + (f'receiving_budget = {budget}\n' if HAS_BUDGET else '') +
+                '[accounts.emulator]\nprovider = "emulator"\ndelay_seconds = 3600\n')
+            command = [sys.executable, "-m", "mailfax", "-c", str(config), "serve"]
+        else:
+            command = [sys.executable, "-c", BARE_SERVER, str(self.port), str(max_size)]
+        self.process = subprocess.Popen(command, cwd=folder, stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.DEVNULL)
+
+    async def measure(self, mails: list[bytes], warm_up: bytes) -> Result:
+        await wait_for(self.port)
+        await send(self.port, warm_up)  # every module of the mail path imported
+        await asyncio.sleep(1.0)
+        reset_peak(self.process.pid)
+        before, _ = memory(self.process.pid)
+        replies = await asyncio.gather(*(send(self.port, raw) for raw in mails))
+        await asyncio.sleep(1.0)  # the dispatcher takes the job meanwhile
+        _, peak = memory(self.process.pid)
+        return Result(before, peak, list(replies))
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait()
+
+
+async def run(name: str, mails: list[bytes], warm_up: bytes, budget: int) -> Result:
+    # The largest mail just fits (and so does one mail of that size into the budget).
+    max_size = min(budget // MEMORY_PER_BYTE, max(len(raw) for raw in mails) + 1024 * 1024)
+    with tempfile.TemporaryDirectory() as folder:
+        server = Server(name, Path(folder), budget, max_size)
+        try:
+            return await server.measure(mails, warm_up)
+        finally:
+            server.stop()
+
+
+async def both(mails: list[bytes], warm_up: bytes, budget: int, mailfax_first: bool
+               ) -> dict[str, Result]:
+    order = ["mailfax", "bare aiosmtpd"] if mailfax_first else ["bare aiosmtpd", "mailfax"]
+    return {name: await run(name, mails, warm_up, budget) for name in order}
+
+
+def row(label: str, size: int, results: dict[str, Result]) -> str:
+    cells = []
+    for name in ("mailfax", "bare aiosmtpd"):
+        result = results[name]
+        cells.append(f"{name} +{result.growth / MB:6.1f} MB = {result.growth / size:4.1f}x")
+    ratio = results["mailfax"].growth / max(1, results["bare aiosmtpd"].growth)
+    return f"  {label:<22} {'   '.join(cells)}   mailfax/bare {ratio:4.2f}"
+
+
+def replies(result: Result) -> str:
+    codes = sorted(set(result.replies))
+    return ", ".join(f"{result.replies.count(code)}x {code}" for code in codes)
+
+
+async def main() -> None:
+    global MEMORY_PER_BYTE, HAS_BUDGET
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--sizes", default="1,10,30", help="message sizes in MB")
+    parser.add_argument("--parallel", type=int, default=10)
+    parser.add_argument("--budget-mails", type=int, default=4,
+                        help="receiving_budget: room for this many mails of the largest size")
+    args = parser.parse_args()
+    # The mailfax that `serve` runs (PYTHONPATH may point at an older one to compare with).
+    probe = subprocess.run([sys.executable, "-c", "from mailfax.intake import spool; "
+                            "print(spool.MEMORY_PER_BYTE)"], cwd=tempfile.gettempdir(),
+                           capture_output=True, text=True)
+    HAS_BUDGET = probe.returncode == 0
+    if HAS_BUDGET:
+        MEMORY_PER_BYTE = int(probe.stdout)
+    sizes = [int(float(size) * MB) for size in args.sizes.split(",")]
+    warm_up = pdf_mail(100_000)
+    largest = max(sizes)
+    budget = args.budget_mails * MEMORY_PER_BYTE * largest
+    print(f"peak memory growth per mail (VmHWM after - VmRSS before), x = growth / message "
+          f"size; receiving_budget {budget / MB:.0f} MB")
+    for index, size in enumerate(sizes):
+        results = await both([pdf_mail(size)], warm_up, budget, mailfax_first=index % 2 == 0)
+        print(row(f"one {size / MB:.0f} MB mail", size, results), flush=True)
+    mails = [pdf_mail(largest)] * args.parallel
+    results = await both(mails, warm_up, budget, mailfax_first=len(sizes) % 2 == 0)
+    print(row(f"{args.parallel} x {largest / MB:.0f} MB at once", largest, results))
+    mailfax = results["mailfax"]
+    print(f"    mailfax replies: {replies(mailfax)}; peak growth {mailfax.growth / MB:.0f} MB "
+          f"= {mailfax.growth / budget:.2f} of the budget")
+    print("goal: <= 2.0x for one mail; within the budget for many")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
