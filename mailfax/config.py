@@ -28,7 +28,7 @@ from pydantic import (
     model_validator,
 )
 
-from mailfax.providers import provider_module
+from mailfax.providers import settings_class
 from mailfax.trust.dialing import DialPolicySettings, e164_prefixes
 
 CONFIG_ENV = "MAILFAX_CONFIG"
@@ -680,9 +680,7 @@ class AccountSettings(BaseModel):
         return self
 
     def provider_settings(self) -> BaseModel:
-        module = provider_module(self.provider)
-        settings: BaseModel = module.Settings.model_validate(self.model_extra or {})
-        return settings
+        return settings_class(self.provider).model_validate(self.model_extra or {})
 
 
 def refuse_plain_http(settings: BaseModel, allowed: bool) -> None:

@@ -67,3 +67,41 @@ def test_the_check_sees_a_heavy_import(cli_env: dict[str, str]) -> None:
     """The report is real: what needs aiohttp (the web endpoint) and ReportLab shows them."""
     assert loaded_after("import mailfax.web.server, mailfax.documents.cover_pdf",
                         cli_env) == ["PIL", "aiohttp", "jinja2", "reportlab"]
+
+
+def test_jobs_with_every_provider_configured_loads_no_heavy_library(
+        tmp_path: Path, cli_env: dict[str, str]) -> None:
+    """Validating the accounts' settings does not import their adapters (zeep, httpx...)."""
+    config = Path(cli_env["MAILFAX_CONFIG"])
+    config.write_text(config.read_text() + """default_account = "faxde"
+
+[accounts.faxde]
+provider = "fax.de"
+account = "123456"
+password = "env:TEST_FAXDE_PASSWORD"
+
+[accounts.portunity]
+provider = "faxnummer.de"
+product_login = "acc12345"
+product_code = "env:TEST_FAXDE_PASSWORD"
+status_email = "fax-admin@example.org"
+
+[accounts.retarus]
+provider = "retarus"
+customer_number = "99999TE"
+username = "mailfax"
+password = "env:TEST_FAXDE_PASSWORD"
+""")
+    env = {**cli_env, "TEST_FAXDE_PASSWORD": "not-used"}
+    body = ("import io, contextlib\nimport mailfax.cli\nout = io.StringIO()\n"
+            "with contextlib.redirect_stdout(out):\n"
+            "    code = mailfax.cli.main(['jobs'])\n"
+            "assert code == 0 and '-- no jobs' in out.getvalue(), out.getvalue()")
+    assert loaded_after(body, env) == []
+
+
+def test_each_adapter_uses_the_settings_class_config_validates() -> None:
+    from mailfax.providers import PROVIDER_MODULES, provider_module, settings_class
+
+    for name in PROVIDER_MODULES:
+        assert provider_module(name).Settings is settings_class(name), name

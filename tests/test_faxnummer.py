@@ -23,7 +23,7 @@ from mailfax.documents.pdf import prepare_pdf
 from mailfax.emulators import faxnummer as emulator
 from mailfax.emulators.faxnummer import FaxnummerEmulator
 from mailfax.model import JobState
-from mailfax.providers import faxnummer, q850
+from mailfax.providers import account_settings, faxnummer, q850
 from mailfax.providers.base import (
     FaxDocument,
     ProviderContext,
@@ -505,7 +505,7 @@ async def test_unreachable_provider_is_transient(open_provider: OpenProvider,
 def test_password_never_shows_and_the_docs_names_are_accepted() -> None:
     settings = faxnummer.Settings.model_validate({
         "sProductLogin": LOGIN, "sProductCode": CODE, "sEmail": "a@example.org"})
-    assert settings.url == faxnummer.DEFAULT_URL
+    assert settings.url == account_settings.DEFAULT_URL
     assert CODE not in repr(settings) and CODE not in str(settings.model_dump())
     with pytest.raises(ValidationError):
         faxnummer.Settings.model_validate({**account("x"), "password": CODE})

@@ -30,14 +30,12 @@ import time
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Literal
-
-from pydantic import BaseModel, ConfigDict, Field
 
 from mailfax import reasons
 from mailfax.emulators.fax_image import TIFF_SUFFIXES, tiff_pages
 from mailfax.emulators.rules import longest_prefix
 from mailfax.model import JobState
+from mailfax.providers.account_settings import EmulatorSettings, FailRule, Outcome
 from mailfax.providers.base import (
     BaseProvider,
     EmulatedTransmission,
@@ -53,40 +51,7 @@ from mailfax.providers.base import (
     new_emulator_job_id,
 )
 
-Outcome = Literal[
-    "busy", "no_answer", "not_a_fax", "no_service", "invalid_number", "transmission_failed",
-    "blacklisted", "provider_unavailable",
-]
-
-
-class FailRule(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    prefix: str = Field(pattern=r"^\+[0-9]+$", description="E.164 prefix, e.g. +4930999")
-    result: Outcome
-
-
-class Settings(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    delay_seconds: float = Field(default=2.0, ge=0, description="from submission to the result")
-    seconds_per_page: float = Field(default=20.0, ge=0, description="reported transmission time")
-    send_latency_seconds: float = Field(default=0.0, ge=0,
-                                        description="how long each send call takes to answer")
-    fail: list[FailRule] = Field(
-        default_factory=lambda: [
-            FailRule(prefix="+4930999", result="busy"),
-            FailRule(prefix="+4930998", result="no_answer"),
-        ],
-        description="numbers that fail, by longest matching prefix",
-    )
-    inbound: bool = Field(default=True, description="hand out the faxes in inbox_folder")
-    inbox_folder: str = Field(default="", description="received faxes (*.tif) to hand out; "
-                                                      "empty: <data_dir>/emulator/inbox")
-    fax_number: str = Field(default="+49301234567", pattern=r"^\+[0-9]+$",
-                            description="the number a fax in the folder was sent to, when no "
-                                        "JSON beside it names one")
-    inbound_poll_seconds: float = Field(default=1.0, gt=0,
-                                        description="how often mailfax looks into the folder")
-
+Settings = EmulatorSettings  # the module's account settings (see mailfax.providers)
 
 Transmission = EmulatedTransmission
 

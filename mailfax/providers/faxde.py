@@ -34,14 +34,13 @@ from datetime import UTC, datetime
 from typing import Any
 
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field
 from zeep import xsd
 
 from mailfax import reasons
-from mailfax.config import Secret
 from mailfax.documents.pdf import merge_pdfs
 from mailfax.model import JobState
 from mailfax.providers import faxde_codes as codes
+from mailfax.providers.account_settings import FaxDeSettings
 from mailfax.providers.base import (
     AccountCheck,
     BaseProvider,
@@ -63,33 +62,12 @@ from mailfax.support.text import to_ascii
 
 log = logging.getLogger(__name__)
 
-LIVE_WSDL = "https://ccs.fax.de/xmlws.exe?wsdl/IntfXMLWS"
+Settings = FaxDeSettings  # the module's account settings (see mailfax.providers)
+
 MAX_FILES = 3
 MAX_STATURL = 128
 FAX_JOB = 0
 UNKNOWN_JOB_PREFIX = "dup:"  # a -77 answer without a job id: the job exists, its id is unknown
-
-
-class Settings(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    account: str = Field(description="FAX.de customer id")
-    password: Secret
-    wsdl_url: str = Field(default=LIVE_WSDL, description="where the WSDL is loaded from")
-    endpoint_url: str | None = Field(default=None,
-                                     description="SOAP endpoint; default: the WSDL's address")
-    timeout_seconds: float = Field(default=60.0, gt=0)
-    bulk: bool = Field(default=False, description="several recipients as one job with a "
-                       "RecipientFile (needs FAX.de's activation)")
-    station_id: str | None = Field(default=None, max_length=20)
-    fax_header: str | None = Field(default=None, max_length=30)
-    caller_id: str | None = Field(default=None, pattern=r"^\+?[0-9]{3,20}$")
-    fax_retry: int | None = Field(default=None, ge=0, le=10)
-    status_push: bool = Field(default=True, description="ask FAX.de to call STATURL when a "
-                              "job finishes (needs [web])")
-    inbound: bool = Field(default=True, description="fetch received faxes of this account")
-    status_grace_seconds: float = Field(
-        default=900.0, ge=0, description="JobStatus 5 (no log entry) this soon after SendJob "
-        "means 'not logged yet', not a failure")
 
 
 class FaxDeProvider(BaseProvider):

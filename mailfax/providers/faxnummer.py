@@ -39,13 +39,12 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 import httpx
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 
 from mailfax import reasons
-from mailfax.config import Secret
 from mailfax.documents.pdf import merge_pdfs
 from mailfax.model import JobState
 from mailfax.providers import q850
+from mailfax.providers.account_settings import FaxnummerSettings
 from mailfax.providers.base import (
     AccountCheck,
     BaseProvider,
@@ -67,45 +66,11 @@ from mailfax.support.text import to_ascii
 
 log = logging.getLogger(__name__)
 
-DEFAULT_URL = "https://wr.ispsuite.portunity.de/webrequests/product-voip/index.php"
+Settings = FaxnummerSettings  # the module's account settings (see mailfax.providers)
+
 PROVIDER_TIMEZONE = ZoneInfo("Europe/Berlin")
 SENDER_MAX = 20  # sSender: "maximal 20 Zeichen, nur druckbare ASCII-Zeichen und Leerzeichen"
 NAME_MAX = 60  # of sFaxFileName before our reference; the docs name no limit
-
-
-class Settings(BaseModel):
-    """``[accounts.NAME]`` with ``provider = "faxnummer.de"``."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    url: str = Field(default=DEFAULT_URL, pattern=r"^https?://\S+$",
-                     description="the product-voip webrequests endpoint")
-    product_login: str = Field(
-        min_length=1, pattern=r"^\S+$",
-        validation_alias=AliasChoices("product_login", "sProductLogin"),
-        description="sProductLogin: the fax or telephony account (accXXXXX or sipXXXXX), "
-                    "not the customer-centre login")
-    product_code: Secret = Field(
-        validation_alias=AliasChoices("product_code", "sProductCode"),
-        description="sProductCode: that account's password ('env:NAME' or 'file:/path' "
-                    "keep it out of the config file)")
-    status_email: str = Field(
-        pattern=r"^[^@\s]+@[^@\s]+\.[^@\s]+$",
-        validation_alias=AliasChoices("status_email", "sEmail"),
-        description="sEmail (required by the API): where Faxnummer.de mails its own status "
-                    "updates, e.g. the fax administrator")
-    source_number: str | None = Field(
-        default=None, pattern=r"^(\+|00)[1-9][0-9]{3,}$",
-        validation_alias=AliasChoices("source_number", "sSource"),
-        description="sSource: a number of this account, +49... or 0049...; "
-                    "unset: the provider picks one")
-    sender_name: str = Field(
-        default="", description="sSender when a job brings no header or station id; "
-                                "transliterated to ASCII and cut to 20 characters")
-    timeout_seconds: float = Field(default=60.0, gt=0, description="per request, upload included")
-    connect_timeout_seconds: float = Field(default=10.0, gt=0)
-    max_connections: int = Field(default=4, ge=1, le=100)
-    connect_retries: int = Field(default=2, ge=0, le=10,
-                                 description="retries of connections that failed to open")
 
 
 # -- the answer format (pure) -----------------------------------------------------------------

@@ -32,11 +32,10 @@ from typing import Any, Literal
 
 import httpx
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from mailfax import reasons
-from mailfax.config import Secret
 from mailfax.providers import retarus_codes as codes
+from mailfax.providers.account_settings import RetarusSettings
 from mailfax.providers.base import (
     AccountCheck,
     BaseProvider,
@@ -54,9 +53,8 @@ from mailfax.providers.http import http_detail, request_may_have_arrived
 
 log = logging.getLogger(__name__)
 
-HA_DE = "https://faxws-ha.de.retarus.com/rest/v1"
-DATA_CENTRES_DE = {"DE1": "https://faxws.de1.retarus.com/rest/v1",
-                   "DE2": "https://faxws.de2.retarus.com/rest/v1"}
+Settings = RetarusSettings  # the module's account settings (see mailfax.providers)
+
 PUSH_USER = "mailfax"
 # A job whose Retarus id could not be learnt yet: polled by reference until found.
 BY_REFERENCE = "ref:"
@@ -64,55 +62,6 @@ BY_REFERENCE = "ref:"
 # 520 "UNKNOWN_ERROR ... most likely with the backend adaptor". 500 "Cannot accept job",
 # 429, 502 and 503 say it was not taken.
 MAYBE_TAKEN = frozenset({504, 520})
-
-
-class Settings(BaseModel):
-    """``[accounts.NAME]`` with ``provider = "retarus"``."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    customer_number: str = Field(pattern=r"^[A-Za-z0-9]+$", description="e.g. 99999TE")
-    username: str = Field(min_length=1)
-    password: Secret  # "env:NAME" or "file:PATH" keep it out of the config file
-    send_url: str = Field(default=HA_DE, description="the region's HA URL, for sending")
-    data_centres: dict[str, str] = Field(
-        default_factory=lambda: dict(DATA_CENTRES_DE), min_length=1,
-        description="name -> data-centre URL, for polling and deleting reports")
-    paper_format: Literal["A4", "LETTER"] = "A4"
-    resolution: Literal["HIGH", "LOW"] = "HIGH"
-    station_id: str | None = Field(default=None, max_length=20,
-                                   description="CSID when the job names none")
-    blacklist_check: bool = Field(default=False, description="honour Robinson/ECOFAX lists")
-    express: bool = False
-    status_push: bool = Field(default=True, description="ask for pushes (needs [web])")
-    delete_reports: bool = Field(default=True, description="delete reports once handled")
-    timeout_seconds: float = Field(default=60.0, gt=0)
-    connect_timeout_seconds: float = Field(default=10.0, gt=0)
-    connect_retries: int = Field(default=2, ge=0)
-    max_connections: int = Field(default=10, ge=1)
-    send_concurrency: int = Field(default=4, ge=1)
-
-    @field_validator("data_centres", mode="before")
-    @classmethod
-    def _named(cls, value: Any) -> Any:
-        if isinstance(value, list | tuple):  # a plain list of URLs: name them DC1, DC2, ...
-            return {f"DC{number}": url for number, url in enumerate(value, 1)}
-        return value
-
-    @field_validator("send_url")
-    @classmethod
-    def _url(cls, value: str) -> str:
-        return _http_url(value)
-
-    @field_validator("data_centres")
-    @classmethod
-    def _urls(cls, value: dict[str, str]) -> dict[str, str]:
-        return {name: _http_url(url) for name, url in value.items()}
-
-
-def _http_url(value: str) -> str:
-    if not value.startswith(("https://", "http://")):
-        raise ValueError(f"not an http(s) URL: {value!r}")
-    return value.rstrip("/")
 
 
 def send_body(request: SendRequest, documents: Sequence[tuple[str, str]], settings: Settings,
