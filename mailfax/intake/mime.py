@@ -18,6 +18,7 @@ from email.message import Message
 from email.utils import getaddresses, parsedate_to_datetime
 
 from mailfax.documents.pdf import PDF_TYPES
+from mailfax.intake.fastmime import scan
 
 MAX_PARTS = 500
 MAX_DEPTH = 12
@@ -64,13 +65,25 @@ class ParsedMail:
     html_cids: set[str] = field(default_factory=set)  # cid: references in HTML bodies
 
 
-def parse_mail(raw: bytes) -> ParsedMail:
+def parse_mail(raw: bytes | memoryview) -> ParsedMail:
+    """The mail read by the fast scan (:mod:`mailfax.intake.fastmime`) when its shape is a
+    common one, else by the email package; both give the same message tree."""
+    message = scan(raw)
+    return read_message(message if message is not None else package_message(raw))
+
+
+def package_message(raw: bytes | memoryview) -> Message:
+    """The mail as the email package parses it (every shape, slower)."""
     # The compat32 parser: several times faster than the ``default`` policy, whose header
     # objects intake does not need; headers are decoded here where they are used.
     try:
-        message = email.message_from_bytes(raw)
+        return email.message_from_bytes(raw if isinstance(raw, bytes) else bytes(raw))
     except Exception as error:  # the parser is lenient; this is a real failure
         raise MailFormatError(f"The mail cannot be parsed ({type(error).__name__}).") from None
+
+
+def read_message(message: Message) -> ParsedMail:
+    """A parsed message tree → what intake uses of it."""
     repair_8bit_headers(message)
     mail = ParsedMail(
         subject=_header(message, "Subject"),
