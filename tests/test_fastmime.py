@@ -227,13 +227,20 @@ def test_damaged_random_mails_read_alike(raw: bytes, data: st.DataObject) -> Non
     mail as the email package does or leaves it to it."""
     lines = raw.splitlines(keepends=True)
     where = data.draw(st.integers(0, max(0, len(lines) - 1)))
-    damage = data.draw(st.sampled_from(["cut", "drop", "double", "byte", "cut line"]))
+    damage = data.draw(st.sampled_from(["cut", "drop", "double", "byte", "cut line",
+                                        "cr ending", "cr before"]))
     if damage == "cut":
         raw = b"".join(lines[:where])
     elif damage == "drop":
         raw = b"".join(lines[:where] + lines[where + 1:])
     elif damage == "double":
         raw = b"".join(lines[:where + 1] + lines[where:])
+    elif damage == "cr ending":  # a line ended by a bare CR (a line of its own for the parser)
+        lines[where] = lines[where].rstrip(b"\r\n") + b"\r"
+        raw = b"".join(lines)
+    elif damage == "cr before":
+        lines[where] = b"\r" + lines[where]
+        raw = b"".join(lines)
     elif damage == "cut line":
         raw = b"".join(lines[:where]) + lines[where][:data.draw(st.integers(0, 80))]
     else:
