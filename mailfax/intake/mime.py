@@ -13,6 +13,7 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
+from email.errors import MessageError
 from email.header import decode_header, make_header
 from email.message import Message
 from email.utils import getaddresses, parsedate_to_datetime
@@ -348,8 +349,8 @@ def _decode_words(value: str) -> str:
         return value
     try:
         return str(make_header(decode_header(value)))
-    except (LookupError, ValueError, UnicodeError):
-        return value
+    except (LookupError, ValueError, UnicodeError, MessageError):  # MessageError: a charset
+        return value  # name that is not ASCII (CharsetError)
 
 
 def _message_id(value: str) -> str | None:
