@@ -113,24 +113,28 @@ async def blast(port: int, mails: list[bytes], clients: int) -> float:
     return len(mails) / (time.perf_counter() - started)
 
 
-def mailfax_config(folder: Path, name: str, port: int) -> Path:
+def mailfax_config(folder: Path, name: str, port: int, clients: int) -> Path:
     config = folder / f"{name}.toml"
     # A long emulator delay keeps the tracker's status polling out of the measurement; the
     # dispatcher itself still submits every job while the intake runs.
+    # All the clients come from one address: the per-client limit must let them in.
     config.write_text(f'data_dir = "{name}-data"\n[smtp]\nlisten = ["127.0.0.1:{port}"]\n'
+                      f'max_connections_per_client = {max(20, clients)}\n'
+                      f'max_connections = {max(200, clients)}\n'
                       f'[accounts.emulator]\nprovider = "emulator"\ndelay_seconds = 3600\n')
     return config
 
 
-def start_servers(folder: Path) -> tuple[dict[str, int], list[subprocess.Popen[bytes]]]:
+def start_servers(folder: Path,
+                  clients: int) -> tuple[dict[str, int], list[subprocess.Popen[bytes]]]:
     ports = {BARE: free_port(), INTAKE: free_port(), WHOLE: free_port()}
     quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL, "cwd": folder}
+    intake, whole = (mailfax_config(folder, name, ports[key], clients)
+                     for name, key in (("intake", INTAKE), ("whole", WHOLE)))
     servers = [
         subprocess.Popen([sys.executable, "-c", BARE_SERVER, str(ports[BARE])]),
-        subprocess.Popen([sys.executable, "-c", INTAKE_ONLY_SERVER,
-                          str(mailfax_config(folder, "intake", ports[INTAKE]))], **quiet),
-        subprocess.Popen([sys.executable, "-m", "mailfax", "-c",
-                          str(mailfax_config(folder, "whole", ports[WHOLE])), "serve"], **quiet),
+        subprocess.Popen([sys.executable, "-c", INTAKE_ONLY_SERVER, str(intake)], **quiet),
+        subprocess.Popen([sys.executable, "-m", "mailfax", "-c", str(whole), "serve"], **quiet),
     ]
     return ports, servers
 
@@ -146,7 +150,7 @@ async def main() -> None:
 
     rates: dict[str, list[float]] = {BARE: [], INTAKE: [], WHOLE: []}
     with tempfile.TemporaryDirectory() as folder:
-        ports, servers = start_servers(Path(folder))
+        ports, servers = start_servers(Path(folder), args.clients)
         try:
             for port in ports.values():
                 await wait_for(port)

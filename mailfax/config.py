@@ -170,6 +170,17 @@ class SmtpSettings(Strict):
     # login_failure_window seconds.
     max_login_failures: int = Field(default=5, ge=1)
     login_failure_window: float = Field(default=300.0, gt=0)
+    # Connection limits (like Postfix's anvil and smtpd): beyond them a new connection, or a
+    # session, gets "421 4.7.0" and is closed. See mailfax/intake/limits.py.
+    max_connections: int = Field(default=200, ge=1)
+    max_connections_per_client: int = Field(default=20, ge=1)
+    junk_command_limit: int = Field(default=100, ge=1)  # NOOP, RSET, VRFY, HELO, ...
+    hard_error_limit: int = Field(default=20, ge=1)  # 5xx replies in one session
+    # Bytes a second a client must keep up, on average, for its data to count as progress
+    # that restarts data_timeout (a complete command line always does); 0: any data does.
+    min_data_rate: float = Field(default=500.0, ge=0)
+    # Pipelined commands answered before a session lets the other sessions run.
+    commands_per_turn: int = Field(default=10, ge=1)
 
     @model_validator(mode="after")
     def _tls_pair(self) -> SmtpSettings:

@@ -46,7 +46,9 @@ class Run:
 async def hostile(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Run]:
     settings = make_settings(tmp_path_factory.mktemp("hostile"), smtp={
         "listen": ["127.0.0.1:0"], "max_message_size": MAX_MESSAGE_SIZE,
-        "max_recipients": MAX_RECIPIENTS, "data_timeout": DATA_TIMEOUT})
+        "max_recipients": MAX_RECIPIENTS, "data_timeout": DATA_TIMEOUT,
+        # The trickle case sends its 1.3 kB at ~440 B/s: steady progress above this rate.
+        "min_data_rate": 100})
     app = Application(settings)
     await app.start()
     try:

@@ -12,8 +12,9 @@ import functools
 import logging
 import secrets
 import ssl
+import time
 import weakref
-from collections.abc import Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +23,14 @@ from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
 from mailfax.config import ListenAddress, SmtpSettings, UserSettings
 from mailfax.intake.assemble import Refusal
+from mailfax.intake.limits import (
+    Connections,
+    Progress,
+    RefusalLog,
+    SessionCounters,
+    SessionLimits,
+    Slot,
+)
 from mailfax.intake.service import Intake, StoreUnavailable
 from mailfax.trust.auth import LoginThrottle, hash_password, verify_password
 
@@ -203,11 +212,71 @@ class StrictPaths:
     - Paths with comments are malformed: RFC 5321 has none, and aiosmtpd's parser would drop
       ``(089)`` from ``(089)30123456@fax.local`` and fax a different number.
     - Control characters (NUL, …) in a path are malformed too.
-    - ``timeout`` is an idle timeout: any data from the client restarts it, so a slow upload
-      is not cut off, while a client that stops sending still is.
+    - ``timeout`` is an idle timeout that only progress restarts: a complete command line,
+      or data at ``min_data_rate`` or faster (:class:`~mailfax.intake.limits.Progress`), so
+      a slow upload is not cut off, while a client that stops, or trickles, still is.
+    - The session limits of :class:`~mailfax.intake.limits.SessionCounters`: junk commands
+      and 5xx errors beyond their limit end the session with ``421 4.7.0``, and every few
+      replies the session yields to the event loop.
     """
 
     _timeout_handle: asyncio.TimerHandle | None
+    _handler_coroutine: asyncio.Task[None] | None
+    _smtp_methods: dict[str, Callable[[str | None], Awaitable[Any]]]
+    transport: asyncio.BaseTransport | None
+    loop: asyncio.AbstractEventLoop
+    hostname: str
+    connection_slot: Slot | None = None  # set by _Gate: given back when the connection ends
+
+    def __init__(self, *args: Any, limits: SessionLimits | None = None, **kwargs: Any):
+        self._limits = limits or SessionLimits()
+        self._counters = SessionCounters(self._limits)
+        self._progress = Progress(self._limits.min_data_rate)
+        super().__init__(*args, **kwargs)
+        self._smtp_methods = {name: self._counted(name, method)
+                              for name, method in self._smtp_methods.items()}
+
+    def _counted(self, name: str, method: Callable[[str | None], Awaitable[Any]]
+                 ) -> Callable[[str | None], Awaitable[Any]]:
+        @functools.wraps(method)
+        async def counted(arg: str | None) -> Any:
+            reason = self._counters.command(name)
+            if reason is not None:
+                return await self._end_session(reason)
+            return await method(arg)
+        return counted
+
+    async def push(self, status: Any) -> None:
+        if self.transport is None or self.transport.is_closing():
+            return
+        await super().push(status)  # type: ignore[misc]
+        text = status if isinstance(status, str) else status.decode("ascii", "replace")
+        reason = self._counters.reply(text)
+        if reason is not None:
+            await self._end_session(reason)
+        elif self._counters.turn_over():
+            await asyncio.sleep(0)  # let the other sessions (and the dispatcher) run
+
+    async def _end_session(self, reason: str) -> None:
+        """``421 4.7.0`` and close; the session's task ends here (cancelled, as by QUIT),
+        without answering the commands still buffered."""
+        log.warning("ending the SMTP session of %s: %s",
+                    getattr(getattr(self, "session", None), "peer", "?"), reason)
+        await super().push(f"421 4.7.0 {self.hostname} {reason}")  # type: ignore[misc]
+        if self.transport is not None:
+            self.transport.close()
+        if self._handler_coroutine is not None:
+            self._handler_coroutine.cancel()
+        await asyncio.sleep(0)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        super().connection_lost(error)  # type: ignore[misc]
+        if self.connection_slot is not None:
+            self.connection_slot.release()
+
+    def _reset_timeout(self, duration: float | None = None) -> None:
+        super()._reset_timeout(duration)  # type: ignore[misc]
+        self._progress.restart(self.loop.time())
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
         path = arg.split(">", 1)[0] if arg.lstrip().startswith("<") else arg.split(" ", 1)[0]
@@ -218,8 +287,8 @@ class StrictPaths:
         return result
 
     def data_received(self, data: bytes) -> None:
-        if self._timeout_handle is not None:
-            self._reset_timeout()  # type: ignore[attr-defined]
+        if self._timeout_handle is not None and self._progress.data(len(data), self.loop.time()):
+            self._reset_timeout()
         super().data_received(data)  # type: ignore[misc]
 
 
@@ -341,6 +410,45 @@ def tls_context(settings: SmtpSettings) -> ssl.SSLContext | None:
     return context
 
 
+class _Gate(asyncio.Protocol):
+    """The protocol a new connection starts with: it asks :class:`Connections` for a slot
+    and only then sets up the SMTP session and hands the transport to it. Beyond the limits
+    the connection costs a ``421 4.7.0`` line and is closed, with no session made."""
+
+    def __init__(self, connections: Connections, refusals: RefusalLog, hostname: str,
+                 make_session: Callable[[], SMTP]):
+        self.connections = connections
+        self.refusals = refusals
+        self.hostname = hostname
+        self.make_session = make_session
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        peer = transport.get_extra_info("peername")
+        client = str(peer[0]) if isinstance(peer, tuple) and peer else "?"
+        slot = self.connections.admit(client)
+        if isinstance(slot, str):
+            count = self.refusals.refused(time.monotonic())
+            if count is not None:
+                log.warning("refused %d connection(s), the last from %s: %s (%d open)",
+                            count, client, slot, self.connections.open)
+            transport.write(f"421 4.7.0 {self.hostname} {slot}\r\n".encode())
+            transport.close()
+            return
+        session = self.make_session()
+        assert isinstance(session, StrictPaths)
+        session.connection_slot = slot
+        transport.set_protocol(session)
+        session.connection_made(transport)
+
+
+def session_limits(settings: SmtpSettings) -> SessionLimits:
+    return SessionLimits(junk_command_limit=settings.junk_command_limit,
+                         hard_error_limit=settings.hard_error_limit,
+                         commands_per_turn=settings.commands_per_turn,
+                         min_data_rate=settings.min_data_rate)
+
+
 async def start_listeners(intake: Intake, settings: SmtpSettings,
                           users: Mapping[str, UserSettings] | None = None
                           ) -> list[asyncio.Server]:
@@ -355,6 +463,7 @@ async def start_listeners(intake: Intake, settings: SmtpSettings,
         "hostname": settings.hostname,
         "ident": "mailfax",
         "timeout": settings.data_timeout,
+        "limits": session_limits(settings),
     }
     authenticator = Authenticator(users or {}, LoginThrottle(
         settings.max_login_failures, settings.login_failure_window))
@@ -368,10 +477,13 @@ async def start_listeners(intake: Intake, settings: SmtpSettings,
         *((listen, FaxSMTP, implicit, context) for listen in settings.implicit_tls_listen),
     ]
     servers = []
+    connections = Connections(settings.max_connections, settings.max_connections_per_client)
+    refusals = RefusalLog()
     for listen, protocol, protocol_options, server_tls in listeners:
         address = ListenAddress(listen)
+        make_session = functools.partial(protocol, handler, loop=loop, **protocol_options)
         server = await loop.create_server(
-            functools.partial(protocol, handler, loop=loop, **protocol_options),
+            functools.partial(_Gate, connections, refusals, settings.hostname, make_session),
             host=address.host, port=address.port, ssl=server_tls)
         servers.append(server)
     return servers
