@@ -148,6 +148,21 @@ def test_an_encoded_word_with_a_charset_name_that_is_not_ascii_is_kept_as_it_cam
     assert_same(raw)
 
 
+def test_a_boundary_with_an_8bit_byte_is_left_to_the_email_package() -> None:
+    # Found by the damaged random mails: the parser reads the byte as U+FFFD.
+    raw = (b"Content-Type: multipart/mixed; boundary=\"=_\xff0\"\r\n\r\n--=_\xff0\r\n"
+           b"Content-Type: text/plain\r\n\r\nhello\r\n--=_\xff0--\r\n")
+    assert scan(raw) is None
+    assert parse_mail(raw) == read_message(package_message(raw))
+
+
+def test_a_charset_name_with_a_nul_reads_the_text_as_utf8() -> None:
+    # Found by the damaged random mails: bytes.decode raises ValueError for it.
+    raw = b"Content-Type: text/plain; charset=\"ut\x00f-8\"\r\nSubject: s\r\n\r\nh\xc3\xa9\r\n"
+    assert parse_mail(raw).text == "h\u00e9"
+    assert_same(raw)
+
+
 # --- random mails, written by the email package --------------------------------------------
 
 NAMES = st.one_of(st.sampled_from(["letter.pdf", "Brief an Müller.pdf", "scan 1.PDF", "a;b.pdf",

@@ -192,9 +192,9 @@ class _Scanner:
 
     def multipart(self, part: ScannedPart, start: int, end: int, depth: int) -> None:
         boundary = part.get_boundary()
-        if not boundary:
-            raise _Unusual
-        separator = b"--" + boundary.encode("ascii", "surrogateescape")
+        if not boundary or not boundary.isascii():
+            raise _Unusual  # none, or 8-bit bytes the email package turns into U+FFFD
+        separator = b"--" + boundary.encode("ascii")
         if any(_ambiguous(outer, separator) for outer in self.boundaries):
             raise _Unusual  # a line could end both: the feed parser's order decides
         delimiters = self.delimiters(separator, start, end)

@@ -261,7 +261,7 @@ def _text_of(part: Message) -> str:
     charset = part.get_content_charset() or "utf-8"
     try:
         return data.decode(charset, errors="replace")
-    except LookupError:  # an unknown charset name
+    except (LookupError, ValueError):  # an unknown charset name, or one with a NUL in it
         return data.decode("utf-8", errors="replace")
 
 
