@@ -188,6 +188,42 @@ def test_a_pdf_is_passed_on_unless_a_page_is_off_paper(corpus: Path, name: str,
                 assert paper is setup.paper
 
 
+def _inheriting_pdf(box: list[float], rotate: int) -> bytes:
+    """A PDF whose only page takes its MediaBox and /Rotate from the page tree's root."""
+    pdf = pikepdf.new()
+    pdf.add_blank_page(page_size=(100, 100))
+    page = pdf.pages[0].obj
+    del page["/MediaBox"]
+    pdf.Root.Pages.MediaBox = pikepdf.Array(box)
+    pdf.Root.Pages.Rotate = rotate
+    out = io.BytesIO()
+    pdf.save(out)
+    return out.getvalue()
+
+
+@pytest.mark.parametrize(("box", "rotate", "setup", "unchanged"), [
+    ([0, 0, 842, 595], 90, PageSetup(), True),  # A4 landscape turned upright: on paper
+    ([0, 0, 612, 792], 0, PageSetup(), True),  # Letter
+    ([0, 0, 612, 792], 90, PageSetup(A4, fit_to_paper=True), False),  # Letter onto A4
+    ([0, 0, 432, 648], 0, PageSetup(), False),  # 6×9 inch is no paper
+])
+def test_page_attributes_inherited_from_the_page_tree_count(box: list[float], rotate: int,
+                                                           setup: PageSetup,
+                                                           unchanged: bool) -> None:
+    data = _inheriting_pdf(box, rotate)
+    document = prepare_pdf("tree.pdf", data, setup)
+    assert (document.data == data) is unchanged
+    with pikepdf.open(io.BytesIO(document.data)) as pdf:
+        page = pdf.pages[0]
+        size = (float(page.mediabox[2]), float(page.mediabox[3]))
+        turned = int(page.obj.get("/Rotate", 0)) % 180 == 90
+        seen = size[::-1] if turned else size
+        assert paper_of(seen) is not None
+        if not unchanged:
+            assert paper_of(seen) is setup.paper
+            assert (seen[0] > seen[1]) == ((box[2] > box[3]) != (rotate % 180 == 90))
+
+
 def test_the_corpus_jpeg_of_a_mail_becomes_one_page(corpus: Path) -> None:
     import email
     import email.policy

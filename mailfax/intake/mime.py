@@ -16,11 +16,13 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
+from email.errors import MessageError
 from email.header import decode_header, make_header
 from email.message import Message
 from email.utils import getaddresses, parsedate_to_datetime
 
 from mailfax.documents.pdf import PDF_TYPES
+from mailfax.intake.fastmime import ScannedPart, scan
 from mailfax.intake.spool import FEED_BYTES, MailBytes, buffer_chunks
 
 MAX_PARTS = 500
@@ -69,12 +71,24 @@ class ParsedMail:
 
 
 def parse_mail(raw: MailBytes) -> ParsedMail:
+    """The mail read by the fast scan (:mod:`mailfax.intake.fastmime`) when its shape is a
+    common one, else by the email package; both give the same message tree."""
+    message = scan(raw if isinstance(raw, bytes) else memoryview(raw))
+    return read_message(message if message is not None else package_message(raw))
+
+
+def package_message(raw: MailBytes) -> Message:
+    """The mail as the email package parses it (every shape, slower)."""
     # The compat32 parser: several times faster than the ``default`` policy, whose header
     # objects intake does not need; headers are decoded here where they are used.
     try:
-        message = _message(raw)
+        return _message(raw)
     except Exception as error:  # the parser is lenient; this is a real failure
         raise MailFormatError(f"The mail cannot be parsed ({type(error).__name__}).") from None
+
+
+def read_message(message: Message) -> ParsedMail:
+    """A parsed message tree → what intake uses of it."""
     repair_8bit_headers(message)
     mail = ParsedMail(
         subject=_header(message, "Subject"),
@@ -253,13 +267,15 @@ def _payload_list(part: Message) -> Iterator[Message]:
 
 
 def _decoded(part: Message) -> bytes:
-    encoded = part.get_payload()
-    if isinstance(encoded, str) and encoded.isascii() and \
-            str(part.get("Content-Transfer-Encoding", "")).lower() == "base64":
-        # What the email package does in the end (a lenient a2b_base64), without first
-        # copying the text to bytes, splitting it into lines and joining them again.
-        with contextlib.suppress(binascii.Error):
-            return binascii.a2b_base64(encoded)
+    if not isinstance(part, ScannedPart):  # a scanned part decodes from the mail's bytes
+        with contextlib.suppress(LookupError, ValueError):  # a charset name with a NUL
+            encoded = part.get_payload()
+            if isinstance(encoded, str) and encoded.isascii() and \
+                    str(part.get("Content-Transfer-Encoding", "")).lower() == "base64":
+                # What the email package does in the end (a lenient a2b_base64), without
+                # copying the text to bytes, splitting it into lines and joining them again.
+                with contextlib.suppress(binascii.Error):
+                    return binascii.a2b_base64(encoded)
     payload = part.get_payload(decode=True)
     if isinstance(payload, bytes):
         return payload
@@ -271,7 +287,7 @@ def _text_of(part: Message) -> str:
     charset = part.get_content_charset() or "utf-8"
     try:
         return data.decode(charset, errors="replace")
-    except LookupError:  # an unknown charset name
+    except (LookupError, ValueError):  # an unknown charset name, or one with a NUL in it
         return data.decode("utf-8", errors="replace")
 
 
@@ -359,8 +375,8 @@ def _decode_words(value: str) -> str:
         return value
     try:
         return str(make_header(decode_header(value)))
-    except (LookupError, ValueError, UnicodeError):
-        return value
+    except (LookupError, ValueError, UnicodeError, MessageError):  # MessageError: a charset
+        return value  # name that is not ASCII (CharsetError)
 
 
 def _message_id(value: str) -> str | None:
