@@ -5,6 +5,7 @@ random mails the email package writes (and those cut off or damaged at random pl
 from __future__ import annotations
 
 import email.policy
+import mmap
 from email.message import EmailMessage, Message
 from pathlib import Path
 from typing import Any
@@ -139,6 +140,28 @@ def test_a_memoryview_is_read_without_a_copy_of_the_mail() -> None:
     assert tree(scanned) == tree(package_message(raw))
     assert parse_mail(memoryview(raw)) == parse_mail(raw)
     assert parse_mail(memoryview(raw)).attachments[0].data == PDF
+
+
+@pytest.mark.every_corpus
+def test_a_mapped_spool_file_reads_as_its_bytes(corpus: Path, tmp_path: Path) -> None:
+    """A large mail reaches the parser as an mmap of its spool file, read in place: every
+    corpus and hostile mail gives the same tree and the same parsed mail from a mapping."""
+    mails = [path.read_bytes() for path in corpus_mails(corpus)]
+    mails += [raw for _, raw in hostile_mails()]
+    for number, raw in enumerate(mails):
+        if not raw:
+            continue
+        path = tmp_path / f"{number}.eml"
+        path.write_bytes(raw)
+        with path.open("rb") as file, mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) \
+                as mapped:
+            scanned, from_bytes = scan(mapped), scan(raw)
+            assert (scanned is None) == (from_bytes is None), number
+            if scanned is not None and from_bytes is not None:
+                assert tree(scanned) == tree(from_bytes), number
+            assert outcome(lambda mapped=mapped: parse_mail(mapped)) == \
+                outcome(lambda raw=raw: parse_mail(raw)), number
+            del scanned  # its parts point into the mapping, which closes now
 
 
 def test_an_encoded_word_with_a_charset_name_that_is_not_ascii_is_kept_as_it_came() -> None:

@@ -22,11 +22,12 @@ Pure: no I/O.
 from __future__ import annotations
 
 import binascii
+import mmap
 import re
 from email.message import Message
 from email.policy import compat32
 from itertools import pairwise
-from typing import Any
+from typing import Any, TypeAlias
 
 # Beyond these the mail is hostile; the email package path refuses it with the usual sentence.
 SCAN_MAX_PARTS = 1000
@@ -37,6 +38,13 @@ SCAN_MAX_DEPTH = 32
 _HEADER_NAME = re.compile(rb"[\041-\071\073-\176]+:")
 _BASE64_ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
 _OWN_DECODING = ("quoted-printable", "x-uuencode", "uuencode", "uue", "x-uue")
+
+
+# What the scan reads: the mail's bytes, or the mapped spool file of a large one (read in
+# place: a copy would double the memory a large mail takes).
+Buffer: TypeAlias = bytes | bytearray | mmap.mmap
+# base64 is checked in pieces of this size, so the check holds no copy of a large part.
+CHECK_BYTES = 1 << 20
 
 
 class _Unusual(Exception):
@@ -51,7 +59,7 @@ class ScannedPart(Message):
 
     def __init__(self) -> None:
         super().__init__()
-        self.buffer: bytes | bytearray = b""
+        self.buffer: Buffer = b""
         self.region: tuple[int, int] | None = None  # start, end of a leaf's payload
 
     def get_payload(self, i: Any = None, decode: bool = False) -> Any:
@@ -80,7 +88,7 @@ class ScannedPart(Message):
         return message
 
 
-def scan(raw: bytes | bytearray | memoryview) -> ScannedPart | None:
+def scan(raw: Buffer | memoryview) -> ScannedPart | None:
     """The mail as the email package's compat32 parser would read it, or None when its shape
     is one the scan leaves to that parser."""
     buffer = _searchable(raw)
@@ -90,9 +98,9 @@ def scan(raw: bytes | bytearray | memoryview) -> ScannedPart | None:
         return None
 
 
-def _searchable(raw: bytes | bytearray | memoryview) -> bytes | bytearray:
-    """Something ``find`` and ``count`` work on, without a copy when the view is the whole."""
-    if isinstance(raw, bytes | bytearray):
+def _searchable(raw: Buffer | memoryview) -> Buffer:
+    """Something ``find`` and slicing work on, without a copy when the view is the whole."""
+    if isinstance(raw, bytes | bytearray | mmap.mmap):
         return raw
     owner = raw.obj
     if isinstance(owner, bytes | bytearray) and raw.contiguous and raw.nbytes == len(owner):
@@ -100,13 +108,15 @@ def _searchable(raw: bytes | bytearray | memoryview) -> bytes | bytearray:
     return raw.tobytes()
 
 
-def _clean_base64(buffer: bytes | bytearray, start: int, end: int) -> bool:
+def _clean_base64(buffer: Buffer, start: int, end: int) -> bool:
     """Whether the region decodes alike with and without the email package's care: only
     alphabet characters and line ends, padding at the very end, whole quantums.
 
-    One ``translate`` pass (the regular expression the email package validates with costs
-    four times as much): what is left once the alphabet is gone are line ends and padding."""
-    rest = buffer[start:end].translate(None, _BASE64_ALPHABET)
+    ``translate`` passes over pieces of CHECK_BYTES (the regular expression the email package
+    validates with costs four times as much): what is left once the alphabet is gone are line
+    ends and padding."""
+    rest = b"".join(buffer[piece:min(piece + CHECK_BYTES, end)].translate(None, _BASE64_ALPHABET)
+                    for piece in range(start, end, CHECK_BYTES))
     padding = rest.translate(None, b"\r\n")
     if padding not in (b"", b"=", b"=="):
         return False  # a stray character, or padding amid the data
@@ -114,6 +124,16 @@ def _clean_base64(buffer: bytes | bytearray, start: int, end: int) -> bool:
             .endswith(padding):
         return False  # the padding is not at the end
     return (end - start - len(rest) + len(padding)) % 4 == 0
+
+
+def _starts(buffer: Buffer, prefix: bytes, start: int, end: int) -> bool:
+    """``buffer.startswith(prefix, start, end)``, which an mmap does not have."""
+    return end - start >= len(prefix) and buffer[start:start + len(prefix)] == prefix
+
+
+def _ends(buffer: Buffer, suffix: bytes, start: int, end: int) -> bool:
+    """``buffer.endswith(suffix, start, end)``, which an mmap does not have."""
+    return end - start >= len(suffix) and buffer[end - len(suffix):end] == suffix
 
 
 def _ambiguous(one: bytes, other: bytes) -> bool:
@@ -124,7 +144,7 @@ def _ambiguous(one: bytes, other: bytes) -> bool:
 
 
 class _Scanner:
-    def __init__(self, buffer: bytes | bytearray):
+    def __init__(self, buffer: Buffer):
         self.buffer = buffer
         self.parts = 0
         self.boundaries: list[bytes] = []  # the enclosing multiparts', innermost last
@@ -148,9 +168,9 @@ class _Scanner:
             self.multipart(part, body, end, depth)
         else:
             if in_multipart:  # the line end before a boundary belongs to the boundary
-                if self.buffer.endswith(b"\r\n", body, end):
+                if _ends(self.buffer, b"\r\n", body, end):
                     end -= 2
-                elif self.buffer.endswith(b"\n", body, end):
+                elif _ends(self.buffer, b"\n", body, end):
                     end -= 1
             part.region = (body, end)
         return part
@@ -169,7 +189,7 @@ class _Scanner:
                 raise _Unusual  # a bare CR ends a line for the feed parser
             if following - position <= 2 and buffer[position] in b"\r\n":
                 break  # the blank line
-            if position == start and buffer.startswith(b"From ", start):
+            if position == start and _starts(buffer, b"From ", start, end):
                 # An mbox envelope line (forwards saved from mbox have one): the feed parser
                 # keeps it apart, without its line end.
                 part.set_unixfrom(buffer[start:following].decode("ascii", "surrogateescape")
@@ -225,18 +245,18 @@ class _Scanner:
                     raise _Unusual  # at the start of a line only for the feed parser
                 continue  # not at the start of a line
             after = position
-            closing = buffer.startswith(b"--", after, end)
+            closing = _starts(buffer, b"--", after, end)
             if closing:
                 after += 2
             while after < end and buffer[after] in b" \t":
                 after += 1
-            if buffer.startswith(b"\r\n", after, end):
+            if _starts(buffer, b"\r\n", after, end):
                 line_end = after + 2
-            elif buffer.startswith(b"\n", after, end):
+            elif _starts(buffer, b"\n", after, end):
                 line_end = after + 1
             elif after == len(buffer):
                 line_end = after
-            elif buffer.startswith(b"\r", after, end):
+            elif _starts(buffer, b"\r", after, end):
                 raise _Unusual  # a boundary line ended by a bare CR
             else:
                 continue  # more text on the line: not a boundary line

@@ -12,6 +12,7 @@ import contextlib
 import email
 import email.parser
 import html
+import mmap
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ from email.utils import getaddresses, parsedate_to_datetime
 
 from mailfax.documents.pdf import PDF_TYPES
 from mailfax.intake.fastmime import ScannedPart, scan
-from mailfax.intake.spool import FEED_BYTES, MailBytes, buffer_chunks
+from mailfax.intake.spool import FEED_BYTES, MailBytes, buffer_chunks, drop_pages
 
 MAX_PARTS = 500
 MAX_DEPTH = 12
@@ -73,8 +74,12 @@ class ParsedMail:
 def parse_mail(raw: MailBytes) -> ParsedMail:
     """The mail read by the fast scan (:mod:`mailfax.intake.fastmime`) when its shape is a
     common one, else by the email package; both give the same message tree."""
-    message = scan(raw if isinstance(raw, bytes) else memoryview(raw))
-    return read_message(message if message is not None else package_message(raw))
+    message = scan(raw)
+    try:
+        return read_message(message if message is not None else package_message(raw))
+    finally:
+        if isinstance(raw, mmap.mmap):
+            drop_pages(raw, len(raw))  # read: what is kept of it is decoded by now
 
 
 def package_message(raw: MailBytes) -> Message:

@@ -29,11 +29,12 @@ from typing import IO
 IN_MEMORY_BYTES = 64 * 1024
 # Written to the spool file in pieces of this size, each in a worker thread.
 WRITE_BYTES = 256 * 1024
-# Peak memory growth per byte of a mail while mailfax parses and stores it (the email
-# package's line lists, the decoded parts, the PDF check, the store's copy): bench/memory.py
-# measures 3.3 for one 30 MB PDF mail (the email package's line list and joined text alone
-# are 2.8); with the dispatcher loading the first job meanwhile and memory the allocator
-# keeps, the budget charges each mail this many times its size.
+# Peak memory growth per byte of a mail while mailfax parses and stores it (the mapped spool
+# file as the fast scan reads it, the decoded parts, the PDF check, the store's copy):
+# bench/memory.py measures 1.8-2.0 for one 10-30 MB PDF mail, and 3.1-3.5 for a shape the
+# email package must read (its line lists and joined text alone are 2.8). With the
+# dispatcher loading the first job meanwhile and memory the allocator keeps, the budget
+# charges each mail this many times its size.
 MEMORY_PER_BYTE = 4
 # The parser is fed in pieces of this size; mmap pages behind it are dropped.
 FEED_BYTES = 1024 * 1024
@@ -170,13 +171,14 @@ def buffer_chunks(data: MailBytes, size: int = FEED_BYTES) -> Iterator[bytes]:
         for start in range(0, len(view), size):
             yield bytes(view[start:start + size])
             if isinstance(data, mmap.mmap) and start:
-                _drop_pages(data, start)
+                drop_pages(data, start)
     finally:
         view.release()
 
 
-def _drop_pages(data: mmap.mmap, end: int) -> None:
-    """Drop the mapped pages before ``end`` (a multiple of the page size)."""
+def drop_pages(data: mmap.mmap, end: int) -> None:
+    """Drop the mapped pages before ``end`` from the process (they stay in the page cache and
+    come back if read again), so a mapped mail already read is not counted twice."""
     end -= end % mmap.PAGESIZE
     if end and hasattr(mmap, "MADV_DONTNEED"):
         with contextlib.suppress(OSError, ValueError):
