@@ -221,10 +221,16 @@ async def test_each_rule_sets_its_recipients_format_language_and_subject(
     reception = faxde.state.add_inbound(  # another fax: the same pages would be a duplicate
         (corpus / "fax-tiff" / "g3test.tif").read_bytes(), called_number="+4930555",
         originator="+4989111", remote_id="OTHER")
+    munich = faxde.state.add_inbound(  # the caller exactly, in another spelling
+        (corpus / "fax-tiff" / "g4-multi.tiff").read_bytes(), called_number="030 1234571",
+        originator="+49897777", remote_id="")
     settings = settings_for(tmp_path, faxde, extra={"relay": {"host": "127.0.0.1",
                                                               "port": port}})
-    await run_until(settings, lambda: len(keeper.received) == 4 and not faxde.state.inbox)
+    await run_until(settings, lambda: len(keeper.received) == 5 and not faxde.state.inbox)
     mails = by_fax_id(keeper.received)
+
+    rcpts, message = mails[str(munich)]
+    assert rcpts == ["munich@example.org"] and message["To"] == "munich@example.org"
 
     rcpts, message = mails[str(boss)]
     assert rcpts == ["boss@example.org", "assistant@example.org", "archive@example.org"]
@@ -250,6 +256,21 @@ async def test_each_rule_sets_its_recipients_format_language_and_subject(
     rcpts, message = mails[str(reception)]
     assert rcpts == ["reception@example.org"]
     assert message["Subject"] == "Fax from +49 89 111 (OTHER), 1 page"
+
+
+async def test_an_account_rule_takes_the_faxes_of_its_account(
+        tmp_path: Path, corpus: Path, faxde: emulator.Emulator, relay: Any) -> None:
+    keeper, port = relay
+    fax = faxde.state.add_inbound((corpus / "fax-tiff" / "fax2d.tif").read_bytes(),
+                                  called_number="+4930555", originator="+4989111")
+    rules = [{"name": "not ours", "account": ["elsewhere"], "to": ["never@example.org"]},
+             {"name": "main desk", "account": ["main"], "to": ["main-desk@example.org"]},
+             {"name": "reception", "to": ["reception@example.org"]}]
+    settings = settings_for(tmp_path, faxde, rules=rules,
+                            extra={"relay": {"host": "127.0.0.1", "port": port}})
+    await run_until(settings, lambda: len(keeper.received) == 1 and not faxde.state.inbox)
+    rcpts, message = by_fax_id(keeper.received)[str(fax)]
+    assert rcpts == ["main-desk@example.org"] and message["To"] == "main-desk@example.org"
 
 
 def maildir_mails(path: Path) -> list[EmailMessage]:
