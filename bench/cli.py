@@ -16,7 +16,6 @@ and prints after/before ratios.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import socket
 import statistics
@@ -31,23 +30,57 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from mailfax.providers.base import FaxDocument  # noqa: E402
-from mailfax.store import open_store  # noqa: E402
-from mailfax.store.base import NewJob, NewMail  # noqa: E402
 from tests.ports import free_port  # noqa: E402
 
 GOALS = {"mailfax --version": 0.25, "mailfax jobs": 0.25, "mailfax jobs --json": 0.25,
          "mailfax serve (port accepts)": 0.5}
 
 
-def write_config(folder: Path, port: int) -> Path:
-    config = folder / "mailfax.toml"
+def write_config(folder: Path, port: int, name: str, accounts: str) -> Path:
+    config = folder / name
     config.write_text(f'data_dir = "{folder / "data"}"\n'
-                      f'[smtp]\nlisten = ["127.0.0.1:{port}"]\n')
+                      f'[smtp]\nlisten = ["127.0.0.1:{port}"]\n' + accounts)
     return config
 
 
-async def fill_store(url: str, count: int) -> None:
+# The commands' config: the emulator plus one account of each real provider, as production
+# configs have them (loading it validates their settings: that imported their adapters).
+# `serve` runs on the emulator alone: a real account's adapter would reach for the network.
+ACCOUNTS = """
+[accounts.emulator]
+provider = "emulator"
+
+[accounts.faxde]
+provider = "fax.de"
+account = "123456"
+password = "env:BENCH_SECRET"
+inbound = false
+status_push = false
+
+[accounts.portunity]
+provider = "faxnummer.de"
+product_login = "acc12345"
+product_code = "env:BENCH_SECRET"
+status_email = "fax-admin@example.org"
+
+[accounts.retarus]
+provider = "retarus"
+customer_number = "99999TE"
+username = "mailfax"
+password = "env:BENCH_SECRET"
+status_push = false
+"""
+
+
+# Fills a store through the store's own calls, in a process of its own, so that --before
+# fills its store with the older checkout's code (and schema).
+FILL_STORE = """
+import asyncio, sys
+from mailfax.providers.base import FaxDocument
+from mailfax.store import open_store
+from mailfax.store.base import NewJob, NewMail
+
+async def fill(url, count):
     store = open_store(url)
     await store.open()
     try:
@@ -60,6 +93,24 @@ async def fill_store(url: str, count: int) -> None:
                                       [FaxDocument("a.pdf", b"%PDF-1.4 bench", 1)])
     finally:
         await store.close()
+
+asyncio.run(fill(sys.argv[1], int(sys.argv[2])))
+"""
+
+
+def prepare(folder: Path, port: int, jobs: int, env: dict[str, str],
+            mailfax: Sequence[str]) -> tuple[dict[str, str], dict[str, str]]:
+    """Configs and a migrated store with ``jobs`` jobs in ``folder``: the commands' env and
+    serve's."""
+    folder.mkdir(parents=True, exist_ok=True)
+    serve_env = {**env, "MAILFAX_CONFIG": str(write_config(folder, port, "serve.toml", ""))}
+    env = {**env, "MAILFAX_CONFIG": str(write_config(folder, port, "mailfax.toml", ACCOUNTS))}
+    (folder / "data").mkdir()
+    run_command([*mailfax, "migrate"], env)
+    subprocess.run([sys.executable, "-c", FILL_STORE,
+                    f"sqlite:///{folder / 'data' / 'mailfax.sqlite3'}", str(jobs)],
+                   env=env, check=True)
+    return env, serve_env
 
 
 def run_command(argv: Sequence[str], env: dict[str, str]) -> float:
@@ -106,36 +157,35 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="mailfax-bench-cli-") as name:
         folder = Path(name)
         port = free_port()
-        config = write_config(folder, port)
-        (folder / "data").mkdir()
-        env = {**os.environ, "MAILFAX_CONFIG": str(config),
-               # compiled modules cached as an installed package has them (pip compiles
-               # on install), not compiled again on every start
-               "PYTHONPYCACHEPREFIX": str(folder / "pycache")}
-        env.pop("PYTHONDONTWRITEBYTECODE", None)
+        base_env = {**os.environ, "BENCH_SECRET": "not-used",
+                    # compiled modules cached as an installed package has them (pip compiles
+                    # on install), not compiled again on every start
+                    "PYTHONPYCACHEPREFIX": str(folder / "pycache")}
+        base_env.pop("PYTHONDONTWRITEBYTECODE", None)
         script = Path(python).with_name("mailfax")  # the console script a user runs
         mailfax = [str(script)] if script.exists() else [python, "-m", "mailfax"]
-        run_command([*mailfax, "migrate"], env)
-        asyncio.run(fill_store(f"sqlite:///{folder / 'data' / 'mailfax.sqlite3'}", args.jobs))
+        env, serve_env = prepare(folder / "now", port, args.jobs, base_env, mailfax)
         cases: dict[str, Callable[[], float]] = {
             "python -c pass": lambda: run_command([python, "-c", "pass"], env),
             "mailfax --version": lambda: run_command([*mailfax, "--version"], env),
             "mailfax jobs": lambda: run_command([*mailfax, "jobs"], env),
             "mailfax jobs --json": lambda: run_command([*mailfax, "jobs", "--json"], env),
             "mailfax serve (port accepts)": lambda: serve_until_accepting(
-                [*mailfax, "serve"], env, port),
+                [*mailfax, "serve"], serve_env, port),
         }
         for case in cases.values():  # the first start compiles the modules: not counted
             case()
         if args.before:
-            old = {**env, "PYTHONPATH": str(args.before.resolve())}
+            old, old_serve = prepare(folder / "before", port, args.jobs,
+                                     {**base_env, "PYTHONPATH": str(args.before.resolve())},
+                                     mailfax)
             cases |= {
                 "before: mailfax --version": lambda: run_command([*mailfax, "--version"], old),
                 "before: mailfax jobs": lambda: run_command([*mailfax, "jobs"], old),
                 "before: mailfax jobs --json": lambda: run_command(
                     [*mailfax, "jobs", "--json"], old),
                 "before: mailfax serve (port accepts)": lambda: serve_until_accepting(
-                    [*mailfax, "serve"], old, port),
+                    [*mailfax, "serve"], old_serve, port),
             }
         times = measure(args.runs, cases)
     base = statistics.median(times["python -c pass"])
