@@ -1,0 +1,144 @@
+"""``smtp.accept = "spool"``: 250 once the raw mail is stored, the documents checked after it,
+a refusal coming back as a bounce (DSN) to the envelope sender."""
+
+from __future__ import annotations
+
+import asyncio
+import email
+import email.policy
+import json
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any
+
+import aiosmtplib
+import pytest
+
+from mailfax.app import Application
+from mailfax.store import migrate
+from tests.conftest import Service, fax_mail, make_settings
+
+BROKEN_PDF = b"%PDF-1.4\n1 0 obj << /Type /Catalog /Pages 2 0 R >>\nthis is not the rest of a PDF"
+
+
+def spool_settings(tmp_path: Path, accept: str = "spool") -> Any:
+    return make_settings(tmp_path, smtp={"listen": ["127.0.0.1:0"], "accept": accept})
+
+
+async def wait_for_jobs(app: Application, count: int, timeout: float = 20.0) -> list[Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        jobs = await app.store.list_jobs()
+        if len(jobs) >= count:
+            return jobs
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"fewer than {count} job(s) within {timeout} s")
+
+
+async def test_a_good_pdf_mail_gets_its_250_and_becomes_a_job(tmp_path: Path,
+                                                                corpus: Path) -> None:
+    app = Application(spool_settings(tmp_path))
+    await app.start()
+    try:
+        pdf = (corpus / "pdf" / "crazyones.pdf").read_bytes()
+        mail = fax_mail([("letter.pdf", pdf, "application/pdf")])
+        _, reply = await Service(app).send(mail, "alice@example.org", ["030123456@fax.local"])
+        assert reply.startswith("2.0.0 spooled as ")
+        jobs = await wait_for_jobs(app, 1)
+        assert [job.number for job in jobs] == ["+4930123456"]
+        assert jobs[0].pages == 1
+        await wait_until_spool_empty(app)
+    finally:
+        await app.stop()
+
+
+async def wait_until_spool_empty(app: Application, timeout: float = 10.0) -> None:
+    """The spooled mail is gone from the store once its jobs or its bounce are stored."""
+    path = app.settings.store_url.removeprefix("sqlite:///")
+    deadline = time.monotonic() + timeout
+    while True:
+        with sqlite3.connect(path) as conn:
+            left = conn.execute("SELECT count(*) FROM accept_spool").fetchone()[0]
+        if left == 0:
+            return
+        assert time.monotonic() < deadline, f"{left} spooled mail(s) not removed"
+        await asyncio.sleep(0.1)
+
+
+async def checked_refusal(tmp_path: Path, mail: Any) -> str:
+    """What the default (``"checked"``) answers the same mail at DATA."""
+    app = Application(spool_settings(tmp_path / "checked", accept="checked"))
+    await app.start()
+    try:
+        with pytest.raises(aiosmtplib.SMTPDataError) as refused:
+            await Service(app).send(mail, "alice@example.org", ["030123456@fax.local"])
+        assert refused.value.code == 554
+        return " ".join(refused.value.message.split())
+    finally:
+        await app.stop()
+
+
+async def test_a_broken_pdf_gets_its_250_then_a_bounce_naming_the_file_and_reason(
+        tmp_path: Path) -> None:
+    mail = fax_mail([("angebot.pdf", BROKEN_PDF, "application/pdf")], subject="Angebot")
+    refusal = await checked_refusal(tmp_path, mail)
+    assert "angebot.pdf" in refusal
+    app = Application(spool_settings(tmp_path))
+    await app.start()
+    service = Service(app)
+    try:
+        _, reply = await service.send(mail, "alice@example.org", ["030123456@fax.local"])
+        assert reply.startswith("2.0.0 spooled as ")
+        report = await service.wait_for_mail(
+            lambda m: m.get_content_type() == "multipart/report", timeout=20)
+        parsed = email.message_from_bytes(bytes(report), policy=email.policy.default)
+        assert parsed["To"] == "alice@example.org"
+        assert parsed["In-Reply-To"] == mail["Message-ID"]
+        human, status, headers = parsed.get_payload()
+        text = " ".join(human.get_content().split())
+        assert "angebot.pdf" in text
+        assert refusal.split(" ", 1)[1] in text  # the reason the 554 would have given
+        fields = status.as_string()
+        assert "Final-Recipient: rfc822; 030123456@fax.local" in fields
+        assert "Action: failed" in fields and "Status: 5.6." in fields
+        assert "Subject: Angebot" in headers.as_string()
+        assert await app.store.list_jobs() == []
+        await wait_until_spool_empty(app)
+    finally:
+        await app.stop()
+
+
+async def test_a_mail_spooled_before_a_crash_is_taken_at_start_up(tmp_path: Path,
+                                                                   corpus: Path) -> None:
+    settings = spool_settings(tmp_path)
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    await migrate(settings.store_url)
+    pdf = (corpus / "pdf" / "crazyones.pdf").read_bytes()
+    raw = fax_mail([("letter.pdf", pdf, "application/pdf")], to="0309991111@fax.local")
+    with sqlite3.connect(settings.store_url.removeprefix("sqlite:///")) as conn:
+        conn.execute("INSERT INTO accept_spool (received_at, envelope_from, recipients, client,"
+                     " message) VALUES (?, ?, ?, ?, ?)",
+                     (time.time(), "alice@example.org", json.dumps(["0309991111@fax.local"]),
+                      "127.0.0.1", raw.as_bytes()))
+    app = Application(settings)
+    await app.start()
+    try:
+        jobs = await wait_for_jobs(app, 1)
+        assert [job.number for job in jobs] == ["+49309991111"]
+        await wait_until_spool_empty(app)
+    finally:
+        await app.stop()
+
+
+async def test_senders_and_recipients_are_still_refused_at_rcpt(tmp_path: Path) -> None:
+    app = Application(spool_settings(tmp_path))
+    await app.start()
+    try:
+        async with aiosmtplib.SMTP(hostname="127.0.0.1", port=Service(app).port) as client:
+            await client.mail("alice@example.org")
+            with pytest.raises(aiosmtplib.SMTPRecipientRefused) as refused:
+                await client.rcpt("abc@fax.local")
+            assert refused.value.code == 550
+    finally:
+        await app.stop()
