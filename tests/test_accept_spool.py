@@ -7,6 +7,7 @@ import asyncio
 import email
 import email.policy
 import json
+import logging
 import sqlite3
 import time
 from pathlib import Path
@@ -116,17 +117,60 @@ async def test_a_mail_spooled_before_a_crash_is_taken_at_start_up(tmp_path: Path
     await migrate(settings.store_url)
     pdf = (corpus / "pdf" / "crazyones.pdf").read_bytes()
     raw = fax_mail([("letter.pdf", pdf, "application/pdf")], to="0309991111@fax.local")
-    with sqlite3.connect(settings.store_url.removeprefix("sqlite:///")) as conn:
-        conn.execute("INSERT INTO accept_spool (received_at, envelope_from, recipients, client,"
-                     " message) VALUES (?, ?, ?, ?, ?)",
-                     (time.time(), "alice@example.org", json.dumps(["0309991111@fax.local"]),
-                      "127.0.0.1", raw.as_bytes()))
+    spool_directly(settings, "0309991111@fax.local", raw.as_bytes())
     app = Application(settings)
     await app.start()
     try:
         jobs = await wait_for_jobs(app, 1)
         assert [job.number for job in jobs] == ["+49309991111"]
         await wait_until_spool_empty(app)
+    finally:
+        await app.stop()
+
+
+def spool_directly(settings: Any, recipient: str, message: bytes) -> None:
+    """A mail as DATA spooled it, written into the table (as a crash would leave it)."""
+    with sqlite3.connect(settings.store_url.removeprefix("sqlite:///")) as conn:
+        conn.execute("INSERT INTO accept_spool (received_at, envelope_from, recipients, client,"
+                     " message) VALUES (?, ?, ?, ?, ?)",
+                     (time.time(), "alice@example.org", json.dumps([recipient]), "127.0.0.1",
+                      message))
+
+
+async def test_a_temporary_refusal_keeps_the_mail_spooled_without_a_bounce(
+        tmp_path: Path, corpus: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Two mails spooled, a quota of one fax an hour: the second is refused for now (452),
+    so it stays spooled to be tried again; no job, no bounce for it."""
+    caplog.set_level(logging.INFO, logger="mailfax.intake.accept_spool")
+    settings = make_settings(tmp_path, smtp={"listen": ["127.0.0.1:0"], "accept": "spool"},
+                             quotas={"faxes_per_hour": 1})
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    await migrate(settings.store_url)
+    pdf = (corpus / "pdf" / "crazyones.pdf").read_bytes()
+    for number in ("0309991111", "0309992222"):
+        mail = fax_mail([("letter.pdf", pdf, "application/pdf")], to=f"{number}@fax.local")
+        spool_directly(settings, f"{number}@fax.local", mail.as_bytes())
+    app = Application(settings)
+    await app.start()
+    try:
+        jobs = await wait_for_jobs(app, 1)
+        assert [job.number for job in jobs] == ["+49309991111"]
+        path = settings.store_url.removeprefix("sqlite:///")
+        deadline = time.monotonic() + 10
+        while True:
+            with sqlite3.connect(path) as conn:
+                left = conn.execute("SELECT recipients, leased_until FROM accept_spool"
+                                    ).fetchall()
+            if len(left) == 1 and left[0][1] > time.time():  # the first one done; the
+                break  # second taken by the worker, and kept
+            assert time.monotonic() < deadline, left
+            await asyncio.sleep(0.1)
+        assert [json.loads(row[0]) for row in left] == [["0309992222@fax.local"]]
+        kept = [r.getMessage() for r in caplog.records if "kept to try again" in r.getMessage()]
+        assert len(kept) == 1 and "faxes per hour" in kept[0], kept
+        assert len(await app.store.list_jobs()) == 1
+        assert not [m for m in Service(app).outbox_messages()
+                    if m.get_content_type() == "multipart/report"]
     finally:
         await app.stop()
 

@@ -2,9 +2,10 @@
 
 At DATA the raw mail and its envelope are stored (committed) and answered ``250`` at once;
 a worker then takes the spooled mails in order through the same intake as ``"checked"``
-(:meth:`~mailfax.intake.service.Intake.accept_mail`). A mail it refuses (a broken PDF, nothing
-to fax, a quota filled meanwhile) comes back to the envelope sender as a bounce (an RFC 3464
-DSN from ``<>``) instead of a 5xx, so the sender learns of it later and by mail. Senders and
+(:meth:`~mailfax.intake.service.Intake.accept_mail`). A mail it refuses for good (a broken
+PDF, nothing to fax) comes back to the envelope sender as a bounce (an RFC 3464
+DSN from ``<>``) instead of a 5xx, so the sender learns of it later and by mail; one refused
+for now (a 4xx: a quota full) stays spooled and is tried again, for a day. Senders and
 recipients are still checked at MAIL and RCPT, as in ``"checked"``.
 
 Durability: the spooled row goes only once its jobs are stored or its bounce is queued; a
@@ -18,6 +19,7 @@ import asyncio
 import logging
 import re
 from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, datetime
 from email.parser import BytesHeaderParser
 from email.policy import compat32
 
@@ -35,6 +37,10 @@ log = logging.getLogger(__name__)
 BATCH = 16
 LEASE_SECONDS = 600.0
 IDLE_SECONDS = 5.0
+# A temporary refusal (a quota full for now, the cover page unavailable) leaves the mail
+# spooled, taken again when its lease ends, as a sending MTA would retry; after this long it
+# is bounced.
+TEMPORARY_FOR_SECONDS = 86400.0
 _HEADER_END = re.compile(rb"\r?\n\r?\n")
 
 
@@ -79,6 +85,11 @@ class AcceptSpool:
                                           spooled.message, spooled.client, spooled.user)
         except Refusal as refusal:
             self.intake.count_refusal(refusal)
+            age = (datetime.now(UTC) - spooled.received_at).total_seconds()
+            if refusal.temporary and age < TEMPORARY_FOR_SECONDS:
+                log.info("spooled mail %d from <%s> kept to try again: %s", spooled.id,
+                         spooled.envelope_from, refusal.sentence)
+                return
             log.info("spooled mail %d from <%s> refused, bounced: %s", spooled.id,
                      spooled.envelope_from, refusal.sentence)
             await self.store.enqueue_mail(self.bounce(spooled, refusal))
@@ -90,8 +101,8 @@ class AcceptSpool:
         await self.store.unspool_mail(spooled.id)
 
     def bounce(self, spooled: SpooledMail, refusal: Refusal) -> OutgoingMail:
-        """The refusal as a DSN to the envelope sender. It is final: after the 250 nobody
-        retries, so a 4xx refusal is reported as 5.x.x too."""
+        """The refusal as a DSN to the envelope sender. It is final (a temporary refusal only
+        once mailfax gave up trying again), so its status is 5.x.x."""
         head = _HEADER_END.split(spooled.message, maxsplit=1)[0]
         headers = BytesHeaderParser(policy=compat32).parsebytes(head)
         recipients = ", ".join(spooled.recipients)
