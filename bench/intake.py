@@ -8,7 +8,8 @@ measured in (forwards, then backwards), so neither warm-up nor noise favours one
 are printed side by side, of the medians and per round. mailfax commits every job to SQLite
 (synchronous=FULL) before its 250. A fourth server is the intake alone with
 ``smtp.accept = "spool"``: the raw mail is committed before the 250, and the worker that
-checks it and makes its job runs in the same process meanwhile (it may lag behind).
+checks it and makes its job runs in the same process meanwhile (it may lag behind: the
+backlog at the last 250 is printed, and its CPU is counted until every mail is a job).
 
     python bench/intake.py [--mails 1500] [--clients 20] [--rounds 4]
 """
@@ -19,6 +20,7 @@ import argparse
 import asyncio
 import os
 import socket
+import sqlite3
 import statistics
 import subprocess
 import sys
@@ -158,6 +160,20 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+async def drain_spool(database: Path) -> tuple[int, float]:
+    """The spooled mails the worker has not made jobs of yet, and how long it takes to."""
+    def left() -> int:
+        with sqlite3.connect(database) as conn:
+            return int(conn.execute("SELECT count(*) FROM accept_spool").fetchone()[0])
+
+    started = time.perf_counter()
+    backlog = waiting = left()
+    while waiting:
+        await asyncio.sleep(0.1)
+        waiting = left()
+    return backlog, time.perf_counter() - started
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--mails", type=int, default=1500)
@@ -169,8 +185,10 @@ async def main() -> None:
 
     rates: dict[str, list[float]] = {name: [] for name in (BARE, INTAKE, WHOLE, SPOOLED)}
     cpu: dict[str, list[float]] = {name: [] for name in rates}  # server ms per mail
+    backlogs: list[tuple[int, float]] = []  # spooled mails left after a round, seconds to jobs
     with tempfile.TemporaryDirectory() as folder:
         ports, servers = start_servers(Path(folder), args.clients)
+        spool_database = Path(folder) / "spooled-data" / "mailfax.sqlite3"
         try:
             for port in ports.values():
                 await wait_for(port)
@@ -181,6 +199,8 @@ async def main() -> None:
                     pid = servers[list(ports).index(name)].pid
                     before = cpu_seconds(pid)
                     rates[name].append(await blast(ports[name], mails, args.clients))
+                    if name == SPOOLED:  # its worker's time belongs to the mails too
+                        backlogs.append(await drain_spool(spool_database))
                     cpu[name].append((cpu_seconds(pid) - before) * 1000 / len(mails))
         finally:
             for server in servers:
@@ -196,6 +216,9 @@ async def main() -> None:
     for name, values in cpu.items():
         print(f"  {name:<22} median {statistics.median(values):8.2f} CPU ms/mail in the server "
               f"(rounds: {', '.join(f'{v:.2f}' for v in values)})")
+    print(f"  {SPOOLED}: mails still spooled at the last 250, and seconds until all were "
+          f"jobs (its CPU above counts them): "
+          f"{', '.join(f'{left} in {seconds:.1f} s' for left, seconds in backlogs)}")
     for name in (INTAKE, WHOLE, SPOOLED):
         per_round = [value / rate for value, rate in zip(rates[name], rates[BARE], strict=True)]
         print(f"ratio {name} / {BARE}: {statistics.median(rates[name]) / bare:.2f} of the "
