@@ -110,9 +110,11 @@ async def test_a_broken_pdf_gets_its_250_then_a_bounce_naming_the_file_and_reaso
         await app.stop()
 
 
-async def test_a_mail_spooled_before_a_crash_is_taken_at_start_up(tmp_path: Path,
-                                                                   corpus: Path) -> None:
-    settings = spool_settings(tmp_path)
+@pytest.mark.parametrize("accept", ["spool", "checked"])
+async def test_a_mail_spooled_before_a_crash_is_taken_at_start_up(tmp_path: Path, corpus: Path,
+                                                                   accept: str) -> None:
+    """Also after switching back to "checked": no spooled mail is left behind."""
+    settings = spool_settings(tmp_path, accept)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     await migrate(settings.store_url)
     pdf = (corpus / "pdf" / "crazyones.pdf").read_bytes()

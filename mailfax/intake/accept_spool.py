@@ -70,10 +70,18 @@ class AcceptSpool:
         intake.wake_spool = self._wake.set
 
     async def run(self) -> None:
-        """Forever: the spooled mails (those left by a crash first), then wait for more."""
+        """Forever: the spooled mails (those left by a crash first), then wait for more.
+        With ``smtp.accept = "checked"`` it only takes the mails left spooled from a run with
+        ``"spool"`` (switched back), then ends."""
+        spooling = self.settings.smtp.accept == "spool"
         while True:
             self._wake.clear()
             mails = await self.store.claim_spooled(BATCH, LEASE_SECONDS)
+            if not spooling and not mails:
+                return
+            if not spooling:
+                log.warning("taking %d mail(s) left spooled from smtp.accept = \"spool\"",
+                            len(mails))
             for mail in mails:
                 await self.take(mail)
             if len(mails) < BATCH:
@@ -127,7 +135,6 @@ def _header(value: object) -> str | None:
 
 
 def accept_spool_loops(intake: Intake) -> list[tuple[str, Callable[[], Awaitable[None]]]]:
-    """The worker's loop for the application, if ``smtp.accept = "spool"``."""
-    if intake.settings.smtp.accept != "spool":
-        return []
+    """The worker's loop for the application: with ``smtp.accept = "checked"`` it ends once
+    no mail is left spooled (at once, unless "spool" was used before)."""
     return [("accept spool", AcceptSpool(intake).run)]
