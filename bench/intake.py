@@ -6,7 +6,10 @@ parsing, checking and storing is measured); and the whole `mailfax serve` (the d
 submits every job while the mails arrive). The rounds alternate the order the servers are
 measured in (forwards, then backwards), so neither warm-up nor noise favours one; the ratios
 are printed side by side, of the medians and per round. mailfax commits every job to SQLite
-(synchronous=FULL) before its 250.
+(synchronous=FULL) before its 250. A fourth server is the intake alone with
+``smtp.accept = "spool"``: the raw mail is committed before the 250, and the worker that
+checks it and makes its job runs in the same process meanwhile (it may lag behind: the
+backlog at the last 250 is printed, and its CPU is counted until every mail is a job).
 
     python bench/intake.py [--mails 1500] [--clients 20] [--rounds 4]
 """
@@ -17,6 +20,7 @@ import argparse
 import asyncio
 import os
 import socket
+import sqlite3
 import statistics
 import subprocess
 import sys
@@ -24,6 +28,7 @@ import tempfile
 import time
 from email.message import EmailMessage
 from pathlib import Path
+from typing import Any
 
 import aiosmtplib
 
@@ -52,6 +57,7 @@ asyncio.run(main())
 INTAKE_ONLY_SERVER = """
 import asyncio, sys
 from pathlib import Path
+from typing import Any
 from mailfax.cli import load_settings
 from mailfax.app import serve
 from mailfax.outbound.dispatch import Dispatcher
@@ -67,6 +73,7 @@ asyncio.run(serve(load_settings(Path(sys.argv[1]))))
 BARE = "bare aiosmtpd"
 INTAKE = "mailfax intake alone"
 WHOLE = "mailfax with dispatch"
+SPOOLED = "mailfax spool, intake"
 
 
 def free_port() -> int:
@@ -114,7 +121,8 @@ async def blast(port: int, mails: list[bytes], clients: int) -> float:
     return len(mails) / (time.perf_counter() - started)
 
 
-def mailfax_config(folder: Path, name: str, port: int, clients: int) -> Path:
+def mailfax_config(folder: Path, name: str, port: int, clients: int,
+                   accept: str = "checked") -> Path:
     config = folder / f"{name}.toml"
     # A long emulator delay keeps the tracker's status polling out of the measurement; the
     # dispatcher itself still submits every job while the intake runs.
@@ -123,20 +131,24 @@ def mailfax_config(folder: Path, name: str, port: int, clients: int) -> Path:
     config.write_text(f'data_dir = "{name}-data"\n[smtp]\nlisten = ["127.0.0.1:{port}"]\n'
                       f'max_connections_per_client = {max(20, 2 * clients)}\n'
                       f'max_connections = {max(200, 2 * clients)}\n'
+                      f'accept = "{accept}"\n'
                       f'[accounts.emulator]\nprovider = "emulator"\ndelay_seconds = 3600\n')
     return config
 
 
 def start_servers(folder: Path,
                   clients: int) -> tuple[dict[str, int], list[subprocess.Popen[bytes]]]:
-    ports = {BARE: free_port(), INTAKE: free_port(), WHOLE: free_port()}
-    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL, "cwd": folder}
+    ports = {BARE: free_port(), INTAKE: free_port(), WHOLE: free_port(), SPOOLED: free_port()}
+    quiet: dict[str, Any] = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL,
+                             "cwd": folder}
     intake, whole = (mailfax_config(folder, name, ports[key], clients)
                      for name, key in (("intake", INTAKE), ("whole", WHOLE)))
+    spooled = mailfax_config(folder, "spooled", ports[SPOOLED], clients, accept="spool")
     servers = [
         subprocess.Popen([sys.executable, "-c", BARE_SERVER, str(ports[BARE]), "33554432"]),
         subprocess.Popen([sys.executable, "-c", INTAKE_ONLY_SERVER, str(intake)], **quiet),
         subprocess.Popen([sys.executable, "-m", "mailfax", "-c", str(whole), "serve"], **quiet),
+        subprocess.Popen([sys.executable, "-c", INTAKE_ONLY_SERVER, str(spooled)], **quiet),
     ]
     return ports, servers
 
@@ -148,6 +160,20 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+async def drain_spool(database: Path) -> tuple[int, float]:
+    """The spooled mails the worker has not made jobs of yet, and how long it takes to."""
+    def left() -> int:
+        with sqlite3.connect(database) as conn:
+            return int(conn.execute("SELECT count(*) FROM accept_spool").fetchone()[0])
+
+    started = time.perf_counter()
+    backlog = waiting = left()
+    while waiting:
+        await asyncio.sleep(0.1)
+        waiting = left()
+    return backlog, time.perf_counter() - started
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--mails", type=int, default=1500)
@@ -157,10 +183,12 @@ async def main() -> None:
     pdf = PDF.read_bytes()
     mails = [message(pdf, i).as_bytes() for i in range(args.mails)]
 
-    rates: dict[str, list[float]] = {BARE: [], INTAKE: [], WHOLE: []}
-    cpu: dict[str, list[float]] = {BARE: [], INTAKE: [], WHOLE: []}  # server ms per mail
+    rates: dict[str, list[float]] = {name: [] for name in (BARE, INTAKE, WHOLE, SPOOLED)}
+    cpu: dict[str, list[float]] = {name: [] for name in rates}  # server ms per mail
+    backlogs: list[tuple[int, float]] = []  # spooled mails left after a round, seconds to jobs
     with tempfile.TemporaryDirectory() as folder:
         ports, servers = start_servers(Path(folder), args.clients)
+        spool_database = Path(folder) / "spooled-data" / "mailfax.sqlite3"
         try:
             for port in ports.values():
                 await wait_for(port)
@@ -171,6 +199,8 @@ async def main() -> None:
                     pid = servers[list(ports).index(name)].pid
                     before = cpu_seconds(pid)
                     rates[name].append(await blast(ports[name], mails, args.clients))
+                    if name == SPOOLED:  # its worker's time belongs to the mails too
+                        backlogs.append(await drain_spool(spool_database))
                     cpu[name].append((cpu_seconds(pid) - before) * 1000 / len(mails))
         finally:
             for server in servers:
@@ -186,7 +216,10 @@ async def main() -> None:
     for name, values in cpu.items():
         print(f"  {name:<22} median {statistics.median(values):8.2f} CPU ms/mail in the server "
               f"(rounds: {', '.join(f'{v:.2f}' for v in values)})")
-    for name in (INTAKE, WHOLE):
+    print(f"  {SPOOLED}: mails still spooled at the last 250, and seconds until all were "
+          f"jobs (its CPU above counts them): "
+          f"{', '.join(f'{left} in {seconds:.1f} s' for left, seconds in backlogs)}")
+    for name in (INTAKE, WHOLE, SPOOLED):
         per_round = [value / rate for value, rate in zip(rates[name], rates[BARE], strict=True)]
         print(f"ratio {name} / {BARE}: {statistics.median(rates[name]) / bare:.2f} of the "
               f"medians, per round {', '.join(f'{r:.2f}' for r in per_round)} (goal >= 0.80); "

@@ -34,6 +34,7 @@ from mailfax.imap.intake import ImapIntake
 from mailfax.inbound.mailer import InboundMailer
 from mailfax.inbound.poller import InboundPoller
 from mailfax.inbound.screening import block_file
+from mailfax.intake.accept_spool import accept_spool_loops
 from mailfax.intake.service import Intake
 from mailfax.intake.smtp import start_listeners, tls_context
 from mailfax.outbound.accounts import AccountHealth
@@ -211,7 +212,8 @@ class Application:
             ("tracker", self._singleton("tracker", self.tracker.run)),
             ("notifier", self.notifier.run), ("outbox", self.outbox.run),
             ("account probes", lambda: self.accounts.run(self.providers)),
-            ("retention", RetentionLoop(settings, self.store).run)]
+            ("retention", RetentionLoop(settings, self.store).run),
+            *accept_spool_loops(self.intake)]
         self.inbound_pollers = {
             name: InboundPoller(name, provider, self.store, settings.inbound,
                                 inbound_mailer(settings), settings.numbers.default_country,

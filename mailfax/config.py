@@ -165,6 +165,10 @@ class SmtpSettings(Strict):
     max_message_size: int = Field(default=32 * 1024 * 1024, ge=1024)
     max_recipients: int = Field(default=50, ge=1)
     data_timeout: float = Field(default=300.0, gt=0)
+    # "checked": the 250 comes once the documents are checked and the jobs stored (a bad
+    # document gets a 5xx). "spool": the raw mail is stored and answered 250 at once, then
+    # checked; a refusal becomes a bounce (DSN) to the envelope sender (intake/accept_spool.py).
+    accept: Literal["checked", "spool"] = "checked"
     # Certificate chain and key (PEM). With them, SMTP listeners offer STARTTLS; AUTH is only
     # offered over TLS.
     tls_cert: Path | None = None

@@ -954,3 +954,22 @@ async def test_an_unchanged_state_logs_an_event_only_when_asked(store: Store) ->
     events = await store.job_events("j1")
     assert [event.detail for event in events][-1] == "still trying"
     assert "still trying" in [event.detail for event in await store.pending_notifications(10)]
+
+
+async def test_spooled_mails_are_claimed_in_order_leased_and_removed(store: Store) -> None:
+    """``smtp.accept = "spool"``: the raw mails kept before the 250, for the worker."""
+    first = await store.spool_mail("alice@example.org", ["030123456@fax.local"], "127.0.0.1",
+                                   None, b"Subject: one\r\n\r\nbody\r\n")
+    second = await store.spool_mail("bob@example.org", ["a@fax.local", "b@fax.local"], "::1",
+                                    "bob", b"\x00\xffraw")
+    claimed = await store.claim_spooled(10, 60.0)
+    assert [mail.id for mail in claimed] == [first, second]
+    assert claimed[1].recipients == ["a@fax.local", "b@fax.local"]
+    assert (claimed[1].user, claimed[1].client, claimed[1].message) == ("bob", "::1",
+                                                                        b"\x00\xffraw")
+    assert claimed[0].user is None and claimed[0].envelope_from == "alice@example.org"
+    assert await store.claim_spooled(10, 60.0) == []  # leased: not taken twice meanwhile
+    await store.unspool_mail(first)
+    third = await store.spool_mail("c@example.org", ["x@fax.local"], "", None, b"x")
+    assert [mail.id for mail in await store.claim_spooled(10, 0.0)] == [third]
+    assert [mail.id for mail in await store.claim_spooled(10, 60.0)] == [third]  # lease ran out

@@ -89,6 +89,7 @@ class Intake:
         self.on_stored = on_stored
         self.secret_key = secret_key  # checks the policy service's headers; None: refused
         self.wake_outbox: Callable[[], None] = lambda: None
+        self.wake_spool: Callable[[], None] = lambda: None  # smtp.accept = "spool"
         # Pure for a given configuration, and asked twice per recipient (RCPT, then DATA).
         self.check_recipient = functools.lru_cache(maxsize=4096)(self._check_recipient)
 

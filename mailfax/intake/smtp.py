@@ -23,6 +23,7 @@ from aiosmtpd.lmtp import LMTP
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
 from mailfax.config import ListenAddress, SmtpSettings, UserSettings
+from mailfax.intake.accept_spool import spool_reply
 from mailfax.intake.assemble import Refusal
 from mailfax.intake.limits import (
     Connections,
@@ -140,6 +141,10 @@ class FaxHandler:
             raw, user = await self.intake.authorize(sender, faxes, raw, _user(session))
             if user is None and envelope in self._deferred:
                 raise self._deferred[envelope]
+            if self.intake.settings.smtp.accept == "spool":
+                reply = await spool_reply(self.intake, sender, faxes, raw,
+                                          _client_ip(session) or "", user)
+                return reply, dict.fromkeys(faxes, reply)
             with _not_idle(server):
                 accepted = await self.intake.accept_mail(sender, faxes, raw,
                                                          _client_ip(session) or "", user)

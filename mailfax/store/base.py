@@ -115,6 +115,20 @@ class OutgoingMail:
 
 
 @dataclass(frozen=True)
+class SpooledMail:
+    """A mail taken with ``smtp.accept = "spool"``: its raw bytes and envelope, stored before
+    the 250 and turned into jobs (or a bounce) afterwards."""
+
+    id: int
+    received_at: datetime
+    envelope_from: str
+    recipients: list[str]
+    client: str
+    user: str | None
+    message: bytes
+
+
+@dataclass(frozen=True)
 class InboundRecord:
     """A received fax as stored (the image is loaded separately)."""
 
@@ -380,6 +394,18 @@ class Store(Protocol):
         ...
 
     async def enqueue_mail(self, mail: OutgoingMail) -> int: ...
+
+    async def spool_mail(self, envelope_from: str, recipients: Sequence[str], client: str,
+                         user: str | None, message: bytes) -> int:
+        """Keep a received mail for later intake; durable when it returns (before the 250)."""
+        ...
+
+    async def claim_spooled(self, limit: int, lease_seconds: float) -> list[SpooledMail]:
+        """The oldest spooled mails, in order, leased for ``lease_seconds`` (another instance
+        takes them only once the lease ran out: a crash never loses one)."""
+        ...
+
+    async def unspool_mail(self, spool_id: int) -> None: ...
 
     async def status_mails_since(self, recipient: str, since: datetime) -> int:
         """Status mails about jobs (not bounces) queued for ``recipient``, compared without

@@ -53,6 +53,7 @@ from mailfax.store.base import (
     Purged,
     PurgeKind,
     Quota,
+    SpooledMail,
     Transition,
     Work,
     first_exceeded,
@@ -246,6 +247,19 @@ MIGRATIONS: dict[int, str] = {
     CREATE TRIGGER job_state_count_update AFTER UPDATE OF state ON jobs
         FOR EACH ROW WHEN (OLD.state IS DISTINCT FROM NEW.state)
         EXECUTE FUNCTION job_state_count();
+    """,
+    # smtp.accept = "spool": mails taken before they are parsed, until intake made them jobs.
+    8: """
+    CREATE TABLE accept_spool (
+        id bigserial PRIMARY KEY,
+        received_at timestamptz NOT NULL DEFAULT now(),
+        envelope_from text NOT NULL,
+        recipients jsonb NOT NULL,
+        client text NOT NULL,
+        user_name text,
+        message bytea NOT NULL,
+        leased_until timestamptz NOT NULL DEFAULT '-infinity'
+    );
     """,
 }
 SCHEMA_VERSION = max(MIGRATIONS)
@@ -1347,6 +1361,37 @@ class PostgresStore:
     async def enqueue_mail(self, mail: OutgoingMail) -> int:
         async with self._cursor() as cur:
             return await self._insert_outbox(cur, mail)
+
+    async def spool_mail(self, envelope_from: str, recipients: Sequence[str], client: str,
+                         user: str | None, message: bytes) -> int:
+        async with self._cursor(atomic=False) as cur:
+            await cur.execute(
+                "INSERT INTO accept_spool (envelope_from, recipients, client, user_name, message)"
+                " VALUES (%s, %s, %s, %s, %s) RETURNING id",
+                (envelope_from, Jsonb(list(recipients)), client, user, message))
+            row = await cur.fetchone()
+        assert row is not None
+        return int(row["id"])
+
+    async def claim_spooled(self, limit: int, lease_seconds: float) -> list[SpooledMail]:
+        async with self._cursor(atomic=False) as cur:
+            await cur.execute(
+                """
+                UPDATE accept_spool SET leased_until = now() + make_interval(secs => %s)
+                WHERE id IN (SELECT id FROM accept_spool WHERE leased_until <= now()
+                             ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED)
+                RETURNING *
+                """,
+                (lease_seconds, limit))
+            rows = await cur.fetchall()
+        return sorted((SpooledMail(
+            id=row["id"], received_at=row["received_at"], envelope_from=row["envelope_from"],
+            recipients=list(row["recipients"]), client=row["client"], user=row["user_name"],
+            message=bytes(row["message"])) for row in rows), key=lambda mail: mail.id)
+
+    async def unspool_mail(self, spool_id: int) -> None:
+        async with self._cursor(atomic=False) as cur:
+            await cur.execute("DELETE FROM accept_spool WHERE id = %s", (spool_id,))
 
     async def status_mails_since(self, recipient: str, since: datetime) -> int:
         async with self._cursor(atomic=False) as cur:

@@ -55,6 +55,7 @@ from mailfax.store.base import (
     Purged,
     PurgeKind,
     Quota,
+    SpooledMail,
     Transition,
     Work,
     first_exceeded,
@@ -66,7 +67,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 Operation = Callable[[sqlite3.Connection], Any]
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 MIGRATIONS: dict[int, str] = {
     1: """
     CREATE TABLE mails (
@@ -212,6 +213,19 @@ MIGRATIONS: dict[int, str] = {
     CREATE INDEX documents_blob ON documents (blob);
     CREATE INDEX outbox_inbound ON outbox (inbound_account, inbound_fax_id)
         WHERE inbound_fax_id IS NOT NULL;
+    """,
+    # smtp.accept = "spool": mails taken before they are parsed, until intake made them jobs.
+    6: """
+    CREATE TABLE accept_spool (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        received_at REAL NOT NULL,
+        envelope_from TEXT NOT NULL,
+        recipients TEXT NOT NULL,
+        client TEXT NOT NULL,
+        user_name TEXT,
+        message BLOB NOT NULL,
+        leased_until REAL NOT NULL DEFAULT 0
+    );
     """,
 }
 
@@ -1216,6 +1230,38 @@ class SqliteStore(_InboundMixin, _EmulatorNetworkMixin, _RetentionMixin):
 
     async def enqueue_mail(self, mail: OutgoingMail) -> int:
         return await self._call(lambda conn: self._insert_outbox(conn, mail))
+
+    async def spool_mail(self, envelope_from: str, recipients: Sequence[str], client: str,
+                         user: str | None, message: bytes) -> int:
+        def operation(conn: sqlite3.Connection) -> int:
+            cur = conn.execute(
+                "INSERT INTO accept_spool (received_at, envelope_from, recipients, client,"
+                " user_name, message) VALUES (?, ?, ?, ?, ?, ?)",
+                (time.time(), envelope_from, json.dumps(list(recipients)), client, user,
+                 message))
+            return int(cur.lastrowid or 0)
+
+        return await self._call(operation)
+
+    async def claim_spooled(self, limit: int, lease_seconds: float) -> list[SpooledMail]:
+        def operation(conn: sqlite3.Connection) -> list[SpooledMail]:
+            now = time.time()
+            rows = conn.execute(
+                "SELECT * FROM accept_spool WHERE leased_until <= ? ORDER BY id LIMIT ?",
+                (now, limit)).fetchall()
+            conn.executemany("UPDATE accept_spool SET leased_until = ? WHERE id = ?",
+                             [(now + lease_seconds, row["id"]) for row in rows])
+            return [SpooledMail(
+                id=row["id"], received_at=datetime.fromtimestamp(row["received_at"], UTC),
+                envelope_from=row["envelope_from"], recipients=json.loads(row["recipients"]),
+                client=row["client"], user=row["user_name"], message=bytes(row["message"]))
+                for row in rows]
+
+        return await self._call(operation)
+
+    async def unspool_mail(self, spool_id: int) -> None:
+        await self._call(lambda conn: conn.execute(
+            "DELETE FROM accept_spool WHERE id = ?", (spool_id,)))
 
     async def status_mails_since(self, recipient: str, since: datetime) -> int:
         def operation(conn: sqlite3.Connection) -> int:
