@@ -493,10 +493,10 @@ async def run_as_singleton(store: SingletonStore, name: str,
         log.warning("%s stopped here: its lock was lost; waiting to take it again", name)
 
 
-# In the order a first mail needs them: its PDF checked (pikepdf), its status mail rendered
-# (jinja2) and sent to the relay (aiosmtplib), images put on pages (Pillow), a refusal's
-# country name (phonenumbers' geocoder), a cover page (ReportLab).
-WARM_UP_MODULES = ("pikepdf", "jinja2", "aiosmtplib", "PIL.Image", "PIL.ImageChops",
+# In the order a first mail needs them: its recipients read (phonenumbers), its PDF checked
+# (pikepdf), its status mail rendered (jinja2) and sent to the relay (aiosmtplib), images put
+# on pages (Pillow), a refusal's country name (phonenumbers' geocoder), a cover page (ReportLab).
+WARM_UP_MODULES = ("phonenumbers", "pikepdf", "jinja2", "aiosmtplib", "PIL.Image", "PIL.ImageChops",
                    "PIL.ImageOps", "PIL.ImageSequence", "phonenumbers.geocoder",
                    "mailfax.documents.cover_pdf")
 
