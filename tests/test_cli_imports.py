@@ -180,7 +180,7 @@ from_address = "fax@mailfax.test"
 ocr = "off"
 """)
     # and what a mail needs that is not heavy enough for the CLI's list
-    script = SERVE_THEN_MAIL.format(heavy=HEAVY + ("phonenumbers", "aiosmtplib", "aioimaplib"),
+    script = SERVE_THEN_MAIL.format(heavy=(*HEAVY, "phonenumbers", "aiosmtplib", "aioimaplib"),
                                     config=str(config),
                                     pdf=str(corpus / "pdf" / "two-different-pages.pdf"))
     done = subprocess.run([sys.executable, "-c", script], env=cli_env, capture_output=True,
