@@ -244,7 +244,8 @@ class Application:
     def _warm_up(self) -> None:
         """Load in a worker thread, once the port accepts, what serving loads lazily and would
         otherwise load on the event loop when the first mail needs it (phonenumbers' country
-        names for a refusal: 0.4 s; ReportLab for a cover page: 0.15 s)."""
+        names for a refusal: 0.4 s; ReportLab for a cover page: 0.15 s; pikepdf and Pillow for
+        the documents, jinja2 for the status mail: 0.15 s)."""
         task = asyncio.create_task(_import_in_thread(WARM_UP_MODULES))
         self._announcing.add(task)
         task.add_done_callback(self._announcing.discard)
@@ -494,7 +495,12 @@ async def run_as_singleton(store: SingletonStore, name: str,
         log.warning("%s stopped here: its lock was lost; waiting to take it again", name)
 
 
-WARM_UP_MODULES = ("phonenumbers.geocoder", "mailfax.documents.cover_pdf")
+# In the order a first mail needs them: its recipients read (phonenumbers), its PDF checked
+# (pikepdf), its status mail rendered (jinja2) and sent to the relay (aiosmtplib), images put
+# on pages (Pillow), a refusal's country name (phonenumbers' geocoder), a cover page (ReportLab).
+WARM_UP_MODULES = ("phonenumbers", "pikepdf", "jinja2", "aiosmtplib", "PIL.Image", "PIL.ImageChops",
+                   "PIL.ImageOps", "PIL.ImageSequence", "phonenumbers.geocoder",
+                   "mailfax.documents.cover_pdf")
 
 
 async def _import_in_thread(names: Sequence[str]) -> None:

@@ -10,8 +10,14 @@ from __future__ import annotations
 import re
 import unicodedata
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import phonenumbers
+from mailfax.support.lazy import lazy_module
+
+if TYPE_CHECKING:
+    import phonenumbers
+else:  # the first recipient loads it (0.03 s), not serve's start-up
+    phonenumbers = lazy_module("phonenumbers")
 
 SEPARATORS = " -./()"
 MIN_NATIONAL_DIGITS = 4  # phonenumbers deems two digits "possible" in some countries

@@ -105,3 +105,89 @@ def test_each_adapter_uses_the_settings_class_config_validates() -> None:
 
     for name in PROVIDER_MODULES:
         assert provider_module(name).Settings is settings_class(name), name
+
+
+def test_importing_what_serve_needs_loads_only_the_smtp_server(cli_env: dict[str, str]) -> None:
+    """pikepdf, Pillow, jinja2, aiosmtplib... are loaded by the first mail (or the warm-up
+    once the port accepts), not by importing the application."""
+    assert loaded_after("import mailfax.app", cli_env) == ["aiosmtpd"]
+
+
+SERVE_THEN_MAIL = """
+import asyncio, json, smtplib, sys
+from email.message import EmailMessage
+from email.policy import SMTP
+from pathlib import Path
+
+from mailfax.app import Application
+from mailfax.config import load_settings
+
+heavy = {heavy!r}
+
+
+def send(port: int) -> str:
+    message = EmailMessage()
+    message["From"] = "alice@example.org"
+    message["To"] = "030123456@fax.local"
+    message["Subject"] = "Letter"
+    message.set_content("Please fax this.")
+    message.add_attachment(Path({pdf!r}).read_bytes(), maintype="application",
+                           subtype="pdf", filename="letter.pdf")
+    with smtplib.SMTP("127.0.0.1", port, timeout=60) as client:
+        client.ehlo()
+        client.mail("alice@example.org")
+        client.rcpt("030123456@fax.local")
+        code, reply = client.data(message.as_bytes(policy=SMTP))
+        assert code == 250, (code, reply)
+        return reply.decode()
+
+
+async def main() -> None:
+    app = Application(load_settings(Path({config!r})))
+    await app.start()  # the port accepts; the warm-up has not run yet
+    at_start = sorted(name for name in heavy if name in sys.modules)
+    try:
+        port = app.smtp_servers[0].sockets[0].getsockname()[1]
+        reply = await asyncio.to_thread(send, port)  # at once, while the warm-up runs
+        job = await app.store.get_job(reply.split()[-1])
+        pages = job.pages if job else None
+    finally:
+        await app.stop()
+    print(json.dumps({{"at_start": at_start, "reply": reply, "pages": pages,
+                      "pikepdf": "pikepdf" in sys.modules}}))
+
+asyncio.run(main())
+"""
+
+
+def test_serve_opens_its_port_without_the_heavy_libraries_and_takes_a_mail_at_once(
+        tmp_path: Path, cli_env: dict[str, str], corpus: Path) -> None:
+    """In a fresh interpreter: what is loaded when the SMTP port accepts, then a PDF mail sent
+    right away is queued with its pages counted (pikepdf imported by then)."""
+    config = Path(cli_env["MAILFAX_CONFIG"])
+    config.write_text(f'data_dir = "{tmp_path / "data"}"\n' """
+[smtp]
+listen = ["127.0.0.1:0"]
+
+[accounts.emulator]
+provider = "emulator"
+delay_seconds = 0.3
+
+[notify]
+from_address = "fax@mailfax.test"
+
+[inbound]
+ocr = "off"
+""")
+    # and what a mail needs that is not heavy enough for the CLI's list
+    script = SERVE_THEN_MAIL.format(heavy=(*HEAVY, "phonenumbers", "aiosmtplib", "aioimaplib"),
+                                    config=str(config),
+                                    pdf=str(corpus / "pdf" / "two-different-pages.pdf"))
+    done = subprocess.run([sys.executable, "-c", script], env=cli_env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["at_start"] == ["aiosmtpd"]
+    assert report["reply"].startswith("2.0.0 queued as ")
+    assert report["pages"] == 2
+    assert report["pikepdf"] is True

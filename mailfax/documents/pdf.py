@@ -28,11 +28,20 @@ import io
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
-
-import pikepdf
-from PIL import Image, ImageChops, ImageOps, ImageSequence
+from typing import TYPE_CHECKING
 
 from mailfax.providers.base import FaxDocument
+from mailfax.support.lazy import lazy_module
+
+if TYPE_CHECKING:
+    import pikepdf
+    from PIL import Image, ImageChops, ImageOps, ImageSequence
+else:  # 0.1 s to import: the first document loads them, not serve's start-up
+    pikepdf = lazy_module("pikepdf")
+    Image = lazy_module("PIL.Image")
+    ImageChops = lazy_module("PIL.ImageChops")
+    ImageOps = lazy_module("PIL.ImageOps")
+    ImageSequence = lazy_module("PIL.ImageSequence")
 
 MAX_PAGES = 200  # per document; a fax of more pages is almost always a mistake
 MAX_IMAGE_PIXELS = 60_000_000  # a 600 dpi A4 scan is about 35 megapixels

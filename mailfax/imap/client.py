@@ -12,11 +12,15 @@ import logging
 import re
 import ssl
 from collections.abc import Awaitable
-from typing import Any
-
-import aioimaplib  # type: ignore[import-untyped]
+from typing import TYPE_CHECKING, Any
 
 from mailfax.config import ImapServerSettings
+from mailfax.support.lazy import lazy_module
+
+if TYPE_CHECKING:
+    import aioimaplib  # type: ignore[import-untyped]
+else:  # the first IMAP connection loads it, not serve's start-up
+    aioimaplib = lazy_module("aioimaplib")
 
 log = logging.getLogger(__name__)
 

@@ -35,12 +35,18 @@ import re
 import warnings
 import zlib
 from dataclasses import dataclass
-from typing import Any
-
-import pikepdf
-from PIL import Image, ImageSequence
+from typing import TYPE_CHECKING, Any
 
 from mailfax.documents.pdf import encode_g4
+from mailfax.support.lazy import lazy_module
+
+if TYPE_CHECKING:
+    import pikepdf
+    from PIL import Image, ImageSequence
+else:  # the first received fax loads them, not serve's start-up
+    pikepdf = lazy_module("pikepdf")
+    Image = lazy_module("PIL.Image")
+    ImageSequence = lazy_module("PIL.ImageSequence")
 
 MAX_PAGES = 500
 MAX_PAGE_PIXELS = 40_000_000  # a 400 dpi A3 page is 31 megapixels; fax pages are ~4

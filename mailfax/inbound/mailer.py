@@ -16,17 +16,24 @@ from datetime import datetime
 from email.headerregistry import Address
 from email.message import EmailMessage
 from email.utils import format_datetime, make_msgid
+from functools import cached_property
 from pathlib import Path
+from typing import TYPE_CHECKING
 from zoneinfo import ZoneInfo
-
-import jinja2
-from PIL import Image
 
 from mailfax.config import InboundFormat, InboundRoute
 from mailfax.inbound.convert import MAX_PAGE_PIXELS, NotConvertible, display_resolution, tiff_to_pdf
 from mailfax.inbound.routing import normalise_number
 from mailfax.numbers import format_international
 from mailfax.store.base import InboundRecord
+from mailfax.support.lazy import lazy_module
+
+if TYPE_CHECKING:
+    import jinja2
+    from PIL import Image
+else:  # the first received fax loads them, not serve's start-up
+    jinja2 = lazy_module("jinja2")
+    Image = lazy_module("PIL.Image")
 
 CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u200b-\u200f\u202a-\u202e\u2066-\u2069]")
 PREVIEW_WIDTH = 480
@@ -95,17 +102,23 @@ def _preview(image: bytes) -> bytes | None:
 class InboundMailer:
     def __init__(self, templates_dir: Path, from_address: str, from_name: str,
                  language: str, timezone: str, default_country: str, attach_tiff: bool):
-        loader = jinja2.FileSystemLoader(str(templates_dir))
-        self.text_env = jinja2.Environment(loader=loader, autoescape=False,
-                                           undefined=jinja2.StrictUndefined)
-        self.html_env = jinja2.Environment(loader=loader, autoescape=True,
-                                           undefined=jinja2.StrictUndefined)
+        self.templates_dir = templates_dir
         self.from_address = from_address
         self.from_name = from_name
         self.language = language
         self.zone = ZoneInfo(timezone)
         self.default_country = default_country
         self.attach_tiff = attach_tiff
+
+    @cached_property
+    def text_env(self) -> jinja2.Environment:
+        return jinja2.Environment(loader=jinja2.FileSystemLoader(str(self.templates_dir)),
+                                  autoescape=False, undefined=jinja2.StrictUndefined)
+
+    @cached_property
+    def html_env(self) -> jinja2.Environment:
+        return jinja2.Environment(loader=jinja2.FileSystemLoader(str(self.templates_dir)),
+                                  autoescape=True, undefined=jinja2.StrictUndefined)
 
     def compose(self, record: InboundRecord, files: FaxFiles, image: bytes,
                 recipients: list[str], route: InboundRoute | None = None,

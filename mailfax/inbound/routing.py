@@ -7,10 +7,15 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-
-import phonenumbers
+from typing import TYPE_CHECKING
 
 from mailfax.config import InboundRoute, InboundSettings
+from mailfax.support.lazy import lazy_module
+
+if TYPE_CHECKING:
+    import phonenumbers
+else:  # the first received fax loads it, not serve's start-up
+    phonenumbers = lazy_module("phonenumbers")
 
 
 def normalise_number(number: str, default_country: str) -> str:

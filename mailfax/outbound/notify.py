@@ -19,11 +19,10 @@ from email.headerregistry import Address
 from email.message import EmailMessage
 from email.policy import Policy
 from email.utils import format_datetime, make_msgid
+from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo
-
-import jinja2
 
 from mailfax.config import NotifySettings
 from mailfax.model import JobState
@@ -31,8 +30,14 @@ from mailfax.numbers import format_international
 from mailfax.outbound.accounts import Pause
 from mailfax.outbound.dsn import build_dsn, dsn_status_for
 from mailfax.store.base import Event, Job, Mail, OutgoingMail, Store
+from mailfax.support.lazy import lazy_module
 from mailfax.support.waiting import wait_for_event
 from mailfax.trust.policy import split_address, status_mail_allowed
+
+if TYPE_CHECKING:
+    import jinja2
+else:  # 0.05 s to import: the first status mail loads it, not serve's start-up
+    jinja2 = lazy_module("jinja2")
 
 log = logging.getLogger(__name__)
 
@@ -95,12 +100,18 @@ class Renderer:
     """Renders status mails from ``<templates>/<language>/status.{subject,txt,html}``."""
 
     def __init__(self, templates_dir: Path = TEMPLATES_DIR):
-        loader = jinja2.FileSystemLoader(str(templates_dir))
-        self.text_env = jinja2.Environment(loader=loader, autoescape=False,
-                                           undefined=jinja2.StrictUndefined,
-                                           keep_trailing_newline=True)
-        self.html_env = jinja2.Environment(loader=loader, autoescape=True,
-                                           undefined=jinja2.StrictUndefined)
+        self.templates_dir = templates_dir
+
+    @cached_property
+    def text_env(self) -> jinja2.Environment:
+        return jinja2.Environment(loader=jinja2.FileSystemLoader(str(self.templates_dir)),
+                                  autoescape=False, undefined=jinja2.StrictUndefined,
+                                  keep_trailing_newline=True)
+
+    @cached_property
+    def html_env(self) -> jinja2.Environment:
+        return jinja2.Environment(loader=jinja2.FileSystemLoader(str(self.templates_dir)),
+                                  autoescape=True, undefined=jinja2.StrictUndefined)
 
     def render(self, kind: str, job: Job, mail: Mail, event: Event,
                language: str, zone: tzinfo = UTC) -> StatusMail:

@@ -19,13 +19,18 @@ import time
 from abc import ABC, abstractmethod
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-
-import aiosmtplib
+from typing import TYPE_CHECKING
 
 from mailfax.config import RelaySettings
 from mailfax.outbound.dispatch import retry_delay
 from mailfax.store.base import OutboxItem, Store
+from mailfax.support.lazy import lazy_module
 from mailfax.support.waiting import wait_for_event
+
+if TYPE_CHECKING:
+    import aiosmtplib
+else:  # the first mail to the relay loads it, not serve's start-up
+    aiosmtplib = lazy_module("aiosmtplib")
 
 log = logging.getLogger(__name__)
 
