@@ -156,6 +156,7 @@ class Application:
         self.health_runner: web.AppRunner | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._announcing: set[asyncio.Task[None]] = set()
+        self._secret_key = b""
 
     async def start(self) -> None:
         settings = self.settings
@@ -172,7 +173,7 @@ class Application:
                                                    self.instance)
         if released:
             log.info("resuming %d jobs that were being sent when mailfax stopped", released)
-        secret_key = load_secret_key(settings.data_dir)
+        secret_key = self._secret_key = load_secret_key(settings.data_dir)
         self.providers = {
             name: InstrumentedProvider(provider, self.metrics)
             for name, provider in make_providers(
@@ -259,6 +260,25 @@ class Application:
         if self.imap_intake is not None:
             self.imap_intake.settings = settings
 
+    def replace_accounts(self, names: Sequence[str]) -> None:
+        """New adapters for the accounts ``names`` from the (reloaded) settings, put in place
+        of the running ones: the dispatcher, tracker, probes, pushes and inbound pollers take
+        them from their next call. The old ones are closed after RETIRE_SECONDS, once the
+        calls they are in (a send, a poll) have ended."""
+        fresh = make_providers(self.settings.model_copy(update={"accounts": {
+            name: self.settings.accounts[name] for name in names}}),
+            lambda name: self._context(name, self._secret_key))
+        for name, provider in fresh.items():
+            retired = self.providers[name]
+            self.providers[name] = InstrumentedProvider(provider, self.metrics)
+            poller = self.inbound_pollers.get(name)
+            if poller is not None:
+                poller.provider = self.providers[name]
+            task = asyncio.create_task(_retire(name, retired))
+            self._announcing.add(task)
+            task.add_done_callback(self._announcing.discard)
+        self._prepare_providers(names)
+
     async def _start_web(self) -> None:
         """The push listener (``[web] listen``) and the health listener (``health_listen``);
         without the latter the health checks and metrics are on the push listener."""
@@ -323,10 +343,12 @@ class Application:
             found += provider.warnings()
         return found
 
-    def _prepare_providers(self) -> None:
+    def _prepare_providers(self, names: Sequence[str] | None = None) -> None:
         """Let providers load what they need (FAX.de: its WSDL) in the background, and warn
         at once about what they found."""
         for name, provider in self.providers.items():
+            if names is not None and name not in names:
+                continue
             prepare = getattr(provider, "prepare", None)
             if callable(prepare):
                 task = asyncio.create_task(self._prepare(name, provider, prepare))
@@ -553,13 +575,41 @@ def redact_url(url: str) -> str:
 # -- serve: systemd readiness and reload -----------------------------------------------------
 
 # What a reload (SIGHUP) takes from the config file; everything else needs a restart.
-RELOADED_SECTIONS = ("users", "senders", "dial", "quotas")
+RELOADED_SECTIONS = ("accounts", "users", "senders", "dial", "quotas")
+# How long a replaced provider adapter stays open for the calls it is in (a send's upload).
+RETIRE_SECONDS = 120.0
+
+
+async def _retire(name: str, provider: Provider) -> None:
+    await asyncio.sleep(RETIRE_SECONDS)
+    try:
+        await provider.close()
+    except Exception as error:  # closing the old one must not disturb the new one
+        log.warning("account %s: closing the replaced adapter failed: %s", name, error)
+
+
+def changed_accounts(current: Settings, fresh: Settings) -> list[str]:
+    """The accounts whose settings ``fresh`` changes. ConfigError for what a reload cannot
+    do: add or remove an account, or change its provider (they need a restart)."""
+    if set(fresh.accounts) != set(current.accounts):
+        added = sorted(set(fresh.accounts) - set(current.accounts))
+        removed = sorted(set(current.accounts) - set(fresh.accounts))
+        raise ConfigError("accounts added (" + (", ".join(added) or "none") + ") or removed ("
+                          + (", ".join(removed) or "none") + "): that needs a restart")
+    for name, account in fresh.accounts.items():
+        if account.provider != current.accounts[name].provider:
+            raise ConfigError(f"accounts.{name}: the provider changed from "
+                              f"{current.accounts[name].provider!r} to {account.provider!r}:"
+                              " that needs a restart")
+    return [name for name, account in fresh.accounts.items()
+            if account != current.accounts[name]]
 
 
 def reloaded_settings(current: Settings, fresh: Settings) -> tuple[Settings, list[str]]:
     """``current`` with ``fresh``'s :data:`RELOADED_SECTIONS`, and the other sections in
     which ``fresh`` differs (they wait for a restart). ConfigError if the result would not
     be allowed to start (a user's unknown account, an open relay)."""
+    changed_accounts(current, fresh)
     merged = current.model_copy(update={name: getattr(fresh, name)
                                         for name in RELOADED_SECTIONS})
     for name, user in merged.users.items():
@@ -602,7 +652,11 @@ async def reload(app: Application, load: Callable[[], Settings]) -> bool:
         log.error("reload refused, the running config is kept: %s", error)
         systemd.notify("READY=1", "STATUS=reload refused; running on the previous config")
         return False
+    accounts = changed_accounts(app.settings, merged)
     app.apply_settings(merged)
+    if accounts:
+        app.replace_accounts(accounts)
+        log.info("accounts %s: new settings in use", ", ".join(accounts))
     log.info("config reloaded: %s (%d users)", ", ".join(RELOADED_SECTIONS),
              len(merged.users))
     if waiting:

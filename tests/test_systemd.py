@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import aiosmtplib
 import pytest
 
 from mailfax.trust.auth import hash_password
-from tests.conftest import fax_mail
+from tests.conftest import Service, fax_mail, make_settings
 from tests.ports import free_port
 from tests.test_security import self_signed_certificate
 
@@ -179,7 +180,7 @@ async def test_sighup_reloads_a_users_numbers_and_keeps_open_sessions(
     config.write_text(text.replace('allowed_prefixes = ["+4940"]',
                                    'allowed_prefixes = ["+4930", "+4940"]') + bob)
     assert (await reloaded(served))["STATUS"] == "config reloaded"
-    assert "config reloaded: users, senders, dial, quotas (2 users)" in served.log()
+    assert "config reloaded: accounts, users, senders, dial, quotas (2 users)" in served.log()
     await (await logged_in(served.port, "bob")).quit()  # a new user logs in
     assert "next restart" not in served.log()  # nothing else changed
 
@@ -220,11 +221,40 @@ def test_a_reload_takes_users_and_policy_and_names_what_waits_for_a_restart(
     grown = make_settings(tmp_path, accounts={
         "emulator": {"provider": "emulator"}, "second": {"provider": "emulator"}},
         users={"bob": {"addresses": ["bob@example.org"], "account": "second"}})
-    with pytest.raises(ConfigError, match="new accounts need a restart"):
+    with pytest.raises(ConfigError, match=r"accounts added \(second\).*needs a restart"):
         reloaded_settings(current, grown)
+    moved = make_settings(tmp_path, accounts={"emulator": {
+        "provider": "fax.de", "account": "1", "password": "x"}})
+    with pytest.raises(ConfigError, match=r"provider changed from 'emulator' to 'fax\.de'"):
+        reloaded_settings(current, moved)
     # One that would make an open relay: refused with the reason serve would give.
     public = make_settings(tmp_path, smtp={"listen": ["0.0.0.0:0"]},
                            senders={"trusted_networks": []})
     open_relay = make_settings(tmp_path, senders={"trusted_networks": ["0.0.0.0/0"]})
     with pytest.raises(ConfigError, match="lets anyone send faxes"):
         reloaded_settings(public, open_relay)
+
+
+async def test_a_reload_puts_an_accounts_new_settings_in_use(
+        service: Service, tmp_path: Path, corpus: Path) -> None:
+    """[accounts] are reloaded too: here the emulator account gets a rule that makes a
+    number busy, and a fax to it sent after the reload meets it; the old adapter is retired."""
+    from mailfax.app import reload
+
+    running = service.app.providers["emulator"]
+    fresh = make_settings(tmp_path, accounts={"emulator": {
+        "provider": "emulator", "delay_seconds": 0.3,
+        "fail": [{"prefix": "+4930777", "result": "busy"}]}})
+    assert await reload(service.app, lambda: fresh)
+    assert service.app.providers["emulator"] is not running
+    assert service.app.settings.accounts == fresh.accounts
+
+    _, reply = await service.send(letter(corpus), "alice@example.org", ["030777123@fax.local"])
+    job_id = reply.split("queued as ")[1].split()[0]
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        job = await service.app.store.get_job(job_id)
+        if job is not None and job.reason is not None:
+            break
+        await asyncio.sleep(0.1)
+    assert job is not None and job.reason is not None and job.reason.code == "busy", job
