@@ -100,6 +100,14 @@ class Service:
         return await aiosmtplib.send(message, sender=sender, recipients=recipients,
                                      hostname="127.0.0.1", port=self.port, timeout=30)
 
+    async def fax_pdf(self, pdf: bytes, number: str = "004930123456",
+                      filename: str = "offer.pdf") -> str:
+        """Mail ``pdf`` from alice to ``<number>@fax.local`` as a user does; the SMTP reply."""
+        to = f"{number}@fax.local"
+        mail = fax_mail([(filename, pdf, "application/pdf")], to=to)
+        _, reply = await self.send(mail, "alice@example.org", [to])
+        return reply
+
     def outbox_messages(self) -> list[mailbox.MaildirMessage]:
         if not self.maildir.exists():
             return []

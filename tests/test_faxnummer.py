@@ -36,7 +36,7 @@ from mailfax.providers.base import (
 )
 from mailfax.providers.faxnummer import FaxnummerProvider, ResponseFormatError, parse_response
 from mailfax.providers.http import parse_retry_after
-from tests.conftest import Service, fax_mail, make_settings
+from tests.conftest import Service, make_settings
 
 LOGIN = "acc12345"
 CODE = "s3cr3t-Kennwort"
@@ -538,8 +538,7 @@ async def test_mail_in_fax_out_through_faxnummer_and_delivered_mail_back(
     try:
         service = Service(app)
         pdf = (corpus / "pdf" / "two-different-pages.pdf").read_bytes()
-        mail = fax_mail([("offer.pdf", pdf, "application/pdf")], to="004930123456@fax.local")
-        await service.send(mail, "alice@example.org", ["004930123456@fax.local"])
+        await service.fax_pdf(pdf)
         status = await service.wait_for_mail(lambda m: m["X-Mailfax-State"] == "delivered")
     finally:
         await app.stop()
@@ -575,8 +574,7 @@ async def test_a_lost_answer_leaves_one_fax_an_unconfirmed_job_a_mail_and_retry_
     try:
         service = Service(app)
         pdf = (corpus / "pdf" / "two-different-pages.pdf").read_bytes()
-        mail = fax_mail([("offer.pdf", pdf, "application/pdf")], to="004930123456@fax.local")
-        await service.send(mail, "alice@example.org", ["004930123456@fax.local"])
+        await service.fax_pdf(pdf)
         told = await service.wait_for_mail(lambda m: m["X-Mailfax-State"] == "unconfirmed")
         job_id = told["X-Mailfax-Job"]
         await asyncio.sleep(1.5)  # several retry intervals: nothing is resent

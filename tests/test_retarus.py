@@ -654,8 +654,7 @@ async def test_through_the_service_no_second_fax_after_a_409_or_a_lost_answer(
     try:
         service = Service(app)
         pdf = (corpus / "pdf" / "two-different-pages.pdf").read_bytes()
-        mail = fax_mail([("offer.pdf", pdf, "application/pdf")], to="004930123456@fax.local")
-        _, reply = await service.send(mail, "alice@example.org", ["004930123456@fax.local"])
+        reply = await service.fax_pdf(pdf)
         job_id = reply.split()[-1]
         state = "failed" if trouble == "409" else "delivered"
         told = await service.wait_for_mail(lambda m: m["X-Mailfax-State"] == state)
