@@ -171,6 +171,9 @@ async def test_a_temporary_refusal_keeps_the_mail_spooled_without_a_bounce(
         kept = [r.getMessage() for r in caplog.records if "kept to try again" in r.getMessage()]
         assert len(kept) == 1 and "faxes per hour" in kept[0], kept
         assert len(await app.store.list_jobs()) == 1
+        with sqlite3.connect(path) as conn:  # a bounce is queued here before the Maildir
+            bounces = conn.execute("SELECT count(*) FROM outbox WHERE kind = 'dsn'").fetchone()
+        assert bounces == (0,)
         assert not [m for m in Service(app).outbox_messages()
                     if m.get_content_type() == "multipart/report"]
     finally:
