@@ -246,6 +246,16 @@ def sqlite_backend(tmp_path: Path) -> Backend:
     return Backend("sqlite", f"sqlite:///{tmp_path / 'store.sqlite3'}", lambda version: None)
 
 
+async def sqlite_store_with_finished_mail(tmp_path: Path, mail_id: str
+                                         ) -> tuple[Backend, Store]:
+    """An open SQLite store in ``tmp_path`` holding one finished mail, ``mail_id``."""
+    backend = sqlite_backend(tmp_path)
+    store = backend.make()
+    await store.open()
+    await finished_mail(store, mail_id)
+    return backend, store
+
+
 async def test_the_sqlite_file_gets_smaller_after_purge_and_vacuum(tmp_path: Path) -> None:
     backend = sqlite_backend(tmp_path)
     path = tmp_path / "store.sqlite3"
@@ -278,10 +288,7 @@ async def test_the_sqlite_file_gets_smaller_after_purge_and_vacuum(tmp_path: Pat
 
 async def test_migrate_switches_an_older_sqlite_store_to_incremental_vacuum(
         tmp_path: Path) -> None:
-    backend = sqlite_backend(tmp_path)
-    store = backend.make()
-    await store.open()
-    await finished_mail(store, "m")
+    backend, store = await sqlite_store_with_finished_mail(tmp_path, "m")
     await store.close()
     execute(backend, "PRAGMA auto_vacuum=NONE")
     path = tmp_path / "store.sqlite3"
@@ -398,10 +405,7 @@ async def rounds(loop: RetentionLoop, count: int) -> None:
 
 async def test_serves_retention_loop_purges_every_interval_by_its_clock(
         tmp_path: Path) -> None:
-    backend = sqlite_backend(tmp_path)
-    store = backend.make()
-    await store.open()
-    await finished_mail(store, "m")
+    backend, store = await sqlite_store_with_finished_mail(tmp_path, "m")
     clock = [datetime.now(UTC)]
     settings = Settings(data_dir=tmp_path, store={"url": backend.url},
                         retention={"interval_hours": 0.1 / 3600})
