@@ -9,7 +9,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from mailfax.config import InboundRoute, InboundSettings
+from mailfax.config import InboundFormat, InboundRoute, InboundSettings
 from mailfax.support.lazy import lazy_module
 
 if TYPE_CHECKING:
@@ -157,3 +157,10 @@ def envelope_recipients(rule: InboundRoute, postmaster: str, tell_postmaster: bo
             seen.add(address.lower())
             unique.append(address)
     return unique
+
+
+def attachment_format(rule: InboundRoute, attach_tiff: bool) -> InboundFormat:
+    """The rule's attachment format; unset: PDF, and the TIFF too with ``attach_tiff``."""
+    if rule.format is not None:
+        return rule.format
+    return "pdf+tiff" if attach_tiff else "pdf"
