@@ -14,6 +14,8 @@ from mailfax.support.lazy import lazy_module
 
 if TYPE_CHECKING:
     import phonenumbers
+
+    from mailfax.store.base import InboundRecord
 else:  # the first received fax loads it, not serve's start-up
     phonenumbers = lazy_module("phonenumbers")
 
@@ -58,6 +60,11 @@ class FaxFacts:
     caller: str = ""
     tsi: str = ""  # the remote station id
     account: str = ""
+
+
+def facts_of(record: InboundRecord) -> FaxFacts:
+    return FaxFacts(called=record.called_number, caller=record.originator,
+                    tsi=record.remote_id, account=record.account)
 
 
 @dataclass(frozen=True)
