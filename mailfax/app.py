@@ -21,7 +21,7 @@ import secrets
 import signal
 import socket
 import ssl
-from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from datetime import timedelta
 from pathlib import Path
@@ -242,14 +242,18 @@ class Application:
         self._log_startup()
         self._warm_up()
 
+    def _background(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run ``work`` beside the loops, held until it ends and cancelled at stop."""
+        task = asyncio.create_task(work)
+        self._announcing.add(task)
+        task.add_done_callback(self._announcing.discard)
+
     def _warm_up(self) -> None:
         """Load in a worker thread, once the port accepts, what serving loads lazily and would
         otherwise load on the event loop when the first mail needs it (phonenumbers' country
         names for a refusal: 0.4 s; ReportLab for a cover page: 0.15 s; pikepdf and Pillow for
         the documents, jinja2 for the status mail: 0.15 s)."""
-        task = asyncio.create_task(_import_in_thread(WARM_UP_MODULES))
-        self._announcing.add(task)
-        task.add_done_callback(self._announcing.discard)
+        self._background(_import_in_thread(WARM_UP_MODULES))
 
     def apply_settings(self, settings: Settings) -> None:
         """Take reloaded users and policy (:func:`reloaded_settings`): read per mail and per
@@ -274,9 +278,7 @@ class Application:
             poller = self.inbound_pollers.get(name)
             if poller is not None:
                 poller.provider = self.providers[name]
-            task = asyncio.create_task(_retire(name, retired))
-            self._announcing.add(task)
-            task.add_done_callback(self._announcing.discard)
+            self._background(_retire(name, retired))
         self._prepare_providers(names)
 
     async def _start_web(self) -> None:
@@ -351,9 +353,7 @@ class Application:
                 continue
             prepare = getattr(provider, "prepare", None)
             if callable(prepare):
-                task = asyncio.create_task(self._prepare(name, provider, prepare))
-                self._announcing.add(task)
-                task.add_done_callback(self._announcing.discard)
+                self._background(self._prepare(name, provider, prepare))
 
     @staticmethod
     async def _prepare(name: str, provider: Provider,
@@ -387,9 +387,7 @@ class Application:
         if not self.tracker.running and isinstance(self.store, AnnouncingStore):
             # The tracker runs on another instance: it polls these soon too, not only at
             # its next full poll.
-            task = asyncio.create_task(self._announce(self.store, job_ids))
-            self._announcing.add(task)
-            task.add_done_callback(self._announcing.discard)
+            self._background(self._announce(self.store, job_ids))
 
     @staticmethod
     async def _announce(store: AnnouncingStore, job_ids: Sequence[str]) -> None:

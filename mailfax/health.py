@@ -9,7 +9,6 @@ transaction. The result is one line; healthy only when both pass.
 from __future__ import annotations
 
 import asyncio
-import os
 import ssl
 from dataclasses import dataclass
 
@@ -94,14 +93,14 @@ async def _banner_problem(probe: Probe, seconds: float) -> str | None:
 
 
 async def _store_problem(url: str, seconds: float) -> str | None:
-    """Open the store (as every command does) and run a write that changes nothing: releasing
-    the leases of an owner that holds none still needs the database to take a write."""
+    """Open the store (as every command does) and commit the small write ``/readyz`` commits
+    (:meth:`Store.probe_write`): a read-only or full store still answers reads."""
     store = open_store(url)
     try:
         async with asyncio.timeout(seconds):
             await store.open()
             try:
-                await store.release_leases(owner=f"mailfax-health:{os.getpid()}")
+                await store.probe_write()
             finally:
                 await store.close()
     except TimeoutError:

@@ -15,7 +15,7 @@ import logging
 
 from mailfax.config import ImapDeliverySettings, InboundSettings
 from mailfax.imap.client import ImapError, ImapSession
-from mailfax.inbound.routing import FaxFacts, choose_route, normalise_number
+from mailfax.inbound.routing import choose_route, facts_of, normalise_number
 from mailfax.outbound.outbox import MailSink
 from mailfax.store.base import OutboxItem, Store
 
@@ -47,9 +47,8 @@ class ImapDeliverySink(MailSink):
             if record.account != account:
                 continue
             if self.inbound is not None:
-                rule = choose_route(FaxFacts(record.called_number, record.originator,
-                                             record.remote_id, record.account),
-                                    self.inbound, self.default_country).rule
+                rule = choose_route(facts_of(record), self.inbound,
+                                    self.default_country).rule
                 if rule.folder:
                     return rule.folder
             called = normalise_number(record.called_number, self.default_country)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from mailfax.config import InboundRoute, Settings
-from mailfax.inbound.routing import FaxFacts, RouteChoice, choose_route
+from mailfax.inbound.routing import FaxFacts, RouteChoice, attachment_format, choose_route
 from mailfax.inbound.screening import (
     BlockFileError,
     add_block_entry,
@@ -95,7 +95,7 @@ ROUTE_FIELDS = ("to", "cc", "bcc", "format", "language", "template", "subject", 
 
 
 def effective_format(rule: InboundRoute, settings: Settings) -> str:
-    return rule.format or ("pdf+tiff" if settings.inbound.attach_tiff else "pdf")
+    return attachment_format(rule, settings.inbound.attach_tiff)
 
 
 def describe_route(choice: RouteChoice, blocked: str | None, settings: Settings) -> str:

@@ -23,7 +23,7 @@ from zoneinfo import ZoneInfo
 
 from mailfax.config import InboundFormat, InboundRoute
 from mailfax.inbound.convert import MAX_PAGE_PIXELS, NotConvertible, display_resolution, tiff_to_pdf
-from mailfax.inbound.routing import normalise_number
+from mailfax.inbound.routing import attachment_format, normalise_number
 from mailfax.numbers import format_international
 from mailfax.store.base import InboundRecord
 from mailfax.support.lazy import lazy_module
@@ -205,9 +205,7 @@ class InboundMailer:
 
     def format_of(self, route: InboundRoute) -> InboundFormat:
         """The route's attachment format; unset: PDF, and the TIFF too with attach_tiff."""
-        if route.format is not None:
-            return route.format
-        return "pdf+tiff" if self.attach_tiff else "pdf"
+        return attachment_format(route, self.attach_tiff)
 
     def file_stem(self, record: InboundRecord, local_time: datetime) -> str:
         digits = "".join(ch for ch in record.originator if ch.isdigit())[:20]

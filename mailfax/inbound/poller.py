@@ -21,7 +21,7 @@ from pathlib import Path
 from mailfax.config import InboundRoute, InboundSettings
 from mailfax.inbound import ocr
 from mailfax.inbound.mailer import FaxFiles, InboundMailer, prepare_files
-from mailfax.inbound.routing import FaxFacts, choose_route, envelope_recipients, normalise_number
+from mailfax.inbound.routing import choose_route, envelope_recipients, facts_of, normalise_number
 from mailfax.inbound.screening import (
     SCREENED_STATES,
     blocked_by,
@@ -82,11 +82,6 @@ async def queue_fax_mail(store: Store, record: InboundRecord, settings: InboundS
                                   kind="inbound"))
     await store.queue_inbound_mails(record.account, record.fax_id, mails,
                                     pages=files.pages or None)  # whatever the provider said
-
-
-def facts_of(record: InboundRecord) -> FaxFacts:
-    return FaxFacts(called=record.called_number, caller=record.originator,
-                    tsi=record.remote_id, account=record.account)
 
 
 async def ocr_wanted(settings: InboundSettings) -> bool:

@@ -9,11 +9,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from mailfax.config import InboundRoute, InboundSettings
+from mailfax.config import InboundFormat, InboundRoute, InboundSettings
 from mailfax.support.lazy import lazy_module
 
 if TYPE_CHECKING:
     import phonenumbers
+
+    from mailfax.store.base import InboundRecord
 else:  # the first received fax loads it, not serve's start-up
     phonenumbers = lazy_module("phonenumbers")
 
@@ -58,6 +60,11 @@ class FaxFacts:
     caller: str = ""
     tsi: str = ""  # the remote station id
     account: str = ""
+
+
+def facts_of(record: InboundRecord) -> FaxFacts:
+    return FaxFacts(called=record.called_number, caller=record.originator,
+                    tsi=record.remote_id, account=record.account)
 
 
 @dataclass(frozen=True)
@@ -157,3 +164,10 @@ def envelope_recipients(rule: InboundRoute, postmaster: str, tell_postmaster: bo
             seen.add(address.lower())
             unique.append(address)
     return unique
+
+
+def attachment_format(rule: InboundRoute, attach_tiff: bool) -> InboundFormat:
+    """The rule's attachment format; unset: PDF, and the TIFF too with ``attach_tiff``."""
+    if rule.format is not None:
+        return rule.format
+    return "pdf+tiff" if attach_tiff else "pdf"

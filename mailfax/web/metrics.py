@@ -7,6 +7,7 @@ several instances report the same truth.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -98,7 +99,8 @@ class Metrics:
                                      if state not in ("deleted", *SCREENED_STATES)))
         for screened in SCREENED_STATES:
             self.inbound_screened.labels(screened).set(counts["inbound"].get(screened, 0))
-        return bytes(generate_latest(self.registry))
+        # The process collector reads /proc/self (stat, status, every fd, limits): a thread.
+        return bytes(await asyncio.to_thread(generate_latest, self.registry))
 
 
 class InstrumentedProvider:
