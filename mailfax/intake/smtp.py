@@ -49,11 +49,10 @@ log = logging.getLogger(__name__)
 class FaxHandler:
     """aiosmtpd handler hooks."""
 
-    def __init__(self, intake: Intake, max_recipients: int,
-                 budget: ReceivingBudget | None = None):
+    def __init__(self, intake: Intake, max_recipients: int):
         self.intake = intake
         self.max_recipients = max_recipients
-        self.budget = budget or ReceivingBudget(intake.settings.smtp.receiving_budget_bytes)
+        self.budget = ReceivingBudget(intake.settings.smtp.receiving_budget_bytes)
         self.spool_folder = intake.settings.data_dir / "spool"
         # Per envelope (aiosmtpd makes a new one for each mail): the hourly counts read at
         # its first RCPT, so later RCPTs count on from them instead of asking the store again.
@@ -572,8 +571,7 @@ async def start_listeners(intake: Intake, settings: SmtpSettings,
                           users: Mapping[str, UserSettings] | None = None
                           ) -> list[asyncio.Server]:
     """Start the SMTP (and LMTP, and implicit-TLS SMTP) listeners on the running loop."""
-    handler = FaxHandler(intake, settings.max_recipients,
-                         ReceivingBudget(settings.receiving_budget_bytes))
+    handler = FaxHandler(intake, settings.max_recipients)
     loop = asyncio.get_running_loop()
     context = tls_context(settings)
     options: dict[str, Any] = {
