@@ -280,7 +280,7 @@ def _check_size(filename: str, size: tuple[int, int]) -> None:
 def _add_picture_page(pdf: pikepdf.Pdf, frame: Image.Image, paper: Paper) -> None:
     turn = _orientation(frame)
     dpi = _usable_dpi(frame)
-    if dpi is not None and 5 <= turn <= 8:
+    if dpi is not None and _swaps_axes(turn):
         dpi = dpi[1], dpi[0]  # the stored rows become columns
     placement = _draft_jpeg(frame, turn, dpi, paper)
     frame.load()  # a TIFF page is turned as it loads; exif_transpose turns a JPEG, PNG, ...
@@ -303,13 +303,19 @@ def _draft_jpeg(frame: Image.Image, turn: int, dpi: tuple[float, float] | None,
     page (a 12 megapixel photo decodes at half or quarter size, in grey, several times faster)."""
     if frame.format != "JPEG" or frame.mode not in ("RGB", "L", "CMYK", "YCbCr"):
         return None
-    upright = frame.size[::-1] if 5 <= turn <= 8 else frame.size
+    upright = frame.size[::-1] if _swaps_axes(turn) else frame.size
     placement = place_picture(upright, dpi, paper)
     wanted = (placement.width / 72 * DRAFT_DPI, placement.height / 72 * DRAFT_DPI)
-    if 5 <= turn <= 8:
+    if _swaps_axes(turn):
         wanted = wanted[::-1]
     frame.draft("L", (max(1, round(wanted[0])), max(1, round(wanted[1]))))
     return placement
+
+
+def _swaps_axes(orientation: int) -> bool:
+    """EXIF/TIFF orientations 5 to 8 are transposed: the stored rows are the picture's
+    columns."""
+    return 5 <= orientation <= 8
 
 
 def _orientation(frame: Image.Image) -> int:

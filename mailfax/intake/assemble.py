@@ -116,10 +116,17 @@ def nothing_to_fax(content: FaxContent, cover_address: str = "") -> Refusal:
 def convert_file(filename: str, content_type: str, data: bytes,
                  setup: PageSetup = DEFAULT_SETUP) -> FaxDocument:
     """One PDF, image or office document as fax pages; DocumentError names the file."""
+    kind = "pdf" if is_pdf(filename, content_type) else \
+        "office" if is_office(filename, content_type) else "image"
+    return _to_pages(kind, filename, data, setup)
+
+
+def _to_pages(kind: str, filename: str, data: bytes, setup: PageSetup) -> FaxDocument:
+    """A document of ``kind`` (see :func:`document_kind`) as fax pages on ``setup``'s paper."""
     refuse_empty(filename, data)
-    if is_pdf(filename, content_type):
+    if kind == "pdf":
         return prepare_pdf(filename, data, setup)
-    if is_office(filename, content_type):
+    if kind == "office":
         return fit_to_paper(convert_office(filename, data), setup)
     return image_to_pdf(filename, data, setup.paper)
 
@@ -144,13 +151,8 @@ def document_kind(attachment: Attachment) -> str:
 
 def _convert(attachment: Attachment, setup: PageSetup) -> FaxDocument:
     try:
-        refuse_empty(attachment.filename, attachment.data)
-        kind = document_kind(attachment)
-        if kind == "pdf":
-            return prepare_pdf(attachment.filename, attachment.data, setup)
-        if kind == "office":
-            return fit_to_paper(convert_office(attachment.filename, attachment.data), setup)
-        return image_to_pdf(attachment.filename, attachment.data, setup.paper)
+        return _to_pages(document_kind(attachment), attachment.filename, attachment.data,
+                         setup)
     except DocumentError as error:
         sentence = str(error)
         if attachment.in_forwarded:

@@ -15,7 +15,7 @@ the I/O (the ``421 4.7.0`` reply, closing, yielding to the event loop):
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 # Commands that do not move a mail forward; a session may send only so many of them.
 JUNK_COMMANDS = frozenset({"NOOP", "RSET", "VRFY", "EXPN", "HELP", "HELO", "EHLO", "LHLO"})
@@ -122,7 +122,7 @@ class SessionCounters:
     limits: SessionLimits
     junk: int = 0
     errors: int = 0
-    replies_this_turn: int = field(default=0)
+    replies_this_turn: int = 0
 
     def command(self, name: str) -> str | None:
         """Count a command; the reason to end the session if it is one junk command too

@@ -32,7 +32,12 @@ from mailfax.numbers import FaxAddress, InvalidNumber, format_international, par
 from mailfax.outbound.notify import TEMPLATES_DIR
 from mailfax.providers.base import FaxDocument
 from mailfax.store.base import NewJob, NewMail, OutgoingMail, Quota, QuotaExceeded, Store
-from mailfax.trust.authorization import AuthorizationError, authorized_user, strip_headers
+from mailfax.trust.authorization import (
+    AuthorizationError,
+    authorized_user,
+    header_end,
+    strip_headers,
+)
 from mailfax.trust.dialing import check_destination
 from mailfax.trust.policy import (
     address_allowed,
@@ -236,8 +241,8 @@ class Intake:
         """Into the outbox, to ``inbound.postmaster``, with the null sender (no bounce of it
         can loop back); a mail that already passed here is refused as a loop."""
         raw, _ = strip_headers(raw)
-        ends = [found for found in (raw.find(b"\r\n\r\n"), raw.find(b"\n\n")) if found >= 0]
-        head = raw[:min(ends) if ends else len(raw)].lower()
+        blank = header_end(raw)
+        head = raw[:blank if blank >= 0 else len(raw)].lower()
         if head.startswith(b"x-mailfax-postmaster:") or b"\nx-mailfax-postmaster:" in head:
             raise Refusal(554, "5.4.6", "Mail loop: this mail was already forwarded to the "
                           "postmaster.")

@@ -32,7 +32,7 @@ from mailfax.intake.limits import (
     SessionLimits,
     Slot,
 )
-from mailfax.intake.service import Intake, StoreUnavailable
+from mailfax.intake.service import Accepted, Intake, StoreUnavailable
 from mailfax.intake.spool import (
     BUDGET_SPENT,
     MailBytes,
@@ -49,11 +49,10 @@ log = logging.getLogger(__name__)
 class FaxHandler:
     """aiosmtpd handler hooks."""
 
-    def __init__(self, intake: Intake, max_recipients: int,
-                 budget: ReceivingBudget | None = None):
+    def __init__(self, intake: Intake, max_recipients: int):
         self.intake = intake
         self.max_recipients = max_recipients
-        self.budget = budget or ReceivingBudget(intake.settings.smtp.receiving_budget_bytes)
+        self.budget = ReceivingBudget(intake.settings.smtp.receiving_budget_bytes)
         self.spool_folder = intake.settings.data_dir / "spool"
         # Per envelope (aiosmtpd makes a new one for each mail): the hourly counts read at
         # its first RCPT, so later RCPTs count on from them instead of asking the store again.
@@ -135,43 +134,45 @@ class FaxHandler:
     async def _store_faxes(self, server: SMTP, session: Session, envelope: Envelope,
                            faxes: list[str], raw: MailBytes) -> tuple[str, dict[str, str]]:
         """The SMTP reply for the fax recipients, and the LMTP reply of each."""
+        outcome = await self._take_faxes(server, session, envelope, faxes, raw)
+        if isinstance(outcome, str):  # one reply for every fax recipient
+            return outcome, dict.fromkeys(faxes, outcome)
+        replies = {}
+        for address in faxes:
+            number = self.intake.check_recipient(address).number
+            replies[address] = f"250 2.0.0 <{address}> queued as {outcome.job_for_number[number]}"
+        return f"250 2.0.0 queued as {' '.join(outcome.job_ids)}", replies
+
+    async def _take_faxes(self, server: SMTP, session: Session, envelope: Envelope,
+                          faxes: list[str], raw: MailBytes) -> Accepted | str:
+        """The stored jobs, or the one reply for all fax recipients (spooled, refused)."""
         sender = envelope.mail_from or ""
         try:
             raw, user = await self.intake.authorize(sender, faxes, raw, _user(session))
             if user is None and envelope in self._deferred:
                 raise self._deferred[envelope]
             if self.intake.settings.smtp.accept == "spool":
-                reply = await spool_reply(self.intake, sender, faxes, raw,
-                                          _client_ip(session) or "", user)
-                return reply, dict.fromkeys(faxes, reply)
+                return await spool_reply(self.intake, sender, faxes, raw,
+                                         _client_ip(session) or "", user)
             with _not_idle(server):
-                accepted = await self.intake.accept_mail(sender, faxes, raw,
-                                                         _client_ip(session) or "", user)
+                return await self.intake.accept_mail(sender, faxes, raw,
+                                                     _client_ip(session) or "", user)
         except Refusal as refusal:  # 5xx: permanent, says what to do; 4xx: temporary
             self.intake.count_refusal(refusal)
             log.info("refused mail from <%s>: %s", sender, refusal.sentence)
-            return refusal.reply(), dict.fromkeys(faxes, refusal.reply())
+            return refusal.reply()
         except StoreUnavailable as error:
             log.warning("could not store mail from <%s>: %s", sender, error)
-            reply = ("451 4.3.0 Temporary failure: the fax queue is unavailable right now; "
-                     "please try again later")
-            return reply, dict.fromkeys(faxes, reply)
+            return ("451 4.3.0 Temporary failure: the fax queue is unavailable right now; "
+                    "please try again later")
         except OSError as error:
             if error.errno in (errno.ENOSPC, errno.EDQUOT):
                 log.error("no room to take the mail from <%s>: %s", sender, error)
-                reply = ("452 4.3.1 Temporary failure: the server's disk is full; please try "
-                         "again later")
-            else:
-                reply = _unexpected_reply(envelope)
-            return reply, dict.fromkeys(faxes, reply)
+                return ("452 4.3.1 Temporary failure: the server's disk is full; please try "
+                        "again later")
+            return _unexpected_reply(envelope)
         except Exception:
-            reply = _unexpected_reply(envelope)
-            return reply, dict.fromkeys(faxes, reply)
-        replies = {}
-        for address in faxes:
-            number = self.intake.check_recipient(address).number
-            replies[address] = f"250 2.0.0 <{address}> queued as {accepted.job_for_number[number]}"
-        return f"250 2.0.0 queued as {' '.join(accepted.job_ids)}", replies
+            return _unexpected_reply(envelope)
 
     async def _forward(self, envelope: Envelope, recipients: list[str], raw: MailBytes) -> str:
         try:
@@ -570,8 +571,7 @@ async def start_listeners(intake: Intake, settings: SmtpSettings,
                           users: Mapping[str, UserSettings] | None = None
                           ) -> list[asyncio.Server]:
     """Start the SMTP (and LMTP, and implicit-TLS SMTP) listeners on the running loop."""
-    handler = FaxHandler(intake, settings.max_recipients,
-                         ReceivingBudget(settings.receiving_budget_bytes))
+    handler = FaxHandler(intake, settings.max_recipients)
     loop = asyncio.get_running_loop()
     context = tls_context(settings)
     options: dict[str, Any] = {

@@ -138,11 +138,9 @@ class Spool:
 
     async def _flush(self) -> None:
         if self._file is None:
-            self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-            self._file = await asyncio.to_thread(tempfile.TemporaryFile, dir=self.folder)
+            self._file = await asyncio.to_thread(_open_spool_file, self.folder)
         file = self._file
-        assert file is not None
-        data, self._pending = bytes(self._pending), bytearray()
+        data, self._pending = self._pending, bytearray()  # handed over, not copied
         if data:
             await asyncio.to_thread(_append, file, data)
 
@@ -157,7 +155,12 @@ class Spool:
         self._pending = bytearray()
 
 
-def _append(file: IO[bytes], data: bytes) -> None:
+def _open_spool_file(folder: Path) -> IO[bytes]:
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return tempfile.TemporaryFile(dir=folder)
+
+
+def _append(file: IO[bytes], data: bytes | bytearray) -> None:
     file.write(data)
     file.flush()  # the map reads the file, not the buffer
 

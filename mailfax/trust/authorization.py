@@ -133,6 +133,16 @@ def authorized_user(secret: bytes | None, values: Sequence[str], envelope_from: 
     return users.pop()
 
 
+def header_end(raw: MailBytes) -> int:
+    """Where the blank line that ends the header section starts (the first CRLF CRLF or LF
+    LF), -1 if there is none. Neither search goes past it: an unbounded ``find(b"\\n\\n")``
+    reads the whole of a CRLF mail (0.1 s for 30 MB, on the event loop)."""
+    crlf = raw.find(b"\r\n\r\n")
+    lf = raw.find(b"\n\n", 0, len(raw) if crlf < 0 else crlf + 1)
+    found = [position for position in (crlf, lf) if position >= 0]
+    return min(found) if found else -1
+
+
 def strip_headers(raw: MailBytes) -> tuple[MailBytes, list[str]]:
     """The mail without its top-level ``X-Mailfax-Authorized`` fields, and their unfolded
     values. Only the header section is touched; line endings stay as they were.
@@ -140,11 +150,11 @@ def strip_headers(raw: MailBytes) -> tuple[MailBytes, list[str]]:
     Runs on every mail, on the event loop: a mail without the field (nearly all) is returned
     as it is, and only the header section is ever split into lines, not a 30 MB body.
     """
-    ends = [found for found in (raw.find(b"\r\n\r\n"), raw.find(b"\n\n")) if found >= 0]
-    header_end = min(ends) if ends else len(raw)
-    if HEADER.lower().encode() not in raw[:header_end].lower():
+    blank = header_end(raw)
+    end = blank if blank >= 0 else len(raw)
+    if HEADER.lower().encode() not in raw[:end].lower():
         return raw, []
-    body_start = raw.find(b"\n", header_end) + 1 if ends else len(raw)  # the blank line's start
+    body_start = raw.find(b"\n", blank) + 1 if blank >= 0 else len(raw)  # the blank line's start
     lines = raw[:body_start].splitlines(keepends=True)
     kept: list[bytes] = []
     values: list[str] = []
