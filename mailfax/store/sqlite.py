@@ -630,14 +630,26 @@ _MAILS_WITH_SIZE = ("SELECT m.rowid, m.id, (SELECT COALESCE(SUM(length(b.data)),
                     " WHERE d.mail_id = m.id) FROM mails m")
 
 
+def _ended_mails(conn: sqlite3.Connection, before: float, after: int, limit: int, *,
+                 history: bool) -> list[Any]:
+    """Mails received before ``before`` (after rowid ``after``) whose jobs all ended before
+    it; for ``history`` also nothing of them waiting to be mailed, else only those whose
+    documents are still there. Rows as in :data:`_MAILS_WITH_SIZE`."""
+    waiting = (" OR EXISTS (SELECT 1 FROM events e WHERE e.job_id = j.id AND e.notify = 1)"
+               " OR EXISTS (SELECT 1 FROM outbox o WHERE o.job_id = j.id"
+               " AND o.state = 'pending')") if history else ""
+    return conn.execute(
+        f"{_MAILS_WITH_SIZE} WHERE m.rowid > ? AND m.received_at < ?"
+        f"{'' if history else ' AND m.documents_purged_at IS NULL'}"
+        " AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.mail_id = m.id"
+        f" AND (j.state NOT IN ({_marks(ENDED)}) OR j.updated >= ?{waiting}))"
+        " ORDER BY m.rowid LIMIT ?", (after, before, *ENDED, before, limit)).fetchall()
+
+
 def _purge_documents(conn: sqlite3.Connection, before: float, after: int, limit: int,
                      dry_run: bool) -> tuple[Purged, int, int]:
     """One batch of documents (mails after rowid ``after``): (purged, last rowid, rows)."""
-    fetched = conn.execute(
-        f"{_MAILS_WITH_SIZE} WHERE m.rowid > ? AND m.received_at < ?"
-        " AND m.documents_purged_at IS NULL AND NOT EXISTS (SELECT 1 FROM jobs j"
-        f" WHERE j.mail_id = m.id AND (j.state NOT IN ({_marks(ENDED)}) OR j.updated >= ?))"
-        " ORDER BY m.rowid LIMIT ?", (after, before, *ENDED, before, limit)).fetchall()
+    fetched = _ended_mails(conn, before, after, limit, history=False)
     rows = _within_budget(fetched, 2)
     if not rows:
         return Purged("documents"), after, 0
@@ -730,14 +742,7 @@ def _purge_job_history(conn: sqlite3.Connection, before: float, after: int, limi
                        dry_run: bool) -> tuple[Purged, int, int]:
     """Mails whose jobs all ended before ``before``, nothing of them waiting to be mailed:
     the jobs, their events and outbox mails, the documents, the mail."""
-    fetched = conn.execute(
-        f"{_MAILS_WITH_SIZE} WHERE m.rowid > ? AND m.received_at < ?"
-        " AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.mail_id = m.id"
-        f" AND (j.state NOT IN ({_marks(ENDED)}) OR j.updated >= ?"
-        "      OR EXISTS (SELECT 1 FROM events e WHERE e.job_id = j.id AND e.notify = 1)"
-        "      OR EXISTS (SELECT 1 FROM outbox o WHERE o.job_id = j.id"
-        "                 AND o.state = 'pending')))"
-        " ORDER BY m.rowid LIMIT ?", (after, before, *ENDED, before, limit)).fetchall()
+    fetched = _ended_mails(conn, before, after, limit, history=True)
     rows = _within_budget(fetched, 2)
     if not rows:
         return Purged("history"), after, 0
