@@ -38,6 +38,7 @@ from mailfax.providers.base import (
     new_emulator_job_id,
 )
 from mailfax.store.base import (
+    ENDED_STATES,
     OTHER_ACCOUNTS,
     Event,
     Handoff,
@@ -614,7 +615,7 @@ async def _check_quotas(cur: psycopg.AsyncCursor[DictRow], quotas: Sequence[Quot
 # -- retention -------------------------------------------------------------------------------
 
 RETENTION_LOCK = 0x6D61696C66617872  # pg_try_advisory_lock key: one instance purges at a time
-ENDED = sorted([*FINAL, JobState.UNCONFIRMED.value])
+ENDED = list(ENDED_STATES)  # a list: psycopg passes it as an array
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 Cursor = psycopg.AsyncCursor[DictRow]
 Key = tuple[Any, ...]

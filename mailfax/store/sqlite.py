@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from mailfax.model import (
-    FINAL_STATES,
     RETRYABLE_STATES,
     TRACKED_STATES,
     JobState,
@@ -40,6 +39,7 @@ from mailfax.providers.base import (
     new_emulator_job_id,
 )
 from mailfax.store.base import (
+    ENDED_STATES,
     OTHER_ACCOUNTS,
     Event,
     Handoff,
@@ -574,7 +574,7 @@ class _EmulatorNetworkMixin:
 PRIVATE_FILE_MODE = 0o600  # the database and its -wal and -shm files, whatever the umask
 BATCH_BYTES = 4_000_000  # content deleted per transaction, at most about (batch_size or this)
 VACUUM_PAGES_PER_STEP = 500  # one short transaction frees this many pages (2 MB at 4 KiB)
-ENDED = tuple(sorted(state.value for state in (*FINAL_STATES, JobState.UNCONFIRMED)))
+ENDED = ENDED_STATES
 
 
 def private_database(path: Path) -> None:
