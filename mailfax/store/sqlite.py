@@ -706,17 +706,17 @@ def _purge_faxes(conn: sqlite3.Connection, before: float, after: int, limit: int
     their records and mails altogether."""
     fetched = _handed_off_faxes(conn, before, after, limit, only_with_image=not history)
     rows = _within_budget(fetched, 3)
-    for _, account, fax_id, _ in rows if not dry_run else ():
-        if history:
-            conn.execute("DELETE FROM outbox WHERE inbound_account = ? AND inbound_fax_id = ?",
-                         (account, fax_id))
-            conn.execute("DELETE FROM inbound_faxes WHERE account = ? AND fax_id = ?",
-                         (account, fax_id))
-        else:
-            conn.execute("UPDATE inbound_faxes SET image = x'', image_purged_at = ?"
-                         " WHERE account = ? AND fax_id = ?", (time.time(), account, fax_id))
-            conn.execute("UPDATE outbox SET message = x'' WHERE inbound_account = ?"
-                         " AND inbound_fax_id = ?", (account, fax_id))
+    faxes = [] if dry_run else [(account, fax_id) for _, account, fax_id, _ in rows]
+    if history:
+        conn.executemany("DELETE FROM outbox WHERE inbound_account = ? AND inbound_fax_id = ?",
+                         faxes)
+        conn.executemany("DELETE FROM inbound_faxes WHERE account = ? AND fax_id = ?", faxes)
+    else:
+        now = time.time()
+        conn.executemany("UPDATE inbound_faxes SET image = x'', image_purged_at = ?"
+                         " WHERE account = ? AND fax_id = ?", [(now, *fax) for fax in faxes])
+        conn.executemany("UPDATE outbox SET message = x'' WHERE inbound_account = ?"
+                         " AND inbound_fax_id = ?", faxes)
     return (Purged("history" if history else "received_faxes", len(rows),
                    sum(row[3] for row in rows)), rows[-1][0] if rows else after,
             _scanned(fetched, rows, limit))
