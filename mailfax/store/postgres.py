@@ -738,18 +738,23 @@ def _fax_key(rows: Sequence[DictRow], after: Key) -> Key:
     return (rows[-1]["fetched_at"], rows[-1]["account"], rows[-1]["fax_id"]) if rows else after
 
 
+# The (account, fax id) pairs of a batch of faxes, with the parameters of _fax_params.
+FAX_PAIRS = "SELECT * FROM unnest(%(accounts)s::text[], %(ids)s::text[])"
+
+
+def _fax_params(rows: Sequence[DictRow]) -> dict[str, list[Any]]:
+    return {"accounts": [r["account"] for r in rows], "ids": [r["fax_id"] for r in rows]}
+
+
 async def _purge_received_images(cur: Cursor, before: datetime, after: Key, limit: int,
                                  dry_run: bool) -> tuple[Purged, Key, int]:
     rows = await _handed_off_faxes(cur, before, after, limit, dry_run, only_with_image=True)
     if rows and not dry_run:
-        faxes = {"accounts": [r["account"] for r in rows], "ids": [r["fax_id"] for r in rows]}
-        where = ("(account, fax_id) IN (SELECT * FROM unnest(%(accounts)s::text[],"
-                 " %(ids)s::text[]))")
+        faxes = _fax_params(rows)
         await cur.execute("UPDATE inbound_faxes SET image = ''::bytea, image_purged_at = now()"
-                          f" WHERE {where}", faxes)
-        await cur.execute("UPDATE outbox SET message = ''::bytea WHERE"
-                          f" {where.replace('account, fax_id', 'inbound_account, inbound_fax_id')}",
-                          faxes)
+                          f" WHERE (account, fax_id) IN ({FAX_PAIRS})", faxes)
+        await cur.execute("UPDATE outbox SET message = ''::bytea"
+                          f" WHERE (inbound_account, inbound_fax_id) IN ({FAX_PAIRS})", faxes)
     return (Purged("received_faxes", len(rows), sum(int(r["n"]) for r in rows)),
             _fax_key(rows, after), len(rows))
 
@@ -758,11 +763,10 @@ async def _purge_fax_history(cur: Cursor, before: datetime, after: Key, limit: i
                              dry_run: bool) -> tuple[Purged, Key, int]:
     rows = await _handed_off_faxes(cur, before, after, limit, dry_run, only_with_image=False)
     if rows and not dry_run:
-        faxes = {"accounts": [r["account"] for r in rows], "ids": [r["fax_id"] for r in rows]}
-        pairs = "SELECT * FROM unnest(%(accounts)s::text[], %(ids)s::text[])"
-        await cur.execute(f"DELETE FROM outbox WHERE (inbound_account, inbound_fax_id) IN"
-                          f" ({pairs})", faxes)
-        await cur.execute(f"DELETE FROM inbound_faxes WHERE (account, fax_id) IN ({pairs})",
+        faxes = _fax_params(rows)
+        await cur.execute("DELETE FROM outbox WHERE (inbound_account, inbound_fax_id) IN"
+                          f" ({FAX_PAIRS})", faxes)
+        await cur.execute(f"DELETE FROM inbound_faxes WHERE (account, fax_id) IN ({FAX_PAIRS})",
                           faxes)
     return (Purged("history", len(rows), sum(int(r["n"]) for r in rows)),
             _fax_key(rows, after), len(rows))
