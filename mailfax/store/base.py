@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal, Protocol
 
-from mailfax.model import JobState, Reason
+from mailfax.model import FINAL_STATES, JobState, Reason
 from mailfax.providers.base import EmulatedTransmission, FaxDocument, InboundFax
 
 
@@ -266,6 +266,9 @@ def first_exceeded(quotas: Sequence[Quota], used: Sequence[int], jobs: int,
     return None
 
 
+# Jobs a purge may take (with their mail): final ones and unconfirmed ones, both backends.
+ENDED_STATES: tuple[str, ...] = tuple(sorted(
+    state.value for state in (*FINAL_STATES, JobState.UNCONFIRMED)))
 PurgeKind = Literal["documents", "received_faxes", "outbox", "dsn", "history"]
 PURGE_KINDS: tuple[PurgeKind, ...] = ("documents", "received_faxes", "outbox", "dsn",
                                       "history")  # the order a purge runs them in

@@ -38,6 +38,7 @@ from mailfax.providers.base import (
     new_emulator_job_id,
 )
 from mailfax.store.base import (
+    ENDED_STATES,
     OTHER_ACCOUNTS,
     Event,
     Handoff,
@@ -614,10 +615,20 @@ async def _check_quotas(cur: psycopg.AsyncCursor[DictRow], quotas: Sequence[Quot
 # -- retention -------------------------------------------------------------------------------
 
 RETENTION_LOCK = 0x6D61696C66617872  # pg_try_advisory_lock key: one instance purges at a time
-ENDED = sorted([*FINAL, JobState.UNCONFIRMED.value])
+ENDED = list(ENDED_STATES)  # a list: psycopg passes it as an array
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 Cursor = psycopg.AsyncCursor[DictRow]
 Key = tuple[Any, ...]
+
+
+def _busy_job(history: bool) -> str:
+    """The condition on a job ``j`` that keeps its mail from a purge: not ended before
+    ``%(before)s``; for ``history`` also a status mail about it not yet queued or sent."""
+    waiting = """
+               OR EXISTS (SELECT 1 FROM events e WHERE e.job_id = j.id AND e.notify)
+               OR EXISTS (SELECT 1 FROM outbox o WHERE o.job_id = j.id
+                          AND o.state = 'pending')""" if history else ""
+    return f"(j.state <> ALL(%(ended)s) OR j.updated >= %(before)s{waiting})"
 
 
 async def _still_ended(cur: Cursor, mail_ids: list[str], before: datetime,
@@ -627,15 +638,34 @@ async def _still_ended(cur: Cursor, mail_ids: list[str], before: datetime,
     await cur.execute("SELECT id FROM jobs WHERE mail_id = ANY(%s) ORDER BY id FOR UPDATE",
                       (mail_ids,))
     await cur.execute(
-        f"""
-        SELECT DISTINCT j.mail_id FROM jobs j WHERE j.mail_id = ANY(%(mails)s)
-          AND (j.state <> ALL(%(ended)s) OR j.updated >= %(before)s
-               {'''OR EXISTS (SELECT 1 FROM events e WHERE e.job_id = j.id AND e.notify)
-               OR EXISTS (SELECT 1 FROM outbox o WHERE o.job_id = j.id
-                          AND o.state = 'pending')''' if events_and_outbox else ''})
-        """, {"mails": mail_ids, "ended": ENDED, "before": before})
+        "SELECT DISTINCT j.mail_id FROM jobs j WHERE j.mail_id = ANY(%(mails)s)"
+        f" AND {_busy_job(events_and_outbox)}",
+        {"mails": mail_ids, "ended": ENDED, "before": before})
     busy = {row["mail_id"] for row in await cur.fetchall()}
     return [mail_id for mail_id in mail_ids if mail_id not in busy]
+
+
+async def _ended_mails(cur: Cursor, before: datetime, after: Key, limit: int, dry_run: bool,
+                       *, history: bool) -> tuple[list[str], Key, int]:
+    """One batch of mails received before ``before`` (after the key ``after``) whose jobs
+    all ended before it (for ``history``: nothing of them waiting to be mailed; else: their
+    documents not purged yet), rechecked under lock unless ``dry_run``: (mail ids, the
+    batch's last key, rows scanned)."""
+    await cur.execute(
+        f"""
+        SELECT m.id, m.received_at FROM mails m
+        WHERE m.received_at < %(before)s AND (m.received_at, m.id) > (%(k0)s, %(k1)s)
+          {'' if history else 'AND m.documents_purged_at IS NULL'}
+          AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.mail_id = m.id AND {_busy_job(history)})
+        ORDER BY m.received_at, m.id LIMIT %(n)s {_lock(dry_run, 'm')}
+        """, {"before": before, "k0": after[0], "k1": after[1], "ended": ENDED, "n": limit})
+    rows = await cur.fetchall()
+    if not rows:
+        return [], after, 0
+    mail_ids = [str(row["id"]) for row in rows]
+    if not dry_run:
+        mail_ids = await _still_ended(cur, mail_ids, before, events_and_outbox=history)
+    return mail_ids, (rows[-1]["received_at"], rows[-1]["id"]), len(rows)
 
 
 async def _documents_of(cur: Cursor, mail_ids: list[str], dry_run: bool
@@ -671,30 +701,16 @@ def _lock(dry_run: bool, of: str) -> str:
 
 async def _purge_documents(cur: Cursor, before: datetime, after: Key, limit: int,
                            dry_run: bool) -> tuple[Purged, Key, int]:
-    await cur.execute(
-        f"""
-        SELECT m.id, m.received_at FROM mails m
-        WHERE m.received_at < %(before)s AND m.documents_purged_at IS NULL
-          AND (m.received_at, m.id) > (%(k0)s, %(k1)s)
-          AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.mail_id = m.id
-                          AND (j.state <> ALL(%(ended)s) OR j.updated >= %(before)s))
-        ORDER BY m.received_at, m.id LIMIT %(n)s {_lock(dry_run, 'm')}
-        """, {"before": before, "k0": after[0], "k1": after[1], "ended": ENDED, "n": limit})
-    rows = await cur.fetchall()
-    if not rows:
-        return Purged("documents"), after, 0
-    last = (rows[-1]["received_at"], rows[-1]["id"])
-    mail_ids = [str(row["id"]) for row in rows]
-    if not dry_run:
-        mail_ids = await _still_ended(cur, mail_ids, before, events_and_outbox=False)
+    mail_ids, last, scanned = await _ended_mails(cur, before, after, limit, dry_run,
+                                                 history=False)
     if not mail_ids:
-        return Purged("documents"), last, len(rows)
+        return Purged("documents"), last, scanned
     documents, size, digests = await _documents_of(cur, mail_ids, dry_run)
     if not dry_run:
         await _drop_documents(cur, mail_ids, digests)
         await cur.execute("UPDATE mails SET documents_purged_at = now() WHERE id = ANY(%s)",
                           (mail_ids,))
-    return Purged("documents", documents, size), last, len(rows)
+    return Purged("documents", documents, size), last, scanned
 
 
 async def _handed_off_faxes(cur: Cursor, before: datetime, after: Key, limit: int,
@@ -722,18 +738,23 @@ def _fax_key(rows: Sequence[DictRow], after: Key) -> Key:
     return (rows[-1]["fetched_at"], rows[-1]["account"], rows[-1]["fax_id"]) if rows else after
 
 
+# The (account, fax id) pairs of a batch of faxes, with the parameters of _fax_params.
+FAX_PAIRS = "SELECT * FROM unnest(%(accounts)s::text[], %(ids)s::text[])"
+
+
+def _fax_params(rows: Sequence[DictRow]) -> dict[str, list[Any]]:
+    return {"accounts": [r["account"] for r in rows], "ids": [r["fax_id"] for r in rows]}
+
+
 async def _purge_received_images(cur: Cursor, before: datetime, after: Key, limit: int,
                                  dry_run: bool) -> tuple[Purged, Key, int]:
     rows = await _handed_off_faxes(cur, before, after, limit, dry_run, only_with_image=True)
     if rows and not dry_run:
-        faxes = {"accounts": [r["account"] for r in rows], "ids": [r["fax_id"] for r in rows]}
-        where = ("(account, fax_id) IN (SELECT * FROM unnest(%(accounts)s::text[],"
-                 " %(ids)s::text[]))")
+        faxes = _fax_params(rows)
         await cur.execute("UPDATE inbound_faxes SET image = ''::bytea, image_purged_at = now()"
-                          f" WHERE {where}", faxes)
-        await cur.execute("UPDATE outbox SET message = ''::bytea WHERE"
-                          f" {where.replace('account, fax_id', 'inbound_account, inbound_fax_id')}",
-                          faxes)
+                          f" WHERE (account, fax_id) IN ({FAX_PAIRS})", faxes)
+        await cur.execute("UPDATE outbox SET message = ''::bytea"
+                          f" WHERE (inbound_account, inbound_fax_id) IN ({FAX_PAIRS})", faxes)
     return (Purged("received_faxes", len(rows), sum(int(r["n"]) for r in rows)),
             _fax_key(rows, after), len(rows))
 
@@ -742,11 +763,10 @@ async def _purge_fax_history(cur: Cursor, before: datetime, after: Key, limit: i
                              dry_run: bool) -> tuple[Purged, Key, int]:
     rows = await _handed_off_faxes(cur, before, after, limit, dry_run, only_with_image=False)
     if rows and not dry_run:
-        faxes = {"accounts": [r["account"] for r in rows], "ids": [r["fax_id"] for r in rows]}
-        pairs = "SELECT * FROM unnest(%(accounts)s::text[], %(ids)s::text[])"
-        await cur.execute(f"DELETE FROM outbox WHERE (inbound_account, inbound_fax_id) IN"
-                          f" ({pairs})", faxes)
-        await cur.execute(f"DELETE FROM inbound_faxes WHERE (account, fax_id) IN ({pairs})",
+        faxes = _fax_params(rows)
+        await cur.execute("DELETE FROM outbox WHERE (inbound_account, inbound_fax_id) IN"
+                          f" ({FAX_PAIRS})", faxes)
+        await cur.execute(f"DELETE FROM inbound_faxes WHERE (account, fax_id) IN ({FAX_PAIRS})",
                           faxes)
     return (Purged("history", len(rows), sum(int(r["n"]) for r in rows)),
             _fax_key(rows, after), len(rows))
@@ -776,27 +796,10 @@ def _outbox_purge(kind: str) -> Callable[..., Awaitable[tuple[Purged, Key, int]]
 
 async def _purge_job_history(cur: Cursor, before: datetime, after: Key, limit: int,
                              dry_run: bool) -> tuple[Purged, Key, int]:
-    await cur.execute(
-        f"""
-        SELECT m.id, m.received_at FROM mails m
-        WHERE m.received_at < %(before)s AND (m.received_at, m.id) > (%(k0)s, %(k1)s)
-          AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.mail_id = m.id
-                          AND (j.state <> ALL(%(ended)s) OR j.updated >= %(before)s
-                               OR EXISTS (SELECT 1 FROM events e
-                                          WHERE e.job_id = j.id AND e.notify)
-                               OR EXISTS (SELECT 1 FROM outbox o WHERE o.job_id = j.id
-                                          AND o.state = 'pending')))
-        ORDER BY m.received_at, m.id LIMIT %(n)s {_lock(dry_run, 'm')}
-        """, {"before": before, "k0": after[0], "k1": after[1], "ended": ENDED, "n": limit})
-    rows = await cur.fetchall()
-    if not rows:
-        return Purged("history"), after, 0
-    last = (rows[-1]["received_at"], rows[-1]["id"])
-    mail_ids = [str(row["id"]) for row in rows]
-    if not dry_run:
-        mail_ids = await _still_ended(cur, mail_ids, before, events_and_outbox=True)
+    mail_ids, last, scanned = await _ended_mails(cur, before, after, limit, dry_run,
+                                                 history=True)
     if not mail_ids:
-        return Purged("history"), last, len(rows)
+        return Purged("history"), last, scanned
     jobs_of_mails = "SELECT id FROM jobs WHERE mail_id = ANY(%(m)s)"
     await cur.execute(
         f"SELECT (SELECT count(*) FROM jobs WHERE mail_id = ANY(%(m)s)) AS jobs,"
@@ -812,7 +815,7 @@ async def _purge_job_history(cur: Cursor, before: datetime, after: Key, limit: i
         await cur.execute("DELETE FROM jobs WHERE mail_id = ANY(%s)", (mail_ids,))
         await _drop_documents(cur, mail_ids, digests)
         await cur.execute("DELETE FROM mails WHERE id = ANY(%s)", (mail_ids,))
-    return Purged("history", int(counted["jobs"]), size + int(counted["n"])), last, len(rows)
+    return Purged("history", int(counted["jobs"]), size + int(counted["n"])), last, scanned
 
 
 PurgeBatch = Callable[[Cursor, datetime, Key, int, bool], Awaitable[tuple[Purged, Key, int]]]

@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from mailfax.model import (
-    FINAL_STATES,
     RETRYABLE_STATES,
     TRACKED_STATES,
     JobState,
@@ -40,6 +39,7 @@ from mailfax.providers.base import (
     new_emulator_job_id,
 )
 from mailfax.store.base import (
+    ENDED_STATES,
     OTHER_ACCOUNTS,
     Event,
     Handoff,
@@ -574,7 +574,7 @@ class _EmulatorNetworkMixin:
 PRIVATE_FILE_MODE = 0o600  # the database and its -wal and -shm files, whatever the umask
 BATCH_BYTES = 4_000_000  # content deleted per transaction, at most about (batch_size or this)
 VACUUM_PAGES_PER_STEP = 500  # one short transaction frees this many pages (2 MB at 4 KiB)
-ENDED = tuple(sorted(state.value for state in (*FINAL_STATES, JobState.UNCONFIRMED)))
+ENDED = ENDED_STATES
 
 
 def private_database(path: Path) -> None:
@@ -630,14 +630,26 @@ _MAILS_WITH_SIZE = ("SELECT m.rowid, m.id, (SELECT COALESCE(SUM(length(b.data)),
                     " WHERE d.mail_id = m.id) FROM mails m")
 
 
+def _ended_mails(conn: sqlite3.Connection, before: float, after: int, limit: int, *,
+                 history: bool) -> list[Any]:
+    """Mails received before ``before`` (after rowid ``after``) whose jobs all ended before
+    it; for ``history`` also nothing of them waiting to be mailed, else only those whose
+    documents are still there. Rows as in :data:`_MAILS_WITH_SIZE`."""
+    waiting = (" OR EXISTS (SELECT 1 FROM events e WHERE e.job_id = j.id AND e.notify = 1)"
+               " OR EXISTS (SELECT 1 FROM outbox o WHERE o.job_id = j.id"
+               " AND o.state = 'pending')") if history else ""
+    return conn.execute(
+        f"{_MAILS_WITH_SIZE} WHERE m.rowid > ? AND m.received_at < ?"
+        f"{'' if history else ' AND m.documents_purged_at IS NULL'}"
+        " AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.mail_id = m.id"
+        f" AND (j.state NOT IN ({_marks(ENDED)}) OR j.updated >= ?{waiting}))"
+        " ORDER BY m.rowid LIMIT ?", (after, before, *ENDED, before, limit)).fetchall()
+
+
 def _purge_documents(conn: sqlite3.Connection, before: float, after: int, limit: int,
                      dry_run: bool) -> tuple[Purged, int, int]:
     """One batch of documents (mails after rowid ``after``): (purged, last rowid, rows)."""
-    fetched = conn.execute(
-        f"{_MAILS_WITH_SIZE} WHERE m.rowid > ? AND m.received_at < ?"
-        " AND m.documents_purged_at IS NULL AND NOT EXISTS (SELECT 1 FROM jobs j"
-        f" WHERE j.mail_id = m.id AND (j.state NOT IN ({_marks(ENDED)}) OR j.updated >= ?))"
-        " ORDER BY m.rowid LIMIT ?", (after, before, *ENDED, before, limit)).fetchall()
+    fetched = _ended_mails(conn, before, after, limit, history=False)
     rows = _within_budget(fetched, 2)
     if not rows:
         return Purged("documents"), after, 0
@@ -694,17 +706,17 @@ def _purge_faxes(conn: sqlite3.Connection, before: float, after: int, limit: int
     their records and mails altogether."""
     fetched = _handed_off_faxes(conn, before, after, limit, only_with_image=not history)
     rows = _within_budget(fetched, 3)
-    for _, account, fax_id, _ in rows if not dry_run else ():
-        if history:
-            conn.execute("DELETE FROM outbox WHERE inbound_account = ? AND inbound_fax_id = ?",
-                         (account, fax_id))
-            conn.execute("DELETE FROM inbound_faxes WHERE account = ? AND fax_id = ?",
-                         (account, fax_id))
-        else:
-            conn.execute("UPDATE inbound_faxes SET image = x'', image_purged_at = ?"
-                         " WHERE account = ? AND fax_id = ?", (time.time(), account, fax_id))
-            conn.execute("UPDATE outbox SET message = x'' WHERE inbound_account = ?"
-                         " AND inbound_fax_id = ?", (account, fax_id))
+    faxes = [] if dry_run else [(account, fax_id) for _, account, fax_id, _ in rows]
+    if history:
+        conn.executemany("DELETE FROM outbox WHERE inbound_account = ? AND inbound_fax_id = ?",
+                         faxes)
+        conn.executemany("DELETE FROM inbound_faxes WHERE account = ? AND fax_id = ?", faxes)
+    else:
+        now = time.time()
+        conn.executemany("UPDATE inbound_faxes SET image = x'', image_purged_at = ?"
+                         " WHERE account = ? AND fax_id = ?", [(now, *fax) for fax in faxes])
+        conn.executemany("UPDATE outbox SET message = x'' WHERE inbound_account = ?"
+                         " AND inbound_fax_id = ?", faxes)
     return (Purged("history" if history else "received_faxes", len(rows),
                    sum(row[3] for row in rows)), rows[-1][0] if rows else after,
             _scanned(fetched, rows, limit))
@@ -730,14 +742,7 @@ def _purge_job_history(conn: sqlite3.Connection, before: float, after: int, limi
                        dry_run: bool) -> tuple[Purged, int, int]:
     """Mails whose jobs all ended before ``before``, nothing of them waiting to be mailed:
     the jobs, their events and outbox mails, the documents, the mail."""
-    fetched = conn.execute(
-        f"{_MAILS_WITH_SIZE} WHERE m.rowid > ? AND m.received_at < ?"
-        " AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.mail_id = m.id"
-        f" AND (j.state NOT IN ({_marks(ENDED)}) OR j.updated >= ?"
-        "      OR EXISTS (SELECT 1 FROM events e WHERE e.job_id = j.id AND e.notify = 1)"
-        "      OR EXISTS (SELECT 1 FROM outbox o WHERE o.job_id = j.id"
-        "                 AND o.state = 'pending')))"
-        " ORDER BY m.rowid LIMIT ?", (after, before, *ENDED, before, limit)).fetchall()
+    fetched = _ended_mails(conn, before, after, limit, history=True)
     rows = _within_budget(fetched, 2)
     if not rows:
         return Purged("history"), after, 0
