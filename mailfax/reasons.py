@@ -8,6 +8,9 @@ from __future__ import annotations
 
 from mailfax.model import Reason
 
+# The code of a job whose last send answer was lost (dispatch sets it, tracking settles it).
+ANSWER_LOST = "answer_lost"
+
 _CATALOGUE: dict[str, tuple[str, str]] = {
     "delivered": ("The fax was delivered.", "Das Fax wurde zugestellt."),
     "busy": ("The line was busy every time we called.",

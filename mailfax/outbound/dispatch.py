@@ -162,9 +162,6 @@ def held_transition(error: ProviderError, account: str, now: datetime,
         next_attempt_at=now + timedelta(seconds=probe_seconds), notify=False)
 
 
-ANSWER_LOST = "answer_lost"  # reason code of a job whose last send answer was lost
-
-
 def outcome_unknown(job: Job, result: SendReceipt | ProviderError, provider: object,
                     settings: DispatchSettings, now: datetime) -> Transition | None:
     """What a send means whose outcome we do not know, or None when we do.
@@ -181,7 +178,7 @@ def outcome_unknown(job: Job, result: SendReceipt | ProviderError, provider: obj
             return None
         return unconfirmed_transition(result.provider_job_id or None,
                                       f"{job.account} has it under an id it did not tell")
-    answer_lost_before = job.reason is not None and job.reason.code == ANSWER_LOST
+    answer_lost_before = job.reason is not None and job.reason.code == reasons.ANSWER_LOST
     if not (result.maybe_sent or (answer_lost_before and result.transient)):
         return None  # (a later transient error does not make an earlier lost answer known)
     detail = result.reason.detail or result.reason.code
@@ -191,7 +188,8 @@ def outcome_unknown(job: Job, result: SendReceipt | ProviderError, provider: obj
             result, job.attempts, settings, now, queued_at=job.created,
             last_failure_at=job.updated if job.state == JobState.RETRYING else None)
         if retry.state == JobState.RETRYING:
-            reason = retry.reason if retry.always_event else reasons.reason(ANSWER_LOST, detail)
+            reason = (retry.reason if retry.always_event
+                      else reasons.reason(reasons.ANSWER_LOST, detail))
             return dataclasses.replace(
                 retry, reason=reason, detail=f"attempt {job.attempts}: answer lost ({detail}); "
                                              "the provider recognises a resend")
@@ -211,7 +209,8 @@ def unconfirmed_transition(placeholder: str | None, detail: str) -> Transition:
     tracker mails when the search runs out, see ``dispatch.unconfirmed_hours``), or, when
     the provider offers no way to find it, with the "may have been sent" mail at once."""
     if placeholder:
-        return Transition(state=JobState.UNCONFIRMED, reason=reasons.reason(ANSWER_LOST, detail),
+        return Transition(state=JobState.UNCONFIRMED,
+                          reason=reasons.reason(reasons.ANSWER_LOST, detail),
                           detail=f"answer lost ({detail}); looking for it at the provider",
                           provider_job_id=placeholder, notify=False)
     return Transition(state=JobState.UNCONFIRMED, reason=reasons.reason("unconfirmed", detail),

@@ -55,7 +55,7 @@ def unconfirmed_ran_out(job: Job, now: datetime, after: timedelta) -> Transition
     provider (reason ``answer_lost``) longer than ``after``; None while the search goes on."""
     if job.state != JobState.UNCONFIRMED or job.reason is None:
         return None
-    if job.reason.code != "answer_lost" or now - job.updated < after:
+    if job.reason.code != reasons.ANSWER_LOST or now - job.updated < after:
         return None
     hours = after.total_seconds() / 3600
     return Transition(
