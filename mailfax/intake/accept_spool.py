@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from email.parser import BytesHeaderParser
@@ -28,6 +27,7 @@ from mailfax.intake.service import Intake, StoreUnavailable
 from mailfax.intake.spool import MailBytes
 from mailfax.outbound.dsn import build_dsn
 from mailfax.store.base import OutgoingMail, SpooledMail
+from mailfax.support.text import header_section
 from mailfax.support.waiting import wait_for_event
 
 log = logging.getLogger(__name__)
@@ -41,7 +41,6 @@ IDLE_SECONDS = 5.0
 # spooled, taken again when its lease ends, as a sending MTA would retry; after this long it
 # is bounced.
 TEMPORARY_FOR_SECONDS = 86400.0
-_HEADER_END = re.compile(rb"\r?\n\r?\n")
 
 
 async def spool_reply(intake: Intake, envelope_from: str, recipients: Sequence[str],
@@ -111,7 +110,7 @@ class AcceptSpool:
     def bounce(self, spooled: SpooledMail, refusal: Refusal) -> OutgoingMail:
         """The refusal as a DSN to the envelope sender. It is final (a temporary refusal only
         once mailfax gave up trying again), so its status is 5.x.x."""
-        head = _HEADER_END.split(spooled.message, maxsplit=1)[0]
+        head = header_section(spooled.message)
         headers = BytesHeaderParser(policy=compat32).parsebytes(head)
         recipients = ", ".join(spooled.recipients)
         human = (f"Your mail to {recipients} was received, but it cannot be faxed:\n\n"

@@ -9,13 +9,12 @@ envelope sender ``<>``, as DSNs are sent, so no mail server ever answers it.
 
 from __future__ import annotations
 
-import re
 from datetime import datetime
 from email.message import EmailMessage, Message
 from email.policy import SMTP
 from email.utils import format_datetime, make_msgid
 
-from mailfax.support.text import to_ascii
+from mailfax.support.text import header_section, to_ascii
 
 # reason code -> (enhanced status subject.detail, permanent whatever happens next)
 _STATUS_DETAIL: dict[str, tuple[str, bool]] = {
@@ -36,7 +35,6 @@ _STATUS_DETAIL: dict[str, tuple[str, bool]] = {
     "too_many_attempts": ("4.7", True),  # delivery time expired
     "cancelled": ("0.0", True),
 }
-_HEADER_END = re.compile(rb"\r?\n\r?\n")
 
 
 def dsn_status_for(reason_code: str, final: bool) -> str:
@@ -109,7 +107,7 @@ def _delivery_status(*, reporting_mta: str, original_envelope_from: str, fax_add
 
 def _header_section(original: bytes | str) -> str:
     raw = original.encode("utf-8", "surrogateescape") if isinstance(original, str) else original
-    section = _HEADER_END.split(raw, maxsplit=1)[0].decode("utf-8", "replace")
+    section = header_section(raw).decode("utf-8", "replace")
     return section.replace("\r\n", "\n") + "\n"
 
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import re
 import unicodedata
+
+_HEADER_END = re.compile(rb"\r?\n\r?\n")
 
 # Letters whose ASCII spelling is not the base letter alone (German umlauts first), and
 # typographic marks with a plain ASCII form.
@@ -19,3 +22,8 @@ def to_ascii(text: str) -> str:
     anything without an ASCII form removed."""
     decomposed = unicodedata.normalize("NFKD", text.translate(SPELLED_OUT))
     return decomposed.encode("ascii", "ignore").decode("ascii")
+
+
+def header_section(raw: bytes) -> bytes:
+    """A mail's header section: everything before its first empty line (LF or CRLF)."""
+    return _HEADER_END.split(raw, maxsplit=1)[0]
