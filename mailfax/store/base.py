@@ -37,6 +37,8 @@ class NewJob:
     number: str
     account: str
     options: dict[str, Any] = field(default_factory=dict)
+    # The first attempt's time, when mailfax holds a scheduled fax itself (None: at once).
+    hold_until: datetime | None = None
 
 
 @dataclass(frozen=True)
