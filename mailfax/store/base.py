@@ -78,6 +78,9 @@ class Job:
             "remote_id": self.remote_id,
             "reason": self.reason.for_language("en") if self.reason else None,
             "reason_code": self.reason.code if self.reason else None,
+            "next_attempt_at": self.next_attempt_at.isoformat() if self.next_attempt_at
+            else None,
+            "options": dict(self.options),  # the per-mail options (README "Per-mail options")
         }
 
 
