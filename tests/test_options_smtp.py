@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import email
 import email.policy
+import json
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -21,6 +22,7 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 import aiosmtplib
+import httpx
 import pytest
 
 import mailfax.emulators.faxde
@@ -34,6 +36,7 @@ from mailfax.emulators import retarus as retarus_emulator
 from mailfax.model import JobState
 from mailfax.store.base import Job
 from tests.conftest import Service, fax_mail, make_settings
+from tests.test_faxnummer import mailfax_cli
 
 BERLIN = ZoneInfo("Europe/Berlin")
 PASSWORD = "s3cr3t"
@@ -181,8 +184,11 @@ async def test_emulator_schedule_is_held_in_mailfax_until_its_time(
         assert job.options == {"send_at": send_at.isoformat()}
         assert job.next_attempt_at == send_at  # the dispatcher claims it only then
         await asyncio.sleep(1.5)  # several dispatcher turns
-        held = await service.app.store.get_job(job.id)
-        assert held is not None and held.state == JobState.QUEUED and held.attempts == 0
+        code, output = await mailfax_cli(tmp_path, "jobs", "--json")  # what a user reads
+        [shown] = json.loads(output)
+        assert code == 0 and shown["state"] == "queued" and shown["attempts"] == 0
+        assert shown["options"] == {"send_at": send_at.isoformat()}
+        assert shown["next_attempt_at"] == send_at.isoformat()
         assert service.outbox_messages() == []
         await move_past(service, clock, send_at)
         status = await delivered(service)
@@ -360,3 +366,21 @@ async def test_subject_codes_when_turned_on_are_options_and_leave_the_subject(
     assert stored is not None and stored.subject == "Offer"
     assert job.options["priority"] == "bulk" and job.options["notify"] == "failure"
     assert datetime.fromisoformat(job.options["send_at"]) - clock.now() > timedelta(hours=1.9)
+
+
+async def test_the_retarus_emulator_refuses_a_start_without_a_zone_as_the_docs_say() -> None:
+    emulator = await retarus_emulator.start("127.0.0.1", 0, {})
+    settings = emulator.provider_settings()
+    body: dict[str, Any] = {"recipients": [{"number": "+4930123456"}],
+                            "documents": [{"name": "a.txt", "data": "dGVzdGZheAo="}],
+                            "meta": {"customerReference": "x",
+                                     "jobValid": {"start": "2026-12-24T08:00:00"}}}
+    try:
+        async with httpx.AsyncClient(auth=(settings["username"], settings["password"])) as client:
+            url = f"{settings['send_url']}/{settings['customer_number']}/fax"
+            answer = await client.post(url, json=body)
+            assert answer.status_code == 400 and "has no time zone" in answer.text
+            body["meta"]["jobValid"]["start"] = "2026-12-24T08:00:00+01:00"
+            assert (await client.post(url, json=body)).status_code == 200
+    finally:
+        await emulator.close()
