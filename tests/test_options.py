@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
 
@@ -12,8 +13,14 @@ from hypothesis import strategies as st
 
 from mailfax.intake.assemble import Refusal
 from mailfax.intake.options import Clock, fax_header_fields, parse_mail_options
+from mailfax.model import JobState
+from mailfax.outbound.dispatch import queued_since
+from mailfax.outbound.tracking import past_deadline
 from mailfax.providers import capabilities
 from mailfax.providers.capabilities import Handling
+from mailfax.store.base import Job
+from tests.test_logic import NOW as JOB_CREATED
+from tests.test_logic import _job
 
 BERLIN = ZoneInfo("Europe/Berlin")
 NOW = datetime(2026, 12, 1, 15, 0, tzinfo=UTC)  # 16:00 in Berlin
@@ -223,3 +230,27 @@ def test_only_providers_without_a_schedule_are_held_by_mailfax() -> None:
     assert capabilities.held_until("emulator", {}) is None
     assert capabilities.future_send_time(options, held) is None  # a retry after the time
     assert capabilities.future_send_time(options, held - timedelta(seconds=1)) == held
+
+
+# -- a scheduled job's clocks count from its send time -------------------------------------
+
+def scheduled_job(send_at: datetime | None) -> Job:
+    return dataclasses.replace(
+        _job(JobState.SUBMITTED),
+        options={"send_at": send_at.isoformat()} if send_at else {})
+
+
+def test_a_scheduled_jobs_lifetime_and_delay_notice_count_from_its_send_time() -> None:
+    later = JOB_CREATED + timedelta(days=10)
+    assert queued_since(scheduled_job(later)) == later
+    assert queued_since(scheduled_job(None)) == JOB_CREATED
+
+
+def test_a_fax_the_provider_holds_is_not_given_up_while_it_waits_for_its_time() -> None:
+    limit, lifetime = timedelta(hours=24), timedelta(hours=120)
+    later = JOB_CREATED + timedelta(days=10)
+    assert past_deadline(scheduled_job(None), JOB_CREATED + timedelta(hours=25), limit,
+                         lifetime)
+    assert not past_deadline(scheduled_job(later), JOB_CREATED + timedelta(days=9), limit,
+                             lifetime)
+    assert past_deadline(scheduled_job(later), later + timedelta(hours=25), limit, lifetime)
