@@ -210,8 +210,11 @@ def test_refusals_name_the_option_and_the_provider() -> None:
     assert capabilities.refusal("fax.de", {"header": "Ä" * 16}) == (
         "The option X-Fax-Header is 32 characters long; FAX.de takes at most 30.")
     assert capabilities.refusal("fax.de", {"header": "x" * 30}) is None
-    assert "Retarus reads as a placeholder" in str(
+    assert "Retarus reads as the start of a placeholder" in str(
         capabilities.refusal("retarus", {"header": "100% sure"}))
+    assert capabilities.refusal("fax.de", {"station_id": "A;B"}) == (
+        "The option X-Fax-Station-Id contains ';', which FAX.de uses to separate its Options; "
+        "leave it out.")
     assert "one field for both (sSender)" in str(capabilities.refusal(
         "faxnummer.de", {"header": "Muster", "station_id": "+4930123"}))
     assert capabilities.refusal("faxnummer.de", {"header": "Muster",

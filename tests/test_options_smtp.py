@@ -280,7 +280,7 @@ async def test_retarus_gets_jobvalid_start_header_csid_and_resolution(
      "The options X-Fax-Header and X-Fax-Station-Id differ, but Faxnummer.de has one field "
      "for both (sSender); give one of them."),
     ("retarus", {"X-Fax-Header": "100% Muster"}, "The option X-Fax-Header contains '%', "
-     "which Retarus reads as a placeholder; leave it out."),
+     "which Retarus reads as the start of a placeholder; leave it out."),
 ])
 async def test_an_option_the_provider_cannot_do_is_refused_at_data_with_its_reason(
         tmp_path: Path, corpus: Path, clock: ShiftedClock, provider: str,

@@ -46,21 +46,24 @@ class Capabilities:
     resolution: bool
     ascii_only: bool = False  # its text fields take ASCII (umlauts are spelled out first)
     one_sender_field: bool = False  # header and station id are the same field
-    header_forbidden: str = ""  # characters the header field reads as its own syntax
+    # Characters its header and station id fields read as their own syntax, and what they
+    # mean there (a sentence's end: "which <name> <meaning>").
+    forbidden: str = ""
+    forbidden_meaning: str = ""
 
 
 CAPABILITIES: dict[str, Capabilities] = {
-    "fax.de": Capabilities("FAX.de", schedule=True, header=True, header_max=30, station_id_max=20,
-                           resolution=False, ascii_only=True),
+    "fax.de": Capabilities("FAX.de", schedule=True, header=True, header_max=30,
+                           station_id_max=20, resolution=False, ascii_only=True,
+                           forbidden=";=", forbidden_meaning="uses to separate its Options"),
     "faxnummer.de": Capabilities("Faxnummer.de", schedule=False, header=True, header_max=20,
                                  station_id_max=20, resolution=False, ascii_only=True,
                                  one_sender_field=True),
     "retarus": Capabilities("Retarus", schedule=True, header=True, header_max=None,
-                            station_id_max=20,
-                            resolution=True, header_forbidden="%"),
+                            station_id_max=20, resolution=True, forbidden="%",
+                            forbidden_meaning="reads as the start of a placeholder"),
     "emulator": Capabilities("the bundled emulator", schedule=False, header=False,
-                             header_max=None,
-                             station_id_max=None, resolution=False),
+                             header_max=None, station_id_max=None, resolution=False),
 }
 MAILFAX_OPTIONS = frozenset({"cover", "priority", "notify", "return_document", "broadcast",
                              "warnings"})
@@ -98,10 +101,12 @@ def refusal(provider: str, options: Mapping[str, Any]) -> str | None:
             if length > limit:
                 return (f"The option {_OPTION_NAMES[key]} is {length} characters long; "
                         f"{caps.name} takes at most {limit}.")
-    header = options.get("header")
-    if isinstance(header, str) and any(char in header for char in caps.header_forbidden):
-        return (f"The option {_OPTION_NAMES['header']} contains {caps.header_forbidden!r}, "
-                f"which {caps.name} reads as a placeholder; leave it out.")
+    for key in ("header", "station_id"):
+        text = options.get(key)
+        found = [char for char in caps.forbidden if isinstance(text, str) and char in text]
+        if found:
+            return (f"The option {_OPTION_NAMES[key]} contains {found[0]!r}, which "
+                    f"{caps.name} {caps.forbidden_meaning}; leave it out.")
     if caps.one_sender_field and "header" in options and "station_id" in options \
             and options["header"] != options["station_id"]:
         return (f"The options X-Fax-Header and X-Fax-Station-Id differ, but {caps.name} has one "
