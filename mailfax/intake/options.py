@@ -53,7 +53,6 @@ HEADER_FIELDS: dict[str, str] = {
     "x-fax-return-document": "return_document",
 }
 
-
 _DATE = r"\d{4}-\d{2}-\d{2}[ T]\d{1,2}:\d{2}(?::\d{2})?(?:\s*(?:Z|[+-]\d{2}:?\d{2}))?"
 _DELAY = r"(?:\d+\s*[dhms]\s*)+"
 # subject code -> (option key, the value's pattern)
@@ -70,7 +69,7 @@ _UNITS = {"d": 86400, "h": 3600, "m": 60, "s": 1}
 
 @dataclass(frozen=True)
 class MailOptions:
-    options: dict[str, Any]
+    options: dict[str, Any]  # OPTIONS.md's keys
     subject: str  # the subject without its option codes
 
 
