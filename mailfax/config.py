@@ -411,6 +411,16 @@ class NotifySettings(Strict):
     timezone: TimeZoneName = "Europe/Berlin"
 
 
+class OptionSettings(Strict):
+    """``[options]``: per-mail options (README "Per-mail options")."""
+
+    # InterFAX-style codes in the subject (``/d 2026-12-24 08:00``), taken out of it; off by
+    # default, as a subject may hold such text by chance.
+    subject_codes: bool = False
+    # A scheduled send (X-Fax-Send-At, X-Fax-Delay) at most this far ahead.
+    max_days_ahead: float = Field(default=30.0, gt=0)
+
+
 class RelaySettings(Strict):
     host: str
     port: int = 25
@@ -726,6 +736,7 @@ class Settings(Strict):
     documents: DocumentSettings = DocumentSettings()
     policy_service: PolicyServiceSettings = PolicyServiceSettings()
     retention: RetentionSettings = RetentionSettings()
+    options: OptionSettings = OptionSettings()
 
     @field_validator("fax_domains")
     @classmethod

@@ -109,7 +109,7 @@ class Service:
         return reply
 
     def outbox_messages(self) -> list[mailbox.MaildirMessage]:
-        if not self.maildir.exists():
+        if not (self.maildir / "cur").exists():  # (not yet, or half made: new/ before cur/)
             return []
         return list(mailbox.Maildir(self.maildir, create=False))
 

@@ -973,3 +973,19 @@ async def test_spooled_mails_are_claimed_in_order_leased_and_removed(store: Stor
     third = await store.spool_mail("c@example.org", ["x@fax.local"], "", None, b"x")
     assert [mail.id for mail in await store.claim_spooled(10, 0.0)] == [third]
     assert [mail.id for mail in await store.claim_spooled(10, 60.0)] == [third]  # lease ran out
+
+
+async def test_a_job_held_until_its_send_time_is_not_claimed_before_it(store: Store) -> None:
+    """A schedule mailfax keeps itself (README "Per-mail options"): the first attempt is at
+    ``hold_until``; the dispatcher's wake-up time is that too."""
+    later = datetime.now(UTC).replace(microsecond=0) + timedelta(hours=2)
+    await store.add_mail_jobs(new_mail(), [
+        NewJob("held", "+4930123456", "acct", {"send_at": later.isoformat()}, hold_until=later)],
+        DOCS)
+    held = await store.get_job("held")
+    assert held is not None and held.next_attempt_at == later
+    assert held.options == {"send_at": later.isoformat()}
+    assert await store.next_due_time() == later
+    await add(store, mail_id="m2", jobs=("now",))
+    assert [job.id for job in await claim(store, "one", 10, 60)] == ["now"]
+    assert await claim(store, "one", 10, 60) == []

@@ -87,6 +87,10 @@ class EmulatedJob:
     created: float
     fingerprint: str
     cancelled: bool = False
+    # SendDateTime as received ("Scheduled date and time (UTC)"); None: missing or past,
+    # "immediately sending". The fax is sent (and finishes ``delay`` later) from ``starts``.
+    send_at: datetime | None = None
+    starts: float = 0.0
     refused_resends: int = 0  # -77 answers for this job
 
 
@@ -258,10 +262,13 @@ class Emulator:
                 return {"return": -77}
             return {"return": -77, "JobId": duplicate.job_id,
                     "RecipientsCount": len(duplicate.recipients), "PageCount": duplicate.pages}
+        now = time.time()
+        send_at = scheduled_time(str(parameters.get("SendDateTime") or ""), now)
         job = EmulatedJob(job_id=next(self.state._ids), recipients=recipients,
                           files=files, options=parse_options(
                               str(parameters.get("Options") or "")),
-                          pages=pages, created=time.time(), fingerprint=fingerprint.hexdigest())
+                          pages=pages, created=now, fingerprint=fingerprint.hexdigest(),
+                          send_at=send_at, starts=send_at.timestamp() if send_at else now)
         self.state.jobs[job.job_id] = job
         self._schedule_finish(job)
         return {"return": 0, "JobId": job.job_id, "RecipientsCount": len(recipients),
@@ -288,7 +295,7 @@ class Emulator:
         results = [self.result_of(job, recipient) for recipient in job.recipients]
         single = len(job.recipients) == 1
         return {"return": 0, "SendResult": results[0] if single else "multi",
-                "SendDateTime": datetime.fromtimestamp(job.created + self.state.delay, UTC),
+                "SendDateTime": datetime.fromtimestamp(job.starts + self.state.delay, UTC),
                 "RemoteId": "EMULATED FAX" if single and results[0] == "OK" else "",
                 "StatusFile": self.status_file(job)}
 
@@ -329,7 +336,7 @@ class Emulator:
     # -- job progress ------------------------------------------------------------------------
 
     def finished(self, job: EmulatedJob) -> bool:
-        return job.cancelled or time.time() - job.created >= self.state.delay
+        return job.cancelled or time.time() - job.starts >= self.state.delay
 
     def result_of(self, job: EmulatedJob, recipient: Recipient) -> str:
         if job.cancelled:
@@ -342,7 +349,7 @@ class Emulator:
         writer = csv.writer(out, quoting=csv.QUOTE_ALL, lineterminator="\r\n")
         writer.writerow(["RECIPIENT", "JOBTYPE", "RESULT", "REMOTEID", "PAGES", "SENDDATETIME",
                          "DURATION", "REFID"])
-        sent = datetime.fromtimestamp(job.created + self.state.delay, UTC)
+        sent = datetime.fromtimestamp(job.starts + self.state.delay, UTC)
         for recipient in job.recipients:
             result = self.result_of(job, recipient)
             ok = result == "OK"
@@ -356,7 +363,8 @@ class Emulator:
         if not url:
             return
         loop = asyncio.get_running_loop()
-        self._timers.append(loop.call_later(self.state.delay + 0.05, self._start_push, job))
+        wait = job.starts - time.time() + self.state.delay + 0.05
+        self._timers.append(loop.call_later(max(wait, 0.05), self._start_push, job))
 
     def _start_push(self, job: EmulatedJob) -> None:
         task = asyncio.get_running_loop().create_task(self._push(job))
@@ -460,6 +468,19 @@ def parse_recipients(recipient: str, recipient_file: bytes) -> list[Recipient]:
             entries.append((row[0].strip(), row[1].strip() if len(row) > 1 else ""))
     return [Recipient(number=_international(number), reference=reference)
             for number, reference in entries]
+
+
+def scheduled_time(text: str, now: float) -> datetime | None:
+    """SendDateTime: "Scheduled date and time (UTC) to send the job. A missing value or a
+    time in the past will cause immediately sending." A dateTime without a zone is UTC, as
+    the docs say; one that cannot be read is taken as missing."""
+    try:
+        when = datetime.fromisoformat(text.strip())
+    except ValueError:
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return when if when.timestamp() > now else None
 
 
 def parse_options(text: str) -> dict[str, str]:

@@ -342,6 +342,10 @@ class RetarusEmulator:
                 return _bad(f"invalid base64 in {name}")
         if not documents:
             return _bad("no document data and no cover page")
+        problem = _option_problem(body)
+        if problem is not None:
+            return _bad(problem)
+        hold = _hold_seconds(body)
         reference = (body.get("reference") or {}).get("customerDefinedId")
         existing = None
         if reference and self.state.duplicates == "reference":
@@ -355,6 +359,7 @@ class RetarusEmulator:
         data_centre = request.match_info.get("dc") or self.state.next_data_centre()
         job = self.state.add_job(str(body["recipients"][0].get("number", "")), reference,
                                  data_centre, documents, body)
+        job.delay += hold  # transmitted from meta.jobValid.start on
         push = (body.get("statusReportOptions") or {}).get("httpStatusPush")
         if push and push.get("targetUrl") and self.state.push_format != "off":
             task = asyncio.create_task(self._push_when_done(job.job_id))
@@ -477,6 +482,37 @@ class RetarusEmulator:
             await self._session.close()
         if self._runner is not None:
             await self._runner.cleanup()
+
+
+def _option_problem(body: dict[str, Any]) -> str | None:
+    """What the Swagger's ``FaxJobRequest`` refuses in the options: a resolution outside
+    HIGH | LOW, ``meta`` without its required ``customerReference``, a ``jobValid.start``
+    that is not a date-time with a zone ("start must carry a time zone", docs)."""
+    resolution = (body.get("renderingOptions") or {}).get("resolution")
+    if resolution is not None and resolution not in ("HIGH", "LOW"):
+        return f"invalid renderingOptions.resolution {resolution!r}"
+    meta = body.get("meta")
+    if meta is None:
+        return None
+    if not isinstance(meta, dict) or not meta.get("customerReference"):
+        return "meta.customerReference missing"
+    start = (meta.get("jobValid") or {}).get("start")
+    if start is None:
+        return None
+    try:
+        parsed = datetime.fromisoformat(str(start))
+    except ValueError:
+        return f"invalid meta.jobValid.start {start!r}"
+    return f"meta.jobValid.start {start!r} has no time zone" if parsed.tzinfo is None else None
+
+
+def _hold_seconds(body: dict[str, Any]) -> float:
+    """How long until ``meta.jobValid.start`` (0 when absent or past): the job is valid, and
+    so sent, only from then on."""
+    start = ((body.get("meta") or {}).get("jobValid") or {}).get("start")
+    if not start:
+        return 0.0
+    return max(0.0, datetime.fromisoformat(str(start)).timestamp() - time.time())
 
 
 def _operation(request: web.Request) -> str:

@@ -5,6 +5,7 @@ fax recipient, and "store this mail as jobs". No sockets here.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import logging
 import secrets
@@ -12,6 +13,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Any
 from zoneinfo import ZoneInfo
 
 from mailfax.config import Settings
@@ -26,10 +28,12 @@ from mailfax.intake.assemble import (
     nothing_to_fax,
     read_mail,
 )
+from mailfax.intake.options import Clock, fax_header_fields, parse_mail_options
 from mailfax.intake.spool import MailBytes
 from mailfax.model import new_job_id
 from mailfax.numbers import FaxAddress, InvalidNumber, format_international, parse_fax_local_part
 from mailfax.outbound.notify import TEMPLATES_DIR
+from mailfax.providers import capabilities
 from mailfax.providers.base import FaxDocument
 from mailfax.store.base import NewJob, NewMail, OutgoingMail, Quota, QuotaExceeded, Store
 from mailfax.trust.authorization import (
@@ -97,6 +101,7 @@ class Intake:
         self.wake_spool: Callable[[], None] = lambda: None  # smtp.accept = "spool"
         # Pure for a given configuration, and asked twice per recipient (RCPT, then DATA).
         self.check_recipient = functools.lru_cache(maxsize=4096)(self._check_recipient)
+        self.clock: Callable[[], datetime] = lambda: datetime.now(UTC)  # read by the options
 
     def check_sender(self, envelope_from: str, client_ip: str | None,
                      user: str | None = None) -> None:
@@ -288,7 +293,8 @@ class Intake:
             mail = read_mail(raw)
             content = (await asyncio.to_thread(convert_documents, mail, setup)
                        if needs_worker(mail) else convert_documents(mail, setup))
-        content = await self._with_cover(content, addresses, envelope_from)
+        content, options = self.read_options(raw, addresses, content, account)
+        content = await self._with_cover(content, addresses, envelope_from, options)
         if not content.documents:
             raise nothing_to_fax(content, self._cover_address(recipients, addresses, content))
         # Bounces are never faxed; one without documents is refused as such first (554).
@@ -296,19 +302,40 @@ class Intake:
         if user is not None:
             self._check_from_header(content.mail.from_address, user)
         return await self.store_jobs(envelope_from, addresses, content, client, account,
-                                     self.quotas_for(user))
+                                     self.quotas_for(user), options)
+
+    def read_options(self, raw: MailBytes, addresses: Sequence[FaxAddress],
+                     content: FaxContent, account: str) -> tuple[FaxContent, dict[str, Any]]:
+        """The per-mail options (intake/options.py) and the content with the subject codes
+        taken out; refused when a value is bad or the account's provider cannot do one."""
+        found = parse_mail_options(
+            fax_header_fields(raw), (address.tag for address in addresses),
+            content.mail.subject, self._option_clock(),
+            subject_codes=self.settings.options.subject_codes)
+        provider = self.settings.accounts[account].provider
+        impossible = capabilities.refusal(provider, found.options)
+        if impossible is not None:
+            raise Refusal(554, "5.3.3", impossible)
+        if found.subject != content.mail.subject:
+            content = FaxContent(mail=dataclasses.replace(content.mail, subject=found.subject),
+                                 documents=content.documents)
+        return content, found.options
+
+    def _option_clock(self) -> Clock:
+        return Clock(now=self.clock(), zone=ZoneInfo(self.settings.notify.timezone),
+                     max_ahead=timedelta(days=self.settings.options.max_days_ahead))
 
     async def _with_cover(self, content: FaxContent, addresses: Sequence[FaxAddress],
-                          envelope_from: str) -> FaxContent:
+                          envelope_from: str, options: dict[str, Any]) -> FaxContent:
         """Put the mail's text in front as a cover page, if this mail asks for one.
 
-        ``+cover`` on any recipient turns it on, ``+nocover`` on all turns it off; otherwise
-        ``documents.cover`` decides. Without text there is no cover. One cover serves all
-        recipients of the mail (it lists their numbers), as the documents are shared.
+        The option ``cover`` (``+cover`` on any recipient, ``+nocover`` on all, or
+        ``X-Fax-Cover``) decides; without it ``documents.cover`` does. Without text there is
+        no cover. One cover serves all recipients of the mail (it lists their numbers), as the
+        documents are shared.
         """
-        tags = {address.tag for address in addresses}
-        if tags == {"nocover"} or ("cover" not in tags
-                                   and self.settings.documents.cover == "never"):
+        wanted = options.get("cover")
+        if wanted is False or (wanted is None and self.settings.documents.cover == "never"):
             return content
         text = cover_text(content.mail.text)
         if not text:
@@ -363,7 +390,8 @@ class Intake:
     async def store_jobs(self, envelope_from: str, addresses: Sequence[FaxAddress],
                          content: FaxContent, client: str,
                          account: str | None = None,
-                         quotas: Sequence[Quota] = ()) -> Accepted:
+                         quotas: Sequence[Quota] = (),
+                         options: dict[str, Any] | None = None) -> Accepted:
         mail = content.mail
         new_mail = NewMail(
             mail_id=secrets.token_hex(8), envelope_from=envelope_from,
@@ -372,7 +400,8 @@ class Intake:
             auto_submitted=mail.auto_submitted, precedence=mail.precedence,
             language=self.settings.notify.language,
         )
-        return await self._store(new_mail, addresses, content.documents, account, quotas)
+        return await self._store(new_mail, addresses, content.documents, account, quotas,
+                                 options or {})
 
     async def store_documents(self, envelope_from: str, addresses: Sequence[FaxAddress],
                               documents: Sequence[FaxDocument], subject: str,
@@ -385,10 +414,14 @@ class Intake:
 
     async def _store(self, mail: NewMail, addresses: Sequence[FaxAddress],
                      documents: Sequence[FaxDocument], account: str | None = None,
-                     quotas: Sequence[Quota] = ()) -> Accepted:
+                     quotas: Sequence[Quota] = (),
+                     options: dict[str, Any] | None = None) -> Accepted:
         numbers = list(dict.fromkeys(address.number for address in addresses))  # dedupe, keep order
-        jobs = [NewJob(job_id=new_job_id(), number=number,
-                       account=account or self.settings.default_account) for number in numbers]
+        account = account or self.settings.default_account
+        options = options or {}
+        hold = capabilities.held_until(self.settings.accounts[account].provider, options)
+        jobs = [NewJob(job_id=new_job_id(), number=number, account=account,
+                       options=dict(options), hold_until=hold) for number in numbers]
         try:
             await self.store.add_mail_jobs(mail, jobs, documents, quotas)
         except QuotaExceeded as over:

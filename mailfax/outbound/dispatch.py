@@ -26,6 +26,7 @@ from mailfax import reasons
 from mailfax.config import DispatchSettings
 from mailfax.model import JobState, Reason
 from mailfax.outbound.accounts import AccountHealth
+from mailfax.providers import capabilities
 from mailfax.providers.base import (
     ErrorKind,
     FaxDocument,
@@ -103,6 +104,12 @@ def outcome_of_error(error: ProviderError, attempt: int, settings: DispatchSetti
         return Transition(state=JobState.FAILED, reason=error.reason, detail=detail)
     return Transition(state=JobState.FAILED, reason=expired_reason(error.reason, age, attempt),
                       detail=f"gave up after {attempt} attempts in {hours(age)}: {detail}")
+
+
+def queued_since(job: Job) -> datetime:
+    """Where a job's lifetime and its "delayed" notice count from: its scheduled send time
+    (``send_at``), else when it was queued."""
+    return capabilities.send_time(job.options) or job.created
 
 
 def delay_warning_due(settings: DispatchSettings, now: datetime, queued_at: datetime | None,
@@ -185,7 +192,7 @@ def outcome_unknown(job: Job, result: SendReceipt | ProviderError, provider: obj
     if resend_handling(provider) != ResendHandling.NOT_RECOGNISED:
         # Retried as any transient error (lifetime, backoff, the one "delayed" mail), marked.
         retry = outcome_of_error(
-            result, job.attempts, settings, now, queued_at=job.created,
+            result, job.attempts, settings, now, queued_at=queued_since(job),
             last_failure_at=job.updated if job.state == JobState.RETRYING else None)
         if retry.state == JobState.RETRYING:
             reason = (retry.reason if retry.always_event
@@ -469,6 +476,8 @@ class Dispatcher:
             earlier_may_have_arrived=job.attempts > 1,
             station_id=job.options.get("station_id"), header=job.options.get("header"),
             cover_text=job.options.get("cover_text"),
+            send_at=capabilities.future_send_time(job.options, datetime.now(UTC)),
+            resolution=job.options.get("resolution"),
         )
 
     def _transition(self, job: Job, result: SendReceipt | ProviderError,
@@ -491,7 +500,7 @@ class Dispatcher:
             return held_transition(result, job.account, now, self.settings.account_probe_seconds)
         last_failure = job.updated if job.state == JobState.RETRYING else None
         transition = outcome_of_error(result, job.attempts, self.settings, now,
-                                      queued_at=job.created, last_failure_at=last_failure)
+                                      queued_at=queued_since(job), last_failure_at=last_failure)
         if transition.state == JobState.FAILED and result.transient:
             self.accounts.count_expired(job.account, "lifetime")
         return transition

@@ -82,6 +82,13 @@ def event_kind(event: Event) -> str | None:
     return EVENT_KINDS.get(event.state)
 
 
+def sender_wants(kind: str, options: dict[str, Any]) -> bool:
+    """The per-mail option ``notify`` (``X-Fax-Notify``): "none" or "failure" (only the
+    failure mail); absent or "all": what ``notify.events`` says."""
+    wanted = options.get("notify", "all")
+    return wanted == "all" or (wanted == "failure" and kind == "failed")
+
+
 def format_duration(seconds: float | None) -> str:
     if seconds is None:
         return ""
@@ -239,6 +246,10 @@ class Notifier:
             return []
         if kind in ALWAYS_MAILED:
             return self._unconfirmed_mail(kind, job, mail, event)
+        if not sender_wants(kind, job.options):
+            log.info("job %s: no %s mail: the sender asked for notify=%s", job.id, kind,
+                     job.options.get("notify"))
+            return []
         if not status_mail_allowed(mail.envelope_from, mail.auto_submitted, mail.precedence):
             log.info("job %s: no status mail to <%s> (automatic or bounce)", job.id,
                      mail.envelope_from)

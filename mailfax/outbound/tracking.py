@@ -24,6 +24,7 @@ from mailfax.providers.base import (
     ProviderRef,
     StatusReport,
 )
+from mailfax.providers.capabilities import send_time
 from mailfax.store.base import Job, Store, Transition
 from mailfax.support.failing import RepeatedFailure
 from mailfax.support.waiting import wait_for_event
@@ -102,7 +103,11 @@ TRACKING_DEADLINE = "tracking_deadline"  # the reason code of a job that ran out
 def past_deadline(job: Job, now: datetime, limit: timedelta, lifetime: timedelta) -> bool:
     """Whether a tracked job has waited too long for a final status: ``limit`` since its
     last change of state, or in any case ``lifetime + limit`` since its mail came in (so a
-    status that keeps flapping cannot keep it either)."""
+    status that keeps flapping cannot keep it either). A fax the provider holds until its
+    ``send_at`` counts from then."""
+    scheduled = send_time(job.options)
+    if scheduled is not None and scheduled > job.updated:
+        return now - scheduled >= limit or now - scheduled >= lifetime + limit
     return now - job.updated >= limit or now - job.created >= lifetime + limit
 
 

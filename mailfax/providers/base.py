@@ -50,6 +50,7 @@ class SendRequest:
     header: str | None = None
     cover_text: str | None = None
     send_at: datetime | None = None  # UTC; None = now
+    resolution: str | None = None  # "standard" or "fine"; None: the account's default
     attempt: int = 1  # > 1: this job was tried before
     # An earlier attempt may have reached the provider (its answer was lost): only then does a
     # provider's duplicate refusal (FAX.de -77) mean "you already sent this".

@@ -62,6 +62,8 @@ BY_REFERENCE = "ref:"
 # 520 "UNKNOWN_ERROR ... most likely with the backend adaptor". 500 "Cannot accept job",
 # 429, 502 and 503 say it was not taken.
 MAYBE_TAKEN = frozenset({504, 520})
+# The per-mail option ``resolution`` as ``renderingOptions.resolution`` (Swagger: HIGH | LOW).
+RESOLUTIONS = {"fine": "HIGH", "standard": "LOW"}
 
 
 def send_body(request: SendRequest, documents: Sequence[tuple[str, str]], settings: Settings,
@@ -73,7 +75,8 @@ def send_body(request: SendRequest, documents: Sequence[tuple[str, str]], settin
     if csid:
         transport["csid"] = csid[:20]
     rendering: dict[str, Any] = {"paperFormat": settings.paper_format,
-                                 "resolution": settings.resolution}
+                                 "resolution": RESOLUTIONS.get(request.resolution or "",
+                                                               settings.resolution)}
     if request.header:
         rendering["header"] = request.header
     body: dict[str, Any] = {

@@ -37,6 +37,8 @@ class NewJob:
     number: str
     account: str
     options: dict[str, Any] = field(default_factory=dict)
+    # The first attempt's time, when mailfax holds a scheduled fax itself (None: at once).
+    hold_until: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -76,6 +78,9 @@ class Job:
             "remote_id": self.remote_id,
             "reason": self.reason.for_language("en") if self.reason else None,
             "reason_code": self.reason.code if self.reason else None,
+            "next_attempt_at": self.next_attempt_at.isoformat() if self.next_attempt_at
+            else None,
+            "options": dict(self.options),  # the per-mail options (README "Per-mail options")
         }
 
 

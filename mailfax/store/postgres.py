@@ -1035,10 +1035,12 @@ class PostgresStore:
                 """
                 INSERT INTO jobs (id, mail_id, account, number, state, pages, sender,
                                   created, updated, next_attempt_at, options)
-                VALUES (%s, %s, %s, %s, %s, %s, %s, now(), now(), now(), %s)
+                VALUES (%s, %s, %s, %s, %s, %s, %s, now(), now(),
+                        COALESCE(%s::timestamptz, now()), %s)
                 """,
                 [(job.job_id, mail.mail_id, job.account, job.number, JobState.QUEUED.value,
-                  pages, mail.envelope_from, Jsonb(job.options)) for job in jobs],
+                  pages, mail.envelope_from, job.hold_until, Jsonb(job.options))
+                 for job in jobs],
             )
             await cur.executemany(
                 """

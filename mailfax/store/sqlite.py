@@ -995,7 +995,9 @@ class SqliteStore(_InboundMixin, _EmulatorNetworkMixin, _RetentionMixin):
                     "INSERT INTO jobs (id, mail_id, account, number, state, pages, sender,"
                     " created, updated, next_attempt_at, options) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
                     (job.job_id, mail.mail_id, job.account, job.number, JobState.QUEUED.value,
-                     pages, mail.envelope_from, now, now, now, json.dumps(job.options)),
+                     pages, mail.envelope_from, now, now,
+                     job.hold_until.timestamp() if job.hold_until else now,
+                     json.dumps(job.options)),
                 )
                 conn.execute(
                     "INSERT INTO events (job_id, at, state, detail, notify) VALUES (?,?,?,?,1)",
