@@ -9,14 +9,17 @@ import functools
 import logging
 import secrets
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from typing import Any
 from zoneinfo import ZoneInfo
 
 from mailfax.config import Settings
 from mailfax.documents.cover import CoverInfo, CoverUnavailable, cover_text, render_cover
+from mailfax.documents.faxrender import resolution_named
 from mailfax.documents.pdf import PAPERS, PageSetup
+from mailfax.documents.readiness import Finding, ReadinessLimits, check_documents, refusal_text
 from mailfax.intake.assemble import (
     FaxContent,
     Refusal,
@@ -55,6 +58,7 @@ log = logging.getLogger(__name__)
 # in a worker thread, so a big attachment never stalls the other SMTP sessions.
 INLINE_ASSEMBLY_BYTES = 64 * 1024
 HOUR = 3600.0
+READINESS_GRACE_SECONDS = 5.0  # past documents.readiness_max_seconds: one page's render
 DAY = 86400.0
 
 
@@ -76,6 +80,7 @@ class Accepted:
     job_ids: list[str]
     pages: int
     job_for_number: dict[str, str]  # E.164 number -> job id
+    warnings: list[Finding] = field(default_factory=list)  # documents.readiness = "warn"
 
 
 def page_setup(settings: Settings, account: str | None) -> PageSetup:
@@ -295,8 +300,36 @@ class Intake:
         self.refuse_unfaxable_sender(envelope_from)
         if user is not None:
             self._check_from_header(content.mail.from_address, user)
+        warnings = await self.check_readiness(content.documents)
         return await self.store_jobs(envelope_from, addresses, content, client, account,
-                                     self.quotas_for(user))
+                                     self.quotas_for(user),
+                                     options={"warnings": warnings} if warnings else None)
+
+    async def check_readiness(self, documents: Sequence[FaxDocument],
+                              resolution: str = "standard") -> list[Finding]:
+        """The pages that may arrive blank or black at the fax (``documents.readiness``); with
+        "refuse" such a mail is refused. Rendering takes 30-100 ms a page: in a thread."""
+        settings = self.settings.documents
+        if settings.readiness == "off":
+            return []
+        limits = ReadinessLimits(empty_below=settings.readiness_empty_percent / 100,
+                                 black_above=settings.readiness_black_percent / 100,
+                                 max_pages=settings.readiness_max_pages,
+                                 max_seconds=settings.readiness_max_seconds)
+        try:  # a page pdfium takes minutes over must not hold the reply (the thread ends later)
+            findings = await asyncio.wait_for(
+                asyncio.to_thread(check_documents, documents, limits,
+                                  resolution_named(resolution)),
+                limits.max_seconds + READINESS_GRACE_SECONDS)
+        except TimeoutError:
+            log.warning("readiness: not checked, a page took over %.0f s to render",
+                        limits.max_seconds + READINESS_GRACE_SECONDS)
+            return []
+        for item in findings:
+            log.info("readiness: %s", item["text"])
+        if findings and settings.readiness == "refuse":
+            raise Refusal(554, "5.6.0", refusal_text(findings))
+        return findings
 
     async def _with_cover(self, content: FaxContent, addresses: Sequence[FaxAddress],
                           envelope_from: str) -> FaxContent:
@@ -363,7 +396,8 @@ class Intake:
     async def store_jobs(self, envelope_from: str, addresses: Sequence[FaxAddress],
                          content: FaxContent, client: str,
                          account: str | None = None,
-                         quotas: Sequence[Quota] = ()) -> Accepted:
+                         quotas: Sequence[Quota] = (),
+                         options: Mapping[str, Any] | None = None) -> Accepted:
         mail = content.mail
         new_mail = NewMail(
             mail_id=secrets.token_hex(8), envelope_from=envelope_from,
@@ -372,7 +406,8 @@ class Intake:
             auto_submitted=mail.auto_submitted, precedence=mail.precedence,
             language=self.settings.notify.language,
         )
-        return await self._store(new_mail, addresses, content.documents, account, quotas)
+        return await self._store(new_mail, addresses, content.documents, account, quotas,
+                                 options)
 
     async def store_documents(self, envelope_from: str, addresses: Sequence[FaxAddress],
                               documents: Sequence[FaxDocument], subject: str,
@@ -385,10 +420,12 @@ class Intake:
 
     async def _store(self, mail: NewMail, addresses: Sequence[FaxAddress],
                      documents: Sequence[FaxDocument], account: str | None = None,
-                     quotas: Sequence[Quota] = ()) -> Accepted:
+                     quotas: Sequence[Quota] = (),
+                     options: Mapping[str, Any] | None = None) -> Accepted:
         numbers = list(dict.fromkeys(address.number for address in addresses))  # dedupe, keep order
         jobs = [NewJob(job_id=new_job_id(), number=number,
-                       account=account or self.settings.default_account) for number in numbers]
+                       account=account or self.settings.default_account,
+                       options=dict(options or {})) for number in numbers]
         try:
             await self.store.add_mail_jobs(mail, jobs, documents, quotas)
         except QuotaExceeded as over:
@@ -403,4 +440,5 @@ class Intake:
             log.info("job %s queued: %s, %d page(s), from <%s>", job.job_id, job.number, pages,
                      mail.envelope_from)
         return Accepted(mail_id=mail.mail_id, job_ids=[job.job_id for job in jobs], pages=pages,
-                        job_for_number={job.number: job.job_id for job in jobs})
+                        job_for_number={job.number: job.job_id for job in jobs},
+                        warnings=list((options or {}).get("warnings", [])))
