@@ -258,3 +258,14 @@ async def test_off_does_not_look(start: Callable[..., Any]) -> None:
     assert "WARNING" not in plain and "Page 2" not in plain
     job = await service.app.store.get_job(reply.split("queued as ")[1])
     assert job is not None and "warnings" not in job.options
+
+
+async def test_a_spooled_mail_gets_its_warning_by_mail(start: Callable[..., Any]) -> None:
+    """smtp.accept = "spool" answers before the documents are looked at: the acceptance mail
+    is where the sender hears of the page."""
+    service: Service = await start(smtp={"accept": "spool"})
+    reply = await service.fax_pdf(LETTER)
+    assert "spooled as" in reply and "warning" not in reply
+    status = _parsed(await service.wait_for_mail(_is_accepted))
+    plain, _ = _bodies(status)
+    assert "- Page 2 may arrive blank at the fax (light grey text)." in plain
