@@ -187,6 +187,7 @@ class FaxHandler:
             return "451 4.3.0 Temporary failure forwarding to the postmaster; try again later"
         return "250 2.0.0 forwarded to the postmaster"
 
+
 def _warning(outcome: Accepted) -> str:
     """``; warning: page 2 may arrive blank (light grey text)`` (``documents.readiness``)."""
     return f"; warning: {short_text(outcome.warnings)}" if outcome.warnings else ""
