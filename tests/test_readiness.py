@@ -27,7 +27,9 @@ from mailfax.documents.readiness import (
     short_text,
 )
 from mailfax.providers.base import FaxDocument
-from tests.conftest import Service, make_settings
+from tests.conftest import Service, fax_mail, make_settings
+from tests.ports import free_port
+from tests.test_policy_service import lmtp_send
 
 Page = Callable[[canvas.Canvas], None]
 
@@ -269,3 +271,15 @@ async def test_a_spooled_mail_gets_its_warning_by_mail(start: Callable[..., Any]
     status = _parsed(await service.wait_for_mail(_is_accepted))
     plain, _ = _bodies(status)
     assert "- Page 2 may arrive blank at the fax (light grey text)." in plain
+
+
+async def test_over_lmtp_each_recipient_hears_the_warning(start: Callable[..., Any]) -> None:
+    service: Service = await start(smtp={"lmtp_listen": [f"127.0.0.1:{free_port()}"]})
+    recipients = ["030123456@fax.local", "+4922198765@fax.local"]
+    mail = fax_mail([("letter.pdf", LETTER, "application/pdf")], to=", ".join(recipients))
+    answers = await lmtp_send(service.app, mail.as_bytes(), "alice@example.org", recipients)
+    for address in recipients:
+        code, text = answers[address]
+        assert code == 250 and f"<{address}> queued as " in text, text
+        assert text.endswith("; warning: page 2 may arrive blank (light grey text); "
+                             "page 3 may arrive black (a dark photo or picture)"), text
