@@ -283,3 +283,15 @@ async def test_over_lmtp_each_recipient_hears_the_warning(start: Callable[..., A
         assert code == 250 and f"<{address}> queued as " in text, text
         assert text.endswith("; warning: page 2 may arrive blank (light grey text); "
                              "page 3 may arrive black (a dark photo or picture)"), text
+
+
+async def test_a_spooled_mail_refused_comes_back_as_a_bounce_naming_the_page(
+        start: Callable[..., Any]) -> None:
+    service: Service = await start(smtp={"accept": "spool"}, documents={"readiness": "refuse"})
+    assert "spooled as" in await service.fax_pdf(LETTER)
+    bounce = _parsed(await service.wait_for_mail(lambda m: "multipart/report" in
+                                                  str(m["Content-Type"])))
+    plain = bounce.get_body(("plain",))
+    assert plain is not None
+    assert "Not faxed: page 2 may arrive blank (light grey text)" in plain.get_content()
+    assert await service.app.store.list_jobs() == []

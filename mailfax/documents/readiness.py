@@ -9,7 +9,8 @@ queued each of its pages is rendered as the recipient receives it and measured:
   left. A page that is blank in the original is *not* flagged: it arrives as the sender made
   it (a blank back side, a separator page); this check is about what the conversion to black
   and white changes, not about the document. A page with a little black on it (only a page
-  number) is not flagged either: its black survives.
+  number) is not flagged either: its black survives. Nor, by the same mark, is a page whose
+  light grey body sits under a black letterhead: the share is of the whole page.
 - **black**: more than ``black_above`` of the faxed page is black (a dark photo, a black
   background): it costs the recipient toner and transmission time, and what it shows is lost.
 
