@@ -9,15 +9,21 @@ photo as intake puts it on A4 (``image_to_pdf``, 12 megapixel JPEG), a dark phot
 the original is rendered a second time to name the cause), a light grey page (flagged), and
 a 200-page text mail, of which the default cap (``readiness_max_pages = 20``) renders 20.
 Each figure is the median of ``--repeat`` runs divided by the pages of the PDF.
+
+Then what the sender sees: the time to the 250 over SMTP of the letter and of the 200-page
+mail, from two mailfax instances in this process, ``documents.readiness = "off"`` and
+``"warn"``, sent to in alternation so a busy machine slows both alike.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import functools
 import io
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -27,9 +33,11 @@ sys.path.insert(0, str(ROOT))
 CORPUS = next((folder / "shared" / "corpus" for folder in ROOT.parents
                if (folder / "shared" / "corpus").is_dir()), ROOT.parent / "shared" / "corpus")
 
+from mailfax.app import Application  # noqa: E402
 from mailfax.documents.pdf import image_to_pdf, prepare_pdf  # noqa: E402
 from mailfax.documents.readiness import ReadinessLimits, check_documents  # noqa: E402
 from mailfax.providers.base import FaxDocument  # noqa: E402
+from tests.conftest import Service, make_settings  # noqa: E402
 from tests.test_readiness import pdf, photo, text  # noqa: E402
 
 
@@ -69,10 +77,7 @@ def median_seconds(run: Callable[[], object], repeat: int) -> float:
     return statistics.median(times)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeat", type=int, default=5)
-    repeat = parser.parse_args().repeat
+def per_page(repeat: int) -> None:
     limits = ReadinessLimits()
     print(f"{'document':<36} {'pages':>5} {'intake ms/p':>12} {'check ms/p':>11} "
           f"{'× intake':>9} {'check ms':>9}  findings")
@@ -88,6 +93,39 @@ def main() -> None:
         print(f"{name:<36} {pages:>5} {prepare * 1000 / pages:>12.1f} "
               f"{check * 1000 / pages:>11.1f} {check / prepare:>9.1f} {check * 1000:>9.0f}  "
               f"{found}")
+
+
+async def reply_times(repeat: int) -> None:
+    """Median seconds to the 250, readiness off and on, for two mails."""
+    with tempfile.TemporaryDirectory() as folder:
+        services = {}
+        for mode in ("off", "warn"):
+            app = Application(make_settings(Path(folder) / mode, documents={"readiness": mode}))
+            await app.start()
+            services[mode] = Service(app)
+        try:
+            print(f"\n{'mail':<36} {'250 off s':>10} {'250 warn s':>11} {'warn/off':>9}")
+            for name, data in (("text letter, 1 page", pdf(text(0.0))),
+                               ("200-page text mail", pdf(*[text(0.0)] * 200))):
+                times: dict[str, list[float]] = {"off": [], "warn": []}
+                for _ in range(repeat + 1):  # the first round warms up
+                    for mode, service in services.items():
+                        start = time.perf_counter()
+                        await service.fax_pdf(data)
+                        times[mode].append(time.perf_counter() - start)
+                off, warn = (statistics.median(times[mode][1:]) for mode in ("off", "warn"))
+                print(f"{name:<36} {off:>10.3f} {warn:>11.3f} {warn / off:>9.2f}")
+        finally:
+            for service in services.values():
+                await service.app.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeat", type=int, default=5)
+    repeat = parser.parse_args().repeat
+    per_page(repeat)
+    asyncio.run(reply_times(repeat))
 
 if __name__ == "__main__":
     main()

@@ -79,7 +79,7 @@ class ReadinessLimits:
     empty_below: float = 0.0005  # share of the faxed page that is black: 0.05 %
     black_above: float = 0.60
     max_pages: int = 20  # pages beyond these are not looked at (cost)
-    max_seconds: float = 5.0  # nor pages once this long was spent (photos: ~0.5 s a page)
+    max_seconds: float = 5.0  # nor pages once this long was spent (a photo: 0.5-1 s)
 
 
 @dataclass(frozen=True)
