@@ -8,6 +8,8 @@ import email
 import email.policy
 import io
 import mailbox
+import shutil
+import subprocess
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -151,6 +153,24 @@ def test_the_reply_text_and_the_refusal_name_page_and_cause() -> None:
         "Use black text on white and lighter pictures, then send it again.")
 
 
+LETTER = pdf(text(0.0), text(0.85), photo(60))  # sent over SMTP below
+
+
+def test_poppler_sees_the_flagged_pages_as_the_check_does(tmp_path: Path) -> None:
+    """Independent of pdfium: poppler's greyscale render of the letter the SMTP tests send
+    has page 2 in ink lighter than half (gone at the fax's threshold) but not blank, and page
+    3 mostly darker than half."""
+    if shutil.which("pdftoppm") is None:
+        pytest.skip("poppler-utils (pdftoppm) not installed")
+    (tmp_path / "letter.pdf").write_bytes(LETTER)
+    subprocess.run(["pdftoppm", "-gray", "-r", "100", str(tmp_path / "letter.pdf"),
+                    str(tmp_path / "page")], check=True, timeout=60)
+    levels = [Image.open(tmp_path / f"page-{number}.pgm").histogram() for number in (1, 2, 3)]
+    dark = [sum(histogram[:128]) / sum(histogram) for histogram in levels]
+    inked = [sum(histogram[:245]) / sum(histogram) for histogram in levels]
+    assert dark[0] > 0.01 and dark[1] == 0.0 and inked[1] > 0.01 and dark[2] > 0.6
+
+
 # -- over SMTP, as a user sends --
 
 @pytest.fixture
@@ -183,9 +203,6 @@ def _bodies(message: email.message.EmailMessage) -> tuple[str, str]:
     assert isinstance(plain, email.message.EmailMessage)
     assert isinstance(html, email.message.EmailMessage)
     return plain.get_content(), html.get_content()
-
-
-LETTER = pdf(text(0.0), text(0.85), photo(60))
 
 
 async def test_a_light_grey_page_is_named_in_the_250_and_in_the_acceptance_mail(
