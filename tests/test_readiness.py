@@ -4,6 +4,7 @@ it, "off" does not look. Pages are made with ReportLab as a user's application w
 
 from __future__ import annotations
 
+import asyncio
 import email
 import email.policy
 import io
@@ -21,6 +22,7 @@ from reportlab.lib.pagesizes import A4
 from reportlab.lib.utils import ImageReader
 from reportlab.pdfgen import canvas
 
+from mailfax import cli
 from mailfax.app import Application
 from mailfax.documents.readiness import (
     ReadinessLimits,
@@ -206,7 +208,7 @@ def _bodies(message: email.message.EmailMessage) -> tuple[str, str]:
 
 
 async def test_a_light_grey_page_is_named_in_the_250_and_in_the_acceptance_mail(
-        start: Callable[..., Any]) -> None:
+        start: Callable[..., Any], capsys: pytest.CaptureFixture[str]) -> None:
     service: Service = await start()  # the default: readiness = "warn", accepted not mailed
     reply = await service.fax_pdf(LETTER)
     assert reply.startswith("2.0.0 queued as ")
@@ -231,6 +233,12 @@ async def test_a_light_grey_page_is_named_in_the_250_and_in_the_acceptance_mail(
     delivered = await service.wait_for_mail(lambda m: m["X-Mailfax-State"] == "delivered")
     assert delivered["X-Mailfax-Job"] == job_id
     assert sum(_is_accepted(message) for message in service.outbox_messages()) == 1
+    # ... and the administrator sees it with ``mailfax show``.
+    config = service.app.settings.data_dir.parent / "mailfax.toml"
+    config.write_text(f'data_dir = "{service.app.settings.data_dir}"\n')
+    assert await asyncio.to_thread(cli.main, ["-c", str(config), "show", job_id]) == 0
+    assert "  warning: Page 2 may arrive blank at the fax (light grey text).\n" in \
+        capsys.readouterr().out
 
 
 async def test_the_acceptance_mail_warns_in_german(start: Callable[..., Any]) -> None:
