@@ -517,10 +517,11 @@ async def run_as_singleton(store: SingletonStore, name: str,
 
 # In the order a first mail needs them: its recipients read (phonenumbers), its PDF checked
 # (pikepdf), its status mail rendered (jinja2) and sent to the relay (aiosmtplib), images put
-# on pages (Pillow), a refusal's country name (phonenumbers' geocoder), a cover page (ReportLab).
+# on pages (Pillow), a refusal's country name (phonenumbers' geocoder), a cover page (ReportLab),
+# each page rendered for the fax-readiness check (pypdfium2).
 WARM_UP_MODULES = ("phonenumbers", "pikepdf", "jinja2", "aiosmtplib", "PIL.Image", "PIL.ImageChops",
                    "PIL.ImageOps", "PIL.ImageSequence", "phonenumbers.geocoder",
-                   "mailfax.documents.cover_pdf")
+                   "mailfax.documents.cover_pdf", "pypdfium2")
 
 
 async def _import_in_thread(names: Sequence[str]) -> None:

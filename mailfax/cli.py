@@ -341,6 +341,7 @@ def cmd_show(args: argparse.Namespace) -> int:
             data["events"] = [{"at": e.at.isoformat(), "state": e.state.value,
                                "reason": e.reason.for_language("en") if e.reason else None,
                                "detail": e.detail} for e in events]
+            data["warnings"] = job.options.get("warnings", [])  # documents.readiness
             print(json.dumps(data, indent=1))
             return 0
         print(f"job {job.id}: {job.state.value}, fax to {job.number}, {job.pages} pages")
@@ -352,6 +353,8 @@ def cmd_show(args: argparse.Namespace) -> int:
             print(f"  duration {format_duration(job.duration_seconds)}")
         if job.reason:
             print(f"  reason: {job.reason.for_language('en')}")
+        for warning in job.options.get("warnings", []):  # documents.readiness
+            print(f"  warning: {warning['text']}")
         for event in events:
             line = f"  {event.at:%Y-%m-%d %H:%M:%S} {event.state.value:<10}"
             if event.reason:

@@ -299,6 +299,18 @@ class DocumentSettings(Strict):
     paper: Paper = "A4"
     # true: also A4/Letter pages that are not the account's paper are scaled onto it.
     fit_to_paper: bool = False
+    # The fax-readiness check (README "Pages that may arrive blank or black"): a page that may
+    # arrive almost blank (under readiness_empty_percent black, while the original is not
+    # blank) or almost black (over readiness_black_percent) in the fax's black and white.
+    # "warn": accepted, and the 250 reply and the acceptance mail say which page and why;
+    # "refuse": refused (554 5.6.0) with that sentence; "off": not looked at. Only the first
+    # readiness_max_pages pages are rendered (a text page 25-100 ms, a photo 0.5-1 s), and
+    # none once readiness_max_seconds were spent on a mail.
+    readiness: Literal["warn", "refuse", "off"] = "warn"
+    readiness_empty_percent: float = Field(default=0.05, ge=0, le=100)
+    readiness_black_percent: float = Field(default=60.0, ge=0, le=100)
+    readiness_max_pages: int = Field(default=20, ge=0)
+    readiness_max_seconds: float = Field(default=5.0, gt=0)
 
 
 class QuotaSettings(Strict):

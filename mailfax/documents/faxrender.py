@@ -86,6 +86,7 @@ def as_square_pixels(image: Image.Image, resolution: FaxResolution) -> Image.Ima
 
 def black_fraction(image: Image.Image) -> float:
     """How much of a 1-bit image is black, 0.0 (blank) to 1.0 (all black)."""
-    histogram = image.convert("L").histogram()
+    # Mode "1" counts black in bin 0 as it is (no copy of the page to convert it).
+    histogram = (image if image.mode == "1" else image.convert("L")).histogram()
     total = image.width * image.height
     return histogram[0] / total if total else 0.0

@@ -11,14 +11,16 @@ import logging
 import secrets
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
 from mailfax.config import Settings
 from mailfax.documents.cover import CoverInfo, CoverUnavailable, cover_text, render_cover
+from mailfax.documents.faxrender import resolution_named
 from mailfax.documents.pdf import PAPERS, PageSetup
+from mailfax.documents.readiness import Finding, ReadinessLimits, check_documents, refusal_text
 from mailfax.intake.assemble import (
     FaxContent,
     Refusal,
@@ -59,6 +61,7 @@ log = logging.getLogger(__name__)
 # in a worker thread, so a big attachment never stalls the other SMTP sessions.
 INLINE_ASSEMBLY_BYTES = 64 * 1024
 HOUR = 3600.0
+READINESS_GRACE_SECONDS = 5.0  # past documents.readiness_max_seconds: one page's render
 DAY = 86400.0
 
 
@@ -80,6 +83,7 @@ class Accepted:
     job_ids: list[str]
     pages: int
     job_for_number: dict[str, str]  # E.164 number -> job id
+    warnings: list[Finding] = field(default_factory=list)  # documents.readiness = "warn"
 
 
 def page_setup(settings: Settings, account: str | None) -> PageSetup:
@@ -301,8 +305,11 @@ class Intake:
         self.refuse_unfaxable_sender(envelope_from)
         if user is not None:
             self._check_from_header(content.mail.from_address, user)
+        warnings = await self.check_readiness(content.documents,
+                                              options.get("resolution", "standard"))
         return await self.store_jobs(envelope_from, addresses, content, client, account,
-                                     self.quotas_for(user), options)
+                                     self.quotas_for(user),
+                                     {**options, "warnings": warnings} if warnings else options)
 
     def read_options(self, raw: MailBytes, addresses: Sequence[FaxAddress],
                      content: FaxContent, account: str) -> tuple[FaxContent, dict[str, Any]]:
@@ -324,6 +331,32 @@ class Intake:
     def _option_clock(self) -> Clock:
         return Clock(now=self.clock(), zone=ZoneInfo(self.settings.notify.timezone),
                      max_ahead=timedelta(days=self.settings.options.max_days_ahead))
+
+    async def check_readiness(self, documents: Sequence[FaxDocument],
+                              resolution: str = "standard") -> list[Finding]:
+        """The pages that may arrive blank or black at the fax (``documents.readiness``); with
+        "refuse" such a mail is refused. Rendering takes 25-100 ms a text page: in a thread."""
+        settings = self.settings.documents
+        if settings.readiness == "off":
+            return []
+        limits = ReadinessLimits(empty_below=settings.readiness_empty_percent / 100,
+                                 black_above=settings.readiness_black_percent / 100,
+                                 max_pages=settings.readiness_max_pages,
+                                 max_seconds=settings.readiness_max_seconds)
+        try:  # a page pdfium takes minutes over must not hold the reply (the thread ends later)
+            findings = await asyncio.wait_for(
+                asyncio.to_thread(check_documents, documents, limits,
+                                  resolution_named(resolution)),
+                limits.max_seconds + READINESS_GRACE_SECONDS)
+        except TimeoutError:
+            log.warning("readiness: not checked, a page took over %.0f s to render",
+                        limits.max_seconds + READINESS_GRACE_SECONDS)
+            return []
+        for item in findings:
+            log.info("readiness: %s", item["text"])
+        if findings and settings.readiness == "refuse":
+            raise Refusal(554, "5.6.0", refusal_text(findings))
+        return findings
 
     async def _with_cover(self, content: FaxContent, addresses: Sequence[FaxAddress],
                           envelope_from: str, options: dict[str, Any]) -> FaxContent:
@@ -436,4 +469,5 @@ class Intake:
             log.info("job %s queued: %s, %d page(s), from <%s>", job.job_id, job.number, pages,
                      mail.envelope_from)
         return Accepted(mail_id=mail.mail_id, job_ids=[job.job_id for job in jobs], pages=pages,
-                        job_for_number={job.number: job.job_id for job in jobs})
+                        job_for_number={job.number: job.job_id for job in jobs},
+                        warnings=list((options or {}).get("warnings", [])))

@@ -22,6 +22,7 @@ from aiosmtpd.lmtp import LMTP
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
 from mailfax.config import ListenAddress, SmtpSettings, UserSettings
+from mailfax.documents.readiness import short_text
 from mailfax.intake.accept_spool import spool_reply
 from mailfax.intake.assemble import Refusal
 from mailfax.intake.limits import (
@@ -138,10 +139,12 @@ class FaxHandler:
         if isinstance(outcome, str):  # one reply for every fax recipient
             return outcome, dict.fromkeys(faxes, outcome)
         replies = {}
+        warning = _warning(outcome)
         for address in faxes:
             number = self.intake.check_recipient(address).number
-            replies[address] = f"250 2.0.0 <{address}> queued as {outcome.job_for_number[number]}"
-        return f"250 2.0.0 queued as {' '.join(outcome.job_ids)}", replies
+            replies[address] = (f"250 2.0.0 <{address}> queued as "
+                                f"{outcome.job_for_number[number]}{warning}")
+        return f"250 2.0.0 queued as {' '.join(outcome.job_ids)}{warning}", replies
 
     async def _take_faxes(self, server: SMTP, session: Session, envelope: Envelope,
                           faxes: list[str], raw: MailBytes) -> Accepted | str:
@@ -183,6 +186,12 @@ class FaxHandler:
             log.exception("could not forward mail to the postmaster")
             return "451 4.3.0 Temporary failure forwarding to the postmaster; try again later"
         return "250 2.0.0 forwarded to the postmaster"
+
+
+def _warning(outcome: Accepted) -> str:
+    """``; warning: page 2 may arrive blank (light grey text)`` (``documents.readiness``)."""
+    return f"; warning: {short_text(outcome.warnings)}" if outcome.warnings else ""
+
 
 @contextlib.contextmanager
 def _not_idle(server: SMTP) -> Iterator[None]:

@@ -69,6 +69,9 @@ EVENT_KINDS: dict[JobState, str] = {
 # Always mailed, whatever ``notify.events`` says, and to the admin too: only a person can
 # decide whether to send the fax again (``mailfax retry``).
 ALWAYS_MAILED = frozenset({"unconfirmed"})
+# Mailed, whatever ``notify.events`` says, when the job carries fax-readiness warnings (pages
+# that may arrive blank or black): the sender can still cancel it and send a better one.
+MAILED_WITH_WARNINGS = frozenset({"accepted"})
 
 
 DELAYED = "delayed"  # the reason code the dispatcher gives a job's one delay notice
@@ -132,6 +135,7 @@ class Renderer:
             "reason": event.reason.for_language(language) if event.reason else "",
             "reason_code": event.reason.code if event.reason else "",
             "detail": event.detail,
+            "warnings": job.options.get("warnings", []) if kind == "accepted" else [],
             "original_subject": mail.subject,
             # A job queued with ``mailfax send`` came with no mail to reply to: its "subject"
             # is the file name (or --subject), and the templates say so instead of "Re: …".
@@ -238,11 +242,15 @@ class Notifier:
 
     async def _mails_for(self, event: Event) -> list[OutgoingMail]:
         kind = event_kind(event)
-        if kind is None or (kind not in self.settings.events and kind not in ALWAYS_MAILED):
+        if kind is None or (kind not in self.settings.events and kind not in ALWAYS_MAILED
+                            and kind not in MAILED_WITH_WARNINGS):
             return []
         job = await self.store.get_job(event.job_id)
         mail = await self.store.get_mail(job.mail_id) if job else None
         if job is None or mail is None:
+            return []
+        if kind not in self.settings.events and kind not in ALWAYS_MAILED and \
+                not job.options.get("warnings"):
             return []
         if kind in ALWAYS_MAILED:
             return self._unconfirmed_mail(kind, job, mail, event)
