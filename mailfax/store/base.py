@@ -367,6 +367,10 @@ class Store(Protocol):
 
     async def get_mail(self, mail_id: str) -> Mail | None: ...
 
+    async def mail_jobs(self, mail_id: str) -> list[Job]:
+        """The jobs of one mail, in the order they were stored (a broadcast's summary)."""
+        ...
+
     async def list_jobs(self, limit: int = 1000, state: JobState | None = None) -> list[Job]: ...
 
     async def usage_since(self, since: datetime, senders: Sequence[str] | None = None

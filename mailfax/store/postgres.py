@@ -1247,6 +1247,12 @@ class PostgresStore:
             await cur.execute("SELECT * FROM jobs WHERE id = ANY(%s)", (list(job_ids),))
             return [_job(row) for row in await cur.fetchall()]
 
+    async def mail_jobs(self, mail_id: str) -> list[Job]:
+        async with self._cursor(atomic=False) as cur:
+            await cur.execute("SELECT * FROM jobs WHERE mail_id = %s ORDER BY created, id",
+                              (mail_id,))
+            return [_job(row) for row in await cur.fetchall()]
+
     async def list_jobs(self, limit: int = 1000, state: JobState | None = None) -> list[Job]:
         async with self._cursor() as cur:
             await cur.execute(

@@ -1162,6 +1162,14 @@ class SqliteStore(_InboundMixin, _EmulatorNetworkMixin, _RetentionMixin):
 
         return await self._call(operation)
 
+    async def mail_jobs(self, mail_id: str) -> list[Job]:
+        def operation(conn: sqlite3.Connection) -> list[Job]:
+            rows = conn.execute("SELECT * FROM jobs WHERE mail_id = ? ORDER BY created, id",
+                                (mail_id,)).fetchall()
+            return [_job(row) for row in rows]
+
+        return await self._call(operation)
+
     async def list_jobs(self, limit: int = 1000, state: JobState | None = None) -> list[Job]:
         def operation(conn: sqlite3.Connection) -> list[Job]:
             if state is None:
