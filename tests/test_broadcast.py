@@ -280,3 +280,33 @@ def test_the_summary_is_sent_by_the_last_job_to_end_only() -> None:
     stale = Event(id=1, job_id="b", at=last.updated, state=JobState.UNCONFIRMED, reason=None,
                   detail="")
     assert not summary_due(stale, last, [first, last])  # the job moved on since
+
+
+async def test_failure_mode_mails_each_failed_fax_and_the_summary_speaks_german(
+        tmp_path: Path) -> None:
+    lists = {"board": {"numbers": ["030 123456", {"number": "030 999 124", "name": "Vorstand"},
+                                   "0900 1234567"],
+                       "allowed": ["alice@example.org"], "job_mails": "failure"}}
+    app = Application(make_settings(tmp_path, lists=lists,
+                                    notify={"from_address": "fax@mailfax.test",
+                                            "language": "de"}))
+    await app.start()
+    try:
+        service = Service(app)
+        mail = fax_mail([("a.pdf", documents.pdf(1), "application/pdf")],
+                        to="list-board@fax.local", subject="Einladung")
+        await service.send(mail, "alice@example.org", ["list-board@fax.local"])
+        summary = parsed(await service.wait_for_mail(
+            lambda m: m["X-Mailfax-State"] == "summary", timeout=60))
+        await service.wait_for_mail(lambda m: m["X-Mailfax-State"] == "failed")
+        await asyncio.sleep(1.0)
+        states = sorted(parsed(m)["X-Mailfax-State"] for m in service.outbox_messages())
+        assert states == ["failed", "summary"]
+        assert summary["Subject"] == ("Re: Einladung — Rundsendung an Liste board: 1 von 3 "
+                                      "zugestellt, 1 fehlgeschlagen, 1 abgelehnt")
+        text = summary.get_body(("plain",))
+        assert text is not None
+        row = next(line for line in text.get_content().splitlines() if "Vorstand" in line)
+        assert "+49 30 999124" in row and "FEHLGESCHLAGEN" in row
+    finally:
+        await app.stop()
