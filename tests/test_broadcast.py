@@ -310,3 +310,73 @@ async def test_failure_mode_mails_each_failed_fax_and_the_summary_speaks_german(
         assert "+49 30 999124" in row and "FEHLGESCHLAGEN" in row
     finally:
         await app.stop()
+
+
+async def test_a_lists_cover_page_shows_no_recipient_numbers(tmp_path: Path) -> None:
+    import io
+
+    import pypdf
+
+    lists = {"board": {"numbers": ["030 123456", "089 123456"],
+                       "allowed": ["alice@example.org"]}}
+    app = Application(make_settings(tmp_path, lists=lists))
+    await app.start()
+    try:
+        service = Service(app)
+        address = "list-board+cover@fax.local"
+        mail = fax_mail([("a.pdf", documents.pdf(1), "application/pdf")], to=address,
+                        body="Dear board, the agenda is attached.")
+        _, reply = await service.send(mail, "alice@example.org", [address])
+        assert "2 faxes to the broadcast list board" in reply
+        jobs = await app.store.list_jobs()
+        assert len(jobs) == 2 and jobs[0].pages == 2  # the cover and the document
+        cover = (await app.store.load_documents(jobs[0].mail_id))[0]
+        text = pypdf.PdfReader(io.BytesIO(cover.data)).pages[0].extract_text()
+        assert "Dear board, the agenda is attached." in text
+        assert "alice@example.org" in text
+        assert "123456" not in text and "To" not in text.split()
+    finally:
+        await app.stop()
+
+
+async def test_postfix_in_front_the_policy_service_and_the_signed_user_hold_for_lists(
+        tmp_path: Path) -> None:
+    from mailfax.trust.policy_service import PolicyDecider, Transaction
+    from tests.test_policy_service import (
+        ALICE,
+        FAX,
+        KEY,
+        lmtp_send,
+        policy_settings,
+        rcpt,
+        signed_mail,
+    )
+
+    lists = {"board": {"numbers": ["030 123456", {"number": "089 123456", "name": "Munich"}],
+                       "allowed": [ALICE]}}
+    app = Application(policy_settings(tmp_path, lists=lists))  # alice: only +4930 numbers
+    await app.start()
+    try:
+        app.intake.secret_key = KEY
+        address = f"list-board@{FAX}"
+        decider = PolicyDecider(app.intake, KEY)
+        answer = await decider.decide(rcpt(address, user="alice"), Transaction())
+        assert answer.startswith("PREPEND X-Mailfax-Authorized:"), answer
+        refused = await decider.decide(rcpt(address, sender="bob@example.org", user="bob"),
+                                       Transaction())
+        assert refused.startswith("550 5.7.1") and "broadcast list board" in refused
+        unknown = await decider.decide(rcpt(f"list-nope@{FAX}", user="alice"), Transaction())
+        assert unknown.startswith("550 5.1.1")
+
+        answers = await lmtp_send(app, signed_mail("alice", ALICE, [address]), ALICE,
+                                  [address])
+        assert answers[address][0] == 250, answers
+        assert "1 fax to the broadcast list board" in answers[address][1]
+        assert "1 number refused" in answers[address][1]
+        jobs = await app.store.list_jobs()
+        assert [job.number for job in jobs] == ["+4930123456"]
+        assert jobs[0].options["broadcast_refused"] == [{
+            "number": "+4989123456", "name": "Munich", "index": 1,
+            "reason": "User alice may not send faxes to +4989123456 (allowed: +4930)."}]
+    finally:
+        await app.stop()
