@@ -253,19 +253,20 @@ def test_numbers_may_be_given_in_the_config_and_a_list_needs_allowed(tmp_path: P
                                                  "file": "x.csv", "allowed": ["@x.org"]}})
 
 
-def test_the_summary_is_sent_by_the_last_job_to_end_only() -> None:
+def test_the_summary_is_due_once_every_job_has_ended_and_once_per_change() -> None:
     from datetime import UTC, datetime, timedelta
 
     from mailfax.store.base import Event, Job
 
     start = datetime(2026, 1, 1, tzinfo=UTC)
 
-    def job(job_id: str, state: JobState, seconds: int) -> Job:
+    def job(job_id: str, state: JobState, seconds: int, **options: Any) -> Job:
         return Job(id=job_id, mail_id="m", account="emulator", number="+4930123456",
                    state=state, pages=1, sender="a@b.c", created=start,
                    updated=start + timedelta(seconds=seconds), attempts=1,
                    next_attempt_at=None, provider_job_id="p", reason=None,
-                   duration_seconds=None, remote_id=None, options={"broadcast": "x"},
+                   duration_seconds=None, remote_id=None,
+                   options={"broadcast": "x", **options},
                    cancel_requested=False, acknowledged=False)
 
     def event(of: Job) -> Event:
@@ -273,13 +274,19 @@ def test_the_summary_is_sent_by_the_last_job_to_end_only() -> None:
                      detail="")
 
     first, last = job("a", JobState.DELIVERED, 5), job("b", JobState.FAILED, 9)
-    assert summary_due(event(last), last, [first, last])
-    assert not summary_due(event(first), first, [first, last])
+    assert summary_due(event(last), last, [first, last], None)
+    assert summary_due(event(first), first, [first, last], None)  # whichever comes first
+    after = start + timedelta(seconds=10)
+    assert not summary_due(event(last), last, [first, last], after)  # already sent
+    retried = job("b", JobState.DELIVERED, 60)  # `mailfax retry`, delivered this time
+    assert summary_due(event(retried), retried, [first, retried], after)
     sending = job("b", JobState.SENDING, 9)
-    assert not summary_due(event(first), first, [first, sending])
+    assert not summary_due(event(first), first, [first, sending], None)
     stale = Event(id=1, job_id="b", at=last.updated, state=JobState.UNCONFIRMED, reason=None,
                   detail="")
-    assert not summary_due(stale, last, [first, last])  # the job moved on since
+    assert not summary_due(stale, last, [first, last], None)  # the job moved on since
+    quiet = job("a", JobState.DELIVERED, 5, notify="none")
+    assert not summary_due(event(quiet), quiet, [quiet], None)
 
 
 async def test_failure_mode_mails_each_failed_fax_and_the_summary_speaks_german(

@@ -138,6 +138,14 @@ async def test_a_mails_jobs_come_in_the_order_they_were_stored_with_their_option
     assert {job.id: job.options["broadcast_index"] for job in jobs} == {"j2": 0, "j1": 1}
     assert [job.id for job in await store.mail_jobs("m2")] == ["j3"]
     assert await store.mail_jobs("nope") == []
+    assert await store.last_summary_at("m1") is None
+    await store.enqueue_mail(OutgoingMail("", ["a@b.c"], b"status", job_id="j2", kind="failed"))
+    assert await store.last_summary_at("m1") is None
+    before = datetime.now(UTC) - timedelta(seconds=5)
+    await store.enqueue_mail(OutgoingMail("", ["a@b.c"], b"sum", job_id="j1", kind="summary"))
+    at = await store.last_summary_at("m1")
+    assert at is not None and before < at <= datetime.now(UTC) + timedelta(seconds=5)
+    assert await store.last_summary_at("m2") is None
 
 
 async def test_added_jobs_are_queued_with_pages_documents_and_an_accepted_event(

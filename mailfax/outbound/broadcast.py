@@ -7,18 +7,20 @@ when the last job of the mail ends, one summary goes to the sender: a table of e
 of the list — delivered, failed with the reason, cancelled, may have been sent (unconfirmed),
 or refused by the dial policy (those never became jobs).
 
-Which event sends it is decided from the jobs alone, so that two instances, or two events in
-one batch, never both send it: the event of the job that ended last (the latest ``updated``,
-then the highest id), and only while that event is the job's current state. A job that
-changes again after the summary (``mailfax retry``, an unconfirmed fax found) brings a new
-summary once every job has ended again.
+Which event sends it: any event of the mail's jobs that finds every job ended (and is its
+job's current state), unless a summary was queued since the last change of any of them
+(``Store.last_summary_at``; the notifier handles events one after the other, each with its
+mails in one transaction). So two events in one batch send one summary; two instances on
+one PostgreSQL store handling the last two events at the same moment may send two, never
+none. A job that changes again after the summary (``mailfax retry``, an unconfirmed fax
+found) brings a new summary once every job has ended again.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, tzinfo
+from datetime import UTC, datetime, tzinfo
 from email.message import EmailMessage
 from email.utils import make_msgid
 from typing import TYPE_CHECKING, Any
@@ -49,17 +51,17 @@ def wants_job_mail(kind: str, job: Job) -> bool:
     return kind == "unconfirmed" or mode == "all" or (mode == "failure" and kind == "failed")
 
 
-def summary_due(event: Event, job: Job, jobs: Sequence[Job]) -> bool:
-    """Whether ``event`` (of ``job``, as it is now) is the one that sends the summary of the
-    mail whose jobs are ``jobs``."""
+def summary_due(event: Event, job: Job, jobs: Sequence[Job],
+                last_summary: datetime | None) -> bool:
+    """Whether ``event`` (of ``job``, as it is now) sends the summary of the mail whose jobs
+    are ``jobs``, the last summary of which was queued at ``last_summary``."""
     if event.state not in ENDED or job.state != event.state:
         return False
     if job.options.get("notify") == "none":
         return False
     if any(other.state not in ENDED for other in jobs):
         return False
-    last = max(jobs, key=lambda other: (other.updated, other.id))
-    return last.id == job.id
+    return last_summary is None or last_summary < max(other.updated for other in jobs)
 
 
 @dataclass(frozen=True)

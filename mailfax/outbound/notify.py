@@ -248,7 +248,7 @@ class Notifier:
         summary if this event is the one that sends it (mailfax/outbound/broadcast.py)."""
         mails = await self._job_mails(event) if wants_job_mail(kind, job) else []
         jobs = await self.store.mail_jobs(job.mail_id)
-        if not summary_due(event, job, jobs):
+        if not summary_due(event, job, jobs, await self.store.last_summary_at(job.mail_id)):
             return mails
         mail = await self.store.get_mail(job.mail_id)
         if mail is None:

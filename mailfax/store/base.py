@@ -367,6 +367,11 @@ class Store(Protocol):
 
     async def get_mail(self, mail_id: str) -> Mail | None: ...
 
+    async def last_summary_at(self, mail_id: str) -> datetime | None:
+        """When the last summary mail (outbox kind "summary") of a broadcast mail was
+        queued, None if none is (any more): so one is sent once per state of its jobs."""
+        ...
+
     async def mail_jobs(self, mail_id: str) -> list[Job]:
         """The jobs of one mail, in the order they were stored (a broadcast's summary)."""
         ...

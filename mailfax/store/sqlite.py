@@ -1162,6 +1162,15 @@ class SqliteStore(_InboundMixin, _EmulatorNetworkMixin, _RetentionMixin):
 
         return await self._call(operation)
 
+    async def last_summary_at(self, mail_id: str) -> datetime | None:
+        def operation(conn: sqlite3.Connection) -> datetime | None:
+            row = conn.execute(
+                "SELECT max(o.created) FROM outbox o JOIN jobs j ON o.job_id = j.id"
+                " WHERE j.mail_id = ? AND o.kind = 'summary'", (mail_id,)).fetchone()
+            return _ts(row[0])
+
+        return await self._call(operation)
+
     async def mail_jobs(self, mail_id: str) -> list[Job]:
         def operation(conn: sqlite3.Connection) -> list[Job]:
             rows = conn.execute("SELECT * FROM jobs WHERE mail_id = ? ORDER BY created, id",
