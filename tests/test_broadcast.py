@@ -325,8 +325,9 @@ async def test_a_lists_cover_page_shows_no_recipient_numbers(tmp_path: Path) -> 
     import pypdf
 
     lists = {"board": {"numbers": ["030 123456", "089 123456"],
-                       "allowed": ["alice@example.org"]}}
-    app = Application(make_settings(tmp_path, lists=lists))
+                       "allowed": ["alice@example.org"], "account": "second"}}
+    app = Application(make_settings(tmp_path, lists=lists, accounts={
+        "emulator": {"provider": "emulator"}, "second": {"provider": "emulator"}}))
     await app.start()
     try:
         service = Service(app)
@@ -337,6 +338,7 @@ async def test_a_lists_cover_page_shows_no_recipient_numbers(tmp_path: Path) -> 
         assert "2 faxes to the broadcast list board" in reply
         jobs = await app.store.list_jobs()
         assert len(jobs) == 2 and jobs[0].pages == 2  # the cover and the document
+        assert {job.account for job in jobs} == {"second"}  # the list's account
         cover = (await app.store.load_documents(jobs[0].mail_id))[0]
         text = pypdf.PdfReader(io.BytesIO(cover.data)).pages[0].extract_text()
         assert "Dear board, the agenda is attached." in text
@@ -387,3 +389,43 @@ async def test_postfix_in_front_the_policy_service_and_the_signed_user_hold_for_
             "reason": "User alice may not send faxes to +4989123456 (allowed: +4930)."}]
     finally:
         await app.stop()
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("030 123456,Alice\n089 123456,Bob\n", [("+4930123456", "Alice"), ("+4989123456", "Bob")]),
+    ("\ufeffName\tFax\n# a comment\nAlice\t030 123456\n\nBob\t+49 89 123456\n",
+     [("+4930123456", "Alice"), ("+4989123456", "Bob")]),
+    ("Nummer;Firma\n030/123456;Müller & Söhne\n0049-30-123456;twice\n",
+     [("+4930123456", "Müller & Söhne")]),
+    ("+4930123456\n", [("+4930123456", "")]),
+])
+def test_csv_lists_in_the_forms_spreadsheets_write(
+        tmp_path: Path, text: str, expected: list[tuple[str, str]]) -> None:
+    from mailfax.intake.broadcast import load_lists
+
+    (tmp_path / "list.csv").write_text(text, encoding="utf-8")
+    settings = make_settings(tmp_path, lists={"l": {"file": str(tmp_path / "list.csv"),
+                                                    "allowed": ["@example.org"]}})
+    entries = load_lists(settings)["l"].entries
+    assert [(entry.number, entry.name) for entry in entries] == expected
+    assert [entry.index for entry in entries] == list(range(len(expected)))
+
+
+@pytest.mark.parametrize(("text", "problem"), [
+    ("number,name\n030 123456,A\n,B\n", r"list\.csv line 3: no number in column 1"),
+    ("030 123456\n030 12x456\n", r"list\.csv line 2: .*030 12x456"),
+    ("number,name\n", "the list has no numbers"),
+])
+def test_a_bad_list_is_named_with_its_line(tmp_path: Path, text: str, problem: str) -> None:
+    (tmp_path / "list.csv").write_text(text, encoding="utf-8")
+    settings = make_settings(tmp_path, lists={"l": {"file": str(tmp_path / "list.csv"),
+                                                    "allowed": ["@example.org"]}})
+    with pytest.raises(ConfigError, match=problem):
+        preflight(settings)
+
+
+def test_a_missing_list_file_refuses_the_start(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path, lists={"l": {"file": str(tmp_path / "nope.csv"),
+                                                    "allowed": ["@example.org"]}})
+    with pytest.raises(ConfigError, match=r"lists\.l\.file: cannot read .*nope\.csv"):
+        preflight(settings)

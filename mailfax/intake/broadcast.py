@@ -173,8 +173,9 @@ def _entries(name: str, rows: Sequence[tuple[str, str, str]],
     for where, number, shown_name in rows:
         try:
             parsed = parse_fax_local_part(number, country)
-        except InvalidNumber as error:
-            raise ConfigError(f"lists.{name}: {where}: {error.sentence}") from None
+        except InvalidNumber as error:  # its sentence is about an address: none here
+            sentence = error.sentence.replace(" before the @.", ".")
+            raise ConfigError(f"lists.{name}: {where}: {sentence}") from None
         if parsed.tag:
             raise ConfigError(f"lists.{name}: {where}: {number!r} is not a fax number")
         entries.setdefault(parsed.number, ListEntry(parsed.number, shown_name, len(entries)))
