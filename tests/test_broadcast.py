@@ -429,3 +429,24 @@ def test_a_missing_list_file_refuses_the_start(tmp_path: Path) -> None:
                                                     "allowed": ["@example.org"]}})
     with pytest.raises(ConfigError, match=r"lists\.l\.file: cannot read .*nope\.csv"):
         preflight(settings)
+
+
+async def test_with_the_spool_intake_a_list_mail_is_expanded_after_the_250(
+        tmp_path: Path) -> None:
+    lists = {"board": {"numbers": ["030 123456", "089 123456", "0900 1234567"],
+                       "allowed": ["alice@example.org"]}}
+    app = Application(make_settings(tmp_path, lists=lists,
+                                    smtp={"listen": ["127.0.0.1:0"], "accept": "spool"}))
+    await app.start()
+    try:
+        service = Service(app)
+        mail = fax_mail([("a.pdf", documents.pdf(1), "application/pdf")],
+                        to="list-board@fax.local")
+        _, reply = await service.send(mail, "alice@example.org", ["list-board@fax.local"])
+        assert "spooled as" in reply
+        summary = parsed(await service.wait_for_mail(
+            lambda m: m["X-Mailfax-State"] == "summary", timeout=60))
+        assert "2 of 3 delivered, 1 refused" in summary["Subject"]
+        assert len(await app.store.list_jobs()) == 2
+    finally:
+        await app.stop()
