@@ -208,6 +208,7 @@ class Application:
         self.intake = Intake(settings, self.store, on_stored=self._after_intake,
                              metrics=self.metrics, secret_key=secret_key)
         self.intake.wake_outbox = self.outbox.wake
+        await asyncio.to_thread(self.intake.broadcast_lists)  # not at the first RCPT
 
         loops: list[tuple[str, Callable[[], Awaitable[None]]]] = [
             ("dispatcher", self.dispatcher.run),

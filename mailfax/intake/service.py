@@ -111,9 +111,10 @@ class Intake:
         self.wake_spool: Callable[[], None] = lambda: None  # smtp.accept = "spool"
         # Pure for a given configuration, and asked twice per recipient (RCPT, then DATA).
         self.check_recipient = functools.lru_cache(maxsize=4096)(self._check_recipient)
+        # The broadcast lists, read at the first use (``serve`` reads them at start, in a
+        # thread) and again if the settings' lists change.
         self._lists: tuple[dict[str, BroadcastListSettings], dict[str, BroadcastList]] | None \
             = None
-        self.broadcast_lists()  # read at start (preflight checked them)
 
     def check_sender(self, envelope_from: str, client_ip: str | None,
                      user: str | None = None) -> None:

@@ -257,6 +257,9 @@ class Notifier:
             log.info("mail %s: no broadcast summary to <%s> (automatic or bounce)", mail.id,
                      mail.envelope_from)
             return mails
+        return [*mails, self._summary_mail(job, mail, jobs)]
+
+    def _summary_mail(self, job: Job, mail: Mail, jobs: list[Job]) -> OutgoingMail:
         language = mail.language or self.settings.language
         try:
             status = render_summary(self.renderer, mail, jobs, language, self.zone)
@@ -266,9 +269,8 @@ class Notifier:
         message = compose_summary(status, mail, jobs, self.settings)
         log.info("mail %s: broadcast summary of %d jobs to <%s>", mail.id, len(jobs),
                  mail.envelope_from)
-        return [*mails, OutgoingMail(envelope_from="", recipients=[mail.envelope_from],
-                                     message=message.as_bytes(), job_id=job.id,
-                                     kind="summary")]
+        return OutgoingMail(envelope_from="", recipients=[mail.envelope_from],
+                            message=message.as_bytes(), job_id=job.id, kind="summary")
 
     async def _job_mails(self, event: Event) -> list[OutgoingMail]:
         kind = event_kind(event)
