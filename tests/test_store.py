@@ -138,6 +138,11 @@ async def test_a_mails_jobs_come_in_the_order_they_were_stored_with_their_option
     assert {job.id: job.options["broadcast_index"] for job in jobs} == {"j2": 0, "j1": 1}
     assert [job.id for job in await store.mail_jobs("m2")] == ["j3"]
     assert await store.mail_jobs("nope") == []
+    assert await store.open_jobs("m1") == 2
+    await store.record("j1", Transition(JobState.FAILED, reason=reasons.reason("busy")))
+    await store.record("j2", Transition(JobState.UNCONFIRMED))
+    assert await store.open_jobs("m1") == 0  # unconfirmed: ended, as far as a summary goes
+    assert await store.open_jobs("m2") == 1
     assert await store.last_summary_at("m1") is None
     await store.enqueue_mail(OutgoingMail("", ["a@b.c"], b"status", job_id="j2", kind="failed"))
     assert await store.last_summary_at("m1") is None

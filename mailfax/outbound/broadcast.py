@@ -51,13 +51,18 @@ def wants_job_mail(kind: str, job: Job) -> bool:
     return kind == "unconfirmed" or mode == "all" or (mode == "failure" and kind == "failed")
 
 
+def may_end_broadcast(event: Event, job: Job) -> bool:
+    """Whether ``event`` (of ``job``, as it is now) can be the one that sends the summary:
+    it ended the job, the job is still so, and the sender did not ask for no mails."""
+    return event.state in ENDED and job.state == event.state and \
+        job.options.get("notify") != "none"
+
+
 def summary_due(event: Event, job: Job, jobs: Sequence[Job],
                 last_summary: datetime | None) -> bool:
     """Whether ``event`` (of ``job``, as it is now) sends the summary of the mail whose jobs
     are ``jobs``, the last summary of which was queued at ``last_summary``."""
-    if event.state not in ENDED or job.state != event.state:
-        return False
-    if job.options.get("notify") == "none":
+    if not may_end_broadcast(event, job):
         return False
     if any(other.state not in ENDED for other in jobs):
         return False

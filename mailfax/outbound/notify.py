@@ -31,6 +31,7 @@ from mailfax.outbound.accounts import Pause
 from mailfax.outbound.broadcast import (
     broadcast_of,
     compose_summary,
+    may_end_broadcast,
     render_summary,
     summary_due,
     wants_job_mail,
@@ -247,6 +248,8 @@ class Notifier:
         """A broadcast list's job: its own status mail only if asked for; the list's one
         summary if this event is the one that sends it (mailfax/outbound/broadcast.py)."""
         mails = await self._job_mails(event) if wants_job_mail(kind, job) else []
+        if not may_end_broadcast(event, job) or await self.store.open_jobs(job.mail_id):
+            return mails  # cheap looks first: a list may have thousands of jobs
         jobs = await self.store.mail_jobs(job.mail_id)
         if not summary_due(event, job, jobs, await self.store.last_summary_at(job.mail_id)):
             return mails

@@ -367,6 +367,11 @@ class Store(Protocol):
 
     async def get_mail(self, mail_id: str) -> Mail | None: ...
 
+    async def open_jobs(self, mail_id: str) -> int:
+        """How many jobs of a mail have not ended (:data:`ENDED_STATES`): a cheap look
+        before :meth:`mail_jobs`, asked at every ended job of a broadcast list."""
+        ...
+
     async def last_summary_at(self, mail_id: str) -> datetime | None:
         """When the last summary mail (outbox kind "summary") of a broadcast mail was
         queued, None if none is (any more): so one is sent once per state of its jobs."""

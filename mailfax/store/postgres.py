@@ -1247,6 +1247,13 @@ class PostgresStore:
             await cur.execute("SELECT * FROM jobs WHERE id = ANY(%s)", (list(job_ids),))
             return [_job(row) for row in await cur.fetchall()]
 
+    async def open_jobs(self, mail_id: str) -> int:
+        async with self._cursor(atomic=False) as cur:
+            await cur.execute("SELECT count(*) AS n FROM jobs WHERE mail_id = %s"
+                              " AND NOT state = ANY(%s)", (mail_id, ENDED))
+            row = await cur.fetchone()
+            return int(row["n"]) if row else 0
+
     async def last_summary_at(self, mail_id: str) -> datetime | None:
         async with self._cursor(atomic=False) as cur:
             await cur.execute(

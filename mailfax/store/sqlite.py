@@ -1162,6 +1162,15 @@ class SqliteStore(_InboundMixin, _EmulatorNetworkMixin, _RetentionMixin):
 
         return await self._call(operation)
 
+    async def open_jobs(self, mail_id: str) -> int:
+        def operation(conn: sqlite3.Connection) -> int:
+            marks = ",".join("?" * len(ENDED_STATES))
+            row = conn.execute(f"SELECT count(*) FROM jobs WHERE mail_id = ? AND state NOT IN"
+                               f" ({marks})", (mail_id, *ENDED_STATES)).fetchone()
+            return int(row[0])
+
+        return await self._call(operation)
+
     async def last_summary_at(self, mail_id: str) -> datetime | None:
         def operation(conn: sqlite3.Connection) -> datetime | None:
             row = conn.execute(
