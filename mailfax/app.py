@@ -35,6 +35,7 @@ from mailfax.inbound.mailer import InboundMailer
 from mailfax.inbound.poller import InboundPoller
 from mailfax.inbound.screening import block_file
 from mailfax.intake.accept_spool import accept_spool_loops
+from mailfax.intake.broadcast import lists_problem
 from mailfax.intake.service import Intake
 from mailfax.intake.smtp import start_listeners, tls_context
 from mailfax.outbound.accounts import AccountHealth
@@ -104,7 +105,7 @@ def startup_problem(settings: Settings) -> str | None:
         return ("imap_intake: anyone who can mail the watched mailbox could send faxes; set "
                 "senders.allowed_addresses or senders.allowed_domains (or, knowingly, "
                 "imap_intake.allow_any_sender = true)")
-    problem = _folder_problem("data_dir", settings.data_dir)
+    problem = _folder_problem("data_dir", settings.data_dir) or lists_problem(settings)
     if problem:
         return problem
     try:
@@ -207,6 +208,7 @@ class Application:
         self.intake = Intake(settings, self.store, on_stored=self._after_intake,
                              metrics=self.metrics, secret_key=secret_key)
         self.intake.wake_outbox = self.outbox.wake
+        await asyncio.to_thread(self.intake.broadcast_lists)  # not at the first RCPT
 
         loops: list[tuple[str, Callable[[], Awaitable[None]]]] = [
             ("dispatcher", self.dispatcher.run),

@@ -683,6 +683,51 @@ class ImapDeliverySettings(ImapServerSettings):
     create_folders: bool = True
 
 
+class BroadcastEntry(Strict):
+    """One number of a broadcast list given in the config (``numbers = [{number = …}]``)."""
+
+    number: str
+    name: str = ""
+
+
+class BroadcastListSettings(Strict):
+    """``[lists.NAME]``: a broadcast list. A mail to ``<list_prefix>NAME@<fax domain>`` becomes
+    one fax job per number of the list, and one summary status mail when all have ended
+    (mailfax/intake/broadcast.py, mailfax/outbound/broadcast.py)."""
+
+    # A CSV file with a number column and an optional name column (a header row naming
+    # "number" and "name" is optional; "," ";" or tab between the columns); a relative path
+    # is relative to the config file's folder. Or the numbers right here: ``numbers``.
+    file: Path | None = None
+    numbers: list[str | BroadcastEntry] = Field(default_factory=list)
+    # Who may send to the list: envelope senders, "@example.org" for a whole domain.
+    allowed: list[str] = Field(min_length=1)
+    account: str | None = None  # the provider account of its faxes; None: the sender's
+    # Status mails per fax of the list besides the one summary: "none", or "failure" (one
+    # mail per failed fax, as for a single fax).
+    job_mails: Literal["none", "failure"] = "none"
+
+    @field_validator("allowed")
+    @classmethod
+    def _senders(cls, values: list[str]) -> list[str]:
+        values = [value.strip().lower() for value in values]
+        for value in values:
+            if "@" not in value or value.endswith("@"):
+                raise ValueError(f"{value!r} is not a sender address (alice@example.org) or "
+                                 f"a domain (@example.org)")
+        return values
+
+    @model_validator(mode="after")
+    def _one_source(self) -> BroadcastListSettings:
+        if (self.file is None) == (not self.numbers):
+            raise ValueError("give the list's numbers either as file = \"….csv\" or as "
+                             "numbers = [...], not both and not neither")
+        return self
+
+
+LIST_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+
+
 class AccountSettings(BaseModel):
     """``[accounts.NAME]``: ``provider`` picks the adapter, the other keys are its settings."""
 
@@ -750,6 +795,10 @@ class Settings(Strict):
     retention: RetentionSettings = RetentionSettings()
     options: OptionSettings = OptionSettings()
 
+    # Broadcast lists (BroadcastListSettings), mailed at <list_prefix>NAME@<fax domain>.
+    lists: dict[str, BroadcastListSettings] = Field(default_factory=dict)
+    list_prefix: str = Field(default="list-", pattern=r"^[A-Za-z][A-Za-z0-9._-]*$")
+
     @field_validator("fax_domains")
     @classmethod
     def _lower_domains(cls, values: list[str]) -> list[str]:
@@ -766,6 +815,17 @@ class Settings(Strict):
             if user.account is not None and user.account not in self.accounts:
                 raise ValueError(f"users.{name}.account {user.account!r} is not one of the "
                                  f"accounts ({', '.join(sorted(self.accounts))})")
+        return self
+
+    @model_validator(mode="after")
+    def _lists_valid(self) -> Settings:
+        for name, settings in self.lists.items():
+            if not LIST_NAME.match(name):
+                raise ValueError(f"lists.{name}: a list name is lower-case letters, digits, "
+                                 f"'.', '_' and '-' (it is part of the mail address)")
+            if settings.account is not None and settings.account not in self.accounts:
+                raise ValueError(f"lists.{name}.account {settings.account!r} is not one of "
+                                 f"the accounts ({', '.join(sorted(self.accounts))})")
         return self
 
     def paper_for(self, account: str | None) -> Paper:

@@ -126,6 +126,33 @@ async def test_jobs_are_fetched_by_id_in_one_call_and_unknown_ids_left_out(
     assert len(await store.get_jobs(many)) == 1200
 
 
+async def test_a_mails_jobs_come_in_the_order_they_were_stored_with_their_options(
+        store: Store) -> None:
+    await store.add_mail_jobs(new_mail("m1"), [
+        NewJob("j2", "+4930123456", "acct", {"broadcast": "customers", "broadcast_index": 0}),
+        NewJob("j1", "+4930654321", "acct", {"broadcast": "customers", "broadcast_index": 1}),
+    ], DOCS)
+    await add(store, mail_id="m2", jobs=("j3",))
+    jobs = await store.mail_jobs("m1")
+    assert [job.id for job in jobs] == ["j1", "j2"]  # one insert time: then by id
+    assert {job.id: job.options["broadcast_index"] for job in jobs} == {"j2": 0, "j1": 1}
+    assert [job.id for job in await store.mail_jobs("m2")] == ["j3"]
+    assert await store.mail_jobs("nope") == []
+    assert await store.open_jobs("m1") == 2
+    await store.record("j1", Transition(JobState.FAILED, reason=reasons.reason("busy")))
+    await store.record("j2", Transition(JobState.UNCONFIRMED))
+    assert await store.open_jobs("m1") == 0  # unconfirmed: ended, as far as a summary goes
+    assert await store.open_jobs("m2") == 1
+    assert await store.last_summary_at("m1") is None
+    await store.enqueue_mail(OutgoingMail("", ["a@b.c"], b"status", job_id="j2", kind="failed"))
+    assert await store.last_summary_at("m1") is None
+    before = datetime.now(UTC) - timedelta(seconds=5)
+    await store.enqueue_mail(OutgoingMail("", ["a@b.c"], b"sum", job_id="j1", kind="summary"))
+    at = await store.last_summary_at("m1")
+    assert at is not None and before < at <= datetime.now(UTC) + timedelta(seconds=5)
+    assert await store.last_summary_at("m2") is None
+
+
 async def test_added_jobs_are_queued_with_pages_documents_and_an_accepted_event(
         store: Store) -> None:
     await add(store, jobs=("j1", "j2"))

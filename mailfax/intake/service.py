@@ -10,13 +10,13 @@ import functools
 import logging
 import secrets
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from mailfax.config import Settings
+from mailfax.config import BroadcastListSettings, Settings
 from mailfax.documents.cover import CoverInfo, CoverUnavailable, cover_text, render_cover
 from mailfax.documents.faxrender import resolution_named
 from mailfax.documents.pdf import PAPERS, PageSetup
@@ -29,6 +29,16 @@ from mailfax.intake.assemble import (
     needs_worker,
     nothing_to_fax,
     read_mail,
+)
+from mailfax.intake.broadcast import (
+    BroadcastList,
+    Expansion,
+    ListRecipient,
+    check_allowed,
+    expand,
+    find_list,
+    list_name_of,
+    load_lists,
 )
 from mailfax.intake.options import Clock, fax_header_fields, parse_mail_options
 from mailfax.intake.spool import MailBytes
@@ -84,6 +94,8 @@ class Accepted:
     pages: int
     job_for_number: dict[str, str]  # E.164 number -> job id
     warnings: list[Finding] = field(default_factory=list)  # documents.readiness = "warn"
+    broadcast: str = ""  # the broadcast list the mail went to
+    refused: int = 0  # numbers of that list the dial policy refused
 
 
 def page_setup(settings: Settings, account: str | None) -> PageSetup:
@@ -106,6 +118,10 @@ class Intake:
         # Pure for a given configuration, and asked twice per recipient (RCPT, then DATA).
         self.check_recipient = functools.lru_cache(maxsize=4096)(self._check_recipient)
         self.clock: Callable[[], datetime] = lambda: datetime.now(UTC)  # read by the options
+        # The broadcast lists, read at the first use (``serve`` reads them at start, in a
+        # thread) and again if the settings' lists change.
+        self._lists: tuple[dict[str, BroadcastListSettings], dict[str, BroadcastList]] | None \
+            = None
 
     def check_sender(self, envelope_from: str, client_ip: str | None,
                      user: str | None = None) -> None:
@@ -123,14 +139,67 @@ class Intake:
             raise Refusal(550, "5.7.1", f"Not allowed: {verdict.reason}.{hint}")
 
     async def check_rcpt(self, envelope_from: str, address: str, user: str | None,
-                         pending: int, usage: dict[str, int] | None = None) -> FaxAddress:
+                         pending: int, usage: dict[str, int] | None = None
+                         ) -> FaxAddress | ListRecipient:
         """The RCPT stage's checks of one fax recipient, in order: the number and the dial
         policy, the user's prefixes, the hourly quotas. mailfax's SMTP/LMTP listeners and
-        its Postfix policy service (trust/policy_service.py) both ask this."""
+        its Postfix policy service (trust/policy_service.py) both ask this. A broadcast
+        list's address: who may use it, and the quotas for its numbers."""
+        if self.is_list_address(address):
+            return await self.check_list_rcpt(envelope_from, address, user, pending, usage)
         fax = self.check_recipient(address)
         self.check_user_destination(fax, user)
         await self.check_rate(envelope_from, user, pending, usage)
         return fax
+
+    # -- broadcast lists (mailfax/intake/broadcast.py) --
+
+    def broadcast_lists(self) -> dict[str, BroadcastList]:
+        """The lists of the settings in use, read once per settings (ConfigError if bad)."""
+        if self._lists is None or self._lists[0] is not self.settings.lists:
+            self._lists = (self.settings.lists, load_lists(self.settings))
+        return self._lists[1]
+
+    def is_list_address(self, address: str) -> bool:
+        return list_name_of(address, self.settings) is not None
+
+    async def check_list_rcpt(self, envelope_from: str, address: str, user: str | None,
+                              pending: int, usage: dict[str, int] | None) -> ListRecipient:
+        """A list address at RCPT: 550 5.1.1 for an unknown list, 550 5.7.1 for a sender
+        the list does not allow; the hourly quotas for its numbers that may be dialled."""
+        expansion = self.expand_list(envelope_from, address, user)
+        await self.check_rate(envelope_from, user, pending + len(expansion.addresses) - 1,
+                              usage)
+        return ListRecipient(expansion.broadcast.name, len(expansion.addresses))
+
+    def expand_list(self, envelope_from: str, address: str, user: str | None) -> Expansion:
+        broadcast, tag = find_list(address, self.broadcast_lists(), self.settings)
+        check_allowed(broadcast, envelope_from)
+        domain = self.settings.fax_domains[0]
+
+        def check(fax: FaxAddress) -> None:
+            self.check_recipient(f"{fax.number}@{domain}")  # the dial policy
+            self.check_user_destination(fax, user)
+
+        return expand(broadcast, tag, check)
+
+    def probe_recipient(self, address: str) -> FaxAddress | ListRecipient:
+        """An MTA's verification probe: does the number (or the list) exist here?"""
+        if not self.is_list_address(address):
+            return self.check_recipient(address)
+        broadcast, _ = find_list(address, self.broadcast_lists(), self.settings)
+        return ListRecipient(broadcast.name, len(broadcast.entries))
+
+    def _expansion_of(self, envelope_from: str, recipients: Sequence[str],
+                      user: str | None) -> Expansion | None:
+        """The list a mail goes to (it must then be its only fax recipient), or None."""
+        lists = [address for address in recipients if self.is_list_address(address)]
+        if not lists:
+            return None
+        if len(recipients) > 1:
+            raise Refusal(550, "5.5.3", "A mail to a broadcast list may have no other fax "
+                          "recipient; send one mail per list.")
+        return self.expand_list(envelope_from, lists[0], user)
 
     def check_user_destination(self, fax: FaxAddress, user: str | None) -> None:
         settings = self.settings.users.get(user) if user else None
@@ -278,6 +347,10 @@ class Intake:
         if user is not None or named is None:
             return raw, user
         self.check_sender(envelope_from, None, named)
+        expansion = self._expansion_of(envelope_from, recipients, named)
+        if expansion is not None:
+            await self.check_rate(envelope_from, named, len(expansion.addresses) - 1)
+            return raw, named
         numbers = {self.check_recipient(address).number for address in recipients}
         for address in recipients:
             self.check_user_destination(self.check_recipient(address), named)
@@ -287,8 +360,11 @@ class Intake:
     async def accept_mail(self, envelope_from: str, recipients: Sequence[str], raw: MailBytes,
                           client: str, user: str | None = None) -> Accepted:
         """Turn a mail into one job per fax number; durable when this returns."""
-        addresses = [self.check_recipient(address) for address in recipients]
-        account = self._account_for(user)
+        expansion = self._expansion_of(envelope_from, recipients, user)
+        addresses = expansion.addresses if expansion else \
+            [self.check_recipient(address) for address in recipients]
+        account = (expansion.broadcast.settings.account if expansion else None) or \
+            self._account_for(user)
         setup = page_setup(self.settings, account)
         if len(raw) > INLINE_ASSEMBLY_BYTES:
             content = await asyncio.to_thread(assemble, raw, allow_empty=True, setup=setup)
@@ -298,7 +374,8 @@ class Intake:
             content = (await asyncio.to_thread(convert_documents, mail, setup)
                        if needs_worker(mail) else convert_documents(mail, setup))
         content, options = self.read_options(raw, addresses, content, account)
-        content = await self._with_cover(content, addresses, envelope_from, options)
+        content = await self._with_cover(content, addresses, envelope_from, options,
+                                         shown=None if expansion is None else "")
         if not content.documents:
             raise nothing_to_fax(content, self._cover_address(recipients, addresses, content))
         # Bounces are never faxed; one without documents is refused as such first (554).
@@ -307,9 +384,13 @@ class Intake:
             self._check_from_header(content.mail.from_address, user)
         warnings = await self.check_readiness(content.documents,
                                               options.get("resolution", "standard"))
+        if warnings:
+            options = {**options, "warnings": warnings}
+        if expansion is not None:
+            return await self._store_broadcast(expansion, envelope_from, content, client,
+                                               account, user, options)
         return await self.store_jobs(envelope_from, addresses, content, client, account,
-                                     self.quotas_for(user),
-                                     {**options, "warnings": warnings} if warnings else options)
+                                     self.quotas_for(user), options)
 
     def read_options(self, raw: MailBytes, addresses: Sequence[FaxAddress],
                      content: FaxContent, account: str) -> tuple[FaxContent, dict[str, Any]]:
@@ -358,14 +439,30 @@ class Intake:
             raise Refusal(554, "5.6.0", refusal_text(findings))
         return findings
 
+    async def _store_broadcast(self, expansion: Expansion, envelope_from: str,
+                               content: FaxContent, client: str, account: str,
+                               user: str | None, options: dict[str, Any]) -> Accepted:
+        """A list's jobs, each with the mail's options and its own (the list, the name, the
+        refused numbers)."""
+        accepted = await self.store_jobs(envelope_from, expansion.addresses, content, client,
+                                         account, self.quotas_for(user), options,
+                                         job_options=expansion.job_options())
+        log.info("mail %s to the broadcast list %s: %d jobs, %d numbers refused",
+                 accepted.mail_id, expansion.broadcast.name, len(accepted.job_ids),
+                 len(expansion.refused))
+        return dataclasses.replace(accepted, broadcast=expansion.broadcast.name,
+                                   refused=len(expansion.refused))
+
     async def _with_cover(self, content: FaxContent, addresses: Sequence[FaxAddress],
-                          envelope_from: str, options: dict[str, Any]) -> FaxContent:
+                          envelope_from: str, options: dict[str, Any],
+                          shown: str | None = None) -> FaxContent:
         """Put the mail's text in front as a cover page, if this mail asks for one.
 
         The option ``cover`` (``+cover`` on any recipient, ``+nocover`` on all, or
         ``X-Fax-Cover``) decides; without it ``documents.cover`` does. Without text there is
-        no cover. One cover serves all recipients of the mail (it lists their numbers), as the
-        documents are shared.
+        no cover. One cover serves all recipients of the mail (it lists their numbers, or
+        ``shown``: "" for a broadcast list, whose recipients must not see each other's), as
+        the documents are shared.
         """
         wanted = options.get("cover")
         if wanted is False or (wanted is None and self.settings.documents.cover == "never"):
@@ -373,8 +470,9 @@ class Intake:
         text = cover_text(content.mail.text)
         if not text:
             return content
-        numbers = ", ".join(format_international(number) for number in
-                            dict.fromkeys(address.number for address in addresses))
+        numbers = shown if shown is not None else ", ".join(
+            format_international(number)
+            for number in dict.fromkeys(address.number for address in addresses))
         info = CoverInfo(sender=content.mail.from_header or envelope_from, number=numbers,
                          subject=content.mail.subject,
                          date=self._local_time(content.mail.date), text=text,
@@ -424,7 +522,8 @@ class Intake:
                          content: FaxContent, client: str,
                          account: str | None = None,
                          quotas: Sequence[Quota] = (),
-                         options: dict[str, Any] | None = None) -> Accepted:
+                         options: dict[str, Any] | None = None,
+                         job_options: Mapping[str, dict[str, Any]] | None = None) -> Accepted:
         mail = content.mail
         new_mail = NewMail(
             mail_id=secrets.token_hex(8), envelope_from=envelope_from,
@@ -434,7 +533,7 @@ class Intake:
             language=self.settings.notify.language,
         )
         return await self._store(new_mail, addresses, content.documents, account, quotas,
-                                 options or {})
+                                 options or {}, job_options)
 
     async def store_documents(self, envelope_from: str, addresses: Sequence[FaxAddress],
                               documents: Sequence[FaxDocument], subject: str,
@@ -448,13 +547,17 @@ class Intake:
     async def _store(self, mail: NewMail, addresses: Sequence[FaxAddress],
                      documents: Sequence[FaxDocument], account: str | None = None,
                      quotas: Sequence[Quota] = (),
-                     options: dict[str, Any] | None = None) -> Accepted:
+                     options: dict[str, Any] | None = None,
+                     job_options: Mapping[str, dict[str, Any]] | None = None) -> Accepted:
+        """``options`` apply to every job of the mail; ``job_options`` ({number: options})
+        add to them per number (a broadcast list's name and place)."""
         numbers = list(dict.fromkeys(address.number for address in addresses))  # dedupe, keep order
         account = account or self.settings.default_account
         options = options or {}
         hold = capabilities.held_until(self.settings.accounts[account].provider, options)
         jobs = [NewJob(job_id=new_job_id(), number=number, account=account,
-                       options=dict(options), hold_until=hold) for number in numbers]
+                       options={**options, **(job_options or {}).get(number, {})},
+                       hold_until=hold) for number in numbers]
         try:
             await self.store.add_mail_jobs(mail, jobs, documents, quotas)
         except QuotaExceeded as over:

@@ -25,6 +25,7 @@ from mailfax.config import ListenAddress, SmtpSettings, UserSettings
 from mailfax.documents.readiness import short_text
 from mailfax.intake.accept_spool import spool_reply
 from mailfax.intake.assemble import Refusal
+from mailfax.intake.broadcast import ListRecipient, broadcast_reply
 from mailfax.intake.limits import (
     Connections,
     Progress,
@@ -42,6 +43,7 @@ from mailfax.intake.spool import (
     Spool,
     declared_size,
 )
+from mailfax.numbers import FaxAddress
 from mailfax.trust.auth import LoginThrottle, unmatchable_hash, verify_password
 
 log = logging.getLogger(__name__)
@@ -94,9 +96,13 @@ class FaxHandler:
         if self.intake.is_postmaster(address):
             envelope.rcpt_tos.append(address)
             return "250 2.1.5 OK, to the postmaster"
+        mixed = self._mixes_list(envelope, address)
+        if mixed:
+            return mixed
         try:
+            fax: FaxAddress | ListRecipient
             if envelope in self._probes:  # the number and the dial policy; no quota
-                fax = self.intake.check_recipient(address)
+                fax = self.intake.probe_recipient(address)
             else:
                 fax = await self.intake.check_rcpt(
                     envelope.mail_from or "", address, _user(session),
@@ -108,6 +114,16 @@ class FaxHandler:
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(rcpt_options)
         return f"250 2.1.5 OK, fax to {fax.number}"
+
+    def _mixes_list(self, envelope: Envelope, address: str) -> str | None:
+        """A broadcast list goes in a mail of its own: a 452 for a recipient that would mix
+        it with other fax recipients (the client sends that one in another transaction)."""
+        faxes = [rcpt for rcpt in envelope.rcpt_tos if not self.intake.is_postmaster(rcpt)]
+        if faxes and (self.intake.is_list_address(address) or
+                      any(self.intake.is_list_address(rcpt) for rcpt in faxes)):
+            return ("452 4.5.3 A broadcast list is sent in a mail of its own; send this "
+                    "recipient in another mail")
+        return None
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         raw = envelope.original_content or envelope.content or b""
@@ -138,6 +154,10 @@ class FaxHandler:
         outcome = await self._take_faxes(server, session, envelope, faxes, raw)
         if isinstance(outcome, str):  # one reply for every fax recipient
             return outcome, dict.fromkeys(faxes, outcome)
+        if outcome.broadcast:
+            reply = broadcast_reply(outcome.broadcast, len(outcome.job_ids), outcome.refused,
+                                    outcome.mail_id)
+            return reply, dict.fromkeys(faxes, reply)
         replies = {}
         warning = _warning(outcome)
         for address in faxes:

@@ -28,6 +28,14 @@ from mailfax.config import NotifySettings
 from mailfax.model import JobState
 from mailfax.numbers import format_international
 from mailfax.outbound.accounts import Pause
+from mailfax.outbound.broadcast import (
+    broadcast_of,
+    compose_summary,
+    may_end_broadcast,
+    render_summary,
+    summary_due,
+    wants_job_mail,
+)
 from mailfax.outbound.dsn import build_dsn, dsn_status_for
 from mailfax.store.base import Event, Job, Mail, OutgoingMail, Store
 from mailfax.support.lazy import lazy_module
@@ -241,6 +249,44 @@ class Notifier:
         return len(events)
 
     async def _mails_for(self, event: Event) -> list[OutgoingMail]:
+        kind = event_kind(event)
+        job = await self.store.get_job(event.job_id) if kind is not None else None
+        if kind is not None and job is not None and broadcast_of(job):
+            return await self._broadcast_mails(kind, job, event)
+        return await self._job_mails(event)
+
+    async def _broadcast_mails(self, kind: str, job: Job, event: Event) -> list[OutgoingMail]:
+        """A broadcast list's job: its own status mail only if asked for; the list's one
+        summary if this event is the one that sends it (mailfax/outbound/broadcast.py)."""
+        mails = await self._job_mails(event) if wants_job_mail(kind, job) else []
+        if not may_end_broadcast(event, job) or await self.store.open_jobs(job.mail_id):
+            return mails  # cheap looks first: a list may have thousands of jobs
+        jobs = await self.store.mail_jobs(job.mail_id)
+        if not summary_due(event, job, jobs, await self.store.last_summary_at(job.mail_id)):
+            return mails
+        mail = await self.store.get_mail(job.mail_id)
+        if mail is None:
+            return mails
+        if not status_mail_allowed(mail.envelope_from, mail.auto_submitted, mail.precedence):
+            log.info("mail %s: no broadcast summary to <%s> (automatic or bounce)", mail.id,
+                     mail.envelope_from)
+            return mails
+        return [*mails, self._summary_mail(job, mail, jobs)]
+
+    def _summary_mail(self, job: Job, mail: Mail, jobs: list[Job]) -> OutgoingMail:
+        language = mail.language or self.settings.language
+        try:
+            status = render_summary(self.renderer, mail, jobs, language, self.zone)
+        except jinja2.TemplateError:
+            log.exception("broadcast summary template for %s failed", language)
+            status = render_summary(self.renderer, mail, jobs, "en", self.zone)
+        message = compose_summary(status, mail, jobs, self.settings)
+        log.info("mail %s: broadcast summary of %d jobs to <%s>", mail.id, len(jobs),
+                 mail.envelope_from)
+        return OutgoingMail(envelope_from="", recipients=[mail.envelope_from],
+                            message=message.as_bytes(), job_id=job.id, kind="summary")
+
+    async def _job_mails(self, event: Event) -> list[OutgoingMail]:
         kind = event_kind(event)
         if kind is None or (kind not in self.settings.events and kind not in ALWAYS_MAILED
                             and kind not in MAILED_WITH_WARNINGS):

@@ -372,6 +372,20 @@ class Store(Protocol):
 
     async def get_mail(self, mail_id: str) -> Mail | None: ...
 
+    async def open_jobs(self, mail_id: str) -> int:
+        """How many jobs of a mail have not ended (:data:`ENDED_STATES`): a cheap look
+        before :meth:`mail_jobs`, asked at every ended job of a broadcast list."""
+        ...
+
+    async def last_summary_at(self, mail_id: str) -> datetime | None:
+        """When the last summary mail (outbox kind "summary") of a broadcast mail was
+        queued, None if none is (any more): so one is sent once per state of its jobs."""
+        ...
+
+    async def mail_jobs(self, mail_id: str) -> list[Job]:
+        """The jobs of one mail, in the order they were stored (a broadcast's summary)."""
+        ...
+
     async def list_jobs(self, limit: int = 1000, state: JobState | None = None) -> list[Job]: ...
 
     async def usage_since(self, since: datetime, senders: Sequence[str] | None = None

@@ -1249,6 +1249,28 @@ class PostgresStore:
             await cur.execute("SELECT * FROM jobs WHERE id = ANY(%s)", (list(job_ids),))
             return [_job(row) for row in await cur.fetchall()]
 
+    async def open_jobs(self, mail_id: str) -> int:
+        async with self._cursor(atomic=False) as cur:
+            await cur.execute("SELECT count(*) AS n FROM jobs WHERE mail_id = %s"
+                              " AND NOT state = ANY(%s)", (mail_id, ENDED))
+            row = await cur.fetchone()
+            return int(row["n"]) if row else 0
+
+    async def last_summary_at(self, mail_id: str) -> datetime | None:
+        async with self._cursor(atomic=False) as cur:
+            await cur.execute(
+                "SELECT max(o.created) AS at FROM outbox o JOIN jobs j ON o.job_id = j.id"
+                " WHERE j.mail_id = %s AND o.kind = 'summary'", (mail_id,))
+            row = await cur.fetchone()
+            at: datetime | None = row["at"] if row else None
+            return at
+
+    async def mail_jobs(self, mail_id: str) -> list[Job]:
+        async with self._cursor(atomic=False) as cur:
+            await cur.execute("SELECT * FROM jobs WHERE mail_id = %s ORDER BY created, id",
+                              (mail_id,))
+            return [_job(row) for row in await cur.fetchall()]
+
     async def list_jobs(self, limit: int = 1000, state: JobState | None = None) -> list[Job]:
         async with self._cursor() as cur:
             await cur.execute(

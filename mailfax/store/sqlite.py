@@ -1164,6 +1164,32 @@ class SqliteStore(_InboundMixin, _EmulatorNetworkMixin, _RetentionMixin):
 
         return await self._call(operation)
 
+    async def open_jobs(self, mail_id: str) -> int:
+        def operation(conn: sqlite3.Connection) -> int:
+            marks = ",".join("?" * len(ENDED_STATES))
+            row = conn.execute(f"SELECT count(*) FROM jobs WHERE mail_id = ? AND state NOT IN"
+                               f" ({marks})", (mail_id, *ENDED_STATES)).fetchone()
+            return int(row[0])
+
+        return await self._call(operation)
+
+    async def last_summary_at(self, mail_id: str) -> datetime | None:
+        def operation(conn: sqlite3.Connection) -> datetime | None:
+            row = conn.execute(
+                "SELECT max(o.created) FROM outbox o JOIN jobs j ON o.job_id = j.id"
+                " WHERE j.mail_id = ? AND o.kind = 'summary'", (mail_id,)).fetchone()
+            return _ts(row[0])
+
+        return await self._call(operation)
+
+    async def mail_jobs(self, mail_id: str) -> list[Job]:
+        def operation(conn: sqlite3.Connection) -> list[Job]:
+            rows = conn.execute("SELECT * FROM jobs WHERE mail_id = ? ORDER BY created, id",
+                                (mail_id,)).fetchall()
+            return [_job(row) for row in rows]
+
+        return await self._call(operation)
+
     async def list_jobs(self, limit: int = 1000, state: JobState | None = None) -> list[Job]:
         def operation(conn: sqlite3.Connection) -> list[Job]:
             if state is None:
