@@ -10,6 +10,8 @@ from mailfax.model import Reason
 
 # The code of a job whose last send answer was lost (dispatch sets it, tracking settles it).
 ANSWER_LOST = "answer_lost"
+# The code of a busy line, whatever the provider called it (a number's busy backoff).
+BUSY = "busy"
 
 _CATALOGUE: dict[str, tuple[str, str]] = {
     "delivered": ("The fax was delivered.", "Das Fax wurde zugestellt."),
