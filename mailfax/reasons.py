@@ -78,5 +78,11 @@ def reason(code: str, detail: str = "") -> Reason:
     return Reason(code=code, text={"en": english, "de": german}, detail=detail)
 
 
+def is_busy(reason: Reason | None) -> bool:
+    """Whether a provider's result says the line was busy (every provider maps its busy
+    codes onto :data:`BUSY`)."""
+    return reason is not None and reason.code == BUSY
+
+
 def custom(code: str, english: str, german: str, detail: str = "") -> Reason:
     return Reason(code=code, text={"en": english, "de": german}, detail=detail)

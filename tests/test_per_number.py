@@ -13,12 +13,20 @@ from typing import Any
 
 import pytest
 
+from mailfax import reasons
 from mailfax.config import DispatchSettings
 from mailfax.model import JobState
 from mailfax.outbound.dispatch import Dispatcher
 from mailfax.outbound.windows import Schedule
 from mailfax.providers import emulator
-from mailfax.providers.base import EmulatedTransmission, FaxDocument, ProviderContext
+from mailfax.providers.base import (
+    EmulatedTransmission,
+    FaxDocument,
+    ProviderContext,
+    ProviderError,
+    SendReceipt,
+    SendRequest,
+)
 from mailfax.store.base import (
     DEFAULT_RULES,
     OTHER_ACCOUNTS,
@@ -242,6 +250,36 @@ async def test_a_normal_job_overtakes_queued_bulk_jobs(store: Store, tmp_path: P
     await add(store, "m2", [("n1", "+4930200001")])
     await sender.run_once()
     assert await calls_in_order(store) == ["n1", "b0", "b1", "b2"]
+
+
+class BusyAtSend(emulator.EmulatorProvider):
+    """A provider that dials at once and answers the send with "busy" for one number."""
+
+    async def send(self, request: SendRequest) -> SendReceipt:
+        if request.number == NUMBER:
+            raise ProviderError(reasons.reason(reasons.BUSY, "line busy"), transient=True)
+        return await super().send(request)
+
+
+async def test_a_busy_answer_to_a_send_holds_the_numbers_other_jobs(
+        store: Store, tmp_path: Path) -> None:
+    provider = BusyAtSend(
+        ProviderContext(account="acct", data_dir=tmp_path, emulator_network=store),
+        emulator.Settings(delay_seconds=3600, fail=[]))
+    settings = DispatchSettings(busy_backoff_seconds=[600.0], retry_initial_seconds=0.01,
+                                retry_max_seconds=0.01)
+    sender = Dispatcher(store, {"acct": provider}, settings, "one")
+    await add(store, "m1", [("a1", NUMBER)])
+    await sender.run_once()
+    assert (await states(store, "a1"))["a1"] == JobState.RETRYING
+    await add(store, "m2", [("a2", NUMBER), ("b1", OTHER_NUMBER)])
+    await asyncio.sleep(0.05)  # a1's own retry is due again
+    await sender.run_once()
+    # Neither a1's retry nor the new a2 calls the busy number for 10 minutes; b1 goes.
+    assert await states(store, "a1", "a2", "b1") == {
+        "a1": JobState.RETRYING, "a2": JobState.QUEUED, "b1": JobState.SUBMITTED}
+    due = await store.next_due_time()
+    assert due is not None and due - datetime.now(UTC) > timedelta(seconds=590)
 
 
 class CountingClaims(SqliteStore):

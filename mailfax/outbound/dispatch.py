@@ -496,7 +496,7 @@ class Dispatcher:
                                  results: Sequence[SendReceipt | ProviderError]) -> None:
         """A send the provider answered "busy": the number's jobs wait its busy backoff."""
         busy = {job.number for job, result in zip(jobs, results, strict=True)
-                if isinstance(result, ProviderError) and result.reason.code == reasons.BUSY}
+                if isinstance(result, ProviderError) and reasons.is_busy(result.reason)}
         for number in sorted(busy):
             try:
                 until = await self.store.number_busy(number, self.settings.busy_backoff_seconds)

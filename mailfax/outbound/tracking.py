@@ -50,12 +50,6 @@ def transition_for(job: Job, report: StatusReport) -> Transition | None:
     )
 
 
-def is_busy(reason: Reason | None) -> bool:
-    """Whether a provider's result says the line was busy (every provider maps its busy
-    codes onto the one reason code)."""
-    return reason is not None and reason.code == reasons.BUSY
-
-
 def unconfirmed_ran_out(job: Job, now: datetime, after: timedelta) -> Transition | None:
     """The "may have been sent" mail for an unconfirmed job still looked for at its
     provider (reason ``answer_lost``) longer than ``after``; None while the search goes on."""
@@ -328,7 +322,7 @@ class Tracker:
             moved = await self.store.record(job.id, transition, expected=IN_FLIGHT)
             if moved:
                 log.info("job %s: %s -> %s", job.id, job.state, transition.state)
-                if is_busy(transition.reason) and self.busy_backoff:
+                if reasons.is_busy(transition.reason) and self.busy_backoff:
                     until = await self.store.number_busy(job.number, self.busy_backoff)
                     log.info("%s was busy: its next call not before %s", job.number, until)
                 if transition.notify:
