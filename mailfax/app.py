@@ -263,6 +263,7 @@ class Application:
         self.settings = settings
         self.intake.settings = settings
         self.intake.check_recipient.cache_clear()
+        self.dispatcher.schedule = dispatch_schedule(settings)  # [accounts.NAME] windows
         if self.imap_intake is not None:
             self.imap_intake.settings = settings
 
