@@ -427,7 +427,7 @@ BACKED_OFF = """
             AND b.not_before > now())
 """
 # How many due jobs a claim looks at per free slot when it takes one job per number.
-CANDIDATES_PER_SLOT = 8
+CANDIDATES_PER_SLOT = 4
 
 
 def _held_by_rules(rules: ClaimRules) -> str:
