@@ -439,3 +439,58 @@ async def test_two_instances_on_one_postgresql_never_call_one_number_twice_at_on
     calls = spans(found, 0.5)  # write_emulator_config: delay_seconds = 0.5
     assert len(calls) == len(mails)
     assert overlaps(calls) == []
+
+
+# -- the migration ------------------------------------------------------------------------------
+
+
+OLD_ROWS = """
+INSERT INTO mails (id, received_at, envelope_from, subject, refs, from_header, client_address,
+                   language) VALUES ('m', {t0}, 'a@b', 's', '[]', '', '::1', 'en');
+INSERT INTO jobs (id, mail_id, account, number, state, pages, sender, created, updated,
+                  next_attempt_at, options) VALUES
+    ('bulk1', 'm', 'acct', '+4930111', 'queued', 1, 'a@b', {t0}, {t0}, {t0},
+     '{{"priority": "bulk"}}'),
+    ('normal1', 'm', 'acct', '+4930222', 'queued', 1, 'a@b', {t0}, {t0}, {t1}, '{{}}')
+"""
+
+
+def schema_before_issue_20(backend: Backend) -> None:
+    """The database as the release before these migrations left it, with a queued bulk job
+    (its priority only in its options) due before a normal one."""
+    if backend.name == "sqlite":
+        import sqlite3
+
+        from mailfax.store import sqlite as sqlite_store
+
+        with sqlite3.connect(backend.url.removeprefix("sqlite:///")) as conn:
+            conn.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT)")
+            for version in range(1, 7):
+                for statement in sqlite_store._statements(sqlite_store.MIGRATIONS[version]):
+                    conn.execute(statement)
+            conn.execute("INSERT INTO meta VALUES ('schema_version', '6')")
+            conn.executescript(OLD_ROWS.format(t0="0", t1="1"))
+        return
+    import psycopg
+
+    from mailfax.store import postgres as postgres_store
+
+    with psycopg.connect(backend.url, autocommit=True) as conn:
+        conn.execute("CREATE TABLE schema_migrations (version integer PRIMARY KEY,"
+                     " applied_at timestamptz NOT NULL DEFAULT now())")
+        for version in range(1, 9):
+            conn.execute(postgres_store.MIGRATIONS[version])  # type: ignore[call-overload]
+            conn.execute("INSERT INTO schema_migrations (version) VALUES (%s)", (version,))
+        conn.execute(OLD_ROWS.format(t0="to_timestamp(0)", t1="to_timestamp(1)"))  # type: ignore[call-overload]
+
+
+async def test_the_migration_gives_queued_bulk_jobs_their_priority(backend: Backend) -> None:
+    schema_before_issue_20(backend)
+    migrated = backend.make()
+    await migrated.open()
+    try:
+        # The bulk job was due first; the migrated priority puts the normal one before it.
+        assert await claim(migrated, limit=1) == ["normal1"]
+        assert await claim(migrated, limit=1) == ["bulk1"]
+    finally:
+        await migrated.close()
