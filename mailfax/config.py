@@ -413,9 +413,12 @@ NotifyEvent = Literal["accepted", "retrying", "delayed", "delivered", "failed", 
 
 def _known_zone_name(value: str) -> str:
     """An IANA time zone name that this machine's zone data (or tzdata) knows."""
-    from zoneinfo import ZoneInfo
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-    ZoneInfo(value)
+    try:
+        ZoneInfo(value)
+    except (ZoneInfoNotFoundError, ValueError) as error:  # (a KeyError: pydantic lets it by)
+        raise ValueError(f"unknown time zone {value!r}") from error
     return value
 
 

@@ -494,3 +494,38 @@ async def test_the_migration_gives_queued_bulk_jobs_their_priority(backend: Back
         assert await claim(migrated, limit=1) == ["bulk1"]
     finally:
         await migrated.close()
+
+
+# -- configuration -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("raw", "where"), [
+    ({"dispatch": {"windows": {"bulk": "Someday 18:00-07:00"}}}, "dispatch.windows.bulk"),
+    ({"dispatch": {"windows": {"urgent": "Sat-Sun"}}}, "dispatch.windows.urgent"),
+    ({"dispatch": {"timezone": "Mars/Olympus"}}, "dispatch.timezone"),
+    ({"accounts": {"emulator": {"provider": "emulator", "windows": "Mon 25:00-26:00"}}},
+     "accounts.emulator.windows"),
+])
+def test_a_window_that_cannot_be_read_is_refused_with_its_place(
+        raw: dict[str, Any], where: str) -> None:
+    from pydantic import ValidationError
+
+    from mailfax.config import Settings
+
+    with pytest.raises(ValidationError) as refused:
+        Settings.model_validate(raw)
+    places = [".".join(str(part) for part in error["loc"]) for error in refused.value.errors()]
+    assert any(place.startswith(where) for place in places), places
+
+
+def test_the_configured_windows_reach_the_dispatcher() -> None:
+    from mailfax.config import Settings
+    from mailfax.outbound.dispatch import dispatch_schedule
+
+    settings = Settings.model_validate({
+        "dispatch": {"windows": {"bulk": BULK_WINDOW}},
+        "notify": {"timezone": BERLIN},
+        "accounts": {"emulator": {"provider": "emulator", "windows": "Mon-Fri 08:00-17:00"}}})
+    held = dispatch_schedule(settings).held(berlin("2026-12-05T10:00"))  # a Saturday
+    assert held.priorities == set() and held.accounts == {"emulator"}
+    assert held.reopens_at == berlin("2026-12-07T08:00")
