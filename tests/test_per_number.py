@@ -336,14 +336,13 @@ def overlaps(calls: Sequence[tuple[float, float]]) -> list[tuple[int, int]]:
             if calls[index + 1][0] < calls[index][1]]
 
 
-async def smtp_calls(tmp_path: Path, pdf: bytes, count: int, number: str,
+async def smtp_calls(tmp_path: Path, pdf: bytes, count: int, number: str, delay: float = 0.4,
                      **dispatch: Any) -> tuple[list[Job], list[tuple[float, float]]]:
     """``count`` mails to ``number`` over SMTP, each on its own connection at once; the jobs
-    once all are final, and the calls the emulator's network recorded."""
+    once all are final, and the calls (``delay`` long) the emulator's network recorded."""
     from mailfax.app import Application
     from tests.conftest import Service, fax_mail, make_settings
 
-    delay = 0.4
     settings = make_settings(tmp_path, dispatch={**dispatch, "status_poll_seconds": 0.2},
                              accounts={"emulator": {"provider": "emulator",
                                                     "delay_seconds": delay}})
@@ -382,7 +381,8 @@ async def test_without_one_call_per_number_the_same_mails_overlap(
         tmp_path: Path, corpus: Path) -> None:
     """The control: the records above would show overlapping calls if there were any."""
     pdf = (corpus / "pdf" / "crazyones.pdf").read_bytes()
-    _, calls = await smtp_calls(tmp_path, pdf, 5, "004930123456", one_call_per_number=False)
+    _, calls = await smtp_calls(tmp_path, pdf, 5, "004930123456", delay=2.0,
+                                one_call_per_number=False)
     assert len(calls) == 5
     assert overlaps(calls) != []
 
