@@ -61,7 +61,8 @@ async def queue_jobs(store: Store, count: int) -> None:
     async def one(index: int) -> None:
         mail = NewMail(mail_id=f"m{index}", envelope_from="bench@example.org", message_id=None,
                        subject="bench", references=[], from_header="", client_address="::1")
-        await store.add_mail_jobs(mail, [NewJob(f"j{index:05d}", "+4930123456", ACCOUNT)],
+        # A number each, as faxes to many recipients (one number gets one call at a time).
+        await store.add_mail_jobs(mail, [NewJob(f"j{index:05d}", f"+4930{index:07d}", ACCOUNT)],
                                   [PDF])
 
     for start in range(0, count, 500):

@@ -102,7 +102,10 @@ async def intake(store: SqliteStore, total: int, prefix: str) -> float:
             sender = f"user{index % 50}@example.org"
             mail = NewMail(mail_id=f"{prefix}m{index}", envelope_from=sender, message_id=None,
                            subject="bench", references=[], from_header="", client_address="::1")
-            await store.add_mail_jobs(mail, [NewJob(f"{prefix}j{index:06d}", "+4930123456",
+            # A number each (also across rounds): one number gets one call at a time, and
+            # the jobs of earlier rounds stay at the emulator (submitted) for the whole run.
+            number = f"+4931{''.join(filter(str.isdigit, prefix))}{index:06d}"
+            await store.add_mail_jobs(mail, [NewJob(f"{prefix}j{index:06d}", number,
                                                     ACCOUNT)], [PDF], quotas_for(sender))
 
     started = time.perf_counter()

@@ -39,7 +39,7 @@ from mailfax.intake.broadcast import lists_problem
 from mailfax.intake.service import Intake
 from mailfax.intake.smtp import start_listeners, tls_context
 from mailfax.outbound.accounts import AccountHealth
-from mailfax.outbound.dispatch import Dispatcher
+from mailfax.outbound.dispatch import Dispatcher, dispatch_schedule
 from mailfax.outbound.notify import TEMPLATES_DIR, AdminAlerts, Notifier, Renderer
 from mailfax.outbound.outbox import MaildirSink, MailSink, OutboxSender, RelaySink
 from mailfax.outbound.tracking import Tracker
@@ -194,7 +194,8 @@ class Application:
                                                 or settings.inbound.postmaster))
         self.accounts = self._account_health(renderer)
         self.tracker = Tracker(self.store, self.providers, settings.dispatch.status_poll_seconds,
-                               on_change=self.notifier.wake, accounts=self.accounts,
+                               on_change=self._after_tracked, accounts=self.accounts,
+                               busy_backoff=settings.dispatch.busy_backoff_seconds,
                                unconfirmed_after=timedelta(
                                    hours=settings.dispatch.unconfirmed_hours),
                                **self._deadlines())
@@ -203,7 +204,8 @@ class Application:
         self.dispatcher = Dispatcher(self.store, self.providers, settings.dispatch,
                                      owner=self.instance,
                                      on_submitted=self._after_dispatch,
-                                     accounts=self.accounts)
+                                     accounts=self.accounts,
+                                     schedule=dispatch_schedule(settings))
         self.accounts.on_resumed = lambda account: self.dispatcher.wake()
         self.intake = Intake(settings, self.store, on_stored=self._after_intake,
                              metrics=self.metrics, secret_key=secret_key)
@@ -263,6 +265,7 @@ class Application:
         self.settings = settings
         self.intake.settings = settings
         self.intake.check_recipient.cache_clear()
+        self.dispatcher.schedule = dispatch_schedule(settings)  # [accounts.NAME] windows
         if self.imap_intake is not None:
             self.imap_intake.settings = settings
 
@@ -382,6 +385,11 @@ class Application:
     def _after_intake(self) -> None:
         self.dispatcher.wake()
         self.notifier.wake()
+
+    def _after_tracked(self) -> None:
+        """A job reached a final state: its mail, and its number's line is free again."""
+        self.notifier.wake()
+        self.dispatcher.wake()
 
     def _after_dispatch(self, job_ids: Sequence[str]) -> None:
         self.tracker.wake(job_ids)

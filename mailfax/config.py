@@ -362,6 +362,17 @@ class NumberSettings(Strict):
         return value
 
 
+def _window_spec(value: str) -> str:
+    """A time window spec (mailfax.outbound.windows) that can be read."""
+    from mailfax.outbound.windows import parse_window
+
+    parse_window(value)
+    return value
+
+
+WindowSpec = Annotated[str, AfterValidator(_window_spec)]
+
+
 class DispatchSettings(Strict):
     # Transient errors (an outage) are retried for max_age_hours after the mail came in (as
     # Postfix's maximal_queue_lifetime, 5 days); max_attempts, if set, also ends it earlier.
@@ -382,6 +393,23 @@ class DispatchSettings(Strict):
     max_tracking_hours: float = Field(default=24.0, gt=0)
     # An account refused as a whole (login, credit) is paused and probed this often.
     account_probe_seconds: float = Field(default=300.0, gt=0)
+    # One call at a time per destination number, over all instances (HylaFAX's
+    # MaxConcurrentCalls = 1): jobs to a number being dialled wait for that call's end.
+    one_call_per_number: bool = True
+    # A busy result holds every job to that number back: 3, 6, then 12 min (the n-th busy
+    # result in a row waits the n-th step; the last one from then on).
+    busy_backoff_seconds: list[Annotated[float, Field(ge=0)]] = Field(
+        default_factory=lambda: [180.0, 360.0, 720.0], min_length=1)
+    # When jobs of a priority ("normal", "bulk") may be sent, e.g.
+    # bulk = "Mon-Fri 18:00-07:00, Sat-Sun"; a priority not named: any time. Per account:
+    # [accounts.NAME] windows. Read in ``timezone`` (None: notify.timezone).
+    windows: dict[Literal["normal", "bulk"], WindowSpec] = Field(default_factory=dict)
+    timezone: str | None = None
+
+    @field_validator("timezone")
+    @classmethod
+    def _zone(cls, value: str | None) -> str | None:
+        return None if value is None else _known_zone_name(value)
 
     @property
     def max_age(self) -> timedelta:
@@ -397,9 +425,12 @@ NotifyEvent = Literal["accepted", "retrying", "delayed", "delivered", "failed", 
 
 def _known_zone_name(value: str) -> str:
     """An IANA time zone name that this machine's zone data (or tzdata) knows."""
-    from zoneinfo import ZoneInfo
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-    ZoneInfo(value)
+    try:
+        ZoneInfo(value)
+    except (ZoneInfoNotFoundError, ValueError) as error:  # (a KeyError: pydantic lets it by)
+        raise ValueError(f"unknown time zone {value!r}") from error
     return value
 
 
@@ -738,6 +769,8 @@ class AccountSettings(BaseModel):
     # Credentials may go to http:// URLs of other machines (loopback is always allowed).
     allow_plain_http: bool = False
     paper: Paper | None = None  # this account's faxes on "A4" or "Letter"; None: [documents]
+    # When this account's jobs may be sent (a time window spec, see [dispatch] windows).
+    windows: WindowSpec | None = None
 
     @model_validator(mode="after")
     def _provider_settings(self) -> AccountSettings:

@@ -10,6 +10,8 @@ from mailfax.model import Reason
 
 # The code of a job whose last send answer was lost (dispatch sets it, tracking settles it).
 ANSWER_LOST = "answer_lost"
+# The code of a busy line, whatever the provider called it (a number's busy backoff).
+BUSY = "busy"
 
 _CATALOGUE: dict[str, tuple[str, str]] = {
     "delivered": ("The fax was delivered.", "Das Fax wurde zugestellt."),
@@ -74,6 +76,12 @@ def reason(code: str, detail: str = "") -> Reason:
     """The catalogue reason for ``code``, with the provider's raw wording as ``detail``."""
     english, german = _CATALOGUE.get(code, _CATALOGUE["unknown"])
     return Reason(code=code, text={"en": english, "de": german}, detail=detail)
+
+
+def is_busy(reason: Reason | None) -> bool:
+    """Whether a provider's result says the line was busy (every provider maps its busy
+    codes onto :data:`BUSY`)."""
+    return reason is not None and reason.code == BUSY
 
 
 def custom(code: str, english: str, german: str, detail: str = "") -> Reason:

@@ -30,7 +30,7 @@ from mailfax.providers.base import (
     SendRequest,
     SendResult,
 )
-from mailfax.store.base import Job, NewJob, NewMail, Outcome, Work
+from mailfax.store.base import DEFAULT_RULES, ClaimRules, Job, NewJob, NewMail, Outcome, Work
 from mailfax.store.sqlite import SqliteStore
 
 PDF = FaxDocument("a.pdf", b"%PDF-1.4 test", 1)
@@ -64,13 +64,15 @@ class FlakyStore(SqliteStore):
 
     async def claim_work(self, owner: str, limit: int, lease_seconds: float,
                          account_limits: Mapping[str, int],
-                         finished: Sequence[Outcome] = ()) -> list[Work]:
+                         finished: Sequence[Outcome] = (),
+                         rules: ClaimRules = DEFAULT_RULES) -> list[Work]:
         if finished:
             self.calls += 1
             if self.calls % 3 == 0:
                 self.failed += 1
                 raise OSError("database went away")
-        return await super().claim_work(owner, limit, lease_seconds, account_limits, finished)
+        return await super().claim_work(owner, limit, lease_seconds, account_limits, finished,
+                                        rules)
 
 
 async def run_until_submitted(store: SqliteStore, dispatcher: Dispatcher, count: int) -> None:
@@ -89,7 +91,10 @@ async def queue(store: SqliteStore, count: int) -> None:
     for index in range(count):
         mail = NewMail(mail_id=f"m{index}", envelope_from="a@example.org", message_id=None,
                        subject="s", references=[], from_header="", client_address="::1")
-        await store.add_mail_jobs(mail, [NewJob(f"j{index:03d}", "+4930123456", "emu")], [PDF])
+        # A number each: this is about the limits per account (one number gets one call at
+        # a time, see test_per_number.py).
+        await store.add_mail_jobs(mail, [NewJob(f"j{index:03d}", f"+4930123{index:03d}", "emu")],
+                                  [PDF])
 
 
 def provider(tmp_path: Path) -> CountingProvider:

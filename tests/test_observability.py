@@ -25,7 +25,7 @@ from mailfax.outbound import dispatch
 from mailfax.outbound.dispatch import Dispatcher
 from mailfax.providers import emulator
 from mailfax.providers.base import FaxDocument, ProviderContext
-from mailfax.store.base import NewJob, NewMail, Outcome, Work
+from mailfax.store.base import DEFAULT_RULES, ClaimRules, NewJob, NewMail, Outcome, Work
 from mailfax.store.postgres import PostgresStore
 from mailfax.store.sqlite import SqliteStore
 from mailfax.support import failing
@@ -174,11 +174,13 @@ class BrokenClaims(SqliteStore):
 
     async def claim_work(self, owner: str, limit: int, lease_seconds: float,
                          account_limits: Mapping[str, int],
-                         finished: Sequence[Outcome] = ()) -> list[Work]:
+                         finished: Sequence[Outcome] = (),
+                         rules: ClaimRules = DEFAULT_RULES) -> list[Work]:
         if self.broken:
             self.claims_failed += 1
             raise sqlite3.OperationalError("database or disk is full")
-        return await super().claim_work(owner, limit, lease_seconds, account_limits, finished)
+        return await super().claim_work(owner, limit, lease_seconds, account_limits, finished,
+                                        rules)
 
 
 async def test_the_dispatcher_on_a_failing_store_logs_once_then_counts_then_recovers(

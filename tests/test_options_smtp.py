@@ -34,6 +34,7 @@ from mailfax.emulators import faxde as faxde_emulator
 from mailfax.emulators import faxnummer as faxnummer_emulator
 from mailfax.emulators import retarus as retarus_emulator
 from mailfax.model import JobState
+from mailfax.providers.capabilities import PROVIDER_SCHEDULE_LEAD
 from mailfax.store.base import Job
 from tests.conftest import Service, fax_mail, make_settings
 from tests.test_faxnummer import mailfax_cli
@@ -162,6 +163,16 @@ async def fax_in_two_hours(service: Service, clock: ShiftedClock, corpus: Path,
     return await fax(service, option_mail(pdf, X_Fax_Send_At=text, **headers)), send_at
 
 
+async def handed_over_before_its_time(service: Service, clock: ShiftedClock,
+                                      send_at: datetime) -> None:
+    """Held in mailfax's queue (a job at the provider counts as a call to its number until
+    it ends) until ``PROVIDER_SCHEDULE_LEAD`` before ``send_at``, then handed over."""
+    await asyncio.sleep(1.5)  # several dispatcher turns
+    jobs = await service.app.store.list_jobs()
+    assert [(job.state, job.attempts) for job in jobs] == [(JobState.QUEUED, 0)]
+    await move_past(service, clock, send_at - PROVIDER_SCHEDULE_LEAD)
+
+
 async def held_by_the_provider_then_delivered(service: Service, clock: ShiftedClock, job: Job,
                                               send_at: datetime) -> None:
     """The provider has the job and keeps it (FAX.de: JobStatus 6 "still in progress",
@@ -224,7 +235,7 @@ async def test_faxnummer_schedule_is_held_in_mailfax_and_the_header_is_ssender(
 
 # -- a schedule the provider keeps (FAX.de, Retarus) --------------------------------------
 
-async def test_fax_de_gets_senddatetime_header_and_station_id_at_once(
+async def test_fax_de_gets_senddatetime_header_and_station_id_before_the_time(
         tmp_path: Path, corpus: Path, clock: ShiftedClock) -> None:
     server = await faxde_emulator.start("127.0.0.1", 0, {"password": PASSWORD, "delay": "0.5"})
     account = {"provider": "fax.de", "account": "123456", "password": PASSWORD,
@@ -234,7 +245,9 @@ async def test_fax_de_gets_senddatetime_header_and_station_id_at_once(
             job, send_at = await fax_in_two_hours(
                 service, clock, corpus, X_Fax_Header="Kanzlei Müller & Söhne",
                 X_Fax_Station_Id="+49 30 1234567")
-            await until(lambda: bool(server.state.jobs))  # sent at once, not held
+            assert not server.state.jobs
+            await handed_over_before_its_time(service, clock, send_at)
+            await until(lambda: bool(server.state.jobs))
             [sent] = server.state.jobs.values()
             assert sent.send_at == send_at
             assert sent.options["FAXHEADER"] == "Kanzlei Mueller & Soehne"
@@ -253,6 +266,7 @@ async def test_retarus_gets_jobvalid_start_header_csid_and_resolution(
             job, send_at = await fax_in_two_hours(
                 service, clock, corpus, X_Fax_Header="Kanzlei Müller",
                 X_Fax_Station_Id="+49 30 1234567", X_Fax_Resolution="standard")
+            await handed_over_before_its_time(service, clock, send_at)
             await until(lambda: bool(emulator.state.jobs))
             [sent] = emulator.state.jobs.values()
             start = datetime.fromisoformat(sent.request["meta"]["jobValid"]["start"])

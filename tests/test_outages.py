@@ -92,8 +92,10 @@ class Rig:
                            message_id=f"<m{index}@example.org>", subject=f"Letter {index}",
                            references=[], from_header="", client_address="127.0.0.1")
             ids.append(f"job{index:09d}")
-            await self.store.add_mail_jobs(mail, [NewJob(ids[-1], "+4930123456", account)],
-                                           [pdf])
+            # A number each: a second job to one number would wait for the first's call to
+            # end (one call per number), which only the tracker sees.
+            await self.store.add_mail_jobs(
+                mail, [NewJob(ids[-1], f"+49301234{index:02d}", account)], [pdf])
         return ids
 
     async def step(self, seconds: float) -> None:

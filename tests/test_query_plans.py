@@ -10,6 +10,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from mailfax.model import JobState
+from mailfax.store.base import ClaimRules
 from mailfax.store.sqlite import SqliteStore
 
 # A plan step that reads the whole jobs table: "SCAN jobs" without an index to walk.
@@ -23,6 +24,11 @@ async def test_sqlite_hot_queries_never_scan_the_jobs_table(tmp_path: Path) -> N
     try:
         await store._call(lambda conn: conn.set_trace_callback(statements.append))
         await store.claim_work("me", 10, 20.0, {"main": 5, "*": 5})
+        await store.claim_work("me", 10, 20.0, {"main": 5, "*": 5},
+                               rules=ClaimRules(held_priorities=frozenset({1})))
+        await store.next_due_time()
+        await store.next_due_time(ClaimRules(held_priorities=frozenset({1})))
+        await store.number_busy("+4930123456", [180.0])
         await store.unacknowledged_final_jobs("main", 100)
         await store.tracked_jobs("main")
         await store.counts()

@@ -13,7 +13,7 @@ import pytest
 
 from mailfax.model import JobState
 from mailfax.providers.base import FaxDocument
-from mailfax.store.base import NewJob, NewMail
+from mailfax.store.base import ClaimRules, NewJob, NewMail
 from mailfax.store.postgres import PostgresStore
 from tests import test_multi_instance
 
@@ -72,6 +72,11 @@ async def test_postgres_hot_queries_use_indexes_on_a_big_jobs_table(
 
         statements = captured_statements(monkeypatch)
         await store.claim_work("me", 10, 20.0, {"main": 5, "*": 5})
+        await store.claim_work("me", 10, 20.0, {"main": 5, "*": 5},
+                               rules=ClaimRules(held_priorities=frozenset({1})))
+        await store.next_due_time()
+        await store.next_due_time(ClaimRules(held_priorities=frozenset({1})))
+        await store.number_busy("+4930123456", [180.0])
         await store.unacknowledged_final_jobs("main", 100)
         await store.tracked_jobs("main")
         kept = await store.counts()

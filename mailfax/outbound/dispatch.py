@@ -23,9 +23,10 @@ from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 
 from mailfax import reasons
-from mailfax.config import DispatchSettings
+from mailfax.config import DispatchSettings, NotifySettings, Settings
 from mailfax.model import JobState, Reason
 from mailfax.outbound.accounts import AccountHealth
+from mailfax.outbound.windows import Held, Schedule
 from mailfax.providers import capabilities
 from mailfax.providers.base import (
     ErrorKind,
@@ -40,6 +41,8 @@ from mailfax.providers.base import (
 )
 from mailfax.store.base import (
     OTHER_ACCOUNTS,
+    PRIORITIES,
+    ClaimRules,
     IllegalTransition,
     Job,
     Outcome,
@@ -63,6 +66,22 @@ DELAYED = "delayed"  # the reason code of the one "delayed" notice of a job
 
 def utc_now() -> datetime:
     return datetime.now(UTC)
+
+
+def dispatch_schedule(settings: Settings) -> Schedule:
+    """The time windows of ``[dispatch] windows`` and ``[accounts.NAME] windows``, read in
+    ``dispatch.timezone`` (or ``notify.timezone``)."""
+    accounts = {name: account.windows for name, account in settings.accounts.items()
+                if account.windows}
+    priorities = {str(name): spec for name, spec in settings.dispatch.windows.items()}
+    return Schedule.from_specs(priorities, accounts,
+                               settings.dispatch.timezone or settings.notify.timezone)
+
+
+def claim_rules(settings: DispatchSettings, held: Held) -> ClaimRules:
+    """What a claim holds back now: see :class:`~mailfax.store.base.ClaimRules`."""
+    return ClaimRules(one_call_per_number=settings.one_call_per_number,
+                      held_priorities=frozenset(PRIORITIES[name] for name in held.priorities))
 
 
 def retry_delay(attempt: int, initial: float, maximum: float,
@@ -243,8 +262,13 @@ class Dispatcher:
         on_submitted: Callable[[Sequence[str]], None] = lambda job_ids: None,
         clock: Callable[[], datetime] = utc_now,
         accounts: AccountHealth | None = None,
+        schedule: Schedule | None = None,
     ):
         self.clock = clock
+        self.schedule = schedule or Schedule.from_specs(
+            {str(name): spec for name, spec in settings.windows.items()}, {},
+            settings.timezone or NotifySettings().timezone)
+        self._held = self.schedule.held(clock())
         self.accounts = accounts or AccountHealth(settings.account_probe_seconds, clock=clock)
         self.store = store
         self.providers = providers
@@ -304,6 +328,7 @@ class Dispatcher:
         free = self._capacity() - self.in_flight
         if free <= 0 and not finished:
             return False
+        self._held = self.schedule.held(self.clock())
         limits = self._account_limits()
         now = time.monotonic()
         if free > 0 and now >= self._next_sweep:
@@ -314,7 +339,8 @@ class Dispatcher:
             limits[OTHER_ACCOUNTS] = free
         try:
             work = await self.store.claim_work(self.owner, max(0, free), LEASE_SECONDS, limits,
-                                               finished=finished)
+                                               finished=finished,
+                                               rules=claim_rules(self.settings, self._held))
         except Exception:
             self._claim_failures.failed(
                 f"{len(finished)} send results wait to be recorded" if finished else "")
@@ -330,10 +356,10 @@ class Dispatcher:
         return free > 0 and sum(len(unit.jobs) for unit in work) >= free
 
     def _account_limits(self) -> dict[str, int]:
-        """Sends at once per account; 0 for a paused account (its jobs wait, as they are
-        named, and not claimed with the other accounts')."""
-        return {account: 0 if self.accounts.paused(account) else self.settings.concurrency
-                for account in self.providers}
+        """Sends at once per account; 0 for a paused account or one outside its time window
+        (its jobs wait, as they are named, and not claimed with the other accounts')."""
+        return {account: 0 if self.accounts.paused(account) or account in self._held.accounts
+                else self.settings.concurrency for account in self.providers}
 
     async def _record_one_by_one(self) -> None:
         """The fallback when the combined call fails: each outcome on its own, so one bad
@@ -395,13 +421,18 @@ class Dispatcher:
         """
         timeout = IDLE_TICK_SECONDS
         if self.in_flight < self._capacity():
-            due = await self.store.next_due_time()
+            due = await self.store.next_due_time(claim_rules(self.settings, self._held))
             if due is not None:
                 timeout = min(timeout, max(0.0, (due - datetime.now(UTC)).total_seconds()))
                 if blocked and timeout <= 0:
-                    # Due jobs of a paused account stay due: do not look every half second.
-                    timeout = IDLE_TICK_SECONDS if self.accounts.any_paused() else (
+                    # Due jobs of a paused account (or one outside its time window) stay
+                    # due: do not look every half second.
+                    timeout = IDLE_TICK_SECONDS if (
+                        self.accounts.any_paused() or self._held.accounts) else (
                         BLOCKED_POLL_SECONDS)
+            if self._held.reopens_at is not None:  # a window opens: look then
+                timeout = min(timeout, max(0.0, (self._held.reopens_at
+                                                 - self.clock()).total_seconds()))
         timeout = max(timeout, 0.01)
         waits: list[asyncio.Task[None]] = [asyncio.create_task(self._wait_local())]
         wait_for_work = getattr(self.store, "wait_for_work", None)
@@ -436,6 +467,7 @@ class Dispatcher:
         if to_send:
             results = await self._results(to_send, work)
             await self._hold_refused_accounts(to_send, results)
+            await self._hold_busy_numbers(to_send, results)
             now = self.clock()
             outcomes += [Outcome(job.id, self._transition(job, result, now), WAITING)
                          for job, result in zip(to_send, results, strict=True)]
@@ -466,6 +498,19 @@ class Dispatcher:
             if isinstance(result, ProviderError) and result.kind == ErrorKind.ACCOUNT:
                 await self.accounts.hold(job.account, result)
                 return  # one send's refusal says it for the whole account
+
+    async def _hold_busy_numbers(self, jobs: Sequence[Job],
+                                 results: Sequence[SendReceipt | ProviderError]) -> None:
+        """A send the provider answered "busy": the number's jobs wait its busy backoff."""
+        busy = {job.number for job, result in zip(jobs, results, strict=True)
+                if isinstance(result, ProviderError) and reasons.is_busy(result.reason)}
+        for number in sorted(busy):
+            try:
+                until = await self.store.number_busy(number, self.settings.busy_backoff_seconds)
+            except Exception:  # the job's own retry still waits its backoff
+                log.exception("recording that %s was busy failed", number)
+            else:
+                log.info("%s was busy: its next call not before %s", number, until)
 
     def _request(self, job: Job, documents: Sequence[FaxDocument], subject: str) -> SendRequest:
         return SendRequest(

@@ -139,8 +139,10 @@ class Tracker:
                  clock: Callable[[], datetime] = lambda: datetime.now(UTC),
                  on_deadline: Callable[[str], None] = lambda account: None,
                  accounts: AccountHealth | None = None,
-                 unconfirmed_after: timedelta = timedelta(hours=6)):
+                 unconfirmed_after: timedelta = timedelta(hours=6),
+                 busy_backoff: Sequence[float] = ()):
         self.accounts = accounts  # a status call refused for the account pauses it too
+        self.busy_backoff = busy_backoff  # a busy result holds the number's jobs back
         self.on_change = on_change
         self.deadlines = dict(deadlines or {})
         self.default_deadline = default_deadline
@@ -325,6 +327,9 @@ class Tracker:
             moved = await self.store.record(job.id, transition, expected=IN_FLIGHT)
             if moved:
                 log.info("job %s: %s -> %s", job.id, job.state, transition.state)
+                if reasons.is_busy(transition.reason) and self.busy_backoff:
+                    until = await self.store.number_busy(job.number, self.busy_backoff)
+                    log.info("%s was busy: its next call not before %s", job.number, until)
                 if transition.notify:
                     self.on_change()
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from mailfax.support.text import to_ascii
@@ -114,12 +114,20 @@ def refusal(provider: str, options: Mapping[str, Any]) -> str | None:
     return None
 
 
+# A provider that keeps a schedule gets the job this long before its time, not at once: a job
+# at the provider counts as a call to its number until it ends (one call per number), so a
+# fax for next week handed over today would hold back every other fax to that number.
+PROVIDER_SCHEDULE_LEAD = timedelta(minutes=10)
+
+
 def held_until(provider: str, options: Mapping[str, Any]) -> datetime | None:
     """When mailfax itself first sends a scheduled job: its ``send_at`` if ``provider``
-    cannot take a send time, else None (sent at once, with the time)."""
-    if handling(provider, "send_at") != Handling.MAILFAX:
-        return None
-    return send_time(options)
+    cannot take a send time; else :data:`PROVIDER_SCHEDULE_LEAD` before it (the provider
+    then starts it on time, with the time passed along); None for a job without one."""
+    when = send_time(options)
+    if when is None or handling(provider, "send_at") == Handling.MAILFAX:
+        return when
+    return when - PROVIDER_SCHEDULE_LEAD
 
 
 def send_time(options: Mapping[str, Any]) -> datetime | None:

@@ -61,6 +61,13 @@ def outcome_for(number: str, rules: Sequence[FailRule]) -> Outcome | None:
     return None if rule is None else rule.result
 
 
+def call_span(transmission: Transmission, settings: Settings) -> tuple[float, float]:
+    """When the emulated network dials this fax: (start, end) in Unix time. It takes the
+    line from its submission until its result (``delay_seconds``), as :func:`report_for`
+    reports it; so two spans of one number that overlap are two calls at once."""
+    return transmission.submitted_at, transmission.submitted_at + settings.delay_seconds
+
+
 def report_for(transmission: Transmission, settings: Settings, now: float) -> StatusReport:
     """The state of a transmission at ``now``: pure, so a restart sees the same history."""
     elapsed = now - transmission.submitted_at

@@ -182,6 +182,47 @@ Handoff = Literal["handed_off", "failed", "waiting"]
 
 OTHER_ACCOUNTS = "*"  # in claim_work's account_limits: every account not named
 
+# ``job.options["priority"]`` as the store's ``priority`` column: claimed in this order.
+PRIORITIES = {"normal": 0, "bulk": 1}
+# Where a job handed to its provider is still being dialled (until its final state): the
+# line to its number is in use. A job at the provider that retries there dials again.
+LINE_IN_USE_STATES = ("submitted", "sending", "retrying")
+
+
+def priority_rank(options: Mapping[str, Any]) -> int:
+    """The claim order of a job's ``priority`` option: "normal" (the default) before "bulk"."""
+    return PRIORITIES.get(str(options.get("priority") or "normal"), 0)
+
+
+def busy_step(previous: tuple[int, float] | None, now: float,
+              backoff_seconds: Sequence[float]) -> tuple[int, float]:
+    """(busy results in a row, not before) after one more busy result at ``now`` (Unix
+    time), from the number's ``previous`` (count, not before), if any. The n-th busy result
+    in a row waits the n-th step (the last step from then on); the row is broken once the
+    number was not busy for the last step's length after its backoff ended."""
+    steps = list(backoff_seconds) or [0.0]
+    count = 1
+    if previous is not None and now < previous[1] + steps[-1]:
+        count = previous[0] + 1
+    return count, now + steps[min(count, len(steps)) - 1]
+
+
+@dataclass(frozen=True)
+class ClaimRules:
+    """What the dispatcher's configuration and clock hold back from a claim (both stores).
+
+    ``one_call_per_number``: a job is not claimed while another job to its number is leased
+    (by any instance) or at its provider in one of :data:`LINE_IN_USE_STATES`, and one claim
+    takes at most one job per number (HylaFAX's MaxConcurrentCalls per destination = 1).
+    ``held_priorities``: priority ranks outside their time window now. A number in its busy
+    backoff (:meth:`Store.number_busy`) is held in any case."""
+
+    one_call_per_number: bool = True
+    held_priorities: frozenset[int] = frozenset()
+
+
+DEFAULT_RULES = ClaimRules()
+
 
 @dataclass(frozen=True)
 class Outcome:
@@ -311,10 +352,12 @@ class Store(Protocol):
 
     async def claim_work(self, owner: str, limit: int, lease_seconds: float,
                          account_limits: Mapping[str, int],
-                         finished: Sequence[Outcome] = ()) -> list[Work]:
+                         finished: Sequence[Outcome] = (),
+                         rules: ClaimRules = DEFAULT_RULES) -> list[Work]:
         """Record ``finished``, then lease up to ``limit`` jobs that wait for the dispatcher
         and are due now, and load what they need to be sent: their mail's subject and
-        documents.
+        documents. Normal jobs are claimed before bulk ones, then by due time; ``rules``
+        hold some back (see :class:`ClaimRules`).
 
         ``account_limits`` ({account: most sends at once}): only jobs of those accounts are
         claimed, each account up to its limit minus the live leases it already has — the
@@ -339,7 +382,17 @@ class Store(Protocol):
 
     async def release_leases(self, owner: str | None = None) -> int: ...
 
-    async def next_due_time(self) -> datetime | None: ...
+    async def next_due_time(self, rules: ClaimRules = DEFAULT_RULES) -> datetime | None:
+        """When the next job comes due that ``rules`` let a claim take (one whose number's
+        line is in use counts as not due: the end of that call wakes the dispatcher)."""
+        ...
+
+    async def number_busy(self, number: str, backoff_seconds: Sequence[float]) -> datetime:
+        """A call to ``number`` found it busy: no job to it is claimed before the time
+        returned, the next step of ``backoff_seconds`` (3, 6, 12 min: one step further per
+        busy result in a row; the count starts over once the number was not busy for the
+        last step's length). Seen by every instance on this store."""
+        ...
 
     async def load_documents(self, mail_id: str) -> list[FaxDocument]: ...
 

@@ -38,8 +38,10 @@ from mailfax.providers.base import (
     new_emulator_job_id,
 )
 from mailfax.store.base import (
+    DEFAULT_RULES,
     ENDED_STATES,
     OTHER_ACCOUNTS,
+    ClaimRules,
     Event,
     Handoff,
     IllegalTransition,
@@ -57,9 +59,11 @@ from mailfax.store.base import (
     SpooledMail,
     Transition,
     Work,
+    busy_step,
     first_exceeded,
     group_work,
     handoff_of,
+    priority_rank,
 )
 from mailfax.support.waiting import wait_for_event
 
@@ -262,6 +266,25 @@ MIGRATIONS: dict[int, str] = {
         leased_until timestamptz NOT NULL DEFAULT '-infinity'
     );
     """,
+    9: "SELECT 1",  # reserved for another branch (issue 20); the lead renumbers on merge
+    # One call at a time per number, busy backoff per number, priorities (issue 20): the
+    # claim looks up a number's live jobs and backoff by index and walks the due jobs of an
+    # account in priority order.
+    10: """
+    ALTER TABLE jobs ADD COLUMN priority smallint NOT NULL DEFAULT 0;
+    UPDATE jobs SET priority = 1 WHERE options->>'priority' = 'bulk'
+        AND provider_job_id IS NULL AND state IN ('queued', 'retrying');
+    CREATE INDEX jobs_claim ON jobs (account, priority, next_attempt_at)
+        WHERE provider_job_id IS NULL AND state IN ('queued', 'retrying');
+    CREATE INDEX jobs_line_in_use ON jobs (number)
+        WHERE provider_job_id IS NOT NULL AND state IN ('submitted', 'sending', 'retrying');
+    CREATE INDEX jobs_leased_number ON jobs (number) WHERE lease_owner IS NOT NULL;
+    CREATE TABLE number_backoff (
+        number      text PRIMARY KEY,
+        not_before  timestamptz NOT NULL,
+        busy_count  integer NOT NULL
+    );
+    """,
 }
 SCHEMA_VERSION = max(MIGRATIONS)
 
@@ -360,7 +383,8 @@ def _job(row: DictRow) -> Job:
 
 def _sorted_jobs(rows: Sequence[DictRow]) -> list[Job]:
     jobs = [_job(row) for row in rows]
-    jobs.sort(key=lambda job: (job.next_attempt_at or job.created, job.id))
+    jobs.sort(key=lambda job: (priority_rank(job.options), job.next_attempt_at or job.created,
+                               job.id))
     return jobs
 
 
@@ -388,25 +412,60 @@ def _inbound(row: DictRow) -> InboundRecord:
     )
 
 
+# A waiting job (``jobs``) whose number's line is in use: another job to it leased (by any
+# instance) or at its provider still dialling; literal states, as the partial indexes have.
+LINE_IN_USE = """
+    (EXISTS (SELECT 1 FROM jobs busy WHERE busy.number = jobs.number
+             AND busy.provider_job_id IS NOT NULL
+             AND busy.state IN ('submitted', 'sending', 'retrying'))
+     OR EXISTS (SELECT 1 FROM jobs held WHERE held.number = jobs.number
+                AND held.lease_owner IS NOT NULL AND held.lease_until >= now()
+                AND held.state IN ('queued', 'retrying') AND held.id <> jobs.id))
+"""
+BACKED_OFF = """
+    EXISTS (SELECT 1 FROM number_backoff b WHERE b.number = jobs.number
+            AND b.not_before > now())
+"""
+# How many due jobs a claim looks at per free slot when it takes one job per number.
+CANDIDATES_PER_SLOT = 4
+
+
+def _held_by_rules(rules: ClaimRules) -> str:
+    """The conditions ``rules`` add to a query of waiting jobs (parameter ``held``)."""
+    held = " AND NOT (priority = ANY(%(held)s::smallint[]))" if rules.held_priorities else ""
+    if rules.one_call_per_number:
+        held += f" AND NOT {LINE_IN_USE}"
+    return held
+
+
 async def _claim_limited(cur: psycopg.AsyncCursor[DictRow], owner: str, limit: int,
-                         lease_seconds: float, account_limits: Mapping[str, int]) -> None:
+                         lease_seconds: float, account_limits: Mapping[str, int],
+                         rules: ClaimRules = DEFAULT_RULES) -> None:
     """Claims with a per-account limit over all instances (the claimed rows are the
     cursor's result).
 
     The caller holds the claim lock (``pg_advisory_xact_lock(CLAIM_LOCK)``) in this
     transaction: claims that count leases are serialised by it, and as this statement starts
     after the lock was taken, under READ COMMITTED it sees every lease that earlier claims
-    committed, so two instances can never both fill the same free slots. record() and
+    committed, so two instances can never both fill the same free slots (nor both call one
+    number). record() and
     renew_leases() do not take the lock. The picked rows are locked with SKIP LOCKED (a
     row another transaction is changing is passed over; one that changed since the snapshot
     is checked again), so the UPDATE can find them by ``ctid``: a TID scan, whatever the
     planner believes of the table (right after a burst of new jobs it has no statistics yet,
     and an index plan over the due jobs cost milliseconds per claim).
+
+    With one call per number, each account's walk takes a few candidates per free slot and
+    the first of each number (``DISTINCT ON``) is chosen, then each account's room.
     """
     named = [account for account in account_limits if account != OTHER_ACCOUNTS]
     limit = max(0, limit)
+    held = _held_by_rules(rules)
+    first_per_number = ("SELECT DISTINCT ON (number) * FROM candidates"
+                        " ORDER BY number, priority, next_attempt_at, position"
+                        if rules.one_call_per_number else "SELECT * FROM candidates")
     await cur.execute(
-        """
+        f"""
         WITH room AS (
             SELECT a.account, a.position, greatest(a.cap - (
                        SELECT count(*) FROM jobs
@@ -417,32 +476,43 @@ async def _claim_limited(cur: psycopg.AsyncCursor[DictRow], owner: str, limit: i
                  WITH ORDINALITY AS a (account, cap, position)
         ),
         named AS (
-            SELECT pick.ctid, pick.next_attempt_at, room.position
+            SELECT pick.ctid, pick.number, pick.priority, pick.next_attempt_at, room.position,
+                   least(room.room, %(limit)s) AS room
             FROM room CROSS JOIN LATERAL (
-                SELECT ctid, next_attempt_at FROM jobs
+                SELECT ctid, number, priority, next_attempt_at FROM jobs
                 WHERE jobs.account = room.account
                   AND state IN ('queued', 'retrying') AND provider_job_id IS NULL
                   AND next_attempt_at <= now()
                   AND (lease_until IS NULL OR lease_until < now())
-                ORDER BY next_attempt_at
-                LIMIT least(room.room, %(limit)s)
+                  AND NOT {BACKED_OFF} {held}
+                ORDER BY priority, next_attempt_at
+                LIMIT least(room.room, %(limit)s) * %(spread)s
                 FOR UPDATE SKIP LOCKED
             ) AS pick
             WHERE room.room > 0
         ),
         others AS (
-            SELECT ctid, next_attempt_at, 0 AS position FROM jobs
+            SELECT ctid, number, priority, next_attempt_at, 0::bigint AS position,
+                   %(others)s::bigint AS room FROM jobs
             WHERE %(others)s > 0 AND account <> ALL(%(accounts)s::text[])
               AND state IN ('queued', 'retrying') AND provider_job_id IS NULL
               AND next_attempt_at <= now()
               AND (lease_until IS NULL OR lease_until < now())
-            ORDER BY next_attempt_at
-            LIMIT %(others)s
+              AND NOT {BACKED_OFF} {held}
+            ORDER BY priority, next_attempt_at
+            LIMIT %(others)s * %(spread)s
             FOR UPDATE SKIP LOCKED
         ),
+        candidates AS (SELECT * FROM named UNION ALL SELECT * FROM others),
+        firsts AS ({first_per_number}),
+        ranked AS (
+            SELECT ctid, priority, next_attempt_at, position, room, row_number() OVER (
+                PARTITION BY position ORDER BY priority, next_attempt_at) AS rank
+            FROM firsts
+        ),
         chosen AS (
-            SELECT ctid FROM (SELECT * FROM named UNION ALL SELECT * FROM others) c
-            ORDER BY next_attempt_at, position
+            SELECT ctid FROM ranked WHERE rank <= room
+            ORDER BY priority, next_attempt_at, position
             LIMIT %(limit)s
         )
         UPDATE jobs
@@ -455,7 +525,9 @@ async def _claim_limited(cur: psycopg.AsyncCursor[DictRow], owner: str, limit: i
         {"limit": limit, "owner": owner,
          "lease": float(lease_seconds), "accounts": named,
          "caps": [account_limits[account] for account in named],
-         "others": account_limits.get(OTHER_ACCOUNTS, 0)},
+         "others": account_limits.get(OTHER_ACCOUNTS, 0),
+         "spread": CANDIDATES_PER_SLOT if rules.one_call_per_number else 1,
+         "held": sorted(rules.held_priorities)},
     )
 
 
@@ -1034,12 +1106,13 @@ class PostgresStore:
             await cur.executemany(
                 """
                 INSERT INTO jobs (id, mail_id, account, number, state, pages, sender,
-                                  created, updated, next_attempt_at, options)
+                                  created, updated, next_attempt_at, options, priority)
                 VALUES (%s, %s, %s, %s, %s, %s, %s, now(), now(),
-                        COALESCE(%s::timestamptz, now()), %s)
+                        COALESCE(%s::timestamptz, now()), %s, %s)
                 """,
                 [(job.job_id, mail.mail_id, job.account, job.number, JobState.QUEUED.value,
-                  pages, mail.envelope_from, job.hold_until, Jsonb(job.options))
+                  pages, mail.envelope_from, job.hold_until, Jsonb(job.options),
+                  priority_rank(job.options))
                  for job in jobs],
             )
             await cur.executemany(
@@ -1083,7 +1156,8 @@ class PostgresStore:
 
     async def claim_work(self, owner: str, limit: int, lease_seconds: float,
                          account_limits: Mapping[str, int],
-                         finished: Sequence[Outcome] = ()) -> list[Work]:
+                         finished: Sequence[Outcome] = (),
+                         rules: ClaimRules = DEFAULT_RULES) -> list[Work]:
         """One pipeline, so one round trip: the claim lock, the outcomes, the claim, the
         claimed jobs' mails and documents.
 
@@ -1116,7 +1190,8 @@ class PostgresStore:
                         outcome.job_id, outcome.transition, outcome.expected))
                     recorded.append(cursor)
                 claim = conn.cursor(row_factory=dict_row)
-                await _claim_limited(claim, owner, limit, lease_seconds, account_limits)
+                await _claim_limited(claim, owner, limit, lease_seconds, account_limits,
+                                     rules)
                 mails = conn.cursor(row_factory=dict_row)
                 await mails.execute(MAILS_OF_THIS_CLAIM,
                                     {"owner": owner, "lease": float(lease_seconds)})
@@ -1162,18 +1237,40 @@ class PostgresStore:
                 await cur.execute(f"NOTIFY {NOTIFY_CHANNEL}")
         return released
 
-    async def next_due_time(self) -> datetime | None:
+    async def next_due_time(self, rules: ClaimRules = DEFAULT_RULES) -> datetime | None:
         async with self._cursor(atomic=False) as cur:
             await cur.execute(
                 """
-                SELECT min(greatest(next_attempt_at, lease_until)) AS due
+                SELECT min(greatest(next_attempt_at, lease_until, (
+                           SELECT not_before FROM number_backoff b
+                           WHERE b.number = jobs.number))) AS due
                 FROM jobs
                 WHERE state IN ('queued', 'retrying') AND provider_job_id IS NULL
                   AND next_attempt_at IS NOT NULL
-                """,
+                """ + _held_by_rules(rules),
+                {"held": sorted(rules.held_priorities)},
             )
             row = await cur.fetchone()
         return _utc(row["due"]) if row else None
+
+    async def number_busy(self, number: str, backoff_seconds: Sequence[float]) -> datetime:
+        async with self._cursor() as cur:
+            await cur.execute(
+                "SELECT extract(epoch FROM now()) AS now, b.busy_count,"
+                " extract(epoch FROM b.not_before) AS not_before FROM (SELECT 1) one"
+                " LEFT JOIN LATERAL (SELECT * FROM number_backoff WHERE number = %s"
+                " FOR UPDATE) b ON true", (number,))
+            row = await cur.fetchone()
+            assert row is not None
+            previous = (None if row["busy_count"] is None
+                        else (int(row["busy_count"]), float(row["not_before"])))
+            count, not_before = busy_step(previous, float(row["now"]), backoff_seconds)
+            await cur.execute(
+                "INSERT INTO number_backoff (number, not_before, busy_count)"
+                " VALUES (%s, to_timestamp(%s), %s) ON CONFLICT (number) DO UPDATE"
+                " SET not_before = excluded.not_before, busy_count = excluded.busy_count",
+                (number, not_before, count))
+        return datetime.fromtimestamp(not_before, UTC)
 
     async def record(self, job_id: str, transition: Transition,
                      expected: Sequence[JobState] | None = None) -> bool:

@@ -39,8 +39,10 @@ from mailfax.providers.base import (
     new_emulator_job_id,
 )
 from mailfax.store.base import (
+    DEFAULT_RULES,
     ENDED_STATES,
     OTHER_ACCOUNTS,
+    ClaimRules,
     Event,
     Handoff,
     IllegalTransition,
@@ -58,16 +60,18 @@ from mailfax.store.base import (
     SpooledMail,
     Transition,
     Work,
+    busy_step,
     first_exceeded,
     group_work,
     handoff_of,
+    priority_rank,
 )
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 Operation = Callable[[sqlite3.Connection], Any]
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 8
 MIGRATIONS: dict[int, str] = {
     1: """
     CREATE TABLE mails (
@@ -227,6 +231,25 @@ MIGRATIONS: dict[int, str] = {
         leased_until REAL NOT NULL DEFAULT 0
     );
     """,
+    7: "",  # reserved for another branch (issue 20); the lead renumbers on merge
+    # One call at a time per number, busy backoff per number, priorities (issue 20): the
+    # claim looks up a number's live jobs and backoff by index and walks the due jobs of an
+    # account in priority order.
+    8: """
+    ALTER TABLE jobs ADD COLUMN priority INTEGER NOT NULL DEFAULT 0;
+    UPDATE jobs SET priority = 1 WHERE json_extract(options, '$.priority') = 'bulk'
+        AND provider_job_id IS NULL AND state IN ('queued', 'retrying');
+    CREATE INDEX jobs_claim ON jobs (account, priority, next_attempt_at)
+        WHERE provider_job_id IS NULL;
+    CREATE INDEX jobs_line_in_use ON jobs (number)
+        WHERE provider_job_id IS NOT NULL AND state IN ('submitted', 'sending', 'retrying');
+    CREATE INDEX jobs_leased_number ON jobs (number) WHERE lease_owner IS NOT NULL;
+    CREATE TABLE number_backoff (
+        number TEXT PRIMARY KEY,
+        not_before REAL NOT NULL,
+        busy_count INTEGER NOT NULL
+    );
+    """,
 }
 
 DISPATCHABLE = (JobState.QUEUED.value, JobState.RETRYING.value)
@@ -338,28 +361,74 @@ def _put_blob(conn: sqlite3.Connection, digest: str, data: bytes) -> None:
             blob.write(view[start:start + BLOB_IN_ROW_BYTES])
 
 
+# A waiting job whose number's line is in use: another job to it leased (by any instance)
+# or at its provider still dialling. Literal states, as in the partial indexes they use.
+LINE_IN_USE = (
+    " EXISTS (SELECT 1 FROM jobs busy WHERE busy.number = jobs.number"
+    " AND busy.provider_job_id IS NOT NULL AND busy.state IN ('submitted', 'sending', 'retrying'))"
+    " OR EXISTS (SELECT 1 FROM jobs held WHERE held.number = jobs.number"
+    " AND held.lease_owner IS NOT NULL AND held.lease_until >= :now"
+    " AND held.state IN ('queued', 'retrying') AND held.id <> jobs.id)")
+BACKED_OFF = (" EXISTS (SELECT 1 FROM number_backoff b WHERE b.number = jobs.number"
+              " AND b.not_before > :now)")
+# How many due jobs a claim looks at per free slot when it takes one job per number.
+CANDIDATES_PER_SLOT = 4
+
+
+def _held_by_rules(rules: ClaimRules) -> str:
+    """The conditions ``rules`` add to a query of waiting jobs (named parameter ``:now``)."""
+    held = ""
+    if rules.one_call_per_number:
+        held += f" AND NOT ({LINE_IN_USE})"
+    if rules.held_priorities:
+        held += f" AND priority NOT IN ({','.join(str(int(p)) for p in rules.held_priorities)})"
+    return held
+
+
+def _pick(conn: sqlite3.Connection, query: str, parameters: dict[str, Any], room: int,
+          taken: set[str], rules: ClaimRules) -> list[str]:
+    """Up to ``room`` job ids of ``query`` (in its order); with one call per number, the
+    first job of each number not in ``taken`` (which grows by the numbers picked)."""
+    if not rules.one_call_per_number:
+        return [row[0] for row in conn.execute(query, {**parameters, "room": room})]
+    picked: list[str] = []
+    for job_id, number in conn.execute(
+            query, {**parameters, "room": room * CANDIDATES_PER_SLOT}):
+        if number not in taken:
+            taken.add(number)
+            picked.append(job_id)
+            if len(picked) == room:
+                break
+    return picked
+
+
 def _claim(conn: sqlite3.Connection, owner: str, limit: int, lease_seconds: float,
-           account_limits: Mapping[str, int]) -> list[Job]:
+           account_limits: Mapping[str, int], rules: ClaimRules = DEFAULT_RULES) -> list[Job]:
     now = time.time()
-    due = ("SELECT id FROM jobs WHERE state IN (?, ?) AND provider_job_id IS NULL"
-           " AND next_attempt_at <= ? AND (lease_until IS NULL OR lease_until < ?)")
+    due = ("SELECT id, number FROM jobs WHERE state IN (:queued, :retrying)"
+           " AND provider_job_id IS NULL AND next_attempt_at <= :now"
+           " AND (lease_until IS NULL OR lease_until < :now)"
+           f" AND NOT ({BACKED_OFF}){_held_by_rules(rules)}")
+    parameters: dict[str, Any] = {"queued": DISPATCHABLE[0], "retrying": DISPATCHABLE[1],
+                                  "now": now}
+    order = " ORDER BY priority, next_attempt_at LIMIT :room"
     live = dict(conn.execute(
         "SELECT account, COUNT(*) FROM jobs WHERE lease_owner IS NOT NULL"
         " AND lease_until >= ? AND state IN (?, ?) GROUP BY account",
         (now, *DISPATCHABLE)).fetchall())
     named = [account for account in account_limits if account != OTHER_ACCOUNTS]
     claimed: list[str] = []
+    taken: set[str] = set()  # numbers this claim calls
     for account in named:
         room = min(account_limits[account] - live.get(account, 0), limit - len(claimed))
         if room > 0:  # (SQLite reads a negative LIMIT as no limit)
-            claimed += [row[0] for row in conn.execute(
-                due + " AND account = ? ORDER BY next_attempt_at LIMIT ?",
-                (*DISPATCHABLE, now, now, account, room))]
+            claimed += _pick(conn, due + " AND account = :account" + order,
+                             {**parameters, "account": account}, room, taken, rules)
     room = min(account_limits.get(OTHER_ACCOUNTS, 0), limit - len(claimed))
     if room > 0:
-        claimed += [row[0] for row in conn.execute(
-            due + f" AND account NOT IN ({','.join('?' * len(named))})"
-            " ORDER BY next_attempt_at LIMIT ?", (*DISPATCHABLE, now, now, *named, room))]
+        others = {f"a{index}": account for index, account in enumerate(named)}
+        claimed += _pick(conn, due + f" AND account NOT IN ({','.join(':' + k for k in others)})"
+                         + order, {**parameters, **others}, room, taken, rules)
     if not claimed:
         return []
     conn.executemany(
@@ -367,7 +436,18 @@ def _claim(conn: sqlite3.Connection, owner: str, limit: int, lease_seconds: floa
         [(owner, now + lease_seconds, job_id) for job_id in claimed])
     return [_job(r) for r in conn.execute(
         f"SELECT * FROM jobs WHERE id IN ({','.join('?' * len(claimed))})"
-        " ORDER BY next_attempt_at, id", claimed).fetchall()]
+        " ORDER BY priority, next_attempt_at, id", claimed).fetchall()]
+
+
+def _number_busy(conn: sqlite3.Connection, number: str, backoff_seconds: Sequence[float]
+                 ) -> datetime:
+    row = conn.execute("SELECT busy_count, not_before FROM number_backoff WHERE number = ?",
+                       (number,)).fetchone()
+    count, not_before = busy_step(None if row is None else (row[0], row[1]), time.time(),
+                                  backoff_seconds)
+    conn.execute("INSERT OR REPLACE INTO number_backoff (number, not_before, busy_count)"
+                 " VALUES (?, ?, ?)", (number, not_before, count))
+    return datetime.fromtimestamp(not_before, UTC)
 
 
 def _statements(script: str) -> Iterator[str]:
@@ -993,11 +1073,12 @@ class SqliteStore(_InboundMixin, _EmulatorNetworkMixin, _RetentionMixin):
             for job in jobs:
                 conn.execute(
                     "INSERT INTO jobs (id, mail_id, account, number, state, pages, sender,"
-                    " created, updated, next_attempt_at, options) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                    " created, updated, next_attempt_at, options, priority)"
+                    " VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
                     (job.job_id, mail.mail_id, job.account, job.number, JobState.QUEUED.value,
                      pages, mail.envelope_from, now, now,
                      job.hold_until.timestamp() if job.hold_until else now,
-                     json.dumps(job.options)),
+                     json.dumps(job.options), priority_rank(job.options)),
                 )
                 conn.execute(
                     "INSERT INTO events (job_id, at, state, detail, notify) VALUES (?,?,?,?,1)",
@@ -1029,14 +1110,15 @@ class SqliteStore(_InboundMixin, _EmulatorNetworkMixin, _RetentionMixin):
 
     async def claim_work(self, owner: str, limit: int, lease_seconds: float,
                          account_limits: Mapping[str, int],
-                         finished: Sequence[Outcome] = ()) -> list[Work]:
+                         finished: Sequence[Outcome] = (),
+                         rules: ClaimRules = DEFAULT_RULES) -> list[Work]:
         def operation(conn: sqlite3.Connection) -> list[Work]:
             for outcome in finished:
                 try:
                     _record(conn, outcome.job_id, outcome.transition, outcome.expected)
                 except (KeyError, IllegalTransition) as error:  # as PostgresStore does
                     log.error("result of job %s not recorded: %s", outcome.job_id, error)
-            jobs = _claim(conn, owner, limit, lease_seconds, account_limits)
+            jobs = _claim(conn, owner, limit, lease_seconds, account_limits, rules)
             mail_ids = list(dict.fromkeys(job.mail_id for job in jobs))
             subjects = dict(conn.execute(
                 f"SELECT id, subject FROM mails WHERE id IN ({','.join('?' * len(mail_ids))})",
@@ -1070,16 +1152,22 @@ class SqliteStore(_InboundMixin, _EmulatorNetworkMixin, _RetentionMixin):
 
         return await self._call(operation)
 
-    async def next_due_time(self) -> datetime | None:
+    async def next_due_time(self, rules: ClaimRules = DEFAULT_RULES) -> datetime | None:
         def operation(conn: sqlite3.Connection) -> datetime | None:
             row = conn.execute(
-                "SELECT MIN(COALESCE(MAX(next_attempt_at, lease_until), next_attempt_at))"
-                " FROM jobs WHERE state IN (?, ?) AND provider_job_id IS NULL",
-                DISPATCHABLE,
+                "SELECT MIN(MAX(COALESCE(MAX(next_attempt_at, lease_until), next_attempt_at),"
+                " COALESCE((SELECT not_before FROM number_backoff b"
+                " WHERE b.number = jobs.number), 0)))"
+                " FROM jobs WHERE state IN (:queued, :retrying) AND provider_job_id IS NULL"
+                + _held_by_rules(rules),
+                {"queued": DISPATCHABLE[0], "retrying": DISPATCHABLE[1], "now": time.time()},
             ).fetchone()
             return _ts(row[0])
 
         return await self._call(operation)
+
+    async def number_busy(self, number: str, backoff_seconds: Sequence[float]) -> datetime:
+        return await self._call(lambda conn: _number_busy(conn, number, backoff_seconds))
 
     async def record(self, job_id: str, transition: Transition,
                      expected: Sequence[JobState] | None = None) -> bool:
