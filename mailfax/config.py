@@ -409,6 +409,9 @@ class NotifySettings(Strict):
     failure_format: Literal["mail", "dsn", "both"] = "mail"
     # Times in status mails and on the cover page (the fax and the mail are read locally).
     timezone: TimeZoneName = "Europe/Berlin"
+    # The delivered mail carries the whole document as faxed besides the transmission
+    # report; ``[accounts.NAME] return_document`` and a mail's own option override it.
+    return_document: bool = False
 
 
 class RelaySettings(Strict):
@@ -671,6 +674,7 @@ class AccountSettings(BaseModel):
     # Credentials may go to http:// URLs of other machines (loopback is always allowed).
     allow_plain_http: bool = False
     paper: Paper | None = None  # this account's faxes on "A4" or "Letter"; None: [documents]
+    return_document: bool | None = None  # overrides notify.return_document for this account
 
     @model_validator(mode="after")
     def _provider_settings(self) -> AccountSettings:
