@@ -241,6 +241,9 @@ def _assert_partial(status: email.message.EmailMessage, job: Job, tmp_path: Path
     body = status.get_body(("plain",))
     assert body is not None
     assert "only partially sent: 1 of 2 pages" in body.get_content()
+    assert "transmission report is attached" in body.get_content()
+    html = status.get_body(("html",))
+    assert html is not None and 'src="cid:page1.' in html.get_content()
     report = _attachments(status)["transmission-report.pdf"]
     text = _report_text(report)
     assert "Pages sent 1 of 2" in text
