@@ -191,8 +191,7 @@ class Application:
                                  hostname=settings.smtp.hostname, owner=self.instance,
                                  admin_address=(settings.notify.admin_address
                                                 or settings.inbound.postmaster),
-                                 return_document={name: account.return_document for name,
-                                                  account in settings.accounts.items()})
+                                 accounts=settings.accounts)
         self.accounts = self._account_health(renderer)
         self.tracker = Tracker(self.store, self.providers, settings.dispatch.status_poll_seconds,
                                on_change=self.notifier.wake, accounts=self.accounts,

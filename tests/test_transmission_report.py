@@ -133,6 +133,7 @@ async def test_delivered_mail_carries_a_report_with_page_one_as_faxed_in_one_bit
     assert "Duration 1:01" in text  # the emulator's 20 s a page and 1 s
     assert "Pages sent 3 of 3" in text
     assert f"Attempts {job.attempts}" in text and job.attempts >= 1
+    assert "Fax service emulator (emulator)" in text
     assert f"Provider job id {job.provider_job_id}" in text and job.provider_job_id
     assert f"mailfax job {job_id}" in text
     assert "Result Sent: the fax service confirmed that all pages were transmitted." in text
@@ -233,7 +234,8 @@ async def _partial_send(tmp_path: Path, corpus: Path, account: dict[str, Any]
     return status, job
 
 
-def _assert_partial(status: email.message.EmailMessage, job: Job, tmp_path: Path) -> None:
+def _assert_partial(status: email.message.EmailMessage, job: Job, tmp_path: Path,
+                    provider: str) -> None:
     assert job.state == JobState.FAILED
     assert job.reason is not None and job.reason.code == "partial"
     assert job.pages == 2  # what was submitted; the reason says what got through
@@ -247,6 +249,7 @@ def _assert_partial(status: email.message.EmailMessage, job: Job, tmp_path: Path
     report = _attachments(status)["transmission-report.pdf"]
     text = _report_text(report)
     assert "Pages sent 1 of 2" in text
+    assert f"Fax service main ({provider})" in text
     assert "Only 1 of 2 pages were sent" in text
     [image] = _pdfimages(report, tmp_path)
     assert image["bpc"] == "1"
@@ -266,7 +269,7 @@ async def test_faxnummer_done_ok_with_fewer_pages_sent_is_reported_partial(
         await running.close()
     [fax] = running.state.faxes
     assert fax.pages == 2
-    _assert_partial(status, job, tmp_path)
+    _assert_partial(status, job, tmp_path, "faxnummer.de")
 
 
 async def test_fax_de_ok_with_fewer_pages_is_reported_partial(
@@ -281,4 +284,4 @@ async def test_fax_de_ok_with_fewer_pages_is_reported_partial(
         await server.close()
     [emulated] = server.state.jobs.values()
     assert emulated.pages == 2
-    _assert_partial(status, job, tmp_path)
+    _assert_partial(status, job, tmp_path, "fax.de")

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo
 
 from mailfax import reasons
-from mailfax.config import NotifySettings
+from mailfax.config import AccountSettings, NotifySettings
 from mailfax.model import JobState
 from mailfax.numbers import format_international
 from mailfax.outbound.accounts import Pause
@@ -201,10 +201,10 @@ class Notifier:
                  mails_per_hour: int = 60, fax_domain: str = "fax.local",
                  hostname: str = "mailfax.localhost", owner: str = "mailfax",
                  admin_address: str | None = None,
-                 return_document: Mapping[str, bool | None] | None = None):
+                 accounts: Mapping[str, AccountSettings] | None = None):
         self.owner = owner
-        # Per account: attach the whole document as faxed (None: ``notify.return_document``).
-        self.return_document = dict(return_document or {})
+        # For the transmission report: each account's provider and return_document.
+        self.accounts = dict(accounts or {})
         self.admin_address = admin_address
         self.fax_domain = fax_domain
         self.hostname = hostname
@@ -331,10 +331,12 @@ class Notifier:
         """The transmission report (and the document as faxed) of a delivered or partly
         sent fax; None for other mails."""
         language = mail.language or self.settings.language
-        with_document = wants_document(job, self.return_document.get(job.account),
+        account = self.accounts.get(job.account)
+        with_document = wants_document(job, account.return_document if account else None,
                                        self.settings.return_document)
+        provider = f"{job.account} ({account.provider})" if account else job.account
         return await report_attachments(self.store, job, mail, event, language, self.zone,
-                                        with_document)
+                                        provider, with_document)
 
     def _status_mail(self, kind: str, job: Job, mail: Mail, event: Event,
                      attachments: ReportAttachments | None = None) -> OutgoingMail:

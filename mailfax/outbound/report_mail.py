@@ -57,7 +57,7 @@ def wants_document(job: Job, account_default: bool | None, notify_default: bool)
 
 
 def report_facts(job: Job, mail: Mail, event: Event, documents: list[FaxDocument],
-                 language: str, zone: tzinfo) -> ReportFacts:
+                 language: str, zone: tzinfo, provider: str) -> ReportFacts:
     from mailfax.documents.report import ReportFacts
     from mailfax.outbound.notify import format_duration
 
@@ -74,7 +74,7 @@ def report_facts(job: Job, mail: Mail, event: Event, documents: list[FaxDocument
         number=format_international(job.number), remote_id=job.remote_id or "",
         started_at=started.astimezone(zone) if started else None,
         duration=format_duration(job.duration_seconds), pages_sent=sent,
-        pages_submitted=submitted, attempts=job.attempts, provider=job.account,
+        pages_submitted=submitted, attempts=job.attempts, provider=provider,
         provider_job_id=job.provider_job_id or "", job_id=job.id, result=result)
 
 
@@ -96,16 +96,18 @@ def _render(job: Job, facts: ReportFacts, documents: list[FaxDocument], language
 
 
 async def report_attachments(store: Store, job: Job, mail: Mail, event: Event, language: str,
-                             zone: tzinfo, with_document: bool) -> ReportAttachments | None:
+                             zone: tzinfo, provider: str,
+                             with_document: bool) -> ReportAttachments | None:
     """The attachments of ``event``'s status mail, or None when it has none (or its report
-    cannot be made: the mail then goes without, and the log says why)."""
+    cannot be made: the mail then goes without, and the log says why). ``provider``: the
+    fax service as the report names it, e.g. "main (fax.de)"."""
     if not wants_report(job, event):
         return None
     documents = await store.load_documents(job.mail_id)
     if not documents:
         log.warning("job %s: no documents stored, no transmission report", job.id)
         return None
-    facts = report_facts(job, mail, event, documents, language, zone)
+    facts = report_facts(job, mail, event, documents, language, zone, provider)
     try:
         return await asyncio.to_thread(_render, job, facts, documents, language, with_document)
     except Exception:
