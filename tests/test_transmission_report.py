@@ -21,12 +21,13 @@ from typing import Any
 import pikepdf
 import pypdf
 import pytest
-from PIL import ImageChops
+from PIL import Image, ImageChops
 
 from mailfax import reasons
 from mailfax.app import Application
 from mailfax.config import Settings
-from mailfax.documents.faxrender import STANDARD, black_fraction, render_as_faxed
+from mailfax.documents.faxrender import FINE, STANDARD, black_fraction, render_as_faxed
+from mailfax.documents.report import ReportFacts, build_report
 from mailfax.emulators import faxde as faxde_emulator
 from mailfax.emulators import faxnummer as faxnummer_emulator
 from mailfax.model import JobState
@@ -285,3 +286,53 @@ async def test_fax_de_ok_with_fewer_pages_is_reported_partial(
     [emulated] = server.state.jobs.values()
     assert emulated.pages == 2
     _assert_partial(status, job, tmp_path, "fax.de")
+
+
+def _grey_and_black_page() -> bytes:
+    """An A4 page: a black square at the top left, a light grey one at the bottom right."""
+    from reportlab.lib.pagesizes import A4
+    from reportlab.pdfgen.canvas import Canvas
+
+    out = io.BytesIO()
+    canvas = Canvas(out, pagesize=A4)
+    canvas.setFillGray(0.0)
+    canvas.rect(72, A4[1] - 216, 144, 144, stroke=0, fill=1)
+    canvas.setFillGray(0.8)
+    canvas.rect(A4[0] - 216, 72, 144, 144, stroke=0, fill=1)
+    canvas.save()
+    return out.getvalue()
+
+
+def test_report_page_is_black_and_white_at_fine_resolution_and_grey_is_gone(
+        tmp_path: Path) -> None:
+    facts = ReportFacts(
+        sender="Jörg <j@example.org>", subject="Grau", number="+49 30 123456", remote_id="",
+        started_at=None, duration="", pages_sent=1, pages_submitted=1, attempts=1,
+        provider="main (fax.de)", provider_job_id="7001", job_id="j1", result="ok")
+    report = build_report(facts, _grey_and_black_page(), FINE, "de")
+    [image] = _pdfimages(report.pdf, tmp_path)
+    assert (image["color"], image["bpc"]) == ("gray", "1")
+    # A4 (595 × 842 pt) at 204 × 196 dpi
+    assert int(image["width"]) == pytest.approx(595 / 72 * 204, abs=2)
+    assert int(image["height"]) == pytest.approx(842 / 72 * 196, abs=2)
+    with pikepdf.open(io.BytesIO(report.pdf)) as opened:
+        [embedded] = opened.pages[0].Resources.XObject.values()
+        assert isinstance(embedded, pikepdf.Stream)
+        picture = pikepdf.PdfImage(embedded).as_pil_image().convert("L")
+    width, height = picture.size
+    black = picture.crop((int(width * 0.15), int(height * 0.12),
+                          int(width * 0.3), int(height * 0.22)))
+    grey = picture.crop((int(width * 0.7), int(height * 0.78),
+                         int(width * 0.85), int(height * 0.88)))
+    assert black.getextrema() == (0, 0)  # the black square stays black
+    assert grey.getextrema() == (255, 255)  # light grey is lost on the fax: white
+    text = _report_text(report.pdf)
+    assert "Sendebericht" in text and "Jörg <j@example.org>" in text
+    assert "Beginn –" in text and "Dauer –" in text
+    assert "204 × 196 dpi" in text
+    assert report.filename == "sendebericht.pdf"
+    with Image.open(io.BytesIO(report.preview_png)) as preview:
+        assert preview.format == "PNG"
+        # square pixels (the 196 lines stretched to 204 an inch), at half size
+        square_height = round(height * 204 / 196)
+        assert preview.size == ((width + 1) // 2, (square_height + 1) // 2)
