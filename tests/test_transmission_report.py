@@ -336,3 +336,11 @@ def test_report_page_is_black_and_white_at_fine_resolution_and_grey_is_gone(
         # square pixels (the 196 lines stretched to 204 an inch), at half size
         square_height = round(height * 204 / 196)
         assert preview.size == ((width + 1) // 2, (square_height + 1) // 2)
+
+
+async def test_bundled_emulator_partial_rule_makes_a_partial_failure(
+        tmp_path: Path, corpus: Path) -> None:
+    status, job = await _partial_send(tmp_path, corpus, {
+        "provider": "emulator", "delay_seconds": 0.3,
+        "partial": [{"prefix": "+4930996", "pages_sent": 1}]})
+    _assert_partial(status, job, tmp_path, "emulator")
