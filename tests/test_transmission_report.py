@@ -27,7 +27,7 @@ from mailfax import reasons
 from mailfax.app import Application
 from mailfax.config import Settings
 from mailfax.documents.faxrender import FINE, STANDARD, black_fraction, render_as_faxed
-from mailfax.documents.report import ReportFacts, build_report
+from mailfax.documents.report import ReportFacts, build_report, render_page_one
 from mailfax.emulators import faxde as faxde_emulator
 from mailfax.emulators import faxnummer as faxnummer_emulator
 from mailfax.model import JobState
@@ -309,7 +309,7 @@ def test_report_page_is_black_and_white_at_fine_resolution_and_grey_is_gone(
         sender="Jörg <j@example.org>", subject="Grau", number="+49 30 123456", remote_id="",
         started_at=None, duration="", pages_sent=1, pages_submitted=1, attempts=1,
         provider="main (fax.de)", provider_job_id="7001", job_id="j1", result="ok")
-    report = build_report(facts, _grey_and_black_page(), FINE, "de")
+    report = build_report(facts, render_page_one(_grey_and_black_page(), FINE), "de")
     [image] = _pdfimages(report.pdf, tmp_path)
     assert (image["color"], image["bpc"]) == ("gray", "1")
     # A4 (595 × 842 pt) at 204 × 196 dpi

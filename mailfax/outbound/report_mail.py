@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import timedelta, tzinfo
 from email.message import EmailMessage
@@ -23,7 +25,7 @@ from mailfax.providers.base import FaxDocument
 from mailfax.store.base import Event, Job, Mail, Store
 
 if TYPE_CHECKING:
-    from mailfax.documents.report import ReportFacts, TransmissionReport
+    from mailfax.documents.report import PageOne, ReportFacts, TransmissionReport
 
 log = logging.getLogger(__name__)
 
@@ -78,14 +80,43 @@ def report_facts(job: Job, mail: Mail, event: Event, documents: list[FaxDocument
         provider_job_id=job.provider_job_id or "", job_id=job.id, result=result)
 
 
+class PageCache:
+    """Page 1 as faxed of the last few mails: a mail to ten numbers has ten reports with the
+    same page, rendered once (most of a report's cost)."""
+
+    def __init__(self, size: int = 16):
+        self.size = size
+        self._pages: OrderedDict[tuple[str, str], PageOne] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def page_one(self, mail_id: str, resolution_name: str, pdf: bytes) -> PageOne:
+        from mailfax.documents.faxrender import resolution_named
+        from mailfax.documents.report import render_page_one
+
+        key = (mail_id, resolution_name)
+        with self._lock:
+            if key in self._pages:
+                self._pages.move_to_end(key)
+                return self._pages[key]
+        page = render_page_one(pdf, resolution_named(resolution_name))
+        with self._lock:
+            self._pages[key] = page
+            while len(self._pages) > self.size:
+                self._pages.popitem(last=False)
+        return page
+
+
+PAGES = PageCache()
+
+
 def _render(job: Job, facts: ReportFacts, documents: list[FaxDocument], language: str,
             with_document: bool) -> ReportAttachments:
-    from mailfax.documents.faxrender import resolution_named
     from mailfax.documents.pdf import merge_pdfs
     from mailfax.documents.report import build_report
 
-    resolution = resolution_named(str(job.options.get("resolution") or "standard"))
-    report = build_report(facts, documents[0].data, resolution, language)
+    resolution = "fine" if job.options.get("resolution") == "fine" else "standard"
+    page = PAGES.page_one(job.mail_id, resolution, documents[0].data)
+    report = build_report(facts, page, language)
     faxed = None
     if with_document:
         name = FAXED_FILENAME.get(language, FAXED_FILENAME["en"]).format(job=job.id)
