@@ -7,6 +7,7 @@ and pikepdf, its fields read with pypdf.
 
 from __future__ import annotations
 
+import asyncio
 import email
 import email.policy
 import io
@@ -344,3 +345,34 @@ async def test_bundled_emulator_partial_rule_makes_a_partial_failure(
         "provider": "emulator", "delay_seconds": 0.3,
         "partial": [{"prefix": "+4930996", "pages_sent": 1}]})
     _assert_partial(status, job, tmp_path, "emulator")
+
+
+async def test_each_recipient_of_one_mail_gets_its_own_report_with_the_same_page(
+        service: Service, corpus: Path) -> None:
+    pdf = (corpus / "pdf" / "crazyones.pdf").read_bytes()
+    numbers = ["030123456@fax.local", "040654321@fax.local"]
+    mail = fax_mail([("letter.pdf", pdf, "application/pdf")], to=", ".join(numbers))
+    await service.send(mail, "alice@example.org", numbers)
+    for _ in range(200):
+        delivered = [_parsed(message) for message in service.outbox_messages()
+                     if message["X-Mailfax-State"] == "delivered"]
+        if len(delivered) == 2:
+            break
+        await asyncio.sleep(0.1)
+    assert len(delivered) == 2
+    reports = {status["X-Mailfax-Job"]: _attachments(status)["transmission-report.pdf"]
+               for status in delivered}
+    texts = {job_id: _report_text(report) for job_id, report in reports.items()}
+    numbers_seen = set()
+    for job_id, text in texts.items():
+        assert f"mailfax job {job_id}" in text
+        numbers_seen.update(number for number in ("+49 30 123456", "+49 40 654321")
+                            if f"Recipient number {number}" in text)
+    assert numbers_seen == {"+49 30 123456", "+49 40 654321"}
+    images = set()
+    for report in reports.values():
+        with pikepdf.open(io.BytesIO(report)) as opened:
+            [embedded] = opened.pages[0].Resources.XObject.values()
+            assert isinstance(embedded, pikepdf.Stream)
+            images.add(embedded.read_raw_bytes())
+    assert len(images) == 1  # one page 1, as faxed, for both
