@@ -363,13 +363,13 @@ async def test_each_recipient_of_one_mail_gets_its_own_report_with_the_same_page
     reports = {status["X-Mailfax-Job"]: _attachments(status)["transmission-report.pdf"]
                for status in delivered}
     texts = {job_id: _report_text(report) for job_id, report in reports.items()}
-    numbers_seen = set()
+    numbers_seen: set[str] = set()
     for job_id, text in texts.items():
         assert f"mailfax job {job_id}" in text
         numbers_seen.update(number for number in ("+49 30 123456", "+49 40 654321")
                             if f"Recipient number {number}" in text)
     assert numbers_seen == {"+49 30 123456", "+49 40 654321"}
-    images = set()
+    images: set[bytes] = set()
     for report in reports.values():
         with pikepdf.open(io.BytesIO(report)) as opened:
             [embedded] = opened.pages[0].Resources.XObject.values()
