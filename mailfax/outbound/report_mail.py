@@ -43,7 +43,7 @@ class ReportAttachments:
     faxed: FaxDocument | None  # the whole document as faxed, when asked for
 
 
-def wants_report(job: Job, event: Event) -> bool:
+def wants_report(event: Event) -> bool:
     """Delivered, or failed because only some pages were sent."""
     if event.state == JobState.DELIVERED:
         return True
@@ -132,7 +132,7 @@ async def report_attachments(store: Store, job: Job, mail: Mail, event: Event, l
     """The attachments of ``event``'s status mail, or None when it has none (or its report
     cannot be made: the mail then goes without, and the log says why). ``provider``: the
     fax service as the report names it, e.g. "main (fax.de)"."""
-    if not wants_report(job, event):
+    if not wants_report(event):
         return None
     documents = await store.load_documents(job.mail_id)
     if not documents:
