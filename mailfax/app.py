@@ -191,7 +191,8 @@ class Application:
                                  fax_domain=settings.fax_domains[0],
                                  hostname=settings.smtp.hostname, owner=self.instance,
                                  admin_address=(settings.notify.admin_address
-                                                or settings.inbound.postmaster))
+                                                or settings.inbound.postmaster),
+                                 accounts=settings.accounts)
         self.accounts = self._account_health(renderer)
         self.tracker = Tracker(self.store, self.providers, settings.dispatch.status_poll_seconds,
                                on_change=self._after_tracked, accounts=self.accounts,

@@ -452,6 +452,9 @@ class NotifySettings(Strict):
     failure_format: Literal["mail", "dsn", "both"] = "mail"
     # Times in status mails and on the cover page (the fax and the mail are read locally).
     timezone: TimeZoneName = "Europe/Berlin"
+    # The delivered mail carries the whole document as faxed besides the transmission
+    # report; ``[accounts.NAME] return_document`` and a mail's own option override it.
+    return_document: bool = False
 
 
 class OptionSettings(Strict):
@@ -771,6 +774,8 @@ class AccountSettings(BaseModel):
     paper: Paper | None = None  # this account's faxes on "A4" or "Letter"; None: [documents]
     # When this account's jobs may be sent (a time window spec, see [dispatch] windows).
     windows: WindowSpec | None = None
+
+    return_document: bool | None = None  # overrides notify.return_document for this account
 
     @model_validator(mode="after")
     def _provider_settings(self) -> AccountSettings:

@@ -6,12 +6,17 @@ Providers map their own codes onto these where one fits and build their own
 
 from __future__ import annotations
 
+import re
+
 from mailfax.model import Reason
 
 # The code of a job whose last send answer was lost (dispatch sets it, tracking settles it).
 ANSWER_LOST = "answer_lost"
 # The code of a busy line, whatever the provider called it (a number's busy backoff).
 BUSY = "busy"
+
+# The code of a fax the provider called delivered with fewer pages sent than were submitted.
+PARTIAL = "partial"
 
 _CATALOGUE: dict[str, tuple[str, str]] = {
     "delivered": ("The fax was delivered.", "Das Fax wurde zugestellt."),
@@ -86,3 +91,28 @@ def is_busy(reason: Reason | None) -> bool:
 
 def custom(code: str, english: str, german: str, detail: str = "") -> Reason:
     return Reason(code=code, text={"en": english, "de": german}, detail=detail)
+
+
+_PARTIAL_DETAIL = re.compile(r"^(\d+) of (\d+) pages sent")
+
+
+def partial(sent: int, submitted: int, detail: str = "") -> Reason:
+    """A fax sent only in part: ``sent`` of ``submitted`` pages (the detail starts with the
+    two numbers, which :func:`partial_pages` reads back for the status mail)."""
+    return custom(
+        PARTIAL,
+        f"Only {sent} of {submitted} pages were sent: the fax service reported the fax as "
+        "sent, but the transmission ended before the last page. Please send the fax (or "
+        "the missing pages) again.",
+        f"Nur {sent} von {submitted} Seiten wurden gesendet: Der Faxdienst hat das Fax als "
+        "gesendet gemeldet, aber die Übertragung endete vor der letzten Seite. Bitte senden "
+        "Sie das Fax (oder die fehlenden Seiten) erneut.",
+        detail=f"{sent} of {submitted} pages sent" + (f"; {detail}" if detail else ""))
+
+
+def partial_pages(reason: Reason | None) -> tuple[int, int] | None:
+    """(pages sent, pages submitted) of a :func:`partial` reason; None for any other."""
+    if reason is None or reason.code != PARTIAL:
+        return None
+    match = _PARTIAL_DETAIL.match(reason.detail)
+    return (int(match.group(1)), int(match.group(2))) if match else None

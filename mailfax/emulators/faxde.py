@@ -27,7 +27,9 @@ Assumed, because the docs are silent, and by default the pessimistic reading:
 Options (``mailfax emulate fax.de --option key=value``): ``account``, ``password``, ``delay``,
 ``fail`` (``+4930999:Busy,+4930998:No Answer``), ``wsdl`` (path of another WSDL to serve),
 ``inbound`` (comma-separated TIFF paths to put in the inbox), ``unlogged``,
-``duplicate_job_id``.
+``duplicate_job_id``, ``partial`` (``+4930996:1``: result OK but PAGES, ``$MSGGS``, only
+that many: the doc's PAGES is "Number of pages", and it does not say that OK means all of
+them).
 """
 
 from __future__ import annotations
@@ -113,6 +115,7 @@ class EmulatorState:
     unlogged: float = 0.3  # JobStatus answers 5 this long after SendJob
     duplicate_job_id: bool = False  # -77 with the existing JobId (optimistic)
     fail: dict[str, str] = field(default_factory=dict)  # number prefix -> SendResult
+    partial: dict[str, int] = field(default_factory=dict)  # number prefix -> pages sent
     jobs: dict[int, EmulatedJob] = field(default_factory=dict)
     inbox: list[InboxFax] = field(default_factory=list)
     deleted: list[int] = field(default_factory=list)
@@ -344,6 +347,11 @@ class Emulator:
         result = prefix_value(recipient.number, self.state.fail)
         return "OK" if result is None else result
 
+    def pages_sent(self, job: EmulatedJob, recipient: Recipient) -> int:
+        """All the job's pages, or fewer for a number with a ``partial`` rule."""
+        cut = prefix_value(recipient.number, self.state.partial)
+        return job.pages if cut is None else min(cut, job.pages)
+
     def status_file(self, job: EmulatedJob) -> bytes:
         out = io.StringIO()
         writer = csv.writer(out, quoting=csv.QUOTE_ALL, lineterminator="\r\n")
@@ -352,10 +360,11 @@ class Emulator:
         sent = datetime.fromtimestamp(job.starts + self.state.delay, UTC)
         for recipient in job.recipients:
             result = self.result_of(job, recipient)
-            ok = result == "OK"
-            writer.writerow([recipient.number, "FAX", result, "EMULATED FAX" if ok else "",
-                             job.pages if ok else 0, sent.strftime("%Y-%m-%d %H:%M:%S"),
-                             job.pages * 19 + 3 if ok else 0, recipient.reference])
+            pages = self.pages_sent(job, recipient) if result == "OK" else 0
+            writer.writerow([recipient.number, "FAX", result,
+                             "EMULATED FAX" if result == "OK" else "", pages,
+                             sent.strftime("%Y-%m-%d %H:%M:%S"),
+                             pages * 19 + 3 if pages else 0, recipient.reference])
         return out.getvalue().encode()
 
     def _schedule_finish(self, job: EmulatedJob) -> None:
@@ -375,7 +384,9 @@ class Emulator:
         if self._session is None:
             self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
         for recipient in job.recipients:
-            url = status_url(job.options["STATURL"], job, recipient, self.result_of(job, recipient))
+            result = self.result_of(job, recipient)
+            url = status_url(job.options["STATURL"], job, recipient, result,
+                             self.pages_sent(job, recipient) if result == "OK" else 0)
             self.state.pushes.append(url)
             with contextlib.suppress(aiohttp.ClientError, TimeoutError):
                 async with self._session.get(url) as response:
@@ -492,15 +503,17 @@ def parse_options(text: str) -> dict[str, str]:
     return options
 
 
-def status_url(template: str, job: EmulatedJob, recipient: Recipient, result: str) -> str:
+def status_url(template: str, job: EmulatedJob, recipient: Recipient, result: str,
+               pages: int) -> str:
+    """``template`` with its tokens filled in; ``pages``: the pages sent ($MSGGS)."""
     ok = result == "OK"
     sent = datetime.fromtimestamp(job.created, UTC)
     values = {"$JID": str(job.job_id), "$RCV": recipient.number,
               "$STAT": result.upper().replace(" ", "").replace("-", ""),
-              "$MSGGS": str(job.pages if ok else 0), "$COST": "0.09" if ok else "0.00",
+              "$MSGGS": str(pages), "$COST": "0.09" if ok else "0.00",
               "$RID": "EMULATED FAX" if ok else "", "$CID": recipient.reference,
               "$DATE": sent.strftime("%d.%m.%y"), "$TIME": sent.strftime("%H:%M:%S"),
-              "$SEC": str(job.pages * 19 + 3 if ok else 0), "$RET": "0", "$COD": "MMR",
+              "$SEC": str(pages * 19 + 3 if pages else 0), "$RET": "0", "$COD": "MMR",
               "$SPD": "14400"}
     url = template
     for token in sorted(values, key=len, reverse=True):
@@ -567,6 +580,8 @@ async def start(host: str, port: int, options: dict[str, str]) -> Emulator:
         duplicate_job_id=options.get("duplicate_job_id", "0").lower() in ("1", "true", "yes"),
         fail=dict(item.split(":", 1) for item in options.get("fail", "").split(",")
                   if ":" in item),
+        partial={prefix: int(pages) for prefix, pages in (
+            item.split(":", 1) for item in options.get("partial", "").split(",") if ":" in item)},
     )
     for path in filter(None, options.get("inbound", "").split(",")):
         state.add_inbound(await asyncio.to_thread(Path(path).read_bytes))

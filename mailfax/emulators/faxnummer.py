@@ -31,6 +31,9 @@ delay              seconds from NEW to DONE (1.0); RUNNING from half of it
 seconds_per_page   ConnectionDuration per page (20)
 fail               numbers that fail by prefix and Q.850 cause: +4930999:17,+4930998:19
 retry              numbers that pass through RETRY with that cause first: +4930997:17
+partial            numbers whose call ends early: DONE-OK (cause 16) with only that many
+                   PagesSent: +4930996:1 (the doc's PagesSent "Anzahl Seiten, die gesendet
+                   wurden" may be fewer than the PDF's; it does not say DONE-OK excludes that)
 duplicates         none | reference (none): see above
 http_error         answer the next ``http_error_count`` (1) requests with this status,
 retry_after        ... and this Retry-After header, without processing them
@@ -81,6 +84,7 @@ class Options:
     seconds_per_page: float = 20.0
     fail: Mapping[str, int] = field(default_factory=dict)  # dial prefix (00...) -> Q.850 cause
     retry: Mapping[str, int] = field(default_factory=dict)
+    partial: Mapping[str, int] = field(default_factory=dict)  # dial prefix -> pages sent
     duplicates: str = "none"  # or "reference": invented resend detection
 
 
@@ -150,6 +154,7 @@ def parse_options(options: Mapping[str, str]) -> tuple[Options, Faults]:
         seconds_per_page=float(options.get("seconds_per_page", Options.seconds_per_page)),
         fail=_prefix_causes(options.get("fail", "")),
         retry=_prefix_causes(options.get("retry", "")),
+        partial=_prefix_causes(options.get("partial", "")),
         duplicates=options.get("duplicates", "none"))
     faults = Faults(
         http_error=int(options.get("http_error", 503)),
@@ -271,11 +276,17 @@ def status_fields(fax: ReceivedFax, options: Options, now: float) -> dict[str, s
     if status.startswith("DONE"):
         ok = status == "DONE-OK"
         entry["StatusQ850Cause"] = "16" if ok else str(prefix_value(destination, options.fail))
-        entry["ConnectionDuration"] = str(round(fax.pages * options.seconds_per_page + 1)
-                                          if ok else 0)
-        entry["PagesSent"] = str(fax.pages if ok else 0)
+        entry["ConnectionDuration"] = str(round(pages_sent(fax, options)
+                                                * options.seconds_per_page + 1) if ok else 0)
+        entry["PagesSent"] = str(pages_sent(fax, options) if ok else 0)
     return {"WR_DataList_ObjectCount": "1",
             **{f"WR_DataList_1_{key}": value for key, value in entry.items()}}
+
+
+def pages_sent(fax: ReceivedFax, options: Options) -> int:
+    """All pages, or fewer for a number with a ``partial`` rule."""
+    cut = prefix_value(fax.fields["sDestination"], options.partial)
+    return fax.pages if cut is None else min(cut, fax.pages)
 
 
 def _timestamp(moment: datetime) -> str:

@@ -12,7 +12,7 @@ import asyncio
 import email.policy
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, tzinfo
 from email.headerregistry import Address
@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo
 
-from mailfax.config import NotifySettings
+from mailfax import reasons
+from mailfax.config import AccountSettings, NotifySettings
 from mailfax.model import JobState
 from mailfax.numbers import format_international
 from mailfax.outbound.accounts import Pause
@@ -37,6 +38,12 @@ from mailfax.outbound.broadcast import (
     wants_job_mail,
 )
 from mailfax.outbound.dsn import build_dsn, dsn_status_for
+from mailfax.outbound.report_mail import (
+    ReportAttachments,
+    attach,
+    report_attachments,
+    wants_document,
+)
 from mailfax.store.base import Event, Job, Mail, OutgoingMail, Store
 from mailfax.support.lazy import lazy_module
 from mailfax.support.waiting import wait_for_event
@@ -132,8 +139,9 @@ class Renderer:
                                   autoescape=True, undefined=jinja2.StrictUndefined)
 
     def render(self, kind: str, job: Job, mail: Mail, event: Event,
-               language: str, zone: tzinfo = UTC) -> StatusMail:
-        """``zone``: the time zone of the times shown (``notify.timezone``)."""
+               language: str, zone: tzinfo = UTC, report_image: str = "") -> StatusMail:
+        """``zone``: the time zone of the times shown (``notify.timezone``);
+        ``report_image``: the Content-ID of page 1 as faxed, when the mail carries it."""
         context: dict[str, Any] = {
             "kind": kind,
             "job": job,
@@ -144,6 +152,9 @@ class Renderer:
             "reason_code": event.reason.code if event.reason else "",
             "detail": event.detail,
             "warnings": job.options.get("warnings", []) if kind == "accepted" else [],
+
+            "partial": reasons.partial_pages(event.reason),  # (sent, submitted) or None
+            "report_image": report_image,
             "original_subject": mail.subject,
             # A job queued with ``mailfax send`` came with no mail to reply to: its "subject"
             # is the file name (or --subject), and the templates say so instead of "Re: …".
@@ -209,8 +220,11 @@ class Notifier:
                  on_queued: Callable[[], None] = lambda: None, poll_seconds: float = 5.0,
                  mails_per_hour: int = 60, fax_domain: str = "fax.local",
                  hostname: str = "mailfax.localhost", owner: str = "mailfax",
-                 admin_address: str | None = None):
+                 admin_address: str | None = None,
+                 accounts: Mapping[str, AccountSettings] | None = None):
         self.owner = owner
+        # For the transmission report: each account's provider and return_document.
+        self.accounts = dict(accounts or {})
         self.admin_address = admin_address
         self.fax_domain = fax_domain
         self.hostname = hostname
@@ -312,7 +326,8 @@ class Notifier:
             log.warning("job %s: no status mail to <%s>: %d in the last hour already", job.id,
                         mail.envelope_from, self.mails_per_hour)
             return []
-        status = self._status_mail(kind, job, mail, event)
+        status = self._status_mail(kind, job, mail, event, await self._attachments(
+            job, mail, event))
         if kind != "failed" or self.settings.failure_format == "mail":
             return [status]
         bounce = self._bounce(job, mail, event)
@@ -367,16 +382,35 @@ class Notifier:
         return [OutgoingMail(envelope_from="", recipients=recipients,
                              message=message.as_bytes(), job_id=job.id, kind=kind)]
 
-    def _render(self, kind: str, job: Job, mail: Mail, event: Event) -> StatusMail:
+    def _render(self, kind: str, job: Job, mail: Mail, event: Event,
+                report_image: str = "") -> StatusMail:
         language = mail.language or self.settings.language
         try:
-            return self.renderer.render(kind, job, mail, event, language, self.zone)
+            return self.renderer.render(kind, job, mail, event, language, self.zone,
+                                        report_image)
         except jinja2.TemplateError:
             log.exception("status mail template for %s/%s failed", language, kind)
-            return self.renderer.render(kind, job, mail, event, "en", self.zone)
+            return self.renderer.render(kind, job, mail, event, "en", self.zone, report_image)
 
-    def _status_mail(self, kind: str, job: Job, mail: Mail, event: Event) -> OutgoingMail:
-        message = compose(self._render(kind, job, mail, event), job, mail, self.settings)
+    async def _attachments(self, job: Job, mail: Mail,
+                           event: Event) -> ReportAttachments | None:
+        """The transmission report (and the document as faxed) of a delivered or partly
+        sent fax; None for other mails."""
+        language = mail.language or self.settings.language
+        account = self.accounts.get(job.account)
+        with_document = wants_document(job, account.return_document if account else None,
+                                       self.settings.return_document)
+        provider = f"{job.account} ({account.provider})" if account else job.account
+        return await report_attachments(self.store, job, mail, event, language, self.zone,
+                                        provider, with_document)
+
+    def _status_mail(self, kind: str, job: Job, mail: Mail, event: Event,
+                     attachments: ReportAttachments | None = None) -> OutgoingMail:
+        status = self._render(kind, job, mail, event,
+                              attachments.image_cid if attachments else "")
+        message = compose(status, job, mail, self.settings)
+        if attachments is not None:
+            attach(message, attachments)
         # The envelope sender of a status mail is empty, as for any automatic reply that
         # must not itself cause bounces to loop back (RFC 3834, 5321 §4.5.5).
         return OutgoingMail(envelope_from="", recipients=[mail.envelope_from],

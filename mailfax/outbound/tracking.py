@@ -39,6 +39,8 @@ def transition_for(job: Job, report: StatusReport) -> Transition | None:
     """The change a provider report means for a job, or None when nothing is new."""
     if report.state == job.state:
         return None
+    if is_partial(job, report):
+        return partial_transition(job, report)
     detail = report.reason.detail if report.reason and report.reason.detail else ""
     if report.state == JobState.DELIVERED and report.remote_id:
         detail = f"remote station {report.remote_id}"
@@ -49,6 +51,25 @@ def transition_for(job: Job, report: StatusReport) -> Transition | None:
         provider_job_id=report.provider_job_id,
         notify=report.state not in TRACKED_STATES,
     )
+
+
+def is_partial(job: Job, report: StatusReport) -> bool:
+    """Whether a "delivered" report sent fewer pages than the job has: not delivered (a
+    provider may say "done" after a call that dropped, even with 0 pages)."""
+    return (report.state == JobState.DELIVERED and report.pages is not None
+            and report.pages < job.pages)
+
+
+def partial_transition(job: Job, report: StatusReport) -> Transition:
+    """A partial send as a failure (reason ``partial``, with both page counts); the job
+    keeps its submitted page count, the reason says how many of them were sent."""
+    sent = report.pages or 0
+    station = f"remote station {report.remote_id}; " if report.remote_id else ""
+    reason = reasons.partial(sent, job.pages, f"{station}the provider reported it delivered")
+    return Transition(
+        state=JobState.FAILED, reason=reason, detail=reason.detail,
+        duration_seconds=report.duration_seconds, remote_id=report.remote_id,
+        provider_job_id=report.provider_job_id)
 
 
 def unconfirmed_ran_out(job: Job, now: datetime, after: timedelta) -> Transition | None:

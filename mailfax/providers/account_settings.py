@@ -32,6 +32,12 @@ class FailRule(BaseModel):
     result: Outcome
 
 
+class PartialRule(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    prefix: str = Field(pattern=r"^\+[0-9]+$", description="E.164 prefix, e.g. +4930996")
+    pages_sent: int = Field(ge=0, description="the call ends after this many pages")
+
+
 class EmulatorSettings(BaseModel):
     """``[accounts.NAME]`` with ``provider = "emulator"``: the bundled emulator."""
 
@@ -47,6 +53,9 @@ class EmulatorSettings(BaseModel):
         ],
         description="numbers that fail, by longest matching prefix",
     )
+    partial: list[PartialRule] = Field(
+        default_factory=list,
+        description="numbers reported delivered with fewer pages sent, by longest prefix")
     inbound: bool = Field(default=True, description="hand out the faxes in inbox_folder")
     inbox_folder: str = Field(default="", description="received faxes (*.tif) to hand out; "
                                                       "empty: <data_dir>/emulator/inbox")

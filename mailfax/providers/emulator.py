@@ -1,8 +1,9 @@
 """The bundled provider emulator: a fake fax network behind the provider interface.
 
 No account needed. It "transmits" each job after a configurable delay, reports pages and a
-duration, and fails numbers by configurable prefix rules (busy, no answer, ...), so every path
-of mailfax can be tried without a fax provider.
+duration, and fails numbers by configurable prefix rules (busy, no answer, ...), or reports
+them delivered with fewer pages sent (``partial``), so every path of mailfax can be tried
+without a fax provider.
 
 Its network is the store (table ``emulator_transmissions``), durable like a real provider: a
 job it accepted survives a crash of mailfax, and a resend with the same reference is answered
@@ -80,10 +81,12 @@ def report_for(transmission: Transmission, settings: Settings, now: float) -> St
     finished = datetime.fromtimestamp(transmission.submitted_at + settings.delay_seconds, UTC)
     outcome = outcome_for(transmission.number, settings.fail)
     if outcome is None:
+        cut = longest_prefix(transmission.number, settings.partial, lambda rule: rule.prefix)
+        pages = transmission.pages if cut is None else min(cut.pages_sent, transmission.pages)
         return StatusReport(
             state=JobState.DELIVERED,
-            pages=transmission.pages,
-            duration_seconds=transmission.pages * settings.seconds_per_page + 1,
+            pages=pages,
+            duration_seconds=pages * settings.seconds_per_page + 1,
             remote_id="EMULATOR",
             finished_at=finished,
         )
