@@ -76,6 +76,14 @@ def test_a_start_in_the_spring_gap_opens_when_the_clock_jumps_into_the_window() 
         2026, 10, 25, 1, 30, tzinfo=UTC)  # between them: closed from 03:10 CEST
 
 
+def test_a_weekly_window_inside_the_skipped_hour_opens_the_week_after() -> None:
+    """Sunday 02:00-03:00 does not exist on 29 March 2026 in Berlin: the next opening is a
+    week later (found by hypothesis: the search looked only 8 days ahead)."""
+    window = parse_window("Sun 02:00-03:00", BERLIN)
+    assert window.next_open(datetime(2026, 3, 27, 22, 59, tzinfo=UTC)) == datetime(
+        2026, 4, 5, 0, 0, tzinfo=UTC)  # 02:00 CEST
+
+
 @pytest.mark.parametrize("spec", ["", "Mon-Fri 18:00", "Someday", "25:00-26:00",
                                   "Mon Tue 10:00-11:00", "Mon 10:00-24:30", "Mon,,Tue"])
 def test_unreadable_specs_are_refused(spec: str) -> None:

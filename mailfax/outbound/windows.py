@@ -78,10 +78,12 @@ class Window:
 
     def _starts_after(self, now: datetime) -> list[datetime]:
         """The instants (both readings of an ambiguous local time) at which a rule starts,
-        from the day before ``now`` (local) to 8 days on, that lie after ``now``."""
+        from the day before ``now`` (local) to 15 days on, that lie after ``now``. Two weeks,
+        not one: a weekly window inside the hour the clocks skip in spring (``Sun 02:00-03:00``
+        in Berlin) does not open that week at all."""
         today = now.astimezone(self.zone).date()
         starts = []
-        for offset in range(-1, 9):
+        for offset in range(-1, 16):
             day = today + timedelta(days=offset)
             for rule in self.rules:
                 if day.weekday() in rule.days:
