@@ -76,6 +76,7 @@ async def test_postgres_hot_queries_use_indexes_on_a_big_jobs_table(
         await store.tracked_jobs("main")
         kept = await store.counts()
         await store.list_jobs(limit=50, state=JobState.QUEUED)
+        await store.lost_answers_before(datetime.now(UTC) - timedelta(hours=6), 200)
         await store.list_jobs(limit=50, state=JobState.DELIVERED)
         await store.usage_since(datetime.now(UTC) - timedelta(hours=1), ["user1@example.org"])
         monkeypatch.undo()
@@ -85,7 +86,7 @@ async def test_postgres_hot_queries_use_indexes_on_a_big_jobs_table(
 
     reads = [(query, params) for query, params in statements
              if re.search(r"\b(FROM|UPDATE) jobs\b", query)]
-    assert len(reads) >= 6, statements
+    assert len(reads) >= 7, statements
     with psycopg.connect(database, autocommit=True) as conn:
         # The table is big enough for the planner to care: an unindexed filter scans it.
         assert SEQ_SCAN_ON_JOBS.search(plan(conn, "SELECT * FROM jobs WHERE pages = %s", (3,)))
@@ -121,3 +122,30 @@ async def test_postgres_job_counts_follow_every_state_change(database: str) -> N
         assert (await store.counts())["jobs"] == {"delivered": 1, "submitted": 1}
     finally:
         await store.close()
+
+
+async def test_postgres_lost_answers_are_found_on_their_partial_index(
+        database: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With many unconfirmed jobs mailed already (they stay unconfirmed), the tracker's look
+    for the ones still to settle reads jobs_answer_lost, which holds only those."""
+    store = PostgresStore(database, listen=False)
+    await store.open()
+    try:
+        with psycopg.connect(database, autocommit=True) as conn:
+            mail, jobs = HISTORY.split(";\n")[:2]
+            conn.execute(mail)
+            conn.execute(jobs.replace("%s", str(FINISHED_JOBS))
+                         .replace("'delivered'", "'unconfirmed'"))
+            conn.execute("""UPDATE jobs SET reason = jsonb_build_object('code',
+                CASE WHEN right(id, 4) = '0000' THEN 'answer_lost' ELSE 'unconfirmed' END)""")
+            conn.execute("ANALYZE")
+        statements = captured_statements(monkeypatch)
+        found = await store.lost_answers_before(datetime.now(UTC), 10)
+        monkeypatch.undo()
+    finally:
+        await store.close()
+    assert sorted(job.id for job in found) == [f"h{i}0000" for i in range(1, 6)]
+    [(query, params)] = [(q, p) for q, p in statements if "answer_lost" in q]
+    with psycopg.connect(database, autocommit=True) as conn:
+        text = plan(conn, query, params)
+    assert "jobs_answer_lost" in text, text

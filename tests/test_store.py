@@ -907,6 +907,47 @@ async def test_the_emulator_network_records_a_fax_once_and_recognises_a_resend(
         await second.close()
 
 
+async def test_old_lost_answers_are_settled_behind_a_thousand_newer_unconfirmed_jobs(
+        store: Store) -> None:
+    """The tracker's "may have been sent" mail reaches the oldest unconfirmed jobs still
+    looked for, also when more than 1000 newer unconfirmed jobs (mailed already: they stay
+    unconfirmed) come first in a listing, and more of them than one batch."""
+    from mailfax.outbound.tracking import SETTLE_BATCH, Tracker
+
+    old = tuple(f"old{index:03d}" for index in range(SETTLE_BATCH + 50))
+    newer = tuple(f"new{index:04d}" for index in range(1100))
+    await add(store, "m-old", old)
+    await asyncio.sleep(0.01)  # created (and updated) after the old ones
+    await add(store, "m-new", newer)
+
+    async def unconfirmed(job_id: str, code: str) -> None:
+        assert await store.record(job_id, Transition(
+            state=JobState.UNCONFIRMED, reason=reasons.reason(code),
+            provider_job_id=f"ref:{job_id}", notify=False))
+
+    await asyncio.gather(*(unconfirmed(job_id, reasons.ANSWER_LOST) for job_id in old))
+    await asyncio.sleep(0.01)
+    await asyncio.gather(*(unconfirmed(job_id, "unconfirmed") for job_id in newer))
+    listed = await store.list_jobs(limit=1000, state=JobState.UNCONFIRMED)
+    assert not {job.id for job in listed} & set(old)  # what the tracker used to read
+
+    later = datetime.now(UTC) + timedelta(hours=6, seconds=1)
+    due = await store.lost_answers_before(later - timedelta(hours=6), 10)
+    assert len(due) == 10 and {job.id for job in due} <= set(old)  # only the lost answers
+    assert [job.updated for job in due] == sorted(job.updated for job in due)  # oldest first
+    assert await store.lost_answers_before(datetime.now(UTC) - timedelta(hours=1), 10) == []
+
+    tracker = Tracker(store, {}, 60, unconfirmed_after=timedelta(hours=6), clock=lambda: later)
+    assert await tracker.settle_unconfirmed() == len(old)
+    assert await tracker.settle_unconfirmed() == 0  # one mail each
+    for job in await store.get_jobs(old):
+        assert job.state == JobState.UNCONFIRMED
+        assert job.reason is not None and job.reason.code == "unconfirmed"
+    mailed = {event.job_id for event in await store.pending_notifications(5000)
+              if event.state == JobState.UNCONFIRMED}
+    assert mailed == set(old)
+
+
 async def test_unconfirmed_state_its_repeated_mail_and_the_deliberate_retry(
         store: Store) -> None:
     """Both stores: the state ``unconfirmed``, an event logged without a state change

@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 
 IN_FLIGHT = (*TRACKED_STATES, JobState.RETRYING)
 FIRST_FAST_POLL = 1.0
+SETTLE_BATCH = 200  # unconfirmed jobs read at a time by settle_unconfirmed
 
 
 def transition_for(job: Job, report: StatusReport) -> Transition | None:
@@ -206,13 +207,21 @@ class Tracker:
         up within ``unconfirmed_after``; returns how many."""
         now = self.clock()
         mailed = 0
-        for job in await self.store.list_jobs(limit=1000, state=JobState.UNCONFIRMED):
-            transition = unconfirmed_ran_out(job, now, self.unconfirmed_after)
-            if transition is None:
-                continue
-            if await self.store.record(job.id, transition, expected=[JobState.UNCONFIRMED]):
-                log.warning("job %s: %s", job.id, transition.detail)
-                mailed += 1
+        while True:  # oldest first, a batch at a time: each one settled leaves the query
+            due = await self.store.lost_answers_before(now - self.unconfirmed_after,
+                                                       SETTLE_BATCH)
+            settled = 0
+            for job in due:
+                transition = unconfirmed_ran_out(job, now, self.unconfirmed_after)
+                if transition is None:
+                    continue
+                if await self.store.record(job.id, transition,
+                                           expected=[JobState.UNCONFIRMED]):
+                    log.warning("job %s: %s", job.id, transition.detail)
+                    settled += 1
+            mailed += settled
+            if len(due) < SETTLE_BATCH or not settled:
+                break
         if mailed:
             self.on_change()
         return mailed

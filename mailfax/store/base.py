@@ -351,6 +351,12 @@ class Store(Protocol):
         """Jobs handed to the provider whose outcome is not known yet."""
         ...
 
+    async def lost_answers_before(self, before: datetime, limit: int) -> list[Job]:
+        """Unconfirmed jobs still looked for at their provider (reason
+        :data:`~mailfax.reasons.ANSWER_LOST`; the "may have been sent" mail not yet
+        recorded) last changed before ``before``, oldest first, up to ``limit``."""
+        ...
+
     async def reopen_job(self, job_id: str, detail: str) -> Job | None:
         """The deliberate resend (``mailfax retry``): a job in one of
         :data:`~mailfax.model.RETRYABLE_STATES` goes back to queued, due now, with its

@@ -30,6 +30,7 @@ from psycopg.rows import DictRow, dict_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
+from mailfax import reasons
 from mailfax.model import RETRYABLE_STATES, TRACKED_STATES, JobState, Reason, can_transition
 from mailfax.providers.base import (
     EmulatedTransmission,
@@ -262,6 +263,12 @@ MIGRATIONS: dict[int, str] = {
         leased_until timestamptz NOT NULL DEFAULT '-infinity'
     );
     """,
+    # The unconfirmed jobs still looked for at their provider (the tracker settles them once
+    # ``unconfirmed_after`` ran out), oldest first, however many settled ones pile up.
+    9: """
+    CREATE INDEX jobs_answer_lost ON jobs (updated)
+        WHERE state = 'unconfirmed' AND reason->>'code' = 'answer_lost';
+    """,
 }
 SCHEMA_VERSION = max(MIGRATIONS)
 
@@ -270,6 +277,7 @@ SCHEMA_VERSION = max(MIGRATIONS)
 # a prepared statement's generic plan off those indexes (planning each call instead).
 DISPATCHABLE = [JobState.QUEUED.value, JobState.RETRYING.value]
 assert DISPATCHABLE == ["queued", "retrying"]
+assert reasons.ANSWER_LOST == "answer_lost"  # spelt out in jobs_answer_lost and its query
 FINAL = [JobState.DELIVERED.value, JobState.FAILED.value, JobState.CANCELLED.value]
 
 
@@ -1191,6 +1199,19 @@ class PostgresStore:
                 """,
                 (account, states),
             )
+            return [_job(row) for row in await cur.fetchall()]
+
+    async def lost_answers_before(self, before: datetime, limit: int) -> list[Job]:
+        # Literals, as in jobs_answer_lost's WHERE: a parameter would keep a generic plan
+        # off the partial index.
+        async with self._cursor(atomic=False) as cur:
+            await cur.execute(
+                """
+                SELECT * FROM jobs
+                WHERE state = 'unconfirmed' AND reason->>'code' = 'answer_lost'
+                  AND updated < %s
+                ORDER BY updated, id LIMIT %s
+                """, (before, limit))
             return [_job(row) for row in await cur.fetchall()]
 
     async def reopen_job(self, job_id: str, detail: str) -> Job | None:

@@ -25,6 +25,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
+from mailfax import reasons
 from mailfax.model import (
     RETRYABLE_STATES,
     TRACKED_STATES,
@@ -67,7 +68,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 Operation = Callable[[sqlite3.Connection], Any]
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 MIGRATIONS: dict[int, str] = {
     1: """
     CREATE TABLE mails (
@@ -227,9 +228,16 @@ MIGRATIONS: dict[int, str] = {
         leased_until REAL NOT NULL DEFAULT 0
     );
     """,
+    # The unconfirmed jobs still looked for at their provider (the tracker settles them once
+    # ``unconfirmed_after`` ran out), oldest first, however many settled ones pile up.
+    7: """
+    CREATE INDEX jobs_answer_lost ON jobs (updated)
+        WHERE state = 'unconfirmed' AND json_extract(reason, '$.code') = 'answer_lost';
+    """,
 }
 
 DISPATCHABLE = (JobState.QUEUED.value, JobState.RETRYING.value)
+assert reasons.ANSWER_LOST == "answer_lost"  # spelt out in jobs_answer_lost and its query
 # Documents up to this size go in and out of the blobs table as values; larger ones through
 # SQLite's incremental blob I/O, in pieces of this size.
 BLOB_IN_ROW_BYTES = 1024 * 1024
@@ -1113,6 +1121,17 @@ class SqliteStore(_InboundMixin, _EmulatorNetworkMixin, _RetentionMixin):
                 "INSERT INTO events (job_id, at, state, reason, detail, notify)"
                 " VALUES (?, ?, ?, NULL, ?, 0)", (job_id, now, JobState.QUEUED.value, detail))
             return _job(conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone())
+
+        return await self._call(operation)
+
+    async def lost_answers_before(self, before: datetime, limit: int) -> list[Job]:
+        # The literals match jobs_answer_lost's WHERE, for the planner to use it.
+        def operation(conn: sqlite3.Connection) -> list[Job]:
+            rows = conn.execute(
+                "SELECT * FROM jobs WHERE state = 'unconfirmed'"
+                " AND json_extract(reason, '$.code') = 'answer_lost' AND updated < ?"
+                " ORDER BY updated, id LIMIT ?", (before.timestamp(), limit)).fetchall()
+            return [_job(r) for r in rows]
 
         return await self._call(operation)
 
