@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -331,6 +332,59 @@ async def test_usage_counts_jobs_and_pages_by_sender(store: Store) -> None:
     assert await store.usage_since(since, ["@other.example", "alice@example.org"]) == (3, 9)
     assert await store.usage_since(since, []) == (0, 0)
     assert await store.usage_since(datetime.now(UTC) + timedelta(minutes=1)) == (0, 0)
+
+
+def insert_jobs_created_at(backend: Backend, created: Sequence[float], pages: int) -> None:
+    """Jobs of mail "m1" (stored already) created at these epoch seconds, straight into the
+    table (the store's own triggers see them, as they see any insert)."""
+    rows = [(f"t{index}", created_at, pages) for index, created_at in enumerate(created)]
+    if backend.name == "sqlite":
+        with sqlite3.connect(backend.url.removeprefix("sqlite:///")) as conn:
+            conn.executemany(
+                "INSERT INTO jobs (id, mail_id, account, number, state, pages, sender, created,"
+                " updated) VALUES (?, 'm1', 'acct', '+4930123456', 'delivered', ?, 'a@b.c', ?, ?)",
+                [(job_id, n, at, at) for job_id, at, n in rows])
+        return
+    import psycopg
+
+    with psycopg.connect(backend.url) as conn, conn.cursor() as cur:
+        cur.executemany(
+            "INSERT INTO jobs (id, mail_id, account, number, state, pages, sender, created,"
+            " updated) VALUES (%s, 'm1', 'acct', '+4930123456', 'delivered', %s, 'a@b.c',"
+            " to_timestamp(%s), to_timestamp(%s))",
+            [(job_id, n, at, at) for job_id, at, n in rows])
+
+
+async def test_everyones_usage_from_kept_totals_equals_a_count_at_every_edge(
+        backend: Backend, store: Store) -> None:
+    """The service-wide count comes from per-300-s totals plus the jobs of the bucket the
+    window starts in: it must equal counting the jobs, wherever the window starts (on a
+    bucket's edge, just before or after it), and follow a job's pages as they change."""
+    await add(store)  # j1: 3 pages, now
+    now = time.time()
+    edge = (now // 300 - 20) * 300  # a bucket's first second, 100 min ago
+    created = [edge - 300, edge - 0.5, edge, edge + 0.25, edge + 299.75, edge + 300, edge + 900]
+    insert_jobs_created_at(backend, created, 2)
+    assert await store.record("j1", Transition(JobState.FAILED, pages=5))  # 3 → 5 pages
+    starts = [edge - 301, edge - 300, edge - 1, edge - 0.5, edge, edge + 0.1, edge + 0.25,
+              edge + 150, edge + 300, edge + 300.5, edge + 1000, now - 1]
+
+    async def check() -> None:
+        for start in starts:
+            expected = [at for at in created if at >= start]
+            assert await store.usage_since(datetime.fromtimestamp(start, UTC)) == (
+                len(expected) + 1, 2 * len(expected) + 5), start
+
+    await check()
+    await store.counts()  # PostgreSQL folds the triggers' rows here (and in quota checks)
+    await check()
+    pages = Quota("service", "this service", 2 * len(created) + 5 + 3, "pages", 86400)
+    await store.add_mail_jobs(new_mail("m2"), [NewJob("j2", "+4930123456", "acct")], DOCS,
+                              [pages])  # exactly up to the limit
+    with pytest.raises(QuotaExceeded) as over:
+        await store.add_mail_jobs(new_mail("m3"), [NewJob("j3", "+4930123456", "acct")], DOCS,
+                                  [pages])
+    assert over.value.used == 2 * len(created) + 5 + 3
 
 
 async def test_quotas_are_checked_where_the_jobs_are_stored(store: Store) -> None:

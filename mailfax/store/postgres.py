@@ -265,9 +265,40 @@ MIGRATIONS: dict[int, str] = {
     """,
     # The unconfirmed jobs still looked for at their provider (the tracker settles them once
     # ``unconfirmed_after`` ran out), oldest first, however many settled ones pile up.
+    # Service-wide quotas count jobs and pages per 300 s of creation (SERVICE_USAGE_SQL), so
+    # the count does not grow with the jobs of the window. Triggers append delta rows (no
+    # writer waits for a counter row); FOLD_TOTALS_SQL sums them into one row per bucket.
     9: """
     CREATE INDEX jobs_answer_lost ON jobs (updated)
         WHERE state = 'unconfirmed' AND reason->>'code' = 'answer_lost';
+    CREATE TABLE job_created_totals (
+        bucket  bigint NOT NULL,
+        jobs    bigint NOT NULL,
+        pages   bigint NOT NULL,
+        folded  boolean NOT NULL DEFAULT false
+    );
+    CREATE UNIQUE INDEX job_created_totals_folded ON job_created_totals (bucket) WHERE folded;
+    CREATE INDEX job_created_totals_deltas ON job_created_totals (bucket) WHERE NOT folded;
+    INSERT INTO job_created_totals
+        SELECT floor(extract(epoch FROM created) / 300)::bigint, count(*), sum(pages), true
+        FROM jobs GROUP BY 1;
+    CREATE FUNCTION job_created_total() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        IF TG_OP = 'INSERT' THEN
+            INSERT INTO job_created_totals (bucket, jobs, pages)
+            VALUES (floor(extract(epoch FROM NEW.created) / 300)::bigint, 1, NEW.pages);
+        ELSE
+            INSERT INTO job_created_totals (bucket, jobs, pages)
+            VALUES (floor(extract(epoch FROM OLD.created) / 300)::bigint, 0,
+                    NEW.pages - OLD.pages);
+        END IF;
+        RETURN NULL;
+    END $$;
+    CREATE TRIGGER job_created_total_insert AFTER INSERT ON jobs
+        FOR EACH ROW EXECUTE FUNCTION job_created_total();
+    CREATE TRIGGER job_created_total_pages AFTER UPDATE OF pages ON jobs
+        FOR EACH ROW WHEN (OLD.pages IS DISTINCT FROM NEW.pages)
+        EXECUTE FUNCTION job_created_total();
     """,
 }
 SCHEMA_VERSION = max(MIGRATIONS)
@@ -581,6 +612,35 @@ USAGE_BY_SENDERS = """(%(everyone)s
 """
 
 
+def service_usage_sql(since: str) -> str:
+    """Everyone's jobs since the SQL expression ``since``: the totals of the buckets after the
+    one it falls in (folded rows and deltas not folded yet), and the jobs of that one bucket
+    created since it counted one by one (with the triggers' floor, so a job on a bucket's
+    edge counts exactly once). Its cost does not grow with the jobs of the window."""
+    edge = f"floor(extract(epoch FROM {since}) / 300)::bigint"  # the bucket it falls in
+    return f"""
+    SELECT COALESCE(sum(jobs), 0) AS jobs, COALESCE(sum(pages), 0) AS pages FROM (
+        SELECT jobs, pages FROM job_created_totals WHERE folded AND bucket > {edge}
+        UNION ALL
+        SELECT jobs, pages FROM job_created_totals WHERE NOT folded AND bucket > {edge}
+        UNION ALL
+        SELECT count(*), COALESCE(sum(pages), 0) FROM jobs
+        WHERE created >= {since} AND created < {since} + interval '600 s'
+          AND floor(extract(epoch FROM created) / 300)::bigint <= {edge}) AS parts
+    """
+
+
+# The triggers' delta rows summed into the folded row of their bucket (ordered by bucket, so
+# two folds lock rows in one order). A fold skips deltas a concurrent one took.
+FOLD_TOTALS_SQL = """
+WITH deltas AS (DELETE FROM job_created_totals WHERE NOT folded RETURNING bucket, jobs, pages)
+INSERT INTO job_created_totals AS t (bucket, jobs, pages, folded)
+SELECT bucket, sum(jobs), sum(pages), true FROM deltas GROUP BY bucket ORDER BY bucket
+ON CONFLICT (bucket) WHERE folded
+DO UPDATE SET jobs = t.jobs + excluded.jobs, pages = t.pages + excluded.pages
+"""
+
+
 def _usage_parameters(senders: Sequence[str] | None) -> dict[str, Any]:
     """USAGE_BY_SENDERS' parameters: ``"a@b.c"`` exactly, ``"@b.c"`` the whole domain."""
     return {"everyone": senders is None,
@@ -607,11 +667,17 @@ async def _check_quotas(cur: psycopg.AsyncCursor[DictRow], quotas: Sequence[Quot
     await cur.execute("SELECT pg_advisory_xact_lock(k) FROM unnest(%s::bigint[]) AS k",
                       (keys,))
     used: list[int] = []
+    if any(quota.senders is None for quota in quotas):
+        await cur.execute(FOLD_TOTALS_SQL)
     for quota in quotas:
-        await cur.execute(
-            USAGE_SQL + "WHERE created >= now() - make_interval(secs => %(window)s) AND "
-            + USAGE_BY_SENDERS,
-            {"window": float(quota.window_seconds), **_usage_parameters(quota.senders)})
+        if quota.senders is None:
+            await cur.execute(service_usage_sql("now() - make_interval(secs => %(window)s)"),
+                              {"window": float(quota.window_seconds)})
+        else:
+            await cur.execute(
+                USAGE_SQL + "WHERE created >= now() - make_interval(secs => %(window)s) AND "
+                + USAGE_BY_SENDERS,
+                {"window": float(quota.window_seconds), **_usage_parameters(quota.senders)})
         row = await cur.fetchone()
         assert row is not None
         used.append(int(row["jobs"] if quota.unit == "faxes" else row["pages"]))
@@ -1286,8 +1352,12 @@ class PostgresStore:
         """(jobs, pages) created since ``since`` by these envelope senders (``"@domain"`` for a
         whole domain; None: everyone); for quotas."""
         async with self._cursor(atomic=False) as cur:
-            await cur.execute(USAGE_SQL + "WHERE created >= %(since)s AND " + USAGE_BY_SENDERS,
-                              {"since": since, **_usage_parameters(senders)})
+            if senders is None:  # from the kept totals: these count jobs purged since too
+                await cur.execute(service_usage_sql("%(since)s::timestamptz"), {"since": since})
+            else:
+                await cur.execute(
+                    USAGE_SQL + "WHERE created >= %(since)s AND " + USAGE_BY_SENDERS,
+                    {"since": since, **_usage_parameters(senders)})
             row = await cur.fetchone()
         return (int(row["jobs"]), int(row["pages"])) if row else (0, 0)
 
@@ -1516,6 +1586,7 @@ class PostgresStore:
                 INSERT INTO job_state_counts
                 SELECT state, sum(jobs) FROM folded GROUP BY state HAVING sum(jobs) <> 0
                 """)
+            await cur.execute(FOLD_TOTALS_SQL)  # the quotas' totals: also without quotas
             await cur.execute("SELECT state, sum(jobs) AS n FROM job_state_counts"
                               " GROUP BY state HAVING sum(jobs) <> 0")
             result["jobs"] = {str(row["state"]): int(row["n"]) for row in await cur.fetchall()}

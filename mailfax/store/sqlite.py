@@ -230,9 +230,27 @@ MIGRATIONS: dict[int, str] = {
     """,
     # The unconfirmed jobs still looked for at their provider (the tracker settles them once
     # ``unconfirmed_after`` ran out), oldest first, however many settled ones pile up.
+    # Service-wide quotas count jobs and pages per 300 s of creation (SERVICE_USAGE_SQL),
+    # kept by triggers, so the count does not grow with the jobs of the window; a user's
+    # quota reads only that user's jobs.
     7: """
     CREATE INDEX jobs_answer_lost ON jobs (updated)
         WHERE state = 'unconfirmed' AND json_extract(reason, '$.code') = 'answer_lost';
+    CREATE INDEX jobs_sender ON jobs (lower(sender), created);
+    CREATE TABLE job_created_totals (
+        bucket INTEGER PRIMARY KEY, jobs INTEGER NOT NULL, pages INTEGER NOT NULL);
+    INSERT INTO job_created_totals
+        SELECT CAST(created / 300 AS INTEGER), COUNT(*), SUM(pages) FROM jobs GROUP BY 1;
+    CREATE TRIGGER job_created_total_insert AFTER INSERT ON jobs BEGIN
+        INSERT INTO job_created_totals (bucket, jobs, pages)
+            VALUES (CAST(new.created / 300 AS INTEGER), 1, new.pages)
+            ON CONFLICT (bucket) DO UPDATE SET jobs = jobs + 1, pages = pages + excluded.pages;
+    END;
+    CREATE TRIGGER job_created_total_pages AFTER UPDATE OF pages ON jobs
+        WHEN old.pages IS NOT new.pages BEGIN
+        UPDATE job_created_totals SET pages = pages + new.pages - old.pages
+            WHERE bucket = CAST(old.created / 300 AS INTEGER);
+    END;
     """,
 }
 
@@ -390,17 +408,34 @@ def _statements(script: str) -> Iterator[str]:
         raise ValueError(f"incomplete statement in a migration: {pending.strip()[:60]}")
 
 
+# Everyone's jobs since :since: the totals of the buckets after the one :since falls in, and
+# the jobs of that one bucket created since :since counted one by one (CAST as the trigger
+# does, so a job on a bucket's edge is counted in exactly one of the two).
+SERVICE_USAGE_SQL = """
+SELECT COALESCE(SUM(jobs), 0), COALESCE(SUM(pages), 0) FROM (
+    SELECT jobs, pages FROM job_created_totals WHERE bucket > CAST(:since / 300 AS INTEGER)
+    UNION ALL
+    SELECT COUNT(*), COALESCE(SUM(pages), 0) FROM jobs
+    WHERE created >= :since AND created < :since + 600
+      AND CAST(created / 300 AS INTEGER) <= CAST(:since / 300 AS INTEGER))
+"""
+
+
 def _usage(conn: sqlite3.Connection, since: float, senders: Sequence[str] | None
            ) -> tuple[int, int]:
-    """(jobs, pages) created since ``since`` by these senders (None: everyone)."""
+    """(jobs, pages) created since ``since`` by these senders (None: everyone, from the
+    kept totals: these count jobs purged since as well)."""
+    if senders is None:
+        row = conn.execute(SERVICE_USAGE_SQL, {"since": since}).fetchone()
+        return int(row[0]), int(row[1])
     query = "SELECT COUNT(*), COALESCE(SUM(pages), 0) FROM jobs WHERE created >= ?"
     parameters: list[Any] = [since]
-    if senders is not None:  # "a@b.c" exactly, "@b.c" the whole domain
-        tests = ["lower(sender) LIKE ?" if sender.startswith("@") else "lower(sender) = ?"
-                 for sender in senders]
-        query += f" AND ({' OR '.join(tests) or '0'})"
-        parameters += [f"%{sender.lower()}" if sender.startswith("@") else sender.lower()
-                       for sender in senders]
+    # "a@b.c" exactly, "@b.c" the whole domain
+    tests = ["lower(sender) LIKE ?" if sender.startswith("@") else "lower(sender) = ?"
+             for sender in senders]
+    query += f" AND ({' OR '.join(tests) or '0'})"
+    parameters += [f"%{sender.lower()}" if sender.startswith("@") else sender.lower()
+                   for sender in senders]
     row = conn.execute(query, parameters).fetchone()
     return int(row[0]), int(row[1])
 
