@@ -612,13 +612,30 @@ USAGE_BY_SENDERS = """(%(everyone)s
 """
 
 
-def service_usage_sql(since: str) -> str:
+# The triggers' delta rows summed into the folded row of their bucket (ordered by bucket, so
+# two folds lock rows in one order). A fold skips deltas a concurrent one took.
+FOLD_DELTAS = """deltas AS (
+    DELETE FROM job_created_totals WHERE NOT folded RETURNING bucket, jobs, pages)"""
+FOLD_INSERT = """
+INSERT INTO job_created_totals AS t (bucket, jobs, pages, folded)
+SELECT bucket, sum(jobs), sum(pages), true FROM deltas GROUP BY bucket ORDER BY bucket
+ON CONFLICT (bucket) WHERE folded
+DO UPDATE SET jobs = t.jobs + excluded.jobs, pages = t.pages + excluded.pages
+"""
+FOLD_TOTALS_SQL = f"WITH {FOLD_DELTAS} {FOLD_INSERT}"
+
+
+def service_usage_sql(since: str, *, fold: bool = False) -> str:
     """Everyone's jobs since the SQL expression ``since``: the totals of the buckets after the
     one it falls in (folded rows and deltas not folded yet), and the jobs of that one bucket
     created since it counted one by one (with the triggers' floor, so a job on a bucket's
-    edge counts exactly once). Its cost does not grow with the jobs of the window."""
+    edge counts exactly once). Its cost does not grow with the jobs of the window.
+
+    With ``fold``, the statement folds the deltas as well (one round trip): its reads see the
+    table as it was before, which holds the same sums."""
     edge = f"floor(extract(epoch FROM {since}) / 300)::bigint"  # the bucket it falls in
-    return f"""
+    folding = f"WITH {FOLD_DELTAS}, fold AS ({FOLD_INSERT})" if fold else ""
+    return f"""{folding}
     SELECT COALESCE(sum(jobs), 0) AS jobs, COALESCE(sum(pages), 0) AS pages FROM (
         SELECT jobs, pages FROM job_created_totals WHERE folded AND bucket > {edge}
         UNION ALL
@@ -628,17 +645,6 @@ def service_usage_sql(since: str) -> str:
         WHERE created >= {since} AND created < {since} + interval '600 s'
           AND floor(extract(epoch FROM created) / 300)::bigint <= {edge}) AS parts
     """
-
-
-# The triggers' delta rows summed into the folded row of their bucket (ordered by bucket, so
-# two folds lock rows in one order). A fold skips deltas a concurrent one took.
-FOLD_TOTALS_SQL = """
-WITH deltas AS (DELETE FROM job_created_totals WHERE NOT folded RETURNING bucket, jobs, pages)
-INSERT INTO job_created_totals AS t (bucket, jobs, pages, folded)
-SELECT bucket, sum(jobs), sum(pages), true FROM deltas GROUP BY bucket ORDER BY bucket
-ON CONFLICT (bucket) WHERE folded
-DO UPDATE SET jobs = t.jobs + excluded.jobs, pages = t.pages + excluded.pages
-"""
 
 
 def _usage_parameters(senders: Sequence[str] | None) -> dict[str, Any]:
@@ -667,12 +673,13 @@ async def _check_quotas(cur: psycopg.AsyncCursor[DictRow], quotas: Sequence[Quot
     await cur.execute("SELECT pg_advisory_xact_lock(k) FROM unnest(%s::bigint[]) AS k",
                       (keys,))
     used: list[int] = []
-    if any(quota.senders is None for quota in quotas):
-        await cur.execute(FOLD_TOTALS_SQL)
+    folded = False
     for quota in quotas:
-        if quota.senders is None:
-            await cur.execute(service_usage_sql("now() - make_interval(secs => %(window)s)"),
+        if quota.senders is None:  # the first such count folds the totals' deltas
+            await cur.execute(service_usage_sql("now() - make_interval(secs => %(window)s)",
+                                                fold=not folded),
                               {"window": float(quota.window_seconds)})
+            folded = True
         else:
             await cur.execute(
                 USAGE_SQL + "WHERE created >= now() - make_interval(secs => %(window)s) AND "
