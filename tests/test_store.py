@@ -127,6 +127,39 @@ async def test_jobs_are_fetched_by_id_in_one_call_and_unknown_ids_left_out(
     assert len(await store.get_jobs(many)) == 1200
 
 
+async def test_mails_are_fetched_by_id_in_one_call(store: Store) -> None:
+    await add(store, "m1")
+    await add(store, "m2", ("j2",))
+    mails = await store.get_mails(["m2", "nope", "m1"])
+    assert sorted(mail.id for mail in mails) == ["m1", "m2"]
+    assert mails[0] == await store.get_mail(mails[0].id)
+    assert await store.get_mails([]) == []
+
+
+async def test_many_transitions_are_recorded_in_one_call(store: Store) -> None:
+    """record_all: each as record would (moved or not), one refused by the state table or
+    of no such job logged and not moved, the others recorded all the same."""
+    from mailfax.store.base import Outcome
+
+    await add(store, jobs=("j1", "j2", "j3"))
+    await store.record("j3", Transition(JobState.DELIVERED))
+    moved = await store.record_all([
+        Outcome("j2", Transition(JobState.SENDING, provider_job_id="P2")),
+        Outcome("j1", Transition(JobState.SUBMITTED, provider_job_id="P1")),
+        Outcome("j3", Transition(JobState.SENDING), expected=[JobState.SUBMITTED]),
+        Outcome("j3", Transition(JobState.QUEUED)),  # delivered -> queued: refused
+        Outcome("nope", Transition(JobState.SENDING)),
+    ])
+    assert moved == [True, True, False, False, False]
+    states = {job.id: (job.state, job.provider_job_id)
+              for job in await store.get_jobs(["j1", "j2", "j3"])}
+    assert states == {"j1": (JobState.SUBMITTED, "P1"), "j2": (JobState.SENDING, "P2"),
+                      "j3": (JobState.DELIVERED, None)}
+    assert [event.state for event in await store.job_events("j2")] == [
+        JobState.QUEUED, JobState.SENDING]
+    assert await store.record_all([]) == []
+
+
 async def test_added_jobs_are_queued_with_pages_documents_and_an_accepted_event(
         store: Store) -> None:
     await add(store, jobs=("j1", "j2"))

@@ -12,7 +12,7 @@ import asyncio
 import email.policy
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, tzinfo
 from email.headerregistry import Address
@@ -218,23 +218,39 @@ class Notifier:
     async def handle_pending(self, limit: int = 100) -> int:
         events = await self.store.claim_notifications(self.owner, limit, NOTIFY_LEASE_SECONDS)
         deadline = time.monotonic() + NOTIFY_LEASE_SECONDS / 2
+        jobs, mails = await self._jobs_and_mails([e for e in events if self._mailed(e)])
         queued = False
         for event in events:
             if time.monotonic() > deadline:
                 break  # the rest stay leased to us and come back with the next claim
-            outgoing = await self._mails_for(event)
+            outgoing = await self._mails_for(event, jobs, mails)
             await self.store.complete_notification(event.id, outgoing)
             queued = queued or bool(outgoing)
         if queued:
             self.on_queued()
         return len(events)
 
-    async def _mails_for(self, event: Event) -> list[OutgoingMail]:
+    def _mailed(self, event: Event) -> bool:
         kind = event_kind(event)
-        if kind is None or (kind not in self.settings.events and kind not in ALWAYS_MAILED):
+        return kind is not None and (kind in self.settings.events or kind in ALWAYS_MAILED)
+
+    async def _jobs_and_mails(self, events: Sequence[Event]
+                              ) -> tuple[dict[str, Job], dict[str, Mail]]:
+        """The jobs and mails of a claim's events: two store calls, not two per event."""
+        if not events:
+            return {}, {}
+        jobs = {job.id: job for job in await self.store.get_jobs(
+            list(dict.fromkeys(event.job_id for event in events)))}
+        mail_ids = list(dict.fromkeys(job.mail_id for job in jobs.values()))
+        return jobs, {mail.id: mail for mail in await self.store.get_mails(mail_ids)}
+
+    async def _mails_for(self, event: Event, jobs: Mapping[str, Job],
+                         mails: Mapping[str, Mail]) -> list[OutgoingMail]:
+        kind = event_kind(event)
+        if kind is None or not self._mailed(event):
             return []
-        job = await self.store.get_job(event.job_id)
-        mail = await self.store.get_mail(job.mail_id) if job else None
+        job = jobs.get(event.job_id)
+        mail = mails.get(job.mail_id) if job else None
         if job is None or mail is None:
             return []
         if kind in ALWAYS_MAILED:

@@ -24,7 +24,7 @@ from mailfax.providers.base import (
     ProviderRef,
     StatusReport,
 )
-from mailfax.store.base import Job, Store, Transition
+from mailfax.store.base import Job, Outcome, Store, Transition
 from mailfax.support.failing import RepeatedFailure
 from mailfax.support.waiting import wait_for_event
 
@@ -319,18 +319,17 @@ class Tracker:
         await self.apply(reports, await self.store.get_jobs(list(reports)))
 
     async def apply(self, reports: Mapping[str, StatusReport], jobs: Sequence[Job]) -> None:
-        for job in jobs:
-            report = reports.get(job.id)
-            if report is None:
-                continue
-            transition = transition_for(job, report)
-            if transition is None:
-                continue
-            moved = await self.store.record(job.id, transition, expected=IN_FLIGHT)
-            if moved:
+        """Record what the reports say changed, all in one store call."""
+        changes = [(job, transition) for job in jobs if job.id in reports
+                   and (transition := transition_for(job, reports[job.id])) is not None]
+        moved = await self.store.record_all([Outcome(job.id, transition, IN_FLIGHT)
+                                             for job, transition in changes])
+        for (job, transition), done in zip(changes, moved, strict=True):
+            if done:
                 log.info("job %s: %s -> %s", job.id, job.state, transition.state)
-                if transition.notify:
-                    self.on_change()
+        if any(done and transition.notify
+               for (_, transition), done in zip(changes, moved, strict=True)):
+            self.on_change()
 
     async def _cancel_requested(self, account: str, provider: Provider,
                                 requested: Sequence[Job]) -> None:

@@ -347,6 +347,12 @@ class Store(Protocol):
         """
         ...
 
+    async def record_all(self, outcomes: Sequence[Outcome]) -> list[bool]:
+        """:meth:`record` for many jobs in one transaction (one round trip): for each
+        outcome, whether its job moved. One the state table refuses, or of a job that does
+        not exist, is logged as an error and did not move (as in :meth:`claim_work`)."""
+        ...
+
     async def tracked_jobs(self, account: str) -> list[Job]:
         """Jobs handed to the provider whose outcome is not known yet."""
         ...
@@ -372,6 +378,10 @@ class Store(Protocol):
         ...
 
     async def get_mail(self, mail_id: str) -> Mail | None: ...
+
+    async def get_mails(self, mail_ids: Sequence[str]) -> list[Mail]:
+        """The mails that exist among ``mail_ids``, in one query (order not kept)."""
+        ...
 
     async def list_jobs(self, limit: int = 1000, state: JobState | None = None) -> list[Job]: ...
 

@@ -374,6 +374,16 @@ def _reason_json(reason: Reason | None) -> Jsonb | None:
     return Jsonb(reason.to_json()) if reason else None
 
 
+def _mail(row: DictRow) -> Mail:
+    return Mail(
+        id=row["id"], envelope_from=row["envelope_from"], message_id=row["message_id"],
+        subject=row["subject"], references=row["refs"], from_header=row["from_header"],
+        client_address=row["client_address"], auto_submitted=row["auto_submitted"],
+        precedence=row["precedence"], language=row["language"],
+        received_at=_at(row["received_at"]),
+    )
+
+
 def _job(row: DictRow) -> Job:
     return Job(
         id=row["id"],
@@ -595,13 +605,15 @@ def _record_verdict(row: DictRow | None, job_id: str, transition: Transition,
     raise IllegalTransition(f"job {job_id}: {current} -> {transition.state}")
 
 
-def _check_recorded(row: DictRow | None, outcome: Outcome) -> None:
+def _check_recorded(row: DictRow | None, outcome: Outcome) -> bool:
     """A refused outcome of :meth:`PostgresStore.claim_work` is logged, not raised: the
-    others and the claim are committed with it, and the claimed jobs must be sent."""
+    others and the claim are committed with it, and the claimed jobs must be sent. Whether
+    the job moved."""
     try:
-        _record_verdict(row, outcome.job_id, outcome.transition, outcome.expected)
+        return _record_verdict(row, outcome.job_id, outcome.transition, outcome.expected)
     except (KeyError, IllegalTransition) as error:
         log.error("result of job %s not recorded: %s", outcome.job_id, error)
+        return False
 
 
 USAGE_SQL = "SELECT count(*) AS jobs, COALESCE(sum(pages), 0) AS pages FROM jobs "
@@ -1135,15 +1147,14 @@ class PostgresStore:
         async with self._cursor(atomic=False) as cur:
             await cur.execute("SELECT * FROM mails WHERE id = %s", (mail_id,))
             row = await cur.fetchone()
-        if row is None:
-            return None
-        return Mail(
-            id=row["id"], envelope_from=row["envelope_from"], message_id=row["message_id"],
-            subject=row["subject"], references=row["refs"], from_header=row["from_header"],
-            client_address=row["client_address"], auto_submitted=row["auto_submitted"],
-            precedence=row["precedence"], language=row["language"],
-            received_at=_at(row["received_at"]),
-        )
+        return None if row is None else _mail(row)
+
+    async def get_mails(self, mail_ids: Sequence[str]) -> list[Mail]:
+        if not mail_ids:
+            return []
+        async with self._cursor(atomic=False) as cur:
+            await cur.execute("SELECT * FROM mails WHERE id = ANY(%s)", (list(mail_ids),))
+            return [_mail(row) for row in await cur.fetchall()]
 
     async def load_documents(self, mail_id: str) -> list[FaxDocument]:
         _, documents = await self._mails_and_documents([mail_id])
@@ -1259,6 +1270,25 @@ class PostgresStore:
         async with self._cursor(atomic=False) as cur:
             await cur.execute(RECORD_SQL, _record_parameters(job_id, transition, expected))
             return _record_verdict(await cur.fetchone(), job_id, transition, expected)
+
+    async def record_all(self, outcomes: Sequence[Outcome]) -> list[bool]:
+        """One pipeline, one implicit transaction (as :meth:`claim_work`), the rows locked in
+        job id order (as renew_leases locks them)."""
+        if not outcomes:
+            return []
+        if self._pool is None:
+            raise RuntimeError("store is not open")
+        ordered = sorted(range(len(outcomes)), key=lambda index: outcomes[index].job_id)
+        async with self._pool.connection() as conn:
+            cursors: dict[int, psycopg.AsyncCursor[DictRow]] = {}
+            async with conn.pipeline():
+                for index in ordered:
+                    outcome = outcomes[index]
+                    cursors[index] = conn.cursor(row_factory=dict_row)
+                    await cursors[index].execute(RECORD_SQL, _record_parameters(
+                        outcome.job_id, outcome.transition, outcome.expected))
+            return [_check_recorded(await cursors[index].fetchone(), outcome)
+                    for index, outcome in enumerate(outcomes)]
 
     # -- tracker -----------------------------------------------------------------------------
 

@@ -292,6 +292,16 @@ def _job(row: sqlite3.Row) -> Job:
     )
 
 
+def _mail(row: sqlite3.Row) -> Mail:
+    return Mail(
+        id=row["id"], envelope_from=row["envelope_from"], message_id=row["message_id"],
+        subject=row["subject"], references=json.loads(row["refs"]),
+        from_header=row["from_header"], client_address=row["client_address"],
+        auto_submitted=row["auto_submitted"], precedence=row["precedence"],
+        language=row["language"], received_at=datetime.fromtimestamp(row["received_at"], UTC),
+    )
+
+
 def _event(row: sqlite3.Row) -> Event:
     return Event(
         id=row["id"],
@@ -483,6 +493,19 @@ def _record(conn: sqlite3.Connection, job_id: str, transition: Transition,
              int(transition.notify)),
         )
     return True
+
+
+def _record_outcomes(conn: sqlite3.Connection, outcomes: Sequence[Outcome]) -> list[bool]:
+    """Record each outcome; whether its job moved. A refused one is logged, not raised (as
+    PostgresStore does): the others are committed with it."""
+    moved: list[bool] = []
+    for outcome in outcomes:
+        try:
+            moved.append(_record(conn, outcome.job_id, outcome.transition, outcome.expected))
+        except (KeyError, IllegalTransition) as error:
+            log.error("result of job %s not recorded: %s", outcome.job_id, error)
+            moved.append(False)
+    return moved
 
 
 class _InboundMixin:
@@ -1050,18 +1073,20 @@ class SqliteStore(_InboundMixin, _EmulatorNetworkMixin, _RetentionMixin):
     async def get_mail(self, mail_id: str) -> Mail | None:
         def operation(conn: sqlite3.Connection) -> Mail | None:
             row = conn.execute("SELECT * FROM mails WHERE id = ?", (mail_id,)).fetchone()
-            if row is None:
-                return None
-            return Mail(
-                id=row["id"], envelope_from=row["envelope_from"], message_id=row["message_id"],
-                subject=row["subject"], references=json.loads(row["refs"]),
-                from_header=row["from_header"], client_address=row["client_address"],
-                auto_submitted=row["auto_submitted"], precedence=row["precedence"],
-                language=row["language"], received_at=datetime.fromtimestamp(
-                    row["received_at"], UTC),
-            )
+            return None if row is None else _mail(row)
 
         return await self._call(operation)
+
+    async def get_mails(self, mail_ids: Sequence[str]) -> list[Mail]:
+        def operation(conn: sqlite3.Connection) -> list[Mail]:
+            found: list[Mail] = []
+            for start in range(0, len(mail_ids), 500):  # SQLite's limit on parameters
+                chunk = list(mail_ids[start:start + 500])
+                found += [_mail(row) for row in conn.execute(
+                    f"SELECT * FROM mails WHERE id IN ({_marks(chunk)})", chunk)]
+            return found
+
+        return await self._call(operation) if mail_ids else []
 
     async def load_documents(self, mail_id: str) -> list[FaxDocument]:
         return await self._call(lambda conn: _documents(conn, [mail_id]).get(mail_id, []))
@@ -1072,11 +1097,7 @@ class SqliteStore(_InboundMixin, _EmulatorNetworkMixin, _RetentionMixin):
                          account_limits: Mapping[str, int],
                          finished: Sequence[Outcome] = ()) -> list[Work]:
         def operation(conn: sqlite3.Connection) -> list[Work]:
-            for outcome in finished:
-                try:
-                    _record(conn, outcome.job_id, outcome.transition, outcome.expected)
-                except (KeyError, IllegalTransition) as error:  # as PostgresStore does
-                    log.error("result of job %s not recorded: %s", outcome.job_id, error)
+            _record_outcomes(conn, finished)
             jobs = _claim(conn, owner, limit, lease_seconds, account_limits)
             mail_ids = list(dict.fromkeys(job.mail_id for job in jobs))
             subjects = dict(conn.execute(
@@ -1125,6 +1146,11 @@ class SqliteStore(_InboundMixin, _EmulatorNetworkMixin, _RetentionMixin):
     async def record(self, job_id: str, transition: Transition,
                      expected: Sequence[JobState] | None = None) -> bool:
         return await self._call(lambda conn: _record(conn, job_id, transition, expected))
+
+    async def record_all(self, outcomes: Sequence[Outcome]) -> list[bool]:
+        if not outcomes:
+            return []
+        return await self._call(lambda conn: _record_outcomes(conn, outcomes))
 
     # -- tracker -----------------------------------------------------------------------------
 
