@@ -6,15 +6,18 @@ from __future__ import annotations
 
 import re
 import sqlite3
+import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import TypeVar
 
 from mailfax.model import JobState
 from mailfax.providers.base import FaxDocument
-from mailfax.store.base import Job, NewJob, NewMail, Quota, Store
+from mailfax.store.base import NewJob, NewMail, Quota, Store
 from mailfax.store.sqlite import SqliteStore
 
+T = TypeVar("T")
 # A plan step that reads the whole jobs table: "SCAN jobs" without an index to walk.
 # The quotas' totals per 300 s grow with time: read by their key, too.
 FULL_SCAN = re.compile(r"^SCAN (jobs|j|job_created_totals)\b(?! USING (COVERING )?INDEX)")
@@ -90,8 +93,9 @@ JOBS_MAIL = ("INSERT INTO mails (id, received_at, envelope_from, message_id, sub
              " VALUES ('m', 0, 'a@example.org', NULL, 's', '[]', '', '::1', NULL, NULL, 'en')")
 
 
-async def plan_on_bulk_jobs(path: Path, insert_jobs: str, call: Callable[[SqliteStore],
-                            Awaitable[list[Job]]], marker: str) -> tuple[list[Job], list[str]]:
+async def plan_on_bulk_jobs(path: Path, insert_jobs: str,
+                            call: Callable[[SqliteStore], Awaitable[T]], marker: str
+                            ) -> tuple[T, list[str]]:
     """What ``call`` finds in a store of the jobs ``insert_jobs`` adds in bulk (to mail "m"),
     and the query plan of its statement that contains ``marker``."""
     store = SqliteStore(path)
@@ -143,3 +147,19 @@ async def test_sqlite_lost_answers_are_found_without_walking_settled_unconfirmed
         "answer_lost")
     assert [job.id for job in found] == ["u1000", "u2000", "u3000", "u4000"]
     assert any("USING INDEX jobs_answer_lost" in step for step in plan), plan
+
+
+async def test_sqlite_a_users_quota_reads_only_that_users_jobs(tmp_path: Path) -> None:
+    """With many jobs of other senders in the window, a user's count walks jobs_sender."""
+    since = time.time() - 3600
+    used, plan = await plan_on_bulk_jobs(tmp_path / "store.sqlite3", f"""
+        INSERT INTO jobs (id, mail_id, account, number, state, pages, sender, created,
+                          updated)
+        WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 5000)
+        SELECT 'r' || i, 'm', 'main', '+4930123456', 'delivered', 1,
+               'user' || (i % 50) || '@example.org', {since} + i * 0.5, {since} + i * 0.5
+        FROM n""",
+        lambda store: store.usage_since(datetime.fromtimestamp(since, UTC),
+                                        ["User1@example.org"]), "lower(sender)")
+    assert used == (100, 100)
+    assert any("USING INDEX jobs_sender" in step for step in plan), plan

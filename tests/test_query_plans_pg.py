@@ -5,8 +5,9 @@ jobs and a few live ones, then ``EXPLAIN``ed with the same parameters."""
 from __future__ import annotations
 
 import re
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
 import pytest
@@ -19,6 +20,7 @@ from tests import test_multi_instance
 from tests.test_query_plans import store_under_quotas
 
 FINISHED_JOBS = 50_000
+T = TypeVar("T")
 SEQ_SCAN_ON_JOBS = re.compile(r"Seq Scan on (jobs|job_created_totals)\b")
 # The server for the module and a database of its own per test, as the multi-instance tests
 postgres_server = test_multi_instance.postgres_server
@@ -128,28 +130,56 @@ async def test_postgres_job_counts_follow_every_state_change(database: str) -> N
         await store.close()
 
 
-async def test_postgres_lost_answers_are_found_on_their_partial_index(
-        database: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """With many unconfirmed jobs mailed already (they stay unconfirmed), the tracker's look
-    for the ones still to settle reads jobs_answer_lost, which holds only those."""
+async def plan_on_history(database: str, monkeypatch: pytest.MonkeyPatch,
+                          history: str, then: Sequence[str],
+                          call: Callable[[PostgresStore], Awaitable[T]], marker: str
+                          ) -> tuple[T, str]:
+    """What ``call`` finds after HISTORY's jobs, changed into ``history`` (FINISHED_JOBS of
+    them) and the statements ``then``, are in the table; and the plan of its statement that
+    contains ``marker``."""
     store = PostgresStore(database, listen=False)
     await store.open()
     try:
         with psycopg.connect(database, autocommit=True) as conn:
-            mail, jobs = HISTORY.split(";\n")[:2]
-            conn.execute(mail)
-            conn.execute(jobs.replace("%s", str(FINISHED_JOBS))
-                         .replace("'delivered'", "'unconfirmed'"))
-            conn.execute("""UPDATE jobs SET reason = jsonb_build_object('code',
-                CASE WHEN right(id, 4) = '0000' THEN 'answer_lost' ELSE 'unconfirmed' END)""")
+            conn.execute(HISTORY.split(";\n")[0])
+            conn.execute(history.replace("%s", str(FINISHED_JOBS)))
+            for statement in then:
+                conn.execute(statement)
             conn.execute("ANALYZE")
         statements = captured_statements(monkeypatch)
-        found = await store.lost_answers_before(datetime.now(UTC), 10)
+        found = await call(store)
         monkeypatch.undo()
     finally:
         await store.close()
-    assert sorted(job.id for job in found) == [f"h{i}0000" for i in range(1, 6)]
-    [(query, params)] = [(q, p) for q, p in statements if "answer_lost" in q]
+    [(query, params)] = [(q, p) for q, p in statements if marker in q]
     with psycopg.connect(database, autocommit=True) as conn:
-        text = plan(conn, query, params)
+        return found, plan(conn, query, params)
+
+
+JOBS = HISTORY.split(";\n")[1]
+
+
+async def test_postgres_lost_answers_are_found_on_their_partial_index(
+        database: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With many unconfirmed jobs mailed already (they stay unconfirmed), the tracker's look
+    for the ones still to settle reads jobs_answer_lost, which holds only those."""
+    found, text = await plan_on_history(
+        database, monkeypatch, JOBS.replace("'delivered'", "'unconfirmed'"),
+        ["""UPDATE jobs SET reason = jsonb_build_object('code',
+            CASE WHEN right(id, 4) = '0000' THEN 'answer_lost' ELSE 'unconfirmed' END)"""],
+        lambda store: store.lost_answers_before(datetime.now(UTC), 10), "answer_lost")
+    assert sorted(job.id for job in found) == [f"h{i}0000" for i in range(1, 6)]
     assert "jobs_answer_lost" in text, text
+
+
+async def test_postgres_a_users_quota_reads_only_that_users_jobs(
+        database: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With many jobs of other senders in the window, a user's count walks jobs_sender (the
+    user's jobs), not jobs_created (everyone's jobs of the hour)."""
+    used, text = await plan_on_history(
+        database, monkeypatch, JOBS.replace("interval '2 days' - i * interval '1 min'",
+                                            "i * interval '50 ms'"),  # all in the last hour
+        [], lambda store: store.usage_since(datetime.now(UTC) - timedelta(hours=1),
+                                            ["User1@example.org"]), "FROM jobs")
+    assert used[0] == FINISHED_JOBS // 50
+    assert "jobs_sender" in text, text

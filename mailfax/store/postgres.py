@@ -659,6 +659,14 @@ def service_usage_sql(since: str, *, fold: bool = False) -> str:
     """
 
 
+def _by_senders(senders: Sequence[str] | None) -> str:
+    """USAGE_BY_SENDERS, or for addresses alone a condition jobs_sender serves (the ORs keep
+    the planner on jobs_created: every job of the window, whoever sent it)."""
+    if senders is not None and not any(sender.startswith("@") for sender in senders):
+        return "lower(sender) = ANY(%(addresses)s::text[])"
+    return USAGE_BY_SENDERS
+
+
 def _usage_parameters(senders: Sequence[str] | None) -> dict[str, Any]:
     """USAGE_BY_SENDERS' parameters: ``"a@b.c"`` exactly, ``"@b.c"`` the whole domain."""
     return {"everyone": senders is None,
@@ -695,7 +703,7 @@ async def _check_quotas(cur: psycopg.AsyncCursor[DictRow], quotas: Sequence[Quot
         else:
             await cur.execute(
                 USAGE_SQL + "WHERE created >= now() - make_interval(secs => %(window)s) AND "
-                + USAGE_BY_SENDERS,
+                + _by_senders(quota.senders),
                 {"window": float(quota.window_seconds), **_usage_parameters(quota.senders)})
         row = await cur.fetchone()
         assert row is not None
@@ -1393,7 +1401,7 @@ class PostgresStore:
                 await cur.execute(service_usage_sql("%(since)s::timestamptz"), {"since": since})
             else:
                 await cur.execute(
-                    USAGE_SQL + "WHERE created >= %(since)s AND " + USAGE_BY_SENDERS,
+                    USAGE_SQL + "WHERE created >= %(since)s AND " + _by_senders(senders),
                     {"since": since, **_usage_parameters(senders)})
             row = await cur.fetchone()
         return (int(row["jobs"]), int(row["pages"])) if row else (0, 0)
