@@ -18,13 +18,18 @@ over the past year), not through SMTP. Then, on that store:
 ``COUNT(*) ... GROUP BY`` (what main did before migration 4), in the same run. Ratios are to
 the empty store of the same variant.
 
+``--recent 0,2000,20000`` runs only intake with quotas on stores holding that many jobs from
+the last day (what the service-wide ``pages_per_day`` quota counts), side by side.
+
     python bench/history.py [--sizes 0,100000,1000000] [--jobs 1000] [--rounds 3] [--before]
+    python bench/history.py --recent 0,2000,20000 [--jobs 1000] [--rounds 3]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import shutil
 import sqlite3
 import statistics
 import sys
@@ -32,6 +37,7 @@ import tempfile
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,6 +69,18 @@ FROM n
 """
 
 
+# Jobs from the last day (the service-wide pages_per_day window), spread over 23 hours.
+FILL_RECENT = """
+INSERT INTO jobs (id, mail_id, account, number, state, pages, sender, created, updated,
+                  attempts, provider_job_id, duration, acknowledged)
+WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < :count)
+SELECT printf('recent%08d', i), 'history', :account, '+4930' || (1000000 + i), 'delivered',
+       1 + i % 5, 'user' || (i % 50) || '@example.org', :now - i * (82800.0 / :count),
+       :now - i * (82800.0 / :count) + 120, 1, 'R' || i, 60.0, 1
+FROM n
+"""
+
+
 def build_history(path: Path, count: int) -> float:
     """``count`` finished jobs of one mail, in one statement; the seconds it took."""
     started = time.perf_counter()
@@ -77,6 +95,67 @@ def build_history(path: Path, count: int) -> float:
             conn.execute(FILL_HISTORY, {"count": count, "account": ACCOUNT, "now": now})
     conn.close()
     return time.perf_counter() - started
+
+
+def build_recent(path: Path, count: int) -> None:
+    """``count`` jobs created over the last 23 hours, in one statement."""
+    build_history(path, 0)
+    conn = sqlite3.connect(path)
+    with conn:
+        if count:
+            conn.execute(FILL_RECENT, {"count": count, "account": ACCOUNT, "now": time.time()})
+    conn.close()
+
+
+def copy_store(path: Path, copy: Path) -> Path:
+    shutil.copyfile(path, copy)
+    return copy
+
+
+def drop_store(path: Path) -> None:
+    for leftover in path.parent.glob(f"{path.name}*"):  # with its -wal and -shm
+        leftover.unlink()
+
+
+async def quota_rows(sizes: Sequence[int], mails: int, rounds: int, repeat: int,
+                     folder: Path) -> None:
+    """Intake with the quotas (a user's faxes per hour, the service's pages per day) on
+    stores holding ``sizes`` jobs from the last day, in alternating rounds; and the service
+    quota's count alone."""
+    paths = {size: folder / f"recent-{size}.sqlite3" for size in sizes}
+    rates: dict[int, list[float]] = {size: [] for size in sizes}
+    counts: dict[int, float] = {}
+    for size, path in paths.items():
+        store = SqliteStore(path)
+        await store.open()
+        await store.close()
+        build_recent(path, size)
+    for round_number in range(rounds):
+        order = sizes if round_number % 2 == 0 else list(reversed(sizes))
+        for size in order:  # each round on a fresh copy: the mails of the last one do not count
+            copy = copy_store(paths[size], folder / f"round-{size}.sqlite3")
+            store = SqliteStore(copy)
+            await store.open()
+            try:
+                rates[size].append(await intake(store, mails, f"q{round_number}"))
+            finally:
+                await store.close()
+                drop_store(copy)
+    for size, path in paths.items():
+        store = SqliteStore(path)
+        await store.open()
+        try:
+            counts[size] = await timed(repeat, lambda store=store: store.usage_since(
+                datetime.now(UTC) - timedelta(days=1)))
+        finally:
+            await store.close()
+    print(f"\nintake with quotas, {mails} mails per store and round, {rounds} alternating "
+          f"rounds (medians); service count: usage_since(1 day), median of {repeat}")
+    print(f"{'jobs of last day':>16} {'intake/s':>9} {'ratio':>6} {'count ms':>9}")
+    base = statistics.median(rates[sizes[0]])
+    for size in sizes:
+        rate = statistics.median(rates[size])
+        print(f"{size:>16,} {rate:>9.0f} {rate / base:>6.2f} {counts[size] * 1000:>9.3f}")
 
 
 def drop_migration_4_indexes(path: Path) -> None:
@@ -262,7 +341,15 @@ async def main() -> None:
     parser.add_argument("--before", action="store_true",
                         help="also without migration 4's indexes (main before issue 19)")
     parser.add_argument("--dir", type=Path, help="where the stores are built (default: tmp)")
+    parser.add_argument("--recent", default="",
+                        help="only intake with quotas on stores holding these numbers of jobs"
+                             " from the last day, e.g. 0,2000,20000")
     args = parser.parse_args()
+    if args.recent:
+        with tempfile.TemporaryDirectory(prefix="mailfax-bench-quota-", dir=args.dir) as name:
+            await quota_rows([int(size) for size in args.recent.split(",")], args.jobs,
+                             args.rounds, args.repeat, Path(name))
+        return
     sizes = [int(size) for size in args.sizes.split(",")]
     variants = [False, True] if args.before else [False]
     results: dict[bool, list[Result]] = {variant: [] for variant in variants}

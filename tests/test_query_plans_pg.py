@@ -5,8 +5,9 @@ jobs and a few live ones, then ``EXPLAIN``ed with the same parameters."""
 from __future__ import annotations
 
 import re
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
 import pytest
@@ -16,9 +17,11 @@ from mailfax.providers.base import FaxDocument
 from mailfax.store.base import ClaimRules, NewJob, NewMail
 from mailfax.store.postgres import PostgresStore
 from tests import test_multi_instance
+from tests.test_query_plans import store_under_quotas
 
 FINISHED_JOBS = 50_000
-SEQ_SCAN_ON_JOBS = re.compile(r"Seq Scan on jobs\b")
+T = TypeVar("T")
+SEQ_SCAN_ON_JOBS = re.compile(r"Seq Scan on (jobs|job_created_totals)\b")
 # The server for the module and a database of its own per test, as the multi-instance tests
 postgres_server = test_multi_instance.postgres_server
 database = test_multi_instance.database
@@ -67,6 +70,7 @@ async def test_postgres_hot_queries_use_indexes_on_a_big_jobs_table(
                            subject="s", references=[], from_header="", client_address="::1")
             await store.add_mail_jobs(mail, [NewJob(f"j{index}", "+4930123456", "main")],
                                       [FaxDocument("a.pdf", b"%PDF-1.4", 1)])
+        await store.counts()  # folds the quota totals' deltas, as each /metrics scrape does
         with psycopg.connect(database, autocommit=True) as conn:
             conn.execute("ANALYZE")  # what autovacuum does after such a bulk insert
 
@@ -81,8 +85,11 @@ async def test_postgres_hot_queries_use_indexes_on_a_big_jobs_table(
         await store.tracked_jobs("main")
         kept = await store.counts()
         await store.list_jobs(limit=50, state=JobState.QUEUED)
+        await store.lost_answers_before(datetime.now(UTC) - timedelta(hours=6), 200)
         await store.list_jobs(limit=50, state=JobState.DELIVERED)
         await store.usage_since(datetime.now(UTC) - timedelta(hours=1), ["user1@example.org"])
+        await store.usage_since(datetime.now(UTC) - timedelta(days=1))  # everyone's
+        await store_under_quotas(store, "q", "user1@example.org")
         monkeypatch.undo()
     finally:
         await store.close()
@@ -90,7 +97,7 @@ async def test_postgres_hot_queries_use_indexes_on_a_big_jobs_table(
 
     reads = [(query, params) for query, params in statements
              if re.search(r"\b(FROM|UPDATE) jobs\b", query)]
-    assert len(reads) >= 6, statements
+    assert len(reads) >= 7, statements
     with psycopg.connect(database, autocommit=True) as conn:
         # The table is big enough for the planner to care: an unindexed filter scans it.
         assert SEQ_SCAN_ON_JOBS.search(plan(conn, "SELECT * FROM jobs WHERE pages = %s", (3,)))
@@ -126,3 +133,58 @@ async def test_postgres_job_counts_follow_every_state_change(database: str) -> N
         assert (await store.counts())["jobs"] == {"delivered": 1, "submitted": 1}
     finally:
         await store.close()
+
+
+async def plan_on_history(database: str, monkeypatch: pytest.MonkeyPatch,
+                          history: str, then: Sequence[str],
+                          call: Callable[[PostgresStore], Awaitable[T]], marker: str
+                          ) -> tuple[T, str]:
+    """What ``call`` finds after HISTORY's jobs, changed into ``history`` (FINISHED_JOBS of
+    them) and the statements ``then``, are in the table; and the plan of its statement that
+    contains ``marker``."""
+    store = PostgresStore(database, listen=False)
+    await store.open()
+    try:
+        with psycopg.connect(database, autocommit=True) as conn:
+            conn.execute(HISTORY.split(";\n")[0])
+            conn.execute(history.replace("%s", str(FINISHED_JOBS)))
+            for statement in then:
+                conn.execute(statement)
+            conn.execute("ANALYZE")
+        statements = captured_statements(monkeypatch)
+        found = await call(store)
+        monkeypatch.undo()
+    finally:
+        await store.close()
+    [(query, params)] = [(q, p) for q, p in statements if marker in q]
+    with psycopg.connect(database, autocommit=True) as conn:
+        return found, plan(conn, query, params)
+
+
+JOBS = HISTORY.split(";\n")[1]
+
+
+async def test_postgres_lost_answers_are_found_on_their_partial_index(
+        database: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With many unconfirmed jobs mailed already (they stay unconfirmed), the tracker's look
+    for the ones still to settle reads jobs_answer_lost, which holds only those."""
+    found, text = await plan_on_history(
+        database, monkeypatch, JOBS.replace("'delivered'", "'unconfirmed'"),
+        ["""UPDATE jobs SET reason = jsonb_build_object('code',
+            CASE WHEN right(id, 4) = '0000' THEN 'answer_lost' ELSE 'unconfirmed' END)"""],
+        lambda store: store.lost_answers_before(datetime.now(UTC), 10), "answer_lost")
+    assert sorted(job.id for job in found) == [f"h{i}0000" for i in range(1, 6)]
+    assert "jobs_answer_lost" in text, text
+
+
+async def test_postgres_a_users_quota_reads_only_that_users_jobs(
+        database: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With many jobs of other senders in the window, a user's count walks jobs_sender (the
+    user's jobs), not jobs_created (everyone's jobs of the hour)."""
+    used, text = await plan_on_history(
+        database, monkeypatch, JOBS.replace("interval '2 days' - i * interval '1 min'",
+                                            "i * interval '50 ms'"),  # all in the last hour
+        [], lambda store: store.usage_since(datetime.now(UTC) - timedelta(hours=1),
+                                            ["User1@example.org"]), "FROM jobs")
+    assert used[0] == FINISHED_JOBS // 50
+    assert "jobs_sender" in text, text

@@ -34,9 +34,14 @@ def password_hash() -> str:
 
 
 @pytest.fixture(scope="module")
-def postgres_url() -> Iterator[str]:
+def postgres_server() -> Iterator[pg.PostgresServer]:
     with pg.server_for_tests() as server:
-        yield server.create_database()
+        yield server
+
+
+@pytest.fixture(scope="module")
+def postgres_url(postgres_server: pg.PostgresServer) -> str:
+    return postgres_server.create_database()
 
 
 def settings_for(folder: Path, tls: tuple[Path, Path], password_hash: str,
@@ -109,28 +114,53 @@ async def test_parallel_mails_get_exactly_the_hourly_quota(
         await app.stop()
 
 
+async def send_two_pages(port: int, pdf: bytes, number: str) -> int:
+    """One mail of ``pdf`` (2 pages) to ``number`` without login; the DATA reply's code."""
+    mail = fax_mail([("letter.pdf", pdf, "application/pdf")])
+    try:
+        await aiosmtplib.send(mail, sender="alice@example.org",
+                              recipients=[f"{number}@fax.local"],
+                              hostname="127.0.0.1", port=port, timeout=60)
+    except aiosmtplib.SMTPDataError as refused:
+        assert refused.code == 452 and "5 pages per day" in refused.message
+        return refused.code
+    return 250
+
+
 async def test_the_service_quota_holds_for_parallel_mails_without_login(
         tmp_path: Path, corpus: Path) -> None:
     app = Application(make_settings(tmp_path, quotas={"pages_per_day": 5}))
     await app.start()
     pdf = (corpus / "pdf" / "two-different-pages.pdf").read_bytes()  # 2 pages
     try:
-        async def send(number: str) -> int:
-            mail = fax_mail([("letter.pdf", pdf, "application/pdf")])
-            try:
-                await aiosmtplib.send(mail, sender="alice@example.org",
-                                      recipients=[f"{number}@fax.local"],
-                                      hostname="127.0.0.1", port=port_of(app), timeout=60)
-            except aiosmtplib.SMTPDataError as refused:
-                assert refused.code == 452 and "5 pages per day" in refused.message
-                return refused.code
-            return 250
-
-        codes = await asyncio.gather(*(send(f"03012345{index}") for index in range(6)))
+        codes = await asyncio.gather(*(send_two_pages(port_of(app), pdf, f"03012345{index}")
+                                       for index in range(6)))
         assert sorted(codes) == [250, 250, 452, 452, 452, 452]  # 2 × 2 pages fit in 5
         assert sum(job.pages for job in await app.store.list_jobs()) == 4
     finally:
         await app.stop()
+
+
+async def test_two_instances_on_one_postgresql_share_the_service_quota(
+        tmp_path: Path, corpus: Path, postgres_server: pg.PostgresServer) -> None:
+    """The service-wide count comes from totals that every instance's mails add to (and
+    whose rows a quota check folds): parallel mails on two instances still fit it exactly."""
+    url = postgres_server.create_database()
+    apps = [Application(make_settings(tmp_path / name, quotas={"pages_per_day": 5},
+                                      store={"url": url}), instance=name)
+            for name in ("one", "two")]
+    for app in apps:
+        await app.start()
+    pdf = (corpus / "pdf" / "two-different-pages.pdf").read_bytes()  # 2 pages
+    try:
+        codes = await asyncio.gather(*(send_two_pages(port_of(apps[index % 2]), pdf,
+                                                      f"03012345{index}")
+                                       for index in range(8)))
+        assert sorted(codes) == [250, 250] + [452] * 6  # 2 × 2 pages fit in 5
+        assert sum(job.pages for job in await apps[0].store.list_jobs()) == 4
+    finally:
+        for app in apps:
+            await app.stop()
 
 
 async def test_two_instances_on_one_postgresql_share_the_quota(

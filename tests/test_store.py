@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -157,6 +158,38 @@ async def test_a_mails_jobs_come_in_the_order_they_were_stored_with_their_option
     at = await store.last_summary_at("m1")
     assert at is not None and before < at <= datetime.now(UTC) + timedelta(seconds=5)
     assert await store.last_summary_at("m2") is None
+
+async def test_mails_are_fetched_by_id_in_one_call(store: Store) -> None:
+    await add(store, "m1")
+    await add(store, "m2", ("j2",))
+    mails = await store.get_mails(["m2", "nope", "m1"])
+    assert sorted(mail.id for mail in mails) == ["m1", "m2"]
+    assert mails[0] == await store.get_mail(mails[0].id)
+    assert await store.get_mails([]) == []
+
+
+async def test_many_transitions_are_recorded_in_one_call(store: Store) -> None:
+    """record_all: each as record would (moved or not), one refused by the state table or
+    of no such job logged and not moved, the others recorded all the same."""
+    from mailfax.store.base import Outcome
+
+    await add(store, jobs=("j1", "j2", "j3"))
+    await store.record("j3", Transition(JobState.DELIVERED))
+    moved = await store.record_all([
+        Outcome("j2", Transition(JobState.SENDING, provider_job_id="P2")),
+        Outcome("j1", Transition(JobState.SUBMITTED, provider_job_id="P1")),
+        Outcome("j3", Transition(JobState.SENDING), expected=[JobState.SUBMITTED]),
+        Outcome("j3", Transition(JobState.QUEUED)),  # delivered -> queued: refused
+        Outcome("nope", Transition(JobState.SENDING)),
+    ])
+    assert moved == [True, True, False, False, False]
+    states = {job.id: (job.state, job.provider_job_id)
+              for job in await store.get_jobs(["j1", "j2", "j3"])}
+    assert states == {"j1": (JobState.SUBMITTED, "P1"), "j2": (JobState.SENDING, "P2"),
+                      "j3": (JobState.DELIVERED, None)}
+    assert [event.state for event in await store.job_events("j2")] == [
+        JobState.QUEUED, JobState.SENDING]
+    assert await store.record_all([]) == []
 
 
 async def test_added_jobs_are_queued_with_pages_documents_and_an_accepted_event(
@@ -364,6 +397,59 @@ async def test_usage_counts_jobs_and_pages_by_sender(store: Store) -> None:
     assert await store.usage_since(since, ["@other.example", "alice@example.org"]) == (3, 9)
     assert await store.usage_since(since, []) == (0, 0)
     assert await store.usage_since(datetime.now(UTC) + timedelta(minutes=1)) == (0, 0)
+
+
+def insert_jobs_created_at(backend: Backend, created: Sequence[float], pages: int) -> None:
+    """Jobs of mail "m1" (stored already) created at these epoch seconds, straight into the
+    table (the store's own triggers see them, as they see any insert)."""
+    rows = [(f"t{index}", created_at, pages) for index, created_at in enumerate(created)]
+    if backend.name == "sqlite":
+        with sqlite3.connect(backend.url.removeprefix("sqlite:///")) as conn:
+            conn.executemany(
+                "INSERT INTO jobs (id, mail_id, account, number, state, pages, sender, created,"
+                " updated) VALUES (?, 'm1', 'acct', '+4930123456', 'delivered', ?, 'a@b.c', ?, ?)",
+                [(job_id, n, at, at) for job_id, at, n in rows])
+        return
+    import psycopg
+
+    with psycopg.connect(backend.url) as conn, conn.cursor() as cur:
+        cur.executemany(
+            "INSERT INTO jobs (id, mail_id, account, number, state, pages, sender, created,"
+            " updated) VALUES (%s, 'm1', 'acct', '+4930123456', 'delivered', %s, 'a@b.c',"
+            " to_timestamp(%s), to_timestamp(%s))",
+            [(job_id, n, at, at) for job_id, at, n in rows])
+
+
+async def test_everyones_usage_from_kept_totals_equals_a_count_at_every_edge(
+        backend: Backend, store: Store) -> None:
+    """The service-wide count comes from per-300-s totals plus the jobs of the bucket the
+    window starts in: it must equal counting the jobs, wherever the window starts (on a
+    bucket's edge, just before or after it), and follow a job's pages as they change."""
+    await add(store)  # j1: 3 pages, now
+    now = time.time()
+    edge = (now // 300 - 20) * 300  # a bucket's first second, 100 min ago
+    created = [edge - 300, edge - 0.5, edge, edge + 0.25, edge + 299.75, edge + 300, edge + 900]
+    insert_jobs_created_at(backend, created, 2)
+    assert await store.record("j1", Transition(JobState.FAILED, pages=5))  # 3 → 5 pages
+    starts = [edge - 301, edge - 300, edge - 1, edge - 0.5, edge, edge + 0.1, edge + 0.25,
+              edge + 150, edge + 300, edge + 300.5, edge + 1000, now - 1]
+
+    async def check() -> None:
+        for start in starts:
+            expected = [at for at in created if at >= start]
+            assert await store.usage_since(datetime.fromtimestamp(start, UTC)) == (
+                len(expected) + 1, 2 * len(expected) + 5), start
+
+    await check()
+    await store.counts()  # PostgreSQL folds the triggers' rows here (and in quota checks)
+    await check()
+    pages = Quota("service", "this service", 2 * len(created) + 5 + 3, "pages", 86400)
+    await store.add_mail_jobs(new_mail("m2"), [NewJob("j2", "+4930123456", "acct")], DOCS,
+                              [pages])  # exactly up to the limit
+    with pytest.raises(QuotaExceeded) as over:
+        await store.add_mail_jobs(new_mail("m3"), [NewJob("j3", "+4930123456", "acct")], DOCS,
+                                  [pages])
+    assert over.value.used == 2 * len(created) + 5 + 3
 
 
 async def test_quotas_are_checked_where_the_jobs_are_stored(store: Store) -> None:
@@ -938,6 +1024,47 @@ async def test_the_emulator_network_records_a_fax_once_and_recognises_a_resend(
     finally:
         await first.close()
         await second.close()
+
+
+async def test_old_lost_answers_are_settled_behind_a_thousand_newer_unconfirmed_jobs(
+        store: Store) -> None:
+    """The tracker's "may have been sent" mail reaches the oldest unconfirmed jobs still
+    looked for, also when more than 1000 newer unconfirmed jobs (mailed already: they stay
+    unconfirmed) come first in a listing, and more of them than one batch."""
+    from mailfax.outbound.tracking import SETTLE_BATCH, Tracker
+
+    old = tuple(f"old{index:03d}" for index in range(SETTLE_BATCH + 50))
+    newer = tuple(f"new{index:04d}" for index in range(1100))
+    await add(store, "m-old", old)
+    await asyncio.sleep(0.01)  # created (and updated) after the old ones
+    await add(store, "m-new", newer)
+
+    async def unconfirmed(job_id: str, code: str) -> None:
+        assert await store.record(job_id, Transition(
+            state=JobState.UNCONFIRMED, reason=reasons.reason(code),
+            provider_job_id=f"ref:{job_id}", notify=False))
+
+    await asyncio.gather(*(unconfirmed(job_id, reasons.ANSWER_LOST) for job_id in old))
+    await asyncio.sleep(0.01)
+    await asyncio.gather(*(unconfirmed(job_id, "unconfirmed") for job_id in newer))
+    listed = await store.list_jobs(limit=1000, state=JobState.UNCONFIRMED)
+    assert not {job.id for job in listed} & set(old)  # what the tracker used to read
+
+    later = datetime.now(UTC) + timedelta(hours=6, seconds=1)
+    due = await store.lost_answers_before(later - timedelta(hours=6), 10)
+    assert len(due) == 10 and {job.id for job in due} <= set(old)  # only the lost answers
+    assert [job.updated for job in due] == sorted(job.updated for job in due)  # oldest first
+    assert await store.lost_answers_before(datetime.now(UTC) - timedelta(hours=1), 10) == []
+
+    tracker = Tracker(store, {}, 60, unconfirmed_after=timedelta(hours=6), clock=lambda: later)
+    assert await tracker.settle_unconfirmed() == len(old)
+    assert await tracker.settle_unconfirmed() == 0  # one mail each
+    for job in await store.get_jobs(old):
+        assert job.state == JobState.UNCONFIRMED
+        assert job.reason is not None and job.reason.code == "unconfirmed"
+    mailed = {event.job_id for event in await store.pending_notifications(5000)
+              if event.state == JobState.UNCONFIRMED}
+    assert mailed == set(old)
 
 
 async def test_unconfirmed_state_its_repeated_mail_and_the_deliberate_retry(

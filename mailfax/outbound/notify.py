@@ -12,7 +12,7 @@ import asyncio
 import email.policy
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, tzinfo
 from email.headerregistry import Address
@@ -251,41 +251,60 @@ class Notifier:
     async def handle_pending(self, limit: int = 100) -> int:
         events = await self.store.claim_notifications(self.owner, limit, NOTIFY_LEASE_SECONDS)
         deadline = time.monotonic() + NOTIFY_LEASE_SECONDS / 2
+        jobs, mails = await self._jobs_and_mails(
+            [event for event in events if event_kind(event) is not None])
         queued = False
         for event in events:
             if time.monotonic() > deadline:
                 break  # the rest stay leased to us and come back with the next claim
-            outgoing = await self._mails_for(event)
+            outgoing = await self._mails_for(event, jobs, mails)
             await self.store.complete_notification(event.id, outgoing)
             queued = queued or bool(outgoing)
         if queued:
             self.on_queued()
         return len(events)
 
-    async def _mails_for(self, event: Event) -> list[OutgoingMail]:
+    def _mailed(self, event: Event) -> bool:
         kind = event_kind(event)
-        job = await self.store.get_job(event.job_id) if kind is not None else None
-        if kind is not None and job is not None and broadcast_of(job):
-            return await self._broadcast_mails(kind, job, event)
-        return await self._job_mails(event)
+        return kind is not None and (kind in self.settings.events or kind in ALWAYS_MAILED
+                                     or kind in MAILED_WITH_WARNINGS)
 
-    async def _broadcast_mails(self, kind: str, job: Job, event: Event) -> list[OutgoingMail]:
+    async def _jobs_and_mails(self, events: Sequence[Event]
+                              ) -> tuple[dict[str, Job], dict[str, Mail]]:
+        """The jobs and mails of a claim's events: two store calls, not two per event."""
+        if not events:
+            return {}, {}
+        jobs = {job.id: job for job in await self.store.get_jobs(
+            list(dict.fromkeys(event.job_id for event in events)))}
+        mail_ids = list(dict.fromkeys(job.mail_id for job in jobs.values()))
+        return jobs, {mail.id: mail for mail in await self.store.get_mails(mail_ids)}
+
+    async def _mails_for(self, event: Event, jobs: Mapping[str, Job],
+                         mails: Mapping[str, Mail]) -> list[OutgoingMail]:
+        kind = event_kind(event)
+        job = jobs.get(event.job_id) if kind is not None else None
+        if kind is not None and job is not None and broadcast_of(job):
+            return await self._broadcast_mails(kind, job, event, jobs, mails)
+        return await self._job_mails(event, jobs, mails)
+
+    async def _broadcast_mails(self, kind: str, job: Job, event: Event, jobs: Mapping[str, Job],
+                               mails: Mapping[str, Mail]) -> list[OutgoingMail]:
         """A broadcast list's job: its own status mail only if asked for; the list's one
         summary if this event is the one that sends it (mailfax/outbound/broadcast.py)."""
-        mails = await self._job_mails(event) if wants_job_mail(kind, job) else []
+        own = await self._job_mails(event, jobs, mails) if wants_job_mail(kind, job) else []
         if not may_end_broadcast(event, job) or await self.store.open_jobs(job.mail_id):
-            return mails  # cheap looks first: a list may have thousands of jobs
-        jobs = await self.store.mail_jobs(job.mail_id)
-        if not summary_due(event, job, jobs, await self.store.last_summary_at(job.mail_id)):
-            return mails
-        mail = await self.store.get_mail(job.mail_id)
+            return own  # cheap looks first: a list may have thousands of jobs
+        listed = await self.store.mail_jobs(job.mail_id)
+        if not summary_due(event, job, listed, await self.store.last_summary_at(job.mail_id)):
+            return own
+        mail = mails.get(job.mail_id)
         if mail is None:
-            return mails
+            return own
         if not status_mail_allowed(mail.envelope_from, mail.auto_submitted, mail.precedence):
             log.info("mail %s: no broadcast summary to <%s> (automatic or bounce)", mail.id,
                      mail.envelope_from)
-            return mails
-        return [*mails, self._summary_mail(job, mail, jobs)]
+            return own
+        return [*own, self._summary_mail(job, mail, listed)]
 
     def _summary_mail(self, job: Job, mail: Mail, jobs: list[Job]) -> OutgoingMail:
         language = mail.language or self.settings.language
@@ -300,13 +319,13 @@ class Notifier:
         return OutgoingMail(envelope_from="", recipients=[mail.envelope_from],
                             message=message.as_bytes(), job_id=job.id, kind="summary")
 
-    async def _job_mails(self, event: Event) -> list[OutgoingMail]:
+    async def _job_mails(self, event: Event, jobs: Mapping[str, Job],
+                         mails: Mapping[str, Mail]) -> list[OutgoingMail]:
         kind = event_kind(event)
-        if kind is None or (kind not in self.settings.events and kind not in ALWAYS_MAILED
-                            and kind not in MAILED_WITH_WARNINGS):
+        if kind is None or not self._mailed(event):
             return []
-        job = await self.store.get_job(event.job_id)
-        mail = await self.store.get_mail(job.mail_id) if job else None
+        job = jobs.get(event.job_id)
+        mail = mails.get(job.mail_id) if job else None
         if job is None or mail is None:
             return []
         if kind not in self.settings.events and kind not in ALWAYS_MAILED and \

@@ -25,7 +25,7 @@ from mailfax.providers.base import (
     StatusReport,
 )
 from mailfax.providers.capabilities import send_time
-from mailfax.store.base import Job, Store, Transition
+from mailfax.store.base import Job, Outcome, Store, Transition
 from mailfax.support.failing import RepeatedFailure
 from mailfax.support.waiting import wait_for_event
 
@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 IN_FLIGHT = (*TRACKED_STATES, JobState.RETRYING)
 FIRST_FAST_POLL = 1.0
+SETTLE_BATCH = 200  # unconfirmed jobs read at a time by settle_unconfirmed
 
 
 def transition_for(job: Job, report: StatusReport) -> Transition | None:
@@ -234,13 +235,21 @@ class Tracker:
         up within ``unconfirmed_after``; returns how many."""
         now = self.clock()
         mailed = 0
-        for job in await self.store.list_jobs(limit=1000, state=JobState.UNCONFIRMED):
-            transition = unconfirmed_ran_out(job, now, self.unconfirmed_after)
-            if transition is None:
-                continue
-            if await self.store.record(job.id, transition, expected=[JobState.UNCONFIRMED]):
-                log.warning("job %s: %s", job.id, transition.detail)
-                mailed += 1
+        while True:  # oldest first, a batch at a time: each one settled leaves the query
+            due = await self.store.lost_answers_before(now - self.unconfirmed_after,
+                                                       SETTLE_BATCH)
+            settled = 0
+            for job in due:
+                transition = unconfirmed_ran_out(job, now, self.unconfirmed_after)
+                if transition is None:
+                    continue
+                if await self.store.record(job.id, transition,
+                                           expected=[JobState.UNCONFIRMED]):
+                    log.warning("job %s: %s", job.id, transition.detail)
+                    settled += 1
+            mailed += settled
+            if len(due) < SETTLE_BATCH or not settled:
+                break
         if mailed:
             self.on_change()
         return mailed
@@ -338,21 +347,20 @@ class Tracker:
         await self.apply(reports, await self.store.get_jobs(list(reports)))
 
     async def apply(self, reports: Mapping[str, StatusReport], jobs: Sequence[Job]) -> None:
-        for job in jobs:
-            report = reports.get(job.id)
-            if report is None:
-                continue
-            transition = transition_for(job, report)
-            if transition is None:
-                continue
-            moved = await self.store.record(job.id, transition, expected=IN_FLIGHT)
-            if moved:
+        """Record what the reports say changed, all in one store call."""
+        changes = [(job, transition) for job in jobs if job.id in reports
+                   and (transition := transition_for(job, reports[job.id])) is not None]
+        moved = await self.store.record_all([Outcome(job.id, transition, IN_FLIGHT)
+                                             for job, transition in changes])
+        for (job, transition), done in zip(changes, moved, strict=True):
+            if done:
                 log.info("job %s: %s -> %s", job.id, job.state, transition.state)
                 if reasons.is_busy(transition.reason) and self.busy_backoff:
                     until = await self.store.number_busy(job.number, self.busy_backoff)
                     log.info("%s was busy: its next call not before %s", job.number, until)
-                if transition.notify:
-                    self.on_change()
+        if any(done and transition.notify
+               for (_, transition), done in zip(changes, moved, strict=True)):
+            self.on_change()
 
     async def _cancel_requested(self, account: str, provider: Provider,
                                 requested: Sequence[Job]) -> None:

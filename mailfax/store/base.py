@@ -405,8 +405,20 @@ class Store(Protocol):
         """
         ...
 
+    async def record_all(self, outcomes: Sequence[Outcome]) -> list[bool]:
+        """:meth:`record` for many jobs in one transaction (one round trip): for each
+        outcome, whether its job moved. One the state table refuses, or of a job that does
+        not exist, is logged as an error and did not move (as in :meth:`claim_work`)."""
+        ...
+
     async def tracked_jobs(self, account: str) -> list[Job]:
         """Jobs handed to the provider whose outcome is not known yet."""
+        ...
+
+    async def lost_answers_before(self, before: datetime, limit: int) -> list[Job]:
+        """Unconfirmed jobs still looked for at their provider (reason
+        :data:`~mailfax.reasons.ANSWER_LOST`; the "may have been sent" mail not yet
+        recorded) last changed before ``before``, oldest first, up to ``limit``."""
         ...
 
     async def reopen_job(self, job_id: str, detail: str) -> Job | None:
@@ -437,6 +449,10 @@ class Store(Protocol):
 
     async def mail_jobs(self, mail_id: str) -> list[Job]:
         """The jobs of one mail, in the order they were stored (a broadcast's summary)."""
+        ...
+
+    async def get_mails(self, mail_ids: Sequence[str]) -> list[Mail]:
+        """The mails that exist among ``mail_ids``, in one query (order not kept)."""
         ...
 
     async def list_jobs(self, limit: int = 1000, state: JobState | None = None) -> list[Job]: ...

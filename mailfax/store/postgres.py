@@ -30,6 +30,7 @@ from psycopg.rows import DictRow, dict_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
+from mailfax import reasons
 from mailfax.model import RETRYABLE_STATES, TRACKED_STATES, JobState, Reason, can_transition
 from mailfax.providers.base import (
     EmulatedTransmission,
@@ -266,7 +267,43 @@ MIGRATIONS: dict[int, str] = {
         leased_until timestamptz NOT NULL DEFAULT '-infinity'
     );
     """,
-    9: "SELECT 1",  # reserved for another branch (issue 20); the lead renumbers on merge
+    # The unconfirmed jobs still looked for at their provider (the tracker settles them once
+    # ``unconfirmed_after`` ran out), oldest first, however many settled ones pile up.
+    # Service-wide quotas count jobs and pages per 300 s of creation (SERVICE_USAGE_SQL), so
+    # the count does not grow with the jobs of the window. Triggers append delta rows (no
+    # writer waits for a counter row); FOLD_TOTALS_SQL sums them into one row per bucket.
+    9: """
+    CREATE INDEX jobs_answer_lost ON jobs (updated)
+        WHERE state = 'unconfirmed' AND reason->>'code' = 'answer_lost';
+    CREATE TABLE job_created_totals (
+        bucket  bigint NOT NULL,
+        jobs    bigint NOT NULL,
+        pages   bigint NOT NULL,
+        folded  boolean NOT NULL DEFAULT false
+    );
+    CREATE UNIQUE INDEX job_created_totals_folded ON job_created_totals (bucket) WHERE folded;
+    CREATE INDEX job_created_totals_deltas ON job_created_totals (bucket) WHERE NOT folded;
+    INSERT INTO job_created_totals
+        SELECT floor(extract(epoch FROM created) / 300)::bigint, count(*), sum(pages), true
+        FROM jobs GROUP BY 1;
+    CREATE FUNCTION job_created_total() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        IF TG_OP = 'INSERT' THEN
+            INSERT INTO job_created_totals (bucket, jobs, pages)
+            VALUES (floor(extract(epoch FROM NEW.created) / 300)::bigint, 1, NEW.pages);
+        ELSE
+            INSERT INTO job_created_totals (bucket, jobs, pages)
+            VALUES (floor(extract(epoch FROM OLD.created) / 300)::bigint, 0,
+                    NEW.pages - OLD.pages);
+        END IF;
+        RETURN NULL;
+    END $$;
+    CREATE TRIGGER job_created_total_insert AFTER INSERT ON jobs
+        FOR EACH ROW EXECUTE FUNCTION job_created_total();
+    CREATE TRIGGER job_created_total_pages AFTER UPDATE OF pages ON jobs
+        FOR EACH ROW WHEN (OLD.pages IS DISTINCT FROM NEW.pages)
+        EXECUTE FUNCTION job_created_total();
+    """,
     # One call at a time per number, busy backoff per number, priorities (issue 20): the
     # claim looks up a number's live jobs and backoff by index and walks the due jobs of an
     # account in priority order.
@@ -293,6 +330,7 @@ SCHEMA_VERSION = max(MIGRATIONS)
 # a prepared statement's generic plan off those indexes (planning each call instead).
 DISPATCHABLE = [JobState.QUEUED.value, JobState.RETRYING.value]
 assert DISPATCHABLE == ["queued", "retrying"]
+assert reasons.ANSWER_LOST == "answer_lost"  # spelt out in jobs_answer_lost and its query
 FINAL = [JobState.DELIVERED.value, JobState.FAILED.value, JobState.CANCELLED.value]
 
 
@@ -356,6 +394,16 @@ def _reason(value: dict[str, Any] | None) -> Reason | None:
 
 def _reason_json(reason: Reason | None) -> Jsonb | None:
     return Jsonb(reason.to_json()) if reason else None
+
+
+def _mail(row: DictRow) -> Mail:
+    return Mail(
+        id=row["id"], envelope_from=row["envelope_from"], message_id=row["message_id"],
+        subject=row["subject"], references=row["refs"], from_header=row["from_header"],
+        client_address=row["client_address"], auto_submitted=row["auto_submitted"],
+        precedence=row["precedence"], language=row["language"],
+        received_at=_at(row["received_at"]),
+    )
 
 
 def _job(row: DictRow) -> Job:
@@ -628,13 +676,15 @@ def _record_verdict(row: DictRow | None, job_id: str, transition: Transition,
     raise IllegalTransition(f"job {job_id}: {current} -> {transition.state}")
 
 
-def _check_recorded(row: DictRow | None, outcome: Outcome) -> None:
+def _check_recorded(row: DictRow | None, outcome: Outcome) -> bool:
     """A refused outcome of :meth:`PostgresStore.claim_work` is logged, not raised: the
-    others and the claim are committed with it, and the claimed jobs must be sent."""
+    others and the claim are committed with it, and the claimed jobs must be sent. Whether
+    the job moved."""
     try:
-        _record_verdict(row, outcome.job_id, outcome.transition, outcome.expected)
+        return _record_verdict(row, outcome.job_id, outcome.transition, outcome.expected)
     except (KeyError, IllegalTransition) as error:
         log.error("result of job %s not recorded: %s", outcome.job_id, error)
+        return False
 
 
 USAGE_SQL = "SELECT count(*) AS jobs, COALESCE(sum(pages), 0) AS pages FROM jobs "
@@ -643,6 +693,49 @@ USAGE_BY_SENDERS = """(%(everyone)s
     OR EXISTS (SELECT 1 FROM unnest(%(domains)s::text[]) AS d (domain)
                WHERE right(lower(sender), length(d.domain)) = d.domain))
 """
+
+
+# The triggers' delta rows summed into the folded row of their bucket (ordered by bucket, so
+# two folds lock rows in one order). A fold skips deltas a concurrent one took.
+FOLD_DELTAS = """deltas AS (
+    DELETE FROM job_created_totals WHERE NOT folded RETURNING bucket, jobs, pages)"""
+FOLD_INSERT = """
+INSERT INTO job_created_totals AS t (bucket, jobs, pages, folded)
+SELECT bucket, sum(jobs), sum(pages), true FROM deltas GROUP BY bucket ORDER BY bucket
+ON CONFLICT (bucket) WHERE folded
+DO UPDATE SET jobs = t.jobs + excluded.jobs, pages = t.pages + excluded.pages
+"""
+FOLD_TOTALS_SQL = f"WITH {FOLD_DELTAS} {FOLD_INSERT}"
+
+
+def service_usage_sql(since: str, *, fold: bool = False) -> str:
+    """Everyone's jobs since the SQL expression ``since``: the totals of the buckets after the
+    one it falls in (folded rows and deltas not folded yet), and the jobs of that one bucket
+    created since it counted one by one (with the triggers' floor, so a job on a bucket's
+    edge counts exactly once). Its cost does not grow with the jobs of the window.
+
+    With ``fold``, the statement folds the deltas as well (one round trip): its reads see the
+    table as it was before, which holds the same sums."""
+    edge = f"floor(extract(epoch FROM {since}) / 300)::bigint"  # the bucket it falls in
+    folding = f"WITH {FOLD_DELTAS}, fold AS ({FOLD_INSERT})" if fold else ""
+    return f"""{folding}
+    SELECT COALESCE(sum(jobs), 0) AS jobs, COALESCE(sum(pages), 0) AS pages FROM (
+        SELECT jobs, pages FROM job_created_totals WHERE folded AND bucket > {edge}
+        UNION ALL
+        SELECT jobs, pages FROM job_created_totals WHERE NOT folded AND bucket > {edge}
+        UNION ALL
+        SELECT count(*), COALESCE(sum(pages), 0) FROM jobs
+        WHERE created >= {since} AND created < {since} + interval '600 s'
+          AND floor(extract(epoch FROM created) / 300)::bigint <= {edge}) AS parts
+    """
+
+
+def _by_senders(senders: Sequence[str] | None) -> str:
+    """USAGE_BY_SENDERS, or for addresses alone a condition jobs_sender serves (the ORs keep
+    the planner on jobs_created: every job of the window, whoever sent it)."""
+    if senders is not None and not any(sender.startswith("@") for sender in senders):
+        return "lower(sender) = ANY(%(addresses)s::text[])"
+    return USAGE_BY_SENDERS
 
 
 def _usage_parameters(senders: Sequence[str] | None) -> dict[str, Any]:
@@ -671,11 +764,18 @@ async def _check_quotas(cur: psycopg.AsyncCursor[DictRow], quotas: Sequence[Quot
     await cur.execute("SELECT pg_advisory_xact_lock(k) FROM unnest(%s::bigint[]) AS k",
                       (keys,))
     used: list[int] = []
+    folded = False
     for quota in quotas:
-        await cur.execute(
-            USAGE_SQL + "WHERE created >= now() - make_interval(secs => %(window)s) AND "
-            + USAGE_BY_SENDERS,
-            {"window": float(quota.window_seconds), **_usage_parameters(quota.senders)})
+        if quota.senders is None:  # the first such count folds the totals' deltas
+            await cur.execute(service_usage_sql("now() - make_interval(secs => %(window)s)",
+                                                fold=not folded),
+                              {"window": float(quota.window_seconds)})
+            folded = True
+        else:
+            await cur.execute(
+                USAGE_SQL + "WHERE created >= now() - make_interval(secs => %(window)s) AND "
+                + _by_senders(quota.senders),
+                {"window": float(quota.window_seconds), **_usage_parameters(quota.senders)})
         row = await cur.fetchone()
         assert row is not None
         used.append(int(row["jobs"] if quota.unit == "faxes" else row["pages"]))
@@ -1129,15 +1229,14 @@ class PostgresStore:
         async with self._cursor(atomic=False) as cur:
             await cur.execute("SELECT * FROM mails WHERE id = %s", (mail_id,))
             row = await cur.fetchone()
-        if row is None:
-            return None
-        return Mail(
-            id=row["id"], envelope_from=row["envelope_from"], message_id=row["message_id"],
-            subject=row["subject"], references=row["refs"], from_header=row["from_header"],
-            client_address=row["client_address"], auto_submitted=row["auto_submitted"],
-            precedence=row["precedence"], language=row["language"],
-            received_at=_at(row["received_at"]),
-        )
+        return None if row is None else _mail(row)
+
+    async def get_mails(self, mail_ids: Sequence[str]) -> list[Mail]:
+        if not mail_ids:
+            return []
+        async with self._cursor(atomic=False) as cur:
+            await cur.execute("SELECT * FROM mails WHERE id = ANY(%s)", (list(mail_ids),))
+            return [_mail(row) for row in await cur.fetchall()]
 
     async def load_documents(self, mail_id: str) -> list[FaxDocument]:
         _, documents = await self._mails_and_documents([mail_id])
@@ -1278,6 +1377,25 @@ class PostgresStore:
             await cur.execute(RECORD_SQL, _record_parameters(job_id, transition, expected))
             return _record_verdict(await cur.fetchone(), job_id, transition, expected)
 
+    async def record_all(self, outcomes: Sequence[Outcome]) -> list[bool]:
+        """One pipeline, one implicit transaction (as :meth:`claim_work`), the rows locked in
+        job id order (as renew_leases locks them)."""
+        if not outcomes:
+            return []
+        if self._pool is None:
+            raise RuntimeError("store is not open")
+        ordered = sorted(range(len(outcomes)), key=lambda index: outcomes[index].job_id)
+        async with self._pool.connection() as conn:
+            cursors: dict[int, psycopg.AsyncCursor[DictRow]] = {}
+            async with conn.pipeline():
+                for index in ordered:
+                    outcome = outcomes[index]
+                    cursors[index] = conn.cursor(row_factory=dict_row)
+                    await cursors[index].execute(RECORD_SQL, _record_parameters(
+                        outcome.job_id, outcome.transition, outcome.expected))
+            return [_check_recorded(await cursors[index].fetchone(), outcome)
+                    for index, outcome in enumerate(outcomes)]
+
     # -- tracker -----------------------------------------------------------------------------
 
     async def tracked_jobs(self, account: str) -> list[Job]:
@@ -1290,6 +1408,19 @@ class PostgresStore:
                 """,
                 (account, states),
             )
+            return [_job(row) for row in await cur.fetchall()]
+
+    async def lost_answers_before(self, before: datetime, limit: int) -> list[Job]:
+        # Literals, as in jobs_answer_lost's WHERE: a parameter would keep a generic plan
+        # off the partial index.
+        async with self._cursor(atomic=False) as cur:
+            await cur.execute(
+                """
+                SELECT * FROM jobs
+                WHERE state = 'unconfirmed' AND reason->>'code' = 'answer_lost'
+                  AND updated < %s
+                ORDER BY updated, id LIMIT %s
+                """, (before, limit))
             return [_job(row) for row in await cur.fetchall()]
 
     async def reopen_job(self, job_id: str, detail: str) -> Job | None:
@@ -1386,8 +1517,12 @@ class PostgresStore:
         """(jobs, pages) created since ``since`` by these envelope senders (``"@domain"`` for a
         whole domain; None: everyone); for quotas."""
         async with self._cursor(atomic=False) as cur:
-            await cur.execute(USAGE_SQL + "WHERE created >= %(since)s AND " + USAGE_BY_SENDERS,
-                              {"since": since, **_usage_parameters(senders)})
+            if senders is None:  # from the kept totals: these count jobs purged since too
+                await cur.execute(service_usage_sql("%(since)s::timestamptz"), {"since": since})
+            else:
+                await cur.execute(
+                    USAGE_SQL + "WHERE created >= %(since)s AND " + _by_senders(senders),
+                    {"since": since, **_usage_parameters(senders)})
             row = await cur.fetchone()
         return (int(row["jobs"]), int(row["pages"])) if row else (0, 0)
 
@@ -1616,6 +1751,7 @@ class PostgresStore:
                 INSERT INTO job_state_counts
                 SELECT state, sum(jobs) FROM folded GROUP BY state HAVING sum(jobs) <> 0
                 """)
+            await cur.execute(FOLD_TOTALS_SQL)  # the quotas' totals: also without quotas
             await cur.execute("SELECT state, sum(jobs) AS n FROM job_state_counts"
                               " GROUP BY state HAVING sum(jobs) <> 0")
             result["jobs"] = {str(row["state"]): int(row["n"]) for row in await cur.fetchall()}

@@ -25,6 +25,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
+from mailfax import reasons
 from mailfax.model import (
     RETRYABLE_STATES,
     TRACKED_STATES,
@@ -231,7 +232,30 @@ MIGRATIONS: dict[int, str] = {
         leased_until REAL NOT NULL DEFAULT 0
     );
     """,
-    7: "",  # reserved for another branch (issue 20); the lead renumbers on merge
+    # The unconfirmed jobs still looked for at their provider (the tracker settles them once
+    # ``unconfirmed_after`` ran out), oldest first, however many settled ones pile up.
+    # Service-wide quotas count jobs and pages per 300 s of creation (SERVICE_USAGE_SQL),
+    # kept by triggers, so the count does not grow with the jobs of the window; a user's
+    # quota reads only that user's jobs.
+    7: """
+    CREATE INDEX jobs_answer_lost ON jobs (updated)
+        WHERE state = 'unconfirmed' AND json_extract(reason, '$.code') = 'answer_lost';
+    CREATE INDEX jobs_sender ON jobs (lower(sender), created);
+    CREATE TABLE job_created_totals (
+        bucket INTEGER PRIMARY KEY, jobs INTEGER NOT NULL, pages INTEGER NOT NULL);
+    INSERT INTO job_created_totals
+        SELECT CAST(created / 300 AS INTEGER), COUNT(*), SUM(pages) FROM jobs GROUP BY 1;
+    CREATE TRIGGER job_created_total_insert AFTER INSERT ON jobs BEGIN
+        INSERT INTO job_created_totals (bucket, jobs, pages)
+            VALUES (CAST(new.created / 300 AS INTEGER), 1, new.pages)
+            ON CONFLICT (bucket) DO UPDATE SET jobs = jobs + 1, pages = pages + excluded.pages;
+    END;
+    CREATE TRIGGER job_created_total_pages AFTER UPDATE OF pages ON jobs
+        WHEN old.pages IS NOT new.pages BEGIN
+        UPDATE job_created_totals SET pages = pages + new.pages - old.pages
+            WHERE bucket = CAST(old.created / 300 AS INTEGER);
+    END;
+    """,
     # One call at a time per number, busy backoff per number, priorities (issue 20): the
     # claim looks up a number's live jobs and backoff by index and walks the due jobs of an
     # account in priority order.
@@ -253,6 +277,7 @@ MIGRATIONS: dict[int, str] = {
 }
 
 DISPATCHABLE = (JobState.QUEUED.value, JobState.RETRYING.value)
+assert reasons.ANSWER_LOST == "answer_lost"  # spelt out in jobs_answer_lost and its query
 # Documents up to this size go in and out of the blobs table as values; larger ones through
 # SQLite's incremental blob I/O, in pieces of this size.
 BLOB_IN_ROW_BYTES = 1024 * 1024
@@ -286,6 +311,16 @@ def _job(row: sqlite3.Row) -> Job:
         options=json.loads(row["options"]),
         cancel_requested=bool(row["cancel_requested"]),
         acknowledged=bool(row["acknowledged"]),
+    )
+
+
+def _mail(row: sqlite3.Row) -> Mail:
+    return Mail(
+        id=row["id"], envelope_from=row["envelope_from"], message_id=row["message_id"],
+        subject=row["subject"], references=json.loads(row["refs"]),
+        from_header=row["from_header"], client_address=row["client_address"],
+        auto_submitted=row["auto_submitted"], precedence=row["precedence"],
+        language=row["language"], received_at=datetime.fromtimestamp(row["received_at"], UTC),
     )
 
 
@@ -462,17 +497,34 @@ def _statements(script: str) -> Iterator[str]:
         raise ValueError(f"incomplete statement in a migration: {pending.strip()[:60]}")
 
 
+# Everyone's jobs since :since: the totals of the buckets after the one :since falls in, and
+# the jobs of that one bucket created since :since counted one by one (CAST as the trigger
+# does, so a job on a bucket's edge is counted in exactly one of the two).
+SERVICE_USAGE_SQL = """
+SELECT COALESCE(SUM(jobs), 0), COALESCE(SUM(pages), 0) FROM (
+    SELECT jobs, pages FROM job_created_totals WHERE bucket > CAST(:since / 300 AS INTEGER)
+    UNION ALL
+    SELECT COUNT(*), COALESCE(SUM(pages), 0) FROM jobs
+    WHERE created >= :since AND created < :since + 600
+      AND CAST(created / 300 AS INTEGER) <= CAST(:since / 300 AS INTEGER))
+"""
+
+
 def _usage(conn: sqlite3.Connection, since: float, senders: Sequence[str] | None
            ) -> tuple[int, int]:
-    """(jobs, pages) created since ``since`` by these senders (None: everyone)."""
+    """(jobs, pages) created since ``since`` by these senders (None: everyone, from the
+    kept totals: these count jobs purged since as well)."""
+    if senders is None:
+        row = conn.execute(SERVICE_USAGE_SQL, {"since": since}).fetchone()
+        return int(row[0]), int(row[1])
     query = "SELECT COUNT(*), COALESCE(SUM(pages), 0) FROM jobs WHERE created >= ?"
     parameters: list[Any] = [since]
-    if senders is not None:  # "a@b.c" exactly, "@b.c" the whole domain
-        tests = ["lower(sender) LIKE ?" if sender.startswith("@") else "lower(sender) = ?"
-                 for sender in senders]
-        query += f" AND ({' OR '.join(tests) or '0'})"
-        parameters += [f"%{sender.lower()}" if sender.startswith("@") else sender.lower()
-                       for sender in senders]
+    # "a@b.c" exactly, "@b.c" the whole domain
+    tests = ["lower(sender) LIKE ?" if sender.startswith("@") else "lower(sender) = ?"
+             for sender in senders]
+    query += f" AND ({' OR '.join(tests) or '0'})"
+    parameters += [f"%{sender.lower()}" if sender.startswith("@") else sender.lower()
+                   for sender in senders]
     row = conn.execute(query, parameters).fetchone()
     return int(row[0]), int(row[1])
 
@@ -520,6 +572,19 @@ def _record(conn: sqlite3.Connection, job_id: str, transition: Transition,
              int(transition.notify)),
         )
     return True
+
+
+def _record_outcomes(conn: sqlite3.Connection, outcomes: Sequence[Outcome]) -> list[bool]:
+    """Record each outcome; whether its job moved. A refused one is logged, not raised (as
+    PostgresStore does): the others are committed with it."""
+    moved: list[bool] = []
+    for outcome in outcomes:
+        try:
+            moved.append(_record(conn, outcome.job_id, outcome.transition, outcome.expected))
+        except (KeyError, IllegalTransition) as error:
+            log.error("result of job %s not recorded: %s", outcome.job_id, error)
+            moved.append(False)
+    return moved
 
 
 class _InboundMixin:
@@ -1090,18 +1155,20 @@ class SqliteStore(_InboundMixin, _EmulatorNetworkMixin, _RetentionMixin):
     async def get_mail(self, mail_id: str) -> Mail | None:
         def operation(conn: sqlite3.Connection) -> Mail | None:
             row = conn.execute("SELECT * FROM mails WHERE id = ?", (mail_id,)).fetchone()
-            if row is None:
-                return None
-            return Mail(
-                id=row["id"], envelope_from=row["envelope_from"], message_id=row["message_id"],
-                subject=row["subject"], references=json.loads(row["refs"]),
-                from_header=row["from_header"], client_address=row["client_address"],
-                auto_submitted=row["auto_submitted"], precedence=row["precedence"],
-                language=row["language"], received_at=datetime.fromtimestamp(
-                    row["received_at"], UTC),
-            )
+            return None if row is None else _mail(row)
 
         return await self._call(operation)
+
+    async def get_mails(self, mail_ids: Sequence[str]) -> list[Mail]:
+        def operation(conn: sqlite3.Connection) -> list[Mail]:
+            found: list[Mail] = []
+            for start in range(0, len(mail_ids), 500):  # SQLite's limit on parameters
+                chunk = list(mail_ids[start:start + 500])
+                found += [_mail(row) for row in conn.execute(
+                    f"SELECT * FROM mails WHERE id IN ({_marks(chunk)})", chunk)]
+            return found
+
+        return await self._call(operation) if mail_ids else []
 
     async def load_documents(self, mail_id: str) -> list[FaxDocument]:
         return await self._call(lambda conn: _documents(conn, [mail_id]).get(mail_id, []))
@@ -1113,11 +1180,7 @@ class SqliteStore(_InboundMixin, _EmulatorNetworkMixin, _RetentionMixin):
                          finished: Sequence[Outcome] = (),
                          rules: ClaimRules = DEFAULT_RULES) -> list[Work]:
         def operation(conn: sqlite3.Connection) -> list[Work]:
-            for outcome in finished:
-                try:
-                    _record(conn, outcome.job_id, outcome.transition, outcome.expected)
-                except (KeyError, IllegalTransition) as error:  # as PostgresStore does
-                    log.error("result of job %s not recorded: %s", outcome.job_id, error)
+            _record_outcomes(conn, finished)
             jobs = _claim(conn, owner, limit, lease_seconds, account_limits, rules)
             mail_ids = list(dict.fromkeys(job.mail_id for job in jobs))
             subjects = dict(conn.execute(
@@ -1173,6 +1236,11 @@ class SqliteStore(_InboundMixin, _EmulatorNetworkMixin, _RetentionMixin):
                      expected: Sequence[JobState] | None = None) -> bool:
         return await self._call(lambda conn: _record(conn, job_id, transition, expected))
 
+    async def record_all(self, outcomes: Sequence[Outcome]) -> list[bool]:
+        if not outcomes:
+            return []
+        return await self._call(lambda conn: _record_outcomes(conn, outcomes))
+
     # -- tracker -----------------------------------------------------------------------------
 
     async def tracked_jobs(self, account: str) -> list[Job]:
@@ -1203,6 +1271,17 @@ class SqliteStore(_InboundMixin, _EmulatorNetworkMixin, _RetentionMixin):
                 "INSERT INTO events (job_id, at, state, reason, detail, notify)"
                 " VALUES (?, ?, ?, NULL, ?, 0)", (job_id, now, JobState.QUEUED.value, detail))
             return _job(conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone())
+
+        return await self._call(operation)
+
+    async def lost_answers_before(self, before: datetime, limit: int) -> list[Job]:
+        # The literals match jobs_answer_lost's WHERE, for the planner to use it.
+        def operation(conn: sqlite3.Connection) -> list[Job]:
+            rows = conn.execute(
+                "SELECT * FROM jobs WHERE state = 'unconfirmed'"
+                " AND json_extract(reason, '$.code') = 'answer_lost' AND updated < ?"
+                " ORDER BY updated, id LIMIT ?", (before.timestamp(), limit)).fetchall()
+            return [_job(r) for r in rows]
 
         return await self._call(operation)
 

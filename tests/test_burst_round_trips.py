@@ -1,0 +1,99 @@
+"""A burst does not multiply the tracker's and notifier's store work (issue 19): the store
+calls (each one round trip, or one operation of the SQLite writer) for 200 mails whose faxes
+are delivered are counted, per method, through a proxy around a real store. Counts, not
+times: what a batch saves shows in them whatever the machine's load."""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from mailfax.config import NotifySettings
+from mailfax.model import JobState
+from mailfax.outbound.notify import Notifier, Renderer
+from mailfax.outbound.tracking import Tracker
+from mailfax.providers.base import BaseProvider, ProviderContext, ProviderRef, StatusReport
+from mailfax.store.base import NewJob, NewMail, Store, Transition
+from mailfax.store.sqlite import SqliteStore
+
+MAILS = 200
+
+
+class CountingStore:
+    """The store, counting the calls made through it by method name."""
+
+    def __init__(self, store: Store):
+        self.store = store
+        self.calls: collections.Counter[str] = collections.Counter()
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self.store, name)
+        if not callable(method):
+            return method
+
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            self.calls[name] += 1
+            return method(*args, **kwargs)
+
+        return counted
+
+
+class DeliversAll(BaseProvider):
+    provider_name = "delivers"
+
+    async def status(self, refs: Sequence[ProviderRef]) -> dict[str, StatusReport]:
+        return {ref.job_id: StatusReport(JobState.DELIVERED, pages=1) for ref in refs}
+
+
+async def submitted_burst(store: Store) -> None:
+    """MAILS mails of one fax each, handed to the provider (their "accepted" events done)."""
+    for index in range(MAILS):
+        await store.add_mail_jobs(
+            NewMail(mail_id=f"m{index}", envelope_from=f"user{index % 20}@example.org",
+                    message_id=f"<{index}@example.org>", subject="fax", references=[],
+                    from_header="", client_address="127.0.0.1"),
+            [NewJob(f"j{index:03d}", "+4930123456", "acct")], [])
+        await store.record(f"j{index:03d}", Transition(
+            JobState.SUBMITTED, provider_job_id=f"P{index}", notify=False))
+    for event in await store.pending_notifications(10 * MAILS):
+        await store.complete_notification(event.id)
+
+
+async def drain(handle: Callable[[], Any]) -> None:
+    while await handle():
+        pass
+
+
+async def test_a_burst_of_delivered_faxes_costs_few_store_calls_per_mail(
+        tmp_path: Path) -> None:
+    real = SqliteStore(tmp_path / "store.sqlite3")
+    await real.open()
+    try:
+        await submitted_burst(real)
+        store = CountingStore(real)
+        counted: Store = store  # type: ignore[assignment]
+        provider = DeliversAll(ProviderContext(account="acct", data_dir=tmp_path))
+        tracker = Tracker(counted, {"acct": provider}, interval=60.0)
+        await tracker.poll_all()
+        tracking = dict(store.calls)
+        store.calls.clear()
+        notifier = Notifier(counted, NotifySettings(), Renderer(), mails_per_hour=1000)
+        await drain(lambda: notifier.handle_pending(limit=100))
+        notifying = dict(store.calls)
+        delivered = [job for job in await real.list_jobs(limit=MAILS)
+                     if job.state == JobState.DELIVERED]
+        assert len(delivered) == MAILS
+        assert await real.outbox_depth() == MAILS  # one status mail each
+    finally:
+        await real.close()
+    print(f"\ntracker, {MAILS} mails: {tracking} = {sum(tracking.values())}"
+          f"\nnotifier, {MAILS} mails: {notifying} = {sum(notifying.values())}")
+    # The tracker: one call for all the state changes of a poll, not one per job.
+    assert tracking["record_all"] == 1 and sum(tracking.values()) <= 5, tracking
+    # The notifier: the jobs and mails of each claim at once; per mail, only its flood
+    # check and the transaction that queues it and marks its event done.
+    assert notifying.get("get_job", 0) == notifying.get("get_mail", 0) == 0, notifying
+    assert sum(notifying.values()) <= 2 * MAILS + 3 * notifying["claim_notifications"], \
+        notifying
