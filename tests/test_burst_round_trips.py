@@ -93,7 +93,9 @@ async def test_a_burst_of_delivered_faxes_costs_few_store_calls_per_mail(
     # The tracker: one call for all the state changes of a poll, not one per job.
     assert tracking["record_all"] == 1 and sum(tracking.values()) <= 5, tracking
     # The notifier: the jobs and mails of each claim at once; per mail, only its flood
-    # check and the transaction that queues it and marks its event done.
+    # check, its documents (the delivered mail's transmission report shows page 1 of that
+    # mail's fax) and the transaction that queues it and marks its event done.
     assert notifying.get("get_job", 0) == notifying.get("get_mail", 0) == 0, notifying
-    assert sum(notifying.values()) <= 2 * MAILS + 3 * notifying["claim_notifications"], \
+    assert notifying.get("load_documents", 0) <= MAILS, notifying
+    assert sum(notifying.values()) <= 3 * MAILS + 3 * notifying["claim_notifications"], \
         notifying
