@@ -22,7 +22,6 @@ from mailfax.intake.assemble import (
     Refusal,
     assemble,
     convert_documents,
-    needs_worker,
     nothing_to_fax,
     read_mail,
 )
@@ -283,11 +282,12 @@ class Intake:
         setup = page_setup(self.settings, account)
         if len(raw) > INLINE_ASSEMBLY_BYTES:
             content = await asyncio.to_thread(assemble, raw, allow_empty=True, setup=setup)
-        else:  # parsing a small mail costs less than a thread hand-off; decoding images and
-            # LibreOffice do not (see needs_worker)
+        else:  # parsing a small mail costs less than a thread hand-off; checking its
+            # documents does not: pikepdf works mostly without the GIL, so in a worker the
+            # PDF check of one mail overlaps the loop's work on the others (images and
+            # LibreOffice take longer still, see needs_worker)
             mail = read_mail(raw)
-            content = (await asyncio.to_thread(convert_documents, mail, setup)
-                       if needs_worker(mail) else convert_documents(mail, setup))
+            content = await asyncio.to_thread(convert_documents, mail, setup)
         content = await self._with_cover(content, addresses, envelope_from)
         if not content.documents:
             raise nothing_to_fax(content, self._cover_address(recipients, addresses, content))

@@ -382,41 +382,76 @@ class SpooledData:
 
     async def _receive(self, spool: Spool) -> str | None:
         """Read the mail up to its final dot into ``spool``; the refusal if it is not
-        taken (too large, a line too long)."""
-        received = 0
+        taken (too large, a line too long).
+
+        Read in runs up to the next ``.<CR><LF>`` (where the final dot may be), not line by
+        line: a 16 KB PDF mail is about 300 lines, and a read per line was a quarter of the
+        event loop's time per mail. Nothing after the final dot is read (a pipelining
+        client's next command stays in the stream)."""
+        reader = self._reader
         limit = self.data_size_limit
+        received = 0
         refusal: str | None = None
-        fragments: list[bytes] = []
+        pending = b""  # the line begun and not yet ended (of a line too long: its last bytes)
+        at_line_start = True  # pending starts where its line starts
         while self.transport is not None:
+            found = True
             try:
-                line = await self._reader.readuntil(b"\r\n")
+                try:
+                    chunk = await reader.readuntil(b".\r\n")
+                except asyncio.LimitOverrunError as error:  # none within the stream's limit
+                    found = False
+                    chunk = await reader.read(error.consumed)
             except asyncio.CancelledError:  # the connection was reset during DATA
                 log.info("Connection lost during DATA")
                 self._writer.close()
                 raise
-            except asyncio.LimitOverrunError as error:  # a line over the stream's limit
-                refusal = refusal or "500 Line too long (see RFC5321 4.5.3.1.6)"
-                spool.discard()
-                line = await self._reader.read(error.consumed)
-            if not fragments and line == b".\r\n":
-                break
-            received += len(line)
+            received += len(chunk)
+            data = pending + chunk if pending else chunk
+            final = found and (data[-5:-3] == b"\r\n" or (len(data) == 3 and at_line_start))
+            if final:
+                received -= 3
+                body, pending = data[:-3], b""
+            else:
+                cut = data.rfind(b"\r\n") + 2
+                body, pending = (data[:cut], data[cut:]) if cut >= 2 else (b"", data)
             if refusal is None and limit and received > limit:
                 refusal = "552 Error: Too much mail data"
                 spool.discard()
-            fragments.append(line)
-            if not line.endswith(b"\r\n"):
-                continue
-            whole = b"".join(fragments) if len(fragments) > 1 else line
-            fragments.clear()
-            if refusal is not None:
-                continue
-            if len(whole) > self.line_length_limit:
+            if refusal is None and (len(pending) >= self.line_length_limit
+                                    or _has_long_line(body, self.line_length_limit)):
                 refusal = "500 Line too long (see RFC5321 4.5.3.1.6)"
                 spool.discard()
-                continue
-            await spool.write(whole[1:] if whole.startswith(b".") else whole)
+            if refusal is None and body:
+                await spool.write(_unstuffed(body, at_line_start))
+            if body:
+                at_line_start = True
+            if len(pending) >= self.line_length_limit:  # refused: keep what may end it
+                pending, at_line_start = pending[-2:], False
+            if final:
+                break
         return refusal
+
+
+def _has_long_line(lines: bytes, limit: int) -> bool:
+    """Whether a line of ``lines`` (complete lines) is longer than ``limit`` with its CR LF.
+
+    A line that long holds a whole window of half the limit, aligned to it, without a CR LF:
+    the windows are searched first, and only if one has none are the lines measured."""
+    window = max((limit - 1) // 2, 1)
+    find = lines.find
+    for start in range(0, len(lines) - window, window):
+        if find(b"\r\n", start, start + window + 1) < 0:
+            return max(map(len, lines.split(b"\r\n"))) + 2 > limit
+    return False
+
+
+def _unstuffed(lines: bytes, at_line_start: bool) -> bytes:
+    """Complete lines as the client meant them: the dot it doubled at a line's start taken
+    off (RFC 5321 4.5.2)."""
+    if at_line_start and lines.startswith(b"."):
+        lines = lines[1:]
+    return lines.replace(b"\r\n.", b"\r\n")
 
 
 class FaxSMTP(SpooledData, StrictPaths, SMTP):
