@@ -22,6 +22,7 @@ from mailfax.intake.assemble import (
     Refusal,
     assemble,
     convert_documents,
+    needs_worker,
     nothing_to_fax,
     read_mail,
 )
@@ -31,6 +32,7 @@ from mailfax.numbers import FaxAddress, InvalidNumber, format_international, par
 from mailfax.outbound.notify import TEMPLATES_DIR
 from mailfax.providers.base import FaxDocument
 from mailfax.store.base import NewJob, NewMail, OutgoingMail, Quota, QuotaExceeded, Store
+from mailfax.support.batches import BatchWorker
 from mailfax.trust.authorization import (
     AuthorizationError,
     authorized_user,
@@ -55,6 +57,8 @@ log = logging.getLogger(__name__)
 INLINE_ASSEMBLY_BYTES = 64 * 1024
 HOUR = 3600.0
 DAY = 86400.0
+# Small mails' PDF checks, one after the other beside the event loop (support/batches.py).
+PDF_CHECKS = BatchWorker("mailfax-pdf")
 
 
 def quota_sentence(over: QuotaExceeded) -> str:
@@ -283,11 +287,13 @@ class Intake:
         if len(raw) > INLINE_ASSEMBLY_BYTES:
             content = await asyncio.to_thread(assemble, raw, allow_empty=True, setup=setup)
         else:  # parsing a small mail costs less than a thread hand-off; checking its
-            # documents does not: pikepdf works mostly without the GIL, so in a worker the
-            # PDF check of one mail overlaps the loop's work on the others (images and
-            # LibreOffice take longer still, see needs_worker)
+            # documents does not: pikepdf works mostly without the GIL, so in the PDF worker
+            # the check of one mail overlaps the loop's work on the others. Images and
+            # LibreOffice may take seconds (see needs_worker): in threads of their own.
             mail = read_mail(raw)
-            content = await asyncio.to_thread(convert_documents, mail, setup)
+            content = await (asyncio.to_thread(convert_documents, mail, setup)
+                             if needs_worker(mail) else
+                             PDF_CHECKS.run(convert_documents, mail, setup))
         content = await self._with_cover(content, addresses, envelope_from)
         if not content.documents:
             raise nothing_to_fax(content, self._cover_address(recipients, addresses, content))
