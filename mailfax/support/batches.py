@@ -64,9 +64,15 @@ class BatchWorker:
 
 def _settle(settled: list[tuple[asyncio.Future[Any], Any, BaseException | None]]) -> None:
     for future, result, error in settled:
-        if future.cancelled():
-            continue
-        if error is not None:
-            future.set_exception(error)
-        else:
-            future.set_result(result)
+        settle(future, result, error)
+
+
+def settle(future: asyncio.Future[Any], result: Any, failure: BaseException | None) -> None:
+    """Give a worker's outcome to the future an awaiting coroutine holds (on its loop),
+    unless that coroutine was cancelled meanwhile."""
+    if future.cancelled():
+        return
+    if failure is not None:
+        future.set_exception(failure)
+    else:
+        future.set_result(result)
