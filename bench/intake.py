@@ -58,7 +58,7 @@ INTAKE_ONLY_SERVER = """
 import asyncio, sys
 from pathlib import Path
 from typing import Any
-from mailfax.cli import load_settings
+from mailfax.config import load_settings
 from mailfax.app import serve
 from mailfax.outbound.dispatch import Dispatcher
 from mailfax.outbound.tracking import Tracker

@@ -234,16 +234,19 @@ class Application:
             self.imap_intake = ImapIntake(settings, self.intake, self.store,
                                           wake_outbox=self.outbox.wake)
             loops.append(("imap intake", self.imap_intake.run))
-        for name, loop in loops:
-            self._tasks.append(asyncio.create_task(supervise(name, loop), name=name))
         await self._start_web()
         if settings.policy_service.listen:
             address = ListenAddress(settings.policy_service.listen)
             self.policy_service = PolicyService(PolicyDecider(self.intake, secret_key))
             await self.policy_service.start(address.host, address.port)
-        self._prepare_providers()
         self.smtp_servers = await start_listeners(self.intake, settings.smtp,
                                                   _CurrentUsers(self.intake))
+        # The loops and the providers' preparations start once the ports accept: their first
+        # passes (claiming work, status polls, the outbox, FAX.de's WSDL) would otherwise run
+        # in the awaits above, before the port opens.
+        self._prepare_providers()
+        for name, loop in loops:
+            self._tasks.append(asyncio.create_task(supervise(name, loop), name=name))
         self._log_startup()
         self._warm_up()
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import json
 import logging
@@ -15,14 +14,21 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mailfax import __version__, logs
-from mailfax.config import ConfigError, ListenAddress, Settings, config_path, load_settings
 from mailfax.model import FINAL_STATES, RETRYABLE_STATES, JobState
-from mailfax.providers.base import ProviderContext, ProviderRef
-from mailfax.store import open_store
-from mailfax.store.base import Handoff, InboundRecord, Job, Store, Transition
+from mailfax.support.lazy import lazy_module
+
+# The config (pydantic), the store, the providers and asyncio are imported by the commands
+# that use them, not here: `mailfax --version` needs none of them (tests/test_cli_imports.py).
+if TYPE_CHECKING:
+    import asyncio
+
+    from mailfax.config import Settings
+    from mailfax.store.base import Handoff, InboundRecord, Job, Store, Transition
+else:
+    asyncio = lazy_module("asyncio")
 
 log = logging.getLogger("mailfax")
 
@@ -39,12 +45,18 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_CLOSED_PIPE = 0, 1, 2, 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    if list(sys.argv[1:] if argv is None else argv) == ["--version"]:
+        print(f"mailfax {__version__}")  # as argparse would, without building the parser
+        return EXIT_OK
+    _without_pydantic_plugins()
     parser = build_parser()
     args = parser.parse_args(argv)
     logs.configure(args.verbose, args.log_json or os.environ.get("MAILFAX_LOG") == "json")
     if args.command is None:
         parser.print_help()
         return EXIT_USAGE
+    from mailfax.config import ConfigError
+
     try:
         result: int = args.handler(args)
         sys.stdout.flush()  # a closed pipe shows here, not at exit as a traceback
@@ -56,6 +68,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_INTERRUPTED
     except BrokenPipeError:
         return _closed_pipe()
+
+
+def _without_pydantic_plugins() -> None:
+    """No third-party pydantic plugins watch the config being validated (they would see its
+    values, and finding them scans every installed package's metadata: 30-50 ms of each
+    command's start). ``PYDANTIC_DISABLE_PLUGINS`` set in the environment is kept."""
+    os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "__all__")
 
 
 def _closed_pipe() -> int:
@@ -218,6 +237,8 @@ def _since(value: str) -> datetime:
 
 
 def _settings(args: argparse.Namespace) -> Settings:
+    from mailfax.config import load_settings
+
     return load_settings(args.config)
 
 
@@ -252,7 +273,7 @@ def _serve_settings(args: argparse.Namespace) -> Settings:
 def _with_listeners(settings: Settings, listen: list[str]) -> Settings:
     from pydantic import ValidationError
 
-    from mailfax.config import SmtpSettings, describe_validation_error
+    from mailfax.config import ConfigError, SmtpSettings, describe_validation_error
 
     try:
         smtp = SmtpSettings.model_validate(settings.smtp.model_dump() | {"listen": listen})
@@ -267,10 +288,12 @@ def _config_from_env() -> bool:
 
 # -- store commands ---------------------------------------------------------------------------
 
-StoreAction = Callable[[Store], Awaitable[int]]
+StoreAction = Callable[["Store"], Awaitable[int]]
 
 
 async def _with_store(settings: Settings, action: StoreAction) -> int:
+    from mailfax.store import open_store
+
     store = open_store(settings.store_url)
     await store.open()
     try:
@@ -391,6 +414,7 @@ async def _cancel_one(settings: Settings, store: Store, job_id: str) -> int:
               "no provider job to cancel", file=sys.stderr)
         return EXIT_FAILED
     from mailfax import reasons
+    from mailfax.store.base import Transition
 
     cancelled = Transition(state=JobState.CANCELLED, reason=reasons.reason("cancelled"),
                            detail="cancelled with mailfax cancel")
@@ -467,6 +491,7 @@ async def _cancel_at_provider(settings: Settings, store: Store, job_id: str, acc
                               provider_job_id: str, cancelled: Transition) -> int:
     from mailfax.app import load_secret_key
     from mailfax.providers import provider_module
+    from mailfax.providers.base import ProviderContext, ProviderRef
 
     account_settings = settings.accounts.get(account)
     if account_settings is None:
@@ -668,6 +693,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     """Load the config and make every check ``serve`` makes before it starts (same messages:
     :func:`mailfax.app.preflight`), reading the secrets too."""
     from mailfax.app import preflight
+    from mailfax.config import config_path, load_settings
 
     path = config_path(args.file or args.config)
     settings = load_settings(path)
@@ -706,6 +732,7 @@ def cmd_emulate(args: argparse.Namespace) -> int:
         print("mailfax: FILE, --to, --from, --remote-id and --account are for "
               "mailfax emulate receive", file=sys.stderr)
         return EXIT_USAGE
+    from mailfax.config import ListenAddress
     from mailfax.emulators import emulator_module
 
     address = ListenAddress(args.listen)

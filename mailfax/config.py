@@ -112,7 +112,7 @@ Secret = Annotated[SecretStr, BeforeValidator(_resolve_secret)]
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
 
 
 def _host_port(value: str, default_port: int) -> tuple[str, int]:
@@ -805,21 +805,29 @@ def refuse_plain_http(settings: BaseModel, allowed: bool) -> None:
                     raise ValueError(f"{name}: {problem}")
 
 
+def _section(model: type[Strict] | type[DialPolicySettings]) -> Any:
+    """A section's default when the file does not have it: made with ``model_construct``, so
+    no validator is built for it (building them all cost ``mailfax jobs`` 100-150 ms); what a
+    file gives is validated by Settings' own validator. tests/test_config.py checks that the
+    constructed defaults equal the validated ones."""
+    return Field(default_factory=model.model_construct)
+
+
 class Settings(Strict):
     data_dir: Path = Path("mailfax-data")
     fax_domains: list[str] = Field(default_factory=lambda: ["fax.local"], min_length=1)
     default_account: str = "emulator"
-    smtp: SmtpSettings = SmtpSettings()
-    store: StoreSettings = StoreSettings()
-    senders: SenderPolicySettings = SenderPolicySettings()
-    numbers: NumberSettings = NumberSettings()
-    dial: DialPolicySettings = DialPolicySettings()
-    dispatch: DispatchSettings = DispatchSettings()
-    notify: NotifySettings = NotifySettings()
+    smtp: SmtpSettings = _section(SmtpSettings)
+    store: StoreSettings = _section(StoreSettings)
+    senders: SenderPolicySettings = _section(SenderPolicySettings)
+    numbers: NumberSettings = _section(NumberSettings)
+    dial: DialPolicySettings = _section(DialPolicySettings)
+    dispatch: DispatchSettings = _section(DispatchSettings)
+    notify: NotifySettings = _section(NotifySettings)
     relay: RelaySettings | None = None
-    outbox: OutboxSettings = OutboxSettings()
-    web: WebSettings = WebSettings()
-    inbound: InboundSettings = InboundSettings()
+    outbox: OutboxSettings = _section(OutboxSettings)
+    web: WebSettings = _section(WebSettings)
+    inbound: InboundSettings = _section(InboundSettings)
     templates_dir: Path | None = None  # empty: the templates/ folder shipped with mailfax
     accounts: dict[str, AccountSettings] = Field(
         default_factory=lambda: {"emulator": AccountSettings(provider="emulator")}
@@ -827,11 +835,11 @@ class Settings(Strict):
     imap_intake: ImapIntakeSettings | None = None  # watch a mailbox for fax mails
     imap_delivery: ImapDeliverySettings | None = None  # APPEND received faxes via IMAP
     users: dict[str, UserSettings] = Field(default_factory=dict)
-    quotas: QuotaSettings = QuotaSettings()
-    documents: DocumentSettings = DocumentSettings()
-    policy_service: PolicyServiceSettings = PolicyServiceSettings()
-    retention: RetentionSettings = RetentionSettings()
-    options: OptionSettings = OptionSettings()
+    quotas: QuotaSettings = _section(QuotaSettings)
+    documents: DocumentSettings = _section(DocumentSettings)
+    policy_service: PolicyServiceSettings = _section(PolicyServiceSettings)
+    retention: RetentionSettings = _section(RetentionSettings)
+    options: OptionSettings = _section(OptionSettings)
 
     # Broadcast lists (BroadcastListSettings), mailed at <list_prefix>NAME@<fax domain>.
     lists: dict[str, BroadcastListSettings] = Field(default_factory=dict)

@@ -63,6 +63,37 @@ def test_version_loads_no_heavy_library(cli_env: dict[str, str]) -> None:
     assert loaded_after(body, cli_env) == []
 
 
+VERSION_REPORT = """
+import contextlib, io, json, sys
+sys.argv = ["mailfax", "--version"]  # as the console script is started
+import mailfax.cli
+out = io.StringIO()
+with contextlib.redirect_stdout(out):
+    code = mailfax.cli.main()
+print(json.dumps({"code": code, "out": out.getvalue(),
+                  "loaded": sorted(name for name in sys.modules if name in WATCHED)}))
+"""
+
+
+def test_version_imports_neither_pydantic_nor_the_config(cli_env: dict[str, str]) -> None:
+    """``mailfax --version`` answers from the package's version: no config models, no
+    store, no event loop (bench/cli.py times it)."""
+    watched = ("pydantic", "pydantic_core", "mailfax.config", "mailfax.store", "asyncio",
+               "mailfax.inbound.commands")
+    script = f"WATCHED = {watched!r}\n" + VERSION_REPORT
+    done = subprocess.run([sys.executable, "-c", script], env=cli_env, capture_output=True,
+                          text=True, timeout=120, check=True)
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    from mailfax import __version__
+
+    assert report == {"code": 0, "out": f"mailfax {__version__}\n", "loaded": []}
+    # and the report is real: a command that reads the config loads them
+    jobs = subprocess.run([sys.executable, "-c", script.replace('"--version"', '"jobs"')],
+                          env=cli_env, capture_output=True, text=True, timeout=120, check=True)
+    loaded = json.loads(jobs.stdout.strip().splitlines()[-1])["loaded"]
+    assert {"pydantic", "mailfax.config", "asyncio"} <= set(loaded)
+
+
 def test_the_check_sees_a_heavy_import(cli_env: dict[str, str]) -> None:
     """The report is real: what needs aiohttp (the web endpoint) and ReportLab shows them."""
     assert loaded_after("import mailfax.web.server, mailfax.documents.cover_pdf",

@@ -396,3 +396,36 @@ async def wait_for_final(app: Application, job_id: str, timeout: float = 60) -> 
 def test_the_defaults_are_the_same_settings_with_absolute_paths(tmp_path: Path) -> None:
     assert with_absolute_paths(Settings(), tmp_path) == Settings(
         data_dir=tmp_path / "mailfax-data")
+
+
+def test_each_sections_unvalidated_defaults_equal_its_validated_defaults() -> None:
+    """A section missing from the file is made with ``model_construct`` (no validator built
+    for it: ``mailfax jobs`` starts faster); that must be what validating its defaults gives
+    (the validators normalise: country codes upper-cased, prefixes in E.164)."""
+    from pydantic import BaseModel
+
+    constructed = 0
+    for name, field in Settings.model_fields.items():
+        factory = field.default_factory
+        model = getattr(factory, "__self__", None)
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            continue
+        assert factory is not None
+        made = factory()  # type: ignore[call-arg]
+        assert made == model.model_validate({}), name
+        assert made.model_fields_set == set(), name
+        constructed += 1
+    assert constructed >= 14  # smtp, store, senders, numbers, dial, ...
+
+
+def test_a_section_given_in_the_file_is_still_validated(tmp_path: Path) -> None:
+    """Only the defaults skip validation: what a file says is checked as before."""
+    config = tmp_path / "mailfax.toml"
+    config.write_text('[dial]\nallowed_countries = ["de", "Mars"]\n')
+    with pytest.raises(ConfigError, match=r"dial\.allowed_countries.*'Mars' is not a country"):
+        load_settings(config)
+    config.write_text('[dial]\nallowed_countries = ["de"]\n[smtp]\nmax_recipients = 0\n')
+    with pytest.raises(ConfigError, match=r"smtp\.max_recipients"):
+        load_settings(config)
+    config.write_text('[dial]\nallowed_countries = ["de"]\n')
+    assert load_settings(config).dial.allowed_countries == ["DE"]

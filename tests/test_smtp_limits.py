@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import aiosmtplib
+import hypothesis
 
 from mailfax.app import Application
 from mailfax.intake.limits import (
@@ -369,3 +370,38 @@ async def test_a_million_pipelined_noops_do_not_delay_another_session(tmp_path: 
         assert max(round_trips) < 0.2, (
             f"another session waited up to {max(round_trips) * 1000:.0f} ms "
             f"(median {sorted(round_trips)[len(round_trips) // 2] * 1000:.1f} ms)")
+
+
+PATH_PIECES = ["<", ">", "@", ".", "a", "Z", "0", "-", "+", "_", "'", " ", "\t", "(", ")",
+               '"', "\\", "[", "]", ":", ",", "=", "é", "SIZE=12", "BODY=8BITMIME",
+               "example.org", "x" * 70]
+
+
+@hypothesis.settings(max_examples=3000, deadline=None)
+@hypothesis.given(hypothesis.strategies.lists(
+    hypothesis.strategies.sampled_from(PATH_PIECES), max_size=14).map("".join))
+def test_the_plain_path_reading_agrees_with_aiosmtpds(arg: str) -> None:
+    """The fast reading of ``<local@domain> PARAMS`` gives what aiosmtpd's parser gives, and
+    answers only for the shape it knows (anything else goes to the parser)."""
+    import types
+
+    from aiosmtpd.smtp import SMTP
+
+    from mailfax.intake.smtp import plain_path
+
+    for text in (arg, f"<{arg}>", f"<a@{arg}>", f"<{arg}@example.org> SIZE=1",
+                 f"<a{arg}@example.org>", f"<a@example.org>{arg}"):
+        fast = plain_path(text, 64)
+        if fast is not None:
+            assert fast == SMTP._getaddr(types.SimpleNamespace(local_part_limit=64), text)
+
+
+def test_the_plain_path_reading_takes_the_usual_paths() -> None:
+    from mailfax.intake.smtp import plain_path
+
+    assert plain_path("<alice@example.org>", 64) == ("alice@example.org", "")
+    assert plain_path("<a.b+fax@mail.example.org> SIZE=1234 BODY=8BITMIME", 64) == (
+        "a.b+fax@mail.example.org", "SIZE=1234 BODY=8BITMIME")
+    assert plain_path("<030123456@fax.local>", 64) == ("030123456@fax.local", "")
+    assert plain_path(f"<{'x' * 65}@example.org>", 64) == (None, None)  # over the limit
+    assert plain_path("<>", 64) is None and plain_path('<"a b"@example.org>', 64) is None

@@ -164,3 +164,51 @@ async def test_ten_parallel_30_mb_mails_stay_within_the_budget(tmp_path: Path) -
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+async def _reply(reader: asyncio.StreamReader) -> bytes:
+    """One SMTP reply, all its lines."""
+    lines = [await reader.readline()]
+    while lines[-1][3:4] == b"-":
+        lines.append(await reader.readline())
+    return b"".join(lines)
+
+
+async def test_data_read_in_odd_pieces_keeps_the_mail_and_leaves_the_next_command(
+        service: Service) -> None:
+    """DATA is read in runs up to each ``.<CR><LF>``: pieces cut anywhere (inside a CR LF,
+    between a line's dot and its end) give the mail as sent, dots unstuffed; the command
+    pipelined right after the final dot is still read and answered."""
+    body = ("Tricky lines follow.\n.\n..\n...x\nend.\n.end\n\n.\nlast line.")
+    mail = fax_mail([], to="postmaster@fax.local", subject="Pieces", body=body)
+    raw = mail.as_bytes().replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+    stuffed = raw.replace(b"\r\n.", b"\r\n..")
+    assert b"\r\n..\r\n" in stuffed and b"\r\n...\r\n" in stuffed
+    wire = stuffed + b".\r\nMAIL FROM:<bob@example.org>\r\n"
+    reader, writer = await asyncio.open_connection("127.0.0.1", service.port)
+    try:
+        assert (await _reply(reader)).startswith(b"220")
+        for command in (b"EHLO client.example", b"MAIL FROM:<someone@example.net>",
+                        b"RCPT TO:<postmaster@fax.local>", b"DATA"):
+            writer.write(command + b"\r\n")
+            assert (await _reply(reader))[:1] in b"23", command
+        start = 0
+        for size in [1, 2, 1, 3, 1, 1, 2, 5, 7] * 400:  # every cut, over and over
+            writer.write(wire[start:start + size])
+            await writer.drain()
+            start += size
+            if start >= len(wire):
+                break
+            if start % 5 == 0:
+                await asyncio.sleep(0)  # let the server read what came so far
+        writer.write(wire[start:])
+        assert (await _reply(reader)).startswith(b"250 2.0.0 forwarded to the postmaster")
+        assert (await _reply(reader)).startswith(b"250")  # the pipelined MAIL FROM
+        writer.write(b"QUIT\r\n")
+        assert (await _reply(reader)).startswith(b"221")
+    finally:
+        writer.close()
+    await service.wait_for_mail(lambda m: m["Subject"] == "Pieces")
+    box = mailbox.Maildir(service.maildir, create=False)
+    [stored] = [box.get_bytes(key) for key in box.iterkeys() if box[key]["Subject"] == "Pieces"]
+    assert stored.split(b"\r\n", 1)[1] == raw

@@ -48,6 +48,7 @@ from mailfax.outbound.notify import TEMPLATES_DIR
 from mailfax.providers import capabilities
 from mailfax.providers.base import FaxDocument
 from mailfax.store.base import NewJob, NewMail, OutgoingMail, Quota, QuotaExceeded, Store
+from mailfax.support.batches import BatchWorker
 from mailfax.trust.authorization import (
     AuthorizationError,
     authorized_user,
@@ -73,6 +74,8 @@ INLINE_ASSEMBLY_BYTES = 64 * 1024
 HOUR = 3600.0
 READINESS_GRACE_SECONDS = 5.0  # past documents.readiness_max_seconds: one page's render
 DAY = 86400.0
+# Small mails' PDF checks, one after the other beside the event loop (support/batches.py).
+PDF_CHECKS = BatchWorker("mailfax-pdf")
 
 
 def quota_sentence(over: QuotaExceeded) -> str:
@@ -368,11 +371,14 @@ class Intake:
         setup = page_setup(self.settings, account)
         if len(raw) > INLINE_ASSEMBLY_BYTES:
             content = await asyncio.to_thread(assemble, raw, allow_empty=True, setup=setup)
-        else:  # parsing a small mail costs less than a thread hand-off; decoding images and
-            # LibreOffice do not (see needs_worker)
+        else:  # parsing a small mail costs less than a thread hand-off; checking its
+            # documents does not: pikepdf works mostly without the GIL, so in the PDF worker
+            # the check of one mail overlaps the loop's work on the others. Images and
+            # LibreOffice may take seconds (see needs_worker): in threads of their own.
             mail = read_mail(raw)
-            content = (await asyncio.to_thread(convert_documents, mail, setup)
-                       if needs_worker(mail) else convert_documents(mail, setup))
+            content = await (asyncio.to_thread(convert_documents, mail, setup)
+                             if needs_worker(mail) else
+                             PDF_CHECKS.run(convert_documents, mail, setup))
         content, options = self.read_options(raw, addresses, content, account)
         content = await self._with_cover(content, addresses, envelope_from, options,
                                          shown=None if expansion is None else "")

@@ -67,6 +67,7 @@ from mailfax.store.base import (
     handoff_of,
     priority_rank,
 )
+from mailfax.support.batches import settle
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -1078,7 +1079,7 @@ class SqliteStore(_InboundMixin, _EmulatorNetworkMixin, _RetentionMixin):
                 conn.execute("ROLLBACK")
             outcomes = [(future, None, error) for _, future in batch]
         for future, result, failure in outcomes:
-            self._loop.call_soon_threadsafe(_settle, future, result, failure)
+            self._loop.call_soon_threadsafe(settle, future, result, failure)
 
     async def _call(self, operation: Callable[[sqlite3.Connection], T]) -> T:
         if self._loop is None or self._thread is None:
@@ -1536,13 +1537,3 @@ class SqliteStore(_InboundMixin, _EmulatorNetworkMixin, _RetentionMixin):
             return {"jobs": jobs, "inbound": inbound}
 
         return await self._call(operation)
-
-
-def _settle(future: asyncio.Future[Any], result: Any, failure: BaseException | None) -> None:
-    if future.cancelled():
-        return
-    if failure is not None:
-        future.set_exception(failure)
-    else:
-        future.set_result(result)
-

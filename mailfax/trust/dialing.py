@@ -61,7 +61,8 @@ RANGE_NAMES: dict[str, str] = {
 
 
 class DialPolicySettings(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Built when first validated (inside the config's Settings), not on import.
+    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
     # ISO country codes that may be dialled; "home" is numbers.default_country, "EEA" the
     # European Economic Area, "*" every country.
     allowed_countries: list[str] = Field(default_factory=lambda: list(DEFAULT_COUNTRIES))
