@@ -10,6 +10,8 @@ are printed side by side, of the medians and per round. mailfax commits every jo
 ``smtp.accept = "spool"``: the raw mail is committed before the 250, and the worker that
 checks it and makes its job runs in the same process meanwhile (it may lag behind: the
 backlog at the last 250 is printed, and its CPU is counted until every mail is a job).
+A fifth is the intake alone with ``documents.readiness = "off"``: the others render each page
+at fax resolution before the 250 (the default fax-readiness check), this one shows its cost.
 
     python bench/intake.py [--mails 1500] [--clients 20] [--rounds 4]
 """
@@ -74,6 +76,7 @@ BARE = "bare aiosmtpd"
 INTAKE = "mailfax intake alone"
 WHOLE = "mailfax with dispatch"
 SPOOLED = "mailfax spool, intake"
+UNCHECKED = "intake, readiness off"  # documents.readiness = "off": what the page check costs
 
 
 def free_port() -> int:
@@ -122,7 +125,7 @@ async def blast(port: int, mails: list[bytes], clients: int) -> float:
 
 
 def mailfax_config(folder: Path, name: str, port: int, clients: int,
-                   accept: str = "checked") -> Path:
+                   accept: str = "checked", readiness: str = "warn") -> Path:
     config = folder / f"{name}.toml"
     # A long emulator delay keeps the tracker's status polling out of the measurement; the
     # dispatcher itself still submits every job while the intake runs.
@@ -132,23 +135,27 @@ def mailfax_config(folder: Path, name: str, port: int, clients: int,
                       f'max_connections_per_client = {max(20, 2 * clients)}\n'
                       f'max_connections = {max(200, 2 * clients)}\n'
                       f'accept = "{accept}"\n'
+                      f'[documents]\nreadiness = "{readiness}"\n'
                       f'[accounts.emulator]\nprovider = "emulator"\ndelay_seconds = 3600\n')
     return config
 
 
 def start_servers(folder: Path,
                   clients: int) -> tuple[dict[str, int], list[subprocess.Popen[bytes]]]:
-    ports = {BARE: free_port(), INTAKE: free_port(), WHOLE: free_port(), SPOOLED: free_port()}
+    ports = {BARE: free_port(), INTAKE: free_port(), WHOLE: free_port(), SPOOLED: free_port(),
+             UNCHECKED: free_port()}
     quiet: dict[str, Any] = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL,
                              "cwd": folder}
     intake, whole = (mailfax_config(folder, name, ports[key], clients)
                      for name, key in (("intake", INTAKE), ("whole", WHOLE)))
     spooled = mailfax_config(folder, "spooled", ports[SPOOLED], clients, accept="spool")
+    unchecked = mailfax_config(folder, "unchecked", ports[UNCHECKED], clients, readiness="off")
     servers = [
         subprocess.Popen([sys.executable, "-c", BARE_SERVER, str(ports[BARE]), "33554432"]),
         subprocess.Popen([sys.executable, "-c", INTAKE_ONLY_SERVER, str(intake)], **quiet),
         subprocess.Popen([sys.executable, "-m", "mailfax", "-c", str(whole), "serve"], **quiet),
         subprocess.Popen([sys.executable, "-c", INTAKE_ONLY_SERVER, str(spooled)], **quiet),
+        subprocess.Popen([sys.executable, "-c", INTAKE_ONLY_SERVER, str(unchecked)], **quiet),
     ]
     return ports, servers
 
@@ -183,7 +190,8 @@ async def main() -> None:
     pdf = PDF.read_bytes()
     mails = [message(pdf, i).as_bytes() for i in range(args.mails)]
 
-    rates: dict[str, list[float]] = {name: [] for name in (BARE, INTAKE, WHOLE, SPOOLED)}
+    rates: dict[str, list[float]] = {name: [] for name in (BARE, INTAKE, WHOLE, SPOOLED,
+                                                           UNCHECKED)}
     cpu: dict[str, list[float]] = {name: [] for name in rates}  # server ms per mail
     backlogs: list[tuple[int, float]] = []  # spooled mails left after a round, seconds to jobs
     with tempfile.TemporaryDirectory() as folder:
@@ -219,7 +227,7 @@ async def main() -> None:
     print(f"  {SPOOLED}: mails still spooled at the last 250, and seconds until all were "
           f"jobs (its CPU above counts them): "
           f"{', '.join(f'{left} in {seconds:.1f} s' for left, seconds in backlogs)}")
-    for name in (INTAKE, WHOLE, SPOOLED):
+    for name in (INTAKE, WHOLE, SPOOLED, UNCHECKED):
         per_round = [value / rate for value, rate in zip(rates[name], rates[BARE], strict=True)]
         print(f"ratio {name} / {BARE}: {statistics.median(rates[name]) / bare:.2f} of the "
               f"medians, per round {', '.join(f'{r:.2f}' for r in per_round)} (goal >= 0.80); "
