@@ -10,6 +10,7 @@ from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import pytest
 
@@ -529,3 +530,41 @@ def test_the_configured_windows_reach_the_dispatcher() -> None:
     held = dispatch_schedule(settings).held(berlin("2026-12-05T10:00"))  # a Saturday
     assert held.priorities == set() and held.accounts == {"emulator"}
     assert held.reopens_at == berlin("2026-12-07T08:00")
+
+
+async def test_over_smtp_a_bulk_mail_waits_for_its_window_while_a_normal_one_goes(
+        tmp_path: Path, corpus: Path) -> None:
+    """``X-Fax-Priority: bulk`` (the sender's header) meets ``[dispatch] windows``: with the
+    bulk window closed now, the bulk fax stays queued, untried, while a normal fax sent after
+    it is delivered."""
+    from mailfax.app import Application
+    from tests.conftest import Service, fax_mail, make_settings
+
+    opens = datetime.now(ZoneInfo("Europe/Berlin")) + timedelta(hours=2)
+    window = f"{opens:%H:%M}-{opens + timedelta(hours=1):%H:%M}"  # closed for the next 2 h
+    settings = make_settings(
+        tmp_path, dispatch={"status_poll_seconds": 0.2, "windows": {"bulk": window}},
+        notify={"timezone": "Europe/Berlin"},
+        accounts={"emulator": {"provider": "emulator", "delay_seconds": 0.2}})
+    pdf = (corpus / "pdf" / "crazyones.pdf").read_bytes()
+    app = Application(settings)
+    await app.start()
+    try:
+        service = Service(app)
+        bulk = fax_mail([("doc.pdf", pdf, "application/pdf")], to="030111222@fax.local")
+        bulk["X-Fax-Priority"] = "bulk"
+        _, reply = await service.send(bulk, "alice@example.org", ["030111222@fax.local"])
+        bulk_id = reply.split()[-1]
+        normal = fax_mail([("doc.pdf", pdf, "application/pdf")], to="030333444@fax.local")
+        _, reply = await service.send(normal, "alice@example.org", ["030333444@fax.local"])
+        normal_id = reply.split()[-1]
+        deadline = time.monotonic() + 60
+        while (await states(app.store, normal_id))[normal_id] != JobState.DELIVERED:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(1.0)  # several dispatcher turns more
+        waiting = await app.store.get_job(bulk_id)
+        assert waiting is not None and waiting.options["priority"] == "bulk"
+        assert (waiting.state, waiting.attempts) == (JobState.QUEUED, 0)
+    finally:
+        await app.stop()
