@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import io
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
+import pytest
 from reportlab.lib.pagesizes import A4
 from reportlab.pdfgen import canvas
 
@@ -47,3 +50,34 @@ def test_square_pixels_restore_the_page_aspect() -> None:
     assert image.mode == "1"
     assert abs(image.height / image.width - 297 / 210) < 0.01
     assert page_count(_page(0.5)) == 1
+
+
+def test_pdfium_is_only_entered_under_the_process_wide_lock(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """PDFium crashes the process when two threads are in it at once (even with different
+    documents): each way mailfax opens a document does so holding PDFIUM_LOCK."""
+    import pypdfium2
+
+    from mailfax.documents import faxrender, readiness
+
+    opened: list[bool] = []
+    real = pypdfium2.PdfDocument
+
+    def checked(*args: Any, **kwargs: Any) -> Any:
+        opened.append(faxrender.PDFIUM_LOCK.locked())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pypdfium2, "PdfDocument", checked)
+    pdf = _page(0.0)
+    render_as_faxed(pdf)
+    page_count(pdf)
+    readiness._render_original(pdf, 0)
+    assert opened == [True, True, True]
+
+
+def test_pages_rendered_in_many_threads_at_once_come_out_the_same() -> None:
+    pdf = _page(0.3)
+    alone = render_as_faxed(pdf).tobytes()
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        results = list(pool.map(lambda _: render_as_faxed(pdf).tobytes(), range(32)))
+    assert results == [alone] * 32

@@ -14,6 +14,7 @@ the page (``pypdfium2``, a wheel with no system libraries), Pillow thresholds it
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -30,6 +31,12 @@ HORIZONTAL_DPI = 204  # 1728 dots over an A4 line
 STANDARD_LINES_PER_INCH = 98
 FINE_LINES_PER_INCH = 196
 THRESHOLD = 128  # of 255: darker is black, lighter is white
+
+# PDFium is not thread-safe, not even with different documents: two threads in it at once may
+# crash the process (pypdfium2's docs, "Incompatibility with Threading"). Mails are checked
+# and reports made in worker threads, several at a time, so every call into it, including
+# closing what it made, holds this lock.
+PDFIUM_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -48,11 +55,32 @@ def resolution_named(name: str) -> FaxResolution:
 
 
 def page_count(pdf: bytes) -> int:
-    document = pypdfium2.PdfDocument(pdf)
-    try:
-        return len(document)
-    finally:
-        document.close()
+    with PDFIUM_LOCK:
+        document = pypdfium2.PdfDocument(pdf)
+        try:
+            return len(document)
+        finally:
+            document.close()
+
+
+def rendered_page(pdf: bytes, page_index: int, dpi: float, grayscale: bool) -> Image.Image:
+    """Page ``page_index`` of ``pdf`` rendered by pdfium at ``dpi`` (``"L"`` or ``"RGB"``),
+    as a Pillow image of its own: nothing of pdfium's is left open when it returns."""
+    with PDFIUM_LOCK:
+        document = pypdfium2.PdfDocument(pdf)
+        try:
+            page = document[page_index]
+            try:
+                bitmap = page.render(scale=dpi / 72, grayscale=grayscale)
+                try:
+                    image: Image.Image = bitmap.to_pil().convert("L" if grayscale else "RGB")
+                finally:
+                    bitmap.close()
+            finally:
+                page.close()
+        finally:
+            document.close()
+    return image
 
 
 def render_as_faxed(pdf: bytes, page_index: int = 0,
@@ -62,16 +90,7 @@ def render_as_faxed(pdf: bytes, page_index: int = 0,
     The image has the fax's own pixel grid (e.g. 1728 × 1145 for an A4 page in standard
     mode), so its pixels are not square; :func:`as_square_pixels` makes a picture of it.
     """
-    document = pypdfium2.PdfDocument(pdf)
-    try:
-        page = document[page_index]
-        try:
-            bitmap = page.render(scale=resolution.horizontal_dpi / 72, grayscale=True)
-            grey: Image.Image = bitmap.to_pil().convert("L")
-        finally:
-            page.close()
-    finally:
-        document.close()
+    grey = rendered_page(pdf, page_index, resolution.horizontal_dpi, grayscale=True)
     lines = max(1, round(grey.height * resolution.vertical_dpi / resolution.horizontal_dpi))
     grey = grey.resize((grey.width, lines), Image.Resampling.BOX)
     return grey.point(lambda value: 255 if value >= THRESHOLD else 0, mode="1")

@@ -30,16 +30,20 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, TypedDict
 
-from mailfax.documents.faxrender import STANDARD, FaxResolution, black_fraction, render_as_faxed
+from mailfax.documents.faxrender import (
+    STANDARD,
+    FaxResolution,
+    black_fraction,
+    render_as_faxed,
+    rendered_page,
+)
 from mailfax.support.lazy import lazy_module
 
 if TYPE_CHECKING:
-    import pypdfium2
     from PIL import Image, ImageChops
 
     from mailfax.providers.base import FaxDocument
 else:
-    pypdfium2 = lazy_module("pypdfium2")
     Image = lazy_module("PIL.Image")
     ImageChops = lazy_module("PIL.ImageChops")
 
@@ -120,16 +124,7 @@ def measure_original(pdf: bytes, index: int, faxed_black: float) -> PageMeasure:
 
 
 def _render_original(pdf: bytes, index: int) -> Image.Image:
-    document = pypdfium2.PdfDocument(pdf)
-    try:
-        page = document[index]
-        try:
-            image: Image.Image = page.render(scale=ORIGINAL_DPI / 72).to_pil().convert("RGB")
-        finally:
-            page.close()
-    finally:
-        document.close()
-    return image
+    return rendered_page(pdf, index, ORIGINAL_DPI, grayscale=False)
 
 
 def judge(measure: PageMeasure, limits: ReadinessLimits) -> tuple[Problem, Cause] | None:
