@@ -138,3 +138,12 @@ async def test_an_option_that_cannot_be_done_is_refused_with_a_sentence(
     if "5.3.3" in sentence:
         assert "emulator" in reply.lower() and "header" in reply.lower()
     assert len(mailfax.jobs()) == jobs  # nothing queued
+
+
+async def test_x_fax_return_document_attaches_the_fax_as_sent(mailfax: Mailfax) -> None:
+    job_id = await mailfax.queued(letter("With copy", documents.pdf(2),
+                                         X_Fax_Return_Document="yes"))
+    assert final_job(mailfax, job_id)["state"] == "delivered"
+    attached = attachments(mail_of(mailfax, job_id, "delivered"))
+    assert set(attached) == {"transmission-report.pdf", f"fax-as-sent-{job_id}.pdf"}
+    assert len(pypdf.PdfReader(io.BytesIO(attached[f"fax-as-sent-{job_id}.pdf"])).pages) == 2
