@@ -125,6 +125,9 @@ class Intake:
         # thread) and again if the settings' lists change.
         self._lists: tuple[dict[str, BroadcastListSettings], dict[str, BroadcastList]] | None \
             = None
+        # A list's numbers past the dial policy and a user's prefixes: asked at RCPT and
+        # again at DATA (twice there for a policy-service user); pure for given lists.
+        self._checked_numbers = functools.lru_cache(maxsize=64)(self._check_numbers)
 
     def check_sender(self, envelope_from: str, client_ip: str | None,
                      user: str | None = None) -> None:
@@ -161,6 +164,7 @@ class Intake:
         """The lists of the settings in use, read once per settings (ConfigError if bad)."""
         if self._lists is None or self._lists[0] is not self.settings.lists:
             self._lists = (self.settings.lists, load_lists(self.settings))
+            self._checked_numbers.cache_clear()
         return self._lists[1]
 
     def is_list_address(self, address: str) -> bool:
@@ -178,13 +182,16 @@ class Intake:
     def expand_list(self, envelope_from: str, address: str, user: str | None) -> Expansion:
         broadcast, tag = find_list(address, self.broadcast_lists(), self.settings)
         check_allowed(broadcast, envelope_from)
+        return self._checked_numbers(broadcast.name, tag, user)
+
+    def _check_numbers(self, name: str, tag: str, user: str | None) -> Expansion:
         domain = self.settings.fax_domains[0]
 
         def check(fax: FaxAddress) -> None:
             self.check_recipient(f"{fax.number}@{domain}")  # the dial policy
             self.check_user_destination(fax, user)
 
-        return expand(broadcast, tag, check)
+        return expand(self.broadcast_lists()[name], tag, check)
 
     def probe_recipient(self, address: str) -> FaxAddress | ListRecipient:
         """An MTA's verification probe: does the number (or the list) exist here?"""
