@@ -141,18 +141,23 @@ def _from_field(found: _Found, name: str, value: str, clock: Clock) -> None:
         raise Refusal(*BAD_VALUE, f"Unknown fax option header {_shown_name(name)}: "
                       f"{value!r}; the known ones are {known}.")
     field = _shown_name(name)
-    source = f"{field}: {value}"
-    if name == "x-fax-delay":
-        found.add(key, _iso(_after_delay(value, field, clock)), source)
-    elif name == "x-fax-send-at":
-        found.add(key, _iso(_at_time(value, field, clock)), source)
-    else:
-        found.add(key, _value(key, value, field), source)
+    kind = {"x-fax-delay": "delay", "x-fax-send-at": "time"}.get(name, "")
+    found.add(key, _parsed(kind, key, value, field, clock), f"{field}: {value}")
 
 
 def _shown_name(name: str) -> str:
     """``x-fax-send-at`` → ``X-Fax-Send-At``."""
     return "-".join(part.capitalize() for part in name.split("-"))
+
+
+def _parsed(kind: str, key: str, value: str, field: str, clock: Clock) -> Any:
+    """A header's or code's value: a ``delay`` from now or a ``time`` (both as the UTC ISO
+    time to send at), else a value of ``key``; checked."""
+    if kind == "delay":
+        return _iso(_after_delay(value, field, clock))
+    if kind == "time":
+        return _iso(_at_time(value, field, clock))
+    return _value(key, value, field)
 
 
 def _value(key: str, value: str, field: str) -> Any:
@@ -250,13 +255,8 @@ def _from_subject(found: _Found, subject: str, clock: Clock) -> str:
                           f"valid value; see the README's \"Per-mail options\".")
         value = value_match.group(1)
         field = f"subject code /{code}"
-        if code == "d":
-            parsed: Any = _iso(_at_time(value, field, clock))
-        elif code == "delay":
-            parsed = _iso(_after_delay(value, field, clock))
-        else:
-            parsed = _value(key, value, field)
-        found.add(key, parsed, f"{field} {value}")
+        kind = {"delay": "delay", "d": "time"}.get(code, "")
+        found.add(key, _parsed(kind, key, value, field, clock), f"{field} {value}")
         kept.append(subject[position:match.start()])
         position = match.end() + value_match.end()
     kept.append(subject[position:])
