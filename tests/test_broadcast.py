@@ -169,6 +169,13 @@ async def test_a_list_goes_in_a_mail_of_its_own(lists_service: Service) -> None:
             await client.rcpt(LIST)
         assert refused.value.code == 452
         assert "4.5.3" in refused.value.message
+        await client.rset()  # the other way round: a fax recipient after the list
+        await client.mail("alice@example.org")
+        assert (await client.rcpt(LIST))[0] == 250
+        with pytest.raises(aiosmtplib.SMTPRecipientRefused) as refused:
+            await client.rcpt("030123456@fax.local")
+        assert refused.value.code == 452
+        assert "4.5.3" in refused.value.message
     assert await lists_service.app.store.list_jobs() == []
 
 

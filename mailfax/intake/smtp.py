@@ -118,10 +118,12 @@ class FaxHandler:
 
     def _mixes_list(self, envelope: Envelope, address: str) -> str | None:
         """A broadcast list goes in a mail of its own: a 452 for a recipient that would mix
-        it with other fax recipients (the client sends that one in another transaction)."""
-        faxes = [rcpt for rcpt in envelope.rcpt_tos if not self.intake.is_postmaster(rcpt)]
-        if faxes and (self.intake.is_list_address(address) or
-                      any(self.intake.is_list_address(rcpt) for rcpt in faxes)):
+        it with other fax recipients (the client sends that one in another transaction).
+        A list taken is so the only fax recipient: only the first one need be looked at."""
+        first = next((rcpt for rcpt in envelope.rcpt_tos if not self.intake.is_postmaster(rcpt)),
+                     None)
+        if first is not None and (self.intake.is_list_address(address) or
+                                  self.intake.is_list_address(first)):
             return ("452 4.5.3 A broadcast list is sent in a mail of its own; send this "
                     "recipient in another mail")
         return None
