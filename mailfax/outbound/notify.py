@@ -264,10 +264,11 @@ class Notifier:
             self.on_queued()
         return len(events)
 
-    def _mailed(self, event: Event) -> bool:
-        kind = event_kind(event)
-        return kind is not None and (kind in self.settings.events or kind in ALWAYS_MAILED
-                                     or kind in MAILED_WITH_WARNINGS)
+    def _mailed(self, kind: str, job: Job) -> bool:
+        """Whether ``job`` gets this kind of mail: ``notify.events`` asks for it, it is
+        always mailed, or the job carries fax-readiness warnings the mail tells of."""
+        return (kind in self.settings.events or kind in ALWAYS_MAILED
+                or (kind in MAILED_WITH_WARNINGS and bool(job.options.get("warnings"))))
 
     async def _jobs_and_mails(self, events: Sequence[Event]
                               ) -> tuple[dict[str, Job], dict[str, Mail]]:
@@ -322,14 +323,9 @@ class Notifier:
     async def _job_mails(self, event: Event, jobs: Mapping[str, Job],
                          mails: Mapping[str, Mail]) -> list[OutgoingMail]:
         kind = event_kind(event)
-        if kind is None or not self._mailed(event):
-            return []
         job = jobs.get(event.job_id)
         mail = mails.get(job.mail_id) if job else None
-        if job is None or mail is None:
-            return []
-        if kind not in self.settings.events and kind not in ALWAYS_MAILED and \
-                not job.options.get("warnings"):
+        if kind is None or job is None or mail is None or not self._mailed(kind, job):
             return []
         if kind in ALWAYS_MAILED:
             return self._unconfirmed_mail(kind, job, mail, event)
