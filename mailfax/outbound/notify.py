@@ -164,11 +164,15 @@ class Renderer:
             "next_attempt_at": job.next_attempt_at.astimezone(zone) if job.next_attempt_at
             else None,
         }
-        subject = self.text_env.get_template(f"{language}/status.subject").render(context)
+        return self.render_named("status", language, context)
+
+    def render_named(self, name: str, language: str, context: Mapping[str, Any]) -> StatusMail:
+        """``<language>/<name>.{subject,txt,html}`` with ``context``; the subject on one line."""
+        subject = self.text_env.get_template(f"{language}/{name}.subject").render(context)
         return StatusMail(
             subject=" ".join(subject.split()),
-            text=self.text_env.get_template(f"{language}/status.txt").render(context),
-            html=self.html_env.get_template(f"{language}/status.html").render(context),
+            text=self.text_env.get_template(f"{language}/{name}.txt").render(context),
+            html=self.html_env.get_template(f"{language}/{name}.html").render(context),
         )
 
 
