@@ -312,12 +312,8 @@ class Notifier:
         return [*own, self._summary_mail(job, mail, listed)]
 
     def _summary_mail(self, job: Job, mail: Mail, jobs: list[Job]) -> OutgoingMail:
-        language = mail.language or self.settings.language
-        try:
-            status = render_summary(self.renderer, mail, jobs, language, self.zone)
-        except jinja2.TemplateError:
-            log.exception("broadcast summary template for %s failed", language)
-            status = render_summary(self.renderer, mail, jobs, "en", self.zone)
+        status = self._in_language(mail, "broadcast summary", lambda language: render_summary(
+            self.renderer, mail, jobs, language, self.zone))
         message = compose_summary(status, mail, jobs, self.settings)
         log.info("mail %s: broadcast summary of %d jobs to <%s>", mail.id, len(jobs),
                  mail.envelope_from)
@@ -403,13 +399,18 @@ class Notifier:
 
     def _render(self, kind: str, job: Job, mail: Mail, event: Event,
                 report_image: str = "") -> StatusMail:
+        return self._in_language(mail, f"status mail ({kind})", lambda language: (
+            self.renderer.render(kind, job, mail, event, language, self.zone, report_image)))
+
+    def _in_language(self, mail: Mail, what: str,
+                     render: Callable[[str], StatusMail]) -> StatusMail:
+        """``render`` in the mail's language; in English when that language's template fails."""
         language = mail.language or self.settings.language
         try:
-            return self.renderer.render(kind, job, mail, event, language, self.zone,
-                                        report_image)
+            return render(language)
         except jinja2.TemplateError:
-            log.exception("status mail template for %s/%s failed", language, kind)
-            return self.renderer.render(kind, job, mail, event, "en", self.zone, report_image)
+            log.exception("%s template for %s failed", what, language)
+            return render("en")
 
     async def _attachments(self, job: Job, mail: Mail,
                            event: Event) -> ReportAttachments | None:
