@@ -108,8 +108,6 @@ def _readable(number: str) -> str:
 
 def render_summary(renderer: Renderer, mail: Mail, jobs: Sequence[Job], language: str,
                    zone: tzinfo = UTC) -> StatusMail:
-    from mailfax.outbound.notify import StatusMail
-
     rows = summary_rows(jobs, language)
     counts = {outcome: sum(1 for row in rows if row.outcome == outcome) for outcome in OUTCOMES}
     context: dict[str, Any] = {
@@ -122,12 +120,7 @@ def render_summary(renderer: Renderer, mail: Mail, jobs: Sequence[Job], language
         "received_at": mail.received_at.astimezone(zone),
         "mail_id": mail.id,
     }
-    subject = renderer.text_env.get_template(f"{language}/broadcast.subject").render(context)
-    return StatusMail(
-        subject=" ".join(subject.split()),
-        text=renderer.text_env.get_template(f"{language}/broadcast.txt").render(context),
-        html=renderer.html_env.get_template(f"{language}/broadcast.html").render(context),
-    )
+    return renderer.render_named("broadcast", language, context)
 
 
 def compose_summary(status: StatusMail, mail: Mail, jobs: Sequence[Job],

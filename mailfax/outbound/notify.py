@@ -164,11 +164,15 @@ class Renderer:
             "next_attempt_at": job.next_attempt_at.astimezone(zone) if job.next_attempt_at
             else None,
         }
-        subject = self.text_env.get_template(f"{language}/status.subject").render(context)
+        return self.render_named("status", language, context)
+
+    def render_named(self, name: str, language: str, context: Mapping[str, Any]) -> StatusMail:
+        """``<language>/<name>.{subject,txt,html}`` with ``context``; the subject on one line."""
+        subject = self.text_env.get_template(f"{language}/{name}.subject").render(context)
         return StatusMail(
             subject=" ".join(subject.split()),
-            text=self.text_env.get_template(f"{language}/status.txt").render(context),
-            html=self.html_env.get_template(f"{language}/status.html").render(context),
+            text=self.text_env.get_template(f"{language}/{name}.txt").render(context),
+            html=self.html_env.get_template(f"{language}/{name}.html").render(context),
         )
 
 
@@ -264,10 +268,11 @@ class Notifier:
             self.on_queued()
         return len(events)
 
-    def _mailed(self, event: Event) -> bool:
-        kind = event_kind(event)
-        return kind is not None and (kind in self.settings.events or kind in ALWAYS_MAILED
-                                     or kind in MAILED_WITH_WARNINGS)
+    def _mailed(self, kind: str, job: Job) -> bool:
+        """Whether ``job`` gets this kind of mail: ``notify.events`` asks for it, it is
+        always mailed, or the job carries fax-readiness warnings the mail tells of."""
+        return (kind in self.settings.events or kind in ALWAYS_MAILED
+                or (kind in MAILED_WITH_WARNINGS and bool(job.options.get("warnings"))))
 
     async def _jobs_and_mails(self, events: Sequence[Event]
                               ) -> tuple[dict[str, Job], dict[str, Mail]]:
@@ -307,12 +312,8 @@ class Notifier:
         return [*own, self._summary_mail(job, mail, listed)]
 
     def _summary_mail(self, job: Job, mail: Mail, jobs: list[Job]) -> OutgoingMail:
-        language = mail.language or self.settings.language
-        try:
-            status = render_summary(self.renderer, mail, jobs, language, self.zone)
-        except jinja2.TemplateError:
-            log.exception("broadcast summary template for %s failed", language)
-            status = render_summary(self.renderer, mail, jobs, "en", self.zone)
+        status = self._in_language(mail, "broadcast summary", lambda language: render_summary(
+            self.renderer, mail, jobs, language, self.zone))
         message = compose_summary(status, mail, jobs, self.settings)
         log.info("mail %s: broadcast summary of %d jobs to <%s>", mail.id, len(jobs),
                  mail.envelope_from)
@@ -322,14 +323,9 @@ class Notifier:
     async def _job_mails(self, event: Event, jobs: Mapping[str, Job],
                          mails: Mapping[str, Mail]) -> list[OutgoingMail]:
         kind = event_kind(event)
-        if kind is None or not self._mailed(event):
-            return []
         job = jobs.get(event.job_id)
         mail = mails.get(job.mail_id) if job else None
-        if job is None or mail is None:
-            return []
-        if kind not in self.settings.events and kind not in ALWAYS_MAILED and \
-                not job.options.get("warnings"):
+        if kind is None or job is None or mail is None or not self._mailed(kind, job):
             return []
         if kind in ALWAYS_MAILED:
             return self._unconfirmed_mail(kind, job, mail, event)
@@ -403,13 +399,18 @@ class Notifier:
 
     def _render(self, kind: str, job: Job, mail: Mail, event: Event,
                 report_image: str = "") -> StatusMail:
+        return self._in_language(mail, f"status mail ({kind})", lambda language: (
+            self.renderer.render(kind, job, mail, event, language, self.zone, report_image)))
+
+    def _in_language(self, mail: Mail, what: str,
+                     render: Callable[[str], StatusMail]) -> StatusMail:
+        """``render`` in the mail's language; in English when that language's template fails."""
         language = mail.language or self.settings.language
         try:
-            return self.renderer.render(kind, job, mail, event, language, self.zone,
-                                        report_image)
+            return render(language)
         except jinja2.TemplateError:
-            log.exception("status mail template for %s/%s failed", language, kind)
-            return self.renderer.render(kind, job, mail, event, "en", self.zone, report_image)
+            log.exception("%s template for %s failed", what, language)
+            return render("en")
 
     async def _attachments(self, job: Job, mail: Mail,
                            event: Event) -> ReportAttachments | None:
