@@ -99,3 +99,41 @@ async def test_a_burst_of_delivered_faxes_costs_few_store_calls_per_mail(
     assert notifying.get("load_documents", 0) <= MAILS, notifying
     assert sum(notifying.values()) <= 3 * MAILS + 3 * notifying["claim_notifications"], \
         notifying
+
+
+async def test_a_mail_to_several_numbers_has_its_documents_read_once_for_its_reports(
+        tmp_path: Path) -> None:
+    """Each delivered job's mail carries a transmission report drawn from the mail's
+    documents; the jobs of one mail come side by side, so the documents are read once."""
+    from reportlab.pdfgen.canvas import Canvas
+
+    from mailfax.providers.base import FaxDocument
+
+    canvas = Canvas(str(tmp_path / "letter.pdf"))
+    canvas.drawString(72, 760, "Hello, fax")
+    canvas.save()
+    document = FaxDocument("letter.pdf", (tmp_path / "letter.pdf").read_bytes(), 1)
+    real = SqliteStore(tmp_path / "store.sqlite3")
+    await real.open()
+    try:
+        numbers = [f"+493012345{index}" for index in range(5)]
+        await real.add_mail_jobs(
+            NewMail(mail_id="m", envelope_from="user@example.org", message_id="<m@example.org>",
+                    subject="fax", references=[], from_header="", client_address="127.0.0.1"),
+            [NewJob(f"j{index}", number, "acct") for index, number in enumerate(numbers)],
+            [document])
+        for index in range(len(numbers)):
+            await real.record(f"j{index}", Transition(
+                JobState.SUBMITTED, provider_job_id=f"P{index}", notify=False))
+            await real.record(f"j{index}", Transition(JobState.DELIVERED, pages=1))
+        for event in await real.pending_notifications(100):
+            if event.state != JobState.DELIVERED:
+                await real.complete_notification(event.id)
+        store = CountingStore(real)
+        counted: Store = store  # type: ignore[assignment]
+        notifier = Notifier(counted, NotifySettings(), Renderer(), mails_per_hour=1000)
+        await drain(lambda: notifier.handle_pending(limit=100))
+        assert await real.outbox_depth() == len(numbers)  # a report each
+    finally:
+        await real.close()
+    assert store.calls["load_documents"] == 1, store.calls

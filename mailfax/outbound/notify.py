@@ -51,6 +51,8 @@ from mailfax.trust.policy import split_address, status_mail_allowed
 
 if TYPE_CHECKING:
     import jinja2
+
+    from mailfax.providers.base import FaxDocument
 else:  # 0.05 s to import: the first status mail loads it, not serve's start-up
     jinja2 = lazy_module("jinja2")
 
@@ -240,6 +242,8 @@ class Notifier:
         self.poll_seconds = poll_seconds
         self._wake = asyncio.Event()
         self.mails_per_hour = mails_per_hour
+        # The documents of the mail whose status mails were made last (see _documents_of).
+        self._last_documents: tuple[str, list[FaxDocument]] | None = None
 
     def wake(self) -> None:
         self._wake.set()
@@ -264,6 +268,7 @@ class Notifier:
             outgoing = await self._mails_for(event, jobs, mails)
             await self.store.complete_notification(event.id, outgoing)
             queued = queued or bool(outgoing)
+        self._last_documents = None  # not held between claims
         if queued:
             self.on_queued()
         return len(events)
@@ -421,8 +426,16 @@ class Notifier:
         with_document = wants_document(job, account.return_document if account else None,
                                        self.settings.return_document)
         provider = f"{job.account} ({account.provider})" if account else job.account
-        return await report_attachments(self.store, job, mail, event, language, self.zone,
-                                        provider, with_document)
+        return await report_attachments(self._documents_of, job, mail, event, language,
+                                        self.zone, provider, with_document)
+
+    async def _documents_of(self, mail_id: str) -> list[FaxDocument]:
+        """A mail's documents, kept for the next report of the same mail: a mail to several
+        numbers has its jobs' events side by side in a claim, so its documents are read
+        once, not once per number (and only one mail's are held)."""
+        if self._last_documents is None or self._last_documents[0] != mail_id:
+            self._last_documents = (mail_id, await self.store.load_documents(mail_id))
+        return self._last_documents[1]
 
     def _status_mail(self, kind: str, job: Job, mail: Mail, event: Event,
                      attachments: ReportAttachments | None = None) -> OutgoingMail:

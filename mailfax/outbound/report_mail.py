@@ -13,6 +13,7 @@ import asyncio
 import logging
 import threading
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import timedelta, tzinfo
 from email.message import EmailMessage
@@ -22,7 +23,7 @@ from mailfax import reasons
 from mailfax.model import JobState
 from mailfax.numbers import format_international
 from mailfax.providers.base import FaxDocument
-from mailfax.store.base import Event, Job, Mail, Store
+from mailfax.store.base import Event, Job, Mail
 
 if TYPE_CHECKING:
     from mailfax.documents.report import PageOne, ReportFacts, TransmissionReport
@@ -126,15 +127,17 @@ def _render(job: Job, facts: ReportFacts, documents: list[FaxDocument], language
                              faxed=faxed)
 
 
-async def report_attachments(store: Store, job: Job, mail: Mail, event: Event, language: str,
+async def report_attachments(documents_of: Callable[[str], Awaitable[list[FaxDocument]]],
+                             job: Job, mail: Mail, event: Event, language: str,
                              zone: tzinfo, provider: str,
                              with_document: bool) -> ReportAttachments | None:
     """The attachments of ``event``'s status mail, or None when it has none (or its report
     cannot be made: the mail then goes without, and the log says why). ``provider``: the
-    fax service as the report names it, e.g. "main (fax.de)"."""
+    fax service as the report names it, e.g. "main (fax.de)"; ``documents_of``: a mail's
+    documents by its id."""
     if not wants_report(event):
         return None
-    documents = await store.load_documents(job.mail_id)
+    documents = await documents_of(job.mail_id)
     if not documents:
         log.warning("job %s: no documents stored, no transmission report", job.id)
         return None
