@@ -676,6 +676,24 @@ def _record_verdict(row: DictRow | None, job_id: str, transition: Transition,
     raise IllegalTransition(f"job {job_id}: {current} -> {transition.state}")
 
 
+async def _queue_records(conn: psycopg.AsyncConnection[Any], outcomes: Sequence[Outcome]
+                         ) -> list[Cursor]:
+    """RECORD_SQL for each outcome, sent (in a pipeline: not yet answered) in job id order,
+    the order renew_leases() locks its rows in; the cursors in the order of ``outcomes``."""
+    cursors = [conn.cursor(row_factory=dict_row) for _ in outcomes]
+    for index in sorted(range(len(outcomes)), key=lambda index: outcomes[index].job_id):
+        outcome = outcomes[index]
+        await cursors[index].execute(RECORD_SQL, _record_parameters(
+            outcome.job_id, outcome.transition, outcome.expected))
+    return cursors
+
+
+async def _recorded(cursors: Sequence[Cursor], outcomes: Sequence[Outcome]) -> list[bool]:
+    """Whether each job of :func:`_queue_records` moved (a refused one is logged)."""
+    return [_check_recorded(await cursor.fetchone(), outcome)
+            for cursor, outcome in zip(cursors, outcomes, strict=True)]
+
+
 def _check_recorded(row: DictRow | None, outcome: Outcome) -> bool:
     """A refused outcome of :meth:`PostgresStore.claim_work` is logged, not raised: the
     others and the claim are committed with it, and the claimed jobs must be sent. Whether
@@ -1281,13 +1299,7 @@ class PostgresStore:
         async with self._pool.connection() as conn:
             async with conn.pipeline():  # one implicit transaction: see above
                 await conn.execute(LOCK_FOR_CLAIM, (CLAIM_LOCK,))
-                recorded = []
-                finished = sorted(finished, key=lambda outcome: outcome.job_id)
-                for outcome in finished:
-                    cursor = conn.cursor(row_factory=dict_row)
-                    await cursor.execute(RECORD_SQL, _record_parameters(
-                        outcome.job_id, outcome.transition, outcome.expected))
-                    recorded.append(cursor)
+                recorded = await _queue_records(conn, finished)
                 claim = conn.cursor(row_factory=dict_row)
                 await _claim_limited(claim, owner, limit, lease_seconds, account_limits,
                                      rules)
@@ -1296,8 +1308,7 @@ class PostgresStore:
                                     {"owner": owner, "lease": float(lease_seconds)})
             jobs = _sorted_jobs(await claim.fetchall())
             subjects, documents = _subjects_and_documents(await mails.fetchall())
-            for cursor, outcome in zip(recorded, finished, strict=True):
-                _check_recorded(await cursor.fetchone(), outcome)
+            await _recorded(recorded, finished)
         return group_work(jobs, subjects, documents)
 
     async def renew_leases(self, owner: str, job_ids: Sequence[str],
@@ -1384,17 +1395,10 @@ class PostgresStore:
             return []
         if self._pool is None:
             raise RuntimeError("store is not open")
-        ordered = sorted(range(len(outcomes)), key=lambda index: outcomes[index].job_id)
         async with self._pool.connection() as conn:
-            cursors: dict[int, psycopg.AsyncCursor[DictRow]] = {}
             async with conn.pipeline():
-                for index in ordered:
-                    outcome = outcomes[index]
-                    cursors[index] = conn.cursor(row_factory=dict_row)
-                    await cursors[index].execute(RECORD_SQL, _record_parameters(
-                        outcome.job_id, outcome.transition, outcome.expected))
-            return [_check_recorded(await cursors[index].fetchone(), outcome)
-                    for index, outcome in enumerate(outcomes)]
+                cursors = await _queue_records(conn, outcomes)
+            return await _recorded(cursors, outcomes)
 
     # -- tracker -----------------------------------------------------------------------------
 
