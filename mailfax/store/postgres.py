@@ -39,6 +39,7 @@ from mailfax.providers.base import (
     new_emulator_job_id,
 )
 from mailfax.store.base import (
+    CANDIDATES_PER_SLOT,
     DEFAULT_RULES,
     ENDED_STATES,
     OTHER_ACCOUNTS,
@@ -474,8 +475,6 @@ BACKED_OFF = """
     EXISTS (SELECT 1 FROM number_backoff b WHERE b.number = jobs.number
             AND b.not_before > now())
 """
-# How many due jobs a claim looks at per free slot when it takes one job per number.
-CANDIDATES_PER_SLOT = 4
 
 
 def _held_by_rules(rules: ClaimRules) -> str:
