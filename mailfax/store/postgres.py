@@ -935,30 +935,35 @@ def _fax_params(rows: Sequence[DictRow]) -> dict[str, list[Any]]:
     return {"accounts": [r["account"] for r in rows], "ids": [r["fax_id"] for r in rows]}
 
 
-async def _purge_received_images(cur: Cursor, before: datetime, after: Key, limit: int,
-                                 dry_run: bool) -> tuple[Purged, Key, int]:
-    rows = await _handed_off_faxes(cur, before, after, limit, dry_run, only_with_image=True)
-    if rows and not dry_run:
-        faxes = _fax_params(rows)
-        await cur.execute("UPDATE inbound_faxes SET image = ''::bytea, image_purged_at = now()"
-                          f" WHERE (account, fax_id) IN ({FAX_PAIRS})", faxes)
-        await cur.execute("UPDATE outbox SET message = ''::bytea"
-                          f" WHERE (inbound_account, inbound_fax_id) IN ({FAX_PAIRS})", faxes)
-    return (Purged("received_faxes", len(rows), sum(int(r["n"]) for r in rows)),
-            _fax_key(rows, after), len(rows))
+def _fax_purge(kind: PurgeKind, statements: Sequence[str], *, only_with_image: bool
+               ) -> Callable[..., Awaitable[tuple[Purged, Key, int]]]:
+    """A batch of handed-off received faxes (:func:`_handed_off_faxes`), changed by
+    ``statements`` (each given the batch's faxes as :data:`FAX_PAIRS`)."""
+
+    async def purge(cur: Cursor, before: datetime, after: Key, limit: int,
+                    dry_run: bool) -> tuple[Purged, Key, int]:
+        rows = await _handed_off_faxes(cur, before, after, limit, dry_run, only_with_image)
+        if rows and not dry_run:
+            faxes = _fax_params(rows)
+            for statement in statements:
+                await cur.execute(statement, faxes)
+        return (Purged(kind, len(rows), sum(int(r["n"]) for r in rows)),
+                _fax_key(rows, after), len(rows))
+
+    return purge
 
 
-async def _purge_fax_history(cur: Cursor, before: datetime, after: Key, limit: int,
-                             dry_run: bool) -> tuple[Purged, Key, int]:
-    rows = await _handed_off_faxes(cur, before, after, limit, dry_run, only_with_image=False)
-    if rows and not dry_run:
-        faxes = _fax_params(rows)
-        await cur.execute("DELETE FROM outbox WHERE (inbound_account, inbound_fax_id) IN"
-                          f" ({FAX_PAIRS})", faxes)
-        await cur.execute(f"DELETE FROM inbound_faxes WHERE (account, fax_id) IN ({FAX_PAIRS})",
-                          faxes)
-    return (Purged("history", len(rows), sum(int(r["n"]) for r in rows)),
-            _fax_key(rows, after), len(rows))
+# The images of received faxes (and the mails that carried them) emptied, the records kept.
+_purge_received_images = _fax_purge("received_faxes", (
+    "UPDATE inbound_faxes SET image = ''::bytea, image_purged_at = now()"
+    f" WHERE (account, fax_id) IN ({FAX_PAIRS})",
+    "UPDATE outbox SET message = ''::bytea WHERE (inbound_account, inbound_fax_id) IN"
+    f" ({FAX_PAIRS})"), only_with_image=True)
+# The records of received faxes deleted, with their mails.
+_purge_fax_history = _fax_purge("history", (
+    f"DELETE FROM outbox WHERE (inbound_account, inbound_fax_id) IN ({FAX_PAIRS})",
+    f"DELETE FROM inbound_faxes WHERE (account, fax_id) IN ({FAX_PAIRS})"),
+    only_with_image=False)
 
 
 def _outbox_purge(kind: str) -> Callable[..., Awaitable[tuple[Purged, Key, int]]]:
