@@ -1333,9 +1333,8 @@ class SqliteStore(_InboundMixin, _EmulatorNetworkMixin, _RetentionMixin):
 
     async def open_jobs(self, mail_id: str) -> int:
         def operation(conn: sqlite3.Connection) -> int:
-            marks = ",".join("?" * len(ENDED_STATES))
             row = conn.execute(f"SELECT count(*) FROM jobs WHERE mail_id = ? AND state NOT IN"
-                               f" ({marks})", (mail_id, *ENDED_STATES)).fetchone()
+                               f" ({_marks(ENDED)})", (mail_id, *ENDED)).fetchone()
             return int(row[0])
 
         return await self._call(operation)
