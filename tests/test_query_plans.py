@@ -35,20 +35,26 @@ async def store_under_quotas(store: Store, mail_id: str, sender: str) -> None:
          Quota("service", "this service", 10, "pages", 86400)])
 
 
+async def dispatcher_and_tracker_queries(store: Store) -> None:
+    """The dispatcher's claims and wake-up times (with and without held priorities), a busy
+    number, and the tracker's looks for its jobs: the hot queries of both stores' tests."""
+    await store.claim_work("me", 10, 20.0, {"main": 5, "*": 5})
+    await store.claim_work("me", 10, 20.0, {"main": 5, "*": 5},
+                           rules=ClaimRules(held_priorities=frozenset({1})))
+    await store.next_due_time()
+    await store.next_due_time(ClaimRules(held_priorities=frozenset({1})))
+    await store.number_busy("+4930123456", [180.0])
+    await store.unacknowledged_final_jobs("main", 100)
+    await store.tracked_jobs("main")
+
+
 async def test_sqlite_hot_queries_never_scan_the_jobs_table(tmp_path: Path) -> None:
     store = SqliteStore(tmp_path / "store.sqlite3")
     await store.open()
     statements: list[str] = []
     try:
         await store._call(lambda conn: conn.set_trace_callback(statements.append))
-        await store.claim_work("me", 10, 20.0, {"main": 5, "*": 5})
-        await store.claim_work("me", 10, 20.0, {"main": 5, "*": 5},
-                               rules=ClaimRules(held_priorities=frozenset({1})))
-        await store.next_due_time()
-        await store.next_due_time(ClaimRules(held_priorities=frozenset({1})))
-        await store.number_busy("+4930123456", [180.0])
-        await store.unacknowledged_final_jobs("main", 100)
-        await store.tracked_jobs("main")
+        await dispatcher_and_tracker_queries(store)
         await store.counts()
         await store.list_jobs(limit=50, state=JobState.QUEUED)
         await store.lost_answers_before(datetime.now(UTC) - timedelta(hours=6), 200)

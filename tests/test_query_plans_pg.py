@@ -14,10 +14,10 @@ import pytest
 
 from mailfax.model import JobState
 from mailfax.providers.base import FaxDocument
-from mailfax.store.base import ClaimRules, NewJob, NewMail
+from mailfax.store.base import NewJob, NewMail
 from mailfax.store.postgres import PostgresStore
 from tests import test_multi_instance
-from tests.test_query_plans import store_under_quotas
+from tests.test_query_plans import dispatcher_and_tracker_queries, store_under_quotas
 
 FINISHED_JOBS = 50_000
 T = TypeVar("T")
@@ -75,14 +75,7 @@ async def test_postgres_hot_queries_use_indexes_on_a_big_jobs_table(
             conn.execute("ANALYZE")  # what autovacuum does after such a bulk insert
 
         statements = captured_statements(monkeypatch)
-        await store.claim_work("me", 10, 20.0, {"main": 5, "*": 5})
-        await store.claim_work("me", 10, 20.0, {"main": 5, "*": 5},
-                               rules=ClaimRules(held_priorities=frozenset({1})))
-        await store.next_due_time()
-        await store.next_due_time(ClaimRules(held_priorities=frozenset({1})))
-        await store.number_busy("+4930123456", [180.0])
-        await store.unacknowledged_final_jobs("main", 100)
-        await store.tracked_jobs("main")
+        await dispatcher_and_tracker_queries(store)
         kept = await store.counts()
         await store.list_jobs(limit=50, state=JobState.QUEUED)
         await store.lost_answers_before(datetime.now(UTC) - timedelta(hours=6), 200)

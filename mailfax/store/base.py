@@ -187,6 +187,9 @@ PRIORITIES = {"normal": 0, "bulk": 1}
 # Where a job handed to its provider is still being dialled (until its final state): the
 # line to its number is in use. A job at the provider that retries there dials again.
 LINE_IN_USE_STATES = ("submitted", "sending", "retrying")
+# How many due jobs a claim looks at per free slot when it takes one job per number (both
+# stores: the first job of each number among them is taken).
+CANDIDATES_PER_SLOT = 4
 
 
 def priority_rank(options: Mapping[str, Any]) -> int:

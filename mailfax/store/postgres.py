@@ -39,6 +39,7 @@ from mailfax.providers.base import (
     new_emulator_job_id,
 )
 from mailfax.store.base import (
+    CANDIDATES_PER_SLOT,
     DEFAULT_RULES,
     ENDED_STATES,
     OTHER_ACCOUNTS,
@@ -474,8 +475,6 @@ BACKED_OFF = """
     EXISTS (SELECT 1 FROM number_backoff b WHERE b.number = jobs.number
             AND b.not_before > now())
 """
-# How many due jobs a claim looks at per free slot when it takes one job per number.
-CANDIDATES_PER_SLOT = 4
 
 
 def _held_by_rules(rules: ClaimRules) -> str:
@@ -674,6 +673,24 @@ def _record_verdict(row: DictRow | None, job_id: str, transition: Transition,
     if expected is not None and current not in expected:
         return False
     raise IllegalTransition(f"job {job_id}: {current} -> {transition.state}")
+
+
+async def _queue_records(conn: psycopg.AsyncConnection[Any], outcomes: Sequence[Outcome]
+                         ) -> list[Cursor]:
+    """RECORD_SQL for each outcome, sent (in a pipeline: not yet answered) in job id order,
+    the order renew_leases() locks its rows in; the cursors in the order of ``outcomes``."""
+    cursors = [conn.cursor(row_factory=dict_row) for _ in outcomes]
+    for index in sorted(range(len(outcomes)), key=lambda index: outcomes[index].job_id):
+        outcome = outcomes[index]
+        await cursors[index].execute(RECORD_SQL, _record_parameters(
+            outcome.job_id, outcome.transition, outcome.expected))
+    return cursors
+
+
+async def _recorded(cursors: Sequence[Cursor], outcomes: Sequence[Outcome]) -> list[bool]:
+    """Whether each job of :func:`_queue_records` moved (a refused one is logged)."""
+    return [_check_recorded(await cursor.fetchone(), outcome)
+            for cursor, outcome in zip(cursors, outcomes, strict=True)]
 
 
 def _check_recorded(row: DictRow | None, outcome: Outcome) -> bool:
@@ -918,30 +935,35 @@ def _fax_params(rows: Sequence[DictRow]) -> dict[str, list[Any]]:
     return {"accounts": [r["account"] for r in rows], "ids": [r["fax_id"] for r in rows]}
 
 
-async def _purge_received_images(cur: Cursor, before: datetime, after: Key, limit: int,
-                                 dry_run: bool) -> tuple[Purged, Key, int]:
-    rows = await _handed_off_faxes(cur, before, after, limit, dry_run, only_with_image=True)
-    if rows and not dry_run:
-        faxes = _fax_params(rows)
-        await cur.execute("UPDATE inbound_faxes SET image = ''::bytea, image_purged_at = now()"
-                          f" WHERE (account, fax_id) IN ({FAX_PAIRS})", faxes)
-        await cur.execute("UPDATE outbox SET message = ''::bytea"
-                          f" WHERE (inbound_account, inbound_fax_id) IN ({FAX_PAIRS})", faxes)
-    return (Purged("received_faxes", len(rows), sum(int(r["n"]) for r in rows)),
-            _fax_key(rows, after), len(rows))
+def _fax_purge(kind: PurgeKind, statements: Sequence[str], *, only_with_image: bool
+               ) -> Callable[..., Awaitable[tuple[Purged, Key, int]]]:
+    """A batch of handed-off received faxes (:func:`_handed_off_faxes`), changed by
+    ``statements`` (each given the batch's faxes as :data:`FAX_PAIRS`)."""
+
+    async def purge(cur: Cursor, before: datetime, after: Key, limit: int,
+                    dry_run: bool) -> tuple[Purged, Key, int]:
+        rows = await _handed_off_faxes(cur, before, after, limit, dry_run, only_with_image)
+        if rows and not dry_run:
+            faxes = _fax_params(rows)
+            for statement in statements:
+                await cur.execute(statement, faxes)
+        return (Purged(kind, len(rows), sum(int(r["n"]) for r in rows)),
+                _fax_key(rows, after), len(rows))
+
+    return purge
 
 
-async def _purge_fax_history(cur: Cursor, before: datetime, after: Key, limit: int,
-                             dry_run: bool) -> tuple[Purged, Key, int]:
-    rows = await _handed_off_faxes(cur, before, after, limit, dry_run, only_with_image=False)
-    if rows and not dry_run:
-        faxes = _fax_params(rows)
-        await cur.execute("DELETE FROM outbox WHERE (inbound_account, inbound_fax_id) IN"
-                          f" ({FAX_PAIRS})", faxes)
-        await cur.execute(f"DELETE FROM inbound_faxes WHERE (account, fax_id) IN ({FAX_PAIRS})",
-                          faxes)
-    return (Purged("history", len(rows), sum(int(r["n"]) for r in rows)),
-            _fax_key(rows, after), len(rows))
+# The images of received faxes (and the mails that carried them) emptied, the records kept.
+_purge_received_images = _fax_purge("received_faxes", (
+    "UPDATE inbound_faxes SET image = ''::bytea, image_purged_at = now()"
+    f" WHERE (account, fax_id) IN ({FAX_PAIRS})",
+    "UPDATE outbox SET message = ''::bytea WHERE (inbound_account, inbound_fax_id) IN"
+    f" ({FAX_PAIRS})"), only_with_image=True)
+# The records of received faxes deleted, with their mails.
+_purge_fax_history = _fax_purge("history", (
+    f"DELETE FROM outbox WHERE (inbound_account, inbound_fax_id) IN ({FAX_PAIRS})",
+    f"DELETE FROM inbound_faxes WHERE (account, fax_id) IN ({FAX_PAIRS})"),
+    only_with_image=False)
 
 
 def _outbox_purge(kind: str) -> Callable[..., Awaitable[tuple[Purged, Key, int]]]:
@@ -1281,13 +1303,7 @@ class PostgresStore:
         async with self._pool.connection() as conn:
             async with conn.pipeline():  # one implicit transaction: see above
                 await conn.execute(LOCK_FOR_CLAIM, (CLAIM_LOCK,))
-                recorded = []
-                finished = sorted(finished, key=lambda outcome: outcome.job_id)
-                for outcome in finished:
-                    cursor = conn.cursor(row_factory=dict_row)
-                    await cursor.execute(RECORD_SQL, _record_parameters(
-                        outcome.job_id, outcome.transition, outcome.expected))
-                    recorded.append(cursor)
+                recorded = await _queue_records(conn, finished)
                 claim = conn.cursor(row_factory=dict_row)
                 await _claim_limited(claim, owner, limit, lease_seconds, account_limits,
                                      rules)
@@ -1296,8 +1312,7 @@ class PostgresStore:
                                     {"owner": owner, "lease": float(lease_seconds)})
             jobs = _sorted_jobs(await claim.fetchall())
             subjects, documents = _subjects_and_documents(await mails.fetchall())
-            for cursor, outcome in zip(recorded, finished, strict=True):
-                _check_recorded(await cursor.fetchone(), outcome)
+            await _recorded(recorded, finished)
         return group_work(jobs, subjects, documents)
 
     async def renew_leases(self, owner: str, job_ids: Sequence[str],
@@ -1384,17 +1399,10 @@ class PostgresStore:
             return []
         if self._pool is None:
             raise RuntimeError("store is not open")
-        ordered = sorted(range(len(outcomes)), key=lambda index: outcomes[index].job_id)
         async with self._pool.connection() as conn:
-            cursors: dict[int, psycopg.AsyncCursor[DictRow]] = {}
             async with conn.pipeline():
-                for index in ordered:
-                    outcome = outcomes[index]
-                    cursors[index] = conn.cursor(row_factory=dict_row)
-                    await cursors[index].execute(RECORD_SQL, _record_parameters(
-                        outcome.job_id, outcome.transition, outcome.expected))
-            return [_check_recorded(await cursors[index].fetchone(), outcome)
-                    for index, outcome in enumerate(outcomes)]
+                cursors = await _queue_records(conn, outcomes)
+            return await _recorded(cursors, outcomes)
 
     # -- tracker -----------------------------------------------------------------------------
 

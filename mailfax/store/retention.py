@@ -27,10 +27,6 @@ log = logging.getLogger(__name__)
 
 RETRY_SECONDS = 3600.0  # after a failed purge (not every few seconds, as a crashed loop)
 MAILDIR_TMP_SECONDS = 36 * 3600  # a tmp/ file this old is a crashed write (the Maildir rule)
-DAYS_SETTING: dict[str, str] = {
-    "documents": "documents_days", "received_faxes": "received_faxes_days",
-    "outbox": "outbox_days", "dsn": "dsn_days", "history": "history_days",
-    "maildir": "maildir_days"}
 UNITS = {"documents": "documents", "received_faxes": "faxes", "outbox": "mails",
          "dsn": "mails", "history": "jobs and fax records", "maildir": "files"}
 
@@ -50,7 +46,8 @@ class PurgeReport:
 
 
 def days_of(settings: RetentionSettings, kind: str) -> float:
-    days: float = getattr(settings, DAYS_SETTING[kind])
+    """How long data of ``kind`` is kept: the setting ``<kind>_days``."""
+    days: float = getattr(settings, f"{kind}_days")
     return days
 
 

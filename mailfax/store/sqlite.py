@@ -40,6 +40,7 @@ from mailfax.providers.base import (
     new_emulator_job_id,
 )
 from mailfax.store.base import (
+    CANDIDATES_PER_SLOT,
     DEFAULT_RULES,
     ENDED_STATES,
     OTHER_ACCOUNTS,
@@ -407,8 +408,6 @@ LINE_IN_USE = (
     " AND held.state IN ('queued', 'retrying') AND held.id <> jobs.id)")
 BACKED_OFF = (" EXISTS (SELECT 1 FROM number_backoff b WHERE b.number = jobs.number"
               " AND b.not_before > :now)")
-# How many due jobs a claim looks at per free slot when it takes one job per number.
-CANDIDATES_PER_SLOT = 4
 
 
 def _held_by_rules(rules: ClaimRules) -> str:
@@ -1334,9 +1333,8 @@ class SqliteStore(_InboundMixin, _EmulatorNetworkMixin, _RetentionMixin):
 
     async def open_jobs(self, mail_id: str) -> int:
         def operation(conn: sqlite3.Connection) -> int:
-            marks = ",".join("?" * len(ENDED_STATES))
             row = conn.execute(f"SELECT count(*) FROM jobs WHERE mail_id = ? AND state NOT IN"
-                               f" ({marks})", (mail_id, *ENDED_STATES)).fetchone()
+                               f" ({_marks(ENDED)})", (mail_id, *ENDED)).fetchone()
             return int(row[0])
 
         return await self._call(operation)
