@@ -26,16 +26,15 @@ from email.utils import make_msgid
 from typing import TYPE_CHECKING, Any
 
 from mailfax.config import NotifySettings
-from mailfax.model import FINAL_STATES, JobState
+from mailfax.model import JobState
 from mailfax.numbers import format_international
-from mailfax.store.base import Event, Job, Mail
+from mailfax.store.base import ENDED_STATES, Event, Job, Mail
 from mailfax.trust.policy import split_address
 
 if TYPE_CHECKING:
     from mailfax.outbound.notify import Renderer, StatusMail
 
 BROADCAST = "broadcast"  # the options key (OPTIONS.md); mailfax.intake.broadcast.BROADCAST
-ENDED = frozenset({*FINAL_STATES, JobState.UNCONFIRMED})
 OUTCOMES = ("delivered", "failed", "cancelled", "unconfirmed", "refused")
 
 
@@ -54,7 +53,7 @@ def wants_job_mail(kind: str, job: Job) -> bool:
 def may_end_broadcast(event: Event, job: Job) -> bool:
     """Whether ``event`` (of ``job``, as it is now) can be the one that sends the summary:
     it ended the job, the job is still so, and the sender did not ask for no mails."""
-    return event.state in ENDED and job.state == event.state and \
+    return event.state in ENDED_STATES and job.state == event.state and \
         job.options.get("notify") != "none"
 
 
@@ -64,7 +63,7 @@ def summary_due(event: Event, job: Job, jobs: Sequence[Job],
     are ``jobs``, the last summary of which was queued at ``last_summary``."""
     if not may_end_broadcast(event, job):
         return False
-    if any(other.state not in ENDED for other in jobs):
+    if any(other.state not in ENDED_STATES for other in jobs):
         return False
     return last_summary is None or last_summary < max(other.updated for other in jobs)
 
@@ -85,7 +84,7 @@ def summary_rows(jobs: Sequence[Job], language: str) -> list[Row]:
     rows = [Row(index=int(job.options.get("broadcast_index", 0)),
                 number=format_international(job.number),
                 name=str(job.options.get("broadcast_name") or ""),
-                outcome=job.state.value if job.state in ENDED else "unconfirmed",
+                outcome=job.state.value if job.state in ENDED_STATES else "unconfirmed",
                 reason=job.reason.for_language(language)
                 if job.reason and job.state != JobState.DELIVERED else "",
                 pages=job.pages, attempts=job.attempts)
