@@ -54,7 +54,7 @@ from lxml import etree
 
 from mailfax.emulators import pdf_pages
 from mailfax.emulators.fax_image import tiff_pages
-from mailfax.emulators.rules import prefix_value
+from mailfax.emulators.rules import pages_sent, prefix_value
 from mailfax.providers.faxde_soap import BUNDLED_WSDL, parse_untrusted
 from mailfax.web.server import runner_url, start_web
 
@@ -349,8 +349,7 @@ class Emulator:
 
     def pages_sent(self, job: EmulatedJob, recipient: Recipient) -> int:
         """All the job's pages, or fewer for a number with a ``partial`` rule."""
-        cut = prefix_value(recipient.number, self.state.partial)
-        return job.pages if cut is None else min(cut, job.pages)
+        return pages_sent(recipient.number, self.state.partial, job.pages)
 
     def status_file(self, job: EmulatedJob) -> bytes:
         out = io.StringIO()
