@@ -195,7 +195,7 @@ class Application:
                                  accounts=settings.accounts)
         self.accounts = self._account_health(renderer)
         self.tracker = Tracker(self.store, self.providers, settings.dispatch.status_poll_seconds,
-                               on_change=self._after_tracked, accounts=self.accounts,
+                               on_change=self._jobs_changed, accounts=self.accounts,
                                busy_backoff=settings.dispatch.busy_backoff_seconds,
                                unconfirmed_after=timedelta(
                                    hours=settings.dispatch.unconfirmed_hours),
@@ -208,7 +208,7 @@ class Application:
                                      accounts=self.accounts,
                                      schedule=dispatch_schedule(settings))
         self.accounts.on_resumed = lambda account: self.dispatcher.wake()
-        self.intake = Intake(settings, self.store, on_stored=self._after_intake,
+        self.intake = Intake(settings, self.store, on_stored=self._jobs_changed,
                              metrics=self.metrics, secret_key=secret_key)
         self.intake.wake_outbox = self.outbox.wake
         await asyncio.to_thread(self.intake.broadcast_lists)  # not at the first RCPT
@@ -386,14 +386,11 @@ class Application:
         store = cast(SingletonStore, self.store)
         return lambda: run_as_singleton(store, name, loop)
 
-    def _after_intake(self) -> None:
+    def _jobs_changed(self) -> None:
+        """New jobs were stored (intake), or a job reached a final state (tracker): its
+        mail, and its number's line is free again."""
         self.dispatcher.wake()
         self.notifier.wake()
-
-    def _after_tracked(self) -> None:
-        """A job reached a final state: its mail, and its number's line is free again."""
-        self.notifier.wake()
-        self.dispatcher.wake()
 
     def _after_dispatch(self, job_ids: Sequence[str]) -> None:
         self.tracker.wake(job_ids)

@@ -858,10 +858,14 @@ class Settings(Strict):
                 f"({', '.join(sorted(self.accounts)) or 'none'})"
             )
         for name, user in self.users.items():
-            if user.account is not None and user.account not in self.accounts:
-                raise ValueError(f"users.{name}.account {user.account!r} is not one of the "
-                                 f"accounts ({', '.join(sorted(self.accounts))})")
+            self._check_account(f"users.{name}.account", user.account)
         return self
+
+    def _check_account(self, where: str, account: str | None) -> None:
+        """ValueError when ``where`` names an account that is not configured."""
+        if account is not None and account not in self.accounts:
+            raise ValueError(f"{where} {account!r} is not one of the accounts "
+                             f"({', '.join(sorted(self.accounts))})")
 
     @model_validator(mode="after")
     def _lists_valid(self) -> Settings:
@@ -869,9 +873,7 @@ class Settings(Strict):
             if not LIST_NAME.match(name):
                 raise ValueError(f"lists.{name}: a list name is lower-case letters, digits, "
                                  f"'.', '_' and '-' (it is part of the mail address)")
-            if settings.account is not None and settings.account not in self.accounts:
-                raise ValueError(f"lists.{name}.account {settings.account!r} is not one of "
-                                 f"the accounts ({', '.join(sorted(self.accounts))})")
+            self._check_account(f"lists.{name}.account", settings.account)
         return self
 
     def paper_for(self, account: str | None) -> Paper:

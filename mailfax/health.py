@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from mailfax.config import ListenAddress, Settings
 from mailfax.store import open_store
+from mailfax.support.failing import describe
 
 HEALTH_TIMEOUT_SECONDS = 4.0
 
@@ -106,5 +107,5 @@ async def _store_problem(url: str, seconds: float) -> str | None:
     except TimeoutError:
         return f"store: no answer within {seconds:g} s"
     except Exception as error:  # whatever the driver raises, the check reports it in one line
-        return f"store: {type(error).__name__}: {error}".splitlines()[0]
+        return f"store: {describe(error)}"
     return None

@@ -54,7 +54,7 @@ from lxml import etree
 
 from mailfax.emulators import pdf_pages
 from mailfax.emulators.fax_image import tiff_pages
-from mailfax.emulators.rules import prefix_value
+from mailfax.emulators.rules import pages_sent, prefix_value
 from mailfax.providers.faxde_soap import BUNDLED_WSDL, parse_untrusted
 from mailfax.web.server import runner_url, start_web
 
@@ -349,8 +349,7 @@ class Emulator:
 
     def pages_sent(self, job: EmulatedJob, recipient: Recipient) -> int:
         """All the job's pages, or fewer for a number with a ``partial`` rule."""
-        cut = prefix_value(recipient.number, self.state.partial)
-        return job.pages if cut is None else min(cut, job.pages)
+        return pages_sent(recipient.number, self.state.partial, job.pages)
 
     def status_file(self, job: EmulatedJob) -> bytes:
         out = io.StringIO()
@@ -572,16 +571,21 @@ def _text(value: Any) -> str:
     return str(value)
 
 
+def _prefix_rules(text: str) -> dict[str, str]:
+    """``+4930999:Busy,+4930998:No Answer`` -> {"+4930999": "Busy", ...}; items without
+    ``:`` are skipped."""
+    return dict(item.split(":", 1) for item in text.split(",") if ":" in item)
+
+
 async def start(host: str, port: int, options: dict[str, str]) -> Emulator:
     state = EmulatorState(
         account=options.get("account", "123456"), password=options.get("password", "secret"),
         delay=float(options.get("delay", "2")),
         unlogged=float(options.get("unlogged", "0.3")),
         duplicate_job_id=options.get("duplicate_job_id", "0").lower() in ("1", "true", "yes"),
-        fail=dict(item.split(":", 1) for item in options.get("fail", "").split(",")
-                  if ":" in item),
-        partial={prefix: int(pages) for prefix, pages in (
-            item.split(":", 1) for item in options.get("partial", "").split(",") if ":" in item)},
+        fail=_prefix_rules(options.get("fail", "")),
+        partial={prefix: int(pages)
+                 for prefix, pages in _prefix_rules(options.get("partial", "")).items()},
     )
     for path in filter(None, options.get("inbound", "").split(",")):
         state.add_inbound(await asyncio.to_thread(Path(path).read_bytes))

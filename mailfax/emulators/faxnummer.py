@@ -61,7 +61,7 @@ from zoneinfo import ZoneInfo
 from aiohttp import web
 
 from mailfax.emulators import pdf_pages
-from mailfax.emulators.rules import prefix_value
+from mailfax.emulators.rules import pages_sent, prefix_value
 from mailfax.web.server import runner_url, start_web
 
 PATH = "/webrequests/product-voip/index.php"
@@ -276,17 +276,12 @@ def status_fields(fax: ReceivedFax, options: Options, now: float) -> dict[str, s
     if status.startswith("DONE"):
         ok = status == "DONE-OK"
         entry["StatusQ850Cause"] = "16" if ok else str(prefix_value(destination, options.fail))
-        entry["ConnectionDuration"] = str(round(pages_sent(fax, options)
-                                                * options.seconds_per_page + 1) if ok else 0)
-        entry["PagesSent"] = str(pages_sent(fax, options) if ok else 0)
+        pages = pages_sent(destination, options.partial, fax.pages) if ok else 0
+        entry["ConnectionDuration"] = str(round(pages * options.seconds_per_page + 1)
+                                          if ok else 0)
+        entry["PagesSent"] = str(pages)
     return {"WR_DataList_ObjectCount": "1",
             **{f"WR_DataList_1_{key}": value for key, value in entry.items()}}
-
-
-def pages_sent(fax: ReceivedFax, options: Options) -> int:
-    """All pages, or fewer for a number with a ``partial`` rule."""
-    cut = prefix_value(fax.fields["sDestination"], options.partial)
-    return fax.pages if cut is None else min(cut, fax.pages)
 
 
 def _timestamp(moment: datetime) -> str:

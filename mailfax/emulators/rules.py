@@ -25,3 +25,10 @@ def prefix_value(number: str, rules: Mapping[str, V]) -> V | None:
     """The value of the longest key of ``rules`` that ``number`` starts with, or None."""
     key = longest_prefix(number, rules, lambda start: start)
     return None if key is None else rules[key]
+
+
+def pages_sent(number: str, partial: Mapping[str, int], pages: int) -> int:
+    """The pages a call to ``number`` sends of ``pages``: all of them, or fewer when a
+    ``partial`` rule (number prefix -> pages sent) matches it."""
+    cut = prefix_value(number, partial)
+    return pages if cut is None else min(cut, pages)
