@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -55,7 +56,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return EXIT_USAGE
-    from mailfax.config import ConfigError
+    from mailfax.support.config_file import ConfigError
 
     try:
         result: int = args.handler(args)
@@ -292,9 +293,13 @@ StoreAction = Callable[["Store"], Awaitable[int]]
 
 
 async def _with_store(settings: Settings, action: StoreAction) -> int:
+    return await _with_store_at(settings.store_url, action)
+
+
+async def _with_store_at(url: str, action: StoreAction) -> int:
     from mailfax.store import open_store
 
-    store = open_store(settings.store_url)
+    store = open_store(url)
     await store.open()
     try:
         return await action(store)
@@ -303,13 +308,22 @@ async def _with_store(settings: Settings, action: StoreAction) -> int:
 
 
 def _run_with_store(args: argparse.Namespace, action: StoreAction) -> int:
-    settings = _settings(args)
-    if settings.store_url.startswith("sqlite:///") and not Path(
-            settings.store_url.removeprefix("sqlite:///")).exists():
-        print(f"mailfax: no database at {settings.store_url} (run mailfax serve first, "
+    url = _store_url(args)
+    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).exists():
+        print(f"mailfax: no database at {url} (run mailfax serve first, "
               f"in the same folder or with the same config)", file=sys.stderr)
         return 1
-    return asyncio.run(_with_store(settings, action))
+    return asyncio.run(_with_store_at(url, action))
+
+
+def _store_url(args: argparse.Namespace) -> str:
+    """Where the store is, read from the config file alone when that is sure (the commands
+    that only need the store start without pydantic: bench/cli.py), else from the validated
+    config (which names a bad field)."""
+    from mailfax.support.config_file import config_path, store_url_of
+
+    url = store_url_of(config_path(args.config))
+    return url if url is not None else _settings(args).store_url
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
@@ -391,8 +405,9 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
-    """Cancel each job named; exit 1 if any of them could not be cancelled."""
-    settings = _settings(args)
+    """Cancel each job named; exit 1 if any of them could not be cancelled. The whole config
+    is read only when a provider is asked to cancel."""
+    settings: Callable[[], Settings] = functools.cache(functools.partial(_settings, args))
 
     async def action(store: Store) -> int:
         results = [await _cancel_one(settings, store, job_id) for job_id in args.jobs]
@@ -401,7 +416,7 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     return _run_with_store(args, action)
 
 
-async def _cancel_one(settings: Settings, store: Store, job_id: str) -> int:
+async def _cancel_one(settings: Callable[[], Settings], store: Store, job_id: str) -> int:
     job = await store.get_job(job_id)
     if job is None:
         print(f"mailfax: no job {job_id}", file=sys.stderr)
@@ -431,7 +446,7 @@ async def _cancel_one(settings: Settings, store: Store, job_id: str) -> int:
     return await _cancel_tracked(settings, store, job, cancelled)
 
 
-async def _cancel_tracked(settings: Settings, store: Store, job: Job,
+async def _cancel_tracked(settings: Callable[[], Settings], store: Store, job: Job,
                           cancelled: Transition) -> int:
     """A job the provider has. Where several jobs share one provider job (FAX.de's bulk
     mode), cancelling it cancels them all: only when every one of them is being cancelled."""
@@ -447,7 +462,7 @@ async def _cancel_tracked(settings: Settings, store: Store, job: Job,
               f"{held[job.id][0]} ...", file=sys.stderr)
         return 1
     assert job.provider_job_id is not None
-    code = await _cancel_at_provider(settings, store, job.id, job.account,
+    code = await _cancel_at_provider(settings(), store, job.id, job.account,
                                      job.provider_job_id, cancelled)
     for other in groups[0][1:] if code == 0 else []:
         await store.record(other.id, cancelled, expected=(

@@ -11,7 +11,6 @@ import ipaddress
 import logging
 import os
 import re
-import tomllib
 from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -29,14 +28,19 @@ from pydantic import (
 )
 
 from mailfax.providers import settings_class
+from mailfax.support.config_file import CONFIG_ENV as CONFIG_ENV
+from mailfax.support.config_file import (
+    DEFAULT_DATA_DIR,
+    absolute_store_url,
+    read_config_file,
+    sqlite_url,
+)
+from mailfax.support.config_file import ConfigError as ConfigError
+from mailfax.support.config_file import absolute_path as _absolute
+from mailfax.support.config_file import config_path as config_path
 from mailfax.trust.dialing import DialPolicySettings, e164_prefixes
 
-CONFIG_ENV = "MAILFAX_CONFIG"
 log = logging.getLogger(__name__)
-
-
-class ConfigError(Exception):
-    """A config file that cannot be used; the message names the file and the bad field."""
 
 
 class SecretReference(SecretStr):
@@ -814,7 +818,7 @@ def _section(model: type[Strict] | type[DialPolicySettings]) -> Any:
 
 
 class Settings(Strict):
-    data_dir: Path = Path("mailfax-data")
+    data_dir: Path = DEFAULT_DATA_DIR
     fax_domains: list[str] = Field(default_factory=lambda: ["fax.local"], min_length=1)
     default_account: str = "emulator"
     smtp: SmtpSettings = _section(SmtpSettings)
@@ -890,7 +894,7 @@ class Settings(Strict):
 
     @property
     def store_url(self) -> str:
-        return self.store.url or f"sqlite:///{self.data_dir / 'mailfax.sqlite3'}"
+        return self.store.url or sqlite_url(self.data_dir)
 
     @property
     def maildir_path(self) -> Path:
@@ -908,32 +912,12 @@ def load_settings(path: Path | None = None) -> Settings:
     path = config_path(path)
     if path is None:
         return with_absolute_paths(Settings(), Path.cwd())
-    try:
-        text = path.read_text(encoding="utf-8")
-        raw = tomllib.loads(text)
-        warn_if_exposed(path, text)
-    except OSError as error:
-        raise ConfigError(f"{path}: cannot read: {error.strerror}") from error
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path}: not UTF-8 text") from None
-    except tomllib.TOMLDecodeError as error:
-        raise ConfigError(f"{path}: not valid TOML: {error}") from error
+    raw = read_config_file(path)
     try:
         settings = Settings.model_validate(raw)
     except ValidationError as error:
         raise ConfigError(f"{path}: {describe_validation_error(error)}") from None
     return with_absolute_paths(settings, path.parent)
-
-
-def config_path(path: Path | None = None) -> Path | None:
-    """The config file in use: ``path``, else $MAILFAX_CONFIG, else none."""
-    if path is None and os.environ.get(CONFIG_ENV):
-        return Path(os.environ[CONFIG_ENV])
-    return path
-
-
-def _absolute(path: Path, base: Path) -> Path:
-    return Path(os.path.abspath(base / path.expanduser()))
 
 
 def with_absolute_paths(settings: Settings, base: Path) -> Settings:
@@ -947,9 +931,8 @@ def with_absolute_paths(settings: Settings, base: Path) -> Settings:
     if absolute.outbox.maildir:
         maildir = str(_absolute(Path(absolute.outbox.maildir), base))
         updates["outbox"] = absolute.outbox.model_copy(update={"maildir": maildir})
-    sqlite = absolute.store.url.removeprefix("sqlite:///")
-    if absolute.store.url.startswith("sqlite:///") and not sqlite.startswith("/"):
-        url = f"sqlite:///{_absolute(Path(sqlite), base)}"
+    url = absolute_store_url(absolute.store.url, base)
+    if url != absolute.store.url:
         updates["store"] = absolute.store.model_copy(update={"url": url})
     if updates:
         absolute = absolute.model_copy(update=updates)
@@ -1002,18 +985,6 @@ def check_secrets(settings: Settings) -> None:
             problems.append(str(error))
     if problems:
         raise ConfigError("; ".join(problems))
-
-
-LITERAL_SECRET = re.compile(r'^\s*(password|product_code|password_hash)\s*=\s*"(?!env:|file:)',
-                            re.MULTILINE)
-
-
-def warn_if_exposed(path: Path, text: str) -> None:
-    """A config that holds secrets itself should be readable by its owner only."""
-    mode = path.stat().st_mode & 0o777
-    if mode & 0o077 and LITERAL_SECRET.search(text):
-        log.warning("%s holds passwords and is readable by others (mode %03o): chmod 600 it, "
-                    "or give secrets as \"env:NAME\" or \"file:/path\"", path, mode)
 
 
 def describe_validation_error(error: ValidationError) -> str:

@@ -86,11 +86,55 @@ def test_version_imports_neither_pydantic_nor_the_config(cli_env: dict[str, str]
     from mailfax import __version__
 
     assert report == {"code": 0, "out": f"mailfax {__version__}\n", "loaded": []}
-    # and the report is real: a command that reads the config loads them
-    jobs = subprocess.run([sys.executable, "-c", script.replace('"--version"', '"jobs"')],
-                          env=cli_env, capture_output=True, text=True, timeout=120, check=True)
-    loaded = json.loads(jobs.stdout.strip().splitlines()[-1])["loaded"]
+    # and the report is real: a command that validates the config loads them
+    check = subprocess.run([sys.executable, "-c",
+                            script.replace('"--version"', '"check-config"')],
+                           env=cli_env, capture_output=True, text=True, timeout=120, check=True)
+    loaded = json.loads(check.stdout.strip().splitlines()[-1])["loaded"]
     assert {"pydantic", "mailfax.config", "asyncio"} <= set(loaded)
+
+
+# What validating the config imports: `jobs`, `show`, `inbox` and `cancel` (of a job no
+# provider has yet) read only where the store is (mailfax.support.config_file).
+CONFIG_MODULES = ("pydantic", "pydantic_core", "mailfax.config", "mailfax.inbound.routing",
+                  "mailfax.inbound.screening", "mailfax.providers.account_settings",
+                  "mailfax.trust.dialing")
+
+
+def watched_after(argv: list[str], watched: tuple[str, ...], env: dict[str, str]
+                  ) -> dict[str, object]:
+    """``mailfax ARGV`` run as the console script runs it, in a fresh interpreter: its exit
+    code, output, and which of ``watched`` it loaded."""
+    script = (f"WATCHED = {watched!r}\n"
+              + VERSION_REPORT.replace('["mailfax", "--version"]', repr(["mailfax", *argv])))
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                          text=True, timeout=120, check=True)
+    report: dict[str, object] = json.loads(done.stdout.strip().splitlines()[-1])
+    return report
+
+
+@pytest.mark.parametrize("argv", [["jobs"], ["jobs", "--json"], ["show", "nosuchjob"],
+                                  ["cancel", "nosuchjob"], ["inbox"]])
+def test_store_commands_do_not_validate_the_config(cli_env: dict[str, str],
+                                                   argv: list[str]) -> None:
+    report = watched_after(argv, CONFIG_MODULES, cli_env)
+    assert report["loaded"] == [], report
+    assert report["code"] == (1 if "nosuchjob" in argv else 0), report
+
+
+def test_store_commands_validate_a_config_they_cannot_be_sure_of(
+        cli_env: dict[str, str]) -> None:
+    """The check is real: a key the light read does not know sends ``jobs`` through the
+    validated config, which names it."""
+    config = Path(cli_env["MAILFAX_CONFIG"])
+    config.write_text(config.read_text() + 'data-dir = "elsewhere"\n')
+    done = subprocess.run([sys.executable, "-m", "mailfax", "jobs"], env=cli_env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert f"mailfax: {config}: data-dir: Extra inputs are not permitted" in done.stderr
+    config.write_text("data_dir = 5\n")  # the validated config refuses it
+    report = watched_after(["jobs"], CONFIG_MODULES, cli_env)
+    assert report["code"] == 2 and {"pydantic", "mailfax.config"} <= set(report["loaded"])
 
 
 def test_the_check_sees_a_heavy_import(cli_env: dict[str, str]) -> None:

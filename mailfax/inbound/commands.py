@@ -5,23 +5,25 @@ FAXID [--pdf|--tiff]`` (one received fax, and its document, also in privacy mode
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
-from mailfax.config import InboundRoute, Settings
-from mailfax.inbound.routing import FaxFacts, RouteChoice, attachment_format, choose_route
-from mailfax.inbound.screening import (
-    BlockFileError,
-    add_block_entry,
-    block_file,
-    blocked_by,
-    read_block_list,
-)
-from mailfax.store.base import Store
+# `mailfax jobs` builds the parser, so add_commands is imported by every command: the config
+# (pydantic), the routing rules and asyncio are imported by the commands that use them
+# (tests/test_cli_imports.py).
+if TYPE_CHECKING:
+    import asyncio
+
+    from mailfax.config import InboundRoute, Settings
+    from mailfax.inbound.routing import RouteChoice
+    from mailfax.store.base import Store
+else:
+    from mailfax.support.lazy import lazy_module
+
+    asyncio = lazy_module("asyncio")
 
 Command = Callable[..., argparse.ArgumentParser]
 
@@ -69,6 +71,8 @@ block list as it is."""
 
 def cmd_route(args: argparse.Namespace) -> int:
     from mailfax.cli import _settings
+    from mailfax.inbound.routing import FaxFacts, choose_route
+    from mailfax.inbound.screening import block_file, blocked_by, read_block_list
 
     settings = _settings(args)
     facts = FaxFacts(called=" ".join(args.number), caller=args.caller, tsi=args.tsi,
@@ -95,6 +99,8 @@ ROUTE_FIELDS = ("to", "cc", "bcc", "format", "language", "template", "subject", 
 
 
 def effective_format(rule: InboundRoute, settings: Settings) -> str:
+    from mailfax.inbound.routing import attachment_format
+
     return attachment_format(rule, settings.inbound.attach_tiff)
 
 
@@ -127,6 +133,12 @@ def describe_route(choice: RouteChoice, blocked: str | None, settings: Settings)
 
 def cmd_block(args: argparse.Namespace) -> int:
     from mailfax.cli import _settings
+    from mailfax.inbound.screening import (
+        BlockFileError,
+        add_block_entry,
+        block_file,
+        read_block_list,
+    )
 
     settings = _settings(args)
     path = block_file(settings.data_dir)
