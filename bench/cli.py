@@ -1,5 +1,6 @@
-"""Command latency: ``mailfax --version``, ``mailfax jobs``, ``mailfax jobs --json``, and
-``mailfax serve`` until its SMTP port accepts a connection, each measured in alternation with
+"""Command latency: ``mailfax --version``, ``mailfax jobs``, ``mailfax jobs --json``,
+``mailfax show JOB``, and ``mailfax serve`` until its SMTP port accepts a connection (and
+until a client gets its 220 greeting), each measured in alternation with
 ``python -c pass`` (the interpreter's own start-up) in the same run, so a busy machine slows
 both alike. Prints each command's median wall time and its ratio to ``python -c pass``.
 
@@ -33,7 +34,7 @@ if str(ROOT) not in sys.path:
 from tests.ports import free_port  # noqa: E402
 
 GOALS = {"mailfax --version": 0.25, "mailfax jobs": 0.25, "mailfax jobs --json": 0.25,
-         "mailfax serve (port accepts)": 0.5}
+         "mailfax show JOB": 0.25, "mailfax serve (port accepts)": 0.5}
 
 
 def write_config(folder: Path, port: int, name: str, accounts: str) -> Path:
@@ -119,8 +120,10 @@ def run_command(argv: Sequence[str], env: dict[str, str]) -> float:
     return time.perf_counter() - started
 
 
-def serve_until_accepting(argv: Sequence[str], env: dict[str, str], port: int) -> float:
-    """Seconds from starting ``mailfax serve`` until a TCP connect to its SMTP port succeeds."""
+def serve_until_accepting(argv: Sequence[str], env: dict[str, str], port: int,
+                          greeting: bool = False) -> float:
+    """Seconds from starting ``mailfax serve`` until a TCP connect to its SMTP port succeeds
+    (``greeting``: until the client has read the server's 220 line)."""
     started = time.perf_counter()
     process = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
@@ -129,7 +132,9 @@ def serve_until_accepting(argv: Sequence[str], env: dict[str, str], port: int) -
             if process.poll() is not None:
                 raise RuntimeError(f"mailfax serve exited with {process.returncode}")
             try:
-                with socket.create_connection(("127.0.0.1", port), timeout=1):
+                with socket.create_connection(("127.0.0.1", port), timeout=5) as client:
+                    if greeting and not client.makefile("rb").readline().startswith(b"220"):
+                        raise RuntimeError("mailfax serve did not greet with 220")
                     return time.perf_counter() - started
             except OSError:
                 time.sleep(0.002)
@@ -170,8 +175,11 @@ def main() -> None:
             "mailfax --version": lambda: run_command([*mailfax, "--version"], env),
             "mailfax jobs": lambda: run_command([*mailfax, "jobs"], env),
             "mailfax jobs --json": lambda: run_command([*mailfax, "jobs", "--json"], env),
+            "mailfax show JOB": lambda: run_command([*mailfax, "show", "j00001"], env),
             "mailfax serve (port accepts)": lambda: serve_until_accepting(
                 [*mailfax, "serve"], serve_env, port),
+            "mailfax serve (220 greeting)": lambda: serve_until_accepting(
+                [*mailfax, "serve"], serve_env, port, greeting=True),
         }
         for case in cases.values():  # the first start compiles the modules: not counted
             case()
@@ -184,8 +192,12 @@ def main() -> None:
                 "before: mailfax jobs": lambda: run_command([*mailfax, "jobs"], old),
                 "before: mailfax jobs --json": lambda: run_command(
                     [*mailfax, "jobs", "--json"], old),
+                "before: mailfax show JOB": lambda: run_command(
+                    [*mailfax, "show", "j00001"], old),
                 "before: mailfax serve (port accepts)": lambda: serve_until_accepting(
                     [*mailfax, "serve"], old_serve, port),
+                "before: mailfax serve (220 greeting)": lambda: serve_until_accepting(
+                    [*mailfax, "serve"], old_serve, port, greeting=True),
             }
         times = measure(args.runs, cases)
     base = statistics.median(times["python -c pass"])

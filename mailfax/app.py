@@ -170,10 +170,6 @@ class Application:
             max_concurrent=documents.office_max_concurrent,
             profile_root=settings.data_dir / "office"))
         await self.store.open()
-        released = await self.store.release_leases(None if self._single_instance() else
-                                                   self.instance)
-        if released:
-            log.info("resuming %d jobs that were being sent when mailfax stopped", released)
         secret_key = self._secret_key = load_secret_key(settings.data_dir)
         self.providers = {
             name: InstrumentedProvider(provider, self.metrics)
@@ -243,7 +239,12 @@ class Application:
                                                   _CurrentUsers(self.intake))
         # The loops and the providers' preparations start once the ports accept: their first
         # passes (claiming work, status polls, the outbox, FAX.de's WSDL) would otherwise run
-        # in the awaits above, before the port opens.
+        # in the awaits above, before the port opens. So are the leases of the last run
+        # released (a write, with its fsync), before the dispatcher claims any.
+        released = await self.store.release_leases(None if self._single_instance() else
+                                                   self.instance)
+        if released:
+            log.info("resuming %d jobs that were being sent when mailfax stopped", released)
         self._prepare_providers()
         for name, loop in loops:
             self._tasks.append(asyncio.create_task(supervise(name, loop), name=name))
@@ -260,8 +261,16 @@ class Application:
         """Load in a worker thread, once the port accepts, what serving loads lazily and would
         otherwise load on the event loop when the first mail needs it (phonenumbers' country
         names for a refusal: 0.4 s; ReportLab for a cover page: 0.15 s; pikepdf and Pillow for
-        the documents, jinja2 for the status mail: 0.15 s)."""
+        the documents, jinja2 for the status mail: 0.15 s), and the Prometheus metrics."""
+        self._background(asyncio.to_thread(self._count_accounts))
         self._background(_import_in_thread(WARM_UP_MODULES))
+
+    def _count_accounts(self) -> None:
+        """Every account's ``mailfax_account_paused`` from the start (at 0: a new label's
+        value; one an account already paused keeps its 1), so dashboards see each account.
+        The first metric looked up makes them all (prometheus_client imported)."""
+        for name in self.settings.accounts:
+            self.metrics.account_paused.labels(name)
 
     def apply_settings(self, settings: Settings) -> None:
         """Take reloaded users and policy (:func:`reloaded_settings`): read per mail and per
@@ -329,22 +338,20 @@ class Application:
         alerts = AdminAlerts(self.store, renderer, settings.notify,
                              settings.notify.admin_address or settings.inbound.postmaster,
                              on_queued=self.outbox.wake)
-        for name in settings.accounts:  # 0 from the start, so dashboards see every account
-            self.metrics.account_paused.labels(name).set(0)
         return AccountHealth(settings.dispatch.account_probe_seconds,
                              on_paused=alerts.account_paused, metrics=self.metrics)
 
     def _deadlines(self) -> dict[str, Any]:
         """The tracker's deadlines: per account, else dispatch.max_tracking_hours."""
         dispatch = self.settings.dispatch
-        expired = self.metrics.jobs_expired
+        metrics = self.metrics  # its metrics are made after the port accepts (_warm_up)
         return {"deadlines": {name: timedelta(hours=account.max_tracking_hours)
                               for name, account in self.settings.accounts.items()
                               if account.max_tracking_hours is not None},
                 "default_deadline": timedelta(hours=dispatch.max_tracking_hours),
                 "lifetime": dispatch.max_age,
-                "on_deadline": lambda account: expired.labels(account,
-                                                              "tracking_deadline").inc()}
+                "on_deadline": lambda account: metrics.jobs_expired.labels(
+                    account, "tracking_deadline").inc()}
 
     def warnings(self) -> list[str]:
         """What /readyz reports below "ready": reconstructed WSDLs (paused accounts are

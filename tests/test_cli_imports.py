@@ -23,9 +23,9 @@ print(json.dumps(sorted(name for name in heavy if name in sys.modules)))
 """
 
 
-def loaded_after(body: str, env: dict[str, str]) -> list[str]:
-    """The heavy modules a fresh interpreter has loaded after running ``body``."""
-    script = REPORT.format(body=body, heavy=HEAVY)
+def loaded_after(body: str, env: dict[str, str], heavy: tuple[str, ...] = HEAVY) -> list[str]:
+    """The ``heavy`` modules a fresh interpreter has loaded after running ``body``."""
+    script = REPORT.format(body=body, heavy=heavy)
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
                           text=True, timeout=120, check=True)
     loaded: list[str] = json.loads(done.stdout.strip().splitlines()[-1])
@@ -184,7 +184,8 @@ def test_each_adapter_uses_the_settings_class_config_validates() -> None:
 def test_importing_what_serve_needs_loads_only_the_smtp_server(cli_env: dict[str, str]) -> None:
     """pikepdf, Pillow, jinja2, aiosmtplib... are loaded by the first mail (or the warm-up
     once the port accepts), not by importing the application."""
-    assert loaded_after("import mailfax.app", cli_env) == ["aiosmtpd"]
+    assert loaded_after("import mailfax.app", cli_env,
+                        (*HEAVY, "prometheus_client")) == ["aiosmtpd"]
 
 
 SERVE_THEN_MAIL = """
@@ -225,10 +226,13 @@ async def main() -> None:
         reply = await asyncio.to_thread(send, port)  # at once, while the warm-up runs
         job = await app.store.get_job(reply.split()[-1])
         pages = job.pages if job else None
+        accepted = app.metrics.mails_accepted._value.get()
+        paused = app.metrics.account_paused.labels("emulator")._value.get()
     finally:
         await app.stop()
     print(json.dumps({{"at_start": at_start, "reply": reply, "pages": pages,
-                      "pikepdf": "pikepdf" in sys.modules}}))
+                      "pikepdf": "pikepdf" in sys.modules, "accepted": accepted,
+                      "paused": paused}}))
 
 asyncio.run(main())
 """
@@ -254,7 +258,8 @@ from_address = "fax@mailfax.test"
 ocr = "off"
 """)
     # and what a mail needs that is not heavy enough for the CLI's list
-    script = SERVE_THEN_MAIL.format(heavy=(*HEAVY, "phonenumbers", "aiosmtplib", "aioimaplib"),
+    script = SERVE_THEN_MAIL.format(heavy=(*HEAVY, "phonenumbers", "aiosmtplib", "aioimaplib",
+                                           "prometheus_client"),
                                     config=str(config),
                                     pdf=str(corpus / "pdf" / "two-different-pages.pdf"))
     done = subprocess.run([sys.executable, "-c", script], env=cli_env, capture_output=True,
@@ -265,3 +270,5 @@ ocr = "off"
     assert report["reply"].startswith("2.0.0 queued as ")
     assert report["pages"] == 2
     assert report["pikepdf"] is True
+    # the metrics, made once the port accepted, counted the mail; the account is at 0
+    assert (report["accepted"], report["paused"]) == (1.0, 0.0)

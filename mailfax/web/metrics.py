@@ -8,21 +8,11 @@ several instances report the same truth.
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from typing import Any
-
-from prometheus_client import (
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    GCCollector,
-    Histogram,
-    PlatformCollector,
-    ProcessCollector,
-    generate_latest,
-)
+from typing import TYPE_CHECKING, Any
 
 from mailfax.inbound.screening import SCREENED_STATES
 from mailfax.model import JobState
@@ -37,11 +27,62 @@ from mailfax.providers.base import (
 )
 from mailfax.store.base import Store
 
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
 class Metrics:
+    """The registry and its metrics are made when the first of them is used, all at once
+    (:meth:`build`): importing prometheus_client and its platform collector took ~20 ms of
+    ``serve``'s start before the SMTP port accepted. ``serve`` builds them in a worker thread
+    once the port accepts."""
+
+    registry: CollectorRegistry
+    mails_accepted: Counter
+    mails_refused: Counter
+    provider_seconds: Histogram
+    jobs: Gauge
+    outbox_depth: Gauge
+    account_paused: Gauge
+    account_pauses: Counter
+    jobs_expired: Counter
+    inbound_pending: Gauge
+    inbound_screened: Gauge
+
     def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._built = False
+
+    def __getattr__(self, name: str) -> Any:
+        """Only for a metric not made yet: make them all."""
+        if name.startswith("_"):
+            raise AttributeError(name)
+        self.build()
+        try:
+            return self.__dict__[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def build(self) -> None:
+        """Make the registry and every metric, once (a second thread waits for the first)."""
+        with self._lock:
+            if not self._built:
+                self._build()
+                self._built = True
+
+    def _build(self) -> None:
+        from prometheus_client import (
+            CollectorRegistry,
+            Counter,
+            Gauge,
+            GCCollector,
+            Histogram,
+            PlatformCollector,
+            ProcessCollector,
+        )
+
         self.registry = CollectorRegistry()
         # process_* (resident memory, CPU seconds, open and max fds, start time; read from
         # /proc/self), python_gc_* and python_info, as every Python exporter has them.
@@ -99,6 +140,8 @@ class Metrics:
                                      if state not in ("deleted", *SCREENED_STATES)))
         for screened in SCREENED_STATES:
             self.inbound_screened.labels(screened).set(counts["inbound"].get(screened, 0))
+        from prometheus_client import generate_latest
+
         # The process collector reads /proc/self (stat, status, every fd, limits): a thread.
         return bytes(await asyncio.to_thread(generate_latest, self.registry))
 
