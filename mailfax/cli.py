@@ -300,7 +300,12 @@ async def _with_store_at(url: str, action: StoreAction) -> int:
     from mailfax.store import open_store
 
     store = open_store(url)
-    await store.open()
+    try:
+        await store.open()
+    except RuntimeError as error:  # its schema is newer than this mailfax: say so, no traceback
+        await store.close()
+        print(f"mailfax: {error}", file=sys.stderr)
+        return EXIT_FAILED
     try:
         return await action(store)
     finally:

@@ -6,7 +6,9 @@ folder with no config (so ./mailfax-data), without ``mailfax serve``."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import sqlite3
 import subprocess
 import sys
 from datetime import UTC, datetime, timedelta
@@ -264,3 +266,17 @@ def test_the_faxde_emulator_reports_the_pages_of_the_tiff() -> None:
     state = faxde.EmulatorState(account="1", password="p", delay=0, fail={})
     state.add_inbound(sample_fax("+4930123456", pages=2))
     assert state.inbox[0].pages == 2
+
+
+@pytest.mark.parametrize("args", [["jobs"], ["show", "j1"]])
+def test_a_store_newer_than_this_mailfax_is_refused_in_a_sentence(tmp_path: Path,
+                                                                  args: list[str]) -> None:
+    assert mailfax(tmp_path, "migrate").returncode == 0
+    database = tmp_path / "mailfax-data" / "mailfax.sqlite3"
+    with contextlib.closing(sqlite3.connect(database)) as conn, conn:
+        conn.execute("UPDATE meta SET value = '999' WHERE key = 'schema_version'")
+    result = mailfax(tmp_path, *args)
+    assert (result.returncode, result.stdout) == (1, "")
+    assert result.stderr.startswith("mailfax: database schema version 999 is newer than this "
+                                    "mailfax"), result.stderr
+    assert "upgrade mailfax" in result.stderr and "Traceback" not in result.stderr
