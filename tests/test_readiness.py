@@ -573,17 +573,19 @@ async def test_the_check_is_recorded_and_the_hold_released_in_one_call(store: St
     await store.add_mail_jobs(new_mail("m1"), [
         NewJob("j1", "+4930111", "emulator", pending, hold_until=later),
         NewJob("j2", "+4930222", "emulator", pending, hold_until=later),
-        NewJob("j3", "+4930333", "emulator", {}, hold_until=None)], DOCS)
-    assert {job.id for job in await store.pending_readiness(10)} == {"j1", "j2"}
+        NewJob("j3", "+4930333", "emulator", {}, hold_until=None),
+        NewJob("j4", "+4930444", "emulator", pending, hold_until=later)], DOCS)
+    assert {job.id for job in await store.pending_readiness(10)} == {"j1", "j2", "j4"}
     await store.record(  # j2 was taken meanwhile (its hold ran out)
         "j2", Transition(JobState.SUBMITTED, provider_job_id="p2"))
+    await store.record("j4", Transition(JobState.CANCELLED))  # by its sender
     finding = {"page": 2, "problem": "empty", "cause": "grey-text", "document": "a.pdf",
                "document_page": 2, "text": "Page 2 may arrive blank at the fax (light grey text)."}
-    verdict = ReadinessVerdict(job_ids=["j1", "j2", "j3"], findings=[finding],
+    verdict = ReadinessVerdict(job_ids=["j1", "j2", "j3", "j4"], findings=[finding],
                                outcome="checked", detail="fax-readiness checked: page 2",
                                notify=True)
     calls = counted(store)
-    assert sorted(await store.record_readiness(verdict)) == ["j1", "j2"]  # j3: not pending
+    assert sorted(await store.record_readiness(verdict)) == ["j1", "j2", "j4"]  # j3: not pending
     assert calls == ["record_readiness"]
     jobs = {job.id: job for job in await store.get_jobs(["j1", "j2", "j3"])}
     for job_id in ("j1", "j2"):
@@ -596,6 +598,8 @@ async def test_the_check_is_recorded_and_the_hold_released_in_one_call(store: St
     events = [(event.state, event.detail) for event in await store.job_events("j1")]
     assert events == [(JobState.QUEUED, "accepted"),
                       (JobState.QUEUED, "fax-readiness checked: page 2")]
+    assert [event.state for event in await store.job_events("j4")] == [  # no acceptance mail
+        JobState.QUEUED, JobState.CANCELLED]
     # A second check (a restart's) records nothing, so no second acceptance mail.
     assert await store.record_readiness(verdict) == []
     assert len(await store.job_events("j1")) == 2

@@ -370,8 +370,9 @@ class Store(Protocol):
         """Record a mail's after-the-250 check in its jobs, in one transaction: for each job
         whose ``options["readiness"]`` is still "pending", the findings go into its options
         (``warnings``), the mark becomes ``verdict.outcome``, an event (queued, with
-        ``verdict.detail``; mailed when ``verdict.notify``) is logged, and — if it is still
-        queued and untried — its hold ends: due at ``verdict.release_at`` (or now). A job
+        ``verdict.detail``; mailed when ``verdict.notify``) is logged unless the job was
+        cancelled, and — if it is still queued and untried — its hold ends: due at
+        ``verdict.release_at`` (or now). A job
         already recorded is left alone, so a second check adds nothing. Returns the ids of
         the jobs recorded."""
         ...

@@ -1262,15 +1262,18 @@ class PostgresStore:
                             THEN COALESCE(%(release)s::timestamptz, now())
                             ELSE next_attempt_at END
                     WHERE id = ANY(%(ids)s) AND options->>'readiness' = 'pending'
-                    RETURNING id)
-                INSERT INTO events (job_id, at, state, detail, notify)
-                SELECT id, now(), %(state)s, %(detail)s, %(notify)s FROM recorded
-                RETURNING job_id
+                    RETURNING id, state),
+                logged AS (  -- no acceptance mail for a job its sender cancelled
+                    INSERT INTO events (job_id, at, state, detail, notify)
+                    SELECT id, now(), %(queued)s, %(detail)s, %(notify)s FROM recorded
+                    WHERE state <> %(cancelled)s)
+                SELECT id FROM recorded
                 """,
                 {"marks": Jsonb(marks), "release": verdict.release_at,
-                 "ids": list(verdict.job_ids), "state": JobState.QUEUED.value,
-                 "detail": verdict.detail, "notify": verdict.notify})
-            recorded = [row["job_id"] for row in await cur.fetchall()]
+                 "ids": list(verdict.job_ids), "queued": JobState.QUEUED.value,
+                 "cancelled": JobState.CANCELLED.value, "detail": verdict.detail,
+                 "notify": verdict.notify})
+            recorded = [row["id"] for row in await cur.fetchall()]
             if recorded:  # other instances' dispatchers: jobs may be due now
                 await cur.execute(f"NOTIFY {NOTIFY_CHANNEL}")
         return recorded

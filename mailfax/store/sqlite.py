@@ -1167,14 +1167,16 @@ class SqliteStore(_InboundMixin, _EmulatorNetworkMixin, _RetentionMixin):
                     " next_attempt_at = CASE WHEN state = 'queued' AND attempts = 0"
                     " AND lease_owner IS NULL AND provider_job_id IS NULL THEN ?"
                     " ELSE next_attempt_at END"
-                    " WHERE id = ? AND json_extract(options, '$.readiness') = 'pending'",
-                    (json.dumps(marks), release, job_id)).rowcount
-                if not updated:
+                    " WHERE id = ? AND json_extract(options, '$.readiness') = 'pending'"
+                    " RETURNING state", (json.dumps(marks), release, job_id)).fetchone()
+                if updated is None:
                     continue  # recorded already (or no such job)
+                recorded.append(job_id)
+                if updated["state"] == JobState.CANCELLED.value:
+                    continue  # no acceptance mail for a job its sender cancelled
                 conn.execute(
                     "INSERT INTO events (job_id, at, state, detail, notify) VALUES (?,?,?,?,?)",
                     (job_id, now, JobState.QUEUED.value, verdict.detail, int(verdict.notify)))
-                recorded.append(job_id)
             return recorded
 
         return await self._call(operation)
