@@ -27,7 +27,7 @@ from mailfax.documents.faxrender import FaxResolution
 from mailfax.documents.readiness import Finding, ReadinessLimits, check_documents
 
 if TYPE_CHECKING:
-    from concurrent.futures import Executor
+    from concurrent.futures import Executor, Future
 
 log = logging.getLogger(__name__)
 
@@ -85,15 +85,22 @@ class ReadinessPool:
 
     async def start(self) -> None:
         """Make the workers (once) and wait until one answers."""
-        if self._started is None or (self._started.done() and self._started.exception()):
-            self._started = asyncio.ensure_future(self._start())
-        await asyncio.shield(self._started)
+        started = self._started
+        if started is None or (started.done() and (started.cancelled()
+                                                   or started.exception() is not None)):
+            self._started = started = asyncio.ensure_future(self._start())
+        await asyncio.shield(started)
 
     async def _start(self) -> None:
+        # The first task starts the processes, and with "forkserver" its server first: that
+        # waits for them, so not on the event loop.
+        answer = await asyncio.to_thread(self._launch)
+        await asyncio.wait_for(asyncio.wrap_future(answer), START_SECONDS)
+
+    def _launch(self) -> Future[int]:
         if self._executor is None:
             self._executor = _process_pool(self.workers)
-        loop = asyncio.get_running_loop()
-        await asyncio.wait_for(loop.run_in_executor(self._executor, _ready), START_SECONDS)
+        return self._executor.submit(_ready)
 
     async def check(self, documents: Sequence[Any], limits: ReadinessLimits,
                     resolution: FaxResolution, seconds: float) -> Checked:
@@ -137,8 +144,11 @@ def _process_pool(workers: int) -> Executor:
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    return ProcessPoolExecutor(max_workers=workers,
-                               mp_context=multiprocessing.get_context(START_METHOD),
+    context = multiprocessing.get_context(START_METHOD)
+    # The fork server loads only this module (not the serving program's __main__, the whole
+    # CLI); each worker then loads pdfium itself (_lower_priority).
+    context.set_forkserver_preload([__name__])
+    return ProcessPoolExecutor(max_workers=workers, mp_context=context,
                                initializer=_lower_priority)
 
 

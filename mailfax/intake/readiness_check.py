@@ -100,9 +100,10 @@ class ReadinessChecker:
         if self.settings.documents.readiness != "off":
             await self.pool.start()
         await self.take_pending()
-        workers = max(1, self.settings.documents.readiness_workers)
         try:
-            await asyncio.gather(*(self._work() for _ in range(workers)))
+            async with asyncio.TaskGroup() as workers:  # one fails: all stop, run() is restarted
+                for _ in range(self.settings.documents.readiness_workers):
+                    workers.create_task(self._work())
         finally:
             self.pool.close()
 
