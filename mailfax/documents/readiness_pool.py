@@ -71,15 +71,11 @@ class Checked:
 
 
 class ReadinessPool:
-    """The worker processes; :meth:`check` runs one mail's check in one of them.
+    """The worker processes; :meth:`check` runs one mail's check in one of them."""
 
-    ``executor`` (tests): an executor to use instead of worker processes, e.g. a thread
-    pool (then nothing is killed on a timeout; the thread ends later)."""
-
-    def __init__(self, workers: int = 1, executor: Executor | None = None):
+    def __init__(self, workers: int = 1):
         self.workers = workers
-        self._given = executor
-        self._executor: Executor | None = executor
+        self._executor: Executor | None = None
         self._slots = asyncio.Semaphore(workers)
         self._started: asyncio.Task[None] | None = None
 
@@ -127,16 +123,12 @@ class ReadinessPool:
         """Kill the workers (the hung or dead one, and any other check in them: those are
         "not checked" too) and make new ones at the next check."""
         log.warning("readiness: mail not checked: " + why + "; worker replaced", *args)
-        if self._given is not None:
-            return
-        executor, self._executor, self._started = self._executor, None, None
-        if executor is not None:
-            kill(executor)
+        self.close()
 
     def close(self) -> None:
         """Stop the workers now (a check in them is dropped: its jobs' hold still ends)."""
         executor, self._executor, self._started = self._executor, None, None
-        if executor is not None and self._given is None:
+        if executor is not None:
             kill(executor)
 
 
