@@ -96,7 +96,8 @@ class Accepted:
     job_ids: list[str]
     pages: int
     job_for_number: dict[str, str]  # E.164 number -> job id
-    warnings: list[Finding] = field(default_factory=list)  # documents.readiness = "warn"
+    # documents.readiness findings of a check before the 250 (none in "warn": it follows it)
+    warnings: list[Finding] = field(default_factory=list)
     broadcast: str = ""  # the broadcast list the mail went to
     refused: int = 0  # numbers of that list the dial policy refused
 
