@@ -10,8 +10,11 @@ are printed side by side, of the medians and per round. mailfax commits every jo
 ``smtp.accept = "spool"``: the raw mail is committed before the 250, and the worker that
 checks it and makes its job runs in the same process meanwhile (it may lag behind: the
 backlog at the last 250 is printed, and its CPU is counted until every mail is a job).
-A fifth is the intake alone with ``documents.readiness = "off"``: the others render each page
-at fax resolution before the 250 (the default fax-readiness check), this one shows its cost.
+A fifth is the intake alone with ``documents.readiness = "off"``. The others run the default
+fax-readiness check ("warn"): each page rendered at fax resolution after the 250, in a niced
+worker process (the jobs are held until then); like the spool's worker it may lag behind, so
+the mails still waiting for their check at the last 250 are printed, and the CPU of every
+server counts its worker processes too, until every mail was checked.
 
     python bench/intake.py [--mails 1500] [--clients 20] [--rounds 4]
 """
@@ -77,6 +80,7 @@ INTAKE = "mailfax intake alone"
 WHOLE = "mailfax with dispatch"
 SPOOLED = "mailfax spool, intake"
 UNCHECKED = "intake, readiness off"  # documents.readiness = "off": what the page check costs
+CHECKED_AFTER = (INTAKE, WHOLE)  # "warn", the default: the page check after the 250
 
 
 def free_port() -> int:
@@ -161,17 +165,36 @@ def start_servers(folder: Path,
 
 
 def cpu_seconds(pid: int) -> float:
-    """User and system CPU time of a process so far (Linux): a figure the other sessions on a
+    """User and system CPU time of a process and its live descendants so far (Linux; the
+    fax-readiness workers are grandchildren: forkserver's): a figure the other sessions on a
     shared machine disturb far less than mails per second."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    stats: dict[int, list[str]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stats[int(entry.name)] = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:  # ended meanwhile
+                continue
+    tree, grown = {pid}, True
+    while grown:
+        before = len(tree)
+        tree |= {child for child, fields in stats.items() if int(fields[1]) in tree}
+        grown = len(tree) > before
+    return sum(int(stats[member][11]) + int(stats[member][12]) for member in tree
+               if member in stats) / os.sysconf("SC_CLK_TCK")
 
 
-async def drain_spool(database: Path) -> tuple[int, float]:
-    """The spooled mails the worker has not made jobs of yet, and how long it takes to."""
+SPOOLED_LEFT = "SELECT count(*) FROM accept_spool"
+UNCHECKED_LEFT = ("SELECT count(*) FROM jobs WHERE state = 'queued'"
+                  " AND json_extract(options, '$.readiness') = 'pending'")
+
+
+async def drain(database: Path, count: str) -> tuple[int, float]:
+    """The backlog a worker has left (``count``: the spooled mails not yet made jobs, the jobs
+    still waiting for their fax-readiness check), and how long until it is gone."""
     def left() -> int:
         with sqlite3.connect(database) as conn:
-            return int(conn.execute("SELECT count(*) FROM accept_spool").fetchone()[0])
+            return int(conn.execute(count).fetchone()[0])
 
     started = time.perf_counter()
     backlog = waiting = left()
@@ -179,6 +202,8 @@ async def drain_spool(database: Path) -> tuple[int, float]:
         await asyncio.sleep(0.1)
         waiting = left()
     return backlog, time.perf_counter() - started
+
+
 
 
 async def main() -> None:
@@ -194,6 +219,7 @@ async def main() -> None:
                                                            UNCHECKED)}
     cpu: dict[str, list[float]] = {name: [] for name in rates}  # server ms per mail
     backlogs: list[tuple[int, float]] = []  # spooled mails left after a round, seconds to jobs
+    unchecked: dict[str, list[tuple[int, float]]] = {name: [] for name in CHECKED_AFTER}
     with tempfile.TemporaryDirectory() as folder:
         ports, servers = start_servers(Path(folder), args.clients)
         spool_database = Path(folder) / "spooled-data" / "mailfax.sqlite3"
@@ -208,7 +234,11 @@ async def main() -> None:
                     before = cpu_seconds(pid)
                     rates[name].append(await blast(ports[name], mails, args.clients))
                     if name == SPOOLED:  # its worker's time belongs to the mails too
-                        backlogs.append(await drain_spool(spool_database))
+                        backlogs.append(await drain(spool_database, SPOOLED_LEFT))
+                    if name in CHECKED_AFTER:  # so does the readiness workers'
+                        data = "intake-data" if name == INTAKE else "whole-data"
+                        unchecked[name].append(await drain(
+                            Path(folder) / data / "mailfax.sqlite3", UNCHECKED_LEFT))
                     cpu[name].append((cpu_seconds(pid) - before) * 1000 / len(mails))
         finally:
             for server in servers:
@@ -227,6 +257,10 @@ async def main() -> None:
     print(f"  {SPOOLED}: mails still spooled at the last 250, and seconds until all were "
           f"jobs (its CPU above counts them): "
           f"{', '.join(f'{left} in {seconds:.1f} s' for left, seconds in backlogs)}")
+    for name, waiting in unchecked.items():
+        print(f"  {name}: jobs still waiting for their fax-readiness check at the last 250, "
+              f"and seconds until all were checked (its CPU above counts them): "
+              f"{', '.join(f'{left} in {seconds:.1f} s' for left, seconds in waiting)}")
     for name in (INTAKE, WHOLE, SPOOLED, UNCHECKED):
         per_round = [value / rate for value, rate in zip(rates[name], rates[BARE], strict=True)]
         print(f"ratio {name} / {BARE}: {statistics.median(rates[name]) / bare:.2f} of the "

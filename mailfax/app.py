@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Protocol, cast, runtime_checkable
 
 from mailfax.config import ConfigError, ListenAddress, Settings, UserSettings, check_secrets
 from mailfax.documents import office
+from mailfax.documents.readiness_pool import ReadinessPool
 from mailfax.imap.delivery import ImapDeliverySink
 from mailfax.imap.intake import ImapIntake
 from mailfax.inbound.mailer import InboundMailer
@@ -36,6 +37,7 @@ from mailfax.inbound.poller import InboundPoller
 from mailfax.inbound.screening import block_file
 from mailfax.intake.accept_spool import accept_spool_loops
 from mailfax.intake.broadcast import lists_problem
+from mailfax.intake.readiness_check import ReadinessChecker
 from mailfax.intake.service import Intake
 from mailfax.intake.smtp import start_listeners, tls_context
 from mailfax.outbound.accounts import AccountHealth
@@ -207,6 +209,12 @@ class Application:
         self.intake = Intake(settings, self.store, on_stored=self._jobs_changed,
                              metrics=self.metrics, secret_key=secret_key)
         self.intake.wake_outbox = self.outbox.wake
+        # documents.readiness: one pool of worker processes, for the checks after the 250
+        # ("warn") and before it ("refuse"); started by the checker's loop, after the port.
+        self.intake.readiness_pool = ReadinessPool(documents.readiness_workers)
+        self.readiness = ReadinessChecker(self.store, settings, self.intake.readiness_pool,
+                                          on_recorded=self._jobs_changed)
+        self.intake.readiness_checker = self.readiness
         await asyncio.to_thread(self.intake.broadcast_lists)  # not at the first RCPT
 
         loops: list[tuple[str, Callable[[], Awaitable[None]]]] = [
@@ -215,6 +223,7 @@ class Application:
             ("notifier", self.notifier.run), ("outbox", self.outbox.run),
             ("account probes", lambda: self.accounts.run(self.providers)),
             ("retention", RetentionLoop(settings, self.store).run),
+            ("readiness check", self.readiness.run),
             *accept_spool_loops(self.intake)]
         self.inbound_pollers = {
             name: InboundPoller(name, provider, self.store, settings.inbound,
@@ -279,6 +288,7 @@ class Application:
         self.intake.settings = settings
         self.intake.check_recipient.cache_clear()
         self.dispatcher.schedule = dispatch_schedule(settings)  # [accounts.NAME] windows
+        self.readiness.settings = settings  # its accounts' providers
         if self.imap_intake is not None:
             self.imap_intake.settings = settings
 

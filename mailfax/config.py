@@ -306,15 +306,22 @@ class DocumentSettings(Strict):
     # The fax-readiness check (README "Pages that may arrive blank or black"): a page that may
     # arrive almost blank (under readiness_empty_percent black, while the original is not
     # blank) or almost black (over readiness_black_percent) in the fax's black and white.
-    # "warn": accepted, and the 250 reply and the acceptance mail say which page and why;
-    # "refuse": refused (554 5.6.0) with that sentence; "off": not looked at. Only the first
-    # readiness_max_pages pages are rendered (a text page 25-100 ms, a photo 0.5-1 s), and
-    # none once readiness_max_seconds were spent on a mail.
+    # "warn": accepted at once (the 250 carries no warning); the check runs after the 250,
+    # the job waits for it (up to readiness_hold_seconds, then it is sent unchecked) and the
+    # acceptance mail says which page and why. "refuse": checked before the 250 and refused
+    # (554 5.6.0) with that sentence; each mail waits for its render, which costs intake
+    # speed. "off": not looked at. The pages are rendered in readiness_workers processes of
+    # their own at nice 10 (intake gets the CPU first): only the first readiness_max_pages
+    # (a text page about 22 ms of CPU, a photo 0.5-1 s), none once readiness_max_seconds were
+    # spent on a mail; a check still running 5 s after that has its worker killed (the mail
+    # is "not checked").
     readiness: Literal["warn", "refuse", "off"] = "warn"
     readiness_empty_percent: float = Field(default=0.05, ge=0, le=100)
     readiness_black_percent: float = Field(default=60.0, ge=0, le=100)
     readiness_max_pages: int = Field(default=20, ge=0)
     readiness_max_seconds: float = Field(default=5.0, gt=0)
+    readiness_workers: int = Field(default=1, ge=1)
+    readiness_hold_seconds: float = Field(default=120.0, ge=0)
 
 
 class QuotaSettings(Strict):

@@ -33,9 +33,10 @@ FINE_LINES_PER_INCH = 196
 THRESHOLD = 128  # of 255: darker is black, lighter is white
 
 # PDFium is not thread-safe, not even with different documents: two threads in it at once may
-# crash the process (pypdfium2's docs, "Incompatibility with Threading"). Mails are checked
-# and reports made in worker threads, several at a time, so every call into it, including
-# closing what it made, holds this lock.
+# crash the process (pypdfium2's docs, "Incompatibility with Threading"). Reports are made
+# in worker threads, several at a time, so every call into it, including closing what it
+# made, holds this lock. (The fax-readiness check runs in processes of its own,
+# readiness_pool.py: there the lock is never contended.)
 PDFIUM_LOCK = threading.Lock()
 
 

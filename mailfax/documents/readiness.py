@@ -18,7 +18,8 @@ The cause is named from the original page: its ink in colour ("light colours") o
 ("light grey text"); a black page from mid-tones ("a dark photo or picture") or from black
 already there ("a black background").
 
-Pure and CPU-bound (callers run :func:`check_documents` in a thread). Cost: about one fax
+Pure and CPU-bound (:mod:`mailfax.documents.readiness_pool` runs :func:`check_documents` in
+worker processes). Cost: about one fax
 render a page (``bench/readiness.py``), so only the first ``max_pages`` pages are looked at.
 """
 
@@ -26,9 +27,9 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, TypedDict
+from typing import TYPE_CHECKING, Literal, Protocol, TypedDict
 
 from mailfax.documents.faxrender import (
     STANDARD,
@@ -42,7 +43,6 @@ from mailfax.support.lazy import lazy_module
 if TYPE_CHECKING:
     from PIL import Image, ImageChops
 
-    from mailfax.providers.base import FaxDocument
 else:
     Image = lazy_module("PIL.Image")
     ImageChops = lazy_module("PIL.ImageChops")
@@ -65,6 +65,20 @@ CAUSE_TEXT: dict[Cause, str] = {
     "black-background": "a black background",
 }
 PROBLEM_TEXT: dict[Problem, str] = {"empty": "may arrive blank", "black": "may arrive black"}
+
+
+class Paged(Protocol):
+    """What the check reads of a document (a :class:`~mailfax.providers.base.FaxDocument`,
+    or what a worker process is sent of one)."""
+
+    @property
+    def filename(self) -> str: ...
+
+    @property
+    def data(self) -> bytes: ...
+
+    @property
+    def pages(self) -> int: ...
 
 
 class Finding(TypedDict):
@@ -149,7 +163,7 @@ def finding(page: int, problem: Problem, cause: Cause, document: str = "",
                         f"({CAUSE_TEXT[cause]}).")
 
 
-def check_documents(documents: Sequence[FaxDocument], limits: ReadinessLimits,
+def check_documents(documents: Sequence[Paged], limits: ReadinessLimits,
                     resolution: FaxResolution = STANDARD) -> list[Finding]:
     """The findings for the first ``limits.max_pages`` pages of the fax, in page order (or
     fewer, once ``limits.max_seconds`` are spent).
@@ -188,3 +202,31 @@ def refusal_text(findings: Sequence[Finding]) -> str:
     """Why a mail is refused (``documents.readiness = "refuse"``), and what to do."""
     return (f"Not faxed: {short_text(findings)}, as a fax is black and white. Use black text "
             "on white and lighter pictures, then send it again.")
+
+
+# In "warn" mode the check runs after the 250 (mailfax/intake/readiness_check.py). A job
+# checked so carries ``options["readiness"]``: "pending" until its check is recorded (it is
+# held from dispatch meanwhile), then "checked" or "not checked". Its acceptance mail comes
+# from the event that records the check (detail starting with CHECK_EVENT), not from the
+# event of its creation.
+READINESS_OPTION = "readiness"
+PENDING = "pending"
+CHECKED = "checked"
+NOT_CHECKED = "not checked"
+CHECK_EVENT = "fax-readiness"
+
+
+def checked_after_acceptance(options: Mapping[str, object]) -> bool:
+    """Whether the job's check runs (or ran) after its 250: its acceptance mail waits."""
+    return READINESS_OPTION in options
+
+
+def is_check_event(detail: str) -> bool:
+    return detail.startswith(CHECK_EVENT)
+
+
+def check_event_detail(findings: Sequence[Finding], checked: bool, why: str = "") -> str:
+    """The job history's line for a check: ``fax-readiness checked: page 2 may arrive …``."""
+    if not checked:
+        return f"{CHECK_EVENT} not checked: {why or 'no result'}"
+    return f"{CHECK_EVENT} checked: {short_text(findings) if findings else 'no page flagged'}"

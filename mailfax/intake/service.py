@@ -18,9 +18,9 @@ from zoneinfo import ZoneInfo
 
 from mailfax.config import BroadcastListSettings, Settings
 from mailfax.documents.cover import CoverInfo, CoverUnavailable, cover_text, render_cover
-from mailfax.documents.faxrender import resolution_named
 from mailfax.documents.pdf import PAPERS, PageSetup
-from mailfax.documents.readiness import Finding, ReadinessLimits, check_documents, refusal_text
+from mailfax.documents.readiness import PENDING, READINESS_OPTION, Finding, refusal_text
+from mailfax.documents.readiness_pool import ReadinessPool
 from mailfax.intake.assemble import (
     FaxContent,
     Refusal,
@@ -41,6 +41,7 @@ from mailfax.intake.broadcast import (
     load_lists,
 )
 from mailfax.intake.options import Clock, fax_header_fields, parse_mail_options
+from mailfax.intake.readiness_check import PendingCheck, ReadinessChecker, check_in_pool
 from mailfax.intake.spool import MailBytes
 from mailfax.model import new_job_id
 from mailfax.numbers import FaxAddress, InvalidNumber, format_international, parse_fax_local_part
@@ -72,7 +73,6 @@ log = logging.getLogger(__name__)
 # in a worker thread, so a big attachment never stalls the other SMTP sessions.
 INLINE_ASSEMBLY_BYTES = 64 * 1024
 HOUR = 3600.0
-READINESS_GRACE_SECONDS = 5.0  # past documents.readiness_max_seconds: one page's render
 DAY = 86400.0
 # Small mails' PDF checks, one after the other beside the event loop (support/batches.py).
 PDF_CHECKS = BatchWorker("mailfax-pdf")
@@ -96,7 +96,8 @@ class Accepted:
     job_ids: list[str]
     pages: int
     job_for_number: dict[str, str]  # E.164 number -> job id
-    warnings: list[Finding] = field(default_factory=list)  # documents.readiness = "warn"
+    # documents.readiness findings of a check before the 250 (none in "warn": it follows it)
+    warnings: list[Finding] = field(default_factory=list)
     broadcast: str = ""  # the broadcast list the mail went to
     refused: int = 0  # numbers of that list the dial policy refused
 
@@ -128,6 +129,11 @@ class Intake:
         # A list's numbers past the dial policy and a user's prefixes: asked at RCPT and
         # again at DATA (twice there for a policy-service user); pure for given lists.
         self._checked_numbers = functools.lru_cache(maxsize=64)(self._check_numbers)
+        # documents.readiness: the worker processes (made at the first check) and, in the
+        # application, the loop that checks "warn" mails after their 250 (without it they
+        # are checked before it, as in "refuse").
+        self.readiness_pool: ReadinessPool | None = None
+        self.readiness_checker: ReadinessChecker | None = None
 
     def check_sender(self, envelope_from: str, client_ip: str | None,
                      user: str | None = None) -> None:
@@ -395,15 +401,15 @@ class Intake:
         self.refuse_unfaxable_sender(envelope_from)
         if user is not None:
             self._check_from_header(content.mail.from_address, user)
-        warnings = await self.check_readiness(content.documents,
-                                              options.get("resolution", "standard"))
-        if warnings:
-            options = {**options, "warnings": warnings}
+        options = await self.readiness_options(content.documents, options)
         if expansion is not None:
-            return await self._store_broadcast(expansion, envelope_from, content, client,
-                                               account, user, options)
-        return await self.store_jobs(envelope_from, addresses, content, client, account,
-                                     self.quotas_for(user), options)
+            accepted = await self._store_broadcast(expansion, envelope_from, content, client,
+                                                   account, user, options)
+        else:
+            accepted = await self.store_jobs(envelope_from, addresses, content, client,
+                                             account, self.quotas_for(user), options)
+        self._check_after(accepted, account, options)
+        return accepted
 
     def read_options(self, raw: MailBytes, addresses: Sequence[FaxAddress],
                      content: FaxContent, account: str) -> tuple[FaxContent, dict[str, Any]]:
@@ -426,29 +432,44 @@ class Intake:
         return Clock(now=self.clock(), zone=ZoneInfo(self.settings.notify.timezone),
                      max_ahead=timedelta(days=self.settings.options.max_days_ahead))
 
+    async def readiness_options(self, documents: Sequence[FaxDocument],
+                                options: dict[str, Any]) -> dict[str, Any]:
+        """``options`` with what ``documents.readiness`` adds before the 250: in "warn" mode
+        (with the checker loop running) the mark that the check follows the 250 (the jobs
+        are held until it is done); else the findings of a check made now ("refuse":
+        refused if there are any)."""
+        if self.settings.documents.readiness == "warn" and self.readiness_checker is not None:
+            return {**options, READINESS_OPTION: PENDING}
+        warnings = await self.check_readiness(documents, options.get("resolution", "standard"))
+        return {**options, "warnings": warnings} if warnings else options
+
+    def _check_after(self, accepted: Accepted, account: str, options: Mapping[str, Any]) -> None:
+        """Hand the stored mail to the checker loop, if its check follows the 250."""
+        if self.readiness_checker is None or options.get(READINESS_OPTION) != PENDING:
+            return
+        provider = self.settings.accounts[account].provider
+        self.readiness_checker.submit(PendingCheck(
+            accepted.mail_id, tuple(accepted.job_ids), str(options.get("resolution",
+                                                                       "standard")),
+            capabilities.held_until(provider, options)))
+
+    def pool(self) -> ReadinessPool:
+        if self.readiness_pool is None:
+            self.readiness_pool = ReadinessPool(self.settings.documents.readiness_workers)
+        return self.readiness_pool
+
     async def check_readiness(self, documents: Sequence[FaxDocument],
                               resolution: str = "standard") -> list[Finding]:
-        """The pages that may arrive blank or black at the fax (``documents.readiness``); with
-        "refuse" such a mail is refused. Rendering takes 25-100 ms a text page: in a thread."""
-        settings = self.settings.documents
-        if settings.readiness == "off":
+        """The pages that may arrive blank or black at the fax (``documents.readiness``), by a
+        check made now, in a worker process; with "refuse" such a mail is refused. A check
+        that fails or takes too long (the worker is replaced) finds nothing: it only warns."""
+        if self.settings.documents.readiness == "off":
             return []
-        limits = ReadinessLimits(empty_below=settings.readiness_empty_percent / 100,
-                                 black_above=settings.readiness_black_percent / 100,
-                                 max_pages=settings.readiness_max_pages,
-                                 max_seconds=settings.readiness_max_seconds)
-        try:  # a page pdfium takes minutes over must not hold the reply (the thread ends later)
-            findings = await asyncio.wait_for(
-                asyncio.to_thread(check_documents, documents, limits,
-                                  resolution_named(resolution)),
-                limits.max_seconds + READINESS_GRACE_SECONDS)
-        except TimeoutError:
-            log.warning("readiness: not checked, a page took over %.0f s to render",
-                        limits.max_seconds + READINESS_GRACE_SECONDS)
-            return []
+        result = await check_in_pool(self.pool(), self.settings, documents, resolution)
+        findings = result.findings
         for item in findings:
             log.info("readiness: %s", item["text"])
-        if findings and settings.readiness == "refuse":
+        if findings and self.settings.documents.readiness == "refuse":
             raise Refusal(554, "5.6.0", refusal_text(findings))
         return findings
 
@@ -568,6 +589,9 @@ class Intake:
         account = account or self.settings.default_account
         options = options or {}
         hold = capabilities.held_until(self.settings.accounts[account].provider, options)
+        if options.get(READINESS_OPTION) == PENDING:  # until its check is done, at most this
+            hold = max(hold or datetime.now(UTC), datetime.now(UTC) + timedelta(
+                seconds=self.settings.documents.readiness_hold_seconds))
         jobs = [NewJob(job_id=new_job_id(), number=number, account=account,
                        options={**options, **(job_options or {}).get(number, {})},
                        hold_until=hold) for number in numbers]

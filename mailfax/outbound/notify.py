@@ -26,6 +26,7 @@ from zoneinfo import ZoneInfo
 
 from mailfax import reasons
 from mailfax.config import AccountSettings, NotifySettings
+from mailfax.documents.readiness import checked_after_acceptance, is_check_event
 from mailfax.model import JobState
 from mailfax.numbers import format_international
 from mailfax.outbound.accounts import Pause
@@ -87,7 +88,9 @@ EVENT_KINDS: dict[JobState, str] = {
 # decide whether to send the fax again (``mailfax retry``).
 ALWAYS_MAILED = frozenset({"unconfirmed"})
 # Mailed, whatever ``notify.events`` says, when the job carries fax-readiness warnings (pages
-# that may arrive blank or black): the sender can still cancel it and send a better one.
+# that may arrive blank or black): the sender can still cancel it and send a better one. A
+# job checked after its 250 ("warn") gets its acceptance mail from the event that records
+# its check (:func:`acceptance_waits`), not from that of its creation.
 MAILED_WITH_WARNINGS = frozenset({"accepted"})
 
 
@@ -100,6 +103,13 @@ def event_kind(event: Event) -> str | None:
     if event.state == JobState.RETRYING and event.reason and event.reason.code == DELAYED:
         return "delayed"
     return EVENT_KINDS.get(event.state)
+
+
+def acceptance_waits(kind: str, job: Job, event: Event) -> bool:
+    """Whether this is the creation event of a job whose fax-readiness check follows its
+    250: its acceptance mail comes with the event of the check, which has the findings."""
+    return kind == "accepted" and checked_after_acceptance(job.options) and \
+        not is_check_event(event.detail)
 
 
 def sender_wants(kind: str, options: dict[str, Any]) -> bool:
@@ -330,7 +340,8 @@ class Notifier:
         kind = event_kind(event)
         job = jobs.get(event.job_id)
         mail = mails.get(job.mail_id) if job else None
-        if kind is None or job is None or mail is None or not self._mailed(kind, job):
+        if kind is None or job is None or mail is None or not self._mailed(kind, job) \
+                or acceptance_waits(kind, job, event):
             return []
         if kind in ALWAYS_MAILED:
             return self._unconfirmed_mail(kind, job, mail, event)

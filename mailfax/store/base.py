@@ -178,6 +178,19 @@ class Transition:
     always_event: bool = False
 
 
+@dataclass(frozen=True)
+class ReadinessVerdict:
+    """The fax-readiness check of one mail's jobs, done after their 250, for
+    :meth:`Store.record_readiness` (``documents.readiness = "warn"``)."""
+
+    job_ids: Sequence[str]
+    findings: Sequence[Mapping[str, Any]]  # documents.readiness.Finding, in page order
+    outcome: str  # job.options["readiness"] from now on: "checked" or "not checked"
+    detail: str  # the event's text in the job history
+    notify: bool  # whether the event is to be mailed (findings, or "accepted" wanted)
+    release_at: datetime | None = None  # the first attempt once released: a schedule; None: now
+
+
 Handoff = Literal["handed_off", "failed", "waiting"]
 
 OTHER_ACCOUNTS = "*"  # in claim_work's account_limits: every account not named
@@ -351,6 +364,23 @@ class Store(Protocol):
         transaction (over every instance on this store); else raise :class:`QuotaExceeded`
         and store nothing.
         """
+        ...
+
+    async def record_readiness(self, verdict: ReadinessVerdict) -> list[str]:
+        """Record a mail's after-the-250 check in its jobs, in one transaction: for each job
+        whose ``options["readiness"]`` is still "pending", the findings go into its options
+        (``warnings``), the mark becomes ``verdict.outcome``, an event (queued, with
+        ``verdict.detail``; mailed when ``verdict.notify``) is logged unless the job was
+        cancelled, and — if it is still queued and untried — its hold ends: due at
+        ``verdict.release_at`` (or now). A job
+        already recorded is left alone, so a second check adds nothing. Returns the ids of
+        the jobs recorded."""
+        ...
+
+    async def pending_readiness(self, limit: int) -> list[Job]:
+        """Queued jobs whose after-the-250 check was not recorded (``options["readiness"]``
+        is "pending"), oldest first: asked once at start-up, for the checks a stop cut
+        short."""
         ...
 
     async def claim_work(self, owner: str, limit: int, lease_seconds: float,

@@ -58,6 +58,7 @@ from mailfax.store.base import (
     Purged,
     PurgeKind,
     Quota,
+    ReadinessVerdict,
     SpooledMail,
     Transition,
     Work,
@@ -1246,6 +1247,47 @@ class PostgresStore:
             )
             if jobs:
                 await cur.execute(f"NOTIFY {NOTIFY_CHANNEL}")  # delivered at commit
+
+    async def record_readiness(self, verdict: ReadinessVerdict) -> list[str]:
+        marks: dict[str, Any] = {"readiness": verdict.outcome}
+        if verdict.findings:
+            marks["warnings"] = list(verdict.findings)
+        async with self._cursor(atomic=False) as cur:  # one statement: atomic by itself
+            await cur.execute(
+                """
+                WITH recorded AS (
+                    UPDATE jobs SET options = options || %(marks)s,
+                        next_attempt_at = CASE WHEN state = 'queued' AND attempts = 0
+                            AND lease_owner IS NULL AND provider_job_id IS NULL
+                            THEN COALESCE(%(release)s::timestamptz, now())
+                            ELSE next_attempt_at END
+                    WHERE id = ANY(%(ids)s) AND options->>'readiness' = 'pending'
+                    RETURNING id, state),
+                logged AS (  -- no acceptance mail for a job its sender cancelled
+                    INSERT INTO events (job_id, at, state, detail, notify)
+                    SELECT id, now(), %(queued)s, %(detail)s, %(notify)s FROM recorded
+                    WHERE state <> %(cancelled)s)
+                SELECT id FROM recorded
+                """,
+                {"marks": Jsonb(marks), "release": verdict.release_at,
+                 "ids": list(verdict.job_ids), "queued": JobState.QUEUED.value,
+                 "cancelled": JobState.CANCELLED.value, "detail": verdict.detail,
+                 "notify": verdict.notify})
+            recorded = [row["id"] for row in await cur.fetchall()]
+            if recorded:  # other instances' dispatchers: jobs may be due now
+                await cur.execute(f"NOTIFY {NOTIFY_CHANNEL}")
+        return recorded
+
+    async def pending_readiness(self, limit: int) -> list[Job]:
+        async with self._cursor(atomic=False) as cur:
+            await cur.execute(
+                """
+                SELECT * FROM jobs
+                WHERE state = 'queued' AND provider_job_id IS NULL
+                  AND options->>'readiness' = 'pending'
+                ORDER BY created LIMIT %s
+                """, (limit,))
+            return [_job(row) for row in await cur.fetchall()]
 
     async def get_mail(self, mail_id: str) -> Mail | None:
         async with self._cursor(atomic=False) as cur:

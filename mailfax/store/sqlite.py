@@ -59,6 +59,7 @@ from mailfax.store.base import (
     Purged,
     PurgeKind,
     Quota,
+    ReadinessVerdict,
     SpooledMail,
     Transition,
     Work,
@@ -1151,6 +1152,44 @@ class SqliteStore(_InboundMixin, _EmulatorNetworkMixin, _RetentionMixin):
                 )
 
         await self._call(operation)
+
+    async def record_readiness(self, verdict: ReadinessVerdict) -> list[str]:
+        def operation(conn: sqlite3.Connection) -> list[str]:
+            now = time.time()
+            release = _epoch(verdict.release_at) or now
+            marks: dict[str, Any] = {"readiness": verdict.outcome}
+            if verdict.findings:
+                marks["warnings"] = list(verdict.findings)
+            recorded = []
+            for job_id in verdict.job_ids:
+                updated = conn.execute(
+                    "UPDATE jobs SET options = json_patch(options, ?),"
+                    " next_attempt_at = CASE WHEN state = 'queued' AND attempts = 0"
+                    " AND lease_owner IS NULL AND provider_job_id IS NULL THEN ?"
+                    " ELSE next_attempt_at END"
+                    " WHERE id = ? AND json_extract(options, '$.readiness') = 'pending'"
+                    " RETURNING state", (json.dumps(marks), release, job_id)).fetchone()
+                if updated is None:
+                    continue  # recorded already (or no such job)
+                recorded.append(job_id)
+                if updated["state"] == JobState.CANCELLED.value:
+                    continue  # no acceptance mail for a job its sender cancelled
+                conn.execute(
+                    "INSERT INTO events (job_id, at, state, detail, notify) VALUES (?,?,?,?,?)",
+                    (job_id, now, JobState.QUEUED.value, verdict.detail, int(verdict.notify)))
+            return recorded
+
+        return await self._call(operation)
+
+    async def pending_readiness(self, limit: int) -> list[Job]:
+        def operation(conn: sqlite3.Connection) -> list[Job]:
+            rows = conn.execute(
+                "SELECT * FROM jobs WHERE state = 'queued'"
+                " AND json_extract(options, '$.readiness') = 'pending'"
+                " ORDER BY created LIMIT ?", (limit,)).fetchall()
+            return [_job(row) for row in rows]
+
+        return await self._call(operation)
 
     async def get_mail(self, mail_id: str) -> Mail | None:
         def operation(conn: sqlite3.Connection) -> Mail | None:

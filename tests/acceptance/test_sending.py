@@ -1,8 +1,8 @@
 """Sending as a user sees it, on embedded defaults (the installed ``mailfax serve`` in an empty
 folder, no config): per-mail options in ``X-Fax-*`` headers, the transmission report on the
 delivered mail, and the fax-readiness warning, read from the SMTP reply, ``mailfax jobs
---json``, the emulator's ledger and the Maildir (with poppler's ``pdfimages`` and
-``pdftoppm`` for the report)."""
+--json``, the emulator's ledger and the Maildir (the acceptance mail; with poppler's
+``pdfimages`` and ``pdftoppm`` for the report)."""
 
 from __future__ import annotations
 
@@ -100,23 +100,41 @@ async def test_the_delivered_mail_carries_the_transmission_report(mailfax: Mailf
         assert ink is not None and ink[3] - ink[1] > page.height / 2  # facts and page image
 
 
-async def test_a_light_grey_page_is_named_in_the_reply_and_in_the_acceptance_mail(
-        mailfax: Mailfax) -> None:
+def acceptance_mail(mailfax: Mailfax, job_id: str) -> EmailMessage:
+    return eventually(lambda: next(
+        (mail for mail in mailfax.mails() if mail["X-Mailfax-Job"] == job_id
+         and "accepted" in str(mail["Subject"])), None), 60, f"the acceptance mail of {job_id}")
+
+
+async def test_a_light_grey_page_is_named_in_the_acceptance_mail(mailfax: Mailfax) -> None:
+    """Checked after the 250 (in mailfax's worker process): the reply is the plain one, the
+    acceptance mail names the page, and the fax goes out after its check."""
     code, reply = await mailfax.send(letter("Grey offer", grey_second_page()))
     assert code == 250, reply
-    found = re.fullmatch(r"2\.0\.0 queued as ([0-9a-z]{12}); warning: (.*)", reply)
+    found = re.fullmatch(r"2\.0\.0 queued as ([0-9a-z]{12})", reply)
     assert found, reply
-    job_id, warning = found.groups()
-    assert "page 2 may arrive blank" in warning and "page 1" not in warning
-    accepted = mail_of(mailfax, job_id, "queued")  # mailed although "accepted" is not asked for
-    assert "page 2" in str(accepted["Subject"])
-    assert final_job(mailfax, job_id)["state"] == "delivered"  # a warning, not a refusal
+    job_id = found.group(1)
+    accepted = acceptance_mail(mailfax, job_id)  # mailed although "accepted" is not asked for
+    assert "warning: page 2 may arrive blank" in str(accepted["Subject"])
+    plain = accepted.get_body(("plain",))
+    assert plain is not None
+    text = plain.get_content()
+    assert "Page 2 may arrive blank at the fax (light grey text)." in text
+    assert "Page 1 " not in text
+    job = final_job(mailfax, job_id)
+    assert job["state"] == "delivered"  # a warning, not a refusal
+    assert job["options"]["readiness"] == "checked"
+    assert [warning["page"] for warning in job["options"]["warnings"]] == [2]
+    assert sum(mail["X-Mailfax-Job"] == job_id and "accepted" in str(mail["Subject"])
+               for mail in mailfax.mails()) == 1
 
 
 async def test_a_delay_holds_the_fax_in_mailfax_s_queue_until_its_time(mailfax: Mailfax) -> None:
     before = time.time()
     job_id = await mailfax.queued(letter("Later", documents.pdf(1), X_Fax_Delay="20s"))
-    job = mailfax.job(job_id)
+    job = eventually(lambda: next((job for job in [mailfax.job(job_id)]  # its check is done
+                                   if job["options"].get("readiness") != "pending"), None),
+                     60, f"the fax-readiness check of {job_id}")
     assert (job["state"], job["attempts"]) == ("queued", 0)
     due = datetime.fromisoformat(job["next_attempt_at"]).timestamp()
     assert before + 19 <= due <= time.time() + 21
