@@ -1012,6 +1012,27 @@ async def _purge_job_history(cur: Cursor, before: datetime, after: Key, limit: i
     return Purged("history", int(counted["jobs"]), size + int(counted["n"])), last, scanned
 
 
+# Either partial index finds a range of buckets: folded rows, and deltas not folded yet.
+_TOTALS_IN = """((folded AND bucket > %(after)s AND bucket {to} %(edge)s)
+    OR (NOT folded AND bucket > %(after)s AND bucket {to} %(edge)s))"""
+
+
+async def _purge_quota_totals(cur: Cursor, before: datetime, after: Key, limit: int,
+                              dry_run: bool) -> tuple[Purged, Key, int]:
+    """The service-wide quotas' totals of the 300 s ending before ``before`` (buckets after
+    ``after``), folded or not: no quota window reaches back that far (QUOTA_TOTALS_DAYS)."""
+    await cur.execute(
+        f"SELECT DISTINCT bucket FROM job_created_totals WHERE {_TOTALS_IN.format(to='<')}"
+        " ORDER BY bucket LIMIT %(n)s",
+        {"after": after[0], "edge": int(before.timestamp() // 300), "n": limit})
+    buckets = [int(row["bucket"]) for row in await cur.fetchall()]
+    if buckets and not dry_run:
+        await cur.execute(f"DELETE FROM job_created_totals WHERE {_TOTALS_IN.format(to='<=')}",
+                          {"after": after[0], "edge": buckets[-1]})
+    return (Purged("quota_totals", len(buckets)), (buckets[-1],) if buckets else after,
+            len(buckets))
+
+
 PurgeBatch = Callable[[Cursor, datetime, Key, int, bool], Awaitable[tuple[Purged, Key, int]]]
 PURGE_BATCHES: dict[PurgeKind, tuple[tuple[PurgeBatch, Key], ...]] = {
     "documents": ((_purge_documents, (EPOCH, "")),),
@@ -1019,6 +1040,7 @@ PURGE_BATCHES: dict[PurgeKind, tuple[tuple[PurgeBatch, Key], ...]] = {
     "outbox": ((_outbox_purge("outbox"), (0,)),),
     "dsn": ((_outbox_purge("dsn"), (0,)),),
     "history": ((_purge_job_history, (EPOCH, "")), (_purge_fax_history, (EPOCH, "", ""))),
+    "quota_totals": ((_purge_quota_totals, (-(2**62),)),),
 }
 
 
