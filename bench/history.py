@@ -19,10 +19,13 @@ over the past year), not through SMTP. Then, on that store:
 the empty store of the same variant.
 
 ``--recent 0,2000,20000`` runs only intake with quotas on stores holding that many jobs from
-the last day (what the service-wide ``pages_per_day`` quota counts), side by side.
+the last day (what the service-wide ``pages_per_day`` quota counts), side by side; with
+``--postgres`` on PostgreSQL (a server from tests/pg.py, a fresh database per store and
+round, ``--writers`` at once), also timing a user's count of the last hour.
 
     python bench/history.py [--sizes 0,100000,1000000] [--jobs 1000] [--rounds 3] [--before]
     python bench/history.py --recent 0,2000,20000 [--jobs 1000] [--rounds 3]
+    python bench/history.py --recent 0,20000 --postgres --writers 1 [--rounds 5]
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ from mailfax.model import JobState  # noqa: E402
 from mailfax.outbound.dispatch import Dispatcher  # noqa: E402
 from mailfax.providers import emulator  # noqa: E402
 from mailfax.providers.base import FaxDocument, ProviderContext  # noqa: E402
-from mailfax.store.base import NewJob, NewMail, Quota  # noqa: E402
+from mailfax.store.base import NewJob, NewMail, Quota, Store  # noqa: E402
 from mailfax.store.sqlite import SqliteStore  # noqa: E402
 
 ACCOUNT = "emu"
@@ -151,11 +154,78 @@ async def quota_rows(sizes: Sequence[int], mails: int, rounds: int, repeat: int,
             await store.close()
     print(f"\nintake with quotas, {mails} mails per store and round, {rounds} alternating "
           f"rounds (medians); service count: usage_since(1 day), median of {repeat}")
-    print(f"{'jobs of last day':>16} {'intake/s':>9} {'ratio':>6} {'count ms':>9}")
+    quota_table(sizes, rates, counts, "count ms")
+
+
+def quota_table(sizes: Sequence[int], rates: dict[int, list[float]], counts: dict[int, float],
+                count_label: str) -> None:
+    """Per store: intake's median rate, its ratio to the first store's, a count's time."""
+    print(f"{'jobs of last day':>16} {'intake/s':>9} {'ratio':>6} {count_label:>9}")
     base = statistics.median(rates[sizes[0]])
     for size in sizes:
         rate = statistics.median(rates[size])
         print(f"{size:>16,} {rate:>9.0f} {rate / base:>6.2f} {counts[size] * 1000:>9.3f}")
+
+
+# FILL_RECENT on PostgreSQL (after HISTORY_MAIL_PG): jobs over the last 23 hours.
+HISTORY_MAIL_PG = """
+INSERT INTO mails (id, received_at, envelope_from, message_id, subject, refs, from_header,
+                   client_address, language)
+VALUES ('history', now(), 'history@example.org', NULL, 'history', '[]', '', '::1', 'en')
+"""
+FILL_RECENT_PG = """
+INSERT INTO jobs (id, mail_id, account, number, state, pages, sender, created, updated,
+                  attempts, provider_job_id, duration, acknowledged)
+SELECT 'recent' || i, 'history', %(account)s, '+4930' || (1000000 + i), 'delivered', 1 + i %% 5,
+       'user' || (i %% 50) || '@example.org', now() - i * (interval '23 hours' / %(count)s),
+       now() - i * (interval '23 hours' / %(count)s) + interval '2 min', 1, 'R' || i, 60.0, true
+FROM generate_series(1, %(count)s) AS i
+"""
+
+
+async def postgres_store_with_recent(url: str, count: int) -> Store:
+    """An open PostgresStore on ``url`` (migrated) holding ``count`` jobs of the last day."""
+    import psycopg
+
+    from mailfax.store.postgres import PostgresStore
+
+    store = PostgresStore(url, listen=False)
+    await store.open()
+    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+        await conn.execute(HISTORY_MAIL_PG)
+        if count:
+            await conn.execute(FILL_RECENT_PG, {"account": ACCOUNT, "count": count})
+        await conn.execute("VACUUM ANALYZE")  # what autovacuum does after such a bulk insert
+    return store
+
+
+async def postgres_quota_rows(sizes: Sequence[int], mails: int, rounds: int, repeat: int,
+                              writers: int) -> None:
+    """:func:`quota_rows` on PostgreSQL, with a user's count of the last hour timed after
+    each store's last round (the quota check intake runs for that user)."""
+    from tests import pg
+
+    server = pg.start_postgres()
+    rates: dict[int, list[float]] = {size: [] for size in sizes}
+    counts: dict[int, float] = {}
+    try:
+        for round_number in range(rounds):
+            for size in sizes if round_number % 2 == 0 else list(reversed(sizes)):
+                url = server.create_database()
+                store = await postgres_store_with_recent(url, size)
+                try:
+                    rates[size].append(await intake(store, mails, f"q{round_number}", writers))
+                    counts[size] = await timed(repeat, lambda store=store: store.usage_since(
+                        datetime.now(UTC) - timedelta(hours=1), ["user1@example.org"]))
+                finally:
+                    await store.close()
+                    server.drop_database(url)
+    finally:
+        server.stop()
+    print(f"\nPostgreSQL intake with quotas, {mails} mails per store and round, {writers} "
+          f"writer(s), {rounds} alternating rounds (medians); a user's count of the last "
+          f"hour: usage_since, median of {repeat} (last round)")
+    quota_table(sizes, rates, counts, "user ms")
 
 
 def drop_migration_4_indexes(path: Path) -> None:
@@ -171,8 +241,8 @@ def quotas_for(sender: str) -> list[Quota]:
             Quota("service", "this service", 10**9, "pages", 86400)]
 
 
-async def intake(store: SqliteStore, total: int, prefix: str) -> float:
-    """Mails per second stored by ``WRITERS`` concurrent writers, with quotas checked."""
+async def intake(store: Store, total: int, prefix: str, writers: int = WRITERS) -> float:
+    """Mails per second stored by ``writers`` concurrent writers, with quotas checked."""
     queue = list(range(total))
 
     async def writer() -> None:
@@ -188,7 +258,7 @@ async def intake(store: SqliteStore, total: int, prefix: str) -> float:
                                                     ACCOUNT)], [PDF], quotas_for(sender))
 
     started = time.perf_counter()
-    await asyncio.gather(*(writer() for _ in range(WRITERS)))
+    await asyncio.gather(*(writer() for _ in range(writers)))
     return total / (time.perf_counter() - started)
 
 
@@ -344,7 +414,15 @@ async def main() -> None:
     parser.add_argument("--recent", default="",
                         help="only intake with quotas on stores holding these numbers of jobs"
                              " from the last day, e.g. 0,2000,20000")
+    parser.add_argument("--postgres", action="store_true",
+                        help="--recent on PostgreSQL (a server started from tests/pg.py)")
+    parser.add_argument("--writers", type=int, default=WRITERS,
+                        help="--postgres: mails stored at once")
     args = parser.parse_args()
+    if args.recent and args.postgres:
+        await postgres_quota_rows([int(size) for size in args.recent.split(",")], args.jobs,
+                                  args.rounds, args.repeat, args.writers)
+        return
     if args.recent:
         with tempfile.TemporaryDirectory(prefix="mailfax-bench-quota-", dir=args.dir) as name:
             await quota_rows([int(size) for size in args.recent.split(",")], args.jobs,

@@ -14,7 +14,7 @@ import pytest
 
 from mailfax.model import JobState
 from mailfax.providers.base import FaxDocument
-from mailfax.store.base import NewJob, NewMail
+from mailfax.store.base import NewJob, NewMail, Quota, QuotaExceeded
 from mailfax.store.postgres import PostgresStore
 from tests import test_multi_instance
 from tests.test_query_plans import dispatcher_and_tracker_queries, store_under_quotas
@@ -181,3 +181,28 @@ async def test_postgres_a_users_quota_reads_only_that_users_jobs(
                                             ["User1@example.org"]), "FROM jobs")
     assert used[0] == FINISHED_JOBS // 50
     assert "jobs_sender" in text, text
+
+
+async def test_postgres_a_users_quota_reads_only_that_users_jobs_on_a_quiet_day(
+        database: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """20,000 jobs of the last day from 50 senders, some 900 of them in the last hour: the
+    planner's cost model took jobs_created for the hour (its rows in the order of the table,
+    every job of the hour whoever sent it) over jobs_sender (the user's 18, scattered). The
+    quota check intake runs must walk the user's jobs alone, whatever the volume."""
+
+    async def over_quota(store: PostgresStore) -> int:
+        quota = Quota("user u1", "user u1", 5, "faxes", 3600, ("User1@example.org",))
+        with pytest.raises(QuotaExceeded) as over:
+            await store.add_mail_jobs(
+                NewMail(mail_id="q", envelope_from="user1@example.org", message_id=None,
+                        subject="s", references=[], from_header="", client_address="::1"),
+                [NewJob("q-job", "+4930123456", "main")], [FaxDocument("a.pdf", b"%PDF", 1)],
+                [quota])
+        return over.value.used
+
+    day = JOBS.replace("generate_series(1, %s)", "generate_series(1, 20000)").replace(
+        "interval '2 days' - i * interval '1 min'", "i * interval '4 s'")  # over 22 hours
+    used, text = await plan_on_history(database, monkeypatch, day, [], over_quota,
+                                       "lower(sender)")
+    assert used == 18  # user1's jobs 1, 51, ..., 851 of the hour's 900
+    assert "jobs_sender" in text and "jobs_created" not in text, text

@@ -7,6 +7,7 @@ and ``mailfax purge``."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import sqlite3
 import stat
@@ -24,12 +25,29 @@ from mailfax.model import JobState
 from mailfax.outbound.outbox import MaildirSink
 from mailfax.providers.base import FaxDocument, InboundFax
 from mailfax.store import migrate
-from mailfax.store.base import NewJob, OutboxItem, OutgoingMail, Store, Transition
+from mailfax.store.base import (
+    NewJob,
+    OutboxItem,
+    OutgoingMail,
+    Purged,
+    Quota,
+    QuotaExceeded,
+    Store,
+    Transition,
+)
 from mailfax.store.retention import RetentionLoop, purge, purge_maildir, purge_store
 from mailfax.store.sqlite import SqliteStore
 
 # test_store's fixtures, used by name (as test parameters, which ruff sees as redefinitions)
-from tests.test_store import Backend, backend, new_mail, postgres_server, store  # noqa: F401
+from tests.test_store import (  # noqa: F401
+    DOCS,
+    Backend,
+    backend,
+    insert_jobs_created_at,
+    new_mail,
+    postgres_server,
+    store,
+)
 
 DAY = 86400.0
 
@@ -240,6 +258,53 @@ async def test_sent_outbox_mails_and_dsns_go_each_after_their_days(
     assert [item.id for item in await store.due_outbox(10)] == [pending]
 
 
+def totals_buckets(backend: Backend) -> set[int]:
+    return {int(row[0]) for row in execute(backend, "SELECT bucket FROM job_created_totals")}
+
+
+async def test_quota_totals_older_than_any_window_go_and_the_count_stays(
+        backend: Backend, store: Store) -> None:
+    """The service-wide quotas' totals per 300 s are purged once older than any quota window
+    needs (two days: the longest window is a day), folded or not yet (PostgreSQL); the
+    count over the last day still equals counting the jobs, and a quota still holds."""
+    await store.add_mail_jobs(new_mail("m1"), [NewJob("j1", "+4930123456", "acct")], DOCS)
+    now = time.time()
+    created = [now - 3 * DAY, now - 2.5 * DAY, now - 1.5 * DAY, now - 0.5 * DAY, now - 60]
+    insert_jobs_created_at(backend, created[:3], 2)
+    await store.counts()  # PostgreSQL folds these (the rest stay the triggers' delta rows)
+    insert_jobs_created_at(backend, created[3:], 2, first=3)
+    insert_jobs_created_at(backend, [now - 4 * DAY], 2, first=5)  # a delta, not folded yet
+    since = datetime.fromtimestamp(now - DAY, UTC)
+    in_window = 1 + sum(1 for at in created if at >= now - DAY)  # j1 (3 pages) and these
+    plain = (in_window, 3 + 2 * (in_window - 1))
+    assert await store.usage_since(since) == plain
+    old = {int(at // 300) for at in (now - 4 * DAY, *created[:2])}
+    assert old < totals_buckets(backend)
+
+    settings = RetentionSettings(batch_size=1)  # one bucket per transaction
+    counted, _, _ = await purge_store(store, settings, datetime.now(UTC), dry_run=True)
+    assert [p for p in counted if p.kind == "quota_totals"] == [Purged("quota_totals", 3)]
+    assert old < totals_buckets(backend), "a dry run deletes nothing"
+    purged, _, _ = await purge_store(store, settings, datetime.now(UTC), dry_run=False)
+    assert [p for p in purged if p.kind == "quota_totals"] == [Purged("quota_totals", 3)]
+    left = totals_buckets(backend)
+    assert not old & left
+    assert {int(at // 300) for at in created[2:]} <= left, "within two days: kept"
+    assert await store.usage_since(since) == plain
+    pages = Quota("service", "this service", plain[1] + 3, "pages", DAY)
+    await store.add_mail_jobs(new_mail("m2"), [NewJob("j2", "+4930123456", "acct")], DOCS,
+                              [pages])  # exactly up to the limit
+    with pytest.raises(QuotaExceeded) as over:
+        await store.add_mail_jobs(new_mail("m3"), [NewJob("j3", "+4930123456", "acct")], DOCS,
+                                  [pages])
+    assert over.value.used == plain[1] + 3
+
+
+def test_no_quota_counts_over_longer_than_the_totals_are_kept() -> None:
+    with pytest.raises(ValueError, match="up to 86400 s"):
+        Quota("service", "this service", 10, "pages", 2 * DAY)
+
+
 # -- SQLite: the file shrinks, and is private -----------------------------------------------
 
 def sqlite_backend(tmp_path: Path) -> Backend:
@@ -443,6 +508,10 @@ def test_the_purge_command_and_a_retry_after_it(tmp_path: Path,
     assert cli.main(["purge", "--dry-run", "-c", str(config)]) == 0
     out = capsys.readouterr().out
     assert "documents" in out and "would delete" in out
+    assert cli.main(["purge", "--dry-run", "--json", "-c", str(config)]) == 0
+    kinds = json.loads(capsys.readouterr().out)["kinds"]
+    assert kinds["documents"]["items"] == 1
+    assert kinds["quota_totals"] == {"items": 0, "bytes": 0, "days": 2}, "none that old"
     assert cli.main(["purge", "-c", str(config)]) == 0
     out = capsys.readouterr().out
     assert "-- deleted 1 items" in out, out

@@ -399,10 +399,12 @@ async def test_usage_counts_jobs_and_pages_by_sender(store: Store) -> None:
     assert await store.usage_since(datetime.now(UTC) + timedelta(minutes=1)) == (0, 0)
 
 
-def insert_jobs_created_at(backend: Backend, created: Sequence[float], pages: int) -> None:
+def insert_jobs_created_at(backend: Backend, created: Sequence[float], pages: int,
+                           first: int = 0) -> None:
     """Jobs of mail "m1" (stored already) created at these epoch seconds, straight into the
-    table (the store's own triggers see them, as they see any insert)."""
-    rows = [(f"t{index}", created_at, pages) for index, created_at in enumerate(created)]
+    table (the store's own triggers see them, as they see any insert); ids from t<first>."""
+    rows = [(f"t{index}", created_at, pages)
+            for index, created_at in enumerate(created, start=first)]
     if backend.name == "sqlite":
         with sqlite3.connect(backend.url.removeprefix("sqlite:///")) as conn:
             conn.executemany(

@@ -284,6 +284,13 @@ class IllegalTransition(Exception):
     pass
 
 
+# The longest window a quota counts over (a day: ``pages_per_day``). The service-wide totals
+# per 300 s (job_created_totals) are kept QUOTA_TOTALS_DAYS, this and a day to spare for the
+# clocks of instances and database, then purged with the other kinds (``quota_totals``).
+LONGEST_QUOTA_WINDOW = 86400.0
+QUOTA_TOTALS_DAYS = 2 * LONGEST_QUOTA_WINDOW / 86400
+
+
 @dataclass(frozen=True)
 class Quota:
     """A limit that :meth:`Store.add_mail_jobs` checks in the transaction that stores a mail's
@@ -296,6 +303,11 @@ class Quota:
     unit: Literal["faxes", "pages"]  # jobs, or pages times jobs
     window_seconds: float  # counted over this long up to now
     senders: tuple[str, ...] | None = None  # whose jobs count (``usage_since``); None: all
+
+    def __post_init__(self) -> None:
+        if not 0 < self.window_seconds <= LONGEST_QUOTA_WINDOW:  # the totals kept no longer
+            raise ValueError(f"a quota's window is up to {LONGEST_QUOTA_WINDOW:g} s, "
+                             f"not {self.window_seconds:g}")
 
     @property
     def period(self) -> str:
@@ -331,15 +343,17 @@ def first_exceeded(quotas: Sequence[Quota], used: Sequence[int], jobs: int,
 # Jobs a purge may take (with their mail): final ones and unconfirmed ones, both backends.
 ENDED_STATES: tuple[str, ...] = tuple(sorted(
     state.value for state in (*FINAL_STATES, JobState.UNCONFIRMED)))
-PurgeKind = Literal["documents", "received_faxes", "outbox", "dsn", "history"]
+PurgeKind = Literal["documents", "received_faxes", "outbox", "dsn", "history", "quota_totals"]
 PURGE_KINDS: tuple[PurgeKind, ...] = ("documents", "received_faxes", "outbox", "dsn",
-                                      "history")  # the order a purge runs them in
+                                      "history", "quota_totals")  # the order a purge runs them
+
 
 
 @dataclass(frozen=True)
 class Purged:
     """What a purge of one kind deleted (or, in a dry run, would delete): ``items`` of it
-    (documents, faxes, mails, jobs and fax records) and the ``bytes`` of content they held."""
+    (documents, faxes, mails, jobs and fax records, the quotas' 300-s totals) and the
+    ``bytes`` of content they held (none for the totals)."""
 
     kind: str
     items: int = 0

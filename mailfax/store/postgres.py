@@ -324,6 +324,14 @@ MIGRATIONS: dict[int, str] = {
         busy_count  integer NOT NULL
     );
     """,
+    # A user's quota counts that user's jobs of the window (issue 19): on
+    # created AT TIME ZONE 'UTC', which jobs_created cannot serve (USER_USAGE_SQL), so the
+    # planner cannot walk every job of the window instead, as it did with jobs_sender
+    # (lower(sender), created) while the jobs of the window lay in the order of the table.
+    11: """
+    CREATE INDEX jobs_sender_window ON jobs (lower(sender), (created AT TIME ZONE 'UTC'));
+    DROP INDEX jobs_sender;
+    """,
 }
 SCHEMA_VERSION = max(MIGRATIONS)
 
@@ -748,12 +756,19 @@ def service_usage_sql(since: str, *, fold: bool = False) -> str:
     """
 
 
-def _by_senders(senders: Sequence[str] | None) -> str:
-    """USAGE_BY_SENDERS, or for addresses alone a condition jobs_sender serves (the ORs keep
-    the planner on jobs_created: every job of the window, whoever sent it)."""
-    if senders is not None and not any(sender.startswith("@") for sender in senders):
-        return "lower(sender) = ANY(%(addresses)s::text[])"
-    return USAGE_BY_SENDERS
+# A user's addresses' jobs since :since, on jobs_sender_window alone: with ``created >=``
+# the planner took jobs_created (every job of the window, in the order of the table: cheap by
+# its cost model) over the user's jobs, scattered, while the window held some thousands.
+USER_USAGE_SQL = (USAGE_SQL + "WHERE lower(sender) = ANY(%(addresses)s::text[])"
+                  " AND (created AT TIME ZONE 'UTC') >= ({since}) AT TIME ZONE 'UTC'")
+
+
+def senders_usage_sql(since: str, senders: Sequence[str]) -> str:
+    """The count of ``senders``' jobs since the SQL expression ``since``: USER_USAGE_SQL for
+    addresses alone, else (a domain among them) every job of the window tested."""
+    if not any(sender.startswith("@") for sender in senders):
+        return USER_USAGE_SQL.format(since=since)
+    return f"{USAGE_SQL}WHERE created >= {since} AND {USAGE_BY_SENDERS}"
 
 
 def _usage_parameters(senders: Sequence[str] | None) -> dict[str, Any]:
@@ -791,8 +806,7 @@ async def _check_quotas(cur: psycopg.AsyncCursor[DictRow], quotas: Sequence[Quot
             folded = True
         else:
             await cur.execute(
-                USAGE_SQL + "WHERE created >= now() - make_interval(secs => %(window)s) AND "
-                + _by_senders(quota.senders),
+                senders_usage_sql("now() - make_interval(secs => %(window)s)", quota.senders),
                 {"window": float(quota.window_seconds), **_usage_parameters(quota.senders)})
         row = await cur.fetchone()
         assert row is not None
@@ -1013,6 +1027,27 @@ async def _purge_job_history(cur: Cursor, before: datetime, after: Key, limit: i
     return Purged("history", int(counted["jobs"]), size + int(counted["n"])), last, scanned
 
 
+# Either partial index finds a range of buckets: folded rows, and deltas not folded yet.
+_TOTALS_IN = """((folded AND bucket > %(after)s AND bucket {to} %(edge)s)
+    OR (NOT folded AND bucket > %(after)s AND bucket {to} %(edge)s))"""
+
+
+async def _purge_quota_totals(cur: Cursor, before: datetime, after: Key, limit: int,
+                              dry_run: bool) -> tuple[Purged, Key, int]:
+    """The service-wide quotas' totals of the 300 s ending before ``before`` (buckets after
+    ``after``), folded or not: no quota window reaches back that far (QUOTA_TOTALS_DAYS)."""
+    await cur.execute(
+        f"SELECT DISTINCT bucket FROM job_created_totals WHERE {_TOTALS_IN.format(to='<')}"
+        " ORDER BY bucket LIMIT %(n)s",
+        {"after": after[0], "edge": int(before.timestamp() // 300), "n": limit})
+    buckets = [int(row["bucket"]) for row in await cur.fetchall()]
+    if buckets and not dry_run:
+        await cur.execute(f"DELETE FROM job_created_totals WHERE {_TOTALS_IN.format(to='<=')}",
+                          {"after": after[0], "edge": buckets[-1]})
+    return (Purged("quota_totals", len(buckets)), (buckets[-1],) if buckets else after,
+            len(buckets))
+
+
 PurgeBatch = Callable[[Cursor, datetime, Key, int, bool], Awaitable[tuple[Purged, Key, int]]]
 PURGE_BATCHES: dict[PurgeKind, tuple[tuple[PurgeBatch, Key], ...]] = {
     "documents": ((_purge_documents, (EPOCH, "")),),
@@ -1020,6 +1055,7 @@ PURGE_BATCHES: dict[PurgeKind, tuple[tuple[PurgeBatch, Key], ...]] = {
     "outbox": ((_outbox_purge("outbox"), (0,)),),
     "dsn": ((_outbox_purge("dsn"), (0,)),),
     "history": ((_purge_job_history, (EPOCH, "")), (_purge_fax_history, (EPOCH, "", ""))),
+    "quota_totals": ((_purge_quota_totals, (-(2**62),)),),
 }
 
 
@@ -1570,9 +1606,8 @@ class PostgresStore:
             if senders is None:  # from the kept totals: these count jobs purged since too
                 await cur.execute(service_usage_sql("%(since)s::timestamptz"), {"since": since})
             else:
-                await cur.execute(
-                    USAGE_SQL + "WHERE created >= %(since)s AND " + _by_senders(senders),
-                    {"since": since, **_usage_parameters(senders)})
+                await cur.execute(senders_usage_sql("%(since)s::timestamptz", senders),
+                                  {"since": since, **_usage_parameters(senders)})
             row = await cur.fetchone()
         return (int(row["jobs"]), int(row["pages"])) if row else (0, 0)
 

@@ -1,6 +1,7 @@
 """Retention: old data deleted per kind, as ``[retention]`` says (HylaFAX's faxcron/faxqclean).
 
-The store kinds (documents, received fax images, outbox mails, DSNs, history) are purged by
+The store kinds (documents, received fax images, outbox mails, DSNs, history, and the
+service-wide quotas' totals per 300 s once no quota window reaches them) are purged by
 the store in short batches (:meth:`~mailfax.store.base.Store.purge`), by one instance at a
 time (:meth:`~mailfax.store.base.Store.retention_lock`), then the freed space is given back
 (SQLite: incremental vacuum). The outbox Maildir is on this instance's disk, so each instance
@@ -21,14 +22,17 @@ from pathlib import Path
 from typing import Any
 
 from mailfax.config import RetentionSettings, Settings
-from mailfax.store.base import PURGE_KINDS, Purged, PurgeKind, Store
+from mailfax.store.base import PURGE_KINDS, QUOTA_TOTALS_DAYS, Purged, PurgeKind, Store
 
 log = logging.getLogger(__name__)
 
 RETRY_SECONDS = 3600.0  # after a failed purge (not every few seconds, as a crashed loop)
 MAILDIR_TMP_SECONDS = 36 * 3600  # a tmp/ file this old is a crashed write (the Maildir rule)
 UNITS = {"documents": "documents", "received_faxes": "faxes", "outbox": "mails",
-         "dsn": "mails", "history": "jobs and fax records", "maildir": "files"}
+         "dsn": "mails", "history": "jobs and fax records", "maildir": "files",
+         "quota_totals": "5-minute counts"}
+# Kinds kept for a fixed time, not a setting: the quotas' totals as long as a window needs.
+FIXED_DAYS = {"quota_totals": QUOTA_TOTALS_DAYS}
 
 
 @dataclass(frozen=True)
@@ -46,8 +50,8 @@ class PurgeReport:
 
 
 def days_of(settings: RetentionSettings, kind: str) -> float:
-    """How long data of ``kind`` is kept: the setting ``<kind>_days``."""
-    days: float = getattr(settings, f"{kind}_days")
+    """How long data of ``kind`` is kept: the setting ``<kind>_days`` (or FIXED_DAYS)."""
+    days: float = FIXED_DAYS.get(kind) or getattr(settings, f"{kind}_days")
     return days
 
 

@@ -907,6 +907,25 @@ def _purge_job_history(conn: sqlite3.Connection, before: float, after: int, limi
     return Purged("history", jobs, size), int(rows[-1][0]), _scanned(fetched, rows, limit)
 
 
+def _purge_quota_totals(conn: sqlite3.Connection, before: float, after: int, limit: int,
+                        dry_run: bool) -> tuple[Purged, int, int]:
+    """The service-wide quotas' totals of the 300 s ending before ``before`` (bucket numbers
+    after ``after``): no quota window reaches back that far (QUOTA_TOTALS_DAYS)."""
+    buckets = [int(row[0]) for row in conn.execute(
+        "SELECT bucket FROM job_created_totals WHERE bucket > ? AND bucket < ?"
+        " ORDER BY bucket LIMIT ?", (after, _bucket_of(before), limit))]
+    if buckets and not dry_run:
+        conn.execute("DELETE FROM job_created_totals WHERE bucket > ? AND bucket <= ?",
+                     (after, buckets[-1]))
+    return (Purged("quota_totals", len(buckets)), buckets[-1] if buckets else after,
+            len(buckets))
+
+
+def _bucket_of(epoch: float) -> int:
+    """The job_created_totals bucket of a time (as its trigger and SERVICE_USAGE_SQL count)."""
+    return int(epoch // 300)
+
+
 PurgeBatch = Callable[[sqlite3.Connection, float, int, int, bool], tuple[Purged, int, int]]
 
 PURGE_BATCHES: dict[PurgeKind, tuple[PurgeBatch, ...]] = {
@@ -915,6 +934,7 @@ PURGE_BATCHES: dict[PurgeKind, tuple[PurgeBatch, ...]] = {
     "outbox": (lambda *args: _purge_outbox("outbox", *args),),
     "dsn": (lambda *args: _purge_outbox("dsn", *args),),
     "history": (_purge_job_history, functools.partial(_purge_faxes, history=True)),
+    "quota_totals": (_purge_quota_totals,),
 }
 
 
