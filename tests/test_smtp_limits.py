@@ -185,16 +185,42 @@ async def test_a_trickle_of_command_bytes_is_cut_off_at_the_idle_timeout(tmp_pat
         await assert_cut_off_at_the_idle_timeout(client, b"X" * 1000)  # a line that never ends
 
 
+async def in_data(service: Service, helo: str) -> RawSmtp:
+    """A client past DATA's 354, sending a mail from alice to 030123456."""
+    client = await connect("127.0.0.1", service.port)
+    await client.reply()
+    for command in (f"EHLO {helo}", "MAIL FROM:<alice@example.org>",
+                    "RCPT TO:<030123456@fax.local>"):
+        assert (await client.command(command)).code == 250, command
+    assert (await client.command("DATA")).code == 354
+    return client
+
+
 async def test_a_trickle_of_data_bytes_is_cut_off_at_the_idle_timeout(tmp_path: Path) -> None:
     async with running(tmp_path, data_timeout=1.0, min_data_rate=100) as service:
-        client = await connect("127.0.0.1", service.port)
-        await client.reply()
-        for command in ("EHLO trickle.example", "MAIL FROM:<alice@example.org>",
-                        "RCPT TO:<030123456@fax.local>"):
-            assert (await client.command(command)).code == 250, command
-        assert (await client.command("DATA")).code == 354
+        client = await in_data(service, "trickle.example")
         await assert_cut_off_at_the_idle_timeout(client, b"Subject: slow\r\n\r\n" + b"x" * 1000)
         assert await service.app.store.list_jobs() == []
+
+
+async def test_a_steady_upload_longer_than_the_idle_timeout_is_taken_and_a_stop_cut_off(
+        tmp_path: Path) -> None:
+    """Progress moves the idle timeout's end on (its timer is set again when it fires before
+    the end): a mail sent steadily for 2.5 times the timeout is taken; a client that then
+    goes quiet is cut off one timeout after its last progress."""
+    async with running(tmp_path, data_timeout=1.0, min_data_rate=100) as service:
+        client = await in_data(service, "steady.example")
+        mail = fax_mail([("letter.pdf", TINY_PDF.read_bytes(), "application/pdf")])
+        lines = mail.as_bytes().replace(b"\n", b"\r\n").split(b"\r\n")
+        started = time.monotonic()
+        for line in lines:  # about 2.5 s, 1000 bytes a second or more
+            await client.send(line + b"\r\n")
+            await asyncio.sleep(2.5 / len(lines))
+        assert time.monotonic() - started >= 2.0
+        assert (await client.command(".")).code == 250  # answered, not cut off
+        quiet = time.monotonic()
+        assert await client.closed(4)
+        assert 0.8 <= time.monotonic() - quiet <= 2.5
 
 
 async def test_junk_commands_beyond_the_limit_get_421(tmp_path: Path) -> None:
