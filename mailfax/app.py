@@ -30,35 +30,30 @@ from typing import TYPE_CHECKING, Any, Protocol, cast, runtime_checkable
 from mailfax.config import ConfigError, ListenAddress, Settings, UserSettings, check_secrets
 from mailfax.documents import office
 from mailfax.documents.readiness_pool import ReadinessPool
-from mailfax.imap.delivery import ImapDeliverySink
-from mailfax.imap.intake import ImapIntake
-from mailfax.inbound.mailer import InboundMailer
-from mailfax.inbound.poller import InboundPoller
-from mailfax.inbound.screening import block_file
 from mailfax.intake.accept_spool import accept_spool_loops
 from mailfax.intake.broadcast import lists_problem
 from mailfax.intake.readiness_check import ReadinessChecker
 from mailfax.intake.service import Intake
 from mailfax.intake.smtp import start_listeners, tls_context
-from mailfax.outbound.accounts import AccountHealth
-from mailfax.outbound.dispatch import Dispatcher, dispatch_schedule
-from mailfax.outbound.notify import TEMPLATES_DIR, AdminAlerts, Notifier, Renderer
-from mailfax.outbound.outbox import MaildirSink, MailSink, OutboxSender, RelaySink
-from mailfax.outbound.tracking import Tracker
-from mailfax.providers import provider_module
+from mailfax.providers import PROVIDER_MODULES, provider_module
 from mailfax.providers.base import Provider, ProviderContext, StatusReport
 from mailfax.store import open_store
 from mailfax.store.base import Store
-from mailfax.store.retention import RetentionLoop
 from mailfax.support import systemd
 from mailfax.support.failing import RepeatedFailure
 from mailfax.trust.policy import exposure_problem
-from mailfax.trust.policy_service import PolicyDecider, PolicyService
-from mailfax.web.health import folder_problem, listener_problem, store_problem
 from mailfax.web.metrics import InstrumentedProvider, Metrics
 
 if TYPE_CHECKING:  # aiohttp (0.2 s to import) only when the web endpoint is configured
     from aiohttp import web
+
+    # What only the loops need, imported once the SMTP port accepts (LOOP_MODULES)
+    from mailfax.imap.intake import ImapIntake
+    from mailfax.inbound.mailer import InboundMailer
+    from mailfax.outbound.accounts import AccountHealth
+    from mailfax.outbound.notify import Renderer
+    from mailfax.outbound.outbox import MailSink
+    from mailfax.trust.policy_service import PolicyService
 
 log = logging.getLogger("mailfax")
 
@@ -131,6 +126,9 @@ def _folder_problem(name: str, folder: Path) -> str | None:
 
 
 def inbound_mailer(settings: Settings) -> InboundMailer:
+    from mailfax.inbound.mailer import InboundMailer
+    from mailfax.outbound.notify import TEMPLATES_DIR
+
     inbound = settings.inbound
     return InboundMailer(settings.templates_dir or TEMPLATES_DIR, inbound.from_address,
                          inbound.from_name, inbound.language, inbound.timezone,
@@ -160,6 +158,7 @@ class Application:
         self._tasks: list[asyncio.Task[None]] = []
         self._announcing: set[asyncio.Task[None]] = set()
         self._secret_key = b""
+        self._loops_made = False  # the dispatcher and the notifier (made after the port)
 
     async def start(self) -> None:
         settings = self.settings
@@ -173,11 +172,51 @@ class Application:
             profile_root=settings.data_dir / "office"))
         await self.store.open()
         secret_key = self._secret_key = load_secret_key(settings.data_dir)
+        self.intake = Intake(settings, self.store, on_stored=self._jobs_changed,
+                             metrics=self.metrics, secret_key=secret_key)
+        # documents.readiness: one pool of worker processes, for the checks after the 250
+        # ("warn") and before it ("refuse"); started by the checker's loop, after the port.
+        self.intake.readiness_pool = ReadinessPool(documents.readiness_workers)
+        self.readiness = ReadinessChecker(self.store, settings, self.intake.readiness_pool,
+                                          on_recorded=self._jobs_changed)
+        self.intake.readiness_checker = self.readiness
+        await asyncio.to_thread(self.intake.broadcast_lists)  # not at the first RCPT
+        if settings.policy_service.listen:
+            from mailfax.trust.policy_service import PolicyDecider, PolicyService
+
+            address = ListenAddress(settings.policy_service.listen)
+            self.policy_service = PolicyService(PolicyDecider(self.intake, secret_key))
+            await self.policy_service.start(address.host, address.port)
+        self.smtp_servers = await start_listeners(self.intake, settings.smtp,
+                                                  _CurrentUsers(self.intake))
+        self._warm_up()
+        try:
+            await self._start_loops(secret_key)
+        except BaseException:
+            self._close_listeners()
+            raise
+
+    async def _start_loops(self, secret_key: bytes) -> None:
+        """Everything but the intake, once the SMTP port accepts: the provider accounts, the
+        loops (dispatcher, tracker, notifier, outbox, inbound, IMAP) and the web endpoint.
+        Their modules (and the adapters' libraries, httpx or zeep) are imported in a worker
+        thread meanwhile, so the first clients are greeted; the mails they give are stored,
+        and the dispatcher's and notifier's first passes find them."""
+        settings = self.settings
+        await asyncio.to_thread(_import_all, _loop_modules(settings))
+        from mailfax.imap.intake import ImapIntake
+        from mailfax.inbound.poller import InboundPoller
+        from mailfax.inbound.screening import block_file
+        from mailfax.outbound.dispatch import Dispatcher, dispatch_schedule
+        from mailfax.outbound.notify import TEMPLATES_DIR, Notifier, Renderer
+        from mailfax.outbound.outbox import OutboxSender
+        from mailfax.outbound.tracking import Tracker
+        from mailfax.store.retention import RetentionLoop
+
         self.providers = {
             name: InstrumentedProvider(provider, self.metrics)
             for name, provider in make_providers(
                 settings, lambda name: self._context(name, secret_key)).items()}
-
         self.outbox = OutboxSender(self.store, self._sink(),
                                    retry_initial=settings.outbox.retry_initial_seconds,
                                    retry_max=settings.outbox.retry_max_seconds,
@@ -206,16 +245,8 @@ class Application:
                                      accounts=self.accounts,
                                      schedule=dispatch_schedule(settings))
         self.accounts.on_resumed = lambda account: self.dispatcher.wake()
-        self.intake = Intake(settings, self.store, on_stored=self._jobs_changed,
-                             metrics=self.metrics, secret_key=secret_key)
         self.intake.wake_outbox = self.outbox.wake
-        # documents.readiness: one pool of worker processes, for the checks after the 250
-        # ("warn") and before it ("refuse"); started by the checker's loop, after the port.
-        self.intake.readiness_pool = ReadinessPool(documents.readiness_workers)
-        self.readiness = ReadinessChecker(self.store, settings, self.intake.readiness_pool,
-                                          on_recorded=self._jobs_changed)
-        self.intake.readiness_checker = self.readiness
-        await asyncio.to_thread(self.intake.broadcast_lists)  # not at the first RCPT
+        self._loops_made = True  # from here on a stored mail wakes them
 
         loops: list[tuple[str, Callable[[], Awaitable[None]]]] = [
             ("dispatcher", self.dispatcher.run),
@@ -240,16 +271,8 @@ class Application:
                                           wake_outbox=self.outbox.wake)
             loops.append(("imap intake", self.imap_intake.run))
         await self._start_web()
-        if settings.policy_service.listen:
-            address = ListenAddress(settings.policy_service.listen)
-            self.policy_service = PolicyService(PolicyDecider(self.intake, secret_key))
-            await self.policy_service.start(address.host, address.port)
-        self.smtp_servers = await start_listeners(self.intake, settings.smtp,
-                                                  _CurrentUsers(self.intake))
-        # The loops and the providers' preparations start once the ports accept: their first
-        # passes (claiming work, status polls, the outbox, FAX.de's WSDL) would otherwise run
-        # in the awaits above, before the port opens. So are the leases of the last run
-        # released (a write, with its fsync), before the dispatcher claims any.
+        # The leases of the last run are released (a write, with its fsync) before the
+        # dispatcher claims any.
         released = await self.store.release_leases(None if self._single_instance() else
                                                    self.instance)
         if released:
@@ -258,7 +281,6 @@ class Application:
         for name, loop in loops:
             self._tasks.append(asyncio.create_task(supervise(name, loop), name=name))
         self._log_startup()
-        self._warm_up()
 
     def _background(self, work: Coroutine[Any, Any, None]) -> None:
         """Run ``work`` beside the loops, held until it ends and cancelled at stop."""
@@ -287,6 +309,8 @@ class Application:
         self.settings = settings
         self.intake.settings = settings
         self.intake.check_recipient.cache_clear()
+        from mailfax.outbound.dispatch import dispatch_schedule
+
         self.dispatcher.schedule = dispatch_schedule(settings)  # [accounts.NAME] windows
         self.readiness.settings = settings  # its accounts' providers
         if self.imap_intake is not None:
@@ -334,6 +358,8 @@ class Application:
     async def readiness_problems(self) -> list[str]:
         """Why ``/readyz`` answers 503: the store or the data dir cannot be written, the
         SMTP listeners are not up, an account is paused (its faxes are only held)."""
+        from mailfax.web.health import folder_problem, listener_problem, store_problem
+
         checks = await asyncio.gather(store_problem(self.store),
                                       folder_problem("data_dir", self.settings.data_dir))
         found = [problem for problem in checks if problem]
@@ -344,6 +370,9 @@ class Application:
 
     def _account_health(self, renderer: Renderer) -> AccountHealth:
         """Paused accounts: the admin alert goes through the outbox, like status mails."""
+        from mailfax.outbound.accounts import AccountHealth
+        from mailfax.outbound.notify import AdminAlerts
+
         settings = self.settings
         alerts = AdminAlerts(self.store, renderer, settings.notify,
                              settings.notify.admin_address or settings.inbound.postmaster,
@@ -405,7 +434,10 @@ class Application:
 
     def _jobs_changed(self) -> None:
         """New jobs were stored (intake), or a job reached a final state (tracker): its
-        mail, and its number's line is free again."""
+        mail, and its number's line is free again. (Before the loops are made, while the
+        port already accepts, their first passes will find the jobs.)"""
+        if not self._loops_made:
+            return
         self.dispatcher.wake()
         self.notifier.wake()
 
@@ -446,6 +478,9 @@ class Application:
         await self.tracker.apply_reports(reports)
 
     def _sink(self) -> MailSink:
+        from mailfax.imap.delivery import ImapDeliverySink
+        from mailfax.outbound.outbox import MaildirSink, RelaySink
+
         sink: MailSink
         if self.settings.relay is not None:
             sink = RelaySink(self.settings.relay, self.settings.smtp.hostname)
@@ -489,11 +524,14 @@ class Application:
                 log.info("account %s receives the faxes put into %s (or: mailfax emulate "
                          "receive FILE --to NUMBER)", name, folder.resolve())
 
-    async def stop(self) -> None:
+    def _close_listeners(self) -> None:
         if self.policy_service is not None:
             self.policy_service.close()
         for server in self.smtp_servers:
             server.close()
+
+    async def stop(self) -> None:
+        self._close_listeners()
         for server in self.smtp_servers:
             # Newer Pythons wait here for every open session; a client that never leaves
             # (a half-closed TLS connection, a staller) must not keep mailfax from stopping.
@@ -550,6 +588,29 @@ async def run_as_singleton(store: SingletonStore, name: str,
 WARM_UP_MODULES = ("phonenumbers", "pikepdf", "jinja2", "aiosmtplib", "PIL.Image", "PIL.ImageChops",
                    "PIL.ImageOps", "PIL.ImageSequence", "phonenumbers.geocoder",
                    "mailfax.documents.cover_pdf", "pypdfium2")
+
+
+# What the loops need and the intake does not: imported in a thread once the port accepts.
+LOOP_MODULES = ("mailfax.outbound.dispatch", "mailfax.outbound.tracking",
+                "mailfax.outbound.outbox", "mailfax.outbound.notify", "mailfax.store.retention",
+                "mailfax.inbound.poller", "mailfax.inbound.mailer", "mailfax.imap.intake",
+                "mailfax.imap.delivery", "mailfax.web.health")
+
+
+def _loop_modules(settings: Settings) -> list[str]:
+    """LOOP_MODULES, the configured accounts' adapters, and the web endpoint if there is
+    one."""
+    web_settings = settings.web
+    return [*LOOP_MODULES, *dict.fromkeys(PROVIDER_MODULES.get(account.provider, "")
+                                          for account in settings.accounts.values()),
+            *(["mailfax.web.server"] if web_settings.listen or web_settings.health_listen
+              else [])]
+
+
+def _import_all(names: Sequence[str]) -> None:
+    for name in names:
+        if name:  # an unknown provider: make_providers names it
+            importlib.import_module(name)
 
 
 async def _import_in_thread(names: Sequence[str]) -> None:

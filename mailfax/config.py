@@ -918,13 +918,20 @@ def load_settings(path: Path | None = None) -> Settings:
     """
     path = config_path(path)
     if path is None:
-        return with_absolute_paths(Settings(), Path.cwd())
+        return with_absolute_paths(default_settings(), Path.cwd())
     raw = read_config_file(path)
     try:
         settings = Settings.model_validate(raw)
     except ValidationError as error:
         raise ConfigError(f"{path}: {describe_validation_error(error)}") from None
     return with_absolute_paths(settings, path.parent)
+
+
+def default_settings() -> Settings:
+    """The settings without a config file, made with ``model_construct``: ``serve`` on the
+    embedded defaults does not build the whole config's validator (20 ms) before its port
+    opens. tests/test_config.py checks that they equal the validated ``Settings()``."""
+    return Settings.model_construct()
 
 
 def with_absolute_paths(settings: Settings, base: Path) -> Settings:

@@ -194,10 +194,21 @@ from email.message import EmailMessage
 from email.policy import SMTP
 from pathlib import Path
 
+import mailfax.app
 from mailfax.app import Application
 from mailfax.config import load_settings
 
 heavy = {heavy!r}
+after_port = {after_port!r}
+at_port = []
+
+
+async def listening(*args, **kwargs):
+    servers = await start_listeners(*args, **kwargs)
+    at_port.extend(sorted(name for name in (*heavy, *after_port) if name in sys.modules))
+    return servers
+
+start_listeners, mailfax.app.start_listeners = mailfax.app.start_listeners, listening
 
 
 def send(port: int) -> str:
@@ -219,8 +230,8 @@ def send(port: int) -> str:
 
 async def main() -> None:
     app = Application(load_settings(Path({config!r})))
-    await app.start()  # the port accepts; the warm-up has not run yet
-    at_start = sorted(name for name in heavy if name in sys.modules)
+    await app.start()  # the port accepts, then the loops are made; the warm-up goes on
+    loops_loaded = sorted(name for name in after_port if name in sys.modules)
     try:
         port = app.smtp_servers[0].sockets[0].getsockname()[1]
         reply = await asyncio.to_thread(send, port)  # at once, while the warm-up runs
@@ -228,20 +239,37 @@ async def main() -> None:
         pages = job.pages if job else None
         accepted = app.metrics.mails_accepted._value.get()
         paused = app.metrics.account_paused.labels("emulator")._value.get()
+        for _ in range(600):  # sent through the bundled emulator by the loops
+            job = await app.store.get_job(reply.split()[-1])
+            if job is not None and job.state == "delivered":
+                break
+            await asyncio.sleep(0.05)
+        state = job.state if job else None
     finally:
         await app.stop()
-    print(json.dumps({{"at_start": at_start, "reply": reply, "pages": pages,
-                      "pikepdf": "pikepdf" in sys.modules, "accepted": accepted,
-                      "paused": paused}}))
+    print(json.dumps({{"at_port": at_port, "reply": reply,
+                      "pages": pages, "pikepdf": "pikepdf" in sys.modules,
+                      "accepted": accepted, "paused": paused,
+                      "loops_loaded": loops_loaded, "state": state}}))
 
 asyncio.run(main())
 """
 
 
+# What only the loops need (the status mails, the dispatcher, tracker, outbox, inbound, IMAP,
+# the accounts' adapters): imported once the SMTP port accepts, not before.
+AFTER_PORT = ("mailfax.outbound.dispatch", "mailfax.outbound.tracking", "mailfax.outbound.outbox",
+              "mailfax.outbound.notify", "mailfax.outbound.windows", "mailfax.store.retention",
+              "mailfax.inbound.poller", "mailfax.inbound.mailer", "mailfax.imap.intake",
+              "mailfax.imap.delivery", "mailfax.web.health", "mailfax.providers.emulator")
+
+
 def test_serve_opens_its_port_without_the_heavy_libraries_and_takes_a_mail_at_once(
         tmp_path: Path, cli_env: dict[str, str], corpus: Path) -> None:
-    """In a fresh interpreter: what is loaded when the SMTP port accepts, then a PDF mail sent
-    right away is queued with its pages counted (pikepdf imported by then)."""
+    """In a fresh interpreter: what is loaded when the SMTP port accepts (neither the heavy
+    libraries nor the loops' modules), then a PDF mail sent right away is queued with its
+    pages counted (pikepdf imported by then) and faxed through the bundled emulator by the
+    loops started after the port."""
     config = Path(cli_env["MAILFAX_CONFIG"])
     config.write_text(f'data_dir = "{tmp_path / "data"}"\n' """
 [smtp]
@@ -260,13 +288,16 @@ ocr = "off"
     # and what a mail needs that is not heavy enough for the CLI's list
     script = SERVE_THEN_MAIL.format(heavy=(*HEAVY, "phonenumbers", "aiosmtplib", "aioimaplib",
                                            "prometheus_client"),
-                                    config=str(config),
+                                    after_port=AFTER_PORT, config=str(config),
                                     pdf=str(corpus / "pdf" / "two-different-pages.pdf"))
     done = subprocess.run([sys.executable, "-c", script], env=cli_env, capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout.strip().splitlines()[-1])
-    assert report["at_start"] == ["aiosmtpd"]
+    assert report["at_port"] == ["aiosmtpd"]
+    # made once the port accepted: start() returns with them loaded, the mail is faxed
+    assert report["loops_loaded"] == sorted(AFTER_PORT)
+    assert report["state"] == "delivered"
     assert report["reply"].startswith("2.0.0 queued as ")
     assert report["pages"] == 2
     assert report["pikepdf"] is True

@@ -22,7 +22,14 @@ import pytest
 
 from mailfax import cli
 from mailfax.app import Application
-from mailfax.config import ConfigError, Settings, load_settings, with_absolute_paths
+from mailfax.config import (
+    AccountSettings,
+    ConfigError,
+    Settings,
+    default_settings,
+    load_settings,
+    with_absolute_paths,
+)
 from mailfax.documents import office
 from mailfax.documents.office import OfficeLimits, convert_office
 from mailfax.model import JobState
@@ -396,6 +403,19 @@ async def wait_for_final(app: Application, job_id: str, timeout: float = 60) -> 
 def test_the_defaults_are_the_same_settings_with_absolute_paths(tmp_path: Path) -> None:
     assert with_absolute_paths(Settings(), tmp_path) == Settings(
         data_dir=tmp_path / "mailfax-data")
+
+
+def test_the_defaults_without_a_file_are_the_validated_defaults(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No config file: the defaults are made without validating them (the validator is not
+    built); they are what validating them gives, down to the fields set and the account."""
+    made = default_settings()
+    assert made == Settings()
+    assert made.model_fields_set == set()
+    assert made.accounts["emulator"] == AccountSettings(provider="emulator")
+    monkeypatch.delenv("MAILFAX_CONFIG", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert load_settings(None) == with_absolute_paths(Settings(), tmp_path)
 
 
 def test_each_sections_unvalidated_defaults_equal_its_validated_defaults() -> None:

@@ -45,7 +45,6 @@ from mailfax.intake.readiness_check import PendingCheck, ReadinessChecker, check
 from mailfax.intake.spool import MailBytes
 from mailfax.model import new_job_id
 from mailfax.numbers import FaxAddress, InvalidNumber, format_international, parse_fax_local_part
-from mailfax.outbound.notify import TEMPLATES_DIR
 from mailfax.providers import capabilities
 from mailfax.providers.base import FaxDocument
 from mailfax.store.base import NewJob, NewMail, OutgoingMail, Quota, QuotaExceeded, Store
@@ -511,6 +510,9 @@ class Intake:
                          subject=content.mail.subject,
                          date=self._local_time(content.mail.date), text=text,
                          document_pages=content.pages)
+        # the status mails' module, loaded once the port accepts (mailfax.app.LOOP_MODULES)
+        from mailfax.outbound.notify import TEMPLATES_DIR
+
         try:
             cover = await asyncio.to_thread(render_cover, info, self.settings.notify.language,
                                             self.settings.templates_dir or TEMPLATES_DIR)

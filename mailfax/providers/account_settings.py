@@ -27,13 +27,13 @@ Outcome = Literal[
 
 
 class FailRule(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
     prefix: str = Field(pattern=r"^\+[0-9]+$", description="E.164 prefix, e.g. +4930999")
     result: Outcome
 
 
 class PartialRule(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
     prefix: str = Field(pattern=r"^\+[0-9]+$", description="E.164 prefix, e.g. +4930996")
     pages_sent: int = Field(ge=0, description="the call ends after this many pages")
 
@@ -41,7 +41,7 @@ class PartialRule(BaseModel):
 class EmulatorSettings(BaseModel):
     """``[accounts.NAME]`` with ``provider = "emulator"``: the bundled emulator."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
     delay_seconds: float = Field(default=2.0, ge=0, description="from submission to the result")
     seconds_per_page: float = Field(default=20.0, ge=0, description="reported transmission time")
     send_latency_seconds: float = Field(default=0.0, ge=0,
@@ -69,7 +69,7 @@ class EmulatorSettings(BaseModel):
 class FaxDeSettings(BaseModel):
     """``[accounts.NAME]`` with ``provider = "fax.de"``."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
     account: str = Field(description="FAX.de customer id")
     password: Secret
     wsdl_url: str = Field(default=LIVE_WSDL, description="where the WSDL is loaded from")
@@ -93,7 +93,7 @@ class FaxDeSettings(BaseModel):
 class FaxnummerSettings(BaseModel):
     """``[accounts.NAME]`` with ``provider = "faxnummer.de"``."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
     url: str = Field(default=DEFAULT_URL, pattern=r"^https?://\S+$",
                      description="the product-voip webrequests endpoint")
     product_login: str = Field(
@@ -128,7 +128,7 @@ class FaxnummerSettings(BaseModel):
 class RetarusSettings(BaseModel):
     """``[accounts.NAME]`` with ``provider = "retarus"``."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
     customer_number: str = Field(pattern=r"^[A-Za-z0-9]+$", description="e.g. 99999TE")
     username: str = Field(min_length=1)
     password: Secret  # "env:NAME" or "file:PATH" keep it out of the config file
