@@ -176,7 +176,8 @@ class Application:
                              metrics=self.metrics, secret_key=secret_key)
         # documents.readiness: one pool of worker processes, for the checks after the 250
         # ("warn") and before it ("refuse"); started by the checker's loop, after the port.
-        self.intake.readiness_pool = ReadinessPool(documents.readiness_workers)
+        self.intake.readiness_pool = ReadinessPool(documents.readiness_workers,
+                                                   spool=settings.data_dir / "spool")
         self.readiness = ReadinessChecker(self.store, settings, self.intake.readiness_pool,
                                           on_recorded=self._jobs_changed)
         self.intake.readiness_checker = self.readiness

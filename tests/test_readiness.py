@@ -635,3 +635,46 @@ def counted(store: Store) -> list[str]:
             return __method(*args, **kwargs)
         setattr(store, name, wrapper)
     return calls
+
+
+async def test_a_large_document_goes_to_the_worker_as_a_file_removed_after_the_check(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    spool = tmp_path / "spool"
+    handed: list[list[readiness_pool.Pages]] = []
+    in_files = readiness_pool._in_files
+
+    def spy(pages: list[readiness_pool.Pages], folder: Path) -> list[readiness_pool.Pages]:
+        handed.append(in_files(pages, folder))
+        assert [os.stat(page.path).st_mode & 0o777 for page in handed[-1]] == [0o600]
+        return handed[-1]
+
+    monkeypatch.setattr(readiness_pool, "FILE_ABOVE", 1000)  # the grey page is over it
+    monkeypatch.setattr(readiness_pool, "_in_files", spy)
+    pool = readiness_pool.ReadinessPool(1, spool=spool)
+    grey = FaxDocument("grey.pdf", pdf(text(0.9)), 1)
+    assert len(grey.data) > 1000
+    try:
+        checked = await pool.check([grey], DEFAULTS, STANDARD, seconds=60)
+    finally:
+        pool.close()
+    assert checked.checked and [item["page"] for item in checked.findings] == [1]
+    [[page]] = handed
+    assert page.data == b"" and Path(page.path).parent == spool  # named, not carried
+    assert list(spool.iterdir()) == []  # removed once checked
+
+
+async def test_hand_over_files_a_killed_process_left_are_removed_at_start(
+        tmp_path: Path) -> None:
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    old, fresh = spool / "readiness-old.pdf", spool / "readiness-fresh.pdf"
+    for path in (old, fresh):
+        path.write_bytes(b"%PDF-")
+    long_ago = datetime.now(UTC).timestamp() - readiness_pool.STALE_SECONDS - 60
+    os.utime(old, (long_ago, long_ago))
+    pool = readiness_pool.ReadinessPool(1, spool=spool)
+    try:
+        await pool.start()
+    finally:
+        pool.close()
+    assert sorted(path.name for path in spool.iterdir()) == ["readiness-fresh.pdf"]

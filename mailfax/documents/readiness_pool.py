@@ -17,10 +17,14 @@ queue goes on. A worker that died (BrokenProcessPool) is replaced the same way.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
+import tempfile
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from mailfax.documents.faxrender import FaxResolution
@@ -34,15 +38,26 @@ log = logging.getLogger(__name__)
 NICE = 10  # added to a worker's nice level: it gets the CPU only when intake leaves it
 START_SECONDS = 60.0  # for a fresh worker to start and import pdfium (a loaded machine)
 START_METHOD = "forkserver"
+# A document larger than this goes to a worker as a file in the spool folder, not pickled:
+# the pickle would be a second whole copy in the serving process (bench/memory.py: a 25 MB
+# mail peaked at 2.5x its size with the pickle, 1.9x without the check).
+FILE_ABOVE = 1024 * 1024
+STALE_SECONDS = 600.0  # a hand-over file this old is left from a process that died
 
 
 class Pages(NamedTuple):
     """What the check reads of a document, and all a worker is sent (no class of the
-    serving process's to import there)."""
+    serving process's to import there): its bytes, or for a large one the file holding
+    them (``path``, then ``data`` is empty)."""
 
     filename: str
     data: bytes
     pages: int
+    path: str = ""
+
+    def read(self) -> Pages:
+        """With its bytes (in the worker: read from its file)."""
+        return self._replace(data=Path(self.path).read_bytes(), path="") if self.path else self
 
 
 def _lower_priority() -> None:
@@ -58,7 +73,7 @@ def _ready() -> int:
 
 def _check(documents: Sequence[Pages], limits: ReadinessLimits,
            resolution: FaxResolution) -> list[Finding]:
-    return check_documents(documents, limits, resolution)
+    return check_documents([document.read() for document in documents], limits, resolution)
 
 
 @dataclass(frozen=True)
@@ -73,8 +88,9 @@ class Checked:
 class ReadinessPool:
     """The worker processes; :meth:`check` runs one mail's check in one of them."""
 
-    def __init__(self, workers: int = 1):
+    def __init__(self, workers: int = 1, spool: Path | None = None):
         self.workers = workers
+        self.spool = spool  # where documents over FILE_ABOVE are handed over; None: pickled
         self._executor: Executor | None = None
         self._slots = asyncio.Semaphore(workers)
         self._started: asyncio.Task[None] | None = None
@@ -95,6 +111,8 @@ class ReadinessPool:
 
     def _launch(self) -> Future[int]:
         if self._executor is None:
+            if self.spool is not None:
+                _remove_stale_files(self.spool)
             self._executor = _process_pool(self.workers)
         return self._executor.submit(_ready)
 
@@ -103,15 +121,26 @@ class ReadinessPool:
         """The findings for ``documents`` (objects with filename, data and pages), in a
         worker; at most ``seconds`` from the moment a worker takes it (waiting for a free
         worker does not count)."""
-        pages = [Pages(document.filename, document.data, document.pages)
-                 for document in documents]
         async with self._slots:
             try:
                 await self.start()
-                assert self._executor is not None
-                loop = asyncio.get_running_loop()
-                work = loop.run_in_executor(self._executor, _check, pages, limits, resolution)
-                return Checked(await asyncio.wait_for(work, seconds))
+                pages = [Pages(document.filename, document.data, document.pages)
+                         for document in documents]
+                if self.spool is not None and any(len(page.data) > FILE_ABOVE
+                                                  for page in pages):
+                    try:
+                        pages = await asyncio.to_thread(_in_files, pages, self.spool)
+                    except OSError as error:  # a full disk: the pickle costs memory, not more
+                        log.warning("readiness: documents handed to the worker in memory, "
+                                    "not as files: %s", error)
+                try:
+                    assert self._executor is not None
+                    loop = asyncio.get_running_loop()
+                    work = loop.run_in_executor(self._executor, _check, pages, limits,
+                                                resolution)
+                    return Checked(await asyncio.wait_for(work, seconds))
+                finally:
+                    _remove_files(pages)
             except TimeoutError:
                 self._replace("it took over %.0f s", seconds)
                 return Checked([], checked=False, why=f"it took over {seconds:.0f} s")
@@ -130,6 +159,40 @@ class ReadinessPool:
         executor, self._executor, self._started = self._executor, None, None
         if executor is not None:
             kill(executor)
+
+
+def _in_files(pages: Sequence[Pages], spool: Path) -> list[Pages]:
+    """``pages`` with each document over FILE_ABOVE written to a file of its own in
+    ``spool`` (0600) and named, not carried (in a thread: up to many megabytes)."""
+    spool.mkdir(mode=0o700, parents=True, exist_ok=True)
+    handed: list[Pages] = []
+    try:
+        for page in pages:
+            if len(page.data) > FILE_ABOVE:
+                handle, name = tempfile.mkstemp(prefix="readiness-", suffix=".pdf", dir=spool)
+                with os.fdopen(handle, "wb") as file:
+                    file.write(page.data)
+                page = page._replace(data=b"", path=name)
+            handed.append(page)
+    except BaseException:
+        _remove_files(handed)
+        raise
+    return handed
+
+
+def _remove_stale_files(spool: Path) -> None:
+    """Hand-over files a killed process left behind (a check holds one for seconds)."""
+    stale = time.time() - STALE_SECONDS
+    for path in spool.glob("readiness-*.pdf"):
+        with contextlib.suppress(OSError):
+            if path.stat().st_mtime < stale:
+                path.unlink()
+
+
+def _remove_files(pages: Sequence[Pages]) -> None:
+    for page in pages:
+        if page.path:
+            Path(page.path).unlink(missing_ok=True)
 
 
 def _process_pool(workers: int) -> Executor:

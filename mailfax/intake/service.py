@@ -454,7 +454,8 @@ class Intake:
 
     def pool(self) -> ReadinessPool:
         if self.readiness_pool is None:
-            self.readiness_pool = ReadinessPool(self.settings.documents.readiness_workers)
+            self.readiness_pool = ReadinessPool(self.settings.documents.readiness_workers,
+                                                spool=self.settings.data_dir / "spool")
         return self.readiness_pool
 
     async def check_readiness(self, documents: Sequence[FaxDocument],
