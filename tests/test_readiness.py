@@ -15,6 +15,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -678,3 +679,37 @@ async def test_hand_over_files_a_killed_process_left_are_removed_at_start(
     finally:
         pool.close()
     assert sorted(path.name for path in spool.iterdir()) == ["readiness-fresh.pdf"]
+
+
+SERVING = """
+import asyncio, os, sys
+from mailfax.documents import readiness_pool
+
+async def main() -> None:
+    pool = readiness_pool.ReadinessPool(1)
+    await pool.start()
+    [worker] = readiness_pool.worker_pids(pool)
+    print(worker, flush=True)
+    await asyncio.sleep(600)
+
+asyncio.run(main())
+"""
+
+
+def server_of(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+async def test_the_workers_and_their_fork_server_end_with_a_killed_serving_process() -> None:
+    serving = subprocess.Popen([sys.executable, "-c", SERVING], stdout=subprocess.PIPE,
+                               text=True)
+    try:
+        assert serving.stdout is not None
+        worker = int(await asyncio.to_thread(serving.stdout.readline))
+        fork_server = server_of(worker)
+        assert fork_server not in (serving.pid, os.getpid())
+    finally:
+        serving.kill()  # kill -9: no clean-up of its own runs
+        serving.wait()
+    await wait_until_dead(worker)
+    await wait_until_dead(fork_server)
