@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -125,12 +125,18 @@ class ReadinessChecker:
         by_mail: dict[str, list[Job]] = {}
         for job in jobs:
             by_mail.setdefault(job.mail_id, []).append(job)
-        return [PendingCheck(mail_id, tuple(job.id for job in group),
-                             str(group[0].options.get("resolution", "standard")),
-                             self.release_time(group[0].account, group[0].options))
+        return [self.pending_check(mail_id, [job.id for job in group], group[0].account,
+                                   group[0].options)
                 for mail_id, group in by_mail.items()]
 
-    def release_time(self, account: str, options: dict[str, object]) -> datetime | None:
+    def pending_check(self, mail_id: str, job_ids: Sequence[str], account: str,
+                      options: Mapping[str, object]) -> PendingCheck:
+        """The check of a mail whose jobs (``job_ids``, of ``account``, with the mail's
+        ``options``) were stored pending: just taken in, or read back from the store."""
+        return PendingCheck(mail_id, tuple(job_ids), str(options.get("resolution", "standard")),
+                            self.release_time(account, options))
+
+    def release_time(self, account: str, options: Mapping[str, object]) -> datetime | None:
         """When a checked job is first sent: its schedule if mailfax holds it, else now."""
         settings = self.settings.accounts.get(account)
         return capabilities.held_until(settings.provider, options) if settings else None

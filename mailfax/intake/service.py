@@ -41,7 +41,7 @@ from mailfax.intake.broadcast import (
     load_lists,
 )
 from mailfax.intake.options import Clock, fax_header_fields, parse_mail_options
-from mailfax.intake.readiness_check import PendingCheck, ReadinessChecker, check_in_pool
+from mailfax.intake.readiness_check import ReadinessChecker, check_in_pool
 from mailfax.intake.spool import MailBytes
 from mailfax.model import new_job_id
 from mailfax.numbers import FaxAddress, InvalidNumber, format_international, parse_fax_local_part
@@ -446,11 +446,8 @@ class Intake:
         """Hand the stored mail to the checker loop, if its check follows the 250."""
         if self.readiness_checker is None or options.get(READINESS_OPTION) != PENDING:
             return
-        provider = self.settings.accounts[account].provider
-        self.readiness_checker.submit(PendingCheck(
-            accepted.mail_id, tuple(accepted.job_ids), str(options.get("resolution",
-                                                                       "standard")),
-            capabilities.held_until(provider, options)))
+        self.readiness_checker.submit(self.readiness_checker.pending_check(
+            accepted.mail_id, accepted.job_ids, account, options))
 
     def pool(self) -> ReadinessPool:
         if self.readiness_pool is None:
