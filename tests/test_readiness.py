@@ -519,6 +519,30 @@ async def test_a_hung_check_has_its_worker_killed_and_the_next_check_gets_a_new_
         pool.close()
 
 
+async def test_a_stop_that_comes_as_a_check_ends_is_not_lost(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The cancellation (a stop) and the worker's answer in the same turn of the loop: the
+    check still ends cancelled. Python 3.11's ``asyncio.wait_for`` returned the answer
+    here, the checker's loop went on waiting for the next mail, and ``stop()`` hung."""
+    pool = readiness_pool.ReadinessPool(1)
+    loop = asyncio.get_running_loop()
+    answer: asyncio.Future[list[Any]] = loop.create_future()
+    monkeypatch.setattr(loop, "run_in_executor", lambda *args: answer)
+    started: asyncio.Future[None] = loop.create_future()
+    started.set_result(None)
+    pool._started, pool._executor = started, ThreadPoolExecutor(1)  # as if started
+    checking = asyncio.ensure_future(pool.check(
+        [FaxDocument("letter.pdf", b"%PDF", 1)], DEFAULTS, STANDARD, seconds=60))
+    for _ in range(10):
+        await asyncio.sleep(0)
+    assert not checking.done()
+    answer.set_result([])
+    checking.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await checking
+    pool.close()
+
+
 async def test_a_crashed_worker_is_replaced() -> None:
     pool = readiness_pool.ReadinessPool(1)
     documents = [FaxDocument("letter.pdf", pdf(*[photo(60)] * 6), 6)]

@@ -145,7 +145,8 @@ class ReadinessPool:
         # The first task starts the processes, and with "forkserver" its server first: that
         # waits for them, so not on the event loop.
         answer = await asyncio.to_thread(self._launch)
-        await asyncio.wait_for(asyncio.wrap_future(answer), START_SECONDS)
+        async with asyncio.timeout(START_SECONDS):
+            await asyncio.wrap_future(answer)
 
     def _launch(self) -> Future[int]:
         if self._executor is None:
@@ -176,7 +177,8 @@ class ReadinessPool:
                     loop = asyncio.get_running_loop()
                     work = loop.run_in_executor(self._executor, _check, pages, limits,
                                                 resolution)
-                    return Checked(await asyncio.wait_for(work, seconds))
+                    async with asyncio.timeout(seconds):
+                        return Checked(await work)
                 finally:
                     _remove_files(pages)
             except TimeoutError:

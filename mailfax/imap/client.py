@@ -243,7 +243,8 @@ class ImapSession:
             return
         if not self._lost.done():
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(client.logout(), timeout=min(5.0, self.timeout))
+                async with asyncio.timeout(min(5.0, self.timeout)):
+                    await client.logout()
         transport = getattr(client.protocol, "transport", None)
         if transport is not None:
             transport.close()

@@ -98,7 +98,8 @@ async def _run(command: list[str], *, time_limit: float) -> str:
         *command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         start_new_session=True, env=_tesseract_environment())
     try:
-        _, stderr = await asyncio.wait_for(process.communicate(), time_limit)
+        async with asyncio.timeout(time_limit):
+            _, stderr = await process.communicate()
     except TimeoutError:
         log.warning("OCR gave up after %.1f s", time_limit)
         return "timeout"
@@ -122,7 +123,8 @@ async def _page_one_lines(searchable: Path) -> list[str]:
         "pdftotext", "-bbox-layout", "-f", "1", "-l", "1", str(searchable), "-",
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     try:
-        output, _ = await asyncio.wait_for(process.communicate(), 30)
+        async with asyncio.timeout(30):
+            output, _ = await process.communicate()
     except TimeoutError:
         with contextlib.suppress(ProcessLookupError):
             process.kill()

@@ -1222,7 +1222,8 @@ class PostgresStore:
         while True:
             await asyncio.sleep(SINGLETON_CHECK_SECONDS)
             try:
-                await asyncio.wait_for(conn.execute("SELECT 1"), SINGLETON_CHECK_SECONDS * 5)
+                async with asyncio.timeout(SINGLETON_CHECK_SECONDS * 5):
+                    await conn.execute("SELECT 1")
             except (psycopg.Error, OSError, TimeoutError) as error:
                 log.warning("lost the database connection that holds %s: %s", name, error)
                 lost.set()

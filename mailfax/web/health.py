@@ -21,7 +21,8 @@ CHECK_TIMEOUT = 5.0
 
 async def store_problem(store: Store) -> str | None:
     try:
-        await asyncio.wait_for(store.probe_write(), timeout=CHECK_TIMEOUT)
+        async with asyncio.timeout(CHECK_TIMEOUT):
+            await store.probe_write()
     except Exception as error:  # any failure means: not ready
         return f"store cannot write: {describe(error)}"
     return None
@@ -29,7 +30,8 @@ async def store_problem(store: Store) -> str | None:
 
 async def folder_problem(name: str, folder: Path) -> str | None:
     try:
-        await asyncio.wait_for(asyncio.to_thread(write_probe, folder), timeout=CHECK_TIMEOUT)
+        async with asyncio.timeout(CHECK_TIMEOUT):
+            await asyncio.to_thread(write_probe, folder)
     except (OSError, TimeoutError) as error:
         return f"{name} {folder} cannot be written: {describe(error)}"
     return None

@@ -66,7 +66,8 @@ def build_web_app(providers: Mapping[str, Provider], store: Store | None = None,
         if store is None:
             return web.Response(text="ready\n")
         try:
-            await asyncio.wait_for(store.outbox_depth(), timeout=5)
+            async with asyncio.timeout(5):
+                await store.outbox_depth()
         except Exception as error:  # any failure means: not ready
             log.warning("not ready: store: %s", type(error).__name__)
             return web.Response(status=503, text="store unavailable\n")
