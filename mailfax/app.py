@@ -59,6 +59,9 @@ log = logging.getLogger("mailfax")
 
 RESTART_DELAY = 2.0
 STEADY_SECONDS = 30.0  # a restarted loop that runs this long is taken to work again
+# How long stop() waits for the loops once they are cancelled. A loop that does not end by
+# then is a bug; it is named in the log and left, so that a stop still stops.
+STOP_SECONDS = 10.0
 
 
 def load_secret_key(data_dir: Path) -> bytes:
@@ -537,13 +540,12 @@ class Application:
             # Newer Pythons wait here for every open session; a client that never leaves
             # (a half-closed TLS connection, a staller) must not keep mailfax from stopping.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(server.wait_closed(), timeout=5)
+                async with asyncio.timeout(5):
+                    await server.wait_closed()
         for runner in (self.web_runner, self.health_runner):
             if runner is not None:
                 await runner.cleanup()
-        for task in (*self._tasks, *self._announcing):
-            task.cancel()
-        await asyncio.gather(*self._tasks, *self._announcing, return_exceptions=True)
+        await _cancel_all([*self._tasks, *self._announcing])
         for provider in self.providers.values():
             await provider.close()
         await self.store.close()
@@ -621,6 +623,21 @@ async def _import_in_thread(names: Sequence[str]) -> None:
 
 async def _await(loop: Callable[[], Awaitable[None]]) -> None:
     await loop()
+
+
+async def _cancel_all(tasks: Sequence[asyncio.Task[None]]) -> None:
+    """Cancel ``tasks`` and wait for them, at most :data:`STOP_SECONDS`."""
+    for task in tasks:
+        task.cancel()
+    if not tasks:
+        return
+    done, running = await asyncio.wait(tasks, timeout=STOP_SECONDS)
+    for task in done:
+        if not task.cancelled():
+            task.exception()  # retrieved: a loop's last error was logged by supervise()
+    if running:
+        log.error("stopping without waiting for %s: not ended %.0f s after being cancelled",
+                  ", ".join(sorted(task.get_name() for task in running)), STOP_SECONDS)
 
 
 async def supervise(name: str, loop: Callable[[], Awaitable[None]]) -> None:

@@ -4,6 +4,7 @@ metrics on a listener of their own, process metrics, failing loops logged at a c
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import sqlite3
@@ -260,6 +261,34 @@ async def test_a_loop_that_keeps_crashing_is_restarted_and_logged_at_a_capped_ra
                if (found := re.search(r"notifier still failing, (\d+) times", message))]
     assert 2 <= len(counted) <= 5
     assert messages[-1].startswith(f"notifier works again, after {runs - 1} failures in ")
+
+
+async def test_stop_names_a_loop_that_ignores_its_cancellation_and_still_stops(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    released = asyncio.Event()
+
+    async def stubborn() -> None:
+        while not released.is_set():
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.sleep(3600)
+
+    async def obedient() -> None:
+        await asyncio.sleep(3600)
+
+    monkeypatch.setattr(app_module, "STOP_SECONDS", 0.2)
+    tasks = [asyncio.create_task(stubborn(), name="stubborn loop"),
+             asyncio.create_task(obedient(), name="obedient loop")]
+    await asyncio.sleep(0)
+    started = time.monotonic()
+    await app_module._cancel_all(tasks)
+    assert time.monotonic() - started < 5
+    assert tasks[1].cancelled() and not tasks[0].done()
+    [record] = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert record.getMessage() == ("stopping without waiting for stubborn loop: not ended "
+                                   "0 s after being cancelled")
+    released.set()  # the test's own clean-up: the stubborn loop may end now
+    tasks[0].cancel()
+    await tasks[0]
 
 
 async def test_metrics_show_zero_for_a_state_once_its_last_job_left_it(
