@@ -10,12 +10,14 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from mailfax.config import NotifySettings
 from mailfax.model import JobState
 from mailfax.outbound.notify import Notifier, Renderer
 from mailfax.outbound.tracking import Tracker
 from mailfax.providers.base import BaseProvider, ProviderContext, ProviderRef, StatusReport
-from mailfax.store.base import NewJob, NewMail, Store, Transition
+from mailfax.store.base import NewJob, NewMail, OutgoingMail, Store, Transition
 from mailfax.store.sqlite import SqliteStore
 
 MAILS = 200
@@ -94,10 +96,13 @@ async def test_a_burst_of_delivered_faxes_costs_few_store_calls_per_mail(
     assert tracking["record_all"] == 1 and sum(tracking.values()) <= 5, tracking
     # The notifier: the jobs and mails of each claim at once; per mail, only its flood
     # check, its documents (the delivered mail's transmission report shows page 1 of that
-    # mail's fax) and the transaction that queues it and marks its event done.
+    # mail's fax); the transaction that queues the mails and marks the events done is one
+    # per claim (one fsync), not one per event.
     assert notifying.get("get_job", 0) == notifying.get("get_mail", 0) == 0, notifying
     assert notifying.get("load_documents", 0) <= MAILS, notifying
-    assert sum(notifying.values()) <= 3 * MAILS + 3 * notifying["claim_notifications"], \
+    assert notifying.get("complete_notification", 0) == 0, notifying
+    assert notifying["complete_notifications"] < notifying["claim_notifications"], notifying
+    assert sum(notifying.values()) <= 2 * MAILS + 4 * notifying["claim_notifications"], \
         notifying
 
 
@@ -137,3 +142,37 @@ async def test_a_mail_to_several_numbers_has_its_documents_read_once_for_its_rep
     finally:
         await real.close()
     assert store.calls["load_documents"] == 1, store.calls
+
+
+async def test_the_mails_made_before_an_event_that_fails_are_still_queued(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The claim's events are completed in one store call at the end; an event whose mail
+    cannot be made (a bug) must not take the ones before it down with it."""
+    store = SqliteStore(tmp_path / "store.sqlite3")
+    await store.open()
+    try:
+        for index in range(3):
+            await store.add_mail_jobs(
+                NewMail(mail_id=f"m{index}", envelope_from="user@example.org",
+                        message_id=f"<{index}@example.org>", subject="fax", references=[],
+                        from_header="", client_address="127.0.0.1"),
+                [NewJob(f"j{index}", "+4930123456", "acct")], [])
+        _, second, third = await store.pending_notifications(10)
+        notifier = Notifier(store, NotifySettings(), Renderer(), mails_per_hour=1000)
+        made = notifier._mails_for
+
+        async def failing_on_the_second(event: Any, *args: Any) -> Any:
+            if event.id == second.id:
+                raise RuntimeError("a template bug")
+            mails = await made(event, *args)
+            return [*mails, OutgoingMail("", ["a@b"], f"for {event.job_id}".encode(),
+                                         job_id=event.job_id)]
+
+        monkeypatch.setattr(notifier, "_mails_for", failing_on_the_second)
+        with pytest.raises(RuntimeError, match="a template bug"):
+            await notifier.handle_pending()
+        assert [event.id for event in await store.pending_notifications(10)] == [
+            second.id, third.id]
+        assert [item.message for item in await store.due_outbox(10)] == [b"for j0"]
+    finally:
+        await store.close()

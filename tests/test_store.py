@@ -284,6 +284,21 @@ async def test_notification_and_outbox_are_handed_over_atomically(store: Store) 
     assert await store.outbox_depth() == 0
 
 
+async def test_a_claims_events_are_completed_together_and_a_done_one_adds_nothing(
+        store: Store) -> None:
+    await add(store, jobs=("j1", "j2", "j3"))
+    first, second, third = await store.pending_notifications(10)
+    await store.complete_notification(second.id)  # done before, by another pass
+    await store.complete_notifications([
+        (first.id, [OutgoingMail("", ["a@b"], b"one", job_id="j1"),
+                    OutgoingMail("", ["c@d"], b"one, a copy", job_id="j1")]),
+        (second.id, [OutgoingMail("", ["a@b"], b"two again", job_id="j2")]),
+        (third.id, [])])
+    assert await store.pending_notifications(10) == []
+    assert [(item.message, item.recipients) for item in await store.due_outbox(10)] == [
+        (b"one", ["a@b"]), (b"one, a copy", ["c@d"])]
+
+
 async def test_final_jobs_are_acknowledged_only_after_their_mail_left(store: Store) -> None:
     await add(store)
     await store.record("j1", Transition(JobState.SUBMITTED, provider_job_id="P1"))

@@ -531,6 +531,11 @@ class Store(Protocol):
         an event is never mailed twice even if two instances handled it."""
         ...
 
+    async def complete_notifications(
+            self, completed: Sequence[tuple[int, Sequence[OutgoingMail]]]) -> None:
+        """:meth:`complete_notification` for each (event id, mails), in one transaction."""
+        ...
+
     async def enqueue_mail(self, mail: OutgoingMail) -> int: ...
 
     async def spool_mail(self, envelope_from: str, recipients: Sequence[str], client: str,

@@ -1688,20 +1688,27 @@ class PostgresStore:
 
     async def complete_notification(self, event_id: int,
                                     mails: Sequence[OutgoingMail] = ()) -> None:
+        await self.complete_notifications([(event_id, mails)])
+
+    async def complete_notifications(
+            self, completed: Sequence[tuple[int, Sequence[OutgoingMail]]]) -> None:
         async with self._cursor() as cur:
-            # First, and under the row's lock: a second instance that handled the same event
-            # (its lease ran out meanwhile) finds it done and adds nothing.
+            # First, and under the rows' locks: a second instance that handled the same
+            # events (their lease ran out meanwhile) finds them done and adds nothing.
             await cur.execute(
                 """
                 UPDATE events SET notify = false, claim_owner = NULL, claim_until = NULL
-                WHERE id = %s AND notify
+                WHERE notify AND id IN (SELECT id FROM events WHERE id = ANY(%s) AND notify
+                                        ORDER BY id FOR UPDATE)
+                RETURNING id
                 """,
-                (event_id,),
+                ([event_id for event_id, _ in completed],),
             )
-            if cur.rowcount == 0:
-                return
-            for mail in mails:
-                await self._insert_outbox(cur, mail)
+            done = {int(row["id"]) for row in await cur.fetchall()}
+            for event_id, mails in completed:
+                if event_id in done:
+                    for mail in mails:
+                        await self._insert_outbox(cur, mail)
 
     async def enqueue_mail(self, mail: OutgoingMail) -> int:
         async with self._cursor() as cur:

@@ -1483,13 +1483,18 @@ class SqliteStore(_InboundMixin, _EmulatorNetworkMixin, _RetentionMixin):
 
     async def complete_notification(self, event_id: int,
                                     mails: Sequence[OutgoingMail] = ()) -> None:
+        await self.complete_notifications([(event_id, mails)])
+
+    async def complete_notifications(
+            self, completed: Sequence[tuple[int, Sequence[OutgoingMail]]]) -> None:
         def operation(conn: sqlite3.Connection) -> None:
-            done = conn.execute("UPDATE events SET notify = 0 WHERE id = ? AND notify = 1",
-                                (event_id,)).rowcount
-            if not done:
-                return  # already handled: its mails are in the outbox once
-            for mail in mails:
-                self._insert_outbox(conn, mail)
+            for event_id, mails in completed:
+                done = conn.execute("UPDATE events SET notify = 0 WHERE id = ? AND notify = 1",
+                                    (event_id,)).rowcount
+                if not done:
+                    continue  # already handled: its mails are in the outbox once
+                for mail in mails:
+                    self._insert_outbox(conn, mail)
 
         await self._call(operation)
 
