@@ -16,7 +16,11 @@ worker process (the jobs are held until then); like the spool's worker it may la
 the mails still waiting for their check at the last 250 are printed, and the CPU of every
 server counts its worker processes too, until every mail was checked.
 
-    python bench/intake.py [--mails 1500] [--clients 20] [--rounds 4]
+With ``--stages`` three more servers show where the intake's time goes: readiness off, and
+the PDF check (its page count taken as 1), the store commit (nothing stored), or both left out.
+They are not modes of mailfax, only measurements of what each of the two costs.
+
+    python bench/intake.py [--mails 1500] [--clients 20] [--rounds 4] [--stages]
 """
 
 from __future__ import annotations
@@ -73,6 +77,19 @@ async def idle(self):
 
 Dispatcher.run = idle
 Tracker.run = idle
+SKIP = sys.argv[2] if len(sys.argv) > 2 else ""
+if "check" in SKIP:  # --stages: what the PDF check costs (the page count taken as 1)
+    from mailfax.intake import assemble
+    from mailfax.providers.base import FaxDocument
+
+    assemble.prepare_pdf = lambda filename, data, setup=None: FaxDocument(filename, data, 1)
+if "store" in SKIP:  # --stages: what the commit before the 250 costs (nothing stored)
+    from mailfax.store.sqlite import SqliteStore
+
+    async def not_stored(self, *args, **kwargs):
+        return None
+
+    SqliteStore.add_mail_jobs = not_stored
 asyncio.run(serve(load_settings(Path(sys.argv[1]))))
 """
 BARE = "bare aiosmtpd"
@@ -80,6 +97,12 @@ INTAKE = "mailfax intake alone"
 WHOLE = "mailfax with dispatch"
 SPOOLED = "mailfax spool, intake"
 UNCHECKED = "intake, readiness off"  # documents.readiness = "off": what the page check costs
+# --stages: readiness off, and one or both of the two things each mail needs before its 250
+# left out (not modes of mailfax: what each costs, side by side).
+NO_CHECK = "  without PDF check"
+NO_STORE = "  without store commit"
+NEITHER = "  without either"
+STAGES = {NO_CHECK: "check", NO_STORE: "store", NEITHER: "check,store"}
 CHECKED_AFTER = (INTAKE, WHOLE)  # "warn", the default: the page check after the 250
 
 
@@ -144,8 +167,8 @@ def mailfax_config(folder: Path, name: str, port: int, clients: int,
     return config
 
 
-def start_servers(folder: Path,
-                  clients: int) -> tuple[dict[str, int], list[subprocess.Popen[bytes]]]:
+def start_servers(folder: Path, clients: int, stages: bool = False
+                  ) -> tuple[dict[str, int], list[subprocess.Popen[bytes]]]:
     ports = {BARE: free_port(), INTAKE: free_port(), WHOLE: free_port(), SPOOLED: free_port(),
              UNCHECKED: free_port()}
     quiet: dict[str, Any] = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL,
@@ -161,6 +184,12 @@ def start_servers(folder: Path,
         subprocess.Popen([sys.executable, "-c", INTAKE_ONLY_SERVER, str(spooled)], **quiet),
         subprocess.Popen([sys.executable, "-c", INTAKE_ONLY_SERVER, str(unchecked)], **quiet),
     ]
+    for name, skip in STAGES.items() if stages else ():
+        ports[name] = free_port()
+        config = mailfax_config(folder, skip.replace(",", "-"), ports[name], clients,
+                                readiness="off")
+        servers.append(subprocess.Popen(
+            [sys.executable, "-c", INTAKE_ONLY_SERVER, str(config), skip], **quiet))
     return ports, servers
 
 
@@ -211,17 +240,22 @@ async def main() -> None:
     parser.add_argument("--mails", type=int, default=1500)
     parser.add_argument("--clients", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--stages", action="store_true",
+                        help="also intake (readiness off) without the PDF check, without the "
+                             "store commit, and without either: what each costs")
     args = parser.parse_args()
     pdf = PDF.read_bytes()
     mails = [message(pdf, i).as_bytes() for i in range(args.mails)]
 
     rates: dict[str, list[float]] = {name: [] for name in (BARE, INTAKE, WHOLE, SPOOLED,
                                                            UNCHECKED)}
+    if args.stages:
+        rates.update({name: [] for name in STAGES})
     cpu: dict[str, list[float]] = {name: [] for name in rates}  # server ms per mail
     backlogs: list[tuple[int, float]] = []  # spooled mails left after a round, seconds to jobs
     unchecked: dict[str, list[tuple[int, float]]] = {name: [] for name in CHECKED_AFTER}
     with tempfile.TemporaryDirectory() as folder:
-        ports, servers = start_servers(Path(folder), args.clients)
+        ports, servers = start_servers(Path(folder), args.clients, args.stages)
         spool_database = Path(folder) / "spooled-data" / "mailfax.sqlite3"
         try:
             for port in ports.values():
@@ -261,7 +295,7 @@ async def main() -> None:
         print(f"  {name}: jobs still waiting for their fax-readiness check at the last 250, "
               f"and seconds until all were checked (its CPU above counts them): "
               f"{', '.join(f'{left} in {seconds:.1f} s' for left, seconds in waiting)}")
-    for name in (INTAKE, WHOLE, SPOOLED, UNCHECKED):
+    for name in (INTAKE, WHOLE, SPOOLED, UNCHECKED, *(STAGES if args.stages else ())):
         per_round = [value / rate for value, rate in zip(rates[name], rates[BARE], strict=True)]
         print(f"ratio {name} / {BARE}: {statistics.median(rates[name]) / bare:.2f} of the "
               f"medians, per round {', '.join(f'{r:.2f}' for r in per_round)} (goal >= 0.80); "
