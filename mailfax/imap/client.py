@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from mailfax.config import ImapServerSettings
 from mailfax.support.lazy import lazy_module
+from mailfax.support.waiting import cancel_and_wait
 
 if TYPE_CHECKING:
     import aioimaplib  # type: ignore[import-untyped]
@@ -129,9 +130,7 @@ class ImapSession:
             task.cancel()
             raise
         if task not in done:
-            task.cancel()
-            with contextlib.suppress(BaseException):
-                await task
+            await cancel_and_wait(task)
             what = "lost" if self._lost.done() else f"timed out after {self.timeout:.0f} s"
             raise ImapError(f"connection to {self.describe()} {what}")
         try:
@@ -222,9 +221,7 @@ class ImapSession:
             try:
                 await asyncio.wait({push, self._lost}, return_when=asyncio.FIRST_COMPLETED)
             finally:
-                push.cancel()
-                with contextlib.suppress(BaseException):
-                    await push
+                await cancel_and_wait(push)
             if self._lost.done():
                 raise ImapError(f"connection to {self.describe()} lost during IDLE")
         finally:

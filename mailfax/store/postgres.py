@@ -68,7 +68,7 @@ from mailfax.store.base import (
     handoff_of,
     priority_rank,
 )
-from mailfax.support.waiting import wait_for_event
+from mailfax.support.waiting import cancel_and_wait, wait_for_event
 
 log = logging.getLogger(__name__)
 
@@ -1091,9 +1091,7 @@ class PostgresStore:
 
     async def close(self) -> None:
         if self._listener is not None:
-            self._listener.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._listener
+            await cancel_and_wait(self._listener)
             self._listener = None
         if self._pool is not None:
             await self._pool.close()
@@ -1179,9 +1177,7 @@ class PostgresStore:
         try:
             yield lost
         finally:
-            watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await watcher
+            await cancel_and_wait(watcher)
             with contextlib.suppress(psycopg.Error, OSError):
                 await conn.close()  # frees the lock
 

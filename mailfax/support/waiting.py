@@ -8,6 +8,8 @@ arrives just as the event is set (fixed in 3.12): the loop around it then never 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from typing import Any
 
 
 async def wait_for_event(event: asyncio.Event, seconds: float) -> bool:
@@ -18,3 +20,19 @@ async def wait_for_event(event: asyncio.Event, seconds: float) -> bool:
     finally:
         waiter.cancel()
     return bool(done)
+
+
+async def cancel_and_wait(task: asyncio.Future[Any]) -> None:
+    """Cancel ``task`` and wait until it has ended, however it ends.
+
+    ``with suppress(CancelledError): await task`` also swallows a cancellation of the
+    *caller* that comes while it waits (a stop): the caller's loop then goes on. Here that
+    one is raised again; one the caller was already in (a ``finally`` during a stop) is
+    left to go on after it, so the rest of the clean-up still runs."""
+    current = asyncio.current_task()
+    before = current.cancelling() if current is not None else 0
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Exception):  # the task's own end
+        await task
+    if current is not None and current.cancelling() > before:
+        raise asyncio.CancelledError
