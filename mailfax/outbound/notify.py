@@ -279,20 +279,24 @@ class Notifier:
         deadline = time.monotonic() + NOTIFY_LEASE_SECONDS / 2
         jobs, mails = await self._jobs_and_mails(
             [event for event in events if event_kind(event) is not None])
-        completed: list[tuple[int, list[OutgoingMail]]] = []
+        # Events that mail nothing (a burst's "accepted" events: half the SQLite writer's
+        # operations, one each) are completed together. An event's mails are stored before
+        # the next event is looked at: its flood limit and a list's summary read the outbox.
+        silent: list[tuple[int, list[OutgoingMail]]] = []
         try:
             for event in events:
                 if time.monotonic() > deadline:
                     break  # the rest stay leased to us and come back with the next claim
-                completed.append((event.id, await self._mails_for(event, jobs, mails)))
-        finally:  # what was made before an event that failed is still queued
-            self._last_documents = None  # not held between claims
-            # One store call for the claim's events, not one each: in a burst of mails
-            # their "accepted" events were half the SQLite writer's operations.
-            if completed:
-                await self.store.complete_notifications(completed)
-                if any(outgoing for _, outgoing in completed):
+                outgoing = await self._mails_for(event, jobs, mails)
+                silent.append((event.id, outgoing))
+                if outgoing:
+                    await self.store.complete_notifications(silent)
+                    silent = []
                     self.on_queued()
+        finally:  # what was made before an event that failed is still stored
+            self._last_documents = None  # not held between claims
+            if silent:
+                await self.store.complete_notifications(silent)
         return len(events)
 
     def _mailed(self, kind: str, job: Job) -> bool:
