@@ -68,6 +68,21 @@ async def drain(handle: Callable[[], Any]) -> None:
         pass
 
 
+async def one_fax_mails(store: Store, count: int, sender: str = "user@example.org",
+                        delivered: bool = False) -> None:
+    """``count`` mails m0… of one fax each (jobs j000…), queued or already delivered."""
+    for index in range(count):
+        await store.add_mail_jobs(
+            NewMail(mail_id=f"m{index}", envelope_from=sender,
+                    message_id=f"<{index}@example.org>", subject="fax", references=[],
+                    from_header="", client_address="127.0.0.1"),
+            [NewJob(f"j{index:03d}", "+4930123456", "acct")], [])
+        if delivered:
+            await store.record(f"j{index:03d}", Transition(
+                JobState.SUBMITTED, provider_job_id=f"P{index}", notify=False))
+            await store.record(f"j{index:03d}", Transition(JobState.DELIVERED, pages=1))
+
+
 async def test_a_burst_of_delivered_faxes_costs_few_store_calls_per_mail(
         tmp_path: Path) -> None:
     real = SqliteStore(tmp_path / "store.sqlite3")
@@ -111,12 +126,7 @@ async def test_a_burst_of_events_that_mail_nothing_is_completed_per_claim(
     real = SqliteStore(tmp_path / "store.sqlite3")
     await real.open()
     try:
-        for index in range(MAILS):
-            await real.add_mail_jobs(
-                NewMail(mail_id=f"m{index}", envelope_from="user@example.org",
-                        message_id=f"<{index}@example.org>", subject="fax", references=[],
-                        from_header="", client_address="127.0.0.1"),
-                [NewJob(f"j{index:03d}", "+4930123456", "acct")], [])
+        await one_fax_mails(real, MAILS)
         store = CountingStore(real)
         counted: Store = store  # type: ignore[assignment]
         notifier = Notifier(counted, NotifySettings(), Renderer(), mails_per_hour=1000)
@@ -169,17 +179,11 @@ async def test_a_mail_to_several_numbers_has_its_documents_read_once_for_its_rep
 
 async def test_the_mails_made_before_an_event_that_fails_are_still_queued(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The claim's events are completed in one store call at the end; an event whose mail
-    cannot be made (a bug) must not take the ones before it down with it."""
+    """An event whose mail cannot be made (a bug) does not lose what was made before it."""
     store = SqliteStore(tmp_path / "store.sqlite3")
     await store.open()
     try:
-        for index in range(3):
-            await store.add_mail_jobs(
-                NewMail(mail_id=f"m{index}", envelope_from="user@example.org",
-                        message_id=f"<{index}@example.org>", subject="fax", references=[],
-                        from_header="", client_address="127.0.0.1"),
-                [NewJob(f"j{index}", "+4930123456", "acct")], [])
+        await one_fax_mails(store, 3)
         _, second, third = await store.pending_notifications(10)
         notifier = Notifier(store, NotifySettings(), Renderer(), mails_per_hour=1000)
         made = notifier._mails_for
@@ -196,7 +200,7 @@ async def test_the_mails_made_before_an_event_that_fails_are_still_queued(
             await notifier.handle_pending()
         assert [event.id for event in await store.pending_notifications(10)] == [
             second.id, third.id]
-        assert [item.message for item in await store.due_outbox(10)] == [b"for j0"]
+        assert [item.message for item in await store.due_outbox(10)] == [b"for j000"]
     finally:
         await store.close()
 
@@ -207,15 +211,7 @@ async def test_the_status_mail_limit_holds_within_one_claim(tmp_path: Path) -> N
     real = SqliteStore(tmp_path / "store.sqlite3")
     await real.open()
     try:
-        for index in range(5):
-            await real.add_mail_jobs(
-                NewMail(mail_id=f"m{index}", envelope_from="alice@example.org",
-                        message_id=f"<{index}@example.org>", subject="fax", references=[],
-                        from_header="", client_address="127.0.0.1"),
-                [NewJob(f"j{index}", "+4930123456", "acct")], [])
-            await real.record(f"j{index}", Transition(
-                JobState.SUBMITTED, provider_job_id=f"P{index}", notify=False))
-            await real.record(f"j{index}", Transition(JobState.DELIVERED, pages=1))
+        await one_fax_mails(real, 5, sender="alice@example.org", delivered=True)
         notifier = Notifier(real, NotifySettings(), Renderer(), mails_per_hour=3)
         await drain(lambda: notifier.handle_pending(limit=100))
         assert await real.pending_notifications(10) == []
