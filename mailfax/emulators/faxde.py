@@ -175,11 +175,12 @@ class Emulator:
     async def close(self) -> None:
         for timer in self._timers:
             timer.cancel()
-        for task in list(self._tasks):
+        tasks = list(self._tasks)
+        for task in tasks:
             task.cancel()
-        for task in list(self._tasks):
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        # gather, not suppress(CancelledError) around each await: that also swallowed a
+        # cancellation of close() itself.
+        await asyncio.gather(*tasks, return_exceptions=True)
         if self._session is not None:
             await self._session.close()
         if self.runner is not None:

@@ -43,7 +43,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import contextlib
 import hmac
 import itertools
 import json
@@ -473,11 +472,12 @@ class RetarusEmulator:
         self.url = runner_url(self._runner)
 
     async def close(self) -> None:
-        for task in list(self._tasks):
+        tasks = list(self._tasks)
+        for task in tasks:
             task.cancel()
-        for task in list(self._tasks):
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        # gather, not suppress(CancelledError) around each await: that also swallowed a
+        # cancellation of close() itself.
+        await asyncio.gather(*tasks, return_exceptions=True)
         if self._session is not None:
             await self._session.close()
         if self._runner is not None:
