@@ -29,7 +29,6 @@ from typing import TYPE_CHECKING, Any, Protocol, cast, runtime_checkable
 
 from mailfax.config import ConfigError, ListenAddress, Settings, UserSettings, check_secrets
 from mailfax.documents import office
-from mailfax.documents.readiness_pool import ReadinessPool
 from mailfax.intake.accept_spool import accept_spool_loops
 from mailfax.intake.broadcast import lists_problem
 from mailfax.intake.readiness_check import ReadinessChecker
@@ -179,9 +178,7 @@ class Application:
                              metrics=self.metrics, secret_key=secret_key)
         # documents.readiness: one pool of worker processes, for the checks after the 250
         # ("warn") and before it ("refuse"); started by the checker's loop, after the port.
-        self.intake.readiness_pool = ReadinessPool(documents.readiness_workers,
-                                                   spool=settings.data_dir / "spool")
-        self.readiness = ReadinessChecker(self.store, settings, self.intake.readiness_pool,
+        self.readiness = ReadinessChecker(self.store, settings, self.intake.pool(),
                                           on_recorded=self._jobs_changed)
         self.intake.readiness_checker = self.readiness
         await asyncio.to_thread(self.intake.broadcast_lists)  # not at the first RCPT
@@ -207,7 +204,7 @@ class Application:
         thread meanwhile, so the first clients are greeted; the mails they give are stored,
         and the dispatcher's and notifier's first passes find them."""
         settings = self.settings
-        await asyncio.to_thread(_import_all, _loop_modules(settings))
+        await _import_in_thread(_loop_modules(settings))
         from mailfax.imap.intake import ImapIntake
         from mailfax.inbound.poller import InboundPoller
         from mailfax.inbound.screening import block_file
@@ -610,15 +607,15 @@ def _loop_modules(settings: Settings) -> list[str]:
               else [])]
 
 
+async def _import_in_thread(names: Sequence[str]) -> None:
+    """Import ``names`` in one worker thread."""
+    await asyncio.to_thread(_import_all, names)
+
+
 def _import_all(names: Sequence[str]) -> None:
     for name in names:
         if name:  # an unknown provider: make_providers names it
             importlib.import_module(name)
-
-
-async def _import_in_thread(names: Sequence[str]) -> None:
-    for name in names:
-        await asyncio.to_thread(importlib.import_module, name)
 
 
 async def _await(loop: Callable[[], Awaitable[None]]) -> None:
