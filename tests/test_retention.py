@@ -96,9 +96,9 @@ async def finished_mail(store: Store, mail_id: str, state: JobState = JobState.D
 
 async def notify_all(store: Store) -> None:
     for event in await store.pending_notifications(100):
-        await store.complete_notification(event.id, [OutgoingMail(
+        await store.complete_notifications([(event.id, [OutgoingMail(
             envelope_from="", recipients=["alice@example.org"], message=b"status " * 100,
-            job_id=event.job_id)])
+            job_id=event.job_id)])])
     for item in await store.due_outbox(100):
         await store.outbox_sent(item.id)
 

@@ -271,8 +271,8 @@ async def test_tracked_jobs_are_the_ones_at_the_provider(store: Store) -> None:
 async def test_notification_and_outbox_are_handed_over_atomically(store: Store) -> None:
     await add(store)
     [event] = await store.pending_notifications(10)
-    await store.complete_notification(event.id, [OutgoingMail("", ["alice@example.org"], b"m",
-                                                              job_id="j1")])
+    await store.complete_notifications([(event.id, [OutgoingMail("", ["alice@example.org"],
+                                                                  b"m", job_id="j1")])])
     assert await store.pending_notifications(10) == []
     [item] = await store.due_outbox(10)
     assert (item.recipients, item.message, item.job_id) == (["alice@example.org"], b"m", "j1")
@@ -288,7 +288,7 @@ async def test_a_claims_events_are_completed_together_and_a_done_one_adds_nothin
         store: Store) -> None:
     await add(store, jobs=("j1", "j2", "j3"))
     first, second, third = await store.pending_notifications(10)
-    await store.complete_notification(second.id)  # done before, by another pass
+    await store.complete_notifications([(second.id, [])])  # done before, by another pass
     await store.complete_notifications([
         (first.id, [OutgoingMail("", ["a@b"], b"one", job_id="j1"),
                     OutgoingMail("", ["c@d"], b"one, a copy", job_id="j1")]),
@@ -305,7 +305,7 @@ async def test_final_jobs_are_acknowledged_only_after_their_mail_left(store: Sto
     await store.record("j1", Transition(JobState.DELIVERED))
     assert await store.unacknowledged_final_jobs("acct", 10) == []  # events not yet mailed
     for event in await store.pending_notifications(10):
-        await store.complete_notification(event.id, [OutgoingMail("", ["a@b"], b"m", "j1")])
+        await store.complete_notifications([(event.id, [OutgoingMail("", ["a@b"], b"m", "j1")])])
     assert await store.unacknowledged_final_jobs("acct", 10) == []  # mail still in the outbox
     for item in await store.due_outbox(10):
         await store.outbox_sent(item.id)
@@ -708,8 +708,8 @@ async def test_a_notification_is_claimed_and_mailed_once(backend: Backend) -> No
             assert other == []  # leased to "one"
         # Both complete the same event (a lease that ran out): its mail is queued once.
         mail = OutgoingMail("", ["a@b"], b"status", job_id="j1")
-        await first.complete_notification(claimed[0].id, [mail])
-        await second.complete_notification(claimed[0].id, [mail])
+        await first.complete_notifications([(claimed[0].id, [mail])])
+        await second.complete_notifications([(claimed[0].id, [mail])])
         assert [item.job_id for item in await first.due_outbox(10)] == ["j1"]
     finally:
         await first.close()

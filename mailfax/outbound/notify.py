@@ -282,21 +282,21 @@ class Notifier:
         # Events that mail nothing (a burst's "accepted" events: half the SQLite writer's
         # operations, one each) are completed together. An event's mails are stored before
         # the next event is looked at: its flood limit and a list's summary read the outbox.
-        silent: list[tuple[int, list[OutgoingMail]]] = []
+        unstored: list[tuple[int, list[OutgoingMail]]] = []  # handled, not yet marked done
         try:
             for event in events:
                 if time.monotonic() > deadline:
                     break  # the rest stay leased to us and come back with the next claim
                 outgoing = await self._mails_for(event, jobs, mails)
-                silent.append((event.id, outgoing))
+                unstored.append((event.id, outgoing))
                 if outgoing:
-                    await self.store.complete_notifications(silent)
-                    silent = []
+                    await self.store.complete_notifications(unstored)
+                    unstored = []
                     self.on_queued()
         finally:  # what was made before an event that failed is still stored
             self._last_documents = None  # not held between claims
-            if silent:
-                await self.store.complete_notifications(silent)
+            if unstored:
+                await self.store.complete_notifications(unstored)
         return len(events)
 
     def _mailed(self, kind: str, job: Job) -> bool:

@@ -524,16 +524,12 @@ class Store(Protocol):
         take them until the lease runs out (events it already holds are handed out again)."""
         ...
 
-    async def complete_notification(self, event_id: int,
-                                    mails: Sequence[OutgoingMail] = ()) -> None:
-        """Queue the mails for an event (a status mail, a bounce, both or none) and mark the
-        event done, atomically — only if it is not done yet (then the mails are dropped), so
-        an event is never mailed twice even if two instances handled it."""
-        ...
-
     async def complete_notifications(
             self, completed: Sequence[tuple[int, Sequence[OutgoingMail]]]) -> None:
-        """:meth:`complete_notification` for each (event id, mails), in one transaction."""
+        """For each (event id, mails): queue the mails for the event (a status mail, a bounce,
+        both or none) and mark it done, all in one transaction — only if it is not done yet
+        (then its mails are dropped), so an event is never mailed twice even if two instances
+        handled it."""
         ...
 
     async def enqueue_mail(self, mail: OutgoingMail) -> int: ...

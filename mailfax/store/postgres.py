@@ -1682,10 +1682,6 @@ class PostgresStore:
             rows = await cur.fetchall()
         return sorted(rows, key=lambda row: int(row["id"]))
 
-    async def complete_notification(self, event_id: int,
-                                    mails: Sequence[OutgoingMail] = ()) -> None:
-        await self.complete_notifications([(event_id, mails)])
-
     async def complete_notifications(
             self, completed: Sequence[tuple[int, Sequence[OutgoingMail]]]) -> None:
         async with self._cursor() as cur:

@@ -1481,10 +1481,6 @@ class SqliteStore(_InboundMixin, _EmulatorNetworkMixin, _RetentionMixin):
         # One instance per SQLite database: nobody else could take them.
         return await self.pending_notifications(limit)
 
-    async def complete_notification(self, event_id: int,
-                                    mails: Sequence[OutgoingMail] = ()) -> None:
-        await self.complete_notifications([(event_id, mails)])
-
     async def complete_notifications(
             self, completed: Sequence[tuple[int, Sequence[OutgoingMail]]]) -> None:
         def operation(conn: sqlite3.Connection) -> None:
