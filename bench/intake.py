@@ -20,6 +20,13 @@ With ``--stages`` three more servers show where the intake's time goes: readines
 the PDF check (its page count taken as 1), the store commit (nothing stored), or both left out.
 They are not modes of mailfax, only measurements of what each of the two costs.
 
+For a CPU ceiling, each blast (first connection to last 250) also measures the server's CPU
+during the blast alone (without the work left after the last 250), the client's (this
+process: the clients run here), and the machine's busy cores from /proc/stat (every process,
+other sessions' too). Each mailfax server's "CPU ceiling" is (client + bare server CPU per
+mail) / (client + its CPU per mail), medians: the ratio to bare it could reach if the cores
+were the only limit, an upper bound only if bare's run kept the cores busy.
+
     python bench/intake.py [--mails 1500] [--clients 20] [--rounds 4] [--stages]
 """
 
@@ -213,6 +220,26 @@ def cpu_seconds(pid: int) -> float:
                if member in stats) / os.sysconf("SC_CLK_TCK")
 
 
+def machine_jiffies() -> tuple[int, int]:
+    """Busy and idle clock ticks of all the machine's cores so far, from /proc/stat (Linux):
+    busy is user, nice, system, irq, softirq and steal, idle is idle and iowait. Every process
+    counts, the other sessions' on a shared machine too."""
+    fields = [int(field) for field in Path("/proc/stat").read_text().split()[1:9]]
+    user, nice, system, idle, iowait, irq, softirq, steal = fields
+    return user + nice + system + irq + softirq + steal, idle + iowait
+
+
+def online_cores() -> int:
+    return sum(line.startswith("cpu") and line[3:4].isdigit()
+               for line in Path("/proc/stat").read_text().splitlines())
+
+
+def cores_busy(before: tuple[int, int], cores: int) -> float:
+    """How many of the ``cores`` were busy on average since ``before`` (machine_jiffies)."""
+    busy, idle = (now - then for now, then in zip(machine_jiffies(), before, strict=True))
+    return cores * busy / max(1, busy + idle)
+
+
 SPOOLED_LEFT = "SELECT count(*) FROM accept_spool"
 UNCHECKED_LEFT = ("SELECT count(*) FROM jobs WHERE state = 'queued'"
                   " AND json_extract(options, '$.readiness') = 'pending'")
@@ -233,6 +260,9 @@ async def drain(database: Path, count: str) -> tuple[int, float]:
     return backlog, time.perf_counter() - started
 
 
+def median_line(name: str, values: list[float], what: str) -> str:
+    return (f"  {name:<22} median {statistics.median(values):8.2f} {what} "
+            f"(rounds: {', '.join(f'{v:.2f}' for v in values)})")
 
 
 async def main() -> None:
@@ -252,6 +282,13 @@ async def main() -> None:
     if args.stages:
         rates.update({name: [] for name in STAGES})
     cpu: dict[str, list[float]] = {name: [] for name in rates}  # server ms per mail
+    # During the blast only (from its first connection to its last 250): the server's CPU ms
+    # per mail (without the work left after the last 250), the client's (this process), and
+    # how many of the machine's cores were busy.
+    blast_cpu: dict[str, list[float]] = {name: [] for name in rates}
+    client_cpu: dict[str, list[float]] = {name: [] for name in rates}
+    busy: dict[str, list[float]] = {name: [] for name in rates}
+    cores = online_cores()
     backlogs: list[tuple[int, float]] = []  # spooled mails left after a round, seconds to jobs
     unchecked: dict[str, list[tuple[int, float]]] = {name: [] for name in CHECKED_AFTER}
     with tempfile.TemporaryDirectory() as folder:
@@ -266,7 +303,12 @@ async def main() -> None:
                 for name in order:
                     pid = servers[list(ports).index(name)].pid
                     before = cpu_seconds(pid)
+                    machine = machine_jiffies()
+                    client = time.process_time()
                     rates[name].append(await blast(ports[name], mails, args.clients))
+                    client_cpu[name].append((time.process_time() - client) * 1000 / len(mails))
+                    busy[name].append(cores_busy(machine, cores))
+                    blast_cpu[name].append((cpu_seconds(pid) - before) * 1000 / len(mails))
                     if name == SPOOLED:  # its worker's time belongs to the mails too
                         backlogs.append(await drain(spool_database, SPOOLED_LEFT))
                     if name in CHECKED_AFTER:  # so does the readiness workers'
@@ -286,8 +328,19 @@ async def main() -> None:
         print(f"  {name:<22} median {statistics.median(values):8.1f} mails/s  "
               f"(rounds: {', '.join(f'{v:.1f}' for v in values)})")
     for name, values in cpu.items():
-        print(f"  {name:<22} median {statistics.median(values):8.2f} CPU ms/mail in the server "
-              f"(rounds: {', '.join(f'{v:.2f}' for v in values)})")
+        print(median_line(name, values, "CPU ms/mail in the server"))
+    for name, values in blast_cpu.items():
+        print(median_line(name, values, "CPU ms/mail in the server during the blast only"))
+    for name, values in client_cpu.items():
+        print(median_line(name, values, "CPU ms/mail in the client (this process)"))
+    for name, values in busy.items():
+        # CPU ms per mail times mails per second: how many cores each side kept busy.
+        client_cores, server_cores = (statistics.median(
+            ms * rate / 1000 for ms, rate in zip(side[name], rates[name], strict=True))
+            for side in (client_cpu, blast_cpu))
+        print(median_line(name, values, f"of {cores} cores busy during the blast, "
+                                        f"machine-wide; client {client_cores:.2f}, "
+                                        f"server {server_cores:.2f} cores"))
     print(f"  {SPOOLED}: mails still spooled at the last 250, and seconds until all were "
           f"jobs (its CPU above counts them): "
           f"{', '.join(f'{left} in {seconds:.1f} s' for left, seconds in backlogs)}")
@@ -301,6 +354,16 @@ async def main() -> None:
               f"medians, per round {', '.join(f'{r:.2f}' for r in per_round)} (goal >= 0.80); "
               f"CPU per mail {statistics.median(cpu[BARE]) / statistics.median(cpu[name]):.2f}"
               f" of bare's speed")
+        client_ms, server_ms = (statistics.median(side[name])
+                                for side in (client_cpu, blast_cpu))
+        bare_client, bare_server = (statistics.median(side[BARE])
+                                    for side in (client_cpu, blast_cpu))
+        print(f"  CPU ceiling {(bare_client + bare_server) / (client_ms + server_ms):.2f} of "
+              f"bare's rate if the cores were the only limit (client {client_ms:.2f} + server "
+              f"{server_ms:.2f} ms/mail vs client {bare_client:.2f} + bare {bare_server:.2f}, "
+              f"medians of the CPU during the blast only); a bound only if bare's run was "
+              f"CPU-bound: {statistics.median(busy[BARE]):.2f} of {cores} cores busy"
+              f"{'; counts its niced page-check workers' if name in CHECKED_AFTER else ''}")
 
 
 if __name__ == "__main__":
