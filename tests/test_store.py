@@ -208,6 +208,24 @@ async def test_added_jobs_are_queued_with_pages_documents_and_an_accepted_event(
     assert len(await store.pending_notifications(10)) == 2
 
 
+async def test_a_document_in_its_file_is_stored_and_loaded_byte_for_byte(
+        store: Store, tmp_path: Path) -> None:
+    import base64
+    import random
+
+    from mailfax.intake.spool import decode_base64_to_file
+
+    data = random.Random(7).randbytes(3 * 1024 * 1024 + 17)  # SQLite: written in pieces
+    encoded = base64.encodebytes(data)
+    mapped = decode_base64_to_file(encoded, 0, len(encoded), tmp_path)
+    try:
+        await store.add_mail_jobs(new_mail(), [NewJob("j1", number_of("j1"), "acct")],
+                                  [FaxDocument("big.pdf", mapped, 9), *DOCS])
+    finally:
+        mapped.close()
+    assert await store.load_documents("m1") == [FaxDocument("big.pdf", data, 9), *DOCS]
+
+
 async def test_a_claimed_job_is_leased_and_not_claimed_twice(store: Store) -> None:
     await add(store, jobs=("j1", "j2"))
     first = await claim(store, "one", 10, 60)

@@ -30,6 +30,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from mailfax.documents.mapped import DocumentBytes, DocumentMap
 from mailfax.providers.base import FaxDocument
 from mailfax.support.lazy import lazy_module
 
@@ -92,12 +93,14 @@ def is_pdf(filename: str, content_type: str) -> bool:
     return content_type.lower() in PDF_TYPES or filename.lower().endswith(".pdf")
 
 
-def prepare_pdf(filename: str, data: bytes, setup: PageSetup = DEFAULT_SETUP) -> FaxDocument:
+def prepare_pdf(filename: str, data: DocumentBytes, setup: PageSetup = DEFAULT_SETUP
+                ) -> FaxDocument:
     """Check that a PDF opens without a password, count its pages, put them on paper.
 
     A PDF encrypted with an owner password only opens for anyone; it is saved again without the
     encryption so every provider can read it. Pages not on paper are scaled onto it (see the
-    module's rules). Other PDFs are passed on byte for byte.
+    module's rules). Other PDFs are passed on byte for byte (a large one in its file: qpdf
+    reads it there).
     """
     if b"%PDF-" not in data[:1024]:
         raise DocumentError(f"{filename} is not a PDF (its content is something else); "
@@ -105,7 +108,7 @@ def prepare_pdf(filename: str, data: bytes, setup: PageSetup = DEFAULT_SETUP) ->
     try:
         # The check reads the page tree as it is: pushing inherited attributes down to every
         # page (pikepdf's default) costs a third of the time and only matters for a rewrite.
-        with pikepdf.open(io.BytesIO(data), inherit_page_attributes=False) as pdf:
+        with pikepdf.open(_source(data), inherit_page_attributes=False) as pdf:
             pages = len(pdf.pages)
             if pdf.get_warnings() and b"%%EOF" not in data[-2048:]:
                 # qpdf rebuilt the file from a fragment: what it shows is not the whole
@@ -115,7 +118,7 @@ def prepare_pdf(filename: str, data: bytes, setup: PageSetup = DEFAULT_SETUP) ->
             _check_pages(filename, pages)
             rewrite = pdf.is_encrypted or any(_off_paper(page, setup) for page in pdf.pages)
         if rewrite:
-            with pikepdf.open(io.BytesIO(data)) as pdf:
+            with pikepdf.open(_source(data)) as pdf:
                 _put_on_paper(pdf, setup)
                 data = _save(pdf)
     except pikepdf.PasswordError:
@@ -125,6 +128,12 @@ def prepare_pdf(filename: str, data: bytes, setup: PageSetup = DEFAULT_SETUP) ->
         raise DocumentError(f"{filename} is a damaged PDF that cannot be read; save or export "
                             f"it again and resend.") from None
     return FaxDocument(filename=filename, data=data, pages=pages)
+
+
+def _source(data: DocumentBytes) -> str | io.BytesIO:
+    """What pikepdf opens ``data`` from: its file for a mapped one (``BytesIO`` would copy
+    it), else a stream over the bytes (no copy)."""
+    return data.path if isinstance(data, DocumentMap) else io.BytesIO(data)
 
 
 def page_count(data: bytes) -> int:

@@ -6,7 +6,9 @@ Pure and CPU-bound (MIME parsing, PDF checks, image conversion): callers run it 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
+from mailfax.documents.mapped import DocumentBytes
 from mailfax.documents.office import convert_office, is_office
 from mailfax.documents.pdf import (
     DEFAULT_SETUP,
@@ -66,22 +68,23 @@ class FaxContent:
 
 
 def assemble(raw: MailBytes, *, allow_empty: bool = False,
-             setup: PageSetup = DEFAULT_SETUP) -> FaxContent:
+             setup: PageSetup = DEFAULT_SETUP, spool: Path | None = None) -> FaxContent:
     """The mail's documents as fax-ready PDFs, in mail order.
 
     Blocking; office documents take seconds (LibreOffice). ``allow_empty``: a mail without
     documents is returned as such (its text may still become a cover page); otherwise it is
-    refused. ``setup``: the paper the pages are put on.
+    refused. ``setup``: the paper the pages are put on. ``spool``: the folder a large part is
+    decoded into (see :func:`~mailfax.intake.mime.parse_mail`).
     """
-    content = convert_documents(read_mail(raw), setup)
+    content = convert_documents(read_mail(raw, spool), setup)
     if not content.documents and not allow_empty:
         raise nothing_to_fax(content)
     return content
 
 
-def read_mail(raw: MailBytes) -> ParsedMail:
+def read_mail(raw: MailBytes, spool: Path | None = None) -> ParsedMail:
     try:
-        return parse_mail(raw)
+        return parse_mail(raw, spool)
     except MailFormatError as error:
         raise Refusal(554, "5.6.0", str(error)) from None
 
@@ -113,7 +116,7 @@ def nothing_to_fax(content: FaxContent, cover_address: str = "") -> Refusal:
                                             *hint, *content.mail.skipped]))
 
 
-def convert_file(filename: str, content_type: str, data: bytes,
+def convert_file(filename: str, content_type: str, data: DocumentBytes,
                  setup: PageSetup = DEFAULT_SETUP) -> FaxDocument:
     """One PDF, image or office document as fax pages; DocumentError names the file."""
     kind = "pdf" if is_pdf(filename, content_type) else \
@@ -121,17 +124,19 @@ def convert_file(filename: str, content_type: str, data: bytes,
     return _to_pages(kind, filename, data, setup)
 
 
-def _to_pages(kind: str, filename: str, data: bytes, setup: PageSetup) -> FaxDocument:
+def _to_pages(kind: str, filename: str, data: DocumentBytes, setup: PageSetup
+              ) -> FaxDocument:
     """A document of ``kind`` (see :func:`document_kind`) as fax pages on ``setup``'s paper."""
     refuse_empty(filename, data)
     if kind == "pdf":
         return prepare_pdf(filename, data, setup)
+    data = bytes(data)  # LibreOffice and Pillow read a copy (only a PDF is read from its file)
     if kind == "office":
         return fit_to_paper(convert_office(filename, data), setup)
     return image_to_pdf(filename, data, setup.paper)
 
 
-def refuse_empty(filename: str, data: bytes) -> None:
+def refuse_empty(filename: str, data: DocumentBytes) -> None:
     """A 0-byte file is called empty, not "not a PDF": the mail program attached nothing."""
     if not data:
         raise DocumentError(f"{filename} is empty (0 bytes); attach the file again, or check "

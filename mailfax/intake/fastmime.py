@@ -81,6 +81,14 @@ class ScannedPart(Message):
             return self._as_message().get_payload(decode=True)
         return bytes(self.buffer[start:end])
 
+    def clean_base64(self) -> tuple[int, int] | None:
+        """The region of a leaf's base64 payload that decodes alike however it is read (see
+        :func:`_clean_base64`), for a caller that decodes it itself; else None."""
+        if self.region is None or \
+                str(self.get("content-transfer-encoding", "")).lower() != "base64":
+            return None
+        return self.region if _clean_base64(self.buffer, *self.region) else None
+
     def _as_message(self) -> Message:
         """The part as the email package holds it (text payload): for the rare decodings."""
         assert self.region is not None

@@ -21,10 +21,18 @@ from email.errors import MessageError
 from email.header import decode_header, make_header
 from email.message import Message
 from email.utils import getaddresses, parsedate_to_datetime
+from pathlib import Path
 
+from mailfax.documents.mapped import DocumentBytes, DocumentMap, drop_read_pages
 from mailfax.documents.pdf import PDF_TYPES
 from mailfax.intake.fastmime import ScannedPart, scan
-from mailfax.intake.spool import FEED_BYTES, MailBytes, buffer_chunks, drop_pages
+from mailfax.intake.spool import (
+    DECODE_TO_FILE_ABOVE,
+    FEED_BYTES,
+    MailBytes,
+    buffer_chunks,
+    decode_base64_to_file,
+)
 
 MAX_PARTS = 500
 MAX_DEPTH = 12
@@ -49,7 +57,7 @@ class MailFormatError(ValueError):
 class Attachment:
     filename: str
     content_type: str
-    data: bytes
+    data: DocumentBytes  # a large decoded part: in its file (see parse_mail)
     inline: bool = False
     content_id: str = ""
     in_forwarded: bool = False  # inside a forwarded message/rfc822
@@ -71,15 +79,19 @@ class ParsedMail:
     html_cids: set[str] = field(default_factory=set)  # cid: references in HTML bodies
 
 
-def parse_mail(raw: MailBytes) -> ParsedMail:
+def parse_mail(raw: MailBytes, spool: Path | None = None) -> ParsedMail:
     """The mail read by the fast scan (:mod:`mailfax.intake.fastmime`) when its shape is a
-    common one, else by the email package; both give the same message tree."""
+    common one, else by the email package; both give the same message tree. With ``spool``
+    (a folder), a large base64 part the scan found is decoded into a file there, and its
+    attachment's data is a :class:`~mailfax.documents.mapped.DocumentMap` of it."""
     message = scan(raw)
+    if isinstance(raw, mmap.mmap):
+        drop_read_pages(raw, len(raw))  # the scan read it all: the parts are read again
     try:
-        return read_message(message if message is not None else package_message(raw))
+        return read_message(message if message is not None else package_message(raw), spool)
     finally:
         if isinstance(raw, mmap.mmap):
-            drop_pages(raw, len(raw))  # read: what is kept of it is decoded by now
+            drop_read_pages(raw, len(raw))  # read: what is kept of it is decoded by now
 
 
 def package_message(raw: MailBytes) -> Message:
@@ -92,7 +104,7 @@ def package_message(raw: MailBytes) -> Message:
         raise MailFormatError(f"The mail cannot be parsed ({type(error).__name__}).") from None
 
 
-def read_message(message: Message) -> ParsedMail:
+def read_message(message: Message, spool: Path | None = None) -> ParsedMail:
     """A parsed message tree → what intake uses of it."""
     repair_8bit_headers(message)
     mail = ParsedMail(
@@ -107,7 +119,7 @@ def read_message(message: Message) -> ParsedMail:
     raw_from = str(message.get("From", "") or "")  # before decoding: a name may hold a comma
     addresses = getaddresses([raw_from]) if raw_from else []
     mail.from_address = addresses[0][1] if addresses else ""
-    walker = _Walker(mail)
+    walker = _Walker(mail, spool)
     walker.walk(message, depth=0, forwarded=False)
     mail.text = walker.body_text()
     return mail
@@ -172,8 +184,9 @@ def is_image_part(attachment: Attachment) -> bool:
 
 
 class _Walker:
-    def __init__(self, mail: ParsedMail):
+    def __init__(self, mail: ParsedMail, spool: Path | None = None):
         self.mail = mail
+        self.spool = spool  # where a large part is decoded to (documents.mapped)
         self.parts = 0
         self.plain: list[str] = []
         self.html: list[str] = []
@@ -208,7 +221,7 @@ class _Walker:
                 and not filename:
             self.body(part, content_type, forwarded)
             return
-        data = _decoded(part)
+        data = _decoded_to_file(part, self.spool) or _decoded(part)
         part.set_payload("")  # the encoded text is not needed again: free it now
         if content_type in TNEF_TYPES or filename.lower() == "winmail.dat":
             self.tnef(filename or "winmail.dat", data, forwarded)
@@ -229,14 +242,14 @@ class _Walker:
         elif not forwarded:
             self.plain.append(text)
 
-    def tnef(self, filename: str, data: bytes, forwarded: bool) -> None:
+    def tnef(self, filename: str, data: DocumentBytes, forwarded: bool) -> None:
         from tnefparse import TNEF  # imported here: only Outlook mails need it
 
         if len(data) > MAX_TNEF_BYTES:
             self.mail.skipped.append(f"{filename} is too large to unpack.")
             return
         try:
-            tnef = TNEF(data)
+            tnef = TNEF(bytes(data))
         except Exception:  # tnefparse raises plain exceptions on damaged data
             self.mail.skipped.append(f"{filename} (Outlook rich text) could not be unpacked.")
             return
@@ -269,6 +282,22 @@ def _payload_list(part: Message) -> Iterator[Message]:
         yield from (item for item in payload if isinstance(item, Message))
     elif isinstance(payload, Message):
         yield payload
+
+
+def _decoded_to_file(part: Message, spool: Path | None) -> DocumentMap | None:
+    """A large base64 part the fast scan found, decoded into a file in ``spool``; None for
+    any other (decoded in memory, as the email package would)."""
+    if spool is None or not isinstance(part, ScannedPart):
+        return None
+    region = part.clean_base64()
+    if region is None or region[1] - region[0] <= DECODE_TO_FILE_ABOVE:
+        return None
+    if isinstance(part.buffer, mmap.mmap):
+        drop_read_pages(part.buffer, region[1])  # read by the check: decoding reads it again
+    try:
+        return decode_base64_to_file(part.buffer, *region, spool)
+    except ValueError:  # nothing in it
+        return None
 
 
 def _decoded(part: Message) -> bytes:

@@ -116,6 +116,9 @@ class Intake:
         self.store = store
         self.on_stored = on_stored
         self.secret_key = secret_key  # checks the policy service's headers; None: refused
+        # Large mails being received, the large parts decoded from them, and the documents
+        # handed to the readiness workers: unlinked files, or gone after their use.
+        self.spool_folder = settings.data_dir / "spool"
         self.wake_outbox: Callable[[], None] = lambda: None
         self.wake_spool: Callable[[], None] = lambda: None  # smtp.accept = "spool"
         # Pure for a given configuration, and asked twice per recipient (RCPT, then DATA).
@@ -382,7 +385,8 @@ class Intake:
             self._account_for(user)
         setup = page_setup(self.settings, account)
         if len(raw) > INLINE_ASSEMBLY_BYTES:
-            content = await asyncio.to_thread(assemble, raw, allow_empty=True, setup=setup)
+            content = await asyncio.to_thread(assemble, raw, allow_empty=True, setup=setup,
+                                              spool=self.spool_folder)
         else:  # parsing a small mail costs less than a thread hand-off; checking its
             # documents does not: pikepdf works mostly without the GIL, so in the PDF worker
             # the check of one mail overlaps the loop's work on the others. Images and
@@ -452,7 +456,7 @@ class Intake:
     def pool(self) -> ReadinessPool:
         if self.readiness_pool is None:
             self.readiness_pool = ReadinessPool(self.settings.documents.readiness_workers,
-                                                spool=self.settings.data_dir / "spool")
+                                                spool=self.spool_folder)
         return self.readiness_pool
 
     async def check_readiness(self, documents: Sequence[FaxDocument],

@@ -57,7 +57,7 @@ class FaxHandler:
         self.intake = intake
         self.max_recipients = max_recipients
         self.budget = ReceivingBudget(intake.settings.smtp.receiving_budget_bytes)
-        self.spool_folder = intake.settings.data_dir / "spool"
+        self.spool_folder = intake.spool_folder
         # Per envelope (aiosmtpd makes a new one for each mail): the hourly counts read at
         # its first RCPT, so later RCPTs count on from them instead of asking the store again.
         self._usage: weakref.WeakKeyDictionary[Envelope, dict[str, int]] = \

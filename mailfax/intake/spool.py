@@ -8,10 +8,13 @@ downstream gets ``bytes`` for the first and a read-only ``mmap`` of the file for
 (a buffer that costs no heap, and whose pages the parser hands back as it goes,
 :func:`buffer_chunks`).
 
-Reading, parsing and storing a mail still takes memory in proportion to its size
-(:data:`MEMORY_PER_BYTE`, measured by ``bench/memory.py``). :class:`ReceivingBudget` counts
-that for the mails in hand; a new DATA while it is spent, or a mail that does not fit, is
-answered ``452 4.3.1`` (try later), so peak memory stays within ``smtp.receiving_budget``.
+A large base64 part is decoded piece by piece into a file of its own as well
+(:func:`decode_base64_to_file`, :mod:`mailfax.documents.mapped`). Reading, parsing and
+storing a mail still takes memory in proportion to its size, most for a shape the email
+package must read (:data:`MEMORY_PER_BYTE`, measured by ``bench/memory.py``).
+:class:`ReceivingBudget` counts that for the mails in hand; a new DATA while it is spent,
+or a mail that does not fit, is answered ``452 4.3.1`` (try later), so peak memory stays
+within ``smtp.receiving_budget``.
 """
 
 from __future__ import annotations
@@ -24,6 +27,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
+import pybase64
+
+from mailfax.documents.mapped import DocumentMap, drop_read_pages
+
 # Up to this size a mail stays in memory (and is parsed on the event loop, see
 # intake.service.INLINE_ASSEMBLY_BYTES); beyond it, it goes to the spool file.
 IN_MEMORY_BYTES = 64 * 1024
@@ -31,13 +38,17 @@ IN_MEMORY_BYTES = 64 * 1024
 WRITE_BYTES = 256 * 1024
 # Peak memory growth per byte of a mail while mailfax parses and stores it (the mapped spool
 # file as the fast scan reads it, the decoded parts, the PDF check, the store's copy):
-# bench/memory.py measures 1.8-2.0 for one 10-30 MB PDF mail, and 3.1-3.5 for a shape the
-# email package must read (its line lists and joined text alone are 2.8). With the
-# dispatcher loading the first job meanwhile and memory the allocator keeps, the budget
-# charges each mail this many times its size.
+# bench/memory.py measures 1.2-1.5 for one 10-30 MB PDF mail (its part decoded into a file),
+# and 3.1-3.5 for a shape the email package must read (its line lists and joined text alone
+# are 2.8). With the dispatcher loading the first job meanwhile and memory the allocator
+# keeps, the budget charges each mail this many times its size.
 MEMORY_PER_BYTE = 4
 # The parser is fed in pieces of this size; mmap pages behind it are dropped.
 FEED_BYTES = 1024 * 1024
+# A base64 part whose text is longer than this is decoded into a file of its own, not into
+# memory (documents.mapped), in pieces of DECODE_PIECE_BYTES of text.
+DECODE_TO_FILE_ABOVE = 1024 * 1024
+DECODE_PIECE_BYTES = 1024 * 1024
 
 MailBytes = bytes | mmap.mmap
 """A received mail as downstream gets it: ``bytes``, or an ``mmap`` of its spool file."""
@@ -174,15 +185,32 @@ def buffer_chunks(data: MailBytes, size: int = FEED_BYTES) -> Iterator[bytes]:
         for start in range(0, len(view), size):
             yield bytes(view[start:start + size])
             if isinstance(data, mmap.mmap) and start:
-                drop_pages(data, start)
+                drop_read_pages(data, start)
     finally:
         view.release()
 
 
-def drop_pages(data: mmap.mmap, end: int) -> None:
-    """Drop the mapped pages before ``end`` from the process (they stay in the page cache and
-    come back if read again), so a mapped mail already read is not counted twice."""
-    end -= end % mmap.PAGESIZE
-    if end and hasattr(mmap, "MADV_DONTNEED"):
-        with contextlib.suppress(OSError, ValueError):
-            data.madvise(mmap.MADV_DONTNEED, 0, end)
+def decode_base64_to_file(buffer: bytes | bytearray | mmap.mmap, start: int, end: int,
+                          folder: Path) -> DocumentMap:
+    """The clean base64 (alphabet, line ends, final padding: ``fastmime``'s check) of
+    ``buffer[start:end]`` decoded piece by piece into an unlinked file in ``folder``. Neither
+    the text nor the decoded bytes are ever whole in memory; the mail's mapped pages read are
+    dropped as it goes. Blocking: call it in a worker thread."""
+    file = _open_spool_file(folder)
+    try:
+        carry = b""
+        for piece_start in range(start, end, DECODE_PIECE_BYTES):
+            piece_end = min(piece_start + DECODE_PIECE_BYTES, end)
+            text = carry + bytes(buffer[piece_start:piece_end]).translate(None, b"\r\n")
+            whole = len(text) - len(text) % 4 if piece_end < end else len(text)
+            file.write(pybase64.b64decode(text[:whole]))
+            carry = text[whole:]
+            if isinstance(buffer, mmap.mmap):
+                drop_read_pages(buffer, piece_end)
+        file.flush()
+        if not file.tell():
+            raise ValueError("an empty part is not mapped")  # the caller decodes it in memory
+        return DocumentMap.of(file)
+    except BaseException:
+        file.close()
+        raise

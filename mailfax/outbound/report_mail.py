@@ -116,7 +116,7 @@ def _render(job: Job, facts: ReportFacts, documents: list[FaxDocument], language
     from mailfax.documents.report import build_report
 
     resolution = "fine" if job.options.get("resolution") == "fine" else "standard"
-    page = PAGES.page_one(job.mail_id, resolution, documents[0].data)
+    page = PAGES.page_one(job.mail_id, resolution, bytes(documents[0].data))
     report = build_report(facts, page, language)
     faxed = None
     if with_document:

@@ -20,6 +20,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
+from mailfax.documents.mapped import DocumentBytes
 from mailfax.model import JobState, Reason
 
 if TYPE_CHECKING:
@@ -33,7 +34,7 @@ class FaxDocument:
     """A fax-ready document: a PDF (already validated, page-counted)."""
 
     filename: str
-    data: bytes
+    data: DocumentBytes  # from a large mail's intake, in its file (documents.mapped)
     pages: int
     content_type: str = "application/pdf"
 

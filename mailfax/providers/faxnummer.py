@@ -390,7 +390,7 @@ class FaxnummerProvider(BaseProvider):
         return [self._as_result(result) for result in results]
 
     async def _send_one(self, request: SendRequest, document: FaxDocument) -> SendReceipt:
-        files = {"sFax": (document.filename, document.data, "application/pdf")}
+        files = {"sFax": (document.filename, bytes(document.data), "application/pdf")}
         fields = await self._call("SendFax", send_fields(request, self.settings), files)
         provider_job_id, duplicate = send_answer(fields)
         return SendReceipt(job_id=request.job_id, provider_job_id=provider_job_id,

@@ -31,6 +31,7 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
 from mailfax import reasons
+from mailfax.documents.mapped import sha256_of
 from mailfax.model import RETRYABLE_STATES, TRACKED_STATES, JobState, Reason, can_transition
 from mailfax.providers.base import (
     EmulatedTransmission,
@@ -1244,10 +1245,12 @@ class PostgresStore:
                  Jsonb(mail.references), mail.from_header, mail.client_address,
                  mail.auto_submitted, mail.precedence, mail.language),
             )
-            digests = [hashlib.sha256(d.data).hexdigest() for d in documents]
-            await cur.executemany(  # pipelined: one round trip for all rows
+            digests = [sha256_of(d.data) for d in documents]
+            await cur.executemany(  # pipelined: one round trip for all rows; a document in
+                # its file is read once, into the query (PostgreSQL's bytea is one value)
                 "INSERT INTO blobs (sha256, data) VALUES (%s, %s) ON CONFLICT DO NOTHING",
-                list(dict(zip(digests, (d.data for d in documents), strict=True)).items()),
+                list(dict(zip(digests, (memoryview(d.data) for d in documents),
+                              strict=True)).items()),
             )
             await cur.executemany(
                 """

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import hashlib
 import json
 import logging
 import os
@@ -26,6 +25,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from mailfax import reasons
+from mailfax.documents.mapped import DocumentBytes, pieces, sha256_of
 from mailfax.model import (
     RETRYABLE_STATES,
     TRACKED_STATES,
@@ -382,9 +382,10 @@ def _documents(conn: sqlite3.Connection, mail_ids: Sequence[str]
     return found
 
 
-def _put_blob(conn: sqlite3.Connection, digest: str, data: bytes) -> None:
+def _put_blob(conn: sqlite3.Connection, digest: str, data: DocumentBytes) -> None:
     """Store a document's bytes once. A large one is written in pieces into a zeroblob: bound
-    as a parameter, SQLite would copy it twice (the bound value, then the row's record)."""
+    as a parameter, SQLite would copy it twice (the bound value, then the row's record); one
+    in its file is read from there piece by piece (documents.mapped.pieces)."""
     if len(data) <= BLOB_IN_ROW_BYTES:
         conn.execute("INSERT OR IGNORE INTO blobs VALUES (?, ?)", (digest, data))
         return
@@ -393,10 +394,9 @@ def _put_blob(conn: sqlite3.Connection, digest: str, data: bytes) -> None:
     if not cursor.rowcount:  # the same document is stored already
         return
     assert cursor.lastrowid is not None
-    view = memoryview(data)
     with conn.blobopen("blobs", "data", cursor.lastrowid) as blob:
-        for start in range(0, len(view), BLOB_IN_ROW_BYTES):
-            blob.write(view[start:start + BLOB_IN_ROW_BYTES])
+        for piece in pieces(data, BLOB_IN_ROW_BYTES):
+            blob.write(piece)
 
 
 # A waiting job whose number's line is in use: another job to it leased (by any instance)
@@ -1156,7 +1156,7 @@ class SqliteStore(_InboundMixin, _EmulatorNetworkMixin, _RetentionMixin):
                  mail.auto_submitted, mail.precedence, mail.language),
             )
             for position, document in enumerate(documents):
-                digest = hashlib.sha256(document.data).hexdigest()
+                digest = sha256_of(document.data)
                 _put_blob(conn, digest, document.data)
                 conn.execute(
                     "INSERT INTO documents VALUES (?,?,?,?,?,?)",

@@ -1,0 +1,80 @@
+"""A large document's bytes in a file rather than in memory.
+
+A part of a large mail (over :data:`mailfax.intake.spool.DECODE_TO_FILE_ABOVE`) is decoded
+piece by piece into an unlinked file in ``<data_dir>/spool``, and handed on as a
+:class:`DocumentMap`: a read-only map of that file. It is a buffer like ``bytes`` (length,
+slices, ``hashlib``, ``file.write``), but it costs no heap, and the code that reads a whole
+document reads it the way that keeps it out of memory: qpdf opens the file itself
+(:attr:`DocumentMap.path`), the store hashes and writes it in pieces, dropping the pages
+read (:func:`pieces`). The file goes with the map: unlinked from the start, it is gone when
+the map is, even after a crash.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import mmap
+from collections.abc import Iterator
+from typing import IO, TypeAlias
+
+PIECE_BYTES = 1024 * 1024
+
+
+class DocumentMap(mmap.mmap):
+    """A read-only map of the unlinked file holding one decoded document."""
+
+    file: IO[bytes]  # kept open as long as the map: the file's only name is its descriptor
+
+    @classmethod
+    def of(cls, file: IO[bytes]) -> DocumentMap:
+        """The map of ``file`` (written and flushed, not empty)."""
+        mapped = cls(file.fileno(), 0, access=mmap.ACCESS_READ)
+        mapped.file = file
+        return mapped
+
+    @property
+    def path(self) -> str:
+        """A name the file opens by (Linux): for a library that reads files itself."""
+        return f"/proc/self/fd/{self.file.fileno()}"
+
+
+DocumentBytes: TypeAlias = bytes | DocumentMap
+"""A document's bytes: in memory, or (a large decoded part) in its file."""
+
+
+def pieces(data: DocumentBytes, size: int = PIECE_BYTES) -> Iterator[memoryview]:
+    """``data`` in views of ``size`` bytes, each valid until the next is asked for. From a
+    :class:`DocumentMap` the pages read are dropped from the process as it goes (they stay in
+    the page cache), so reading a large document whole does not make it count in memory."""
+    view = memoryview(data)
+    try:
+        for start in range(0, len(view), size):
+            piece = view[start:start + size]
+            try:
+                yield piece
+            finally:
+                piece.release()
+            if isinstance(data, DocumentMap):
+                drop_read_pages(data, start + size)
+    finally:
+        view.release()
+
+
+def drop_read_pages(data: mmap.mmap, end: int) -> None:
+    """Drop the mapped pages before ``end`` from the process (they come back if read again)."""
+    end = min(end, len(data))
+    end -= end % mmap.PAGESIZE
+    if end and hasattr(mmap, "MADV_DONTNEED"):
+        with contextlib.suppress(OSError, ValueError):
+            data.madvise(mmap.MADV_DONTNEED, 0, end)
+
+
+def sha256_of(data: DocumentBytes) -> str:
+    """The hex SHA-256 of ``data``, a mapped one read in :func:`pieces` (out of memory)."""
+    if isinstance(data, bytes):
+        return hashlib.sha256(data).hexdigest()
+    digest = hashlib.sha256()
+    for piece in pieces(data):
+        digest.update(piece)
+    return digest.hexdigest()
