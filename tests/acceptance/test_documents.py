@@ -9,6 +9,7 @@ from collections.abc import Callable
 
 import pytest
 
+from bench.memory import random_pdf
 from tests.acceptance import documents
 from tests.acceptance.user import Mailfax, final_job, status_mail
 
@@ -54,6 +55,17 @@ async def expect_faxed(mailfax: Mailfax, message: documents.EmailMessage, pages:
 async def test_a_mailed_document_is_faxed_with_its_pages(mailfax: Mailfax, kind: str) -> None:
     make, pages = SIMPLE_KINDS[kind]
     await expect_faxed(mailfax, make(), pages)
+
+
+async def test_a_large_scan_is_faxed_whole_and_leaves_nothing_in_the_spool(
+        mailfax: Mailfax) -> None:
+    # 4 MB on the wire: received into a spool file, its PDF decoded into another (over 1 MB)
+    scan = random_pdf(3_000_000, pages=3)
+    message = attachment("scan.pdf", "application/pdf", scan)
+    assert len(message.as_bytes()) > 4_000_000
+    await expect_faxed(mailfax, message, 3)
+    spool = mailfax.folder / "mailfax-data" / "spool"
+    assert [path.name for path in spool.iterdir()] == []
 
 
 OFFICE_TYPES = {
