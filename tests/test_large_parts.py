@@ -147,3 +147,23 @@ async def test_no_room_for_a_decoded_part_is_temporary_and_the_service_goes_on(
     await service.wait_for_mail(lambda m: m["X-Mailfax-State"] == "delivered")
     # the decoded files had no name; the page check's hand-over file is gone once checked
     assert list((service.app.settings.data_dir / "spool").iterdir()) == []
+
+
+@settings(max_examples=80, deadline=None)
+@given(hay=st.lists(st.sampled_from([b"x", b"\r\n", b"--b", b"--bb", b"-"]), max_size=400)
+       .map(b"".join), window=st.integers(1, 64), bounds=st.tuples(st.integers(0, 600),
+                                                                   st.integers(0, 600)))
+def test_a_boundary_is_found_in_a_mapped_mail_window_by_window_as_in_one_search(
+        hay: bytes, window: int, bounds: tuple[int, int]) -> None:
+    import tempfile
+
+    from mailfax.intake import fastmime
+
+    start, end = min(bounds), max(bounds)
+    with tempfile.TemporaryFile() as file, pytest.MonkeyPatch.context() as patch:
+        file.write(hay + b"\0")  # never empty: an empty file cannot be mapped
+        file.flush()
+        patch.setattr(fastmime, "CHECK_BYTES", window)
+        with mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as view:
+            end = min(end, len(hay))
+            assert fastmime._find(view, b"--b", start, end) == hay.find(b"--b", start, end)

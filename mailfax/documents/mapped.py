@@ -61,13 +61,16 @@ def pieces(data: DocumentBytes, size: int = PIECE_BYTES) -> Iterator[memoryview]
         view.release()
 
 
-def drop_read_pages(data: mmap.mmap, end: int) -> None:
-    """Drop the mapped pages before ``end`` from the process (they come back if read again)."""
+def drop_read_pages(data: mmap.mmap, end: int, start: int = 0) -> None:
+    """Drop the whole mapped pages in ``[start, end)`` from the process (they stay in the
+    page cache and come back if read again), so a mapped file read once is not counted in the
+    process's memory."""
+    start += -start % mmap.PAGESIZE
     end = min(end, len(data))
     end -= end % mmap.PAGESIZE
-    if end and hasattr(mmap, "MADV_DONTNEED"):
+    if end > start and hasattr(mmap, "MADV_DONTNEED"):
         with contextlib.suppress(OSError, ValueError):
-            data.madvise(mmap.MADV_DONTNEED, 0, end)
+            data.madvise(mmap.MADV_DONTNEED, start, end - start)
 
 
 def sha256_of(data: DocumentBytes) -> str:

@@ -16,7 +16,7 @@ of, repeated boundary lines, a ``From`` line amid the headers, deep nesting …)
 does not decode itself (quoted-printable, uuencode, base64 with stray characters or bad
 padding) are decoded by the email package's own ``get_payload``, so the bytes are the same.
 
-Pure: no I/O.
+Pure: no I/O (reading a mapped mail, it tells the kernel which pages it is done with).
 """
 
 from __future__ import annotations
@@ -29,6 +29,8 @@ from itertools import pairwise
 from typing import Any, TypeAlias
 
 import pybase64
+
+from mailfax.documents.mapped import drop_read_pages
 
 # Beyond these the mail is hostile; the email package path refuses it with the usual sentence.
 SCAN_MAX_PARTS = 1000
@@ -127,8 +129,8 @@ def _clean_base64(buffer: Buffer, start: int, end: int) -> bool:
     ``translate`` passes over pieces of CHECK_BYTES (the regular expression the email package
     validates with costs four times as much): what is left once the alphabet is gone are line
     ends and padding."""
-    rest = b"".join(buffer[piece:min(piece + CHECK_BYTES, end)].translate(None, _BASE64_ALPHABET)
-                    for piece in range(start, end, CHECK_BYTES))
+    rest = b"".join(_read_once(buffer, piece, min(piece + CHECK_BYTES, end))
+                    .translate(None, _BASE64_ALPHABET) for piece in range(start, end, CHECK_BYTES))
     padding = rest.translate(None, b"\r\n")
     if padding not in (b"", b"=", b"=="):
         return False  # a stray character, or padding amid the data
@@ -136,6 +138,31 @@ def _clean_base64(buffer: Buffer, start: int, end: int) -> bool:
             .endswith(padding):
         return False  # the padding is not at the end
     return (end - start - len(rest) + len(padding)) % 4 == 0
+
+
+def _read_once(buffer: Buffer, start: int, end: int) -> bytes | bytearray:
+    """``buffer[start:end]``; from a mapped mail, its pages are dropped from the process
+    afterwards (a large mail's body is read piece by piece, never all of it counted at once)."""
+    piece = buffer[start:end]
+    if isinstance(buffer, mmap.mmap):
+        drop_read_pages(buffer, end, start)
+    return piece
+
+
+def _find(buffer: Buffer, separator: bytes, start: int, end: int) -> int:
+    """``buffer.find(separator, start, end)``; in a mapped mail, a window of CHECK_BYTES at a
+    time, each window's pages dropped from the process once searched (see :func:`_read_once`)."""
+    if not isinstance(buffer, mmap.mmap):
+        return buffer.find(separator, start, end)
+    position = start
+    while position < end:
+        window_end = min(position + CHECK_BYTES + len(separator) - 1, end)
+        hit = buffer.find(separator, position, window_end)
+        drop_read_pages(buffer, window_end, position)
+        if hit >= 0 or window_end == end:
+            return hit
+        position += CHECK_BYTES
+    return -1
 
 
 def _starts(buffer: Buffer, prefix: bytes, start: int, end: int) -> bool:
@@ -248,7 +275,7 @@ class _Scanner:
         found: list[tuple[int, int, bool]] = []
         position = start
         while True:
-            hit = buffer.find(separator, position, end)
+            hit = _find(buffer, separator, position, end)
             if hit < 0:
                 return found
             position = hit + len(separator)

@@ -38,7 +38,7 @@ IN_MEMORY_BYTES = 64 * 1024
 WRITE_BYTES = 256 * 1024
 # Peak memory growth per byte of a mail while mailfax parses and stores it (the mapped spool
 # file as the fast scan reads it, the decoded parts, the PDF check, the store's copy):
-# bench/memory.py measures 1.2-1.5 for one 10-30 MB PDF mail (its part decoded into a file),
+# bench/memory.py measures 1.0-1.5 for one 10-30 MB PDF mail (its part decoded into a file),
 # and 3.1-3.5 for a shape the email package must read (its line lists and joined text alone
 # are 2.8). With the dispatcher loading the first job meanwhile and memory the allocator
 # keeps, the budget charges each mail this many times its size.
