@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import email
 import email.policy
+import errno
 import io
 import mailbox
 import os
@@ -668,8 +669,8 @@ async def test_a_large_document_goes_to_the_worker_as_a_file_removed_after_the_c
     handed: list[list[readiness_pool.Pages]] = []
     in_files = readiness_pool._in_files
 
-    def spy(pages: list[readiness_pool.Pages], folder: Path) -> list[readiness_pool.Pages]:
-        handed.append(in_files(pages, folder))
+    def spy(documents: list[FaxDocument], folder: Path) -> list[readiness_pool.Pages]:
+        handed.append(in_files(documents, folder))
         assert [os.stat(page.path).st_mode & 0o777 for page in handed[-1]] == [0o600]
         return handed[-1]
 
@@ -686,6 +687,30 @@ async def test_a_large_document_goes_to_the_worker_as_a_file_removed_after_the_c
     [[page]] = handed
     assert page.data == b"" and Path(page.path).parent == spool  # named, not carried
     assert list(spool.iterdir()) == []  # removed once checked
+
+
+@pytest.mark.parametrize("disk", ["room", "full"])
+async def test_a_document_in_its_file_is_checked_from_a_hand_over_file_or_from_memory(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, disk: str) -> None:
+    from mailfax.documents.mapped import document_file
+
+    spool = tmp_path / "spool"
+    monkeypatch.setattr(readiness_pool, "FILE_ABOVE", 1000)
+    if disk == "full":
+        def no_room(*args: Any) -> list[readiness_pool.Pages]:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(readiness_pool, "_in_files", no_room)
+    grey = document_file(tmp_path / "mapped", [pdf(text(0.9))])  # as the store reads it
+    pool = readiness_pool.ReadinessPool(1, spool=spool)
+    try:
+        checked = await pool.check([FaxDocument("grey.pdf", grey, 1)], DEFAULTS, STANDARD,
+                                   seconds=60)
+    finally:
+        pool.close()
+        grey.close()
+    assert checked.checked and [item["page"] for item in checked.findings] == [1]
+    assert not spool.exists() or list(spool.iterdir()) == []
 
 
 async def test_hand_over_files_a_killed_process_left_are_removed_at_start(

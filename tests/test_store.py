@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from mailfax import reasons
+from mailfax.documents.mapped import DocumentMap
 from mailfax.model import JobState
 from mailfax.providers.base import FaxDocument, InboundFax
 from mailfax.store import migrate, open_store
@@ -224,6 +225,12 @@ async def test_a_document_in_its_file_is_stored_and_loaded_byte_for_byte(
     finally:
         mapped.close()
     assert await store.load_documents("m1") == [FaxDocument("big.pdf", data, 9), *DOCS]
+    # read for the page check: into a file (SQLite), or as the one value it is (PostgreSQL)
+    (tmp_path / "out").mkdir()
+    big, *small = await store.load_documents("m1", tmp_path / "out")
+    assert big.data[:] == data and small == DOCS
+    assert isinstance(big.data, DocumentMap) == isinstance(store, SqliteStore)
+    assert list((tmp_path / "out").iterdir()) == []  # the file has no name
 
 
 async def test_a_claimed_job_is_leased_and_not_claimed_twice(store: Store) -> None:

@@ -15,7 +15,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import mmap
-from collections.abc import Iterator
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
 from typing import IO, TypeAlias
 
 PIECE_BYTES = 1024 * 1024
@@ -37,6 +39,28 @@ class DocumentMap(mmap.mmap):
     def path(self) -> str:
         """A name the file opens by (Linux): for a library that reads files itself."""
         return f"/proc/self/fd/{self.file.fileno()}"
+
+
+def unlinked_file(folder: Path) -> IO[bytes]:
+    """A new file in ``folder`` (made 0700 if need be) that has no name: gone when closed."""
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return tempfile.TemporaryFile(dir=folder)
+
+
+def document_file(folder: Path, content: Iterable[bytes | memoryview]) -> DocumentMap:
+    """``content``, piece by piece, in an unlinked file in ``folder``, mapped. ValueError if
+    there is none (an empty file cannot be mapped). Blocking: in a worker thread."""
+    file = unlinked_file(folder)
+    try:
+        for piece in content:
+            file.write(piece)
+        file.flush()
+        if not file.tell():
+            raise ValueError("no content to map")
+        return DocumentMap.of(file)
+    except BaseException:
+        file.close()
+        raise
 
 
 DocumentBytes: TypeAlias = bytes | DocumentMap

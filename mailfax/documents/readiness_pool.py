@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from mailfax.documents.faxrender import FaxResolution
+from mailfax.documents.mapped import pieces
 from mailfax.documents.readiness import Finding, ReadinessLimits, check_documents
 
 if TYPE_CHECKING:
@@ -163,15 +164,7 @@ class ReadinessPool:
         async with self._slots:
             try:
                 await self.start()
-                pages = [Pages(document.filename, document.data, document.pages)
-                         for document in documents]
-                if self.spool is not None and any(len(page.data) > FILE_ABOVE
-                                                  for page in pages):
-                    try:
-                        pages = await asyncio.to_thread(_in_files, pages, self.spool)
-                    except OSError as error:  # a full disk: the pickle costs memory, not more
-                        log.warning("readiness: documents handed to the worker in memory, "
-                                    "not as files: %s", error)
+                pages = await self._hand_over(documents)
                 try:
                     assert self._executor is not None
                     loop = asyncio.get_running_loop()
@@ -188,6 +181,20 @@ class ReadinessPool:
                 self._replace("its worker failed: %s", error)
                 return Checked([], checked=False, why=f"its worker failed ({error})")
 
+    async def _hand_over(self, documents: Sequence[Any]) -> list[Pages]:
+        """What the worker is sent of ``documents``: their bytes, or for one over FILE_ABOVE
+        (with a spool folder) the file it was written to (in a thread: many megabytes)."""
+        if self.spool is not None and any(len(document.data) > FILE_ABOVE
+                                          for document in documents):
+            try:
+                return await asyncio.to_thread(_in_files, documents, self.spool)
+            except OSError as error:  # a full disk: the pickle costs memory, not more
+                log.warning("readiness: documents handed to the worker in memory, not as "
+                            "files: %s", error)
+        # bytes() costs nothing for bytes; a mapped document is read into memory here
+        return [Pages(document.filename, bytes(document.data), document.pages)
+                for document in documents]
+
     def _replace(self, why: str, *args: object) -> None:
         """Kill the workers (the hung or dead one, and any other check in them: those are
         "not checked" too) and make new ones at the next check."""
@@ -201,19 +208,21 @@ class ReadinessPool:
             kill(executor)
 
 
-def _in_files(pages: Sequence[Pages], spool: Path) -> list[Pages]:
-    """``pages`` with each document over FILE_ABOVE written to a file of its own in
+def _in_files(documents: Sequence[Any], spool: Path) -> list[Pages]:
+    """``documents`` for the worker, each over FILE_ABOVE written to a file of its own in
     ``spool`` (0600) and named, not carried (in a thread: up to many megabytes)."""
     spool.mkdir(mode=0o700, parents=True, exist_ok=True)
     handed: list[Pages] = []
     try:
-        for page in pages:
-            if len(page.data) > FILE_ABOVE:
-                handle, name = tempfile.mkstemp(prefix="readiness-", suffix=".pdf", dir=spool)
-                with os.fdopen(handle, "wb") as file:
-                    file.write(page.data)
-                page = page._replace(data=b"", path=name)
-            handed.append(page)
+        for document in documents:
+            if len(document.data) <= FILE_ABOVE:
+                handed.append(Pages(document.filename, bytes(document.data), document.pages))
+                continue
+            handle, name = tempfile.mkstemp(prefix="readiness-", suffix=".pdf", dir=spool)
+            handed.append(Pages(document.filename, b"", document.pages, path=name))
+            with os.fdopen(handle, "wb") as file:  # a full disk: removed with the others
+                for piece in pieces(document.data):  # a mapped one: its pages dropped as read
+                    file.write(piece)
     except BaseException:
         _remove_files(handed)
         raise

@@ -157,7 +157,7 @@ class ReadinessChecker:
 
     async def check(self, check: PendingCheck) -> list[str]:
         """Check one mail and record it in its jobs; the ids of the jobs recorded."""
-        documents = await self.store.load_documents(check.mail_id)
+        documents = await self.store.load_documents(check.mail_id, self.pool.spool)
         if self.settings.documents.readiness == "off":
             result = Checked([], checked=False, why='documents.readiness is "off"')
         else:

@@ -22,14 +22,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import mmap
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
 import pybase64
 
-from mailfax.documents.mapped import DocumentMap, drop_read_pages
+from mailfax.documents.mapped import DocumentMap, document_file, drop_read_pages, unlinked_file
 
 # Up to this size a mail stays in memory (and is parsed on the event loop, see
 # intake.service.INLINE_ASSEMBLY_BYTES); beyond it, it goes to the spool file.
@@ -149,7 +148,7 @@ class Spool:
 
     async def _flush(self) -> None:
         if self._file is None:
-            self._file = await asyncio.to_thread(_open_spool_file, self.folder)
+            self._file = await asyncio.to_thread(unlinked_file, self.folder)
         file = self._file
         data, self._pending = self._pending, bytearray()  # handed over, not copied
         if data:
@@ -164,11 +163,6 @@ class Spool:
             self._file.close()
             self._file = None
         self._pending = bytearray()
-
-
-def _open_spool_file(folder: Path) -> IO[bytes]:
-    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-    return tempfile.TemporaryFile(dir=folder)
 
 
 def _append(file: IO[bytes], data: bytes | bytearray) -> None:
@@ -195,22 +189,19 @@ def decode_base64_to_file(buffer: bytes | bytearray | mmap.mmap, start: int, end
     """The clean base64 (alphabet, line ends, final padding: ``fastmime``'s check) of
     ``buffer[start:end]`` decoded piece by piece into an unlinked file in ``folder``. Neither
     the text nor the decoded bytes are ever whole in memory; the mail's mapped pages read are
-    dropped as it goes. Blocking: call it in a worker thread."""
-    file = _open_spool_file(folder)
-    try:
-        carry = b""
-        for piece_start in range(start, end, DECODE_PIECE_BYTES):
-            piece_end = min(piece_start + DECODE_PIECE_BYTES, end)
-            text = carry + bytes(buffer[piece_start:piece_end]).translate(None, b"\r\n")
-            whole = len(text) - len(text) % 4 if piece_end < end else len(text)
-            file.write(pybase64.b64decode(text[:whole]))
-            carry = text[whole:]
-            if isinstance(buffer, mmap.mmap):
-                drop_read_pages(buffer, piece_end)
-        file.flush()
-        if not file.tell():
-            raise ValueError("an empty part is not mapped")  # the caller decodes it in memory
-        return DocumentMap.of(file)
-    except BaseException:
-        file.close()
-        raise
+    dropped as it goes. ValueError for a part with nothing in it. Blocking: call it in a
+    worker thread."""
+    return document_file(folder, _decoded_pieces(buffer, start, end))
+
+
+def _decoded_pieces(buffer: bytes | bytearray | mmap.mmap, start: int, end: int
+                    ) -> Iterator[bytes]:
+    carry = b""
+    for piece_start in range(start, end, DECODE_PIECE_BYTES):
+        piece_end = min(piece_start + DECODE_PIECE_BYTES, end)
+        text = carry + bytes(buffer[piece_start:piece_end]).translate(None, b"\r\n")
+        whole = len(text) - len(text) % 4 if piece_end < end else len(text)
+        yield pybase64.b64decode(text[:whole])
+        carry = text[whole:]
+        if isinstance(buffer, mmap.mmap):
+            drop_read_pages(buffer, piece_end, piece_start)

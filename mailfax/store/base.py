@@ -9,6 +9,7 @@ from collections.abc import Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from datetime import datetime
+from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from mailfax.model import FINAL_STATES, JobState, Reason
@@ -441,7 +442,12 @@ class Store(Protocol):
         last step's length). Seen by every instance on this store."""
         ...
 
-    async def load_documents(self, mail_id: str) -> list[FaxDocument]: ...
+    async def load_documents(self, mail_id: str, spool: Path | None = None
+                             ) -> list[FaxDocument]:
+        """A mail's documents, in order. With ``spool`` (a folder) a store that can reads a
+        large one into an unlinked file there, piece by piece, rather than into memory (its
+        data a :class:`~mailfax.documents.mapped.DocumentMap`)."""
+        ...
 
     async def record(self, job_id: str, transition: Transition,
                      expected: Sequence[JobState] | None = None) -> bool:

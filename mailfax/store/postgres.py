@@ -23,6 +23,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -1338,7 +1339,9 @@ class PostgresStore:
             await cur.execute("SELECT * FROM mails WHERE id = ANY(%s)", (list(mail_ids),))
             return [_mail(row) for row in await cur.fetchall()]
 
-    async def load_documents(self, mail_id: str) -> list[FaxDocument]:
+    async def load_documents(self, mail_id: str, spool: Path | None = None
+                             ) -> list[FaxDocument]:
+        # ``spool`` is not used: a bytea arrives as one value, in memory already.
         _, documents = await self._mails_and_documents([mail_id])
         return documents.get(mail_id, [])
 

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from mailfax import reasons
-from mailfax.documents.mapped import DocumentBytes, pieces, sha256_of
+from mailfax.documents.mapped import DocumentBytes, document_file, pieces, sha256_of
 from mailfax.model import (
     RETRYABLE_STATES,
     TRACKED_STATES,
@@ -360,9 +360,10 @@ def _inbound_of(row: sqlite3.Row) -> tuple[str, str] | None:
     return row["inbound_account"], row["inbound_fax_id"]
 
 
-def _documents(conn: sqlite3.Connection, mail_ids: Sequence[str]
+def _documents(conn: sqlite3.Connection, mail_ids: Sequence[str], spool: Path | None = None
                ) -> dict[str, list[FaxDocument]]:
-    """The documents of these mails, each mail's in order."""
+    """The documents of these mails, each mail's in order; with ``spool``, a large one read
+    into a file there (see Store.load_documents)."""
     found: dict[str, list[FaxDocument]] = {}
     if not mail_ids:
         return found
@@ -373,9 +374,10 @@ def _documents(conn: sqlite3.Connection, mail_ids: Sequence[str]
         " ORDER BY d.mail_id, d.position", [BLOB_IN_ROW_BYTES, *mail_ids]).fetchall()
     for r in rows:
         data = r["data"]
-        if data is None:  # a large document: read straight into one bytes object
+        if data is None:  # a large document: into its file, or straight into one bytes object
             with conn.blobopen("blobs", "data", r["blob_row"], readonly=True) as blob:
-                data = blob.read()
+                data = blob.read() if spool is None else \
+                    document_file(spool, iter(lambda: blob.read(BLOB_IN_ROW_BYTES), b""))
         found.setdefault(r["mail_id"], []).append(FaxDocument(
             filename=r["filename"], data=data, pages=r["pages"],
             content_type=r["content_type"]))
@@ -1236,8 +1238,10 @@ class SqliteStore(_InboundMixin, _EmulatorNetworkMixin, _RetentionMixin):
 
         return await self._call(operation) if mail_ids else []
 
-    async def load_documents(self, mail_id: str) -> list[FaxDocument]:
-        return await self._call(lambda conn: _documents(conn, [mail_id]).get(mail_id, []))
+    async def load_documents(self, mail_id: str, spool: Path | None = None
+                             ) -> list[FaxDocument]:
+        return await self._call(
+            lambda conn: _documents(conn, [mail_id], spool).get(mail_id, []))
 
     # -- dispatcher --------------------------------------------------------------------------
 
