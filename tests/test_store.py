@@ -216,19 +216,24 @@ async def test_a_document_in_its_file_is_stored_and_loaded_byte_for_byte(
 
     from mailfax.intake.spool import decode_base64_to_file
 
-    data = random.Random(7).randbytes(3 * 1024 * 1024 + 17)  # SQLite: written in pieces
-    encoded = base64.encodebytes(data)
-    mapped = decode_base64_to_file(encoded, 0, len(encoded), tmp_path)
+    # SQLite: the first written in pieces, the second (decoded from over 1 MB of base64 to
+    # under 1 MB) bound as one value
+    data, under = (random.Random(7).randbytes(size) for size in (3 * 1024 * 1024 + 17, 900_000))
+    mapped = [decode_base64_to_file(encoded, 0, len(encoded), tmp_path)
+              for encoded in (base64.encodebytes(data), base64.encodebytes(under))]
     try:
         await store.add_mail_jobs(new_mail(), [NewJob("j1", number_of("j1"), "acct")],
-                                  [FaxDocument("big.pdf", mapped, 9), *DOCS])
+                                  [FaxDocument("big.pdf", mapped[0], 9), *DOCS,
+                                   FaxDocument("under.pdf", mapped[1], 1)])
     finally:
-        mapped.close()
-    assert await store.load_documents("m1") == [FaxDocument("big.pdf", data, 9), *DOCS]
+        for document in mapped:
+            document.close()
+    assert await store.load_documents("m1") == [FaxDocument("big.pdf", data, 9), *DOCS,
+                                                FaxDocument("under.pdf", under, 1)]
     # read for the page check: into a file (SQLite), or as the one value it is (PostgreSQL)
     (tmp_path / "out").mkdir()
     big, *small = await store.load_documents("m1", tmp_path / "out")
-    assert big.data[:] == data and small == DOCS
+    assert big.data[:] == data and small == [*DOCS, FaxDocument("under.pdf", under, 1)]
     assert isinstance(big.data, DocumentMap) == isinstance(store, SqliteStore)
     assert list((tmp_path / "out").iterdir()) == []  # the file has no name
 
