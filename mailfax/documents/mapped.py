@@ -1,8 +1,9 @@
 """A large document's bytes in a file rather than in memory.
 
 A part of a large mail (over :data:`mailfax.intake.spool.DECODE_TO_FILE_ABOVE`) is decoded
-piece by piece into an unlinked file in ``<data_dir>/spool``, and handed on as a
-:class:`DocumentMap`: a read-only map of that file. It is a buffer like ``bytes`` (length,
+piece by piece into an unlinked file in ``<data_dir>/spool``, and so is a large stored
+document read for the page check (``Store.load_documents(mail_id, spool)``); each is handed
+on as a :class:`DocumentMap`: a read-only map of that file. It is a buffer like ``bytes`` (length,
 slices, ``hashlib``, ``file.write``), but it costs no heap, and the code that reads a whole
 document reads it the way that keeps it out of memory: qpdf opens the file itself
 (:attr:`DocumentMap.path`), the store hashes and writes it in pieces, dropping the pages
@@ -80,7 +81,7 @@ def pieces(data: DocumentBytes, size: int = PIECE_BYTES) -> Iterator[memoryview]
             finally:
                 piece.release()
             if isinstance(data, DocumentMap):
-                drop_read_pages(data, start + size)
+                drop_read_pages(data, start + size, start)
     finally:
         view.release()
 

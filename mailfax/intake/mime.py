@@ -292,8 +292,6 @@ def _decoded_to_file(part: Message, spool: Path | None) -> DocumentMap | None:
     region = part.clean_base64()
     if region is None or region[1] - region[0] <= DECODE_TO_FILE_ABOVE:
         return None
-    if isinstance(part.buffer, mmap.mmap):
-        drop_read_pages(part.buffer, region[1])  # read by the check: decoding reads it again
     try:
         return decode_base64_to_file(part.buffer, *region, spool)
     except ValueError:  # nothing in it

@@ -37,7 +37,7 @@ IN_MEMORY_BYTES = 64 * 1024
 WRITE_BYTES = 256 * 1024
 # Peak memory growth per byte of a mail while mailfax parses and stores it (the mapped spool
 # file as the fast scan reads it, the decoded parts, the PDF check, the store's copy):
-# bench/memory.py measures 1.0-1.5 for one 10-30 MB PDF mail (its part decoded into a file),
+# bench/memory.py measures 0.4-1.2 for one 10-30 MB PDF mail (its part decoded into a file),
 # and 3.1-3.5 for a shape the email package must read (its line lists and joined text alone
 # are 2.8). With the dispatcher loading the first job meanwhile and memory the allocator
 # keeps, the budget charges each mail this many times its size.
@@ -179,7 +179,7 @@ def buffer_chunks(data: MailBytes, size: int = FEED_BYTES) -> Iterator[bytes]:
         for start in range(0, len(view), size):
             yield bytes(view[start:start + size])
             if isinstance(data, mmap.mmap) and start:
-                drop_read_pages(data, start)
+                drop_read_pages(data, start, start - size)
     finally:
         view.release()
 
