@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 
-from mailfax.support.waiting import cancel_and_wait, wait_for_event
+from mailfax.support.waiting import cancel_all_and_wait, cancel_and_wait, wait_for_event
 
 
 async def test_a_cancel_that_meets_the_wake_up_still_ends_the_wait() -> None:
@@ -75,3 +75,20 @@ async def test_the_task_s_own_end_is_not_the_caller_s_and_clean_up_after_it_runs
     with pytest.raises(asyncio.CancelledError):
         await task
     assert cleaned == ["connection closed"]
+
+
+async def test_many_tasks_end_whatever_their_end_and_a_stop_meanwhile_is_raised() -> None:
+    ended = [asyncio.Event() for _ in range(3)]
+    tasks = [asyncio.create_task(slow_to_end(event, RuntimeError("its own failure")))
+             for event in ended]
+    await asyncio.sleep(0)
+    await cancel_all_and_wait(tasks)  # their own failures are not the caller's
+    assert all(event.is_set() for event in ended) and all(task.done() for task in tasks)
+
+    inner = [asyncio.create_task(slow_to_end(asyncio.Event())) for _ in range(3)]
+    await asyncio.sleep(0)
+    caller = asyncio.create_task(cancel_all_and_wait(inner))
+    await asyncio.sleep(0.01)  # waiting for them to end
+    caller.cancel()  # the stop
+    with pytest.raises(asyncio.CancelledError):
+        await caller

@@ -56,6 +56,7 @@ from mailfax.emulators import pdf_pages
 from mailfax.emulators.fax_image import tiff_pages
 from mailfax.emulators.rules import pages_sent, prefix_value
 from mailfax.providers.faxde_soap import BUNDLED_WSDL, parse_untrusted
+from mailfax.support.waiting import cancel_all_and_wait
 from mailfax.web.server import runner_url, start_web
 
 SOAP_ENV = "http://schemas.xmlsoap.org/soap/envelope/"
@@ -175,12 +176,7 @@ class Emulator:
     async def close(self) -> None:
         for timer in self._timers:
             timer.cancel()
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        # gather, not suppress(CancelledError) around each await: that also swallowed a
-        # cancellation of close() itself.
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await cancel_all_and_wait(self._tasks)
         if self._session is not None:
             await self._session.close()
         if self.runner is not None:

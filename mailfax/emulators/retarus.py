@@ -61,6 +61,7 @@ from aiohttp import web
 
 from mailfax.emulators.rules import longest_prefix
 from mailfax.providers.retarus_codes import MAX_IDS_PER_REQUEST, NAME_PATTERN, push_xml
+from mailfax.support.waiting import cancel_all_and_wait
 from mailfax.web.server import runner_url, start_web
 
 REASONS = {"OK": "OK", "BUSY": "Destination busy", "RING_TO": "Ring timeout",
@@ -472,12 +473,7 @@ class RetarusEmulator:
         self.url = runner_url(self._runner)
 
     async def close(self) -> None:
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        # gather, not suppress(CancelledError) around each await: that also swallowed a
-        # cancellation of close() itself.
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await cancel_all_and_wait(self._tasks)
         if self._session is not None:
             await self._session.close()
         if self._runner is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Iterable
 from typing import Any
 
 
@@ -20,6 +21,16 @@ async def wait_for_event(event: asyncio.Event, seconds: float) -> bool:
     finally:
         waiter.cancel()
     return bool(done)
+
+
+async def cancel_all_and_wait(tasks: Iterable[asyncio.Future[Any]]) -> None:
+    """Cancel ``tasks`` and wait until all have ended, however each ends. ``gather``, not
+    ``suppress(CancelledError)`` around each await: that also swallowed a cancellation of
+    the caller itself."""
+    waiting = list(tasks)
+    for task in waiting:
+        task.cancel()
+    await asyncio.gather(*waiting, return_exceptions=True)
 
 
 async def cancel_and_wait(task: asyncio.Future[Any]) -> None:
