@@ -204,7 +204,7 @@ class Application:
         thread meanwhile, so the first clients are greeted; the mails they give are stored,
         and the dispatcher's and notifier's first passes find them."""
         settings = self.settings
-        await _import_in_thread(_loop_modules(settings))
+        await asyncio.to_thread(_import_all, _loop_modules(settings))
         from mailfax.imap.intake import ImapIntake
         from mailfax.inbound.poller import InboundPoller
         from mailfax.inbound.screening import block_file
@@ -295,7 +295,7 @@ class Application:
         names for a refusal: 0.4 s; ReportLab for a cover page: 0.15 s; pikepdf and Pillow for
         the documents, jinja2 for the status mail: 0.15 s), and the Prometheus metrics."""
         self._background(asyncio.to_thread(self._count_accounts))
-        self._background(_import_in_thread(WARM_UP_MODULES))
+        self._background(asyncio.to_thread(_import_all, WARM_UP_MODULES))
 
     def _count_accounts(self) -> None:
         """Every account's ``mailfax_account_paused`` from the start (at 0: a new label's
@@ -607,12 +607,8 @@ def _loop_modules(settings: Settings) -> list[str]:
               else [])]
 
 
-async def _import_in_thread(names: Sequence[str]) -> None:
-    """Import ``names`` in one worker thread."""
-    await asyncio.to_thread(_import_all, names)
-
-
 def _import_all(names: Sequence[str]) -> None:
+    """Import ``names`` (blocking: callers run it in one worker thread)."""
     for name in names:
         if name:  # an unknown provider: make_providers names it
             importlib.import_module(name)

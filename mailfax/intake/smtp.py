@@ -57,7 +57,6 @@ class FaxHandler:
         self.intake = intake
         self.max_recipients = max_recipients
         self.budget = ReceivingBudget(intake.settings.smtp.receiving_budget_bytes)
-        self.spool_folder = intake.spool_folder
         # Per envelope (aiosmtpd makes a new one for each mail): the hourly counts read at
         # its first RCPT, so later RCPTs count on from them instead of asking the store again.
         self._usage: weakref.WeakKeyDictionary[Envelope, dict[str, int]] = \
@@ -436,7 +435,7 @@ class SpooledData:
         """The reply to the mail: refused as it came, or the handler's."""
         server: Any = self
         await server.push("354 End data with <CR><LF>.<CR><LF>")
-        spool = Spool(self.event_handler.spool_folder)
+        spool = Spool(self.event_handler.intake.spool_folder)
         try:
             refusal = await self._receive(spool)
             if refusal is not None:
