@@ -84,9 +84,7 @@ def parse_mail(raw: MailBytes, spool: Path | None = None) -> ParsedMail:
     common one, else by the email package; both give the same message tree. With ``spool``
     (a folder), a large base64 part the scan found is decoded into a file there, and its
     attachment's data is a :class:`~mailfax.documents.mapped.DocumentMap` of it."""
-    message = scan(raw)
-    if isinstance(raw, mmap.mmap):
-        drop_read_pages(raw, len(raw))  # the scan read it all: the parts are read again
+    message = scan(raw)  # a mapped mail's pages are dropped as the scan goes
     try:
         return read_message(message if message is not None else package_message(raw), spool)
     finally:
