@@ -5,6 +5,7 @@ in-memory path, and nothing left in the spool folder afterwards."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import errno
 import io
 import mmap
@@ -29,6 +30,7 @@ from tests.conftest import Service, fax_mail
 MB = 1_000_000
 
 
+@contextlib.contextmanager
 def mapped(raw: bytes, folder: Path) -> Iterator[mmap.mmap]:
     """``raw`` as a large mail reaches the parser: a read-only map of a spool file."""
     file = (folder / "mail").open("w+b")
@@ -71,7 +73,7 @@ def test_decoding_in_pieces_gives_the_bytes_decoding_at_once_gives(
 def test_a_large_pdf_part_is_read_from_its_file_with_the_same_result(spool: Path) -> None:
     raw = pdf_mail(4 * MB)
     in_memory = assemble(raw)
-    for view in mapped(raw, spool):
+    with mapped(raw, spool) as view:
         [attachment] = parse_mail(view, spool).attachments
         assert isinstance(attachment.data, DocumentMap)
         assert len(attachment.data) > DECODE_TO_FILE_ABOVE
@@ -90,9 +92,9 @@ def test_a_large_pdf_part_is_read_from_its_file_with_the_same_result(spool: Path
 def test_without_a_folder_or_below_the_threshold_a_part_is_decoded_in_memory(
         spool: Path) -> None:
     small = fax_mail([("small.pdf", random_pdf(200_000, pages=1), "application/pdf")])
-    for view in mapped(small.as_bytes(), spool):
+    with mapped(small.as_bytes(), spool) as view:
         assert isinstance(parse_mail(view, spool).attachments[0].data, bytes)
-    for view in mapped(pdf_mail(4 * MB), spool):
+    with mapped(pdf_mail(4 * MB), spool) as view:
         assert isinstance(parse_mail(view).attachments[0].data, bytes)
 
 
@@ -101,9 +103,8 @@ def test_a_cut_off_large_pdf_is_refused_with_the_same_sentence(spool: Path) -> N
     raw = fax_mail([("scan.pdf", pdf[: len(pdf) * 2 // 3], "application/pdf")]).as_bytes()
     with pytest.raises(Refusal) as in_memory:
         assemble(raw)
-    for view in mapped(raw, spool):
-        with pytest.raises(Refusal) as from_file:
-            assemble(view, spool=spool)
+    with mapped(raw, spool) as view, pytest.raises(Refusal) as from_file:
+        assemble(view, spool=spool)
     assert (from_file.value.code, from_file.value.sentence) == \
         (in_memory.value.code, in_memory.value.sentence)
     assert "scan.pdf is incomplete" in from_file.value.sentence
@@ -115,7 +116,7 @@ def test_a_large_pdf_with_an_owner_password_is_rewritten_from_its_file(spool: Pa
     with pikepdf.open(io.BytesIO(random_pdf(2 * MB, pages=2))) as pdf:
         pdf.save(out, encryption=pikepdf.Encryption(owner="secret", user=""))
     raw = fax_mail([("locked.pdf", out.getvalue(), "application/pdf")]).as_bytes()
-    for view in mapped(raw, spool):
+    with mapped(raw, spool) as view:
         [document] = assemble(view, spool=spool).documents
         assert isinstance(document.data, bytes)  # saved again, without the encryption
         with pikepdf.open(io.BytesIO(document.data)) as saved:
