@@ -600,3 +600,24 @@ async def test_a_lost_answer_leaves_one_fax_an_unconfirmed_job_a_mail_and_retry_
         assert code == 1 and "is delivered: only failed, cancelled or unconfirmed" in output
     finally:
         await app.stop()
+
+
+async def test_a_large_document_in_its_file_is_merged_and_sent_whole_to_each_number(
+        fax_emulator: FaxnummerEmulator, open_provider: OpenProvider,
+        letter: FaxDocument, tmp_path: Path) -> None:
+    """A large mail's document in its file: merged with the letter (qpdf reads the file),
+    then each form part read as the body goes out (the emulator refuses a chunked body)."""
+    from bench.memory import random_pdf
+    from mailfax.documents.mapped import document_file
+
+    scan = FaxDocument("scan.pdf", document_file(tmp_path, [random_pdf(3_000_000)]), 4)
+    provider = open_provider(fax_emulator.url)
+    results = await provider.send_many([fax_request(scan, letter, job_id="a"),
+                                        fax_request(scan, letter, job_id="b",
+                                                    number="+4930654321")])
+    assert [type(result) for result in results] == [SendReceipt, SendReceipt]
+    first, second = fax_emulator.state.faxes
+    assert first.pdf == second.pdf and (first.pages, second.pages) == (6, 6)
+    with pikepdf.open(io.BytesIO(first.pdf)) as merged, \
+            pikepdf.open(io.BytesIO(scan.data[:])) as original:
+        assert merged.pages[0].Contents.read_bytes() == original.pages[0].Contents.read_bytes()

@@ -745,3 +745,25 @@ def test_request_count_goal_of_the_benchmark_holds_for_any_size() -> None:
     assert [len(list(codes.chunked(list(range(n))))) for n in (0, 1, 1000, 1001, 5000)] == [
         0, 1, 1, 2, 5]
 
+
+
+async def test_a_large_document_in_its_file_is_sent_whole_to_each_recipient(
+        emulator: RetarusEmulator, tmp_path: Path) -> None:
+    """A large mail's document, read from its file as the JSON body goes out (the emulator
+    refuses a chunked body, so the body also had its length)."""
+    from bench.memory import random_pdf
+    from mailfax.documents.mapped import DocumentMap, document_file
+
+    pdf = random_pdf(3_000_000)
+    document = FaxDocument("scan.pdf", document_file(tmp_path, [pdf]), 4)
+    assert isinstance(document.data, DocumentMap)
+    adapter = make_provider(emulator, tmp_path)
+    try:
+        receipts = await adapter.send_many([fax("job1", documents=[document]),
+                                            fax("job2", "+4930654321", documents=[document])])
+    finally:
+        await adapter.close()
+    jobs = [emulator.state.jobs[receipt.provider_job_id] for receipt in receipts
+            if not isinstance(receipt, Exception)]
+    assert [(job.customer_defined_id, job.documents) for job in jobs] == [
+        ("job1", [("scan.pdf", pdf)]), ("job2", [("scan.pdf", pdf)])]

@@ -254,7 +254,7 @@ def merge_pdfs(documents: Sequence[FaxDocument], filename: str) -> FaxDocument:
     merged = pikepdf.new()
     sources = []
     for document in documents:
-        source = pikepdf.open(io.BytesIO(document.data))
+        source = pikepdf.open(_source(document.data))
         sources.append(source)
         merged.pages.extend(source.pages)
     data = _save(merged)

@@ -54,6 +54,7 @@ from lxml import etree
 
 from mailfax.emulators import pdf_pages
 from mailfax.emulators.fax_image import tiff_pages
+from mailfax.emulators.http import length_required
 from mailfax.emulators.rules import pages_sent, prefix_value
 from mailfax.providers.faxde_soap import BUNDLED_WSDL, parse_untrusted
 from mailfax.support.waiting import cancel_all_and_wait
@@ -166,7 +167,7 @@ class Emulator:
         return f"{self.url}/xmlws.exe/soap/IntfXMLWS"
 
     async def start(self, host: str, port: int) -> None:
-        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app = web.Application(middlewares=[length_required], client_max_size=64 * 1024 * 1024)
         app.router.add_get("/xmlws.exe", self.wsdl)
         app.router.add_get("/xmlws.exe/wsdl/IntfXMLWS", self.wsdl)
         app.router.add_post("/xmlws.exe/soap/IntfXMLWS", self.soap)

@@ -61,6 +61,7 @@ from zoneinfo import ZoneInfo
 from aiohttp import web
 
 from mailfax.emulators import pdf_pages
+from mailfax.emulators.http import length_required
 from mailfax.emulators.rules import pages_sent, prefix_value
 from mailfax.web.server import runner_url, start_web
 
@@ -354,7 +355,7 @@ def _handler(state: EmulatorState
 async def start(host: str, port: int, options: dict[str, str]) -> FaxnummerEmulator:
     parsed, faults = parse_options(options)
     state = EmulatorState(options=parsed, faults=faults)
-    app = web.Application(client_max_size=MAX_UPLOAD)
+    app = web.Application(middlewares=[length_required], client_max_size=MAX_UPLOAD)
     handle = _handler(state)
     app.router.add_post(PATH, handle)
     app.router.add_post(PATH.removesuffix("index.php"), handle)

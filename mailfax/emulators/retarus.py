@@ -59,6 +59,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from mailfax.emulators.http import length_required
 from mailfax.emulators.rules import longest_prefix
 from mailfax.providers.retarus_codes import MAX_IDS_PER_REQUEST, NAME_PATTERN, push_xml
 from mailfax.support.waiting import cancel_all_and_wait
@@ -273,7 +274,8 @@ class RetarusEmulator:
     # --- serving --------------------------------------------------------------------------
 
     def app(self) -> web.Application:
-        app = web.Application(middlewares=[self._middleware], client_max_size=64 * 1024 * 1024)
+        app = web.Application(middlewares=[length_required, self._middleware],
+                              client_max_size=64 * 1024 * 1024)
         app.router.add_post("/ha/rest/v1/{cust}/fax", self._send)
         base = "/dc/{dc}/rest/v1/{cust}/fax"
         app.router.add_post(base, self._send)

@@ -57,6 +57,7 @@ from mailfax.providers.base import (
     prepare_documents,
 )
 from mailfax.providers.faxde_soap import MAX_CONNECTIONS, SoapClient, SoapError
+from mailfax.providers.upload import Upload
 from mailfax.store.base import Job
 from mailfax.support.text import to_ascii
 
@@ -137,11 +138,13 @@ class FaxDeProvider(BaseProvider):
             "SendDateTime": request.send_at.astimezone(UTC) if request.send_at else xsd.SkipValue,
             "Options": self._options(request),
         }
+        upload = Upload()  # the files are read as the request goes out (providers.upload)
         for index in range(MAX_FILES):
             document = files[index] if index < len(files) else None
             parameters[f"SendFilename{index + 1}"] = document.filename if document else ""
-            parameters[f"SendFile{index + 1}"] = document.data if document else b""
-        answer = await self._call("SendJob", parameters)
+            parameters[f"SendFile{index + 1}"] = upload.base64_marker(document.data) \
+                if document else b""
+        answer = await self._call("SendJob", parameters, upload)
         result = int(answer["return"])
         code = codes.code_for("SendJob", result)
         if code.kind == "duplicate" and request.earlier_may_have_arrived:
@@ -385,12 +388,13 @@ class FaxDeProvider(BaseProvider):
     async def close(self) -> None:
         await self.soap.close()
 
-    async def _call(self, operation: str, parameters: dict[str, Any]) -> dict[str, Any]:
+    async def _call(self, operation: str, parameters: dict[str, Any],
+                    upload: Upload | None = None) -> dict[str, Any]:
         """One SOAP operation with this account's credentials added to ``parameters``."""
         credentials = {"Account": self.settings.account,
                        "Password": self.settings.password.get_secret_value()}
         try:
-            return await self.soap.call(operation, **credentials, **parameters)
+            return await self.soap.call(operation, upload=upload, **credentials, **parameters)
         except SoapError as error:
             raise ProviderError(reasons.reason("provider_unavailable", detail=str(error)),
                                 transient=True, maybe_sent=(

@@ -10,6 +10,7 @@ the out-parameters, and the function result from the part ``return`` (or ``Resul
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import os
 from collections.abc import Mapping
@@ -27,6 +28,7 @@ from zeep.transports import AsyncTransport
 
 from mailfax.providers.base import is_loopback_url
 from mailfax.providers.http import request_may_have_arrived
+from mailfax.providers.upload import Upload
 from mailfax.support import xmlsafe
 
 log = logging.getLogger(__name__)
@@ -112,6 +114,24 @@ def check_wsdl(data: bytes) -> None:
         raise ValueError(f"lacks operations {', '.join(missing)}")
 
 
+# The documents of the call being made in this task (SoapClient.call's ``upload``).
+_CALL_UPLOAD: contextvars.ContextVar[Upload | None] = contextvars.ContextVar(
+    "faxde_call_upload", default=None)
+
+
+class DocumentTransport(AsyncTransport):
+    """zeep's transport, sending a call's documents from where they are: zeep builds the
+    envelope around their markers, and the body reads each document as it goes out (see
+    providers.upload)."""
+
+    async def post(self, address: str, message: bytes, headers: dict[str, str]) -> Any:
+        upload = _CALL_UPLOAD.get()
+        if upload is None:
+            return await super().post(address, message, headers)
+        body = upload.body(message)
+        return await self.client.post(address, content=body, headers={**headers, **body.headers})
+
+
 class SoapClient:
     """One account's zeep client, created on first use."""
 
@@ -131,8 +151,12 @@ class SoapClient:
         self._lock = asyncio.Lock()
         self.wsdl_source = ""
 
-    async def call(self, operation: str, **parameters: Any) -> dict[str, Any]:
+    async def call(self, operation: str, upload: Upload | None = None,
+                   **parameters: Any) -> dict[str, Any]:
+        """``operation`` with ``parameters``; the markers of ``upload`` among them (see
+        providers.upload) are sent as their documents."""
         service = await self._get_service()
+        token = _CALL_UPLOAD.set(upload)
         try:
             answer = await getattr(service, operation)(**parameters)
         except httpx.HTTPError as error:
@@ -141,6 +165,8 @@ class SoapClient:
         except ZeepError as error:
             raise SoapError(f"{operation}: {type(error).__name__}: {error}",
                             not isinstance(error, Fault)) from None
+        finally:
+            _CALL_UPLOAD.reset(token)
         try:
             return outputs(answer)
         except SoapError as error:
@@ -171,7 +197,7 @@ class SoapClient:
         # zeep uses the synchronous wsdl_client only while it loads the WSDL (a local file
         # here); it never closes it, so close it once the client is built.
         with httpx.Client(timeout=self.timeout) as wsdl_http:
-            transport = AsyncTransport(client=self.http, wsdl_client=wsdl_http)
+            transport = DocumentTransport(client=self.http, wsdl_client=wsdl_http)
             client = zeep.AsyncClient(str(path), transport=transport, settings=zeep_settings())
         service = next(iter(client.wsdl.services.values()))
         port = next(iter(service.ports.values()))

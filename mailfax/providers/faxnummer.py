@@ -61,6 +61,7 @@ from mailfax.providers.base import (
     prepare_documents,
 )
 from mailfax.providers.http import request_may_have_arrived, status_error, status_may_have_acted
+from mailfax.providers.upload import Upload
 from mailfax.support import xmlsafe
 from mailfax.support.text import to_ascii
 
@@ -390,8 +391,7 @@ class FaxnummerProvider(BaseProvider):
         return [self._as_result(result) for result in results]
 
     async def _send_one(self, request: SendRequest, document: FaxDocument) -> SendReceipt:
-        files = {"sFax": (document.filename, bytes(document.data), "application/pdf")}
-        fields = await self._call("SendFax", send_fields(request, self.settings), files)
+        fields = await self._call("SendFax", send_fields(request, self.settings), document)
         provider_job_id, duplicate = send_answer(fields)
         return SendReceipt(job_id=request.job_id, provider_job_id=provider_job_id,
                            pages=document.pages, duplicate=duplicate)
@@ -459,12 +459,15 @@ class FaxnummerProvider(BaseProvider):
         return AccountCheck(facts=facts)
 
     async def _call(self, command: str, fields: dict[str, str],
-                    files: dict[str, tuple[str, bytes, str]] | None = None) -> dict[str, str]:
+                    document: FaxDocument | None = None) -> dict[str, str]:
         """One POST; returns the parsed answer of a ``WR_Status`` ok, raises otherwise."""
         data = {"sProductLogin": self.settings.product_login,
                 "sProductCode": self.settings.product_code.get_secret_value(), **fields}
         try:
-            response = await self.client.post(self.settings.url, data=data, files=files)
+            if document is None:
+                response = await self.client.post(self.settings.url, data=data)
+            else:
+                response = await self._post_with(document, data)
         except httpx.HTTPError as error:
             raise ProviderError(reasons.reason(
                 "provider_unavailable", f"{command}: {type(error).__name__} {error}".strip()),
@@ -480,6 +483,16 @@ class FaxnummerProvider(BaseProvider):
                                     maybe_sent=True) from None
             raise
         return answer
+
+    async def _post_with(self, document: FaxDocument, data: dict[str, str]) -> httpx.Response:
+        """The form with ``document`` as its ``sFax`` file, read as the body goes out (see
+        providers.upload): httpx encodes the form around a marker for the file."""
+        upload = Upload()
+        files = {"sFax": (document.filename, upload.raw_marker(document.data), "application/pdf")}
+        form = self.client.build_request("POST", self.settings.url, data=data, files=files)
+        body = upload.body(form.read())
+        return await self.client.post(self.settings.url, content=body, headers={
+            "Content-Type": form.headers["Content-Type"], **body.headers})
 
     def _answer(self, command: str, response: httpx.Response) -> dict[str, str]:
         error = http_error(response.status_code, response.headers.get("Retry-After"), command)

@@ -26,6 +26,7 @@ import base64
 import binascii
 import dataclasses
 import hmac
+import json
 import logging
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
@@ -39,7 +40,6 @@ from mailfax.providers.account_settings import RetarusSettings
 from mailfax.providers.base import (
     AccountCheck,
     BaseProvider,
-    FaxDocument,
     ProviderContext,
     ProviderError,
     ProviderRef,
@@ -50,6 +50,7 @@ from mailfax.providers.base import (
     StatusReport,
 )
 from mailfax.providers.http import http_detail, request_may_have_arrived
+from mailfax.providers.upload import DocumentBody, Upload
 
 log = logging.getLogger(__name__)
 
@@ -131,10 +132,13 @@ class RetarusProvider(BaseProvider):
         base = self.settings.data_centres[data_centre]
         return f"{base}/{self.settings.customer_number}/fax/reports"
 
-    async def _call(self, method: str, url: str, operation: str,
-                    json: Any = None) -> httpx.Response:
+    async def _call(self, method: str, url: str, operation: str, payload: Any = None,
+                    content: DocumentBody | None = None) -> httpx.Response:
+        """One request with ``payload`` as JSON, or ``content`` (JSON carrying documents)."""
+        headers = {"Content-Type": "application/json", **content.headers} if content else None
         try:
-            return await self.client.request(method, url, json=json)
+            return await self.client.request(method, url, json=payload, content=content,
+                                             headers=headers)
         except httpx.HTTPError as error:  # connect errors were already retried by the transport
             raise ProviderError(reasons.reason(
                 "provider_unavailable", f"Retarus {operation}: {type(error).__name__}"),
@@ -158,27 +162,29 @@ class RetarusProvider(BaseProvider):
     # --- sending --------------------------------------------------------------------------
 
     async def send_many(self, requests: Sequence[SendRequest]) -> list[SendResult]:
-        encoded: dict[int, str] = {}  # the jobs of one mail share their documents
-
         async def one(request: SendRequest) -> SendResult:
             async with self._send_slots:
                 try:
-                    return await self._send(request, encoded)
+                    return await self._send(request)
                 except ProviderError as error:
                     return error
 
         return list(await asyncio.gather(*(one(request) for request in requests)))
 
     async def send(self, request: SendRequest) -> SendReceipt:
-        return await self._send(request, {})
+        return await self._send(request)
 
-    async def _send(self, request: SendRequest, encoded: dict[int, str]) -> SendReceipt:
+    async def _send(self, request: SendRequest) -> SendReceipt:
+        """One ``FaxJobRequest``, its documents' base64 made as the body goes out (see
+        providers.upload), not held in memory."""
         names = codes.document_names([document.filename for document in request.documents])
-        documents = [(name, _base64(document, encoded))
+        upload = Upload()
+        documents = [(name, upload.base64_text(document.data))
                      for name, document in zip(names, request.documents, strict=True)]
         body = send_body(request, documents, self.settings, self._push_options(request.job_id))
         url = f"{self.settings.send_url}/{self.settings.customer_number}/fax"
-        response = await self._call("POST", url, "send", body)
+        response = await self._call("POST", url, "send",
+                                    content=upload.body(json.dumps(body).encode("utf-8")))
         if response.status_code in (200, 201):
             answer = self._json(response, "send")
             job_id = answer.get("jobId") if isinstance(answer, dict) else None
@@ -418,13 +424,6 @@ def _basic_password(header: str) -> str | None:
     except (binascii.Error, UnicodeDecodeError):
         return None
     return password if hmac.compare_digest(user.encode(), PUSH_USER.encode()) else None
-
-
-def _base64(document: FaxDocument, cache: dict[int, str]) -> str:
-    key = id(document)
-    if key not in cache:
-        cache[key] = base64.b64encode(document.data).decode("ascii")
-    return cache[key]
 
 
 def create(context: ProviderContext, settings: Settings,
