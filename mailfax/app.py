@@ -244,7 +244,8 @@ class Application:
                                      owner=self.instance,
                                      on_submitted=self._after_dispatch,
                                      accounts=self.accounts,
-                                     schedule=dispatch_schedule(settings))
+                                     schedule=dispatch_schedule(settings),
+                                     spool=self.intake.spool_folder)
         self.accounts.on_resumed = lambda account: self.dispatcher.wake()
         self.intake.wake_outbox = self.outbox.wake
         self._loops_made = True  # from here on a stored mail wakes them

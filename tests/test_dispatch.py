@@ -65,14 +65,15 @@ class FlakyStore(SqliteStore):
     async def claim_work(self, owner: str, limit: int, lease_seconds: float,
                          account_limits: Mapping[str, int],
                          finished: Sequence[Outcome] = (),
-                         rules: ClaimRules = DEFAULT_RULES) -> list[Work]:
+                         rules: ClaimRules = DEFAULT_RULES,
+                         spool: Path | None = None) -> list[Work]:
         if finished:
             self.calls += 1
             if self.calls % 3 == 0:
                 self.failed += 1
                 raise OSError("database went away")
         return await super().claim_work(owner, limit, lease_seconds, account_limits, finished,
-                                        rules)
+                                        rules, spool)
 
 
 async def run_until_submitted(store: SqliteStore, dispatcher: Dispatcher, count: int) -> None:

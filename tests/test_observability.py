@@ -176,12 +176,13 @@ class BrokenClaims(SqliteStore):
     async def claim_work(self, owner: str, limit: int, lease_seconds: float,
                          account_limits: Mapping[str, int],
                          finished: Sequence[Outcome] = (),
-                         rules: ClaimRules = DEFAULT_RULES) -> list[Work]:
+                         rules: ClaimRules = DEFAULT_RULES,
+                         spool: Path | None = None) -> list[Work]:
         if self.broken:
             self.claims_failed += 1
             raise sqlite3.OperationalError("database or disk is full")
         return await super().claim_work(owner, limit, lease_seconds, account_limits, finished,
-                                        rules)
+                                        rules, spool)
 
 
 async def test_the_dispatcher_on_a_failing_store_logs_once_then_counts_then_recovers(

@@ -288,10 +288,11 @@ class CountingClaims(SqliteStore):
 
     async def claim_work(self, owner: str, limit: int, lease_seconds: float,
                          account_limits: Mapping[str, int], finished: Sequence[Outcome] = (),
-                         rules: ClaimRules = DEFAULT_RULES) -> list[Work]:
+                         rules: ClaimRules = DEFAULT_RULES,
+                         spool: Path | None = None) -> list[Work]:
         self.calls += 1
         return await super().claim_work(owner, limit, lease_seconds, account_limits, finished,
-                                         rules)
+                                         rules, spool)
 
 
 @pytest.mark.parametrize("held_by", ["window", "line in use"])

@@ -21,6 +21,7 @@ import random
 import time
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 from mailfax import reasons
 from mailfax.config import DispatchSettings, NotifySettings, Settings
@@ -263,8 +264,10 @@ class Dispatcher:
         clock: Callable[[], datetime] = utc_now,
         accounts: AccountHealth | None = None,
         schedule: Schedule | None = None,
+        spool: Path | None = None,
     ):
         self.clock = clock
+        self.spool = spool  # where a large document is read to, to be sent from its file
         self.schedule = schedule or Schedule.from_specs(
             {str(name): spec for name, spec in settings.windows.items()}, {},
             settings.timezone or NotifySettings().timezone)
@@ -340,7 +343,8 @@ class Dispatcher:
         try:
             work = await self.store.claim_work(self.owner, max(0, free), LEASE_SECONDS, limits,
                                                finished=finished,
-                                               rules=claim_rules(self.settings, self._held))
+                                               rules=claim_rules(self.settings, self._held),
+                                               spool=self.spool)
         except Exception:
             self._claim_failures.failed(
                 f"{len(finished)} send results wait to be recorded" if finished else "")

@@ -401,11 +401,13 @@ class Store(Protocol):
     async def claim_work(self, owner: str, limit: int, lease_seconds: float,
                          account_limits: Mapping[str, int],
                          finished: Sequence[Outcome] = (),
-                         rules: ClaimRules = DEFAULT_RULES) -> list[Work]:
+                         rules: ClaimRules = DEFAULT_RULES,
+                         spool: Path | None = None) -> list[Work]:
         """Record ``finished``, then lease up to ``limit`` jobs that wait for the dispatcher
         and are due now, and load what they need to be sent: their mail's subject and
-        documents. Normal jobs are claimed before bulk ones, then by due time; ``rules``
-        hold some back (see :class:`ClaimRules`).
+        documents (a large one into a file in ``spool``, as :meth:`load_documents` does).
+        Normal jobs are claimed before bulk ones, then by due time; ``rules`` hold some back
+        (see :class:`ClaimRules`).
 
         ``account_limits`` ({account: most sends at once}): only jobs of those accounts are
         claimed, each account up to its limit minus the live leases it already has — the

@@ -1359,9 +1359,11 @@ class PostgresStore:
     async def claim_work(self, owner: str, limit: int, lease_seconds: float,
                          account_limits: Mapping[str, int],
                          finished: Sequence[Outcome] = (),
-                         rules: ClaimRules = DEFAULT_RULES) -> list[Work]:
+                         rules: ClaimRules = DEFAULT_RULES,
+                         spool: Path | None = None) -> list[Work]:
         """One pipeline, so one round trip: the claim lock, the outcomes, the claim, the
-        claimed jobs' mails and documents.
+        claimed jobs' mails and documents (``spool`` is not used: a bytea arrives as one
+        value, in memory already).
 
         The statements are one transaction without BEGIN and COMMIT: in pipeline mode
         PostgreSQL runs everything up to the pipeline's Sync as one implicit transaction

@@ -375,13 +375,26 @@ def _documents(conn: sqlite3.Connection, mail_ids: Sequence[str], spool: Path | 
     for r in rows:
         data = r["data"]
         if data is None:  # a large document: into its file, or straight into one bytes object
-            with conn.blobopen("blobs", "data", r["blob_row"], readonly=True) as blob:
-                data = blob.read() if spool is None else \
-                    document_file(spool, iter(lambda: blob.read(BLOB_IN_ROW_BYTES), b""))
+            data = _large_document(conn, r["blob_row"], spool)
         found.setdefault(r["mail_id"], []).append(FaxDocument(
             filename=r["filename"], data=data, pages=r["pages"],
             content_type=r["content_type"]))
     return found
+
+
+def _large_document(conn: sqlite3.Connection, blob_row: int, spool: Path | None
+                    ) -> DocumentBytes:
+    """A large stored document: read in pieces into a file in ``spool``, or (without one,
+    or when that file cannot be written: a full disk) into memory."""
+    if spool is not None:
+        try:
+            with conn.blobopen("blobs", "data", blob_row, readonly=True) as blob:
+                return document_file(spool, iter(lambda: blob.read(BLOB_IN_ROW_BYTES), b""))
+        except OSError as error:
+            log.warning("a stored document is read into memory: %s cannot take it (%s)",
+                        spool, error.strerror or error)
+    with conn.blobopen("blobs", "data", blob_row, readonly=True) as blob:
+        return blob.read()
 
 
 def _put_blob(conn: sqlite3.Connection, digest: str, data: DocumentBytes) -> None:
@@ -1248,7 +1261,8 @@ class SqliteStore(_InboundMixin, _EmulatorNetworkMixin, _RetentionMixin):
     async def claim_work(self, owner: str, limit: int, lease_seconds: float,
                          account_limits: Mapping[str, int],
                          finished: Sequence[Outcome] = (),
-                         rules: ClaimRules = DEFAULT_RULES) -> list[Work]:
+                         rules: ClaimRules = DEFAULT_RULES,
+                         spool: Path | None = None) -> list[Work]:
         def operation(conn: sqlite3.Connection) -> list[Work]:
             _record_outcomes(conn, finished)
             jobs = _claim(conn, owner, limit, lease_seconds, account_limits, rules)
@@ -1256,7 +1270,7 @@ class SqliteStore(_InboundMixin, _EmulatorNetworkMixin, _RetentionMixin):
             subjects = dict(conn.execute(
                 f"SELECT id, subject FROM mails WHERE id IN ({','.join('?' * len(mail_ids))})",
                 mail_ids).fetchall()) if mail_ids else {}
-            return group_work(jobs, subjects, _documents(conn, mail_ids))
+            return group_work(jobs, subjects, _documents(conn, mail_ids, spool))
 
         return await self._call(operation)
 
