@@ -230,7 +230,7 @@ class Application:
                                  hostname=settings.smtp.hostname, owner=self.instance,
                                  admin_address=(settings.notify.admin_address
                                                 or settings.inbound.postmaster),
-                                 accounts=settings.accounts)
+                                 accounts=settings.accounts, spool=self.intake.spool_folder)
         self.accounts = self._account_health(renderer)
         self.tracker = Tracker(self.store, self.providers, settings.dispatch.status_poll_seconds,
                                on_change=self._jobs_changed, accounts=self.accounts,

@@ -158,6 +158,41 @@ async def test_delivered_mail_carries_a_report_with_page_one_as_faxed_in_one_bit
     assert text_part is not None and "transmission report is attached" in text_part.get_content()
 
 
+async def test_a_large_scan_s_report_shows_its_page_one_read_from_its_file(
+        berlin_service: Service, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A document over 1 MB is read from the store into a file for the report (as for the
+    page check and the send), and pdfium renders page 1 from that file: the same pixels as
+    from the bytes, not a blank page."""
+    from bench.memory import random_pdf
+    from mailfax.documents.mapped import DocumentMap, document_file
+
+    scan = random_pdf(3_000_000, pages=2)
+    assert render_page_one(document_file(tmp_path, [scan]), STANDARD) == \
+        render_page_one(scan, STANDARD)
+    store = berlin_service.app.store
+    loaded: list[list[type]] = []
+    load_documents = store.load_documents
+
+    async def recorded(mail_id: str, spool: Path | None = None) -> list[Any]:
+        documents = await load_documents(mail_id, spool)
+        loaded.append([type(document.data) for document in documents])
+        return documents
+
+    monkeypatch.setattr(store, "load_documents", recorded)
+    mail = fax_mail([("scan.pdf", scan, "application/pdf")], to="004930123456@fax.local")
+    await berlin_service.send(mail, "alice@example.org", ["004930123456@fax.local"])
+    status = _parsed(await berlin_service.wait_for_mail(
+        lambda m: m["X-Mailfax-State"] == "delivered"))
+    assert len(loaded) >= 2 and all(types == [DocumentMap] for types in loaded)  # check, report
+    report = _attachments(status)["transmission-report.pdf"]
+    with pikepdf.open(io.BytesIO(report)) as opened:
+        [embedded] = opened.pages[0].Resources.XObject.values()
+        picture = pikepdf.PdfImage(embedded).as_pil_image()
+    faxed = render_as_faxed(scan, 0, STANDARD)
+    assert ImageChops.difference(picture.convert("L"), faxed.convert("L")).getbbox() is None
+    assert black_fraction(picture) > 0.005  # the scan's noise, not a blank page
+
+
 async def test_report_in_german_and_the_whole_document_when_the_account_asks(
         tmp_path: Path, corpus: Path) -> None:
     settings = make_settings(

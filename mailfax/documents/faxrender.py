@@ -18,6 +18,7 @@ import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from mailfax.documents.mapped import DocumentBytes, DocumentMap
 from mailfax.support.lazy import lazy_module
 
 if TYPE_CHECKING:
@@ -64,11 +65,21 @@ def page_count(pdf: bytes) -> int:
             document.close()
 
 
-def rendered_page(pdf: bytes, page_index: int, dpi: float, grayscale: bool) -> Image.Image:
+def _opened(pdf: DocumentBytes) -> pypdfium2.PdfDocument:
+    """pdfium's document of ``pdf``. A mapped one it reads from its file, block by block
+    (pdfium takes no ``mmap``, and a copy would be the whole document in memory), through a
+    file of its own: the map's file has one offset for everyone."""
+    if isinstance(pdf, DocumentMap):
+        return pypdfium2.PdfDocument(open(pdf.path, "rb"), autoclose=True)
+    return pypdfium2.PdfDocument(pdf)
+
+
+def rendered_page(pdf: DocumentBytes, page_index: int, dpi: float, grayscale: bool
+                  ) -> Image.Image:
     """Page ``page_index`` of ``pdf`` rendered by pdfium at ``dpi`` (``"L"`` or ``"RGB"``),
     as a Pillow image of its own: nothing of pdfium's is left open when it returns."""
     with PDFIUM_LOCK:
-        document = pypdfium2.PdfDocument(pdf)
+        document = _opened(pdf)
         try:
             page = document[page_index]
             try:
@@ -84,7 +95,7 @@ def rendered_page(pdf: bytes, page_index: int, dpi: float, grayscale: bool) -> I
     return image
 
 
-def render_as_faxed(pdf: bytes, page_index: int = 0,
+def render_as_faxed(pdf: DocumentBytes, page_index: int = 0,
                     resolution: FaxResolution = STANDARD) -> Image.Image:
     """Page ``page_index`` (0-based) of ``pdf`` as a mode ``"1"`` image at ``resolution``.
 

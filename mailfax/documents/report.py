@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 from xml.sax.saxutils import escape
 
 from mailfax.documents.faxrender import FaxResolution, render_as_faxed
+from mailfax.documents.mapped import DocumentBytes
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -88,7 +89,7 @@ class TransmissionReport:
     filename: str
 
 
-def render_page_one(first_page_pdf: bytes, resolution: FaxResolution) -> PageOne:
+def render_page_one(first_page_pdf: DocumentBytes, resolution: FaxResolution) -> PageOne:
     """Page 1 of ``first_page_pdf`` as the recipient's machine receives it."""
     faxed = render_as_faxed(first_page_pdf, 0, resolution)
     return PageOne(width=faxed.width, height=faxed.height, resolution=resolution,

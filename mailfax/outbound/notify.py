@@ -242,8 +242,10 @@ class Notifier:
                  mails_per_hour: int = 60, fax_domain: str = "fax.local",
                  hostname: str = "mailfax.localhost", owner: str = "mailfax",
                  admin_address: str | None = None,
-                 accounts: Mapping[str, AccountSettings] | None = None):
+                 accounts: Mapping[str, AccountSettings] | None = None,
+                 spool: Path | None = None):
         self.owner = owner
+        self.spool = spool  # where a large document is read to for the transmission report
         # For the transmission report: each account's provider and return_document.
         self.accounts = dict(accounts or {})
         self.admin_address = admin_address
@@ -461,7 +463,9 @@ class Notifier:
         numbers has its jobs' events side by side in a claim, so its documents are read
         once, not once per number (and only one mail's are held)."""
         if self._last_documents is None or self._last_documents[0] != mail_id:
-            self._last_documents = (mail_id, await self.store.load_documents(mail_id))
+            self._last_documents = None  # its files (a large one's) closed before the next
+            self._last_documents = (mail_id, await self.store.load_documents(mail_id,
+                                                                             self.spool))
         return self._last_documents[1]
 
     def _status_mail(self, kind: str, job: Job, mail: Mail, event: Event,

@@ -20,6 +20,7 @@ from email.message import EmailMessage
 from typing import TYPE_CHECKING
 
 from mailfax import reasons
+from mailfax.documents.mapped import DocumentBytes
 from mailfax.model import JobState
 from mailfax.numbers import format_international
 from mailfax.providers.base import FaxDocument
@@ -90,7 +91,7 @@ class PageCache:
         self._pages: OrderedDict[tuple[str, str], PageOne] = OrderedDict()
         self._lock = threading.Lock()
 
-    def page_one(self, mail_id: str, resolution_name: str, pdf: bytes) -> PageOne:
+    def page_one(self, mail_id: str, resolution_name: str, pdf: DocumentBytes) -> PageOne:
         from mailfax.documents.faxrender import resolution_named
         from mailfax.documents.report import render_page_one
 
@@ -116,7 +117,7 @@ def _render(job: Job, facts: ReportFacts, documents: list[FaxDocument], language
     from mailfax.documents.report import build_report
 
     resolution = "fine" if job.options.get("resolution") == "fine" else "standard"
-    page = PAGES.page_one(job.mail_id, resolution, bytes(documents[0].data))
+    page = PAGES.page_one(job.mail_id, resolution, documents[0].data)
     report = build_report(facts, page, language)
     faxed = None
     if with_document:
