@@ -9,6 +9,11 @@ ten mails of the largest size at once: mailfax's ``smtp.receiving_budget`` answe
 that do not fit with 452, and its peak stays within the budget. Which server goes first alternates.
 
     python bench/memory.py [--sizes 1,10,30] [--parallel 10] [--budget-mails 4]
+                           [--provider emulator|fax.de|faxnummer.de|retarus]
+
+``--provider`` other than the bundled emulator sends through that provider's adapter to its
+emulator (``mailfax emulate``, a process of its own, not measured): the request then carries
+the document, as base64 in SOAP or JSON, or as a form part.
 
 Goal (issue 19): growth <= 2x the message for one mail; within the budget for many.
 """
@@ -93,6 +98,7 @@ class Result:
     peak: int
     replies: list[int]
     sent_peak: int | None = None  # mailfax: the peak once every job went to the provider
+    states: str = ""  # mailfax: its jobs' states then (a refused send shows here)
 
     @property
     def sent_growth(self) -> int | None:
@@ -112,18 +118,47 @@ async def send(port: int, raw: bytes, number: str = "030123456") -> int:
     return 250
 
 
+PROVIDER = "emulator"  # --provider
+
+
+def account(provider: str, url: str) -> str:
+    """The ``[accounts.bench]`` table for ``provider``, its emulator at ``url``."""
+    if provider == "emulator":
+        return 'provider = "emulator"\ndelay_seconds = 3600\n'
+    if provider == "fax.de":
+        return (f'provider = "fax.de"\naccount = "123456"\npassword = "secret"\n'
+                f'wsdl_url = "{url}/xmlws.exe?wsdl/IntfXMLWS"\n')
+    if provider == "faxnummer.de":
+        return (f'provider = "faxnummer.de"\nurl = "{url}/webrequests/product-voip/index.php"\n'
+                f'product_login = "acc12345"\nproduct_code = "secret"\n'
+                f'status_email = "fax-admin@example.org"\n')
+    return (f'provider = "retarus"\ncustomer_number = "99999TE"\nusername = "mailfax"\n'
+            f'password = "secret"\nsend_url = "{url}/ha/rest/v1"\n'
+            f'data_centres = {{ DE1 = "{url}/dc/DE1/rest/v1" }}\nstatus_push = false\n')
+
+
 class Server:
     def __init__(self, name: str, folder: Path, budget: int, max_size: int):
         self.name = name
         self.database = folder / "data" / "mailfax.sqlite3"
         self.port = free_port()
+        self.emulator: subprocess.Popen[bytes] | None = None
+        self.emulator_port = free_port()
         if name == "mailfax":
+            if PROVIDER != "emulator":
+                self.emulator = subprocess.Popen(
+                    [sys.executable, "-m", "mailfax", "emulate", PROVIDER, "--listen",
+                     f"127.0.0.1:{self.emulator_port}"], cwd=folder,
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             config = folder / "mailfax.toml"
             config.write_text(
-                f'data_dir = "data"\n[smtp]\nlisten = ["127.0.0.1:{self.port}"]\n'
+                f'data_dir = "data"\ndefault_account = "bench"\n'
+                f'[smtp]\nlisten = ["127.0.0.1:{self.port}"]\n'
                 f'max_message_size = {max_size}\n'
                 + (f'receiving_budget = {budget}\n' if HAS_BUDGET else '') +
-                '[accounts.emulator]\nprovider = "emulator"\ndelay_seconds = 3600\n')
+                '[accounts.bench]\n'
+                + account(PROVIDER, f"http://127.0.0.1:{self.emulator_port}"))
+            config.chmod(0o600)
             command = [sys.executable, "-m", "mailfax", "-c", str(config), "serve"]
         else:
             command = [sys.executable, "-c", BARE_SERVER, str(self.port), str(max_size)]
@@ -131,10 +166,12 @@ class Server:
                                         stderr=subprocess.DEVNULL)
 
     async def measure(self, mails: list[bytes], warm_up: bytes) -> Result:
+        if self.emulator is not None:
+            await wait_for(self.emulator_port)
         await wait_for(self.port)
         # every module of the mail path imported; to a number of its own, as the emulator
         # keeps a fax dialling for an hour and the next one to that number waits for it
-        await send(self.port, warm_up, "030999999")
+        await send(self.port, warm_up, "030888888")  # no emulator fails it
         if self.name == "mailfax":  # and what follows its 250: the page check, the send
             await self.peak_once_sent()
         await asyncio.sleep(1.0)
@@ -143,18 +180,27 @@ class Server:
         replies = await asyncio.gather(*(send(self.port, raw, f"0301234{index:02d}")
                                          for index, raw in enumerate(mails)))
         _, peak = memory(self.process.pid)  # at the reply: receiving, checking, storing
-        sent = await self.peak_once_sent() if self.name == "mailfax" else None
-        return Result(before, peak, list(replies), sent)
+        if self.name != "mailfax":
+            return Result(before, peak, list(replies))
+        return Result(before, peak, list(replies), await self.peak_once_sent(), self.states())
+
+    def states(self) -> str:
+        with contextlib.closing(sqlite3.connect(f"{self.database.as_uri()}?mode=ro",
+                                                uri=True)) as db:
+            rows = db.execute("SELECT state, json_extract(reason, '$.code'), count(*)"
+                              " FROM jobs GROUP BY 1, 2 ORDER BY 1, 2")
+            return ", ".join(f"{count} {state}" + (f" ({code})" if code else "")
+                             for state, code, count in rows)
 
     async def peak_once_sent(self, timeout: float = 120.0) -> int | None:
-        """The peak once no job waits for its first send (the page check holds each job
-        until it is done, then the dispatcher reads its document to send it); None if that
-        took longer than ``timeout``."""
+        """The peak once no job waits for its send or is being sent (the page check holds
+        each job until it is done, then the dispatcher reads its document and sends it);
+        None if that took longer than ``timeout``."""
         for _ in range(int(timeout / 0.2)):
             with contextlib.closing(sqlite3.connect(f"{self.database.as_uri()}?mode=ro",
                                                     uri=True)) as db:
-                waiting = db.execute("SELECT count(*) FROM jobs WHERE state = 'queued'"
-                                     " AND attempts = 0").fetchone()[0]
+                waiting = db.execute(  # not sent yet, or being sent (leased, attempt 1)
+                    "SELECT count(*) FROM jobs WHERE state = 'queued'").fetchone()[0]
             if not waiting:
                 await asyncio.sleep(0.5)
                 return memory(self.process.pid)[1]
@@ -162,8 +208,10 @@ class Server:
         return None
 
     def stop(self) -> None:
-        self.process.terminate()
-        self.process.wait()
+        for process in (self.process, self.emulator):
+            if process is not None:
+                process.terminate()
+                process.wait()
 
 
 async def run(name: str, mails: list[bytes], warm_up: bytes, budget: int) -> Result:
@@ -193,7 +241,7 @@ def row(label: str, size: int, results: dict[str, Result]) -> str:
     after = "not sent in 120 s" if sent is None else \
         f"+{sent / MB:6.1f} MB = {sent / size:4.1f}x"
     return (f"  {label:<22} {'   '.join(cells)}   mailfax/bare {ratio:4.2f}   "
-            f"mailfax once sent {after}")
+            f"mailfax once sent {after} (jobs: {results['mailfax'].states})")
 
 
 def replies(result: Result) -> str:
@@ -202,13 +250,16 @@ def replies(result: Result) -> str:
 
 
 async def main() -> None:
-    global MEMORY_PER_BYTE, HAS_BUDGET
+    global MEMORY_PER_BYTE, HAS_BUDGET, PROVIDER
     parser = argparse.ArgumentParser()
+    parser.add_argument("--provider", default="emulator",
+                        choices=["emulator", "fax.de", "faxnummer.de", "retarus"])
     parser.add_argument("--sizes", default="1,10,30", help="message sizes in MB")
     parser.add_argument("--parallel", type=int, default=10)
     parser.add_argument("--budget-mails", type=int, default=4,
                         help="receiving_budget: room for this many mails of the largest size")
     args = parser.parse_args()
+    PROVIDER = args.provider
     # The mailfax that `serve` runs (PYTHONPATH may point at an older one to compare with).
     probe = subprocess.run([sys.executable, "-c", "from mailfax.intake import spool; "
                             "print(spool.MEMORY_PER_BYTE)"], cwd=tempfile.gettempdir(),
@@ -221,7 +272,8 @@ async def main() -> None:
     largest = max(sizes)
     budget = args.budget_mails * MEMORY_PER_BYTE * largest
     print(f"peak memory growth per mail (VmHWM at the reply, and once sent, minus VmRSS "
-          f"before), x = growth / message size; receiving_budget {budget / MB:.0f} MB")
+          f"before), x = growth / message size; receiving_budget {budget / MB:.0f} MB; "
+          f"sent through {PROVIDER}")
     for index, size in enumerate(sizes):
         results = await both([pdf_mail(size)], warm_up, budget, mailfax_first=index % 2 == 0)
         print(row(f"one {size / MB:.0f} MB mail", size, results), flush=True)
