@@ -230,41 +230,36 @@ async def test_a_document_in_its_file_is_stored_and_loaded_byte_for_byte(
             document.close()
     assert await store.load_documents("m1") == [FaxDocument("big.pdf", data, 9), *DOCS,
                                                 FaxDocument("under.pdf", under, 1)]
-    # read for the page check: into a file (SQLite), or as the one value it is (PostgreSQL)
+    # read for the page check and the report: the large one in pieces into a file
     (tmp_path / "out").mkdir()
     big, *small = await store.load_documents("m1", tmp_path / "out")
     assert big.data[:] == data and small == [*DOCS, FaxDocument("under.pdf", under, 1)]
-    assert isinstance(big.data, DocumentMap) == isinstance(store, SqliteStore)
+    assert isinstance(big.data, DocumentMap)
     assert list((tmp_path / "out").iterdir()) == []  # the file has no name
     # claimed to be sent: the dispatcher reads them the same way, to send from the file
     [work] = await store.claim_work("one", 5, 60, {"acct": 5}, spool=tmp_path / "out")
     big, *small = work.documents
     assert big.data[:] == data and small == [*DOCS, FaxDocument("under.pdf", under, 1)]
-    assert isinstance(big.data, DocumentMap) == isinstance(store, SqliteStore)
+    assert isinstance(big.data, DocumentMap) and [job.id for job in work.jobs] == ["j1"]
     assert list((tmp_path / "out").iterdir()) == []
 
 
 async def test_a_large_document_is_read_into_memory_when_the_spool_is_full(
-        tmp_path: Path, caplog: pytest.LogCaptureFixture,
+        store: Store, tmp_path: Path, caplog: pytest.LogCaptureFixture,
         monkeypatch: pytest.MonkeyPatch) -> None:
     import errno
     import random
 
-    from mailfax.store import sqlite as sqlite_module
+    from mailfax.documents import mapped
 
-    def full(folder: Path, content: object) -> DocumentMap:
+    def full(**_: object) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
     data = random.Random(8).randbytes(3 * 1024 * 1024)
-    store = SqliteStore(tmp_path / "db.sqlite3")
-    await store.open()
-    try:
-        await store.add_mail_jobs(new_mail(), [NewJob("j1", number_of("j1"), "acct")],
-                                  [FaxDocument("big.pdf", data, 9)])
-        monkeypatch.setattr(sqlite_module, "document_file", full)
-        [work] = await store.claim_work("one", 5, 60, {"acct": 5}, spool=tmp_path)
-    finally:
-        await store.close()
+    await store.add_mail_jobs(new_mail(), [NewJob("j1", number_of("j1"), "acct")],
+                              [FaxDocument("big.pdf", data, 9)])
+    monkeypatch.setattr(mapped.tempfile, "TemporaryFile", full)
+    [work] = await store.claim_work("one", 5, 60, {"acct": 5}, spool=tmp_path)
     assert [(document.data, type(document.data)) for document in work.documents] == \
         [(data, bytes)]  # sent from memory, not lost
     assert "read into memory" in caplog.text and "No space left on device" in caplog.text

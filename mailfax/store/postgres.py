@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import logging
 import time
@@ -32,7 +33,7 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
 from mailfax import reasons
-from mailfax.documents.mapped import sha256_of
+from mailfax.documents.mapped import DocumentBytes, DocumentMap, sha256_of, unlinked_file
 from mailfax.model import RETRYABLE_STATES, TRACKED_STATES, JobState, Reason, can_transition
 from mailfax.providers.base import (
     EmulatedTransmission,
@@ -589,8 +590,14 @@ async def _claim_limited(cur: psycopg.AsyncCursor[DictRow], owner: str, limit: i
     )
 
 
-_MAIL_DOCUMENTS = """
-    SELECT m.id, m.subject, d.filename, d.content_type, d.pages, b.data
+# A document larger than this is not in the rows: it is read after them, piece by piece
+# (read_large_documents). octet_length() of a bytea stored out of line reads its size from
+# the TOAST pointer, not the value.
+LARGE_DOCUMENT_BYTES = 1024 * 1024
+PIECE_BYTES = 4 * 1024 * 1024  # of a large document read: a round trip each
+_MAIL_DOCUMENTS = f"""
+    SELECT m.id, m.subject, d.filename, d.content_type, d.pages, d.blob,
+           CASE WHEN octet_length(b.data) <= {LARGE_DOCUMENT_BYTES} THEN b.data END AS data
     FROM mails m
     LEFT JOIN documents d ON d.mail_id = m.id
     LEFT JOIN blobs b ON b.sha256 = d.blob
@@ -605,18 +612,78 @@ MAILS_OF_THIS_CLAIM = _MAIL_DOCUMENTS + """
 """
 
 
+Large = list[tuple[str, int, str]]  # (mail id, position among its documents, blob digest)
+
+
 def _subjects_and_documents(rows: Sequence[DictRow]
-                            ) -> tuple[dict[str, str], dict[str, list[FaxDocument]]]:
-    """The rows of _MAIL_DOCUMENTS as each mail's subject and its documents in order."""
+                            ) -> tuple[dict[str, str], dict[str, list[FaxDocument]], Large]:
+    """The rows of _MAIL_DOCUMENTS as each mail's subject and its documents in order, and
+    the large documents not in them (their data still empty: see read_large_documents)."""
     subjects: dict[str, str] = {}
     documents: dict[str, list[FaxDocument]] = {}
+    large: Large = []
     for r in rows:
         subjects[r["id"]] = r["subject"]
-        if r["filename"] is not None:
-            documents.setdefault(r["id"], []).append(FaxDocument(
-                filename=r["filename"], data=bytes(r["data"]), pages=r["pages"],
-                content_type=r["content_type"]))
-    return subjects, documents
+        if r["filename"] is None:
+            continue
+        found = documents.setdefault(r["id"], [])
+        if r["data"] is None:
+            large.append((r["id"], len(found), r["blob"]))
+        found.append(FaxDocument(filename=r["filename"], pages=r["pages"],
+                                 content_type=r["content_type"],
+                                 data=b"" if r["data"] is None else bytes(r["data"])))
+    return subjects, documents, large
+
+
+async def read_large_documents(conn: psycopg.AsyncConnection[Any],
+                               documents: dict[str, list[FaxDocument]], large: Large,
+                               spool: Path | None) -> None:
+    """Put each large document's bytes in place: read in pieces into an unlinked file in
+    ``spool``, or (without one, or when that file cannot be written: a full disk) as one
+    value. Once for a blob that several of the documents share."""
+    read: dict[str, DocumentBytes] = {}
+    for mail_id, position, digest in large:
+        if digest not in read:
+            read[digest] = await _read_blob(conn, digest, spool)
+        found = documents[mail_id]
+        found[position] = dataclasses.replace(found[position], data=read[digest])
+
+
+async def _read_blob(conn: psycopg.AsyncConnection[Any], digest: str, spool: Path | None
+                     ) -> DocumentBytes:
+    if spool is not None:
+        try:
+            return await _blob_into_file(conn, digest, spool)
+        except OSError as error:
+            log.warning("a stored document is read into memory: %s cannot take it (%s)",
+                        spool, error.strerror or error)
+    cursor = await conn.execute("SELECT data FROM blobs WHERE sha256 = %s", (digest,))
+    row = await cursor.fetchone()
+    return bytes(row[0]) if row else b""
+
+
+async def _blob_into_file(conn: psycopg.AsyncConnection[Any], digest: str, spool: Path
+                          ) -> DocumentMap:
+    """The blob, ``PIECE_BYTES`` at a time (substring of a bytea stored out of line reads
+    only the chunks it needs), into an unlinked file in ``spool``, mapped."""
+    file = await asyncio.to_thread(unlinked_file, spool)
+    try:
+        start = 1  # substring counts from 1
+        while True:
+            cursor = await conn.execute(
+                "SELECT substring(data FROM %s FOR %s) FROM blobs WHERE sha256 = %s",
+                (start, PIECE_BYTES, digest))
+            row = await cursor.fetchone()
+            piece = bytes(row[0]) if row else b""
+            if not piece:
+                break
+            await asyncio.to_thread(file.write, piece)
+            start += len(piece)
+        await asyncio.to_thread(file.flush)
+        return DocumentMap.of(file)
+    except BaseException:
+        file.close()
+        raise
 
 
 # The claim's statements are prepared (psycopg prepares a statement on its fifth use), but
@@ -1341,18 +1408,14 @@ class PostgresStore:
 
     async def load_documents(self, mail_id: str, spool: Path | None = None
                              ) -> list[FaxDocument]:
-        # ``spool`` is not used: a bytea arrives as one value, in memory already.
-        _, documents = await self._mails_and_documents([mail_id])
+        if self._pool is None:
+            raise RuntimeError("store is not open")
+        async with self._pool.connection() as conn:
+            cursor = conn.cursor(row_factory=dict_row)
+            await cursor.execute(MAILS_BY_ID, {"mail_ids": [mail_id]})
+            _, documents, large = _subjects_and_documents(await cursor.fetchall())
+            await read_large_documents(conn, documents, large, spool)
         return documents.get(mail_id, [])
-
-    async def _mails_and_documents(self, mail_ids: Sequence[str]
-                                   ) -> tuple[dict[str, str], dict[str, list[FaxDocument]]]:
-        """The subjects and the documents (each mail's in order) of these mails: one query."""
-        if not mail_ids:
-            return {}, {}
-        async with self._cursor(atomic=False) as cur:
-            await cur.execute(MAILS_BY_ID, {"mail_ids": list(mail_ids)})
-            return _subjects_and_documents(await cur.fetchall())
 
     # -- dispatcher --------------------------------------------------------------------------
 
@@ -1362,8 +1425,8 @@ class PostgresStore:
                          rules: ClaimRules = DEFAULT_RULES,
                          spool: Path | None = None) -> list[Work]:
         """One pipeline, so one round trip: the claim lock, the outcomes, the claim, the
-        claimed jobs' mails and documents (``spool`` is not used: a bytea arrives as one
-        value, in memory already).
+        claimed jobs' mails and documents (but a large document is read after it, in
+        pieces, into a file in ``spool``).
 
         The statements are one transaction without BEGIN and COMMIT: in pipeline mode
         PostgreSQL runs everything up to the pipeline's Sync as one implicit transaction
@@ -1394,8 +1457,9 @@ class PostgresStore:
                 await mails.execute(MAILS_OF_THIS_CLAIM,
                                     {"owner": owner, "lease": float(lease_seconds)})
             jobs = _sorted_jobs(await claim.fetchall())
-            subjects, documents = _subjects_and_documents(await mails.fetchall())
+            subjects, documents, large = _subjects_and_documents(await mails.fetchall())
             await _recorded(recorded, finished)
+            await read_large_documents(conn, documents, large, spool)
         return group_work(jobs, subjects, documents)
 
     async def renew_leases(self, owner: str, job_ids: Sequence[str],
