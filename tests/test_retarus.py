@@ -767,3 +767,45 @@ async def test_a_large_document_in_its_file_is_sent_whole_to_each_recipient(
             if not isinstance(receipt, Exception)]
     assert [(job.customer_defined_id, job.documents) for job in jobs] == [
         ("job1", [("scan.pdf", pdf)]), ("job2", [("scan.pdf", pdf)])]
+
+
+async def test_a_large_scan_is_sent_from_its_file_and_delivered(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 4 MB mail: its document decoded into a file at intake, claimed into a file by the
+    dispatcher, and sent through the adapter from there; the emulator has it byte for byte,
+    and the spool is empty again."""
+    from bench.memory import random_pdf
+    from mailfax.documents.mapped import DocumentMap
+
+    emu = await emulator_module.start("127.0.0.1", 0, {"delay": "0.3"})
+    settings = make_settings(tmp_path, accounts={"main": {
+        "provider": "retarus", **emu.provider_settings()}}, default_account="main")
+    app = Application(settings)
+    claimed: list[type] = []
+    claim_work = SqliteStore.claim_work
+
+    async def recorded(self: SqliteStore, *args: Any, **kwargs: Any) -> Any:
+        work = await claim_work(self, *args, **kwargs)
+        claimed.extend(type(document.data) for item in work for document in item.documents)
+        return work
+
+    monkeypatch.setattr(SqliteStore, "claim_work", recorded)
+    await app.start()
+    try:
+        service = Service(app)
+        scan = random_pdf(3_000_000, pages=3)
+        reply = await service.fax_pdf(scan)
+        job_id = reply.split()[-1]
+        await service.wait_for_mail(lambda m: m["X-Mailfax-State"] == "delivered")
+        [job] = emu.state.jobs.values()
+        assert job.customer_defined_id == job_id and [data for _, data in job.documents] == [scan]
+        assert claimed == [DocumentMap]
+        spool = settings.data_dir / "spool"
+
+        async def spool_empty() -> bool:
+            return not any(spool.iterdir())
+
+        await until(spool_empty)
+    finally:
+        await app.stop()
+        await emu.close()
