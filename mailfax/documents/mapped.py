@@ -13,11 +13,12 @@ the map is, even after a crash.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import mmap
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import AsyncIterable, Iterable, Iterator
 from pathlib import Path
 from typing import IO, TypeAlias
 
@@ -55,13 +56,31 @@ def document_file(folder: Path, content: Iterable[bytes | memoryview]) -> Docume
     try:
         for piece in content:
             file.write(piece)
-        file.flush()
-        if not file.tell():
-            raise ValueError("no content to map")
-        return DocumentMap.of(file)
+        return _mapped(file)
     except BaseException:
         file.close()
         raise
+
+
+async def document_file_from(folder: Path, content: AsyncIterable[bytes]) -> DocumentMap:
+    """:func:`document_file` for pieces that come from the event loop's I/O (a database's
+    answers): the file's work in worker threads."""
+    file = await asyncio.to_thread(unlinked_file, folder)
+    try:
+        async for piece in content:
+            await asyncio.to_thread(file.write, piece)
+        return await asyncio.to_thread(_mapped, file)
+    except BaseException:
+        file.close()
+        raise
+
+
+def _mapped(file: IO[bytes]) -> DocumentMap:
+    """``file``, written, flushed and mapped; ValueError if it is empty."""
+    file.flush()
+    if not file.tell():
+        raise ValueError("no content to map")
+    return DocumentMap.of(file)
 
 
 DocumentBytes: TypeAlias = bytes | DocumentMap

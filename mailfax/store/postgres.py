@@ -33,7 +33,7 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
 from mailfax import reasons
-from mailfax.documents.mapped import DocumentBytes, DocumentMap, sha256_of, unlinked_file
+from mailfax.documents.mapped import DocumentBytes, document_file_from, sha256_of
 from mailfax.model import RETRYABLE_STATES, TRACKED_STATES, JobState, Reason, can_transition
 from mailfax.providers.base import (
     EmulatedTransmission,
@@ -653,7 +653,7 @@ async def _read_blob(conn: psycopg.AsyncConnection[Any], digest: str, spool: Pat
                      ) -> DocumentBytes:
     if spool is not None:
         try:
-            return await _blob_into_file(conn, digest, spool)
+            return await document_file_from(spool, _blob_pieces(conn, digest))
         except OSError as error:
             log.warning("a stored document is read into memory: %s cannot take it (%s)",
                         spool, error.strerror or error)
@@ -662,28 +662,21 @@ async def _read_blob(conn: psycopg.AsyncConnection[Any], digest: str, spool: Pat
     return bytes(row[0]) if row else b""
 
 
-async def _blob_into_file(conn: psycopg.AsyncConnection[Any], digest: str, spool: Path
-                          ) -> DocumentMap:
-    """The blob, ``PIECE_BYTES`` at a time (substring of a bytea stored out of line reads
-    only the chunks it needs), into an unlinked file in ``spool``, mapped."""
-    file = await asyncio.to_thread(unlinked_file, spool)
-    try:
-        start = 1  # substring counts from 1
-        while True:
-            cursor = await conn.execute(
-                "SELECT substring(data FROM %s FOR %s) FROM blobs WHERE sha256 = %s",
-                (start, PIECE_BYTES, digest))
-            row = await cursor.fetchone()
-            piece = bytes(row[0]) if row else b""
-            if not piece:
-                break
-            await asyncio.to_thread(file.write, piece)
-            start += len(piece)
-        await asyncio.to_thread(file.flush)
-        return DocumentMap.of(file)
-    except BaseException:
-        file.close()
-        raise
+async def _blob_pieces(conn: psycopg.AsyncConnection[Any], digest: str
+                       ) -> AsyncIterator[bytes]:
+    """The blob, ``PIECE_BYTES`` at a time: substring of a bytea stored out of line reads only
+    the chunks it needs."""
+    start = 1  # substring counts from 1
+    while True:
+        cursor = await conn.execute(
+            "SELECT substring(data FROM %s FOR %s) FROM blobs WHERE sha256 = %s",
+            (start, PIECE_BYTES, digest))
+        row = await cursor.fetchone()
+        piece = bytes(row[0]) if row else b""
+        if not piece:
+            return
+        yield piece
+        start += len(piece)
 
 
 # The claim's statements are prepared (psycopg prepares a statement on its fifth use), but
