@@ -18,10 +18,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Generator
 from dataclasses import dataclass
 
-from mailfax.documents.mapped import DocumentBytes, DocumentMap, drop_read_pages
+from mailfax.documents.mapped import DocumentBytes, pieces
 
 # A multiple of 3, so the base64 of consecutive pieces joins without padding between them.
 PIECE_BYTES = 3 * 256 * 1024
@@ -38,17 +38,12 @@ class _Document:
         size = len(self.data)
         return 4 * ((size + 2) // 3) if self.as_base64 else size
 
-    def piece(self, start: int) -> bytes:
-        """The body's bytes for ``data[start:start + PIECE_BYTES]``. Blocking: a mapped
-        document's pages are read from its file here."""
-        view = memoryview(self.data)[start:start + PIECE_BYTES]
-        try:
-            piece = base64.b64encode(view) if self.as_base64 else bytes(view)
-        finally:
-            view.release()
-        if isinstance(self.data, DocumentMap):
-            drop_read_pages(self.data, start + PIECE_BYTES, start)
-        return piece
+    def body_pieces(self) -> Generator[bytes, None, None]:
+        """The body's bytes for the document, ``PIECE_BYTES`` of it at a time (a mapped one's
+        pages dropped as read: :func:`~mailfax.documents.mapped.pieces`). Blocking: advanced
+        in a worker thread."""
+        for piece in pieces(self.data, PIECE_BYTES):
+            yield base64.b64encode(piece) if self.as_base64 else bytes(piece)
 
 
 class Upload:
@@ -110,5 +105,9 @@ class DocumentBody:
             if isinstance(part, bytes):
                 yield part
                 continue
-            for start in range(0, len(part.data), PIECE_BYTES):
-                yield await asyncio.to_thread(part.piece, start)
+            body_pieces = part.body_pieces()
+            try:
+                while (piece := await asyncio.to_thread(next, body_pieces, None)) is not None:
+                    yield piece
+            finally:
+                body_pieces.close()  # a body cut short: its view of the document released
