@@ -2,13 +2,14 @@
 
 A part of a large mail (over :data:`mailfax.intake.spool.DECODE_TO_FILE_ABOVE`) is decoded
 piece by piece into an unlinked file in ``<data_dir>/spool``, and so is a large stored
-document read for the page check (``Store.load_documents(mail_id, spool)``); each is handed
-on as a :class:`DocumentMap`: a read-only map of that file. It is a buffer like ``bytes`` (length,
-slices, ``hashlib``, ``file.write``), but it costs no heap, and the code that reads a whole
-document reads it the way that keeps it out of memory: qpdf opens the file itself
-(:attr:`DocumentMap.path`), the store hashes and writes it in pieces, dropping the pages
-read (:func:`pieces`). The file goes with the map: unlinked from the start, it is gone when
-the map is, even after a crash.
+document read for the page check, the send or the transmission report
+(``Store.load_documents(mail_id, spool)``, ``Store.claim_work(…, spool=)``); each is handed
+on as a :class:`DocumentMap`: a read-only map of that file. It is a buffer like ``bytes``
+(length, slices, ``hashlib``, ``file.write``), but it costs no heap, and the code that reads
+a whole document reads it the way that keeps it out of memory: qpdf and pdfium open the file
+themselves (:attr:`DocumentMap.path`), the store and a provider's request read it in pieces,
+dropping the pages read (:func:`pieces`). The file goes with the map: unlinked from the
+start, it is gone when the map is, even after a crash.
 """
 
 from __future__ import annotations

@@ -446,9 +446,10 @@ class Store(Protocol):
 
     async def load_documents(self, mail_id: str, spool: Path | None = None
                              ) -> list[FaxDocument]:
-        """A mail's documents, in order. With ``spool`` (a folder) a store that can reads a
-        large one into an unlinked file there, piece by piece, rather than into memory (its
-        data a :class:`~mailfax.documents.mapped.DocumentMap`)."""
+        """A mail's documents, in order. With ``spool`` (a folder) a large one is read into
+        an unlinked file there, piece by piece, rather than into memory (its data a
+        :class:`~mailfax.documents.mapped.DocumentMap`); into memory after all when that
+        file cannot be written (a full disk)."""
         ...
 
     async def record(self, job_id: str, transition: Transition,
