@@ -61,6 +61,23 @@ def expected(corpus: Path) -> dict[str, Any]:
     return data
 
 
+@pytest.fixture
+def documents_read(monkeypatch: pytest.MonkeyPatch) -> list[type]:
+    """The type of each document a send request read piece by piece as it went out
+    (providers.upload): a DocumentMap was sent from its file."""
+    from mailfax.providers import upload
+
+    read: list[type] = []
+    pieces = upload.pieces
+
+    def recorded(data: Any, size: int) -> Any:
+        read.append(type(data))
+        return pieces(data, size)
+
+    monkeypatch.setattr(upload, "pieces", recorded)
+    return read
+
+
 def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
     raw: dict[str, Any] = {
         "data_dir": str(tmp_path / "data"),

@@ -803,11 +803,12 @@ async def test_a_pushed_jobid_is_believed_only_when_its_refid_names_the_job(
 
 
 async def test_a_large_document_in_its_file_is_sent_whole(
-        provider: faxde.FaxDeProvider, fake: emulator.Emulator, tmp_path: Path) -> None:
+        provider: faxde.FaxDeProvider, fake: emulator.Emulator, tmp_path: Path,
+        documents_read: list[type]) -> None:
     """A large mail's document, read from its file as the SOAP envelope goes out: zeep
     builds the envelope around a marker (the emulator refuses a chunked body)."""
     from bench.memory import random_pdf
-    from mailfax.documents.mapped import document_file
+    from mailfax.documents.mapped import DocumentMap, document_file
 
     pdf = random_pdf(3_000_000)
     scan = FaxDocument("scan.pdf", document_file(tmp_path, [pdf]), 4)
@@ -815,3 +816,4 @@ async def test_a_large_document_in_its_file_is_sent_whole(
                                               documents=[scan]))
     job = fake.state.jobs[int(receipt.provider_job_id)]
     assert job.files == [("scan.pdf", pdf)] and receipt.pages == 4
+    assert documents_read == [DocumentMap]  # read from its file into the envelope

@@ -748,7 +748,7 @@ def test_request_count_goal_of_the_benchmark_holds_for_any_size() -> None:
 
 
 async def test_a_large_document_in_its_file_is_sent_whole_to_each_recipient(
-        emulator: RetarusEmulator, tmp_path: Path) -> None:
+        emulator: RetarusEmulator, tmp_path: Path, documents_read: list[type]) -> None:
     """A large mail's document, read from its file as the JSON body goes out (the emulator
     refuses a chunked body, so the body also had its length)."""
     from bench.memory import random_pdf
@@ -767,6 +767,7 @@ async def test_a_large_document_in_its_file_is_sent_whole_to_each_recipient(
             if not isinstance(receipt, Exception)]
     assert [(job.customer_defined_id, job.documents) for job in jobs] == [
         ("job1", [("scan.pdf", pdf)]), ("job2", [("scan.pdf", pdf)])]
+    assert documents_read == [DocumentMap, DocumentMap]  # each request read the file
 
 
 async def test_a_large_scan_is_sent_from_its_file_and_delivered(
