@@ -60,9 +60,9 @@ STEPS = [
 ]
 
 
-# Leaves of threads that wait without py-spy seeing them idle: asyncio's default executor
-# threads waiting for work.
-IDLE_LEAVES = ("(concurrent/futures/thread.py:81)",)
+# The leaf of a thread that waits without py-spy seeing it idle: an asyncio default executor
+# thread in its loop's queue.get (its work would be a frame below _worker), whatever the line.
+IDLE_LEAF = "_worker (concurrent/futures/thread.py:"
 
 
 def step_of(stack: str) -> str:
@@ -78,7 +78,7 @@ def shares(raw: Path) -> tuple[int, collections.Counter[str]]:
     total = 0
     for line in raw.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
-        if not stack or not count.isdigit() or stack.endswith(IDLE_LEAVES):
+        if not stack or not count.isdigit() or stack.rpartition(";")[2].startswith(IDLE_LEAF):
             continue
         total += int(count)
         counted[step_of(stack)] += int(count)
